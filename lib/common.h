@@ -1,0 +1,69 @@
+/* common.h - errors, exit codes, memory, temporary outputs, progress.
+ *
+ * The library never prints to stdout and never calls exit(): a failing
+ * function records one line with moe_error_set() and returns a failure value
+ * (NULL, or a negative int).  Tools read it back with moe_error() and print
+ * "tool: message" once, then exit with one of the documented codes below. */
+#ifndef MOE_COMMON_H
+#define MOE_COMMON_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#define MOE_VERSION "0.1.0"
+
+/* Exit codes shared by every tool (documented in each man page). */
+enum {
+    MOE_EXIT_OK = 0,
+    MOE_EXIT_DATA = 1,   /* bad input data, or the computation failed */
+    MOE_EXIT_USAGE = 2,  /* bad command line */
+    MOE_EXIT_IO = 3,     /* cannot open, read or write a file */
+    MOE_EXIT_DEVICE = 4, /* GPU missing or failing */
+};
+
+/* Error kinds, so that a tool can map a failure to its exit code. */
+enum { MOE_ERR_DATA = 1, MOE_ERR_IO = 3, MOE_ERR_DEVICE = 4 };
+
+/* Record the current error (printf-style, one line, no trailing newline).
+ * The message should name the file and the problem, e.g.
+ *   "calib.msgpack.zst: truncated stream (no end record)". */
+void moe_error_set(int kind, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+const char *moe_error(void);   /* last message, "" if none */
+int moe_error_kind(void);      /* MOE_ERR_*, 0 if none */
+void moe_error_clear(void);
+
+/* Allocation that never returns NULL: out of memory aborts with a message
+ * (there is nothing sensible a caller could do instead). */
+void *moe_malloc(size_t n);
+void *moe_calloc(size_t n, size_t size);
+void *moe_realloc(void *p, size_t n);
+char *moe_strdup(const char *s);
+
+/* Temporary outputs: every file or directory a tool is writing lives under a
+ * temporary name that is registered here; moe_tmp_commit() renames it to its
+ * final name.  If the process exits early (error, SIGINT, SIGTERM, SIGPIPE,
+ * SIGHUP), whatever is still registered is removed, so no half-written
+ * output is ever left behind. */
+char *moe_tmp_path(const char *final_path);     /* "dir/.name.tmp.PID.N", malloc'd */
+void moe_tmp_register(const char *tmp_path);    /* file or directory */
+int moe_tmp_commit(const char *tmp_path, const char *final_path);
+void moe_tmp_discard(const char *tmp_path);     /* remove now and unregister */
+void moe_tmp_cleanup_all(void);                 /* called at exit and on signals */
+
+/* Progress on stderr, only when stderr is a terminal and not quiet:
+ * "label: done/total unit (rate/s, ETA mm:ss)", redrawn at most ~5 times/s. */
+typedef struct moe_progress {
+    const char *label, *unit;
+    uint64_t total, done;
+    double t_start, t_last;
+    int enabled;
+} moe_progress;
+void moe_progress_start(moe_progress *p, const char *label, const char *unit, uint64_t total);
+void moe_progress_add(moe_progress *p, uint64_t n);
+void moe_progress_end(moe_progress *p);
+extern int moe_quiet; /* set by --quiet */
+
+double moe_now(void); /* monotonic seconds */
+
+#endif
