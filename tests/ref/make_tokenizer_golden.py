@@ -12,10 +12,14 @@ enable_truncation(max_length=N); decoded: decode(ids, skip_special_tokens=False)
 
 Usage: make_tokenizer_golden.py [SHARED_DIR]   (default $CDMOE_SHARED or ../shared)
 The tokenizer.json files are read from SHARED_DIR/data/tokenizers/<model>/ and never copied.
+deepseek-llm (the DeepSeekMoE tokenizer) exists there only as llama.cpp's vocabulary GGUF: its
+tokenizer.json is rebuilt in a temporary directory by gguf_to_tokenizer_json.py, which is checked
+here against llama.cpp's HF-made vectors first.
 """
 import json
 import os
 import sys
+import tempfile
 
 import tokenizers
 from tokenizers.processors import TemplateProcessing
@@ -127,6 +131,20 @@ def main():
         d = os.path.join(shared, "data", "tokenizers", m)
         golden(d, texts, os.path.join(OUT, "golden-%s.jsonl" % m))
         print("wrote golden-%s.jsonl (tokenizers %s)" % (m, tokenizers.__version__))
+    sys.path.insert(0, HERE)
+    import gguf_to_tokenizer_json as g2t
+    vocab = os.path.join(shared, "data", "tokenizers", "llama.cpp-vocab")
+    for m in ["deepseek-llm"]:
+        with tempfile.TemporaryDirectory() as d:
+            g2t.convert(os.path.join(vocab, "ggml-vocab-%s.gguf" % m), d)
+            tok = tokenizers.Tokenizer.from_file(os.path.join(d, "tokenizer.json"))
+            inp = open(os.path.join(vocab, "ggml-vocab-%s.gguf.inp" % m), encoding="utf-8").read()
+            out = open(os.path.join(vocab, "ggml-vocab-%s.gguf.out" % m)).read().split("\n")
+            for a, b in zip(inp.split("\n__ggml_vocab_test__\n")[:-1], out):
+                if tok.encode(a, add_special_tokens=False).ids != [int(x) for x in b.split()]:
+                    raise SystemExit("rebuilt %s tokenizer.json disagrees with llama.cpp on %r" % (m, a))
+            golden(d, texts, os.path.join(OUT, "golden-%s.jsonl" % m))
+        print("wrote golden-%s.jsonl (rebuilt from the GGUF, llama.cpp vectors agree)" % m)
 
 
 if __name__ == "__main__":
