@@ -89,6 +89,7 @@ typedef struct {
 /* ---- added tokens ---------------------------------------------------- */
 typedef struct {
     char *content; size_t len;    /* normalized form for normalized tokens */
+    char *orig; size_t olen;      /* content as written in tokenizer.json */
     int32_t id;
     int special, normalized, lstrip, rstrip, single_word;
 } tk_added;

@@ -433,12 +433,17 @@ static int load_added(moe_tokenizer *t, const json_t *arr)
         t->is_special[id] = (unsigned char)a.special;
         if (!cl) continue;
         tk_addset *set = a.normalized ? &t->added_norm : &t->added_raw;
+        a.orig = dupn(c, cl);
+        a.olen = cl;
         if (a.normalized && t->nnorm) {
+            /* tokenizers matches (and decodes) a normalized added token by its
+             * normalized content */
             tk_buf nb = {0};
-            if (tk_normalize(t, c, cl, &nb) < 0) return -1;
+            if (tk_normalize(t, c, cl, &nb) < 0) { free(a.orig); return -1; }
             a.content = nb.p ? nb.p : moe_strdup("");
             a.len = nb.n;
-            if (!a.len) { free(a.content); continue; }
+            if (!a.len) { free(a.content); free(a.orig); continue; }
+            set_id_str(t, id, a.content, a.len);
         } else {
             a.content = dupn(c, cl);
             a.len = cl;
@@ -556,7 +561,7 @@ void moe_tokenizer_close(moe_tokenizer *t)
     free(t->norm); free(t->pre); free(t->dec);
     tk_addset *sets[2] = {&t->added_raw, &t->added_norm};
     for (int k = 0; k < 2; k++) {
-        for (size_t i = 0; i < sets[k]->n; i++) free(sets[k]->tok[i].content);
+        for (size_t i = 0; i < sets[k]->n; i++) { free(sets[k]->tok[i].content); free(sets[k]->tok[i].orig); }
         free(sets[k]->tok);
     }
     for (size_t i = 0; i < t->nids; i++) free(t->id_str[i]);
@@ -759,11 +764,8 @@ int32_t moe_tokenizer_token_id(const moe_tokenizer *t, const char *token)
     for (int k = 0; k < 2; k++)
         for (size_t i = 0; i < sets[k]->n; i++) {
             const tk_added *a = &sets[k]->tok[i];
-            if (a->len == n && !memcmp(a->content, token, n)) return a->id;
+            if (a->olen == n && !memcmp(a->orig, token, n)) return a->id;
         }
-    for (size_t i = 0; i < t->nids; i++)   /* added tokens whose normalized form differs */
-        if (t->id_str[i] && t->id_len[i] == n && !memcmp(t->id_str[i], token, n) && t->is_special[i])
-            return (int32_t)i;
     return tk_strmap_get(&t->vocab, token, n);
 }
 

@@ -6,7 +6,7 @@
 Generates N_RANDOM random texts (seeded) that mix the character classes the split regexes
 care about, adds the lines of each CORPUS file, tokenizes them with `moe-tokenize --no-special`
 and with tokenizers.Tokenizer.from_file(MODEL_DIR/tokenizer.json).encode(add_special_tokens=False),
-and prints every difference.  Exit 0 if all agree, 1 otherwise.
+compares the ids and decode(ids) (skip_special_tokens=False), and prints the differences.  Exit 0 if all agree, 1 otherwise.
 """
 import io
 import json
@@ -100,7 +100,16 @@ def main():
         subprocess.run([os.path.join(bindir, "moe-tokenize"), "--model", model, "--no-special",
                         "-o", out, inp], check=True)
         got = read_stream(open(out, "rb").read())
+        dec = subprocess.run([os.path.join(bindir, "moe-tokenize"), "--model", model, "--decode", out],
+                             check=True, capture_output=True).stdout.decode("utf-8")
+        got_text = [json.loads(l)["text"] for l in dec.split("\n") if l]
+    want_text = tok.decode_batch(want, skip_special_tokens=False)
     bad = 0
+    for i, (t, w, g) in enumerate(zip(texts, want_text, got_text)):
+        if w != g:
+            bad += 1
+            if bad <= 10:
+                print("DECODE MISMATCH %d: %r\n  hf   %r\n  ours %r" % (i, t, w, g))
     for i, (t, w, g) in enumerate(zip(texts, want, got)):
         if w != g:
             bad += 1

@@ -201,6 +201,57 @@ static void test_llamacpp_r1qwen(void **state) { (void)state; llamacpp_vectors("
 
 /* ---- no shared files needed ---------------------------------------------- */
 
+/* Our own small tokenizers (tests/ref/make_tokenizer_synth.py): byte_fallback,
+ * Metaspace, unk, Split behaviours, added-token flags, templates. */
+static void synth(const char *name)
+{
+    char dir[256], gp[300];
+    snprintf(dir, sizeof dir, FIX "/synth-%s", name);
+    snprintf(gp, sizeof gp, "%s/golden.jsonl", dir);
+    moe_tokenizer *t = moe_tokenizer_open(dir);
+    if (!t) fprintf(stderr, "%s\n", moe_error());
+    assert_non_null(t);
+    json_t *gold = load_jsonl(gp);
+    int bad = 0;
+    for (size_t i = 0; i < json_array_size(gold); i++) {
+        json_t *g = json_array_get(gold, i), *tx = json_object_get(g, "text");
+        const char *s = json_string_value(tx);
+        size_t sl = json_string_length(tx);
+        int32_t *ids;
+        size_t n;
+        assert_int_equal(moe_tokenizer_encode(t, s, sl, 0, &ids, &n), 0);
+        bad += !ids_equal(ids, n, json_object_get(g, "ids"), name, i);
+        char *dec;
+        size_t dl;
+        assert_int_equal(moe_tokenizer_decode(t, ids, n, 0, &dec, &dl), 0);
+        if (strcmp(dec, json_string_value(json_object_get(g, "decoded")))) {
+            fprintf(stderr, "%s text %zu: decode '%s' vs '%s'\n", name, i, dec,
+                    json_string_value(json_object_get(g, "decoded")));
+            bad++;
+        }
+        free(dec);
+        free(ids);
+        assert_int_equal(moe_tokenizer_encode(t, s, sl, 1, &ids, &n), 0);
+        bad += !ids_equal(ids, n, json_object_get(g, "ids_special"), name, i);
+        assert_int_equal(moe_tokenizer_decode(t, ids, n, MOE_TOK_SKIP_SPECIAL, &dec, &dl), 0);
+        if (strcmp(dec, json_string_value(json_object_get(g, "decoded_skip")))) {
+            fprintf(stderr, "%s text %zu: decode(skip) '%s' vs '%s'\n", name, i, dec,
+                    json_string_value(json_object_get(g, "decoded_skip")));
+            bad++;
+        }
+        free(dec);
+        free(ids);
+    }
+    printf("synth-%s: %zu texts, %d mismatches\n", name, json_array_size(gold), bad);
+    assert_int_equal(bad, 0);
+    json_decref(gold);
+    moe_tokenizer_close(t);
+}
+
+static void test_synth_llama(void **state) { (void)state; synth("llama"); }
+static void test_synth_meta(void **state) { (void)state; synth("meta"); }
+static void test_synth_split(void **state) { (void)state; synth("split"); }
+
 static char tmpdir[256];
 
 static int setup_dir(void **state)
@@ -357,6 +408,9 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_utf8_lossy),
+        cmocka_unit_test(test_synth_llama),
+        cmocka_unit_test(test_synth_meta),
+        cmocka_unit_test(test_synth_split),
         cmocka_unit_test_setup_teardown(test_byte_level_roundtrip, setup_dir, teardown_dir),
         cmocka_unit_test_setup_teardown(test_bad_files, setup_dir, teardown_dir),
         cmocka_unit_test(test_golden_gpt2),
