@@ -401,7 +401,7 @@ static int added_cmp(const void *x, const void *y)
 
 static void addset_finish(tk_addset *s)
 {
-    qsort(s->tok, s->n, sizeof *s->tok, added_cmp);
+    if (s->n) qsort(s->tok, s->n, sizeof *s->tok, added_cmp);
     size_t k = 0;
     for (int c = 0; c <= 256; c++) {
         while (k < s->n && (unsigned char)s->tok[k].content[0] < c) k++;
@@ -708,7 +708,7 @@ int moe_tokenizer_encode_trunc(moe_tokenizer *t, const char *text, size_t len, i
     int32_t *r = moe_malloc((total ? total : 1) * sizeof *r);
     size_t k = 0;
     if (add_special) for (size_t i = 0; i < t->nprefix; i++) r[k++] = t->prefix[i];
-    memcpy(r + k, t->out.p, body * sizeof *r);
+    if (body) memcpy(r + k, t->out.p, body * sizeof *r);
     k += body;
     if (add_special) for (size_t i = 0; i < t->nsuffix; i++) r[k++] = t->suffix[i];
     *ids = r;
