@@ -74,7 +74,9 @@ int moe_tokenizer_write_byte_level(const char *dir, int vocab_size)
         u[tk_utf8_encode(tk_byte_char[b], u)] = 0;
         add_token(vocab, u, &next, vocab_size);
     }
-    next = 257;   /* 256 = <|endoftext|> */
+    /* 256 = <|endoftext|>, in the model vocabulary too (as GPT-2's): tokenizers
+     * wants the vocabulary's ids contiguous from 0 */
+    add_token(vocab, "<|endoftext|>", &next, vocab_size);
     tk_buf tb = {0};
     size_t nlist = sizeof merge_list / sizeof *merge_list;
     for (size_t i = 0; next < vocab_size; i++) {
