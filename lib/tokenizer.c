@@ -456,8 +456,9 @@ static int load_added(moe_tokenizer *t, const json_t *arr)
     return 0;
 }
 
-/* tokenizer_config.json: transformers 4.x Llama/Gemma fast tokenizers rebuild
- * the post-processor as "[BOS] $A [EOS]" from add_bos_token/add_eos_token. */
+/* tokenizer_config.json: transformers 4.x Llama/CodeLlama/Gemma (add_bos_token
+ * defaults to true) and GPT-NeoX (OLMoE; false) fast tokenizers rebuild the
+ * post-processor as "[BOS] $A [EOS]" from add_bos_token/add_eos_token. */
 static int load_config(moe_tokenizer *t, const char *cfg_path)
 {
     struct stat st;
@@ -470,8 +471,9 @@ static int load_config(moe_tokenizer *t, const char *cfg_path)
     }
     const char *cls = jstr(c, "tokenizer_class");
     int rc = 0;
-    if (cls && (strstr(cls, "LlamaTokenizer") || strstr(cls, "GemmaTokenizer"))) {
-        int bos = jbool(c, "add_bos_token", 1), eos = jbool(c, "add_eos_token", 0);
+    int neox = cls && strstr(cls, "GPTNeoXTokenizer");
+    if (cls && (strstr(cls, "LlamaTokenizer") || strstr(cls, "GemmaTokenizer") || neox)) {
+        int bos = jbool(c, "add_bos_token", !neox), eos = jbool(c, "add_eos_token", 0);
         t->nprefix = t->nsuffix = 0;
         const char *which[2] = {"bos_token", "eos_token"};
         int want[2] = {bos, eos};

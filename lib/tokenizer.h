@@ -11,7 +11,7 @@
  *   4. BPE (merge ranks, byte_fallback, unk) on every pre-token;
  *   5. the post-processor adds BOS/EOS when add_special is set.
  * tokenizer_config.json, when present, decides BOS/EOS the way the
- * transformers 4.x Llama/Gemma fast tokenizers do (add_bos_token,
+ * transformers 4.x Llama/Gemma/GPT-NeoX fast tokenizers do (add_bos_token,
  * add_eos_token rebuild the template); otherwise tokenizer.json's
  * post_processor is used.
  *

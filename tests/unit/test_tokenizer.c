@@ -404,6 +404,46 @@ static void test_bad_files(void **state)
     moe_tokenizer_close(t);
 }
 
+/* tokenizer_config.json decides BOS/EOS for Llama/Gemma/GPT-NeoX classes. */
+static void test_config(void **state)
+{
+    (void)state;
+    write_file("tokenizer.json",
+               "{\"added_tokens\": [{\"id\": 3, \"content\": \"<s>\", \"special\": true},"
+               " {\"id\": 4, \"content\": \"</s>\", \"special\": true}],"
+               " \"post_processor\": {\"type\": \"TemplateProcessing\", \"single\": [{\"Sequence\": {\"id\": \"A\"}},"
+               " {\"SpecialToken\": {\"id\": \"</s>\"}}], \"special_tokens\": {\"</s>\": {\"ids\": [4]}}},"
+               " \"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0, \"b\": 1, \"ab\": 2}, \"merges\": [\"a b\"]}}");
+    struct { const char *cfg; int n; int32_t want[4]; } c[] = {
+        {NULL, 2, {2, 4}},   /* no config: tokenizer.json's template */
+        {"{\"tokenizer_class\": \"LlamaTokenizerFast\", \"bos_token\": {\"content\": \"<s>\"}}", 2, {3, 2}},
+        {"{\"tokenizer_class\": \"LlamaTokenizer\", \"add_eos_token\": true, \"bos_token\": \"<s>\","
+         " \"eos_token\": \"</s>\"}", 3, {3, 2, 4}},
+        {"{\"tokenizer_class\": \"GPTNeoXTokenizer\", \"bos_token\": \"<s>\"}", 1, {2}},
+        {"{\"tokenizer_class\": \"Qwen2Tokenizer\", \"add_bos_token\": true, \"bos_token\": \"<s>\"}", 2, {2, 4}},
+    };
+    char p[512];
+    for (size_t k = 0; k < sizeof c / sizeof *c; k++) {
+        snprintf(p, sizeof p, "%s/tokenizer_config.json", tmpdir);
+        unlink(p);
+        if (c[k].cfg) write_file("tokenizer_config.json", c[k].cfg);
+        moe_tokenizer *t = moe_tokenizer_open(tmpdir);
+        if (!t) fprintf(stderr, "%s\n", moe_error());
+        assert_non_null(t);
+        int32_t *ids;
+        size_t n;
+        assert_int_equal(moe_tokenizer_encode(t, "ab", 2, 1, &ids, &n), 0);
+        assert_int_equal(n, c[k].n);
+        assert_memory_equal(ids, c[k].want, n * sizeof *ids);
+        free(ids);
+        assert_int_equal(moe_tokenizer_num_special(t, 1), (size_t)c[k].n - 1);
+        moe_tokenizer_close(t);
+    }
+    write_file("tokenizer_config.json", "{\"tokenizer_class\": \"LlamaTokenizerFast\", \"bos_token\": null}");
+    assert_null(moe_tokenizer_open(tmpdir));
+    assert_non_null(strstr(moe_error(), "add_bos_token is set but bos_token is missing"));
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -413,6 +453,7 @@ int main(void)
         cmocka_unit_test(test_synth_split),
         cmocka_unit_test_setup_teardown(test_byte_level_roundtrip, setup_dir, teardown_dir),
         cmocka_unit_test_setup_teardown(test_bad_files, setup_dir, teardown_dir),
+        cmocka_unit_test_setup_teardown(test_config, setup_dir, teardown_dir),
         cmocka_unit_test(test_golden_gpt2),
         cmocka_unit_test(test_golden_qwen3),
         cmocka_unit_test(test_golden_deepseek_v3),
