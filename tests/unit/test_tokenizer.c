@@ -402,6 +402,19 @@ static void test_bad_files(void **state)
     assert_int_equal(moe_tokenizer_decode(t, (int32_t[]){0, 7}, 2, 0, &d, NULL), -1);
     assert_non_null(strstr(moe_error(), "token id 7"));
     moe_tokenizer_close(t);
+    /* JSON escapes in the vocabulary and merges (read by the fast loader) */
+    write_file("tokenizer.json", "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"\\u0041\": 0,"
+                                 " \"\\ud83d\\ude00\": 1, \"A\\ud83d\\ude00\": 2, \"\\\"\\\\\\n\": 3},"
+                                 " \"merges\": [[\"A\", \"\\ud83d\\ude00\"]]}}");
+    t = moe_tokenizer_open(tmpdir);
+    if (!t) fprintf(stderr, "%s\n", moe_error());
+    assert_non_null(t);
+    assert_int_equal(moe_tokenizer_encode(t, "A\xf0\x9f\x98\x80\"\\\n", 8, 0, &ids, &n), 0);
+    assert_int_equal(n, 1);   /* the other chars are not tokens and there is no unk */
+    assert_int_equal(ids[0], 2);
+    free(ids);
+    assert_int_equal(moe_tokenizer_token_id(t, "\"\\\n"), 3);
+    moe_tokenizer_close(t);
 }
 
 /* tokenizer_config.json decides BOS/EOS for Llama/Gemma/GPT-NeoX classes. */
