@@ -102,6 +102,7 @@ typedef struct {
 /* ---- the tokenizer ------------------------------------------------------ */
 struct moe_tokenizer {
     char *path;                   /* tokenizer.json, for messages */
+    int is_clone;                 /* shares everything but the state below, norm and pre */
     /* model */
     tk_strmap vocab;              /* token -> id (model vocabulary) */
     tk_mergemap merges;

@@ -612,9 +612,54 @@ fail:
     return NULL;
 }
 
+moe_tokenizer *moe_tokenizer_clone(const moe_tokenizer *t)
+{
+    moe_tokenizer *c = moe_malloc(sizeof *c);
+    *c = *t;
+    c->is_clone = 1;
+    memset(&c->cache, 0, sizeof c->cache);
+    memset(&c->cache_ids, 0, sizeof c->cache_ids);
+    memset(&c->work, 0, sizeof c->work);
+    memset(&c->nbuf, 0, sizeof c->nbuf);
+    memset(&c->mbuf, 0, sizeof c->mbuf);
+    memset(&c->out, 0, sizeof c->out);
+    c->sym = NULL; c->sym_cap = 0;
+    c->heap = NULL; c->heap_cap = 0;
+    memset(&c->pa, 0, sizeof c->pa);
+    memset(&c->pb, 0, sizeof c->pb);
+    memset(&c->mt, 0, sizeof c->mt);
+    /* a compiled regex may be shared by threads, its match region may not */
+    c->norm = moe_malloc((size_t)(t->nnorm ? t->nnorm : 1) * sizeof *c->norm);
+    if (t->nnorm) memcpy(c->norm, t->norm, (size_t)t->nnorm * sizeof *c->norm);
+    for (int i = 0; i < c->nnorm; i++)
+        if (c->norm[i].pat.re) c->norm[i].pat.region = onig_region_new();
+    c->pre = moe_malloc((size_t)(t->npre ? t->npre : 1) * sizeof *c->pre);
+    if (t->npre) memcpy(c->pre, t->pre, (size_t)t->npre * sizeof *c->pre);
+    for (int i = 0; i < c->npre; i++)
+        if (c->pre[i].pat.re) c->pre[i].pat.region = onig_region_new();
+    return c;
+}
+
+static void free_state(moe_tokenizer *t)
+{
+    tk_strmap_free(&t->cache);
+    free(t->cache_ids.p);
+    free(t->work.p); free(t->nbuf.p); free(t->mbuf.p); free(t->out.p);
+    free(t->sym); free(t->heap);
+    free(t->pa.p); free(t->pb.p); free(t->mt.p);
+}
+
 void moe_tokenizer_close(moe_tokenizer *t)
 {
     if (!t) return;
+    if (t->is_clone) {
+        for (int i = 0; i < t->nnorm; i++) if (t->norm[i].pat.region) onig_region_free(t->norm[i].pat.region, 1);
+        for (int i = 0; i < t->npre; i++) if (t->pre[i].pat.region) onig_region_free(t->pre[i].pat.region, 1);
+        free(t->norm); free(t->pre);
+        free_state(t);
+        free(t);
+        return;
+    }
     for (int i = 0; i < t->nnorm; i++) { free(t->norm[i].str); tk_regex_free(&t->norm[i].pat); }
     for (int i = 0; i < t->npre; i++) tk_regex_free(&t->pre[i].pat);
     for (int i = 0; i < t->ndec; i++) {
@@ -630,11 +675,7 @@ void moe_tokenizer_close(moe_tokenizer *t)
     free(t->id_str); free(t->id_len); free(t->is_special);
     tk_strmap_free(&t->vocab);
     free(t->merges.t);
-    tk_strmap_free(&t->cache);
-    free(t->cache_ids.p);
-    free(t->work.p); free(t->nbuf.p); free(t->mbuf.p); free(t->out.p);
-    free(t->sym); free(t->heap);
-    free(t->pa.p); free(t->pb.p); free(t->mt.p);
+    free_state(t);
     free(t->prefix); free(t->suffix);
     free(t->cont_prefix); free(t->eow_suffix);
     free(t->path);

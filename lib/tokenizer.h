@@ -20,7 +20,7 @@
  * string round-trips); for other tokenizers it is an error.
  *
  * A tokenizer caches the BPE of words it has seen: one moe_tokenizer must
- * not be used by two threads at once (open one per thread). */
+ * not be used by two threads at once (give each thread a moe_tokenizer_clone). */
 #ifndef MOE_TOKENIZER_H
 #define MOE_TOKENIZER_H
 
@@ -33,6 +33,10 @@ typedef struct moe_tokenizer moe_tokenizer;
  * tokenizer_config.json), or the path of a tokenizer.json file.  NULL and
  * moe_error() on failure (unknown component types are named). */
 moe_tokenizer *moe_tokenizer_open(const char *path);
+/* Another handle on the same tokenizer, for another thread: it shares the
+ * read-only model with t (t must stay open until the clone is closed) and
+ * has its own cache and scratch space. */
+moe_tokenizer *moe_tokenizer_clone(const moe_tokenizer *t);
 void moe_tokenizer_close(moe_tokenizer *t);
 
 /* Encode `len` bytes of `text`.  *ids is malloc'd (free it), *n its length.

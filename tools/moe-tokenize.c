@@ -6,6 +6,7 @@
 #include "tokenizer.h"
 
 #include <errno.h>
+#include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -28,7 +29,8 @@ static const char help[] =
     "                        or objects whose --field is such a list\n"
     "  -d, --decode          turn a token stream back into JSON Lines {\"index\",\"text\"}\n"
     "      --skip-special    with --decode: leave out special tokens\n"
-    "  -o, --output FILE     write here instead of standard output\n";
+    "  -o, --output FILE     write here instead of standard output\n"
+    "With --threads N, N tokenizers share the work; the output does not depend on N.\n";
 
 enum { OPT_NO_SPECIAL = 1, OPT_LINES, OPT_IDS, OPT_SKIP_SPECIAL };
 
@@ -75,6 +77,7 @@ static int parse_ids(const char *name, uint64_t lineno, const char *line, size_t
             moe_error_set(MOE_ERR_DATA, "%s:%llu: element %zu is not a token id in [0, %zu)", name,
                           (unsigned long long)lineno, i, vocab);
             free(*ids);
+            *ids = NULL;
             json_decref(j);
             return -1;
         }
@@ -126,6 +129,56 @@ static int blank(const char *s, size_t n)
     return 1;
 }
 
+/* One input line and what becomes of it. */
+typedef struct {
+    char *line;
+    size_t len;
+    uint64_t lineno;
+    int32_t *ids;
+    size_t n;
+    char *err;    /* message (file:line: ...) if the line is bad */
+    int skip;     /* blank JSON Lines line: no sample */
+} item;
+
+static void process(const opts_t *o, moe_tokenizer *t, const char *name, size_t vocab, item *it)
+{
+    size_t n = it->len;
+    const char *line = it->line;
+    int rc = 0;
+    if (o->lines) {
+        if (n && line[n - 1] == '\r') n--;
+        size_t ok = moe_utf8_check(line, n);
+        if (ok != n) {
+            moe_error_set(MOE_ERR_DATA, "%s:%llu: invalid UTF-8 at byte %zu", name,
+                          (unsigned long long)it->lineno, ok);
+            rc = -1;
+        } else if (moe_tokenizer_encode_trunc(t, line, n, !o->no_special, (size_t)o->max_length, &it->ids,
+                                              &it->n) < 0) {
+            at_line(name, it->lineno);
+            rc = -1;
+        }
+    } else if (blank(line, n)) {
+        it->skip = 1;
+    } else if (o->ids) {
+        rc = parse_ids(name, it->lineno, line, n, o, vocab, &it->ids, &it->n);
+    } else {
+        json_t *j = NULL;
+        const char *s;
+        size_t sl;
+        rc = parse_text(name, it->lineno, line, n, o->field, &j, &s, &sl);
+        if (rc == 0 && moe_tokenizer_encode_trunc(t, s, sl, !o->no_special, (size_t)o->max_length, &it->ids,
+                                                  &it->n) < 0) {
+            at_line(name, it->lineno);
+            rc = -1;
+        }
+        if (j) json_decref(j);
+    }
+    if (rc < 0) it->err = moe_strdup(moe_error());
+}
+
+#define BATCH_LINES 4096
+#define BATCH_BYTES (16u << 20)
+
 static int tokenize(const opts_t *o, moe_tokenizer *t, int argc, char **argv)
 {
     const char *name = display(o->input);
@@ -134,70 +187,63 @@ static int tokenize(const opts_t *o, moe_tokenizer *t, int argc, char **argv)
     moe_provenance prov = {.tool = "moe-tokenize", .argc = argc, .argv = argv, .kind = "tokens"};
     moe_writer *w = moe_writer_open(o->output, NULL, &prov, moe_cli.no_provenance);
     if (!w) { if (in != stdin) fclose(in); return -1; }
+    /* one tokenizer per thread; the ids do not depend on the thread count */
+    int nt = moe_cli.threads > 0 ? moe_cli.threads : omp_get_max_threads();
+    if (nt < 1) nt = 1;
+    moe_tokenizer **tk = moe_malloc((size_t)nt * sizeof *tk);
+    tk[0] = t;
+    for (int i = 1; i < nt; i++) tk[i] = moe_tokenizer_clone(t);
     struct stat st;
     moe_progress pr;
     moe_progress_start(&pr, "moe-tokenize", "bytes", (in != stdin && !fstat(fileno(in), &st)) ? (uint64_t)st.st_size : 0);
+    item *batch = moe_calloc(BATCH_LINES, sizeof *batch);
     char *line = NULL;
     size_t cap = 0, vocab = moe_tokenizer_vocab_size(t);
-    ssize_t len;
     uint64_t lineno = 0, index = 0;
-    int rc = 0;
-    errno = 0;
-    while ((len = getline(&line, &cap, in)) >= 0) {
-        lineno++;
-        moe_progress_add(&pr, (uint64_t)len);
-        size_t n = (size_t)len;
-        if (n && line[n - 1] == '\n') n--;
-        int32_t *ids = NULL;
-        size_t nid = 0;
-        if (o->lines) {
-            if (n && line[n - 1] == '\r') n--;
-            size_t ok = moe_utf8_check(line, n);
-            if (ok != n) {
-                moe_error_set(MOE_ERR_DATA, "%s:%llu: invalid UTF-8 at byte %zu", name, (unsigned long long)lineno,
-                              ok);
-                rc = -1;
-                break;
-            }
-            if (moe_tokenizer_encode_trunc(t, line, n, !o->no_special, (size_t)o->max_length, &ids, &nid) < 0) {
-                at_line(name, lineno);
-                rc = -1;
-                break;
-            }
-        } else {
-            if (blank(line, n)) continue;   /* blank lines in JSON Lines are not samples */
-            if (o->ids) {
-                if (parse_ids(name, lineno, line, n, o, vocab, &ids, &nid) < 0) { rc = -1; break; }
-            } else {
-                json_t *j = NULL;
-                const char *s;
-                size_t sl;
-                if (parse_text(name, lineno, line, n, o->field, &j, &s, &sl) < 0) {
-                    if (j) json_decref(j);
-                    rc = -1;
-                    break;
-                }
-                if (moe_tokenizer_encode_trunc(t, s, sl, !o->no_special, (size_t)o->max_length, &ids, &nid) < 0) {
-                    at_line(name, lineno);
-                    json_decref(j);
-                    rc = -1;
-                    break;
-                }
-                json_decref(j);
-            }
+    int rc = 0, eof = 0;
+    while (rc == 0 && !eof) {
+        size_t nb = 0, bytes = 0;
+        ssize_t len;
+        errno = 0;
+        while (nb < BATCH_LINES && bytes < BATCH_BYTES && (len = getline(&line, &cap, in)) >= 0) {
+            item *it = &batch[nb++];
+            memset(it, 0, sizeof *it);
+            it->lineno = ++lineno;
+            it->len = (size_t)len;
+            if (it->len && line[it->len - 1] == '\n') it->len--;
+            it->line = moe_malloc(it->len + 1);
+            memcpy(it->line, line, it->len);
+            it->line[it->len] = 0;
+            bytes += (size_t)len;
         }
-        msgpack_packer *pk = moe_writer_record(w, "tokens", 2);
-        moe_pack_kv_int(pk, "index", (int64_t)index++);
-        int64_t shape[1] = {(int64_t)nid};
-        moe_pack_kv_array(pk, "ids", MOE_DT_I32, 1, shape, ids);
-        free(ids);
-    }
-    if (rc == 0 && ferror(in)) {
-        moe_error_set(MOE_ERR_IO, "%s: read error: %s", name, strerror(errno));
-        rc = -1;
+        if (nb < BATCH_LINES && bytes < BATCH_BYTES) eof = 1;
+        if (eof && ferror(in)) {
+            moe_error_set(MOE_ERR_IO, "%s: read error: %s", name, strerror(errno));
+            rc = -1;
+        }
+        moe_progress_add(&pr, bytes);
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 4) if (nt > 1 && nb > 1)
+        for (size_t i = 0; i < nb; i++) process(o, tk[omp_get_thread_num()], name, vocab, &batch[i]);
+        for (size_t i = 0; i < nb; i++) {
+            item *it = &batch[i];
+            if (rc == 0 && it->err) {
+                moe_error_set(MOE_ERR_DATA, "%s", it->err);
+                rc = -1;
+            }
+            if (rc == 0 && !it->skip) {
+                msgpack_packer *pk = moe_writer_record(w, "tokens", 2);
+                moe_pack_kv_int(pk, "index", (int64_t)index++);
+                int64_t shape[1] = {(int64_t)it->n};
+                moe_pack_kv_array(pk, "ids", MOE_DT_I32, 1, shape, it->ids);
+            }
+            free(it->line); free(it->ids); free(it->err);
+        }
     }
     moe_progress_end(&pr);
+    free(batch);
     free(line);
+    for (int i = 1; i < nt; i++) moe_tokenizer_close(tk[i]);
+    free(tk);
     if (in != stdin) fclose(in);
     if (rc < 0) {
         moe_writer_abort(w);

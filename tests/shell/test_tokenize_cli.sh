@@ -28,6 +28,12 @@ printf 'line one\r\nline two\n\n' | moe-tokenize --model $M --lines --no-special
 [ "$(moe-dump "$TMP/l.zst" | grep -c '"type":"tokens"')" -eq 3 ] || fail "--lines: empty line is a sample"
 moe-tokenize --model $M --decode "$TMP/l.zst" | head -1 | grep -q '"text":"line one"' || fail "--lines strips CR LF"
 printf '{"body":"x"}\n' | moe-tokenize --model $M --field body -o "$TMP/f.zst" - || fail "--field"
+# threads: the same stream whatever their number
+many_lines() { i=0; while [ $i -lt 300 ]; do echo "{\"text\":\"line $i: caf\u00e9 $i$i, the end.\"}"; i=$((i+1)); done; }
+many_lines > "$TMP/many.jsonl"
+moe-tokenize --model $M --no-provenance --threads 1 -o "$TMP/t1.zst" "$TMP/many.jsonl" || fail "threads 1"
+moe-tokenize --model $M --no-provenance --threads 3 -o "$TMP/t3.zst" "$TMP/many.jsonl" || fail "threads 3"
+cmp -s "$TMP/t1.zst" "$TMP/t3.zst" || fail "--threads 3 output differs from --threads 1"
 # --ids
 printf '[1, 5, 7]\n{"text": [3]}\n' | moe-tokenize --model $M --ids -o "$TMP/i.zst" - || fail "--ids"
 moe-dump --full "$TMP/i.zst" | grep -q '"data":\[1,5,7\]' || fail "--ids content"
