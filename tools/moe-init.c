@@ -6,6 +6,7 @@
 #include "cli.h"
 
 #include <math.h>
+#include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -198,6 +199,7 @@ int main(int argc, char **argv)
             if (!moe_cli_handle(opt, optarg)) moe_cli_usage("unexpected option");
         }
     }
+    if (moe_cli.threads > 0) omp_set_num_threads(moe_cli.threads);
     if (optind < argc) moe_cli_usage("unexpected argument '%s'", argv[optind]);
     if (!out) moe_cli_usage("no output directory (-o DIR)");
     if (!arch_name && !config) moe_cli_usage("--arch ARCH or --config FILE is required");
