@@ -7,6 +7,7 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -298,6 +299,56 @@ static void test_force(void **state)
     moe_config_free(c);
 }
 
+
+/* Checkpoints written by transformers' save_pretrained (tests/ref/hf_save_tiny.py)
+ * open, validate, and read back the same values (sum per tensor).  Skipped
+ * when python3 with torch + transformers is not available. */
+static void test_hf_saved(void **state)
+{
+    (void)state;
+    if (system("python3 -c 'import torch, transformers, safetensors' >/dev/null 2>&1") != 0) {
+        printf("SKIP: python3 with torch + transformers absent\n");
+        skip();
+    }
+    char cmd[700], hf[600];
+    snprintf(hf, sizeof hf, "%s/hf", tmpdir);
+    snprintf(cmd, sizeof cmd, "python3 tests/ref/hf_save_tiny.py '%s' >/dev/null 2>&1", hf);
+    assert_int_equal(system(cmd), 0);
+    const char *names[] = {"qwen2_moe", "qwen3_moe", "olmoe", "mixtral", "qwen3_moe_bf16"};
+    for (int i = 0; i < 5; i++) {
+        char dir[700], sums[800];
+        snprintf(dir, sizeof dir, "%s/%s", hf, names[i]);
+        moe_ckpt *m = moe_ckpt_open(dir);
+        if (!m) fail_msg("%s", moe_error());
+        assert_int_equal(moe_ckpt_n_extra(m), 0);
+        assert_int_equal(moe_ckpt_dtype(m), i == 4 ? MOE_ST_BF16 : MOE_ST_F32);
+        snprintf(sums, sizeof sums, "%s/sums.txt", dir);
+        FILE *fp = fopen(sums, "r");
+        assert_non_null(fp);
+        char name[256];
+        double want;
+        int n = 0;
+        while (fscanf(fp, "%255s %lf", name, &want) == 2) {
+            const moe_st_tensor *t = moe_ckpt_find(m, name);
+            if (!t) fail_msg("%s: %s not found", dir, name);
+            float *buf = malloc((size_t)t->numel * sizeof(float) + 1);
+            assert_int_equal(moe_st_read_f32(t, buf), 0);
+            double sum = 0;
+            for (int64_t j = 0; j < t->numel; j++) sum += buf[j];
+            free(buf);
+            if (fabs(sum - want) > 1e-9 * (1 + fabs(want))) fail_msg("%s: %s sum %.17g, want %.17g", dir, name, sum, want);
+            n++;
+        }
+        fclose(fp);
+        assert_true(n > 10);
+        if (i == 0) { /* qwen2_moe with mlp_only_layers [1]: layer 1 dense */
+            assert_int_equal(moe_ckpt_config(m)->layers[1].kind, MOE_MLP_DENSE);
+            assert_int_equal(moe_ckpt_config(m)->layers[0].kind, MOE_MLP_MOE);
+        }
+        moe_ckpt_close(m);
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -305,6 +356,7 @@ int main(void)
         cmocka_unit_test(test_validation),
         cmocka_unit_test(test_fingerprint_condensed),
         cmocka_unit_test(test_force),
+        cmocka_unit_test(test_hf_saved),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
