@@ -73,11 +73,4 @@ size_t moe_tokenizer_num_special(const moe_tokenizer *t, int add_special);
 size_t moe_utf8_check(const char *s, size_t len);
 char *moe_utf8_lossy(const char *s, size_t len, size_t *outlen);
 
-/* Write a minimal GPT-2-style byte-level tokenizer into directory `dir`
- * (tokenizer.json + tokenizer_config.json): ids 0..255 are the bytes,
- * 256 is "<|endoftext|>", then merges of common English byte pairs up to
- * vocab_size ids (vocab_size >= 257).  Round-trips any byte string.
- * Returns 0 or -1 with an error. */
-int moe_tokenizer_write_byte_level(const char *dir, int vocab_size);
-
 #endif

@@ -15,6 +15,7 @@
 #include <jansson.h>
 
 #include "common.h"
+#include "bytetok.h"
 #include "tokenizer.h"
 
 #define FIX "tests/fixtures/tokenizer"
@@ -272,15 +273,18 @@ static int teardown_dir(void **state)
 static uint64_t rng = 0x9E3779B97F4A7C15ull;
 static uint64_t rnd(void) { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; return rng; }
 
+/* The byte-level tokenizer moe-init writes (lib/bytetok.c) round-trips any
+ * byte string, valid UTF-8 or not. */
 static void test_byte_level_roundtrip(void **state)
 {
     (void)state;
-    assert_int_equal(moe_tokenizer_write_byte_level(tmpdir, 300), 0);
+    assert_int_equal(moe_bytetok_write(tmpdir, 300, 1024), 0);
     moe_tokenizer *t = moe_tokenizer_open(tmpdir);
     if (!t) fprintf(stderr, "%s\n", moe_error());
     assert_non_null(t);
-    assert_int_equal(moe_tokenizer_vocab_size(t), 300);
-    assert_int_equal(moe_tokenizer_token_id(t, "<|endoftext|>"), 256);
+    int eot = moe_bytetok_size(300) - 1;
+    assert_int_equal(moe_tokenizer_vocab_size(t), eot + 1);
+    assert_int_equal(moe_tokenizer_token_id(t, "<|endoftext|>"), eot);
     const char *fixed[] = {"", "the theme of the thing", "<|endoftext|>", "a<|endoftext|>\xff\xfe<|endo",
                            "\xc3\x28 \xe2\x82 \xf0\x9f\x98 \xed\xa0\x80 caf\xc3\xa9 \xf0\x9f\x98\x80"};
     for (size_t k = 0; k < sizeof fixed / sizeof *fixed; k++) {
@@ -296,13 +300,13 @@ static void test_byte_level_roundtrip(void **state)
         free(d);
         free(ids);
     }
-    /* "the" merges into one token */
+    /* " the" merges into one token */
     int32_t *ids;
     size_t n;
     assert_int_equal(moe_tokenizer_encode(t, " the", 4, 0, &ids, &n), 0);
     assert_int_equal(n, 1);
     free(ids);
-    /* random byte strings, biased toward ASCII and UTF-8 lead bytes */
+    /* random byte strings, biased toward ASCII */
     char buf[512];
     for (int it = 0; it < 2000; it++) {
         size_t len = rnd() % sizeof buf;
@@ -319,13 +323,6 @@ static void test_byte_level_roundtrip(void **state)
         free(d);
         free(ids);
     }
-    moe_tokenizer_close(t);
-    assert_int_equal(moe_tokenizer_write_byte_level(tmpdir, 256), -1);
-    /* a large vocabulary is capped by the merges we know, never overlapping */
-    assert_int_equal(moe_tokenizer_write_byte_level(tmpdir, 50000), 0);
-    t = moe_tokenizer_open(tmpdir);
-    assert_non_null(t);
-    assert_true(moe_tokenizer_vocab_size(t) > 900 && moe_tokenizer_vocab_size(t) <= 50000);
     moe_tokenizer_close(t);
 }
 
