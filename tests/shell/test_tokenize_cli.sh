@@ -38,6 +38,13 @@ cmp -s "$TMP/t1.zst" "$TMP/t3.zst" || fail "--threads 3 output differs from --th
 printf '[1, 5, 7]\n{"text": [3]}\n' | moe-tokenize --model $M --ids -o "$TMP/i.zst" - || fail "--ids"
 moe-dump --full "$TMP/i.zst" | grep -q '"data":\[1,5,7\]' || fail "--ids content"
 
+# the byte-level tokenizer moe-init writes: decode(encode(x)) == x
+moe-init --arch deepseek --seed 1 -o "$TMP/mi" >/dev/null || fail "moe-init"
+printf 'Hello w\303\266rld \360\237\230\200 caf\303\251\n  the end <|endoftext|> x  \n\n12345 + 678 = ?!\n' > "$TMP/rt.txt"
+moe-tokenize --model "$TMP/mi" --lines -o "$TMP/rt.zst" "$TMP/rt.txt" || fail "moe-init tokenizer: tokenize"
+moe-tokenize --model "$TMP/mi" --decode "$TMP/rt.zst" | sed 's/^{"index":[0-9]*,"text":"//; s/"}$//' > "$TMP/rt.out"
+cmp -s "$TMP/rt.txt" "$TMP/rt.out" || fail "moe-init tokenizer does not round-trip: $(cat "$TMP/rt.out")"
+
 # bad input
 expect_fail 2 "required" moe-tokenize "$TMP/in.jsonl"
 expect_fail 2 "exclude" moe-tokenize --model $M --lines --ids "$TMP/in.jsonl"

@@ -2,7 +2,7 @@
 # moe-tokenize against Hugging Face `tokenizers`: golden vectors of the DeepSeek-LLM
 # (DeepSeekMoE) tokenizer rebuilt from llama.cpp's GGUF, llama.cpp's own vectors for
 # deepseek-llm and deepseek-coder, and (when the `tokenizers` package is installed) a seeded
-# random-text comparison on every real tokenizer.json in ../shared.
+# random-text comparison on every real tokenizer.json in ../shared and on moe-init's.
 . tests/shell/lib.sh
 S=${CDMOE_SHARED:-../shared}
 V=$S/data/tokenizers/llama.cpp-vocab
@@ -21,6 +21,8 @@ if "$PY" -c 'import tokenizers' 2>/dev/null; then
         "$PY" tests/ref/tokenizer_fuzz.py "$BIN" "$S/data/tokenizers/$m" 1500 2026 || fail "$m: differs from HF"
     done
     "$PY" tests/ref/tokenizer_fuzz.py "$BIN" "$TMP/deepseek-llm" 1500 2026 || fail "deepseek-llm: differs from HF"
+    "$BIN/moe-init" --arch qwen3_moe --seed 3 --vocab 700 -o "$TMP/mi" >/dev/null || fail "moe-init"
+    "$PY" tests/ref/tokenizer_fuzz.py "$BIN" "$TMP/mi" 1500 2026 || fail "moe-init's tokenizer: differs from HF"
 else
     echo "note: python package 'tokenizers' absent; random-text comparison not run"
 fi
