@@ -1,5 +1,5 @@
 #!/bin/sh
-# Tokenizer throughput: moe-tokenize vs Hugging Face `tokenizers` (Rust, single-threaded:
+# Tokenizer throughput: moe-tokenize --threads 1 vs Hugging Face `tokenizers` (Rust, single-threaded:
 # RAYON_NUM_THREADS=1, TOKENIZERS_PARALLELISM=false) on ~3.2 MB of TinyStories, same run.
 # Ours: wall time of moe-tokenize on the JSON Lines (read, encode, write the stream) minus its
 # time on an empty input (loading tokenizer.json); HF: Tokenizer.encode over the same texts.
@@ -26,8 +26,8 @@ for m in gpt2 qwen3 deepseek-v3; do
     [ -f "$M/tokenizer.json" ] || { echo "tokenize bench $m: SKIP ($M absent)"; continue; }
     load=9999 full=9999
     for i in 1 2 3; do   # best of three, each
-        t0=$(now); "$BIN/moe-tokenize" --model "$M" --no-special -o "$T/e.zst" "$T/empty.jsonl" || exit 1
-        t1=$(now); "$BIN/moe-tokenize" --model "$M" --no-special -o "$T/o.zst" "$T/in.jsonl" || exit 1
+        t0=$(now); "$BIN/moe-tokenize" --threads 1 --model "$M" --no-special -o "$T/e.zst" "$T/empty.jsonl" || exit 1
+        t1=$(now); "$BIN/moe-tokenize" --threads 1 --model "$M" --no-special -o "$T/o.zst" "$T/in.jsonl" || exit 1
         t2=$(now)
         load=$(awk -v a="$t0" -v b="$t1" -v l="$load" 'BEGIN { x = b - a; print (x < l ? x : l) }')
         full=$(awk -v b="$t1" -v c="$t2" -v f="$full" 'BEGIN { x = c - b; print (x < f ? x : f) }')
