@@ -54,6 +54,7 @@ class Adapter:
             self.top_k = mlp.gate.top_k
         self.n_layers = len(self.layers)
 
+    @torch.no_grad()
     def hidden_states(self, ids):
         """HF output_hidden_states: [emb, out(0), .., out(L-2), norm(out(L-1))], float32, [T, H]."""
         out = self.model(torch.tensor([ids]), output_hidden_states=True)
@@ -345,6 +346,18 @@ CALIB_LENGTHS = [12, 20, 7, 24]
 SEARCH_MAX_LENGTH = 16
 
 
+# fixture name -> model directory (relative to the repository root)
+FIXTURE_MODELS = {
+    "deepseek": "tests/fixtures/models/deepseek-bf16",
+    "qwen2_moe": "tests/fixtures/models/qwen2_moe-bf16",
+    "qwen3_moe": "tests/fixtures/models/qwen3_moe-bf16",
+    "olmoe": "tests/fixtures/models/olmoe-bf16",
+    "mixtral": "tests/fixtures/models/mixtral-bf16",
+    "deepseek-l5": "tests/fixtures/search/models/deepseek-l5",
+    "qwen2_moe-l5": "tests/fixtures/search/models/qwen2_moe-l5",
+}
+
+
 def calib_tokens(vocab, bos=0):
     g = torch.Generator().manual_seed(12345)
     return [[bos] + torch.randint(2, vocab, (n - 1,), generator=g).tolist() for n in CALIB_LENGTHS]
@@ -366,12 +379,14 @@ def dump(path, obj):
         f.write("\n")
 
 
-def make_fixtures(models_dir, out_dir, archs):
+def make_fixtures(out_dir, names):
     torch.set_num_threads(1)
-    for arch in archs:
-        ad = load(os.path.join(models_dir, arch))
-        vocab = ad.model.config.vocab_size
-        seqs = calib_tokens(vocab)
+    for arch in names:
+        model_dir = FIXTURE_MODELS[arch]
+        ad = load(model_dir)
+        cfg = ad.model.config
+        bos = getattr(cfg, "bos_token_id", None)
+        seqs = calib_tokens(cfg.vocab_size, bos if isinstance(bos, int) else 0)
         d = os.path.join(out_dir, arch)
         os.makedirs(d, exist_ok=True)
         calib = calibrate(ad, seqs)
@@ -380,7 +395,7 @@ def make_fixtures(models_dir, out_dir, archs):
         ranking = rank_experts(ad, seqs, calib, k, max_length=SEARCH_MAX_LENGTH)
         l0 = search_layers(ad, seqs, calib, ranking, 0, max_length=SEARCH_MAX_LENGTH)
         lk = search_layers(ad, seqs, calib, ranking, k, max_length=SEARCH_MAX_LENGTH)
-        params = {"arch": arch, "model": "../models/%s" % arch, "dtype": "float32",
+        params = {"arch": ad.arch, "model": model_dir, "dtype": "float32",
                   "moe_layers": ad.moe_layers, "n_experts": ad.n_experts, "top_k": k,
                   "search_max_length": SEARCH_MAX_LENGTH, "metric": "js",
                   "calib_max_length": None, "unrouted_experts": unrouted,
@@ -400,7 +415,7 @@ def make_fixtures(models_dir, out_dir, archs):
         for l, r in ranking.items():
             print("   layer %d experts %s scores %s" % (l, r["experts"], ["%.4g" % s for s in r["scores"]]))
         print("   K=0 order %s\n   K=%d order %s" % (l0["order"], k, lk["order"]))
-        if arch == "deepseek":
+        if arch == "deepseek-l5":
             make_unrouted_fixture(ad, seqs, os.path.join(d, "unrouted"))
 
 
@@ -427,9 +442,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     fx = sub.add_parser("fixtures")
-    fx.add_argument("--models", default="tests/fixtures/search/models")
     fx.add_argument("--out", default="tests/fixtures/search")
-    fx.add_argument("--arch", action="append")
+    fx.add_argument("--name", action="append", help="fixture name (default: all of FIXTURE_MODELS)")
     rn = sub.add_parser("run")
     rn.add_argument("--model", required=True)
     rn.add_argument("--tokens", required=True)
@@ -441,8 +455,7 @@ def main():
     rn.add_argument("--unrouted", default="original", choices=["original", "exclude"])
     a = ap.parse_args()
     if a.cmd == "fixtures":
-        archs = a.arch or ["deepseek", "qwen2_moe", "qwen3_moe", "olmoe", "mixtral"]
-        make_fixtures(a.models, a.out, archs)
+        make_fixtures(a.out, a.name or list(FIXTURE_MODELS))
         return
     ad = load(a.model)
     with open(a.tokens) as f:

@@ -1,7 +1,16 @@
 #!/usr/bin/env python3
-"""Deterministic tiny MoE checkpoints for the search/calibration fixtures.
+"""Deterministic tiny MoE checkpoints for the search fixtures (5 decoder layers).
+
+The search fixtures run mainly on the engine's tiny models
+(tests/fixtures/models/<arch>-bf16, 3 decoder layers, made by
+tests/ref/make_model_fixtures.py).  With 3 layers the greedy layer orders
+are short and come out as plain descending layer order, so two deeper models
+made here (deepseek-l5: 4 MoE layers; qwen2_moe-l5: MoE layers 0, 2, 3, 4)
+give the layer search non-trivial orders to reproduce.
 
     python3 tests/ref/tiny_models.py [OUTDIR]   (default tests/fixtures/search/models)
+        writes OUTDIR/deepseek-l5 and OUTDIR/qwen2_moe-l5 (the other
+        architectures below are kept for experiments: --all)
 
 Writes one Hugging Face-layout directory per architecture (config.json in the
 hub spelling, model.safetensors with the hub's per-expert tensor names, bf16
@@ -167,7 +176,7 @@ def make(arch):
 
 def write(arch, outdir):
     cfg, tensors = make(arch)
-    d = os.path.join(outdir, arch)
+    d = os.path.join(outdir, "%s-l%d" % (arch, ARCHS[arch]["layers"]))
     os.makedirs(d, exist_ok=True)
     with open(os.path.join(d, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2, sort_keys=True)
@@ -177,8 +186,9 @@ def write(arch, outdir):
 
 
 def main():
-    outdir = sys.argv[1] if len(sys.argv) > 1 else "tests/fixtures/search/models"
-    for arch in ARCHS:
+    args = [a for a in sys.argv[1:] if a != "--all"]
+    outdir = args[0] if args else "tests/fixtures/search/models"
+    for arch in (ARCHS if "--all" in sys.argv else ["deepseek", "qwen2_moe"]):
         d = write(arch, outdir)
         print("wrote", d)
 
