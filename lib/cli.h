@@ -41,7 +41,9 @@ extern const char moe_cli_common_help[];
 void moe_cli_init(const char *name, const char *help, int argc, char **argv);
 const char *moe_cli_name(void);
 /* Handle a common option returned by getopt_long; returns 1 if handled.
- * --help prints the help text to stdout and exits 0; --version likewise. */
+ * --help prints the help text to stdout and exits 0; --version likewise;
+ * '?' (unknown option) and ':' (missing value) are usage errors (exit 2).
+ * Use ":..." at the start of the short-option string so ':' is reported. */
 int moe_cli_handle(int opt, const char *arg);
 /* "tool: message" + "Try 'tool --help'." on stderr, exit 2. */
 _Noreturn void moe_cli_usage(const char *fmt, ...) __attribute__((format(printf, 1, 2)));

@@ -82,6 +82,7 @@ const msgpack_object *moe_reader_header(const moe_reader *r);
  * record (count verified, nothing after it), -1 on error. */
 int moe_reader_next(moe_reader *r, const msgpack_object **rec);
 uint64_t moe_reader_index(const moe_reader *r);          /* 0-based index of *rec */
+uint64_t moe_reader_count(const moe_reader *r);          /* records read so far */
 const char *moe_record_type(const msgpack_object *rec);  /* never NULL for a valid record */
 size_t moe_record_type_len(const msgpack_object *rec);
 int moe_record_is(const msgpack_object *rec, const char *type);

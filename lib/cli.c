@@ -1,0 +1,129 @@
+/* cli.c - shared command-line behaviour of every tool. */
+#define _GNU_SOURCE
+#include "cli.h"
+#include "device.h"
+
+#include <errno.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+
+moe_cli_common moe_cli;
+static const char *tool_name = "moe";
+static const char *tool_help = "";
+static char **tool_argv;
+
+const char moe_cli_common_help[] =
+    "Common options:\n"
+    "  --threads N        worker threads (default: all cores; results do not depend on it)\n"
+    "  --device cpu|cuda  compute device (default: cuda when available)\n"
+    "  --seed N           random seed (default 0)\n"
+    "  --force            overwrite outputs / accept a stream made with another model\n"
+    "  --no-provenance    do not append this command to the stream header\n"
+    "  --quiet            no progress on stderr\n"
+    "  --help             show this help and exit\n"
+    "  --version          show the version and exit\n"
+    "\nExit status: 0 success, 1 bad data, 2 usage error, 3 I/O error, 4 device error.\n";
+
+static void on_signal(int sig) {
+    moe_tmp_cleanup_all();
+    signal(sig, SIG_DFL);
+    raise(sig);
+}
+
+static void at_exit(void) { moe_tmp_cleanup_all(); }
+
+void moe_cli_init(const char *name, const char *help, int argc, char **argv) {
+    (void)argc;
+    tool_argv = argv;
+    opterr = 0; /* we report unknown options ourselves, in one line */
+    tool_name = name;
+    tool_help = help;
+    atexit(at_exit);
+    /* SIGPIPE: die quietly like cat(1) does (no "broken pipe" noise), but
+     * remove half-written temporary outputs first. */
+    int sigs[] = {SIGINT, SIGTERM, SIGHUP, SIGPIPE};
+    for (size_t i = 0; i < sizeof sigs / sizeof *sigs; i++) signal(sigs[i], on_signal);
+}
+
+const char *moe_cli_name(void) { return tool_name; }
+
+int moe_cli_handle(int opt, const char *arg) {
+    switch (opt) {
+    case MOE_OPT_HELP:
+        fputs(tool_help, stdout);
+        fputs("\n", stdout);
+        fputs(moe_cli_common_help, stdout);
+        exit(fflush(stdout) == 0 ? 0 : MOE_EXIT_IO);
+    case MOE_OPT_VERSION:
+        printf("%s (cdmoe) %s\nbackends: cpu%s\n", tool_name, MOE_VERSION,
+               moe_device_cuda_built() ? ", cuda" : "");
+        exit(0);
+    case MOE_OPT_QUIET: moe_quiet = 1; return 1;
+    case MOE_OPT_THREADS: moe_cli.threads = (int)moe_cli_long("--threads", arg, 1, 4096); return 1;
+    case MOE_OPT_DEVICE:
+        if (strcmp(arg, "cpu") != 0 && strcmp(arg, "cuda") != 0)
+            moe_cli_usage("--device: expected cpu or cuda, got '%s'", arg);
+        moe_cli.device = arg;
+        return 1;
+    case MOE_OPT_SEED: {
+        char *end;
+        errno = 0;
+        unsigned long long v = strtoull(arg, &end, 10);
+        if (errno || end == arg || *end) moe_cli_usage("--seed: not a number: '%s'", arg);
+        moe_cli.seed = v;
+        return 1;
+    }
+    case MOE_OPT_FORCE: moe_cli.force = 1; return 1;
+    case MOE_OPT_NO_PROVENANCE: moe_cli.no_provenance = 1; return 1;
+    case '?':
+        if (optopt) moe_cli_usage("unknown option '-%c'", optopt);
+        moe_cli_usage("unknown option '%s'", tool_argv[optind - 1]);
+    case ':': moe_cli_usage("option '%s' needs a value", tool_argv[optind - 1]);
+    default: return 0;
+    }
+}
+
+void moe_cli_usage(const char *fmt, ...) {
+    va_list ap;
+    fprintf(stderr, "%s: ", tool_name);
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "\nTry '%s --help' for more information.\n", tool_name);
+    exit(MOE_EXIT_USAGE);
+}
+
+void moe_cli_fail(void) {
+    const char *msg = moe_error();
+    fprintf(stderr, "%s: %s\n", tool_name, *msg ? msg : "failed");
+    int kind = moe_error_kind();
+    exit(kind == MOE_ERR_IO ? MOE_EXIT_IO : kind == MOE_ERR_DEVICE ? MOE_EXIT_DEVICE : MOE_EXIT_DATA);
+}
+
+void moe_cli_warn(const char *fmt, ...) {
+    va_list ap;
+    fprintf(stderr, "%s: warning: ", tool_name);
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputc('\n', stderr);
+}
+
+long moe_cli_long(const char *opt, const char *arg, long min, long max) {
+    char *end;
+    errno = 0;
+    long v = strtol(arg, &end, 10);
+    if (errno || end == arg || *end) moe_cli_usage("%s: not an integer: '%s'", opt, arg);
+    if (v < min || v > max) moe_cli_usage("%s: %ld is out of range [%ld, %ld]", opt, v, min, max);
+    return v;
+}
+
+double moe_cli_double(const char *opt, const char *arg) {
+    char *end;
+    errno = 0;
+    double v = strtod(arg, &end);
+    if (errno || end == arg || *end) moe_cli_usage("%s: not a number: '%s'", opt, arg);
+    return v;
+}

@@ -1,0 +1,183 @@
+/* common.c - error state, allocation, temporary outputs, progress. */
+#define _GNU_SOURCE
+#include "common.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <ftw.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+/* ---- errors ------------------------------------------------------------- */
+
+static __thread char error_msg[1024];
+static __thread int error_kind;
+
+void moe_error_set(int kind, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(error_msg, sizeof error_msg, fmt, ap);
+    va_end(ap);
+    error_kind = kind;
+}
+
+const char *moe_error(void) { return error_msg; }
+int moe_error_kind(void) { return error_kind; }
+void moe_error_clear(void) { error_msg[0] = 0; error_kind = 0; }
+
+/* ---- memory ------------------------------------------------------------- */
+
+static void out_of_memory(size_t n) {
+    fprintf(stderr, "out of memory (allocating %zu bytes)\n", n);
+    abort();
+}
+
+void *moe_malloc(size_t n) {
+    void *p = malloc(n ? n : 1);
+    if (!p) out_of_memory(n);
+    return p;
+}
+
+void *moe_calloc(size_t n, size_t size) {
+    void *p = calloc(n ? n : 1, size ? size : 1);
+    if (!p) out_of_memory(n * size);
+    return p;
+}
+
+void *moe_realloc(void *p, size_t n) {
+    p = realloc(p, n ? n : 1);
+    if (!p) out_of_memory(n);
+    return p;
+}
+
+char *moe_strdup(const char *s) {
+    size_t n = strlen(s) + 1;
+    return memcpy(moe_malloc(n), s, n);
+}
+
+/* ---- temporary outputs -------------------------------------------------- */
+
+/* A fixed table, so that the signal handler never allocates. */
+#define MAX_TMP 64
+static char *tmp_paths[MAX_TMP];
+static volatile sig_atomic_t tmp_count_hint;
+
+char *moe_tmp_path(const char *final_path) {
+    static unsigned serial;
+    const char *slash = strrchr(final_path, '/');
+    size_t dirlen = slash ? (size_t)(slash - final_path + 1) : 0;
+    const char *base = final_path + dirlen;
+    size_t n = strlen(final_path) + 64;
+    char *p = moe_malloc(n);
+    snprintf(p, n, "%.*s.%s.tmp.%ld.%u", (int)dirlen, final_path, base, (long)getpid(), serial++);
+    return p;
+}
+
+void moe_tmp_register(const char *tmp_path) {
+    for (int i = 0; i < MAX_TMP; i++)
+        if (!tmp_paths[i]) {
+            tmp_paths[i] = moe_strdup(tmp_path);
+            tmp_count_hint = 1;
+            return;
+        }
+    fprintf(stderr, "too many temporary outputs open\n");
+    abort();
+}
+
+static void unregister(const char *tmp_path) {
+    for (int i = 0; i < MAX_TMP; i++)
+        if (tmp_paths[i] && strcmp(tmp_paths[i], tmp_path) == 0) {
+            char *p = tmp_paths[i];
+            tmp_paths[i] = NULL;
+            free(p);
+            return;
+        }
+}
+
+static int remove_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw) {
+    (void)sb; (void)flag; (void)ftw;
+    remove(path);
+    return 0;
+}
+
+static void remove_path(const char *path) {
+    struct stat st;
+    if (lstat(path, &st) != 0) return;
+    if (S_ISDIR(st.st_mode))
+        nftw(path, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
+    else
+        unlink(path);
+}
+
+int moe_tmp_commit(const char *tmp_path, const char *final_path) {
+    if (rename(tmp_path, final_path) != 0) {
+        moe_error_set(MOE_ERR_IO, "%s: cannot rename into place: %s", final_path, strerror(errno));
+        moe_tmp_discard(tmp_path);
+        return -1;
+    }
+    unregister(tmp_path);
+    return 0;
+}
+
+void moe_tmp_discard(const char *tmp_path) {
+    remove_path(tmp_path);
+    unregister(tmp_path);
+}
+
+void moe_tmp_cleanup_all(void) {
+    if (!tmp_count_hint) return;
+    for (int i = 0; i < MAX_TMP; i++)
+        if (tmp_paths[i]) remove_path(tmp_paths[i]);
+}
+
+/* ---- progress ----------------------------------------------------------- */
+
+int moe_quiet;
+
+double moe_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static void progress_draw(moe_progress *p, int final) {
+    double el = moe_now() - p->t_start;
+    double rate = el > 0 ? p->done / el : 0;
+    fprintf(stderr, "\r%s: %llu", p->label, (unsigned long long)p->done);
+    if (p->total) fprintf(stderr, "/%llu", (unsigned long long)p->total);
+    fprintf(stderr, " %s (%.1f/s", p->unit, rate);
+    if (p->total && rate > 0 && !final) {
+        double eta = (p->total - p->done) / rate;
+        fprintf(stderr, ", ETA %d:%02d", (int)eta / 60, (int)eta % 60);
+    }
+    if (final) fprintf(stderr, ", %.1f s", el);
+    fprintf(stderr, ")\033[K%s", final ? "\n" : "");
+}
+
+void moe_progress_start(moe_progress *p, const char *label, const char *unit, uint64_t total) {
+    p->label = label;
+    p->unit = unit;
+    p->total = total;
+    p->done = 0;
+    p->t_start = p->t_last = moe_now();
+    p->enabled = !moe_quiet && isatty(2);
+}
+
+void moe_progress_add(moe_progress *p, uint64_t n) {
+    p->done += n;
+    if (!p->enabled) return;
+    double t = moe_now();
+    if (t - p->t_last < 0.2) return;
+    p->t_last = t;
+    progress_draw(p, 0);
+}
+
+void moe_progress_end(moe_progress *p) {
+    if (p->enabled) progress_draw(p, 1);
+    p->enabled = 0;
+}

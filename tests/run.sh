@@ -1,0 +1,54 @@
+#!/bin/sh
+# tests/run.sh - run the whole suite: cmocka unit binaries, then shell tests.
+# Prints one line per test binary/script and a closing "N passed, N failed, N skipped".
+# Environment: BIN (tools), BUILD (build dir), CDMOE_SHARED (default ../shared).
+# Options: --gpu  run only the GPU parity tests (they skip without a GPU).
+set -u
+cd "$(dirname "$0")/.."
+BIN=${BIN:-bin}
+BUILD=${BUILD:-build}
+CDMOE_SHARED=${CDMOE_SHARED:-$(cd .. && pwd)/shared}
+BIN=$(cd "$BIN" && pwd)
+export BIN BUILD CDMOE_SHARED
+PATH="$BIN:$PATH"
+export PATH
+
+gpu=0
+[ "${1:-}" = "--gpu" ] && gpu=1
+
+passed=0 failed=0 skipped=0 failures=""
+log_dir=$(mktemp -d /tmp/cdmoe-tests.XXXXXX)
+
+run_one() { # name, command...
+    name=$1; shift
+    log="$log_dir/$(echo "$name" | tr '/' '_').log"
+    start=$(date +%s)
+    "$@" >"$log" 2>&1
+    rc=$?
+    secs=$(( $(date +%s) - start ))
+    if [ $rc -eq 0 ]; then
+        passed=$((passed + 1)); echo "PASS  $name (${secs}s)"
+    elif [ $rc -eq 77 ]; then
+        skipped=$((skipped + 1)); echo "SKIP  $name: $(grep -m1 -i 'skip' "$log" || tail -n1 "$log")"
+    else
+        failed=$((failed + 1)); failures="$failures $name"
+        echo "FAIL  $name (exit $rc)"; sed 's/^/    | /' "$log" | tail -n 40
+    fi
+}
+
+if [ $gpu -eq 1 ]; then
+    for t in "$BUILD"/tests/gpu_*; do [ -x "$t" ] && run_one "$(basename "$t")" "$t"; done
+    for t in tests/shell/gpu_*.sh; do [ -f "$t" ] && run_one "$t" sh "$t"; done
+else
+    for t in "$BUILD"/tests/test_*; do
+        [ -x "$t" ] || continue
+        case $t in *.d|*.o) continue;; esac
+        run_one "$(basename "$t")" "$t"
+    done
+    for t in tests/shell/test_*.sh; do [ -f "$t" ] && run_one "$t" sh "$t"; done
+fi
+rm -rf "$log_dir"
+echo
+[ -n "$failures" ] && echo "failed:$failures"
+echo "tests: $passed passed, $failed failed, $skipped skipped"
+[ $failed -eq 0 ]

@@ -1,0 +1,31 @@
+# tests/shell/lib.sh - helpers for shell tests (sourced).
+# A test exits 0 (pass), 77 (skip: say why) or anything else (fail).
+set -u
+: "${BIN:=bin}"
+PATH="$BIN:$PATH"
+TMP=$(mktemp -d /tmp/cdmoe-shell.XXXXXX)
+trap 'rm -rf "$TMP"' EXIT
+
+fail() { echo "FAIL: $*"; exit 1; }
+skip() { echo "SKIP: $*"; exit 77; }
+
+# expect_fail CODE PATTERN CMD...: CMD must exit CODE and print PATTERN
+# (grep -E) on stderr as a single line, and nothing on stdout.
+expect_fail() {
+    code=$1 pattern=$2; shift 2
+    "$@" >"$TMP/out" 2>"$TMP/err"
+    rc=$?
+    [ $rc -eq "$code" ] || fail "'$*' exited $rc, expected $code; stderr: $(cat "$TMP/err")"
+    grep -Eq -- "$pattern" "$TMP/err" || fail "'$*' stderr lacks /$pattern/: $(cat "$TMP/err")"
+    [ "$(wc -l <"$TMP/err")" -le 2 ] || fail "'$*' printed more than one error line: $(cat "$TMP/err")"
+}
+
+# A python3 with msgpack and zstandard (the pip one, or Debian's), else empty.
+find_python() {
+    for py in python3 /usr/bin/python3; do
+        if command -v "$py" >/dev/null 2>&1 && "$py" -c 'import msgpack, zstandard' 2>/dev/null; then
+            echo "$py"; return 0
+        fi
+    done
+    return 1
+}

@@ -1,0 +1,472 @@
+/* test_stream.c - moe-stream round trips and every kind of bad input. */
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <cmocka.h>
+
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <zstd.h>
+
+#include "common.h"
+#include "stream.h"
+
+static char dir[256];
+
+static int setup(void **state) {
+    (void)state;
+    snprintf(dir, sizeof dir, "/tmp/cdmoe-test-stream.XXXXXX");
+    return mkdtemp(dir) ? 0 : -1;
+}
+
+static int teardown(void **state) {
+    (void)state;
+    char cmd[300];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    return system(cmd);
+}
+
+static char *path_of(const char *name) {
+    static char p[512];
+    snprintf(p, sizeof p, "%s/%s", dir, name);
+    return p;
+}
+
+static uint64_t rng = 88172645463325252ull;
+static uint64_t next_rand(void) {
+    rng ^= rng << 13;
+    rng ^= rng >> 7;
+    rng ^= rng << 17;
+    return rng;
+}
+
+static moe_provenance prov = {.tool = "test-stream", .argc = 0, .argv = NULL, .model = "fp-test", .kind = "test"};
+
+/* Write nrec records, record i holding an f32 array of sizes[i] values
+ * (value j = i*1000 + j) and an i32 array of the same length. */
+static void write_stream(const char *path, int nrec, const int *sizes) {
+    moe_writer *w = moe_writer_open(path, NULL, &prov, 0);
+    assert_non_null(w);
+    for (int i = 0; i < nrec; i++) {
+        int64_t n = sizes[i];
+        float *f = malloc((n ? n : 1) * sizeof *f);
+        int32_t *k = malloc((n ? n : 1) * sizeof *k);
+        for (int64_t j = 0; j < n; j++) { f[j] = (float)(i * 1000 + j) * 0.5f; k[j] = (int32_t)(j - i); }
+        msgpack_packer *pk = moe_writer_record(w, "sample", 3);
+        moe_pack_kv_int(pk, "index", i);
+        moe_pack_kv_array(pk, "values", MOE_DT_F32, 1, &n, f);
+        int64_t shape[2] = {1, n};
+        moe_pack_kv_array(pk, "ids", MOE_DT_I32, 2, shape, k);
+        free(f);
+        free(k);
+    }
+    assert_int_equal(moe_writer_close(w), 0);
+}
+
+static void check_stream(const char *path, int nrec, const int *sizes) {
+    moe_reader *r = moe_reader_open(path);
+    assert_non_null(r);
+    assert_true(moe_header_has_kind(moe_reader_header(r), "test"));
+    assert_int_equal(moe_reader_check_model(r, "fp-test", 0), 0);
+    const msgpack_object *rec;
+    int i = 0, rc;
+    while ((rc = moe_reader_next(r, &rec)) > 0) {
+        assert_true(moe_record_is(rec, "sample"));
+        int64_t idx;
+        assert_int_equal(moe_record_int(r, rec, "index", &idx), 0);
+        assert_int_equal(idx, i);
+        moe_array a, b;
+        assert_int_equal(moe_record_array(r, rec, "values", &a), 0);
+        assert_int_equal(moe_record_array(r, rec, "ids", &b), 0);
+        assert_int_equal(a.count, sizes[i]);
+        assert_int_equal(b.ndim, 2);
+        assert_int_equal(b.shape[1], sizes[i]);
+        float *f = malloc((a.count ? a.count : 1) * sizeof *f);
+        int32_t *k = malloc((b.count ? b.count : 1) * sizeof *k);
+        moe_array_to_f32(&a, f);
+        assert_int_equal(moe_array_to_i32(&b, k), 0);
+        for (int64_t j = 0; j < a.count; j++) {
+            assert_true(f[j] == (float)(i * 1000 + j) * 0.5f);
+            assert_int_equal(k[j], j - i);
+        }
+        free(f);
+        free(k);
+        i++;
+    }
+    assert_int_equal(rc, 0);
+    assert_int_equal(i, nrec);
+    moe_reader_close(r);
+}
+
+static void test_round_trip_sizes(void **state) {
+    (void)state;
+    int sizes[40];
+    for (int i = 0; i < 40; i++) {
+        uint64_t k = next_rand() % 4;
+        sizes[i] = k == 0 ? 0 : k == 1 ? (int)(next_rand() % 10) : k == 2 ? (int)(next_rand() % 5000)
+                                                                     : (int)(next_rand() % 400000);
+    }
+    sizes[0] = 0;
+    sizes[1] = 1 << 20; /* one large array: 4 MiB, spans many zstd blocks */
+    const char *p = path_of("rt.msgpack.zst");
+    write_stream(p, 40, sizes);
+    check_stream(p, 40, sizes);
+}
+
+static void test_empty_stream(void **state) {
+    (void)state;
+    const char *p = path_of("empty.msgpack.zst");
+    write_stream(p, 0, NULL);
+    check_stream(p, 0, NULL);
+}
+
+static void test_pass_through_and_provenance(void **state) {
+    (void)state;
+    int sizes[3] = {3, 0, 7};
+    const char *a = path_of("a.msgpack.zst"), *b = path_of("b.msgpack.zst");
+    write_stream(a, 3, sizes);
+    moe_reader *r = moe_reader_open(a);
+    assert_non_null(r);
+    char *argv[] = {"moe-second", "--flag", "x"};
+    moe_provenance p2 = {.tool = "moe-second", .argc = 3, .argv = argv, .model = "fp-test", .kind = "second"};
+    moe_writer *w = moe_writer_open(b, moe_reader_header(r), &p2, 0);
+    assert_non_null(w);
+    const msgpack_object *rec;
+    int rc;
+    while ((rc = moe_reader_next(r, &rec)) > 0) assert_int_equal(moe_writer_copy(w, rec), 0);
+    assert_int_equal(rc, 0);
+    moe_reader_close(r);
+    assert_int_equal(moe_writer_close(w), 0);
+
+    check_stream(b, 3, sizes);
+    r = moe_reader_open(b);
+    const msgpack_object *h = moe_reader_header(r);
+    assert_true(moe_header_has_kind(h, "test"));
+    assert_true(moe_header_has_kind(h, "second"));
+    const msgpack_object *pv = moe_map_get(h, "provenance");
+    assert_int_equal(pv->via.array.size, 2);
+    assert_true(moe_obj_streq(moe_map_get(&pv->via.array.ptr[1], "tool"), "moe-second"));
+    const msgpack_object *args = moe_map_get(&pv->via.array.ptr[1], "args");
+    assert_int_equal(args->via.array.size, 2);
+    assert_true(moe_obj_streq(&args->via.array.ptr[1], "x"));
+    /* another model: refused, or accepted with force */
+    assert_int_equal(moe_reader_check_model(r, "fp-other", 0), -1);
+    assert_non_null(strstr(moe_error(), "--force"));
+    assert_int_equal(moe_reader_check_model(r, "fp-other", 1), 0);
+    assert_int_equal(moe_reader_require_kind(r, "calib", "run moe-calib first"), -1);
+    assert_non_null(strstr(moe_error(), "'calib' is needed"));
+    moe_reader_close(r);
+}
+
+static void test_deterministic_bytes(void **state) {
+    (void)state;
+    int sizes[4] = {5, 100, 0, 3000};
+    write_stream(path_of("d1"), 4, sizes);
+    write_stream(path_of("d2"), 4, sizes);
+    char cmd[1200];
+    snprintf(cmd, sizeof cmd, "cmp -s '%s/d1' '%s/d2'", dir, dir);
+    assert_int_equal(system(cmd), 0);
+}
+
+/* ---- bad input ------------------------------------------------------------ */
+
+static void write_bytes(const char *path, const void *data, size_t n) {
+    FILE *f = fopen(path, "wb");
+    assert_non_null(f);
+    if (n) assert_int_equal(fwrite(data, 1, n, f), n);
+    fclose(f);
+}
+
+static unsigned char *read_bytes(const char *path, size_t *n) {
+    FILE *f = fopen(path, "rb");
+    assert_non_null(f);
+    fseek(f, 0, SEEK_END);
+    *n = (size_t)ftell(f);
+    fseek(f, 0, SEEK_SET);
+    unsigned char *b = malloc(*n);
+    assert_int_equal(fread(b, 1, *n, f), *n);
+    fclose(f);
+    return b;
+}
+
+/* Open and read everything; expect failure whose message contains `want`
+ * and names the file. */
+static void expect_bad(const char *path, const char *want) {
+    moe_error_clear();
+    moe_reader *r = moe_reader_open(path);
+    int rc = -1;
+    if (r) {
+        const msgpack_object *rec;
+        while ((rc = moe_reader_next(r, &rec)) > 0) {
+            moe_array a;
+            /* look at arrays so that shape/length mismatches surface */
+            for (uint32_t i = 0; i < rec->via.map.size; i++) {
+                const msgpack_object *v = &rec->via.map.ptr[i].val;
+                if (v->type == MSGPACK_OBJECT_MAP && moe_array_parse(v, &a, path) < 0) { rc = -1; break; }
+            }
+            if (rc < 0) break;
+        }
+        moe_reader_close(r);
+    }
+    assert_int_equal(rc, -1);
+    if (!strstr(moe_error(), want) || !strstr(moe_error(), path))
+        fail_msg("error '%s' lacks '%s' or the file name", moe_error(), want);
+    assert_int_equal(moe_error_kind(), MOE_ERR_DATA);
+}
+
+/* Compress raw msgpack bytes into a zstd file. */
+static void write_zstd(const char *path, const void *raw, size_t n) {
+    size_t cap = ZSTD_compressBound(n);
+    void *buf = malloc(cap);
+    size_t z = ZSTD_compress(buf, cap, raw, n, 3);
+    assert_false(ZSTD_isError(z));
+    write_bytes(path, buf, z);
+    free(buf);
+}
+
+static void test_truncated(void **state) {
+    (void)state;
+    int sizes[5] = {100, 20000, 5, 300000, 9};
+    const char *p = path_of("full"), *t = path_of("trunc");
+    write_stream(p, 5, sizes);
+    size_t n;
+    unsigned char *b = read_bytes(p, &n);
+    size_t cuts[] = {n - 1, n - 4, n / 2, 10, 5};
+    for (size_t i = 0; i < sizeof cuts / sizeof *cuts; i++) {
+        write_bytes(t, b, cuts[i]);
+        expect_bad(t, "truncated");
+    }
+    free(b);
+}
+
+static void test_corrupt_bytes(void **state) {
+    (void)state;
+    int sizes[3] = {1000, 2000, 3000};
+    const char *p = path_of("good"), *c = path_of("corrupt");
+    write_stream(p, 3, sizes);
+    size_t n;
+    unsigned char *b = read_bytes(p, &n);
+    for (size_t pos = 20; pos < n; pos += n / 7) {
+        unsigned char *d = malloc(n);
+        memcpy(d, b, n);
+        d[pos] ^= 0x5a;
+        write_bytes(c, d, n);
+        moe_error_clear();
+        expect_bad(c, "");
+        free(d);
+    }
+    free(b);
+}
+
+static void test_not_zstd_and_empty(void **state) {
+    (void)state;
+    const char *p = path_of("plain");
+    write_bytes(p, "hello world, not zstd", 21);
+    expect_bad(p, "not zstd-compressed");
+    write_bytes(p, "", 0);
+    expect_bad(p, "empty input");
+}
+
+static void pack_to(msgpack_sbuffer *sb, msgpack_packer *pk) {
+    msgpack_sbuffer_init(sb);
+    msgpack_packer_init(pk, sb, msgpack_sbuffer_write);
+}
+
+static void pack_header(msgpack_packer *pk, const char *fmt, int version) {
+    msgpack_pack_map(pk, 4);
+    moe_pack_kv_str(pk, "format", fmt);
+    moe_pack_kv_int(pk, "version", version);
+    moe_pack_str(pk, "kinds");
+    msgpack_pack_array(pk, 0);
+    moe_pack_str(pk, "provenance");
+    msgpack_pack_array(pk, 0);
+}
+
+static void pack_end(msgpack_packer *pk, int count) {
+    msgpack_pack_map(pk, 2);
+    moe_pack_kv_str(pk, "type", "end");
+    moe_pack_kv_int(pk, "records", count);
+}
+
+static void test_zstd_of_non_msgpack(void **state) {
+    (void)state;
+    const char *p = path_of("nonmp");
+    const unsigned char junk[] = {0xc1, 0xc1, 0xc1, 0xc1}; /* 0xc1 is never valid msgpack */
+    write_zstd(p, junk, sizeof junk);
+    expect_bad(p, "not valid msgpack");
+    write_zstd(p, "\x93\x01\x02\x03", 4); /* a msgpack array, not a header map */
+    expect_bad(p, "not a moe-stream");
+}
+
+static void test_wrong_format_and_version(void **state) {
+    (void)state;
+    msgpack_sbuffer sb;
+    msgpack_packer pk;
+    const char *p = path_of("fmt");
+    pack_to(&sb, &pk);
+    pack_header(&pk, "other-format", 1);
+    pack_end(&pk, 0);
+    write_zstd(p, sb.data, sb.size);
+    msgpack_sbuffer_destroy(&sb);
+    expect_bad(p, "not a moe-stream (format 'other-format')");
+
+    pack_to(&sb, &pk);
+    pack_header(&pk, MOE_STREAM_FORMAT, MOE_STREAM_VERSION + 1);
+    pack_end(&pk, 0);
+    write_zstd(p, sb.data, sb.size);
+    msgpack_sbuffer_destroy(&sb);
+    expect_bad(p, "not supported");
+}
+
+static void test_record_problems(void **state) {
+    (void)state;
+    msgpack_sbuffer sb;
+    msgpack_packer pk;
+    const char *p = path_of("rec");
+    /* record without type */
+    pack_to(&sb, &pk);
+    pack_header(&pk, MOE_STREAM_FORMAT, 1);
+    msgpack_pack_map(&pk, 1);
+    moe_pack_kv_int(&pk, "index", 3);
+    pack_end(&pk, 1);
+    write_zstd(p, sb.data, sb.size);
+    msgpack_sbuffer_destroy(&sb);
+    expect_bad(p, "record 0: not a map with a 'type' string");
+
+    /* typed array whose byte length does not match its shape */
+    pack_to(&sb, &pk);
+    pack_header(&pk, MOE_STREAM_FORMAT, 1);
+    msgpack_pack_map(&pk, 2);
+    moe_pack_kv_str(&pk, "type", "x");
+    moe_pack_str(&pk, "values");
+    msgpack_pack_map(&pk, 3);
+    moe_pack_kv_str(&pk, "dtype", "f32");
+    moe_pack_str(&pk, "shape");
+    msgpack_pack_array(&pk, 2);
+    msgpack_pack_int(&pk, 2);
+    msgpack_pack_int(&pk, 2);
+    moe_pack_str(&pk, "data");
+    msgpack_pack_bin(&pk, 12);
+    msgpack_pack_bin_body(&pk, "0123456789ab", 12);
+    pack_end(&pk, 1);
+    write_zstd(p, sb.data, sb.size);
+    msgpack_sbuffer_destroy(&sb);
+    expect_bad(p, "data is 12 bytes but shape [2,2] of f32 needs 16");
+
+    /* missing end record; wrong count; data after the end */
+    pack_to(&sb, &pk);
+    pack_header(&pk, MOE_STREAM_FORMAT, 1);
+    msgpack_pack_map(&pk, 1);
+    moe_pack_kv_str(&pk, "type", "x");
+    write_zstd(p, sb.data, sb.size);
+    expect_bad(p, "no end record after 1 records");
+    pack_end(&pk, 2);
+    write_zstd(p, sb.data, sb.size);
+    expect_bad(p, "end record counts 2 records but 1 were read");
+    msgpack_sbuffer_destroy(&sb);
+
+    pack_to(&sb, &pk);
+    pack_header(&pk, MOE_STREAM_FORMAT, 1);
+    pack_end(&pk, 0);
+    msgpack_pack_int(&pk, 7);
+    write_zstd(p, sb.data, sb.size);
+    msgpack_sbuffer_destroy(&sb);
+    expect_bad(p, "data after the end record");
+}
+
+static void test_accessor_errors(void **state) {
+    (void)state;
+    int sizes[1] = {4};
+    const char *p = path_of("acc.msgpack.zst");
+    write_stream(p, 1, sizes);
+    moe_reader *r = moe_reader_open(p);
+    const msgpack_object *rec;
+    assert_int_equal(moe_reader_next(r, &rec), 1);
+    int64_t v;
+    moe_array a;
+    assert_int_equal(moe_record_int(r, rec, "missing", &v), -1);
+    assert_non_null(strstr(moe_error(), "record 0 (sample): missing key 'missing'"));
+    assert_int_equal(moe_record_int(r, rec, "values", &v), -1);
+    assert_non_null(strstr(moe_error(), "key 'values' is not an integer"));
+    assert_int_equal(moe_record_array(r, rec, "index", &a), -1);
+    assert_non_null(strstr(moe_error(), "not a typed array"));
+    moe_reader_close(r);
+}
+
+static void test_abort_leaves_nothing(void **state) {
+    (void)state;
+    const char *p = path_of("aborted.msgpack.zst");
+    moe_writer *w = moe_writer_open(p, NULL, &prov, 0);
+    assert_non_null(w);
+    moe_writer_record(w, "x", 0);
+    moe_writer_abort(w);
+    struct stat st;
+    assert_int_not_equal(stat(p, &st), 0);
+    char cmd[600];
+    snprintf(cmd, sizeof cmd, "test -z \"$(ls -A '%s' | grep aborted)\"", dir);
+    assert_int_equal(system(cmd), 0);
+}
+
+static void test_write_error_reported(void **state) {
+    (void)state;
+    /* /dev/full: every write fails with ENOSPC.  Through stdout so that the
+     * writer writes the device directly (no temporary name). */
+    int saved = dup(1);
+    int fd = open("/dev/full", O_WRONLY);
+    if (fd < 0) skip();
+    dup2(fd, 1);
+    close(fd);
+    moe_writer *w = moe_writer_open("-", NULL, &prov, 0);
+    int rc = -1;
+    if (w) {
+        int64_t n = 100000;
+        float *f = calloc(n, sizeof *f);
+        for (int i = 0; i < 4; i++) moe_pack_kv_array(moe_writer_record(w, "x", 1), "v", MOE_DT_F32, 1, &n, f);
+        free(f);
+        rc = moe_writer_close(w);
+    }
+    dup2(saved, 1);
+    close(saved);
+    assert_int_equal(rc, -1);
+    assert_non_null(strstr(moe_error(), "write error"));
+    assert_int_equal(moe_error_kind(), MOE_ERR_IO);
+}
+
+static void test_dtypes(void **state) {
+    (void)state;
+    assert_int_equal(moe_dtype_from_name("bf16", 4), MOE_DT_BF16);
+    assert_int_equal(moe_dtype_from_name("f8", 2), -1);
+    /* bf16 and f16 conversions */
+    uint16_t bf[3] = {0x3f80, 0xc000, 0x0000}, h[4] = {0x3c00, 0xc000, 0x0001, 0x7bff};
+    moe_array a = {.dtype = MOE_DT_BF16, .ndim = 1, .shape = {3}, .count = 3, .data = bf, .nbytes = 6};
+    float f[4];
+    moe_array_to_f32(&a, f);
+    assert_true(f[0] == 1.0f && f[1] == -2.0f && f[2] == 0.0f);
+    moe_array b = {.dtype = MOE_DT_F16, .ndim = 1, .shape = {4}, .count = 4, .data = h, .nbytes = 8};
+    moe_array_to_f32(&b, f);
+    assert_true(f[0] == 1.0f && f[1] == -2.0f && f[2] == 5.9604644775390625e-08f && f[3] == 65504.0f);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_round_trip_sizes),
+        cmocka_unit_test(test_empty_stream),
+        cmocka_unit_test(test_pass_through_and_provenance),
+        cmocka_unit_test(test_deterministic_bytes),
+        cmocka_unit_test(test_truncated),
+        cmocka_unit_test(test_corrupt_bytes),
+        cmocka_unit_test(test_not_zstd_and_empty),
+        cmocka_unit_test(test_zstd_of_non_msgpack),
+        cmocka_unit_test(test_wrong_format_and_version),
+        cmocka_unit_test(test_record_problems),
+        cmocka_unit_test(test_accessor_errors),
+        cmocka_unit_test(test_abort_leaves_nothing),
+        cmocka_unit_test(test_write_error_reported),
+        cmocka_unit_test(test_dtypes),
+    };
+    return cmocka_run_group_tests_name("stream", tests, setup, teardown);
+}

@@ -1,0 +1,118 @@
+/* moe-dump - print a moe-stream as JSON Lines, or check it. */
+#include "cli.h"
+#include "jsonout.h"
+#include "stream.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+static const char help[] =
+    "Usage: moe-dump [OPTIONS] [STREAM|-]...\n"
+    "Print moe-streams as JSON Lines: the header first, then one record per line.\n"
+    "Typed arrays are summarised (dtype, shape, first values, min, max, mean).\n"
+    "\n"
+    "  --full          print every value of typed arrays and bin data\n"
+    "  --preview N     values shown in a typed-array summary (default 8)\n"
+    "  --header        print only the header\n"
+    "  --type TYPE     print only records of this type (repeatable)\n"
+    "  --no-header     do not print the header line\n"
+    "  --check         verify the stream(s) without printing records; one line per\n"
+    "                  stream: NAME: ok, N records, kinds [...]\n"
+    "With no STREAM, or STREAM '-', read standard input.\n";
+
+enum { OPT_FULL = 1, OPT_PREVIEW, OPT_HEADER, OPT_TYPE, OPT_NO_HEADER, OPT_CHECK };
+
+typedef struct {
+    moe_json_opts json;
+    int header_only, no_header, check;
+    const char *types[32];
+    int ntypes;
+} dump_opts;
+
+static int wanted(const dump_opts *o, const msgpack_object *rec) {
+    if (!o->ntypes) return 1;
+    for (int i = 0; i < o->ntypes; i++)
+        if (moe_record_is(rec, o->types[i])) return 1;
+    return 0;
+}
+
+static void print_kinds(const msgpack_object *hdr) {
+    const msgpack_object *kinds = moe_map_get(hdr, "kinds");
+    printf("[");
+    for (uint32_t i = 0; kinds && i < kinds->via.array.size; i++) {
+        const msgpack_object *k = &kinds->via.array.ptr[i];
+        if (k->type == MSGPACK_OBJECT_STR) printf("%s%.*s", i ? ", " : "", (int)k->via.str.size, k->via.str.ptr);
+    }
+    printf("]");
+}
+
+/* Returns 0 or -1 (error set). */
+static int dump_one(const char *path, const dump_opts *o) {
+    moe_reader *r = moe_reader_open(path);
+    if (!r) return -1;
+    if (!o->no_header && !o->check) {
+        moe_json_object(stdout, moe_reader_header(r), &o->json);
+        putchar('\n');
+    }
+    int rc = 0;
+    if (!o->header_only) {
+        const msgpack_object *rec;
+        while ((rc = moe_reader_next(r, &rec)) > 0) {
+            if (o->check || !wanted(o, rec)) continue;
+            moe_json_object(stdout, rec, &o->json);
+            putchar('\n');
+        }
+        if (rc == 0 && o->check) {
+            printf("%s: ok, %llu records, kinds ", moe_reader_name(r),
+                   (unsigned long long)moe_reader_count(r));
+        }
+    }
+    if (rc == 0 && o->check) {
+        print_kinds(moe_reader_header(r));
+        putchar('\n');
+    }
+    moe_reader_close(r);
+    return rc;
+}
+
+int main(int argc, char **argv) {
+    moe_cli_init("moe-dump", help, argc, argv);
+    static const struct option opts[] = {
+        {"full", no_argument, 0, OPT_FULL},       {"preview", required_argument, 0, OPT_PREVIEW},
+        {"header", no_argument, 0, OPT_HEADER},   {"type", required_argument, 0, OPT_TYPE},
+        {"no-header", no_argument, 0, OPT_NO_HEADER}, {"check", no_argument, 0, OPT_CHECK},
+        MOE_CLI_COMMON_OPTIONS, {0, 0, 0, 0}};
+    dump_opts o = {.json = {.full = 0, .preview = 8}};
+    int c;
+    while ((c = getopt_long(argc, argv, ":", opts, NULL)) != -1) {
+        if (moe_cli_handle(c, optarg)) continue;
+        switch (c) {
+        case OPT_FULL: o.json.full = 1; break;
+        case OPT_PREVIEW: o.json.preview = (int)moe_cli_long("--preview", optarg, 0, 1 << 30); break;
+        case OPT_HEADER: o.header_only = 1; break;
+        case OPT_TYPE:
+            if (o.ntypes == 32) moe_cli_usage("--type: at most 32");
+            o.types[o.ntypes++] = optarg;
+            break;
+        case OPT_NO_HEADER: o.no_header = 1; break;
+        case OPT_CHECK: o.check = 1; break;
+        default: moe_cli_usage("unknown option");
+        }
+    }
+    static char outbuf[1 << 16];
+    setvbuf(stdout, outbuf, _IOFBF, sizeof outbuf);
+    const char *stdin_only[] = {"-"};
+    const char **paths = optind < argc ? (const char **)argv + optind : stdin_only;
+    int n = optind < argc ? argc - optind : 1;
+    for (int i = 0; i < n; i++) {
+        if (dump_one(paths[i], &o) < 0) {
+            fflush(stdout);
+            moe_cli_fail();
+        }
+    }
+    if (fflush(stdout) != 0 || ferror(stdout)) {
+        moe_error_set(MOE_ERR_IO, "<stdout>: write error");
+        moe_cli_fail();
+    }
+    return 0;
+}
