@@ -200,12 +200,12 @@ static void cpu_attention(float *out, const float *q, const float *k, const floa
 
 /* ---- element-wise ------------------------------------------------------- */
 
-static void cpu_swiglu(float *h, const float *gu, int T, int I) {
+static void cpu_swiglu(float *h, const float *gu, int T, int Im) {
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < T; t++) {
-        const float *g = gu + (size_t)t * 2 * I, *u = g + I;
-        float *o = h + (size_t)t * I;
-        for (int i = 0; i < I; i++) {
+        const float *g = gu + (size_t)t * 2 * Im, *u = g + Im;
+        float *o = h + (size_t)t * Im;
+        for (int i = 0; i < Im; i++) {
             float sg = 1.0f / (1.0f + expf(-g[i]));
             o[i] = (g[i] * sg) * u[i];
         }
@@ -383,6 +383,7 @@ static void cpu_divergence(double *d, const float *a, const float *b, int metric
 static const moe_backend cpu_backend = {
     .name = "cpu",
     .weight_dtype = MOE_WT_F32,
+    .host_memory = 1,
     .alloc = cpu_alloc,
     .free = cpu_free,
     .upload = cpu_memcpy,
@@ -407,6 +408,7 @@ static const moe_backend cpu_backend = {
 static const moe_backend cpu_ref_backend = {
     .name = "cpu-ref",
     .weight_dtype = MOE_WT_F32,
+    .host_memory = 1,
     .alloc = cpu_alloc,
     .free = cpu_free,
     .upload = cpu_memcpy,
