@@ -3,6 +3,7 @@
 #include "search.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -403,4 +404,63 @@ int moe_plan_write(moe_writer *w, const moe_plan *p) {
     if (p->cand) moe_pack_kv_array(pk, "candidates", MOE_DT_F64, 2, shp, p->cand);
     free(ord);
     return 0;
+}
+
+/* ---- work and option helpers ----------------------------------------------------------- */
+
+void moe_search_work_str(const moe_search_work *w, char *buf, size_t n) {
+    snprintf(buf, n,
+             "%llu candidates, %llu layer-token evaluations, %llu expert-token evaluations, "
+             "%llu token divergences, %.3g GFLOP, %.2f s",
+             (unsigned long long)w->candidates, (unsigned long long)w->layer_tokens,
+             (unsigned long long)w->expert_tokens, (unsigned long long)w->div_tokens,
+             w->flops / 1e9, w->seconds);
+}
+
+int moe_search_work_write(moe_writer *w, const char *tool, const moe_search_work *work) {
+    msgpack_packer *pk = moe_writer_record(w, "work", 6);
+    if (!pk) return -1;
+    moe_pack_kv_str(pk, "tool", tool);
+    moe_pack_kv_int(pk, "candidates", (int64_t)work->candidates);
+    moe_pack_kv_int(pk, "layer_tokens", (int64_t)work->layer_tokens);
+    moe_pack_kv_int(pk, "expert_tokens", (int64_t)work->expert_tokens);
+    moe_pack_kv_int(pk, "div_tokens", (int64_t)work->div_tokens);
+    moe_pack_kv_double(pk, "flops", work->flops);
+    return 0;
+}
+
+int moe_parse_layer_list(const char *s, int **out, int *n) {
+    int cap = 16, k = 0;
+    int *v = moe_malloc(sizeof(int) * (size_t)cap);
+    const char *p = s;
+    while (*p) {
+        char *end;
+        long a = strtol(p, &end, 10), b;
+        if (end == p || a < 0 || a > 1000000) goto bad;
+        p = end;
+        b = a;
+        if (*p == '-') {
+            p++;
+            b = strtol(p, &end, 10);
+            if (end == p || b < a || b > 1000000) goto bad;
+            p = end;
+        }
+        for (long i = a; i <= b; i++) {
+            if (k == cap) v = moe_realloc(v, sizeof(int) * (size_t)(cap *= 2));
+            v[k++] = (int)i;
+        }
+        if (*p == ',') {
+            p++;
+            if (!*p) goto bad;
+        } else if (*p) {
+            goto bad;
+        }
+    }
+    if (k == 0) goto bad;
+    *out = v;
+    *n = k;
+    return 0;
+bad:
+    free(v);
+    return -1;
 }

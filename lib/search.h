@@ -166,6 +166,14 @@ int moe_calib_write(moe_writer *w, const moe_calib *c);
 int moe_ranking_write(moe_writer *w, const moe_ranking *r);
 int moe_plan_write(moe_writer *w, const moe_plan *p);
 
+/* One line describing the work done ("12 layer-tokens, ... , 1.2 GFLOP, 0.3 s"). */
+void moe_search_work_str(const moe_search_work *w, char *buf, size_t n);
+/* A "work" record: the counts of w (no timings, so outputs stay byte-stable). */
+int moe_search_work_write(moe_writer *w, const char *tool, const moe_search_work *work);
+
+/* Parse "1,3,5-9" into decoder-layer indices (malloc'd, *n set); -1 on bad syntax. */
+int moe_parse_layer_list(const char *s, int **out, int *n);
+
 void moe_calib_free(moe_calib *c);
 void moe_ranking_free(moe_ranking *r);
 void moe_plan_free(moe_plan *p);

@@ -373,6 +373,21 @@ def min_gap(cands):
     return g
 
 
+def write_token_stream(path, seqs):
+    """A moe-stream (see moe-stream(5)) of 'tokens' records, as moe-tokenize writes them."""
+    import struct
+    import msgpack
+    import zstandard
+    objs = [{"format": "moe-stream", "version": 1, "kinds": ["tokens"], "provenance": []}]
+    for i, s in enumerate(seqs):
+        objs.append({"type": "tokens", "sample": i,
+                     "ids": {"dtype": "i32", "shape": [len(s)], "data": struct.pack("<%di" % len(s), *s)}})
+    objs.append({"type": "end", "records": len(seqs)})
+    raw = b"".join(msgpack.packb(o, use_bin_type=True) for o in objs)
+    with open(path, "wb") as f:
+        f.write(zstandard.ZstdCompressor(level=3, write_checksum=True).compress(raw))
+
+
 def dump(path, obj):
     with open(path, "w") as f:
         json.dump(obj, f, indent=1, sort_keys=True)
@@ -401,6 +416,7 @@ def make_fixtures(out_dir, names):
                   "calib_max_length": None, "unrouted_experts": unrouted,
                   "generator": "tests/ref/cdmoe_reference.py fixtures"}
         dump(os.path.join(d, "tokens.json"), {"sequences": seqs})
+        write_token_stream(os.path.join(d, "tokens.msgpack.zst"), seqs)
         dump(os.path.join(d, "params.json"), params)
         dump(os.path.join(d, "calib.json"), {str(l): v for l, v in calib.items()})
         dump(os.path.join(d, "ranking.json"), {str(l): v for l, v in ranking.items()})

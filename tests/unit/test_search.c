@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include "common.h"
+#include "kernels.h"
 #include "search.h"
 
 #define FIX "tests/fixtures/search/"
@@ -352,6 +353,8 @@ static void test_bad_inputs(void **st) {
 }
 
 int main(void) {
+    /* tiny models: threads only add synchronisation cost */
+    moe_kernels_set_threads(1);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_deepseek),    cmocka_unit_test(test_qwen2_moe),
         cmocka_unit_test(test_qwen3_moe),   cmocka_unit_test(test_olmoe),
