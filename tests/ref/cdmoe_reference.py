@@ -422,6 +422,11 @@ def make_fixtures(out_dir, names):
         dump(os.path.join(d, "ranking.json"), {str(l): v for l, v in ranking.items()})
         dump(os.path.join(d, "layers_k0.json"), l0)
         dump(os.path.join(d, "layers_k%d.json" % k), lk)
+        with open(os.path.join(d, "expected.txt"), "w") as f:
+            for l, r in ranking.items():
+                f.write("ranking %d: %s\n" % (l, " ".join(map(str, r["experts"]))))
+            f.write("plan 0: %s\n" % " ".join(map(str, l0["order"])))
+            f.write("plan %d: %s\n" % (k, " ".join(map(str, lk["order"]))))
         dump(os.path.join(d, "original_json.json"),
              to_original_json(ad, calib, ranking, lk["order"]))
         gaps = [min_gap(r["candidates"]) for r in ranking.values()] + \
