@@ -162,14 +162,14 @@ static void check_ranking(fixture *f, const moe_ranking *r, json_t *ref, const c
                 fail_msg("%s %s layer %d pick %d: expert %d, reference %d", f->name, mode, l, i,
                          rl->experts[i], want);
             snprintf(what, sizeof what, "%s %s layer %d pick %d score", f->name, mode, l, i);
-            close_to(rl->scores[i], num(json_array_get(sc, (size_t)i)), 1e-4, 1e-8, what);
+            close_to(rl->scores[i], num(json_array_get(sc, (size_t)i)), 3e-5, 1e-8, what);
             json_t *pc = json_array_get(cands, (size_t)i);
             for (size_t j = 0; j < json_array_size(pc); j++) {
                 json_t *pair = json_array_get(pc, j);
                 int e = (int)json_integer_value(json_array_get(pair, 0));
                 snprintf(what, sizeof what, "%s %s layer %d pick %d candidate %d", f->name, mode, l,
                          i, e);
-                close_to(rl->cand[(size_t)i * r->E + e], num(json_array_get(pair, 1)), 1e-4, 1e-8,
+                close_to(rl->cand[(size_t)i * r->E + e], num(json_array_get(pair, 1)), 3e-5, 1e-8,
                          what);
             }
         }
@@ -194,13 +194,13 @@ static void check_plan(fixture *f, const moe_plan *p, json_t *ref, const char *m
         if (p->order[i] != want)
             fail_msg("%s %s step %d: layer %d, reference %d", f->name, mode, i, p->order[i], want);
         snprintf(what, sizeof what, "%s %s step %d score", f->name, mode, i);
-        close_to(p->scores[i], num(json_array_get(sc, (size_t)i)), 1e-4, 1e-8, what);
+        close_to(p->scores[i], num(json_array_get(sc, (size_t)i)), 3e-5, 1e-8, what);
         json_t *pc = json_array_get(cands, (size_t)i);
         for (size_t j = 0; j < json_array_size(pc); j++) {
             json_t *pair = json_array_get(pc, j);
             int l = (int)json_integer_value(json_array_get(pair, 0));
             snprintf(what, sizeof what, "%s %s step %d candidate layer %d", f->name, mode, i, l);
-            close_to(p->cand[(size_t)i * p->L + l], num(json_array_get(pair, 1)), 1e-4, 1e-8, what);
+            close_to(p->cand[(size_t)i * p->L + l], num(json_array_get(pair, 1)), 3e-5, 1e-8, what);
         }
     }
 }
@@ -308,7 +308,7 @@ static void test_fast_equals_naive(void **st) {
             assert_int_equal(a.layers[l].n, b.layers[l].n);
             for (int i = 0; i < a.layers[l].n; i++) {
                 assert_int_equal(a.layers[l].experts[i], b.layers[l].experts[i]);
-                close_to(a.layers[l].scores[i], b.layers[l].scores[i], 1e-4, 1e-9, "fast vs naive");
+                close_to(a.layers[l].scores[i], b.layers[l].scores[i], 2e-5, 1e-9, "fast vs naive");
             }
         }
         for (int beam = 1; beam <= 3; beam += 2) {
@@ -320,7 +320,7 @@ static void test_fast_equals_naive(void **st) {
             assert_int_equal(p.n, q.n);
             for (int i = 0; i < p.n; i++) {
                 assert_int_equal(p.order[i], q.order[i]);
-                close_to(p.scores[i], q.scores[i], 1e-4, 1e-9, "layer search fast vs naive");
+                close_to(p.scores[i], q.scores[i], 2e-5, 1e-9, "layer search fast vs naive");
             }
             moe_plan_free(&p);
             moe_plan_free(&q);
