@@ -464,3 +464,19 @@ bad:
     free(v);
     return -1;
 }
+
+int moe_parse_weight(const char *s, moe_weight_override *w) {
+    char *end;
+    long l = strtol(s, &end, 10);
+    if (end == s || *end != ':' || l < 0 || l > 1000000) return -1;
+    const char *p = end + 1;
+    long e = strtol(p, &end, 10);
+    if (end == p || *end != '=' || e < 0 || e > 1000000) return -1;
+    p = end + 1;
+    double v = strtod(p, &end);
+    if (end == p || *end || !isfinite(v)) return -1;
+    w->layer = (int)l;
+    w->expert = (int)e;
+    w->weight = (float)v;
+    return 0;
+}

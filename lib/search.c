@@ -121,7 +121,8 @@ static void diverge(const moe_backend *be, const seqset *ss, int metric, const f
 
 /* ---- calibration weights ---------------------------------------------------------------- */
 
-static int layer_weights(const moe_calib *calib, int l, int E, float *w, int *routed) {
+static int layer_weights(const moe_calib *calib, const moe_search_opts *o, int l, int E, float *w,
+                         int *routed) {
     if (!calib || !calib->layers || l >= calib->L || !calib->layers[l].present) {
         moe_error_set(MOE_ERR_DATA,
                       "no routing statistics for layer %d in the input (run moe-calib first)", l);
@@ -131,6 +132,17 @@ static int layer_weights(const moe_calib *calib, int l, int E, float *w, int *ro
     for (int e = 0; e < E; e++) {
         routed[e] = cl->count[e] > 0 && isfinite(cl->mean[e]);
         w[e] = routed[e] ? (float)cl->mean[e] : 0.0f;
+    }
+    for (int i = 0; o && i < o->n_weights; i++) {
+        const moe_weight_override *ov = &o->weights[i];
+        if (ov->layer != l) continue;
+        if (ov->expert < 0 || ov->expert >= E) {
+            moe_error_set(MOE_ERR_DATA, "weight for layer %d expert %d: the model has %d experts", l,
+                          ov->expert, E);
+            return -1;
+        }
+        routed[ov->expert] = 1;
+        w[ov->expert] = ov->weight;
     }
     return 0;
 }
@@ -313,7 +325,7 @@ static int rank_fast(moe_model *m, const seqset *ss, const moe_calib *calib,
             if (l == L - 1) moe_model_final_norm(m, x.tgt, x.tgt, (int)ss->tot);
             rc = moe_layer_shared(m, l, x.base, x.xn, (int)ss->tot);
             if (rc == 0) be->axpy(x.base, X, 1.0f, TH);
-            if (rc == 0) rc = layer_weights(calib, l, E, w, routed);
+            if (rc == 0) rc = layer_weights(calib, o, l, E, w, routed);
             if (rc == 0) rc = rank_layer_fast(&x, l, w, routed, &out->layers[l]);
         }
         if (rc == 0) be->axpy(X, y, 1.0f, TH);
@@ -398,7 +410,7 @@ static int rank_naive(moe_model *m, const seqset *ss, const moe_calib *calib,
     int rc = forward_full(m, ss, &orig, work);
     for (int l = 0; l < L && rc == 0; l++) {
         if (!sel[l]) continue;
-        if ((rc = layer_weights(calib, l, E, w, routed)) < 0) break;
+        if ((rc = layer_weights(calib, o, l, E, w, routed)) < 0) break;
         moe_rank_layer *rl = &out->layers[l];
         rank_layer_alloc(rl, K, E, routed);
         int *ok = moe_malloc(sizeof(int) * (size_t)E);
@@ -593,7 +605,7 @@ int moe_layer_search_run(moe_model *m, const moe_seqs *s, const moe_calib *calib
             rc = -1;
             break;
         }
-        if ((rc = layer_weights(calib, l, E, w, routed)) < 0) break;
+        if ((rc = layer_weights(calib, o, l, E, w, routed)) < 0) break;
         for (int j = 0; j < k; j++) {
             int e = rl->experts[j];
             if (!routed[e]) {

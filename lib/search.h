@@ -124,6 +124,12 @@ typedef struct {
     double seconds;
 } moe_search_work;
 
+/* A mean weight supplied by the user (for an expert calibration never routed to). */
+typedef struct {
+    int layer, expert;
+    float weight;
+} moe_weight_override;
+
 typedef struct {
     int metric;              /* MOE_DIV_* */
     int max_length;          /* truncation for ranking/search; 0 = none */
@@ -135,6 +141,8 @@ typedef struct {
     int k;                   /* layer search: experts per condensed layer */
     int max_layers;          /* layer search: length of the order (0 = all MoE layers) */
     int beam;                /* layer search: beam width (>= 1) */
+    const moe_weight_override *weights; /* replace / supply mean weights */
+    int n_weights;
 } moe_search_opts;
 
 /* metric names "js", "kl", "mse", "cosine" <-> MOE_DIV_*; -1 if unknown */
@@ -170,6 +178,9 @@ int moe_plan_write(moe_writer *w, const moe_plan *p);
 void moe_search_work_str(const moe_search_work *w, char *buf, size_t n);
 /* A "work" record: the counts of w (no timings, so outputs stay byte-stable). */
 int moe_search_work_write(moe_writer *w, const char *tool, const moe_search_work *work);
+
+/* Parse "L:E=W" (decoder layer, expert, weight); -1 on bad syntax. */
+int moe_parse_weight(const char *s, moe_weight_override *w);
 
 /* Parse "1,3,5-9" into decoder-layer indices (malloc'd, *n set); -1 on bad syntax. */
 int moe_parse_layer_list(const char *s, int **out, int *n);

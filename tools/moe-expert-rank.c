@@ -32,11 +32,13 @@ static const char help[] =
     "                      every candidate expert's output for all tokens (experts x\n"
     "                      tokens x hidden floats); otherwise it recomputes expert\n"
     "                      outputs per token chunk at every pick.\n"
+    "  --weight L:E=W     use W as the mean weight of expert E of decoder layer L\n"
+    "                     (repeatable; e.g. for an expert calibration never routed to)\n"
     "  --naive             run the original algorithm literally (a full model forward\n"
     "                      per candidate; small models only)\n"
     "  -o, --output FILE   write here instead of standard output\n";
 
-enum { OPT_MODEL = 1, OPT_MAXEXP, OPT_METRIC, OPT_LAYERS, OPT_MAXLEN, OPT_MEM, OPT_NAIVE };
+enum { OPT_WEIGHT = 100, OPT_MODEL = 1, OPT_MAXEXP, OPT_METRIC, OPT_LAYERS, OPT_MAXLEN, OPT_MEM, OPT_NAIVE };
 
 int main(int argc, char **argv) {
     moe_cli_init("moe-expert-rank", help, argc, argv);
@@ -47,12 +49,15 @@ int main(int argc, char **argv) {
                                          {"max-length", required_argument, 0, OPT_MAXLEN},
                                          {"mem-mib", required_argument, 0, OPT_MEM},
                                          {"naive", no_argument, 0, OPT_NAIVE},
+                                         {"weight", required_argument, 0, OPT_WEIGHT},
                                          {"output", required_argument, 0, 'o'},
                                          MOE_CLI_COMMON_OPTIONS,
                                          {0, 0, 0, 0}};
     const char *model = NULL, *out = "-";
     moe_search_opts o = {.metric = 0, .max_length = 256, .max_experts = -1};
     int c;
+    moe_weight_override *weights = NULL;
+    int nweights = 0;
     int *layers = NULL, nlayers = 0;
     while ((c = getopt_long(argc, argv, ":o:", opts, NULL)) != -1) {
         if (moe_cli_handle(c, optarg)) continue;
@@ -73,6 +78,12 @@ int main(int argc, char **argv) {
             o.mem_bytes = (size_t)moe_cli_long("--mem-mib", optarg, 1, 1 << 24) << 20;
             break;
         case OPT_NAIVE: o.naive = 1; break;
+        case OPT_WEIGHT:
+            weights = realloc(weights, sizeof *weights * (size_t)(nweights + 1));
+            if (!weights || moe_parse_weight(optarg, &weights[nweights]) < 0)
+                moe_cli_usage("--weight: expected LAYER:EXPERT=WEIGHT, got '%s'", optarg);
+            nweights++;
+            break;
         case 'o': out = optarg; break;
         default: moe_cli_usage("unknown option or missing argument");
         }
@@ -84,6 +95,8 @@ int main(int argc, char **argv) {
     o.layers = layers;
     o.n_layers = nlayers;
 
+    o.weights = weights;
+    o.n_weights = nweights;
     moe_model_opts mo = {.device = moe_cli.device};
     moe_model *m = moe_model_open(model, &mo);
     if (!m) moe_cli_fail();
@@ -129,6 +142,7 @@ int main(int argc, char **argv) {
     moe_ranking_free(&rk);
     moe_calib_free(&cal);
     moe_seqs_free(&seqs);
+    free(weights);
     free(layers);
     moe_reader_close(r);
     moe_model_close(m);

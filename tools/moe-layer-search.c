@@ -27,11 +27,13 @@ static const char help[] =
     "  --metric M         js (default, the original), kl, mse or cosine\n"
     "  --max-length N     truncate sequences to N tokens (default 256, the original's;\n"
     "                     0 = none)\n"
+    "  --weight L:E=W     use W as the mean weight of expert E of decoder layer L\n"
+    "                     (repeatable; e.g. for an expert calibration never routed to)\n"
     "  --naive            run the original algorithm literally (a full model forward\n"
     "                     per candidate)\n"
     "  -o, --output FILE  write here instead of standard output\n";
 
-enum { OPT_MODEL = 1, OPT_EXPERTS, OPT_LAYERS, OPT_BEAM, OPT_METRIC, OPT_MAXLEN, OPT_NAIVE };
+enum { OPT_WEIGHT = 100, OPT_MODEL = 1, OPT_EXPERTS, OPT_LAYERS, OPT_BEAM, OPT_METRIC, OPT_MAXLEN, OPT_NAIVE };
 
 int main(int argc, char **argv) {
     moe_cli_init("moe-layer-search", help, argc, argv);
@@ -42,12 +44,15 @@ int main(int argc, char **argv) {
                                          {"metric", required_argument, 0, OPT_METRIC},
                                          {"max-length", required_argument, 0, OPT_MAXLEN},
                                          {"naive", no_argument, 0, OPT_NAIVE},
+                                         {"weight", required_argument, 0, OPT_WEIGHT},
                                          {"output", required_argument, 0, 'o'},
                                          MOE_CLI_COMMON_OPTIONS,
                                          {0, 0, 0, 0}};
     const char *model = NULL, *out = "-";
     moe_search_opts o = {.metric = 0, .max_length = 256, .k = -1, .beam = 1};
     int c;
+    moe_weight_override *weights = NULL;
+    int nweights = 0;
     while ((c = getopt_long(argc, argv, ":o:", opts, NULL)) != -1) {
         if (moe_cli_handle(c, optarg)) continue;
         switch (c) {
@@ -61,6 +66,12 @@ int main(int argc, char **argv) {
             break;
         case OPT_MAXLEN: o.max_length = (int)moe_cli_long("--max-length", optarg, 0, 1 << 30); break;
         case OPT_NAIVE: o.naive = 1; break;
+        case OPT_WEIGHT:
+            weights = realloc(weights, sizeof *weights * (size_t)(nweights + 1));
+            if (!weights || moe_parse_weight(optarg, &weights[nweights]) < 0)
+                moe_cli_usage("--weight: expected LAYER:EXPERT=WEIGHT, got '%s'", optarg);
+            nweights++;
+            break;
         case 'o': out = optarg; break;
         default: moe_cli_usage("unknown option or missing argument");
         }
@@ -71,6 +82,8 @@ int main(int argc, char **argv) {
     const char *in = optind < argc ? argv[optind] : "-";
     if (moe_cli.threads) moe_kernels_set_threads(moe_cli.threads);
 
+    o.weights = weights;
+    o.n_weights = nweights;
     moe_model_opts mo = {.device = moe_cli.device};
     moe_model *m = moe_model_open(model, &mo);
     if (!m) moe_cli_fail();
@@ -109,6 +122,7 @@ int main(int argc, char **argv) {
     moe_ranking_free(&rk);
     moe_calib_free(&cal);
     moe_seqs_free(&seqs);
+    free(weights);
     moe_reader_close(r);
     moe_model_close(m);
     return 0;

@@ -58,6 +58,7 @@ expect_fail 2 "--max-experts 99: the model has 8 routed experts" moe-expert-rank
 expect_fail 2 "--metric: expected js" moe-expert-rank --model $model --metric foo "$TMP/calib"
 expect_fail 2 "--layers: expected a list" moe-expert-rank --model $model --layers 1,,2 "$TMP/calib"
 expect_fail 1 "--layers: layer 0 is not a routed MoE layer" moe-expert-rank --model $model --layers 0 "$TMP/calib"
+expect_fail 2 "--weight: expected LAYER:EXPERT=WEIGHT" moe-expert-rank --model $model --weight 1:2 "$TMP/calib"
 expect_fail 2 "--experts K is required" moe-layer-search --model $model "$TMP/rank"
 expect_fail 1 "'calib' is needed" moe-expert-rank --model $model $d/tokens.msgpack.zst
 expect_fail 1 "'ranking' is needed" moe-layer-search --model $model --experts 2 "$TMP/calib"

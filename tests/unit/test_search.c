@@ -271,6 +271,21 @@ static void test_unrouted(void **st) {
         moe_ranking_free(&r);
     }
     json_decref(ref);
+    /* a user-supplied weight makes an unrouted expert a candidate again */
+    moe_weight_override wo = {1, 0, 0.05f};
+    o.weights = &wo;
+    o.n_weights = 1;
+    moe_ranking a, b;
+    o.naive = 0;
+    assert_int_equal(moe_rank_run(f.m, &all, &c, &o, &a, NULL), 0);
+    o.naive = 1;
+    assert_int_equal(moe_rank_run(f.m, &all, &c, &o, &b, NULL), 0);
+    assert_int_equal(a.layers[1].n_unrouted, 3);
+    assert_false(isnan(a.layers[1].cand[0]));
+    close_to(a.layers[1].cand[0], b.layers[1].cand[0], 2e-5, 1e-9, "supplied weight, fast vs naive");
+    assert_true(isnan(a.layers[2].cand[1])); /* layer 2 expert 1: still left out */
+    moe_ranking_free(&a);
+    moe_ranking_free(&b);
     moe_calib_free(&c);
     moe_seqs_free(&few);
     moe_seqs_free(&all);
