@@ -86,8 +86,15 @@ static int is_moe(const moe_config *c, int l) { return c->layers[l].kind == MOE_
 /* Run decoder layers [from, L) on the concatenated tokens X (in place); when
  * cache is not NULL, cache[l] receives the input of layer l for l >= from
  * (cache[L] the final-normed output).  Ends with the final norm applied to X. */
+/* Keep every layer converted in memory between candidates when the model is
+ * small (f32 copy under 2 GiB); otherwise stream: unload each layer after use. */
+static int stream_weights(moe_model *m) {
+    return moe_ckpt_bytes(moe_model_ckpt(m)) * 2 > ((uint64_t)2 << 30);
+}
+
 static int run_layers(moe_model *m, const seqset *ss, int from, float *X, float **cache,
                       float *xn, float *y) {
+    int stream = stream_weights(m);
     const moe_config *c = moe_model_config(m);
     const moe_backend *be = moe_model_backend(m);
     size_t TH = ss->tot * (size_t)c->hidden_size;
@@ -99,6 +106,7 @@ static int run_layers(moe_model *m, const seqset *ss, int from, float *X, float 
         if (moe_layer_mlp_input(m, l, xn, X, (int)ss->tot) < 0) return -1;
         if (moe_layer_mlp_run(m, l, y, xn, (int)ss->tot, NULL, NULL) < 0) return -1;
         be->axpy(X, y, 1.0f, TH);
+        if (stream) moe_layer_unload(m, l);
     }
     moe_model_final_norm(m, X, X, (int)ss->tot);
     if (cache) be->copy(cache[c->num_layers], X, TH * sizeof(float));
@@ -329,7 +337,7 @@ static int rank_fast(moe_model *m, const seqset *ss, const moe_calib *calib,
             if (rc == 0) rc = rank_layer_fast(&x, l, w, routed, &out->layers[l]);
         }
         if (rc == 0) be->axpy(X, y, 1.0f, TH);
-        moe_layer_unload(m, l);
+        if (stream_weights(m)) moe_layer_unload(m, l);
     }
     moe_model_free(m, X);
     moe_model_free(m, y);
