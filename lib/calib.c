@@ -300,8 +300,8 @@ static void calib_cb(void *vctx, int layer, int T, int K, int E, const int32_t *
     cl->tokens += T;
 }
 
-int moe_calib_run(moe_model *m, const moe_seqs *s, int max_length, moe_calib *out,
-                  moe_search_work *work) {
+int moe_calib_run(moe_model *m, const moe_seqs *s, int max_length, size_t batch_tokens,
+                  moe_calib *out, moe_search_work *work) {
     const moe_config *cfg = moe_model_config(m);
     double t0 = moe_now();
     memset(out, 0, sizeof *out);
@@ -318,7 +318,15 @@ int moe_calib_run(moe_model *m, const moe_seqs *s, int max_length, moe_calib *ou
         seqs[i].T = max_length > 0 && s->len[i] > max_length ? max_length : s->len[i];
         tot += (uint64_t)seqs[i].T;
     }
-    int rc = moe_model_forward(m, seqs, s->n, 0, calib_cb, &x);
+    int rc = 0;
+    for (int i = 0; i < s->n && rc == 0;) {
+        int j = i;
+        size_t nt = 0;
+        while (j < s->n && (j == i || batch_tokens == 0 || nt + (size_t)seqs[j].T <= batch_tokens))
+            nt += (size_t)seqs[j++].T;
+        rc = moe_model_forward(m, seqs + i, j - i, 0, calib_cb, &x);
+        i = j;
+    }
     free(seqs);
     if (rc == 0) {
         for (int l = 0; l < out->L; l++) {

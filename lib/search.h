@@ -160,8 +160,11 @@ int moe_search_collect(moe_reader *r, moe_writer *w, int L, int E, moe_seqs *seq
 
 /* ---- the algorithms ------------------------------------------------------------- */
 
-int moe_calib_run(moe_model *m, const moe_seqs *s, int max_length, moe_calib *out,
-                  moe_search_work *work);
+/* batch_tokens: run the sequences in groups of at most this many tokens (a
+ * longer sequence alone), each group layer-major; 0 = all at once.  The
+ * result does not depend on it (bit for bit). */
+int moe_calib_run(moe_model *m, const moe_seqs *s, int max_length, size_t batch_tokens,
+                  moe_calib *out, moe_search_work *work);
 int moe_rank_run(moe_model *m, const moe_seqs *s, const moe_calib *calib,
                  const moe_search_opts *o, moe_ranking *out, moe_search_work *work);
 int moe_layer_search_run(moe_model *m, const moe_seqs *s, const moe_calib *calib,

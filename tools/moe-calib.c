@@ -16,28 +16,34 @@ static const char help[] =
     "its load, and the layer's mean routing entropy.  Upstream records pass through.\n"
     "Every position of every sequence counts, as in the original CD-MoE (which\n"
     "calibrated on untruncated texts with BOS).  Layer-major: each layer's weights\n"
-    "are read once; memory ~ 3 x tokens x hidden floats + one layer.\n"
+    "are read once; memory ~ 3 x tokens x hidden floats + one layer (with\n"
+    "--batch-tokens, per group of sequences; each group reads the weights again).\n"
     "\n"
     "  --model DIR        Hugging Face checkpoint directory (required)\n"
     "  --max-length N     use only the first N tokens of each sequence (default: all)\n"
+    "  --batch-tokens N   run the sequences in groups of at most N tokens (default:\n"
+    "                     all at once); the result is the same bit for bit\n"
     "  -o, --output FILE  write here instead of standard output\n";
 
-enum { OPT_MODEL = 1, OPT_MAXLEN };
+enum { OPT_MODEL = 1, OPT_MAXLEN, OPT_BATCH };
 
 int main(int argc, char **argv) {
     moe_cli_init("moe-calib", help, argc, argv);
     static const struct option opts[] = {{"model", required_argument, 0, OPT_MODEL},
                                          {"max-length", required_argument, 0, OPT_MAXLEN},
+                                         {"batch-tokens", required_argument, 0, OPT_BATCH},
                                          {"output", required_argument, 0, 'o'},
                                          MOE_CLI_COMMON_OPTIONS,
                                          {0, 0, 0, 0}};
     const char *model = NULL, *out = "-";
     int max_length = 0, c;
+    size_t batch = 0;
     while ((c = getopt_long(argc, argv, ":o:", opts, NULL)) != -1) {
         if (moe_cli_handle(c, optarg)) continue;
         switch (c) {
         case OPT_MODEL: model = optarg; break;
         case OPT_MAXLEN: max_length = (int)moe_cli_long("--max-length", optarg, 1, 1 << 30); break;
+        case OPT_BATCH: batch = (size_t)moe_cli_long("--batch-tokens", optarg, 1, 1L << 40); break;
         case 'o': out = optarg; break;
         default: moe_cli_usage("unknown option or missing argument");
         }
@@ -62,7 +68,7 @@ int main(int argc, char **argv) {
     moe_calib cal;
     moe_search_work work = {0};
     if (moe_search_collect(r, w, cfg->num_layers, cfg->n_routed_experts, &seqs, NULL, NULL) < 0 ||
-        moe_calib_run(m, &seqs, max_length, &cal, &work) < 0 || moe_calib_write(w, &cal) < 0 ||
+        moe_calib_run(m, &seqs, max_length, batch, &cal, &work) < 0 || moe_calib_write(w, &cal) < 0 ||
         moe_search_work_write(w, "moe-calib", &work) < 0) {
         moe_writer_abort(w);
         moe_cli_fail();

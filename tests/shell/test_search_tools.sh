@@ -52,6 +52,11 @@ moe-expert-rank --quiet --no-provenance --threads 2 --model $model --max-length 
 OMP_NUM_THREADS=2 moe-expert-rank --quiet --no-provenance --threads 1 --model $model --max-length 16 "$TMP/calib" >"$TMP/t1" || fail rank-t1
 cmp -s "$TMP/t1" "$TMP/t2" || fail "output depends on the thread count"
 
+# calibration one sequence at a time == all at once, byte for byte
+moe-calib --quiet --no-provenance --model $model $d/tokens.msgpack.zst >"$TMP/ca" || fail calib-all
+moe-calib --quiet --no-provenance --batch-tokens 1 --model $model $d/tokens.msgpack.zst >"$TMP/cb" || fail calib-batch
+cmp -s "$TMP/ca" "$TMP/cb" || fail "calibration depends on batching"
+
 # bad inputs
 expect_fail 2 "--model DIR is required" moe-expert-rank "$TMP/calib"
 expect_fail 2 "--max-experts 99: the model has 8 routed experts" moe-expert-rank --model $model --max-experts 99 "$TMP/calib"

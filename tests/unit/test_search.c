@@ -113,7 +113,7 @@ static void fixture_close(fixture *f) {
 
 static void check_calib(fixture *f) {
     moe_calib c;
-    if (moe_calib_run(f->m, &f->seqs, 0, &c, NULL) < 0) fail_msg("%s: %s", f->name, moe_error());
+    if (moe_calib_run(f->m, &f->seqs, 0, 0, &c, NULL) < 0) fail_msg("%s: %s", f->name, moe_error());
     const char *key;
     json_t *v;
     int nlayers = 0;
@@ -140,6 +140,18 @@ static void check_calib(fixture *f) {
         }
         snprintf(what, sizeof what, "%s calib layer %d entropy", f->name, l);
         close_to(cl->entropy, num(json_object_get(v, "entropy")), 1e-5, 1e-7, what);
+    }
+    /* one sequence at a time, or groups: the same bits */
+    for (size_t bt = 1; bt <= 32; bt += 31) {
+        moe_calib b;
+        if (moe_calib_run(f->m, &f->seqs, 0, bt, &b, NULL) < 0) fail_msg("%s", moe_error());
+        for (int l = 0; l < c.L; l++) {
+            if (!c.layers[l].present) continue;
+            assert_memory_equal(b.layers[l].sum, c.layers[l].sum, sizeof(double) * (size_t)c.E);
+            assert_memory_equal(b.layers[l].count, c.layers[l].count, sizeof(int64_t) * (size_t)c.E);
+            assert_true(b.layers[l].entropy == c.layers[l].entropy);
+        }
+        moe_calib_free(&b);
     }
     moe_calib_free(&c);
 }
@@ -257,7 +269,7 @@ static void test_unrouted(void **st) {
     seqs_from_json(json_object_get(tok, "search_sequences"), &all);
     json_decref(tok);
     moe_calib c;
-    assert_int_equal(moe_calib_run(f.m, &few, 0, &c, NULL), 0);
+    assert_int_equal(moe_calib_run(f.m, &few, 0, 0, &c, NULL), 0);
     json_t *ref = load_json("deepseek-l5", "unrouted/ranking_exclude.json");
     moe_ranking r;
     moe_search_opts o = {.metric = MOE_DIV_JS, .max_length = f.max_length, .max_experts = f.top_k};
