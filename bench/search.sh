@@ -8,9 +8,12 @@ cd "$(dirname "$0")/.."
 PATH="$BIN:$PATH"
 TMP=$(mktemp -d /tmp/cdmoe-bench.XXXXXX)
 trap 'rm -rf "$TMP"' EXIT
-M=tests/fixtures/search/models/deepseek-l5
+M=$TMP/model
 TOK=tests/fixtures/search/deepseek-l5/tokens.msgpack.zst
-REPS=${REPS:-5}
+REPS=${REPS:-3}
+# a small random DeepSeekMoE (hidden 256, 4 MoE layers x 16 experts, top-4; 20 MB)
+moe-init --arch deepseek --hidden 256 --layers 5 --experts 16 --top-k 4 --moe-intermediate 128 \
+    --intermediate 512 --std 0.05 --norm-std 0.1 --seed 7 -o $M >/dev/null || exit 1
 
 moe-calib --quiet --model $M $TOK >"$TMP/calib" || exit 1
 now() { date +%s.%N; }
@@ -26,16 +29,16 @@ timeit() { # label, command...: best of REPS wall times
     echo "$best"
 }
 
-echo "model: $M (tiny DeepSeekMoE v1, 4 MoE layers x 8 experts), 63 tokens, all 8 experts ranked, threads 1"
-fast=$(timeit fast moe-expert-rank --threads 1 --quiet --model $M --max-experts 8 --max-length 0 "$TMP/calib")
-naive=$(timeit naive moe-expert-rank --threads 1 --quiet --naive --model $M --max-experts 8 --max-length 0 "$TMP/calib")
+echo "model: moe-init deepseek, hidden 256, 4 MoE layers x 16 experts, top-4; 63 tokens; threads 1"
+fast=$(timeit fast moe-expert-rank --threads 1 --quiet --model $M --max-length 0 "$TMP/calib")
+naive=$(REPS=1 timeit naive moe-expert-rank --threads 1 --quiet --naive --model $M --max-length 0 "$TMP/calib")
 echo "$fast $naive" | awk '{printf "moe-expert-rank: fast %.4f s, naive %.4f s, speedup x%.1f\n", $1, $2, $2 / $1}'
-moe-expert-rank --threads 1 --quiet --model $M --max-experts 8 --max-length 0 "$TMP/calib" >"$TMP/rank"
-fast=$(timeit fast moe-layer-search --threads 1 --quiet --model $M --experts 2 --max-length 0 "$TMP/rank")
-naive=$(timeit naive moe-layer-search --threads 1 --quiet --naive --model $M --experts 2 --max-length 0 "$TMP/rank")
+moe-expert-rank --threads 1 --quiet --model $M --max-length 0 "$TMP/calib" >"$TMP/rank" 2>/dev/null
+fast=$(timeit fast moe-layer-search --threads 1 --quiet --model $M --experts 4 --max-length 0 "$TMP/rank")
+naive=$(timeit naive moe-layer-search --threads 1 --quiet --naive --model $M --experts 4 --max-length 0 "$TMP/rank")
 echo "$fast $naive" | awk '{printf "moe-layer-search: fast %.4f s, naive %.4f s, speedup x%.1f\n", $1, $2, $2 / $1}'
-moe-expert-rank --threads 1 --model $M --max-experts 8 --max-length 0 "$TMP/calib" 2>&1 >/dev/null | sed 's/^/  fast:  /'
-moe-expert-rank --threads 1 --naive --model $M --max-experts 8 --max-length 0 "$TMP/calib" 2>&1 >/dev/null | sed 's/^/  naive: /'
+moe-expert-rank --threads 1 --model $M --max-length 0 "$TMP/calib" 2>&1 >/dev/null | grep -v warning | sed 's/^/  fast:  /'
+moe-expert-rank --threads 1 --naive --model $M --max-length 0 "$TMP/calib" 2>&1 >/dev/null | grep -v warning | sed 's/^/  naive: /'
 
 # Cost model, DeepSeekMoE-16B as the original ran it: 27 MoE layers (decoder
 # layers 1..27 of 28), 64 routed experts (1408 wide), 6 picked per layer,
