@@ -141,7 +141,9 @@ static int want_array(moe_reader *r, const msgpack_object *rec, const char *key,
 static int collect_tokens(moe_reader *r, const msgpack_object *rec, moe_seqs *s) {
     moe_array a;
     int64_t sample = (int64_t)s->n;
-    const msgpack_object *so = moe_map_get(rec, "sample");
+    /* moe-tokenize numbers samples with "index"; "sample" is accepted too */
+    const msgpack_object *so = moe_map_get(rec, "index");
+    if (!so) so = moe_map_get(rec, "sample");
     if (so && (so->type == MSGPACK_OBJECT_POSITIVE_INTEGER)) sample = (int64_t)so->via.u64;
     if (moe_record_array(r, rec, "ids", &a) < 0) return -1;
     if (a.count <= 0 || a.count > INT32_MAX) {

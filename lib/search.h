@@ -55,7 +55,7 @@
 #include "stream.h"
 
 /* Record types and keys (see moe-calib(1), moe-expert-rank(1), moe-layer-search(1)). */
-#define MOE_REC_TOKENS "tokens"   /* {"sample": i, "ids": i32[T]} from moe-tokenize */
+#define MOE_REC_TOKENS "tokens"   /* {"index": i, "ids": i32[T]} from moe-tokenize */
 #define MOE_REC_CALIB "calib"
 #define MOE_REC_RANKING "ranking"
 #define MOE_REC_PLAN "plan"
