@@ -45,7 +45,15 @@ static char *condensed_config_json(const moe_ckpt *ck, const moe_condense_opts *
         cl = json_object();
         json_object_set_new(root, "condensed_layers", cl);
     }
+    /* condensed layers in increasing layer order, for readers' sake */
+    int *idx = moe_malloc((size_t)(o->n_layers ? o->n_layers : 1) * sizeof *idx);
     for (int i = 0; i < o->n_layers; i++) {
+        int j = i;
+        while (j > 0 && o->layers[idx[j - 1]] > o->layers[i]) { idx[j] = idx[j - 1]; j--; }
+        idx[j] = i;
+    }
+    for (int ii = 0; ii < o->n_layers; ii++) {
+        int i = idx[ii];
         json_t *ex = json_array(), *wt = json_array(), *entry = json_object();
         for (int j = 0; j < o->k; j++) {
             json_array_append_new(ex, json_integer(o->experts[i * o->k + j]));
@@ -57,6 +65,7 @@ static char *condensed_config_json(const moe_ckpt *ck, const moe_condense_opts *
         snprintf(key, sizeof key, "%d", o->layers[i]);
         json_object_set_new(cl, key, entry);
     }
+    free(idx);
     json_t *prov = json_object(), *args = json_array();
     for (int i = 1; i < o->argc; i++) json_array_append_new(args, json_string(o->argv[i]));
     json_object_set_new(prov, "tool", json_string("moe-condense"));
