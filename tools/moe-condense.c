@@ -2,7 +2,7 @@
 #include "checkpoint.h"
 #include "cli.h"
 #include "condense.h"
-#include "plan.h"
+#include "cplan.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -91,21 +91,21 @@ int main(int argc, char **argv) {
     const moe_config *cfg = moe_ckpt_config(ck);
     if (k > cfg->n_routed_experts)
         moe_cli_usage("--experts %ld: the model has %d routed experts per layer", k, cfg->n_routed_experts);
-    moe_plan *plan = moe_plan_new(cfg);
+    moe_cplan *plan = moe_cplan_new(cfg);
     if (stream) {
         moe_reader *r = moe_reader_open(stream);
         if (!r || moe_reader_check_model(r, moe_ckpt_fingerprint(ck), moe_cli.force) < 0 ||
-            moe_plan_read_stream(plan, cfg, r) < 0)
+            moe_cplan_read_stream(plan, cfg, r) < 0)
             moe_cli_fail();
         moe_reader_close(r);
     }
-    if (moe_plan_read_cdmoe(plan, cfg, wj, ej, oj) < 0) moe_cli_fail();
+    if (moe_cplan_read_cdmoe(plan, cfg, wj, ej, oj) < 0) moe_cli_fail();
 
     size_t nsel = (size_t)(n_layers ? n_layers : 1) * (size_t)(k ? k : 1);
     int *layers = moe_calloc((size_t)(n_layers ? n_layers : 1), sizeof *layers);
     int *experts = moe_calloc(nsel, sizeof *experts);
     float *weights = moe_calloc(nsel, sizeof *weights);
-    if (moe_plan_select(plan, (int)n_layers, (int)k, layers, experts, weights) < 0) moe_cli_fail();
+    if (moe_cplan_select(plan, (int)n_layers, (int)k, layers, experts, weights) < 0) moe_cli_fail();
 
     moe_condense_opts o = {.n_layers = (int)n_layers, .k = (int)k, .layers = layers, .experts = experts,
                            .weights = weights, .argc = argc, .argv = argv, .force = moe_cli.force,
@@ -114,7 +114,7 @@ int main(int argc, char **argv) {
     moe_condense_report rep;
     if (moe_condense_write(ck, out, &o, &rep) < 0) moe_cli_fail();
     print_report(&rep, (int)n_layers, (int)k, layers);
-    moe_plan_free(plan);
+    moe_cplan_free(plan);
     moe_ckpt_close(ck);
     free(layers);
     free(experts);

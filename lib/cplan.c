@@ -1,14 +1,14 @@
 /* plan.c - gather weights, rankings and layer order from streams or from
  * the original CD-MoE's JSON files. */
-#include "plan.h"
+#include "cplan.h"
 #include "common.h"
 
 #include <jansson.h>
 #include <stdlib.h>
 #include <string.h>
 
-moe_plan *moe_plan_new(const moe_config *cfg) {
-    moe_plan *p = moe_calloc(1, sizeof *p);
+moe_cplan *moe_cplan_new(const moe_config *cfg) {
+    moe_cplan *p = moe_calloc(1, sizeof *p);
     p->num_layers = cfg->num_layers;
     p->n_experts = cfg->n_routed_experts;
     size_t n = (size_t)p->num_layers * (size_t)(p->n_experts ? p->n_experts : 1);
@@ -20,7 +20,7 @@ moe_plan *moe_plan_new(const moe_config *cfg) {
     return p;
 }
 
-void moe_plan_free(moe_plan *p) {
+void moe_cplan_free(moe_cplan *p) {
     if (!p) return;
     for (int l = 0; l < p->num_layers; l++) free(p->ranked[l]);
     free(p->ranked);
@@ -34,20 +34,20 @@ void moe_plan_free(moe_plan *p) {
 /* MoE layers of the base model: routed or already condensed. */
 static int is_moe(const moe_config *cfg, int l) { return cfg->layers[l].kind != MOE_MLP_DENSE; }
 
-int moe_plan_moe_layer(const moe_config *cfg, int ordinal) {
+int moe_cplan_moe_layer(const moe_config *cfg, int ordinal) {
     for (int l = 0, o = 0; l < cfg->num_layers; l++)
         if (is_moe(cfg, l) && o++ == ordinal) return l;
     return -1;
 }
 
-int moe_plan_ordinal(const moe_config *cfg, int layer) {
+int moe_cplan_ordinal(const moe_config *cfg, int layer) {
     if (layer < 0 || layer >= cfg->num_layers || !is_moe(cfg, layer)) return -1;
     int o = 0;
     for (int l = 0; l < layer; l++) o += is_moe(cfg, l);
     return o;
 }
 
-static int set_ranking(moe_plan *p, const moe_config *cfg, int layer, int n, const int *experts,
+static int set_ranking(moe_cplan *p, const moe_config *cfg, int layer, int n, const int *experts,
                        const char *where) {
     if (layer < 0 || layer >= p->num_layers || !is_moe(cfg, layer)) {
         moe_error_set(MOE_ERR_DATA, "%s: layer %d is not a MoE layer of this model", where, layer);
@@ -66,7 +66,7 @@ static int set_ranking(moe_plan *p, const moe_config *cfg, int layer, int n, con
     return 0;
 }
 
-static int set_order(moe_plan *p, const moe_config *cfg, int n, const int *layers, int k, const char *where) {
+static int set_order(moe_cplan *p, const moe_config *cfg, int n, const int *layers, int k, const char *where) {
     for (int i = 0; i < n; i++) {
         if (layers[i] < 0 || layers[i] >= p->num_layers || !is_moe(cfg, layers[i])) {
             moe_error_set(MOE_ERR_DATA, "%s: layer order names layer %d, not a MoE layer of this model", where,
@@ -105,7 +105,7 @@ static int read_i32_array(moe_reader *r, const msgpack_object *rec, const char *
     return 0;
 }
 
-static int read_calib(moe_plan *p, const moe_config *cfg, moe_reader *r, const msgpack_object *rec) {
+static int read_calib(moe_cplan *p, const moe_config *cfg, moe_reader *r, const msgpack_object *rec) {
     int64_t layer;
     moe_array sum, count;
     if (moe_record_int(r, rec, "layer", &layer) < 0 || moe_record_array(r, rec, "sum", &sum) < 0 ||
@@ -138,7 +138,7 @@ static int read_calib(moe_plan *p, const moe_config *cfg, moe_reader *r, const m
     return 0;
 }
 
-int moe_plan_read_stream(moe_plan *p, const moe_config *cfg, moe_reader *r) {
+int moe_cplan_read_stream(moe_cplan *p, const moe_config *cfg, moe_reader *r) {
     const msgpack_object *rec;
     int rc;
     char where[300];
@@ -155,11 +155,11 @@ int moe_plan_read_stream(moe_plan *p, const moe_config *cfg, moe_reader *r) {
             int bad = set_ranking(p, cfg, (int)layer, n, ex, where);
             free(ex);
             if (bad) return -1;
-        } else if (moe_record_is(rec, "layer_order")) {
+        } else if (moe_record_is(rec, "plan")) {
             int64_t k;
             int32_t *layers;
             int n;
-            if (moe_record_int(r, rec, "experts", &k) < 0 || read_i32_array(r, rec, "layers", &layers, &n) < 0)
+            if (moe_record_int(r, rec, "experts", &k) < 0 || read_i32_array(r, rec, "order", &layers, &n) < 0)
                 return -1;
             int bad = set_order(p, cfg, n, layers, (int)k, where);
             free(layers);
@@ -193,14 +193,14 @@ static int parse_index(const char *s, const char *end, int *out) {
 }
 
 static int ordinal_layer(const moe_config *cfg, int o, const char *path, const char *what) {
-    int l = moe_plan_moe_layer(cfg, o);
+    int l = moe_cplan_moe_layer(cfg, o);
     if (l < 0)
         moe_error_set(MOE_ERR_DATA, "%s: %s names MoE layer %d, but the model has only %d MoE layers", path, what,
-                      o, moe_plan_ordinal(cfg, cfg->num_layers - 1) + 1);
+                      o, moe_cplan_ordinal(cfg, cfg->num_layers - 1) + 1);
     return l;
 }
 
-static int read_cdmoe_weights(moe_plan *p, const moe_config *cfg, const char *path) {
+static int read_cdmoe_weights(moe_cplan *p, const moe_config *cfg, const char *path) {
     json_t *j = load_json(path);
     if (!j) return -1;
     int rc = -1;
@@ -253,7 +253,7 @@ static int int_list(json_t *a, int *out, const char *path, const char *what) {
     return 0;
 }
 
-static int read_cdmoe_experts(moe_plan *p, const moe_config *cfg, const char *path) {
+static int read_cdmoe_experts(moe_cplan *p, const moe_config *cfg, const char *path) {
     json_t *j = load_json(path);
     if (!j) return -1;
     int rc = -1;
@@ -285,7 +285,7 @@ out:
     return rc;
 }
 
-static int read_cdmoe_order(moe_plan *p, const moe_config *cfg, const char *path) {
+static int read_cdmoe_order(moe_cplan *p, const moe_config *cfg, const char *path) {
     json_t *j = load_json(path);
     if (!j) return -1;
     int rc = -1;
@@ -307,7 +307,7 @@ out:
     return rc;
 }
 
-int moe_plan_read_cdmoe(moe_plan *p, const moe_config *cfg, const char *weights_json, const char *experts_json,
+int moe_cplan_read_cdmoe(moe_cplan *p, const moe_config *cfg, const char *weights_json, const char *experts_json,
                         const char *order_json) {
     if (weights_json && read_cdmoe_weights(p, cfg, weights_json) < 0) return -1;
     if (experts_json && read_cdmoe_experts(p, cfg, experts_json) < 0) return -1;
@@ -315,7 +315,7 @@ int moe_plan_read_cdmoe(moe_plan *p, const moe_config *cfg, const char *weights_
     return 0;
 }
 
-int moe_plan_select(const moe_plan *p, int n_layers, int k, int *layers, int *experts, float *weights) {
+int moe_cplan_select(const moe_cplan *p, int n_layers, int k, int *layers, int *experts, float *weights) {
     if (n_layers > p->n_order) {
         if (p->n_order == 0)
             moe_error_set(MOE_ERR_DATA, "no layer order (run moe-layer-search, or give the original's "
