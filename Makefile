@@ -94,7 +94,7 @@ $(BUILD)/bench/%: $(BUILD)/bench/%.o $(LIBA)
 
 # Dependencies: Debian packages, installed only when missing.
 DEB_PKGS := build-essential pkg-config libmsgpack-dev libzstd-dev zstd libjansson-dev \
-	libonig-dev libutf8proc-dev libopenblas-dev libcmocka-dev python3-msgpack python3-zstandard
+	libonig-dev libutf8proc-dev libopenblas-dev libcmocka-dev python3-msgpack python3-zstandard python3-numpy
 deps:
 	@missing=$$(for p in $(DEB_PKGS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
 		| grep -q 'install ok installed' || echo $$p; done); \
