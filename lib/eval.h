@@ -82,6 +82,9 @@
  *             choice i's text in characters (Unicode code points; Python's
  *             len(str), which the harness calls byte-length normalisation;
  *             equal to bytes for ASCII), without the delimiter.
+ *             Reported for "mc" (except the files named boolq, copa,
+ *             commonsense_qa, siqa, social_iqa: the harness gives those acc
+ *             only), "piqa" and "hellaswag".
  * argmax: first maximum (numpy); NaN wins as in numpy.
  *
  * Library rules: nothing printed; -1/NULL with moe_error_set(). */

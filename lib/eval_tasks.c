@@ -114,6 +114,10 @@ static moe_task *task_new(const char *path, const char *name, const char *format
     t->kind = strcmp(format, "lm") ? MOE_TASK_MC : MOE_TASK_LM;
     t->has_acc_norm = !strcmp(format, "mc") || !strcmp(format, "piqa") ||
                       !strcmp(format, "hellaswag");
+    /* tasks the harness reports without acc_norm */
+    static const char *acc_only[] = {"boolq", "copa", "commonsense_qa", "siqa", "social_iqa"};
+    for (size_t i = 0; i < sizeof acc_only / sizeof acc_only[0]; i++)
+        if (!strcmp(name, acc_only[i])) t->has_acc_norm = 0;
     return t;
 }
 

@@ -720,6 +720,18 @@ int main(int argc, char **argv) {
         if (!(tasks[i] = moe_task_load(A.tasks[i].path, A.tasks[i].format, A.tasks[i].delim,
                                        A.limit)))
             moe_cli_fail();
+    /* two files with the same task name: the later ones get "/format" */
+    for (int i = 0; i < A.ntasks; i++)
+        for (int j = 0; j < i; j++)
+            if (!strcmp(tasks[i]->name, tasks[j]->name)) {
+                char *n = NULL;
+                if (asprintf(&n, "%s/%s", tasks[i]->name, tasks[i]->format) < 0) n = NULL;
+                if (n) {
+                    free(tasks[i]->name);
+                    tasks[i]->name = n;
+                }
+                break;
+            }
     static model_res R[2];
     for (int k = 0; k < A.nmodels; k++)
         if (eval_model(A.models[k], &R[k]) < 0) moe_cli_fail();
