@@ -168,6 +168,8 @@ static int check_layer(const moe_model *m, int l) {
 
 /* ---- open / close ------------------------------------------------------ */
 
+void moe_model_set_threads(int n) { moe_kernels_set_threads(n); }
+
 moe_model *moe_model_open(const char *dir, const moe_model_opts *opts) {
     const moe_backend *be = moe_backend_get(opts ? opts->device : NULL);
     if (!be) return NULL;

@@ -59,6 +59,9 @@ typedef void (*moe_router_fn)(void *ctx, int layer, int T, int K, int E,
                               const float *wt,     /* [T, K] */
                               const float *probs); /* [T, E] */
 
+/* Worker threads for every backend op (0 = all cores); results never depend on it. */
+void moe_model_set_threads(int n);
+
 moe_model *moe_model_open(const char *dir, const moe_model_opts *opts);
 void moe_model_close(moe_model *m);
 const moe_config *moe_model_config(const moe_model *m);

@@ -3,6 +3,7 @@
 #define _GNU_SOURCE
 #include "cli.h"
 #include "eval.h"
+#include "evaldump.h"
 #include "jsonout.h"
 #include "model.h"
 #include "stream.h"
@@ -26,31 +27,32 @@ static const char help[] =
     "prefill speed and weight memory.  A table goes to stdout (--json: JSON);\n"
     "-o also writes the results as a moe-stream (kind \"eval\").\n"
     "\n"
-    "  --model DIR         model directory (twice: the second is compared with the first)\n"
-    "  --ppl FILE          perplexity over JSON Lines {\"text\":...} (or {\"turns\":[...]}),\n"
+    "  -m, --model DIR     model directory (twice: the second is compared with the first)\n"
+    "      --ppl FILE      perplexity over JSON Lines {\"text\":...} (or {\"turns\":[...]}),\n"
     "                      tokenized with the model's tokenizer (BOS added as the\n"
     "                      tokenizer does), or over a token stream (moe-tokenize)\n"
-    "  --max-length N      truncate each --ppl text to N tokens (default 0: no\n"
-    "                      truncation, as CD-MoE's compute_ppl)\n"
-    "  --task FILE         a task file (repeatable); format auto-detected, see --task-format\n"
-    "  --task-format FMT   format of the following --task files: mc, schema, lm, piqa,\n"
-    "                      winogrande, hellaswag, rte (default: auto)\n"
-    "  --delimiter STR     continuation delimiter for the following mc task files\n"
+    "      --max-length N  truncate each --ppl / --dump sequence to N tokens (default:\n"
+    "                      no truncation, as CD-MoE's compute_ppl)\n"
+    "      --task FILE     a task file (repeatable); format auto-detected, see --task-format\n"
+    "      --task-format F format of the following --task files: auto, mc, schema, lm,\n"
+    "                      piqa, winogrande, hellaswag, rte (default: auto)\n"
+    "      --delimiter STR continuation delimiter for the following mc task files\n"
     "                      (default: MosaicML's per file name, else \" \")\n"
-    "  --limit N           first N items of each task / N samples of --ppl\n"
-    "  --add-bos           prepend BOS to task contexts (harness add_bos_token; default off)\n"
-    "  --task-max-length N task window (default: the model's max_position_embeddings)\n"
-    "  --batch-tokens N    tokens per layer-major forward batch (default 4096)\n"
-    "  --bench             prefill tokens/s and weight memory (params, bytes, peak RSS)\n"
-    "  --bench-tokens N    prompt length of the benchmark (default 256)\n"
-    "  --bench-runs N      timed runs, the median is reported (default 3)\n"
-    "  --json              JSON on stdout instead of the table\n"
-    "  --dump WHAT         forward dump of a token stream: hidden, logits or hidden,logits\n"
-    "  -o, --output OUT    write a moe-stream (results, or the dump; '-' = stdout)\n";
+    "      --limit N       first N items of each task / N samples of --ppl\n"
+    "      --add-bos       prepend BOS to task contexts (harness add_bos_token; default off)\n"
+    "      --task-max-length N  task window (default: the model's max_position_embeddings)\n"
+    "      --batch-tokens N  tokens per layer-major forward batch (default 4096; --dump 2048)\n"
+    "      --bench         prefill tokens/s and weight memory (params, bytes, peak RSS)\n"
+    "      --bench-tokens N  prompt length of the benchmark (default 256)\n"
+    "      --bench-runs N  timed runs, the median is reported (default 3)\n"
+    "      --json          JSON on stdout instead of the table\n"
+    "  -d, --dump LIST     forward dump of a token stream (TOKENS or stdin): hidden,\n"
+    "                      logits or hidden,logits; writes a stream of kind \"dump\"\n"
+    "  -o, --output OUT    write a moe-stream (the results, or the dump; '-' = stdout)\n";
 
 enum {
-    OPT_MODEL = 1, OPT_PPL, OPT_MAXLEN, OPT_TASK, OPT_TASKFMT, OPT_DELIM, OPT_LIMIT, OPT_ADDBOS,
-    OPT_TASKMAX, OPT_BATCH, OPT_BENCH, OPT_BTOK, OPT_BRUNS, OPT_JSON, OPT_DUMP,
+    OPT_PPL = 1, OPT_MAXLEN, OPT_TASK, OPT_TASKFMT, OPT_DELIM, OPT_LIMIT, OPT_ADDBOS,
+    OPT_TASKMAX, OPT_BATCH, OPT_BENCH, OPT_BTOK, OPT_BRUNS, OPT_JSON,
 };
 
 #define MAX_TASKS 64
@@ -154,6 +156,10 @@ static void seqs_free(seqs_t *s) {
 static int read_token_stream(const char *path, seqs_t *s, long limit) {
     moe_reader *r = moe_reader_open(path);
     if (!r) return -1;
+    if (moe_reader_require_kind(r, "tokens", "make one with moe-tokenize") < 0) {
+        moe_reader_close(r);
+        return -1;
+    }
     const msgpack_object *rec;
     int rc;
     while ((rc = moe_reader_next(r, &rec)) > 0) {
@@ -172,7 +178,9 @@ static int read_token_stream(const char *path, seqs_t *s, long limit) {
             rc = -1;
             break;
         }
-        seqs_add(s, ids, (int)a.count);
+        int T = (int)a.count;
+        if (A.max_length > 0 && T > A.max_length) T = (int)A.max_length;
+        seqs_add(s, ids, T);
     }
     moe_reader_close(r);
     return rc < 0 ? -1 : 0;
@@ -228,80 +236,6 @@ static int read_text_jsonl(const char *path, moe_tokenizer *tok, long max_length
     free(line);
     if (f != stdin) fclose(f);
     return rc;
-}
-
-/* ---- dump ------------------------------------------------------------------ */
-
-static int run_dump(moe_model *m, const char *in, const char *out, int argc, char **argv) {
-    int want_h = 0, want_l = 0;
-    char *w = moe_strdup(A.dump), *save = NULL;
-    for (char *t = strtok_r(w, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
-        if (!strcmp(t, "hidden")) want_h = 1;
-        else if (!strcmp(t, "logits")) want_l = 1;
-        else {
-            free(w);
-            moe_cli_usage("--dump: '%s' unknown (hidden, logits)", t);
-        }
-    }
-    free(w);
-    const moe_config *c = moe_model_config(m);
-    int L = c->num_layers, H = c->hidden_size, V = c->vocab_size;
-    moe_reader *r = moe_reader_open(in);
-    if (!r) return -1;
-    moe_provenance prov = {"moe-eval", argc, argv, moe_model_fingerprint(m), "dump"};
-    moe_writer *wr = moe_writer_open(out, moe_reader_header(r), &prov, moe_cli.no_provenance);
-    if (!wr) {
-        moe_reader_close(r);
-        return -1;
-    }
-    const msgpack_object *rec;
-    int rc;
-    while ((rc = moe_reader_next(r, &rec)) > 0) {
-        if (!moe_record_is(rec, "tokens")) continue;
-        moe_array a;
-        int64_t index = (int64_t)moe_reader_index(r);
-        const msgpack_object *iv = moe_map_get(rec, "index");
-        if (iv && (iv->type == MSGPACK_OBJECT_POSITIVE_INTEGER)) index = (int64_t)iv->via.u64;
-        if (moe_record_array(r, rec, "ids", &a) < 0) {
-            rc = -1;
-            break;
-        }
-        int T = (int)a.count;
-        int32_t *ids = moe_malloc(sizeof(int32_t) * (size_t)(T + 1));
-        if (moe_array_to_i32(&a, ids) < 0 || T < 1) {
-            moe_error_set(MOE_ERR_DATA, "%s: record %llu: %s", moe_reader_name(r),
-                          (unsigned long long)moe_reader_index(r),
-                          T < 1 ? "empty ids" : "ids out of range");
-            free(ids);
-            rc = -1;
-            break;
-        }
-        moe_seq q = {.ids = ids, .T = T};
-        if (want_h) q.hidden = moe_malloc(sizeof(float) * (size_t)(L + 1) * T * H);
-        if (want_l) q.logits = moe_malloc(sizeof(float) * (size_t)T * V);
-        rc = moe_model_forward(m, &q, 1, 0, NULL, NULL);
-        if (rc == 0) {
-            msgpack_packer *pk = moe_writer_record(wr, "forward", 2 + want_h + want_l);
-            moe_pack_kv_int(pk, "index", index);
-            int64_t s1[1] = {T}, s3[3] = {L + 1, T, H}, s2[2] = {T, V};
-            moe_pack_kv_array(pk, "ids", MOE_DT_I32, 1, s1, ids);
-            if (want_h) moe_pack_kv_array(pk, "hidden", MOE_DT_F32, 3, s3, q.hidden);
-            if (want_l) moe_pack_kv_array(pk, "logits", MOE_DT_F32, 2, s2, q.logits);
-        }
-        free(ids);
-        free(q.hidden);
-        free(q.logits);
-        if (rc) {
-            rc = -1;
-            break;
-        }
-    }
-    moe_reader_close(r);
-    if (rc < 0) {
-        moe_writer_abort(wr);
-        return -1;
-    }
-    return moe_writer_close(wr);
 }
 
 /* ---- benchmark -------------------------------------------------------------- */
@@ -646,12 +580,41 @@ static int write_stream(model_res *R, int n, int argc, char **argv) {
     return moe_writer_close(w);
 }
 
+/* ---- dump (lib/evaldump) -------------------------------------------------------- */
+
+static int run_dump(int argc, char **argv) {
+    moe_dump_opts d = {.max_length = (int)A.max_length, .batch_tokens = (size_t)A.batch};
+    if (moe_dump_parse_what(A.dump, &d) < 0) moe_cli_usage("%s", moe_error());
+    if (argc - optind > 1) moe_cli_usage("one TOKENS stream at most");
+    const char *in = optind < argc ? argv[optind] : "-";
+    moe_model_opts mo = {.device = moe_cli.device};
+    moe_model *m = moe_model_open(A.models[0], &mo);
+    if (!m) moe_cli_fail();
+    moe_reader *r = moe_reader_open(in);
+    if (!r) moe_cli_fail();
+    if (moe_reader_require_kind(r, "tokens", "make one with moe-tokenize") < 0) moe_cli_fail();
+    if (moe_reader_check_model(r, moe_model_fingerprint(m), moe_cli.force) < 0) moe_cli_fail();
+    moe_provenance prov = {.tool = "moe-eval", .argc = argc, .argv = argv,
+                           .model = moe_model_fingerprint(m), .kind = "dump"};
+    moe_writer *w = moe_writer_open(A.out ? A.out : "-", moe_reader_header(r), &prov,
+                                    moe_cli.no_provenance);
+    if (!w) moe_cli_fail();
+    if (moe_eval_dump(m, r, w, &d) < 0) {
+        moe_writer_abort(w);
+        moe_cli_fail();
+    }
+    if (moe_writer_close(w) < 0) moe_cli_fail();
+    moe_reader_close(r);
+    moe_model_close(m);
+    return 0;
+}
+
 /* ---- main ------------------------------------------------------------------ */
 
 int main(int argc, char **argv) {
     moe_cli_init("moe-eval", help, argc, argv);
     static const struct option opts[] = {
-        {"model", required_argument, 0, OPT_MODEL},
+        {"model", required_argument, 0, 'm'},
         {"ppl", required_argument, 0, OPT_PPL},
         {"max-length", required_argument, 0, OPT_MAXLEN},
         {"task", required_argument, 0, OPT_TASK},
@@ -665,16 +628,16 @@ int main(int argc, char **argv) {
         {"bench-tokens", required_argument, 0, OPT_BTOK},
         {"bench-runs", required_argument, 0, OPT_BRUNS},
         {"json", no_argument, 0, OPT_JSON},
-        {"dump", required_argument, 0, OPT_DUMP},
+        {"dump", required_argument, 0, 'd'},
         {"output", required_argument, 0, 'o'},
         MOE_CLI_COMMON_OPTIONS,
         {0, 0, 0, 0}};
     const char *cur_fmt = NULL, *cur_delim = NULL;
     int c;
-    while ((c = getopt_long(argc, argv, ":o:", opts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, ":m:d:o:", opts, NULL)) != -1) {
         if (moe_cli_handle(c, optarg)) continue;
         switch (c) {
-        case OPT_MODEL:
+        case 'm':
             if (A.nmodels == 2) moe_cli_usage("--model: at most two models");
             A.models[A.nmodels++] = optarg;
             break;
@@ -694,24 +657,18 @@ int main(int argc, char **argv) {
         case OPT_BTOK: A.btok = moe_cli_long("--bench-tokens", optarg, 1, 1L << 20); break;
         case OPT_BRUNS: A.bruns = moe_cli_long("--bench-runs", optarg, 1, 1000); break;
         case OPT_JSON: A.json = 1; break;
-        case OPT_DUMP: A.dump = optarg; break;
+        case 'd': A.dump = optarg; break;
         case 'o': A.out = optarg; break;
-        default: moe_cli_usage("unknown option");
+        case ':': moe_cli_usage("option '%s' needs a value", argv[optind - 1]);
+        default: moe_cli_usage("unknown option '%s'", argv[optind - 1]);
         }
     }
     if (A.nmodels == 0) moe_cli_usage("--model DIR is required");
+    moe_model_set_threads(moe_cli.threads);
     if (A.dump) {
         if (A.ppl || A.ntasks || A.bench || A.nmodels > 1)
             moe_cli_usage("--dump runs alone (one --model, a token stream)");
-        if (optind + 1 < argc) moe_cli_usage("--dump: one input stream");
-        const char *in = optind < argc ? argv[optind] : "-";
-        moe_model_opts mo = {.device = moe_cli.device};
-        moe_model *m = moe_model_open(A.models[0], &mo);
-        if (!m) moe_cli_fail();
-        int rc = run_dump(m, in, A.out ? A.out : "-", argc, argv);
-        moe_model_close(m);
-        if (rc < 0) moe_cli_fail();
-        return 0;
+        return run_dump(argc, argv);
     }
     if (optind < argc) moe_cli_usage("unexpected argument '%s'", argv[optind]);
     if (!A.ppl && !A.ntasks && !A.bench)

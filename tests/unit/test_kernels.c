@@ -93,6 +93,25 @@ static void test_thread_invariance(void **state) {
     free(x), free(w), free(q), free(k), free(v);
 }
 
+/* A row's GEMM result does not depend on how many rows are computed with it,
+ * so batching sequences (layer-major) changes no byte. */
+static void test_batch_invariance(void **state) {
+    (void)state;
+    const moe_backend *cpu = moe_backend_cpu();
+    int T = 300, sizes[3][2] = {{520, 333}, {64, 64}, {1024, 1408}};
+    for (int s = 0; s < 3; s++) {
+        int K = sizes[s][0], N = sizes[s][1];
+        float *x = rand_vec((size_t)T * K), *w = rand_vec((size_t)N * K);
+        float *y = malloc(sizeof(float) * T * N), *y2 = malloc(sizeof(float) * T * N);
+        cpu->matmul(y, x, w, NULL, T, K, N, 0);
+        for (int M = 1; M <= 40; M++) {
+            cpu->matmul(y2, x + (size_t)5 * K, w, NULL, M, K, N, 0);
+            assert_memory_equal(y + (size_t)5 * N, y2, sizeof(float) * M * N);
+        }
+        free(x), free(w), free(y), free(y2);
+    }
+}
+
 static void test_rmsnorm_rope_swiglu(void **state) {
     (void)state;
     const moe_backend *cpu = moe_backend_cpu();
@@ -190,6 +209,7 @@ int main(void) {
         cmocka_unit_test(test_matmul_vs_ref),
         cmocka_unit_test(test_attention_vs_ref),
         cmocka_unit_test(test_thread_invariance),
+        cmocka_unit_test(test_batch_invariance),
         cmocka_unit_test(test_rmsnorm_rope_swiglu),
         cmocka_unit_test(test_router),
         cmocka_unit_test(test_dispatch_gather_scatter),
