@@ -10,8 +10,8 @@
  * Sequences run layer-major in batches of at most batch_tokens tokens (each
  * layer's weights are loaded once per batch); log-softmax is computed per row
  * in double (max-subtracted), the sums in double, in a fixed order, so the
- * result does not depend on the thread count.  (The batch size can change the
- * last bits: the engine's GEMM blocking depends on the number of rows.)
+ * result depends neither on the thread count nor on the batch size (the
+ * engine's per-row results do not depend on the number of rows).
  *
  * ---- Perplexity (moe_eval_ppl) ----------------------------------------------
  * Each sample is a token sequence (the caller tokenizes: the original CD-MoE

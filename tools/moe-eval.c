@@ -580,6 +580,13 @@ static int write_stream(model_res *R, int n, int argc, char **argv) {
     return moe_writer_close(w);
 }
 
+static int known_format(const char *f) {
+    static const char *k[] = {"mc", "schema", "lm", "piqa", "winogrande", "hellaswag", "rte"};
+    for (size_t i = 0; i < sizeof k / sizeof k[0]; i++)
+        if (!strcmp(f, k[i])) return 1;
+    return 0;
+}
+
 /* ---- dump (lib/evaldump) -------------------------------------------------------- */
 
 static int run_dump(int argc, char **argv) {
@@ -647,7 +654,11 @@ int main(int argc, char **argv) {
             if (A.ntasks == MAX_TASKS) moe_cli_usage("--task: at most %d", MAX_TASKS);
             A.tasks[A.ntasks++] = (task_arg){optarg, cur_fmt, cur_delim};
             break;
-        case OPT_TASKFMT: cur_fmt = strcmp(optarg, "auto") ? optarg : NULL; break;
+        case OPT_TASKFMT:
+            cur_fmt = strcmp(optarg, "auto") ? optarg : NULL;
+            if (cur_fmt && !known_format(cur_fmt))
+                moe_cli_usage("--task-format: '%s' unknown (auto, %s)", optarg, moe_task_formats());
+            break;
         case OPT_DELIM: cur_delim = optarg; break;
         case OPT_LIMIT: A.limit = moe_cli_long("--limit", optarg, 1, 1L << 40); break;
         case OPT_ADDBOS: A.add_bos = 1; break;
