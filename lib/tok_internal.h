@@ -89,6 +89,7 @@ typedef struct {
 /* ---- added tokens ---------------------------------------------------- */
 typedef struct {
     char *content; size_t len;    /* normalized form for normalized tokens */
+    char *orig; size_t olen;      /* content as written in tokenizer.json */
     int32_t id;
     int special, normalized, lstrip, rstrip, single_word;
 } tk_added;
@@ -101,9 +102,11 @@ typedef struct {
 /* ---- the tokenizer ------------------------------------------------------ */
 struct moe_tokenizer {
     char *path;                   /* tokenizer.json, for messages */
+    int is_clone;                 /* shares everything but the state below, norm and pre */
     /* model */
     tk_strmap vocab;              /* token -> id (model vocabulary) */
     tk_mergemap merges;
+    int32_t merge_rank;           /* merges loaded so far */
     char **id_str; uint32_t *id_len; size_t nids;  /* id -> token (model + added) */
     unsigned char *is_special;    /* per id: special added token */
     int32_t unk_id;               /* -1 if none */
@@ -132,6 +135,12 @@ int tk_normalize(const moe_tokenizer *t, const char *s, size_t n, tk_buf *out);
 int tk_pretokenize(moe_tokenizer *t, size_t off, size_t len, int first);
 int tk_decode_chain(const moe_tokenizer *t, char **tok, size_t *tlen, size_t ntok, int raw,
                     tk_buf *out);
+/* tok_json.c: fast path for model.vocab / model.merges */
+int tk_json_find_model(const char *s, size_t n, size_t span[4]);
+int tk_json_vocab(moe_tokenizer *t, const char *s, size_t b, size_t e,
+                  void (*add)(moe_tokenizer *, const char *, size_t, int32_t));
+int tk_json_merges(moe_tokenizer *t, const char *s, size_t b, size_t e,
+                   int (*add)(moe_tokenizer *, size_t, const char *, size_t, const char *, size_t, int));
 /* tok_bpe.c */
 void tk_bpe_word(moe_tokenizer *t, const char *s, size_t n);
 extern const int32_t tk_byte_char[256];   /* byte -> code point (GPT-2 table) */

@@ -35,6 +35,7 @@ void tk_ids_push(tk_ids *v, int32_t x)
 
 void tk_ids_append(tk_ids *v, const int32_t *x, size_t n)
 {
+    if (!n) return;
     if (v->n + n > v->cap) {
         size_t cap = v->cap ? v->cap : 256;
         while (cap < v->n + n) cap *= 2;

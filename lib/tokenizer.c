@@ -308,10 +308,51 @@ static void set_id_str(moe_tokenizer *t, int32_t id, const char *s, size_t n)
     t->id_len[id] = (uint32_t)n;
 }
 
-static int load_model(moe_tokenizer *t, const json_t *m)
+static void vocab_add(moe_tokenizer *t, const char *key, size_t kl, int32_t id)
+{
+    tk_strmap_put(&t->vocab, key, kl, id);
+    set_id_str(t, id, key, kl);
+}
+
+/* One merge: "a b" (is_string) or the pair (a, b).  Rank = position among the
+ * merges kept (a "#version" line is skipped). */
+static int merge_add(moe_tokenizer *t, size_t idx, const char *a, size_t al, const char *b, size_t bl,
+                     int is_string)
+{
+    if (is_string) {
+        if (al >= 8 && !memcmp(a, "#version", 8)) return 0;
+        const char *sp = memchr(a, ' ', al);
+        if (!sp || memchr(sp + 1, ' ', al - (size_t)(sp + 1 - a))) {
+            moe_error_set(MOE_ERR_DATA, "%s: merge %zu '%.*s' is not two tokens", t->path, idx, (int)al, a);
+            return -1;
+        }
+        b = sp + 1;
+        bl = al - (size_t)(b - a);
+        al = (size_t)(sp - a);
+    }
+    int32_t ia = tk_strmap_get(&t->vocab, a, al), ib = tk_strmap_get(&t->vocab, b, bl);
+    tk_buf *nb = &t->mbuf;
+    nb->n = 0;
+    tk_buf_put(nb, a, al);
+    size_t skip = (t->cp_len && bl >= t->cp_len && !memcmp(b, t->cont_prefix, t->cp_len)) ? t->cp_len : 0;
+    tk_buf_put(nb, b + skip, bl - skip);
+    int32_t iab = tk_strmap_get(&t->vocab, nb->p, nb->n);
+    if (ia < 0 || ib < 0 || iab < 0) {
+        moe_error_set(MOE_ERR_DATA, "%s: merge %zu '%.*s %.*s': token not in vocab", t->path, idx, (int)al, a,
+                      (int)bl, b);
+        return -1;
+    }
+    tk_merge_put(&t->merges, ia, ib, t->merge_rank++, iab);
+    return 0;
+}
+
+/* The model; vocab and merges come from the raw text when fast (spans from
+ * tk_json_find_model), else from the jansson tree. */
+static int load_model(moe_tokenizer *t, const json_t *m, const char *text, const size_t *span)
 {
     const char *ty = jstr(m, "type");
     json_t *vocab = json_object_get(m, "vocab"), *merges = json_object_get(m, "merges");
+    int fast = span && span[1] > span[0] && span[3] > span[2];
     if ((ty && strcmp(ty, "BPE")) || !json_is_object(vocab) || !json_is_array(merges)) {
         moe_error_set(MOE_ERR_DATA, "%s: unsupported model type '%s' (only BPE)", t->path,
                       ty ? ty : "(none)");
@@ -322,17 +363,19 @@ static int load_model(moe_tokenizer *t, const json_t *m)
         moe_error_set(MOE_ERR_DATA, "%s: BPE dropout is not supported", t->path);
         return -1;
     }
-    const char *key;
-    json_t *v;
-    json_object_foreach(vocab, key, v) {
-        json_int_t id = json_integer_value(v);
-        if (!json_is_integer(v) || id < 0 || id > INT32_MAX - 1) {
-            moe_error_set(MOE_ERR_DATA, "%s: vocab entry '%s' has a bad id", t->path, key);
-            return -1;
+    if (fast) {
+        if (tk_json_vocab(t, text, span[0], span[1], vocab_add) < 0) return -1;
+    } else {
+        const char *key;
+        json_t *v;
+        json_object_foreach(vocab, key, v) {
+            json_int_t id = json_integer_value(v);
+            if (!json_is_integer(v) || id < 0 || id > INT32_MAX - 1) {
+                moe_error_set(MOE_ERR_DATA, "%s: vocab entry '%s' has a bad id", t->path, key);
+                return -1;
+            }
+            vocab_add(t, key, strlen(key), (int32_t)id);
         }
-        size_t kl = strlen(key);
-        tk_strmap_put(&t->vocab, key, kl, (int32_t)id);
-        set_id_str(t, (int32_t)id, key, kl);
     }
     const char *cp = jstr(m, "continuing_subword_prefix"), *eow = jstr(m, "end_of_word_suffix");
     t->cont_prefix = moe_strdup(cp ? cp : "");
@@ -348,45 +391,24 @@ static int load_model(moe_tokenizer *t, const json_t *m)
         moe_error_set(MOE_ERR_DATA, "%s: unk_token '%s' not in vocab", t->path, unk);
         return -1;
     }
-    size_t i, rank = 0;
+    if (fast) return tk_json_merges(t, text, span[2], span[3], merge_add);
+    size_t i;
     json_t *mg;
-    tk_buf nb = {0};
     json_array_foreach(merges, i, mg) {
-        const char *a, *b;
-        size_t al, bl;
+        int rc;
         if (json_is_string(mg)) {
-            const char *s = json_string_value(mg), *sp = strchr(s, ' ');
-            if (!strncmp(s, "#version", 8)) continue;
-            if (!sp || strchr(sp + 1, ' ')) {
-                moe_error_set(MOE_ERR_DATA, "%s: merge %zu '%s' is not two tokens", t->path, i, s);
-                free(nb.p);
-                return -1;
-            }
-            a = s; al = (size_t)(sp - s); b = sp + 1; bl = strlen(b);
+            rc = merge_add(t, i, json_string_value(mg), json_string_length(mg), NULL, 0, 1);
         } else if (json_is_array(mg) && json_array_size(mg) == 2 &&
                    json_is_string(json_array_get(mg, 0)) && json_is_string(json_array_get(mg, 1))) {
-            a = json_string_value(json_array_get(mg, 0)); al = json_string_length(json_array_get(mg, 0));
-            b = json_string_value(json_array_get(mg, 1)); bl = json_string_length(json_array_get(mg, 1));
+            json_t *a = json_array_get(mg, 0), *b = json_array_get(mg, 1);
+            rc = merge_add(t, i, json_string_value(a), json_string_length(a), json_string_value(b),
+                           json_string_length(b), 0);
         } else {
             moe_error_set(MOE_ERR_DATA, "%s: merge %zu is neither \"a b\" nor [a, b]", t->path, i);
-            free(nb.p);
-            return -1;
+            rc = -1;
         }
-        int32_t ia = tk_strmap_get(&t->vocab, a, al), ib = tk_strmap_get(&t->vocab, b, bl);
-        nb.n = 0;
-        tk_buf_put(&nb, a, al);
-        size_t skip = (t->cp_len && bl >= t->cp_len && !memcmp(b, t->cont_prefix, t->cp_len)) ? t->cp_len : 0;
-        tk_buf_put(&nb, b + skip, bl - skip);
-        int32_t iab = tk_strmap_get(&t->vocab, nb.p, nb.n);
-        if (ia < 0 || ib < 0 || iab < 0) {
-            moe_error_set(MOE_ERR_DATA, "%s: merge %zu '%.*s %.*s': token not in vocab", t->path, i,
-                          (int)al, a, (int)bl, b);
-            free(nb.p);
-            return -1;
-        }
-        tk_merge_put(&t->merges, ia, ib, (int32_t)rank++, iab);
+        if (rc < 0) return -1;
     }
-    free(nb.p);
     return 0;
 }
 
@@ -401,7 +423,7 @@ static int added_cmp(const void *x, const void *y)
 
 static void addset_finish(tk_addset *s)
 {
-    qsort(s->tok, s->n, sizeof *s->tok, added_cmp);
+    if (s->n) qsort(s->tok, s->n, sizeof *s->tok, added_cmp);
     size_t k = 0;
     for (int c = 0; c <= 256; c++) {
         while (k < s->n && (unsigned char)s->tok[k].content[0] < c) k++;
@@ -433,12 +455,17 @@ static int load_added(moe_tokenizer *t, const json_t *arr)
         t->is_special[id] = (unsigned char)a.special;
         if (!cl) continue;
         tk_addset *set = a.normalized ? &t->added_norm : &t->added_raw;
+        a.orig = dupn(c, cl);
+        a.olen = cl;
         if (a.normalized && t->nnorm) {
+            /* tokenizers matches (and decodes) a normalized added token by its
+             * normalized content */
             tk_buf nb = {0};
-            if (tk_normalize(t, c, cl, &nb) < 0) return -1;
+            if (tk_normalize(t, c, cl, &nb) < 0) { free(a.orig); return -1; }
             a.content = nb.p ? nb.p : moe_strdup("");
             a.len = nb.n;
-            if (!a.len) { free(a.content); continue; }
+            if (!a.len) { free(a.content); free(a.orig); continue; }
+            set_id_str(t, id, a.content, a.len);
         } else {
             a.content = dupn(c, cl);
             a.len = cl;
@@ -451,8 +478,9 @@ static int load_added(moe_tokenizer *t, const json_t *arr)
     return 0;
 }
 
-/* tokenizer_config.json: transformers 4.x Llama/Gemma fast tokenizers rebuild
- * the post-processor as "[BOS] $A [EOS]" from add_bos_token/add_eos_token. */
+/* tokenizer_config.json: transformers 4.x Llama/CodeLlama/Gemma (add_bos_token
+ * defaults to true) and GPT-NeoX (OLMoE; false) fast tokenizers rebuild the
+ * post-processor as "[BOS] $A [EOS]" from add_bos_token/add_eos_token. */
 static int load_config(moe_tokenizer *t, const char *cfg_path)
 {
     struct stat st;
@@ -465,8 +493,9 @@ static int load_config(moe_tokenizer *t, const char *cfg_path)
     }
     const char *cls = jstr(c, "tokenizer_class");
     int rc = 0;
-    if (cls && (strstr(cls, "LlamaTokenizer") || strstr(cls, "GemmaTokenizer"))) {
-        int bos = jbool(c, "add_bos_token", 1), eos = jbool(c, "add_eos_token", 0);
+    int neox = cls && strstr(cls, "GPTNeoXTokenizer");
+    if (cls && (strstr(cls, "LlamaTokenizer") || strstr(cls, "GemmaTokenizer") || neox)) {
+        int bos = jbool(c, "add_bos_token", !neox), eos = jbool(c, "add_eos_token", 0);
         t->nprefix = t->nsuffix = 0;
         const char *which[2] = {"bos_token", "eos_token"};
         int want[2] = {bos, eos};
@@ -487,6 +516,29 @@ static int load_config(moe_tokenizer *t, const char *cfg_path)
     }
     json_decref(c);
     return rc;
+}
+
+static char *read_file(const char *path, size_t *len)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        moe_error_set(MOE_ERR_IO, "%s: %s", path, strerror(errno));
+        return NULL;
+    }
+    tk_buf b = {0};
+    char chunk[1 << 16];
+    size_t k;
+    while ((k = fread(chunk, 1, sizeof chunk, f)) > 0) tk_buf_put(&b, chunk, k);
+    int err = ferror(f);
+    fclose(f);
+    if (err) {
+        moe_error_set(MOE_ERR_IO, "%s: read error", path);
+        free(b.p);
+        return NULL;
+    }
+    tk_buf_reserve(&b, 0);
+    *len = b.n;
+    return b.p;
 }
 
 moe_tokenizer *moe_tokenizer_open(const char *path)
@@ -512,16 +564,31 @@ moe_tokenizer *moe_tokenizer_open(const char *path)
     }
     moe_tokenizer *t = moe_calloc(1, sizeof *t);
     t->path = json_path;
+    size_t tlen = 0, span[4];
+    char *text = read_file(json_path, &tlen), *light = NULL;
+    if (!text) goto fail;
+    int fast = tk_json_find_model(text, tlen, span) == 0 && span[1] > span[0] && span[3] > span[2];
+    if (fast) {   /* the same text with vocab and merges blanked (line numbers kept) */
+        light = moe_malloc(tlen + 1);
+        memcpy(light, text, tlen);
+        for (int k = 0; k < 4; k += 2) {
+            for (size_t i = span[k] + 1; i + 1 < span[k + 1]; i++)
+                if (light[i] != '\n') light[i] = ' ';
+        }
+    }
     json_error_t err;
-    json_t *j = json_load_file(json_path, 0, &err);
+    json_t *j = json_loadb(fast ? light : text, tlen, 0, &err);
+    free(light);
     if (!j) {
-        if (stat(json_path, &st) != 0) moe_error_set(MOE_ERR_IO, "%s: %s", json_path, strerror(errno));
-        else moe_error_set(MOE_ERR_DATA, "%s:%d: %s", json_path, err.line, err.text);
+        moe_error_set(MOE_ERR_DATA, "%s:%d: %s", json_path, err.line, err.text);
+        free(text);
         goto fail;
     }
-    if (add_norm(t, json_object_get(j, "normalizer")) < 0 ||
-        add_pretok(t, json_object_get(j, "pre_tokenizer")) < 0 ||
-        load_model(t, json_object_get(j, "model")) < 0 ||
+    int bad = add_norm(t, json_object_get(j, "normalizer")) < 0 ||
+              add_pretok(t, json_object_get(j, "pre_tokenizer")) < 0 ||
+              load_model(t, json_object_get(j, "model"), text, fast ? span : NULL) < 0;
+    free(text);
+    if (bad ||
         load_added(t, json_object_get(j, "added_tokens")) < 0 ||
         add_post(t, json_object_get(j, "post_processor")) < 0 ||
         add_dec(t, json_object_get(j, "decoder")) < 0 ||
@@ -531,13 +598,13 @@ moe_tokenizer *moe_tokenizer_open(const char *path)
     }
     json_decref(j);
     free(cfg_path);
-    int fast = t->byte_level && !t->cp_len && !t->eow_len;
+    int bfast = t->byte_level && !t->cp_len && !t->eow_len;
     char u[4];
     for (int b = 0; b < 256; b++) {
         t->byte_id[b] = tk_strmap_get(&t->vocab, u, (size_t)tk_utf8_encode(tk_byte_char[b], u));
-        if (t->byte_id[b] < 0) fast = 0;
+        if (t->byte_id[b] < 0) bfast = 0;
     }
-    t->byte_fast = fast;
+    t->byte_fast = bfast;
     return t;
 fail:
     free(cfg_path);
@@ -545,9 +612,54 @@ fail:
     return NULL;
 }
 
+moe_tokenizer *moe_tokenizer_clone(const moe_tokenizer *t)
+{
+    moe_tokenizer *c = moe_malloc(sizeof *c);
+    *c = *t;
+    c->is_clone = 1;
+    memset(&c->cache, 0, sizeof c->cache);
+    memset(&c->cache_ids, 0, sizeof c->cache_ids);
+    memset(&c->work, 0, sizeof c->work);
+    memset(&c->nbuf, 0, sizeof c->nbuf);
+    memset(&c->mbuf, 0, sizeof c->mbuf);
+    memset(&c->out, 0, sizeof c->out);
+    c->sym = NULL; c->sym_cap = 0;
+    c->heap = NULL; c->heap_cap = 0;
+    memset(&c->pa, 0, sizeof c->pa);
+    memset(&c->pb, 0, sizeof c->pb);
+    memset(&c->mt, 0, sizeof c->mt);
+    /* a compiled regex may be shared by threads, its match region may not */
+    c->norm = moe_malloc((size_t)(t->nnorm ? t->nnorm : 1) * sizeof *c->norm);
+    if (t->nnorm) memcpy(c->norm, t->norm, (size_t)t->nnorm * sizeof *c->norm);
+    for (int i = 0; i < c->nnorm; i++)
+        if (c->norm[i].pat.re) c->norm[i].pat.region = onig_region_new();
+    c->pre = moe_malloc((size_t)(t->npre ? t->npre : 1) * sizeof *c->pre);
+    if (t->npre) memcpy(c->pre, t->pre, (size_t)t->npre * sizeof *c->pre);
+    for (int i = 0; i < c->npre; i++)
+        if (c->pre[i].pat.re) c->pre[i].pat.region = onig_region_new();
+    return c;
+}
+
+static void free_state(moe_tokenizer *t)
+{
+    tk_strmap_free(&t->cache);
+    free(t->cache_ids.p);
+    free(t->work.p); free(t->nbuf.p); free(t->mbuf.p); free(t->out.p);
+    free(t->sym); free(t->heap);
+    free(t->pa.p); free(t->pb.p); free(t->mt.p);
+}
+
 void moe_tokenizer_close(moe_tokenizer *t)
 {
     if (!t) return;
+    if (t->is_clone) {
+        for (int i = 0; i < t->nnorm; i++) if (t->norm[i].pat.region) onig_region_free(t->norm[i].pat.region, 1);
+        for (int i = 0; i < t->npre; i++) if (t->pre[i].pat.region) onig_region_free(t->pre[i].pat.region, 1);
+        free(t->norm); free(t->pre);
+        free_state(t);
+        free(t);
+        return;
+    }
     for (int i = 0; i < t->nnorm; i++) { free(t->norm[i].str); tk_regex_free(&t->norm[i].pat); }
     for (int i = 0; i < t->npre; i++) tk_regex_free(&t->pre[i].pat);
     for (int i = 0; i < t->ndec; i++) {
@@ -556,18 +668,14 @@ void moe_tokenizer_close(moe_tokenizer *t)
     free(t->norm); free(t->pre); free(t->dec);
     tk_addset *sets[2] = {&t->added_raw, &t->added_norm};
     for (int k = 0; k < 2; k++) {
-        for (size_t i = 0; i < sets[k]->n; i++) free(sets[k]->tok[i].content);
+        for (size_t i = 0; i < sets[k]->n; i++) { free(sets[k]->tok[i].content); free(sets[k]->tok[i].orig); }
         free(sets[k]->tok);
     }
     for (size_t i = 0; i < t->nids; i++) free(t->id_str[i]);
     free(t->id_str); free(t->id_len); free(t->is_special);
     tk_strmap_free(&t->vocab);
     free(t->merges.t);
-    tk_strmap_free(&t->cache);
-    free(t->cache_ids.p);
-    free(t->work.p); free(t->nbuf.p); free(t->mbuf.p); free(t->out.p);
-    free(t->sym); free(t->heap);
-    free(t->pa.p); free(t->pb.p); free(t->mt.p);
+    free_state(t);
     free(t->prefix); free(t->suffix);
     free(t->cont_prefix); free(t->eow_suffix);
     free(t->path);
@@ -703,7 +811,7 @@ int moe_tokenizer_encode_trunc(moe_tokenizer *t, const char *text, size_t len, i
     int32_t *r = moe_malloc((total ? total : 1) * sizeof *r);
     size_t k = 0;
     if (add_special) for (size_t i = 0; i < t->nprefix; i++) r[k++] = t->prefix[i];
-    memcpy(r + k, t->out.p, body * sizeof *r);
+    if (body) memcpy(r + k, t->out.p, body * sizeof *r);
     k += body;
     if (add_special) for (size_t i = 0; i < t->nsuffix; i++) r[k++] = t->suffix[i];
     *ids = r;
@@ -759,11 +867,8 @@ int32_t moe_tokenizer_token_id(const moe_tokenizer *t, const char *token)
     for (int k = 0; k < 2; k++)
         for (size_t i = 0; i < sets[k]->n; i++) {
             const tk_added *a = &sets[k]->tok[i];
-            if (a->len == n && !memcmp(a->content, token, n)) return a->id;
+            if (a->olen == n && !memcmp(a->orig, token, n)) return a->id;
         }
-    for (size_t i = 0; i < t->nids; i++)   /* added tokens whose normalized form differs */
-        if (t->id_str[i] && t->id_len[i] == n && !memcmp(t->id_str[i], token, n) && t->is_special[i])
-            return (int32_t)i;
     return tk_strmap_get(&t->vocab, token, n);
 }
 

@@ -11,7 +11,7 @@
  *   4. BPE (merge ranks, byte_fallback, unk) on every pre-token;
  *   5. the post-processor adds BOS/EOS when add_special is set.
  * tokenizer_config.json, when present, decides BOS/EOS the way the
- * transformers 4.x Llama/Gemma fast tokenizers do (add_bos_token,
+ * transformers 4.x Llama/Gemma/GPT-NeoX fast tokenizers do (add_bos_token,
  * add_eos_token rebuild the template); otherwise tokenizer.json's
  * post_processor is used.
  *
@@ -20,7 +20,7 @@
  * string round-trips); for other tokenizers it is an error.
  *
  * A tokenizer caches the BPE of words it has seen: one moe_tokenizer must
- * not be used by two threads at once (open one per thread). */
+ * not be used by two threads at once (give each thread a moe_tokenizer_clone). */
 #ifndef MOE_TOKENIZER_H
 #define MOE_TOKENIZER_H
 
@@ -33,6 +33,10 @@ typedef struct moe_tokenizer moe_tokenizer;
  * tokenizer_config.json), or the path of a tokenizer.json file.  NULL and
  * moe_error() on failure (unknown component types are named). */
 moe_tokenizer *moe_tokenizer_open(const char *path);
+/* Another handle on the same tokenizer, for another thread: it shares the
+ * read-only model with t (t must stay open until the clone is closed) and
+ * has its own cache and scratch space. */
+moe_tokenizer *moe_tokenizer_clone(const moe_tokenizer *t);
 void moe_tokenizer_close(moe_tokenizer *t);
 
 /* Encode `len` bytes of `text`.  *ids is malloc'd (free it), *n its length.
@@ -68,12 +72,5 @@ size_t moe_tokenizer_num_special(const moe_tokenizer *t, int add_special);
  * Python's errors="replace"); result malloc'd and NUL-terminated. */
 size_t moe_utf8_check(const char *s, size_t len);
 char *moe_utf8_lossy(const char *s, size_t len, size_t *outlen);
-
-/* Write a minimal GPT-2-style byte-level tokenizer into directory `dir`
- * (tokenizer.json + tokenizer_config.json): ids 0..255 are the bytes,
- * 256 is "<|endoftext|>", then merges of common English byte pairs up to
- * vocab_size ids (vocab_size >= 257).  Round-trips any byte string.
- * Returns 0 or -1 with an error. */
-int moe_tokenizer_write_byte_level(const char *dir, int vocab_size);
 
 #endif
