@@ -95,7 +95,18 @@ assert a == b, (a, b)
 EOF
 }
 
-# 6. errors
+# 6. moe-tokenize -> moe-eval --ppl TOKENS equals --ppl TEXT
+grep '"text"' $FIX/ppl_text.jsonl >"$TMP/text.jsonl"
+moe-tokenize -m $M "$TMP/text.jsonl" -o "$TMP/t2.zst" || fail "moe-tokenize"
+ev -m $M --ppl "$TMP/t2.zst" --json >"$TMP/a.json" || fail "--ppl tokens from moe-tokenize"
+ev -m $M --ppl "$TMP/text.jsonl" --json >"$TMP/b.json" || fail "--ppl text subset"
+python3 - "$TMP/a.json" "$TMP/b.json" <<'EOF' || fail "moe-tokenize stream perplexity differs from text"
+import json, sys
+a, b = (json.load(open(p))["models"][0]["ppl"] for p in sys.argv[1:3])
+assert a == b, (a, b)
+EOF
+
+# 7. errors
 expect_fail 2 "nothing to do" moe-eval -m $M
 expect_fail 2 "model DIR is required" moe-eval --ppl $FIX/ppl_text.jsonl
 expect_fail 2 "task-format: 'csv' unknown" moe-eval -m $M --task-format csv --task $FIX/tiny_task.jsonl
