@@ -28,7 +28,7 @@ static const char help[] =
     "-o also writes the results as a moe-stream (kind \"eval\").\n"
     "\n"
     "  -m, --model DIR     model directory (twice: the second is compared with the first)\n"
-    "      --ppl FILE      perplexity over JSON Lines {\"text\":...} (or {\"turns\":[...]}),\n"
+    "      --ppl FILE|-    perplexity over JSON Lines {\"text\":...} (or {\"turns\":[...]}),\n"
     "                      tokenized with the model's tokenizer (BOS added as the\n"
     "                      tokenizer does), or over a token stream (moe-tokenize)\n"
     "      --max-length N  truncate each --ppl / --dump sequence to N tokens (default:\n"
@@ -688,6 +688,31 @@ int main(int argc, char **argv) {
         if (!(tasks[i] = moe_task_load(A.tasks[i].path, A.tasks[i].format, A.tasks[i].delim,
                                        A.limit)))
             moe_cli_fail();
+    /* --ppl -: spool standard input to a temporary file (sniffed for a token
+       stream, and read once per model) */
+    char *spool = NULL;
+    if (A.ppl && !strcmp(A.ppl, "-")) {
+        const char *dir = getenv("TMPDIR");
+        char *base = NULL;
+        if (asprintf(&base, "%s/moe-eval-stdin", dir && *dir ? dir : "/tmp") < 0) base = NULL;
+        spool = moe_tmp_path(base ? base : "/tmp/moe-eval-stdin");
+        free(base);
+        moe_tmp_register(spool);
+        FILE *f = fopen(spool, "wb");
+        if (!f) {
+            moe_error_set(MOE_ERR_IO, "%s: %s", spool, strerror(errno));
+            moe_cli_fail();
+        }
+        char buf[1 << 16];
+        size_t n;
+        while ((n = fread(buf, 1, sizeof buf, stdin)) > 0)
+            if (fwrite(buf, 1, n, f) != n) break;
+        if (ferror(stdin) || fclose(f) != 0) {
+            moe_error_set(MOE_ERR_IO, "<stdin>: cannot spool to %s", spool);
+            moe_cli_fail();
+        }
+        A.ppl = spool;
+    }
     /* two files with the same task name: the later ones get "/format" */
     for (int i = 0; i < A.ntasks; i++)
         for (int j = 0; j < i; j++)
@@ -707,6 +732,10 @@ int main(int argc, char **argv) {
     if (!A.out || strcmp(A.out, "-")) {
         if (A.json) print_json(R, A.nmodels);
         else print_table(R, A.nmodels);
+    }
+    if (spool) {
+        moe_tmp_discard(spool);
+        free(spool);
     }
     for (int k = 0; k < A.nmodels; k++) free_res(&R[k]);
     for (int i = 0; i < A.ntasks; i++) moe_task_free(tasks[i]);

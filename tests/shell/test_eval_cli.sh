@@ -100,6 +100,13 @@ grep '"text"' $FIX/ppl_text.jsonl >"$TMP/text.jsonl"
 moe-tokenize -m $M "$TMP/text.jsonl" -o "$TMP/t2.zst" || fail "moe-tokenize"
 ev -m $M --ppl "$TMP/t2.zst" --json >"$TMP/a.json" || fail "--ppl tokens from moe-tokenize"
 ev -m $M --ppl "$TMP/text.jsonl" --json >"$TMP/b.json" || fail "--ppl text subset"
+moe-tokenize -m $M "$TMP/text.jsonl" | ev -m $M -m $M --ppl - --json >"$TMP/c.json" \
+    || fail "moe-tokenize | moe-eval --ppl - (two models)"
+python3 - "$TMP/a.json" "$TMP/c.json" <<'EOF' || fail "--ppl - differs from --ppl FILE"
+import json, sys
+a, c = json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))
+assert c["models"][0]["ppl"] == c["models"][1]["ppl"] == a["models"][0]["ppl"]
+EOF
 python3 - "$TMP/a.json" "$TMP/b.json" <<'EOF' || fail "moe-tokenize stream perplexity differs from text"
 import json, sys
 a, b = (json.load(open(p))["models"][0]["ppl"] for p in sys.argv[1:3])
