@@ -734,8 +734,8 @@ int moe_model_lm_head(moe_model *m, float *logits, const float *x, int T) {
         if (yc != logits)
             for (int i = 0; i < T; i++)
                 be->copy(logits + (size_t)i * V + r0, yc + (size_t)i * nr, nr * sizeof(float));
+        moe_st_release(t); /* drop the mapped pages read so far */
     }
-    moe_st_release(t);
     return 0;
 }
 
