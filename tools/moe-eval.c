@@ -525,8 +525,9 @@ static int write_stream(model_res *R, int n, int argc, char **argv) {
     if (!w) return -1;
     for (int k = 0; k < n; k++) {
         model_res *r = &R[k];
-        msgpack_packer *pk = moe_writer_record(w, "model", 4);
+        msgpack_packer *pk = moe_writer_record(w, "model", 5);
         moe_pack_kv_int(pk, "model_index", k);
+        moe_pack_kv_str(pk, "dir", r->dir);
         moe_pack_kv_str(pk, "fingerprint", r->fingerprint);
         moe_pack_kv_int(pk, "params", (int64_t)r->params);
         moe_pack_kv_int(pk, "bytes", (int64_t)r->bytes);
