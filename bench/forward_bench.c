@@ -72,26 +72,40 @@ static double gflops(int M, int N, int K, double secs, int reps) {
     return 2.0 * M * N * K * reps / secs / 1e9;
 }
 
+/* best GFLOP/s of 7 timed windows of >= 20 ms each */
+static double time_gemm(int ours, const moe_backend *be, float *a, float *b, float *c, int T, int K,
+                        int N) {
+    double best = 0;
+    for (int r = 0; r < 7; r++) {
+        if (ours)
+            moe_kernels_set_threads(0);
+        else
+            openblas_set_num_threads(omp_get_num_procs());
+        int reps = 0;
+        double t = moe_now();
+        do {
+            if (ours)
+                be->matmul(c, a, b, NULL, T, K, N, 0);
+            else
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, N, K, 1, a, K, b, K, 0, c, N);
+            reps++;
+        } while (moe_now() - t < 0.02);
+        double g = gflops(T, N, K, moe_now() - t, reps);
+        if (g > best) best = g;
+    }
+    return best;
+}
+
 static int gemm(void) {
     const moe_backend *be = moe_backend_cpu();
-    openblas_set_num_threads(omp_get_num_procs()); /* OpenBLAS's own threading for its peak */
-    /* OpenBLAS's own peak: large square sgemm */
     int n = 2048;
     float *a = calloc((size_t)n * n, 4), *b = calloc((size_t)n * n, 4), *cc = calloc((size_t)n * n, 4);
     for (size_t i = 0; i < (size_t)n * n; i++) a[i] = b[i] = (float)(i % 7) * 0.1f;
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, n, n, 1, a, n, b, n, 0, cc, n);
-    /* best of 5 (the machine may be shared) */
-    double peak = 0, t;
-    for (int r = 0; r < 5; r++) {
-        t = moe_now();
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, n, n, 1, a, n, b, n, 0, cc, n);
-        double g = gflops(n, n, n, moe_now() - t, 1);
-        if (g > peak) peak = g;
-    }
-    printf("openblas_peak_gflops=%.1f (2048^3 sgemm, %d OpenBLAS threads)\n", peak,
+    double peak = time_gemm(0, be, a, b, cc, n, n, n);
+    printf("openblas_peak_gflops=%.1f (2048^3 sgemm, OpenBLAS's own %d threads)\n", peak,
            omp_get_num_procs());
-    moe_kernels_set_threads(0); /* ours: OpenMP tiles of single-threaded sgemm */
-    /* our op at the forward's shapes (T tokens x in -> out) */
+    /* our op (OpenMP tiles of single-threaded sgemm) vs a plain threaded
+     * cblas_sgemm at the forward's shapes (T tokens x in -> out) */
     struct { const char *name; int T, K, N; } s[] = {
         {"attn_proj_1024x1024x1024", 1024, 1024, 1024},
         {"shared_gate_up_1024x1024x2816", 1024, 1024, 2816},
@@ -100,18 +114,10 @@ static int gemm(void) {
         {"router_1024x1024x64", 1024, 1024, 64},
     };
     for (size_t i = 0; i < sizeof s / sizeof *s; i++) {
-        double g = 0;
-        for (int r = 0; r < 7; r++) { /* best of 7 calls of >= 20 ms */
-            int reps2 = 0;
-            t = moe_now();
-            do {
-                be->matmul(cc, a, b, NULL, s[i].T, s[i].K, s[i].N, 0);
-                reps2++;
-            } while (moe_now() - t < 0.02);
-            double gi = gflops(s[i].T, s[i].N, s[i].K, moe_now() - t, reps2);
-            if (gi > g) g = gi;
-        }
-        printf("matmul_%s_gflops=%.1f (%.0f%% of peak)\n", s[i].name, g, 100 * g / peak);
+        double g0 = time_gemm(0, be, a, b, cc, s[i].T, s[i].K, s[i].N);
+        double g1 = time_gemm(1, be, a, b, cc, s[i].T, s[i].K, s[i].N);
+        printf("gemm_%s: ours %.1f GFLOP/s, openblas %.1f GFLOP/s (ours/openblas %.2f, %.0f%% of peak)\n",
+               s[i].name, g1, g0, g1 / g0, 100 * g1 / peak);
     }
     free(a), free(b), free(cc);
     return 0;

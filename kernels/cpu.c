@@ -9,7 +9,7 @@
  * split across threads, so results do not depend on the thread count.
  * OpenBLAS is only ever called single-threaded (see blas_single), and tiny
  * GEMMs are padded so that a row's result never depends on how many rows
- * share the call (see sgemm_cols).  test_kernels.c checks both.
+ * share the call (see sgemm_tile).  test_kernels.c checks both.
  */
 #include <cblas.h>
 #include <math.h>
@@ -80,11 +80,12 @@ static void add_bias(float *y, const float *bias, int T, int N) {
  * depend on the row count (tests/unit/test_kernels.c checks it). */
 #define SMALL_MNK 1000000.0
 
-static void sgemm_cols(float *y, const float *x, const float *w, int T, int K, int N, int n0,
-                       int nc, int accumulate) {
+/* y[t, 0:nc] (row stride ldy) (+)= x[t, :]·w[0:nc, :]ᵀ, one single-threaded sgemm */
+static void sgemm_tile(float *y, int ldy, const float *x, const float *w, int T, int K, int nc,
+                       int accumulate) {
     if ((double)T * nc * K > SMALL_MNK && T >= 2) {
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, nc, K, 1.0f, x, K,
-                    w + (size_t)n0 * K, K, accumulate ? 1.0f : 0.0f, y + n0, N);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, nc, K, 1.0f, x, K, w, K,
+                    accumulate ? 1.0f : 0.0f, y, ldy);
         return;
     }
     int Tp = (int)(SMALL_MNK / ((double)nc * K)) + 1;
@@ -95,12 +96,10 @@ static void sgemm_cols(float *y, const float *x, const float *w, int T, int K, i
     if (!xp || !yp) moe_malloc((size_t)-1 / 2); /* out of memory: aborts with a message */
     memcpy(xp, x, sizeof(float) * (size_t)T * K);
     if (accumulate)
-        for (int t = 0; t < T; t++)
-            memcpy(yp + (size_t)t * nc, y + (size_t)t * N + n0, sizeof(float) * nc);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Tp, nc, K, 1.0f, xp, K,
-                w + (size_t)n0 * K, K, accumulate ? 1.0f : 0.0f, yp, nc);
-    for (int t = 0; t < T; t++)
-        memcpy(y + (size_t)t * N + n0, yp + (size_t)t * nc, sizeof(float) * nc);
+        for (int t = 0; t < T; t++) memcpy(yp + (size_t)t * nc, y + (size_t)t * ldy, sizeof(float) * nc);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Tp, nc, K, 1.0f, xp, K, w, K,
+                accumulate ? 1.0f : 0.0f, yp, nc);
+    for (int t = 0; t < T; t++) memcpy(y + (size_t)t * ldy, yp + (size_t)t * nc, sizeof(float) * nc);
     free(xp);
     free(yp);
 }
@@ -124,8 +123,8 @@ static void cpu_matmul(float *y, const float *x, const void *w, const float *bia
             int r = i / nb, b = i % nb;
             int t0 = r * GEMM_ROWS, tc = T - t0 < GEMM_ROWS ? T - t0 : GEMM_ROWS;
             int n0 = b * GEMM_COLS, nc = N - n0 < GEMM_COLS ? N - n0 : GEMM_COLS;
-            sgemm_cols(y + (size_t)t0 * N, x + (size_t)t0 * K, (const float *)w, tc, K, N, n0, nc,
-                       accumulate);
+            sgemm_tile(y + (size_t)t0 * N + n0, N, x + (size_t)t0 * K,
+                       (const float *)w + (size_t)n0 * K, tc, K, nc, accumulate);
         }
     }
     if (bias) add_bias(y, bias, T, N);
@@ -373,6 +372,121 @@ static void cpu_scatter_add_rows(float *dst, const float *src, const int32_t *ro
     }
 }
 
+/* Grouped experts.  Three phases, each a parallel loop over independent
+ * tasks with fixed boundaries (so results do not depend on the thread count):
+ * gather the rows; per (expert, block of EXP_COLS intermediate columns) the
+ * gate and up GEMMs of that block and SwiGLU; per (expert, block of
+ * GEMM_COLS output columns) the down GEMM. */
+#define EXP_COLS 128
+
+static void cpu_experts(float *out, const float *x, const int32_t *rows, const int32_t *off,
+                        const void *const *w_gu, const void *const *w_down, int E, int H, int Im) {
+    blas_single();
+    int n = off[E];
+    if (n <= 0) return;
+    float *xg = cpu_alloc(sizeof(float) * (size_t)n * H);
+    float *h = cpu_alloc(sizeof(float) * (size_t)n * Im);
+    /* task lists */
+    int ib = (Im + EXP_COLS - 1) / EXP_COLS, ob = (H + GEMM_COLS - 1) / GEMM_COLS;
+    int *t1 = moe_malloc(sizeof(int) * ((size_t)E * ib + 1)), n1 = 0;
+    int *t2 = moe_malloc(sizeof(int) * ((size_t)E * ob + 1)), n2 = 0;
+    for (int e = 0; e < E; e++) {
+        if (!w_gu[e] || off[e + 1] == off[e]) continue;
+        for (int b = 0; b < ib; b++) t1[n1++] = e * ib + b;
+        for (int b = 0; b < ob; b++) t2[n2++] = e * ob + b;
+    }
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+        for (int i = 0; i < n; i++) /* (rows of skipped experts too: cheap) */
+            memcpy(xg + (size_t)i * H, x + (size_t)rows[i] * H, sizeof(float) * H);
+        float *g = NULL;
+        size_t gcap = 0;
+#pragma omp for schedule(dynamic, 1)
+        for (int j = 0; j < n1; j++) {
+            int e = t1[j] / ib, b = t1[j] % ib;
+            int r0 = off[e], nr = off[e + 1] - off[e];
+            int c0 = b * EXP_COLS, nc = Im - c0 < EXP_COLS ? Im - c0 : EXP_COLS;
+            size_t need = (size_t)nr * 2 * nc;
+            if (need > gcap) {
+                free(g);
+                g = moe_malloc(sizeof(float) * need);
+                gcap = need;
+            }
+            const float *w = w_gu[e];
+            /* gate block -> g[:, 0:nc], up block -> g[:, nc:2nc] (row stride 2nc) */
+            sgemm_tile(g, 2 * nc, xg + (size_t)r0 * H, w + (size_t)c0 * H, nr, H, nc, 0);
+            sgemm_tile(g + nc, 2 * nc, xg + (size_t)r0 * H, w + (size_t)(Im + c0) * H, nr, H, nc, 0);
+            for (int r = 0; r < nr; r++) {
+                const float *gr = g + (size_t)r * 2 * nc, *ur = gr + nc;
+                float *hr = h + (size_t)(r0 + r) * Im + c0;
+                for (int c = 0; c < nc; c++) {
+                    float sg = 1.0f / (1.0f + expf(-gr[c]));
+                    hr[c] = (gr[c] * sg) * ur[c];
+                }
+            }
+        }
+        free(g);
+#pragma omp for schedule(dynamic, 1)
+        for (int j = 0; j < n2; j++) {
+            int e = t2[j] / ob, b = t2[j] % ob;
+            int r0 = off[e], nr = off[e + 1] - off[e];
+            int n0 = b * GEMM_COLS, nc = H - n0 < GEMM_COLS ? H - n0 : GEMM_COLS;
+            sgemm_tile(out + (size_t)r0 * H + n0, H, h + (size_t)r0 * Im,
+                       (const float *)w_down[e] + (size_t)n0 * Im, nr, Im, nc, 0);
+        }
+    }
+    free(t1);
+    free(t2);
+    cpu_free(xg);
+    cpu_free(h);
+}
+
+/* Reference: per expert, per row, plain loops. */
+static void ref_experts(float *out, const float *x, const int32_t *rows, const int32_t *off,
+                        const void *const *w_gu, const void *const *w_down, int E, int H, int Im) {
+    for (int e = 0; e < E; e++) {
+        if (!w_gu[e]) continue;
+        const float *wg = w_gu[e], *wd = w_down[e];
+#pragma omp parallel
+        {
+            float *hh = malloc(sizeof(float) * (size_t)Im);
+#pragma omp for schedule(static)
+            for (int i = off[e]; i < off[e + 1]; i++) {
+                const float *xr = x + (size_t)rows[i] * H;
+                for (int c = 0; c < Im; c++) {
+                    float g = 0, u = 0;
+                    for (int k = 0; k < H; k++) {
+                        g += xr[k] * wg[(size_t)c * H + k];
+                        u += xr[k] * wg[(size_t)(Im + c) * H + k];
+                    }
+                    hh[c] = g / (1.0f + expf(-g)) * u;
+                }
+                for (int o = 0; o < H; o++) {
+                    float s = 0;
+                    for (int c = 0; c < Im; c++) s += hh[c] * wd[(size_t)o * Im + c];
+                    out[(size_t)i * H + o] = s;
+                }
+            }
+            free(hh);
+        }
+    }
+}
+
+static void cpu_combine(float *y, const float *out, const int32_t *slot, const float *wt, int T,
+                        int K, int H) {
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < T; t++) {
+        float *yr = y + (size_t)t * H;
+        for (int c = 0; c < H; c++) yr[c] = 0.0f;
+        for (int k = 0; k < K; k++) {
+            const float *o = out + (size_t)slot[(size_t)t * K + k] * H;
+            float a = wt[(size_t)t * K + k];
+            for (int c = 0; c < H; c++) yr[c] += o[c] * a;
+        }
+    }
+}
+
 /* ---- reductions for the search tools ----------------------------------- */
 
 static void cpu_softmax_rows(float *p, const float *x, int T, int C) {
@@ -468,6 +582,8 @@ static const moe_backend cpu_backend = {
     .router = cpu_router,
     .gather_rows = cpu_gather_rows,
     .scatter_add_rows = cpu_scatter_add_rows,
+    .experts = cpu_experts,
+    .combine = cpu_combine,
     .softmax_rows = cpu_softmax_rows,
     .divergence = cpu_divergence,
 };
@@ -493,6 +609,8 @@ static const moe_backend cpu_ref_backend = {
     .router = cpu_router,
     .gather_rows = cpu_gather_rows,
     .scatter_add_rows = cpu_scatter_add_rows,
+    .experts = ref_experts,
+    .combine = cpu_combine,
     .softmax_rows = cpu_softmax_rows,
     .divergence = cpu_divergence,
 };
@@ -540,6 +658,8 @@ void moe_dispatch_build(moe_dispatch *d, const int32_t *idx, const float *wt, in
     for (int e = 0; e < E; e++) d->off[e + 1] += d->off[e];
     int32_t *fill = moe_malloc(sizeof(int32_t) * ((size_t)E + 1));
     memcpy(fill, d->off, sizeof(int32_t) * ((size_t)E + 1));
+    d->slot = moe_malloc(sizeof(int32_t) * ((size_t)T * K + 1));
+    d->slot_wt = moe_malloc(sizeof(float) * ((size_t)T * K + 1));
     for (int t = 0; t < T; t++)
         for (int k = 0; k < K; k++) {
             int e = idx[(size_t)t * K + k];
@@ -547,6 +667,36 @@ void moe_dispatch_build(moe_dispatch *d, const int32_t *idx, const float *wt, in
             d->tokens[p] = t;
             d->weights[p] = wt[(size_t)t * K + k];
         }
+    /* per token, its slots in ascending expert id (insertion sort, K small) */
+    for (int t = 0; t < T; t++) {
+        int32_t *sl = d->slot + (size_t)t * K;
+        float *sw = d->slot_wt + (size_t)t * K;
+        int32_t ex[64];
+        int KK = K < 64 ? K : 64;
+        for (int k = 0; k < KK; k++) {
+            int e = idx[(size_t)t * K + k];
+            int j = k;
+            while (j > 0 && ex[j - 1] > e) {
+                ex[j] = ex[j - 1];
+                sw[j] = sw[j - 1];
+                j--;
+            }
+            ex[j] = e;
+            sw[j] = wt[(size_t)t * K + k];
+        }
+        /* the row of (t, e) within expert e's block: tokens are ascending there */
+        for (int k = 0; k < KK; k++) {
+            int e = ex[k], lo = d->off[e], hi = d->off[e + 1] - 1;
+            while (lo < hi) { /* binary search for token t */
+                int mid = (lo + hi) / 2;
+                if (d->tokens[mid] < t)
+                    lo = mid + 1;
+                else
+                    hi = mid;
+            }
+            sl[k] = lo;
+        }
+    }
     free(fill);
 }
 
@@ -554,5 +704,7 @@ void moe_dispatch_free(moe_dispatch *d) {
     free(d->off);
     free(d->tokens);
     free(d->weights);
+    free(d->slot);
+    free(d->slot_wt);
     memset(d, 0, sizeof *d);
 }

@@ -140,6 +140,29 @@ struct moe_backend {
                              const float *scale,  /* [n] or NULL (= 1) */
                              int n, int C);
 
+    /* Routed experts, grouped.  Rows are (token, slot) pairs sorted by expert
+     * (moe_dispatch order): expert e owns rows off[e] .. off[e+1]-1, and row i
+     * reads token rows[i] of x.  For every expert with w_gu[e] != NULL:
+     *   out_i = W_down,e · (silu(g) ⊙ u),  [g; u] = W_gu,e · x_{rows_i}
+     * Experts with w_gu[e] == NULL are skipped (their out rows untouched), so
+     * the caller can run a layer's experts in groups that fit in memory.
+     * Experts are independent: a backend may run them in any order or
+     * concurrently (CUDA: one grouped GEMM). */
+    void (*experts)(float *out,                /* [off[E], H] */
+                    const float *x,            /* [T, H] */
+                    const int32_t *rows,       /* [off[E]] backend memory */
+                    const int32_t *off,        /* [E + 1] HOST memory */
+                    const void *const *w_gu,   /* [E] host array of [2·Im, H] weights (gate rows first) */
+                    const void *const *w_down, /* [E] host array of [H, Im] weights */
+                    int E, int H, int Im);
+    /* y_t = Σ_k wt_tk · out_{slot_tk}, accumulated from 0 in k order (the model
+     * passes each token's slots in ascending expert id, Hugging Face's order). */
+    void (*combine)(float *y,             /* [T, H] */
+                    const float *out,     /* [n, H] expert outputs */
+                    const int32_t *slot,  /* [T, K] rows of out */
+                    const float *wt,      /* [T, K] */
+                    int T, int K, int H);
+
     /* ---- reductions for the search tools ----------------------------------- */
     /* p_t = softmax(x_t) over C (fp32, max-subtracted) */
     void (*softmax_rows)(float *p,       /* [T, C] */
@@ -176,8 +199,11 @@ size_t moe_weight_size(int weight_dtype); /* bytes per element */
 typedef struct {
     int E, T, K;
     int32_t *off;    /* [E + 1] */
-    int32_t *tokens; /* [T·K] */
-    float *weights;  /* [T·K] */
+    int32_t *tokens; /* [T·K] token of each sorted row */
+    float *weights;  /* [T·K] its routing weight */
+    int32_t *slot;   /* [T, K] sorted row of each (token, slot), a token's slots
+                        ordered by ascending expert id */
+    float *slot_wt;  /* [T, K] the matching weights */
 } moe_dispatch;
 void moe_dispatch_build(moe_dispatch *d, const int32_t *idx, const float *wt, int T, int E, int K);
 void moe_dispatch_free(moe_dispatch *d);

@@ -579,49 +579,90 @@ static int expert_weights(moe_model *m, int l, int e, void **gu, void **down, in
     return 0;
 }
 
+/* Routed experts of one chunk of tokens: grouped expert op, then the
+ * weighted combine in ascending expert id per token. */
+static int routed_chunk(moe_model *m, int l, float *y, const float *xn, int T, const int32_t *idx,
+                        const float *wt) {
+    const moe_config *c = m->cfg;
+    const moe_backend *be = m->be;
+    int E = c->n_routed_experts, K = c->top_k, H = c->hidden_size, Im = c->moe_intermediate_size;
+    moe_dispatch d;
+    moe_dispatch_build(&d, idx, wt, T, E, K);
+    size_t nk = (size_t)T * K;
+    int32_t *rows = scratch(m, S_TOK, sizeof(int32_t) * nk + 4);
+    int32_t *slot = scratch(m, S_IDX, sizeof(int32_t) * nk + 4);
+    float *swt = scratch(m, S_TWT, sizeof(float) * nk + 4);
+    float *out = scratch(m, S_XE, sizeof(float) * nk * H + 4);
+    be->upload(rows, d.tokens, sizeof(int32_t) * nk);
+    be->upload(slot, d.slot, sizeof(int32_t) * nk);
+    be->upload(swt, d.slot_wt, sizeof(float) * nk);
+    const void **wg = moe_calloc((size_t)E, sizeof(void *)), **wd = moe_calloc((size_t)E, sizeof(void *));
+    int *tmp = moe_calloc((size_t)E, sizeof(int));
+    size_t ebytes = (size_t)3 * Im * H * wsz(m), used = 0;
+    int rc = 0, e0 = 0;
+    for (int e = 0; e <= E && rc == 0; e++) {
+        /* run the pending group when the next expert's weights would not fit
+         * the budget, or at the end */
+        int has = e < E && d.off[e + 1] > d.off[e];
+        int cached = has && m->lw[l].e_gu && m->lw[l].e_gu[e];
+        if (e == E || (has && !cached && used + ebytes > m->cache_bytes && used > 0)) {
+            be->experts(out, xn, rows, d.off, wg, wd, E, H, Im);
+            for (int j = e0; j < e; j++) {
+                if (tmp[j]) {
+                    be->free((void *)wg[j]);
+                    be->free((void *)wd[j]);
+                }
+                wg[j] = wd[j] = NULL;
+                tmp[j] = 0;
+            }
+            used = 0;
+            e0 = e;
+        }
+        if (!has) continue;
+        void *g, *dn;
+        if (expert_weights(m, l, e, &g, &dn, &tmp[e]) < 0) {
+            rc = -1;
+            break;
+        }
+        wg[e] = g;
+        wd[e] = dn;
+        if (tmp[e]) used += ebytes;
+    }
+    for (int j = 0; j < E; j++)
+        if (tmp[j]) {
+            be->free((void *)wg[j]);
+            be->free((void *)wd[j]);
+        }
+    if (rc == 0) be->combine(y, out, slot, swt, T, K, H);
+    free(wg);
+    free(wd);
+    free(tmp);
+    moe_dispatch_free(&d);
+    return rc;
+}
+
 static int routed_mlp(moe_model *m, int l, float *y, const float *xn, int T, moe_router_fn cb,
                       void *ctx) {
     const moe_config *c = m->cfg;
-    const moe_backend *be = m->be;
     layer_w *w = &m->lw[l];
     int E = c->n_routed_experts, K = c->top_k, H = c->hidden_size, Im = c->moe_intermediate_size;
     int32_t *idx = moe_malloc(sizeof(int32_t) * (size_t)T * K + 1);
     float *wt = moe_malloc(sizeof(float) * (size_t)T * K + 1);
     float *probs = cb ? moe_malloc(sizeof(float) * (size_t)T * E + 1) : NULL;
     int rc = route(m, l, xn, T, idx, wt, probs);
-    if (rc == 0) {
-        moe_dispatch d;
-        moe_dispatch_build(&d, idx, wt, T, E, K);
-        size_t nk = (size_t)T * K;
-        int32_t *tok = scratch(m, S_TOK, sizeof(int32_t) * nk + 4);
-        float *twt = scratch(m, S_TWT, sizeof(float) * nk + 4);
-        be->upload(tok, d.tokens, sizeof(int32_t) * nk);
-        be->upload(twt, d.weights, sizeof(float) * nk);
-        be->zero(y, sizeof(float) * (size_t)T * H);
-        /* experts in ascending id; each token's contributions are added in that order */
-        for (int e = 0; e < E && rc == 0; e++) {
-            int n = d.off[e + 1] - d.off[e];
-            if (n == 0) continue;
-            void *gu, *down;
-            int tmp;
-            if (expert_weights(m, l, e, &gu, &down, &tmp) < 0) {
-                rc = -1;
-                break;
-            }
-            float *xe = scratch(m, S_XE, sizeof(float) * (size_t)n * H);
-            float *o = scratch(m, S_O, sizeof(float) * (size_t)n * H);
-            be->gather_rows(xe, xn, tok + d.off[e], n, H);
-            swiglu_mlp(m, o, xe, gu, down, n, Im, 0);
-            be->scatter_add_rows(y, o, tok + d.off[e], twt + d.off[e], n, H);
-            if (tmp) {
-                be->free(gu);
-                be->free(down);
-            }
-        }
-        moe_dispatch_free(&d);
-        if (rc == 0) add_shared(m, w, y, xn, T);
-        if (rc == 0 && cb) cb(ctx, l, T, K, E, idx, wt, probs);
+    /* tokens in chunks whose expert buffers (rows x (2H + Im) floats, plus the
+     * backend's own of the same order) stay under ~1 GiB; a token's result does
+     * not depend on the chunking */
+    size_t per_tok = (size_t)K * (2 * (size_t)H + (size_t)Im) * sizeof(float) * 2;
+    int chunk = (int)(((size_t)1 << 30) / per_tok);
+    if (chunk < 1) chunk = 1;
+    for (int t0 = 0; t0 < T && rc == 0; t0 += chunk) {
+        int tc = T - t0 < chunk ? T - t0 : chunk;
+        rc = routed_chunk(m, l, y + (size_t)t0 * H, xn + (size_t)t0 * H, tc, idx + (size_t)t0 * K,
+                          wt + (size_t)t0 * K);
     }
+    if (rc == 0) add_shared(m, w, y, xn, T);
+    if (rc == 0 && cb) cb(ctx, l, T, K, E, idx, wt, probs);
     free(idx);
     free(wt);
     free(probs);
@@ -734,8 +775,8 @@ int moe_model_lm_head(moe_model *m, float *logits, const float *x, int T) {
         if (yc != logits)
             for (int i = 0; i < T; i++)
                 be->copy(logits + (size_t)i * V + r0, yc + (size_t)i * nr, nr * sizeof(float));
+        moe_st_release(t); /* drop the mapped pages read so far */
     }
-    moe_st_release(t);
     return 0;
 }
 

@@ -180,6 +180,59 @@ static void test_dispatch_gather_scatter(void **state) {
     moe_dispatch_free(&d);
 }
 
+/* grouped experts (optimised vs plain loops) and the weighted combine */
+static void test_experts_combine(void **state) {
+    (void)state;
+    const moe_backend *cpu = moe_backend_cpu(), *ref = moe_backend_cpu_ref();
+    int T = 41, E = 5, K = 2, H = 48, Im = 150; /* Im > one 128-column block */
+    int32_t idx[41 * 2];
+    float wt[41 * 2];
+    for (int t = 0; t < T; t++) {
+        idx[t * K] = (t * 3) % E;
+        idx[t * K + 1] = (t * 3 + 1 + t % 2) % E;
+        wt[t * K] = 0.25f + 0.01f * t;
+        wt[t * K + 1] = 0.5f;
+    }
+    moe_dispatch d;
+    moe_dispatch_build(&d, idx, wt, T, E, K);
+    float *x = rand_vec((size_t)T * H);
+    float *wg[5], *wd[5];
+    const void *pg[5], *pd[5];
+    for (int e = 0; e < E; e++) {
+        pg[e] = wg[e] = rand_vec((size_t)2 * Im * H);
+        pd[e] = wd[e] = rand_vec((size_t)H * Im);
+    }
+    pg[3] = NULL; /* skipped expert: rows untouched */
+    size_t n = (size_t)T * K;
+    float *o1 = calloc(n * H, sizeof(float)), *o2 = calloc(n * H, sizeof(float));
+    cpu->experts(o1, x, d.tokens, d.off, pg, pd, E, H, Im);
+    ref->experts(o2, x, d.tokens, d.off, pg, pd, E, H, Im);
+    assert_true(rel_err(o1, o2, n * H) < 1e-5);
+    for (int i = d.off[3]; i < d.off[4]; i++) assert_true(o1[(size_t)i * H] == 0.0f);
+    pg[3] = wg[3];
+    cpu->experts(o1, x, d.tokens, d.off, pg, pd, E, H, Im);
+    /* combine: per token, ascending expert id */
+    float *y = malloc(sizeof(float) * T * H);
+    cpu->combine(y, o1, d.slot, d.slot_wt, T, K, H);
+    for (int t = 0; t < T; t += 7) {
+        int e0 = idx[t * K], e1 = idx[t * K + 1];
+        float w0 = wt[t * K], w1 = wt[t * K + 1];
+        if (e1 < e0) {
+            int tmp = e0; e0 = e1; e1 = tmp;
+            float tw = w0; w0 = w1; w1 = tw;
+        }
+        int r0 = d.slot[t * K], r1 = d.slot[t * K + 1];
+        assert_int_equal(d.tokens[r0], t);
+        assert_int_equal(d.tokens[r1], t);
+        assert_true(r0 >= d.off[e0] && r0 < d.off[e0 + 1]);
+        for (int c = 0; c < H; c++)
+            assert_true(y[t * H + c] == (0.0f + o1[(size_t)r0 * H + c] * w0) + o1[(size_t)r1 * H + c] * w1);
+    }
+    for (int e = 0; e < E; e++) free(wg[e]), free(wd[e]);
+    free(x), free(o1), free(o2), free(y);
+    moe_dispatch_free(&d);
+}
+
 static void test_divergences(void **state) {
     (void)state;
     const moe_backend *cpu = moe_backend_cpu();
@@ -213,6 +266,7 @@ int main(void) {
         cmocka_unit_test(test_rmsnorm_rope_swiglu),
         cmocka_unit_test(test_router),
         cmocka_unit_test(test_dispatch_gather_scatter),
+        cmocka_unit_test(test_experts_combine),
         cmocka_unit_test(test_divergences),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -354,6 +354,36 @@ static void test_thread_invariance(void **state) {
     }
 }
 
+/* streaming experts in small groups (cache too small) gives the same bytes */
+static void test_expert_streaming(void **state) {
+    (void)state;
+    for (size_t a = 0; a < sizeof ARCHS / sizeof *ARCHS; a++) {
+        char dir[256];
+        snprintf(dir, sizeof dir, "%s/%s-bf16", FIX, ARCHS[a]);
+        moe_model_opts small = {.expert_cache_bytes = 1};
+        moe_model *m1 = moe_model_open(dir, NULL), *m2 = moe_model_open(dir, &small);
+        assert_non_null(m1);
+        assert_non_null(m2);
+        const moe_config *c = moe_model_config(m1);
+        int L = c->num_layers, H = c->hidden_size, V = c->vocab_size;
+        npy ids = load_fix(ARCHS[a], "bf16", "seq%d_ids.npy", 2);
+        int T = (int)ids.count;
+        float *hid[2], *lg[2];
+        for (int i = 0; i < 2; i++) {
+            hid[i] = malloc(sizeof(float) * (L + 1) * T * H);
+            lg[i] = malloc(sizeof(float) * T * V);
+            moe_seq s = {ids.data, T, hid[i], lg[i]};
+            assert_int_equal(moe_model_forward(i ? m2 : m1, &s, 1, 0, NULL, NULL), 0);
+        }
+        assert_memory_equal(hid[0], hid[1], sizeof(float) * (L + 1) * T * H);
+        assert_memory_equal(lg[0], lg[1], sizeof(float) * T * V);
+        for (int i = 0; i < 2; i++) free(hid[i]), free(lg[i]);
+        free(ids.data);
+        moe_model_close(m1);
+        moe_model_close(m2);
+    }
+}
+
 static void test_bad_input(void **state) {
     (void)state;
     moe_model *m = open_fix("mixtral", "f32");
@@ -378,6 +408,7 @@ int main(void) {
         cmocka_unit_test(test_restart),
         cmocka_unit_test(test_expert_api),
         cmocka_unit_test(test_thread_invariance),
+        cmocka_unit_test(test_expert_streaming),
         cmocka_unit_test(test_bad_input),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
