@@ -16,6 +16,7 @@ set -eu
 EXPERTS=${EXPERTS:-2}        # routed experts kept per condensed layer (K)
 LAYERS=${LAYERS:-2}          # decoder layers to condense (N)
 MAX_LENGTH=${MAX_LENGTH:-256}
+TASKS=${TASKS:-}             # multiple-choice task files for stage 6 (space-separated)
 here=$(cd "$(dirname "$0")/.." && pwd)
 BIN=${BIN:-$here/bin}
 PATH="$BIN:$PATH"
@@ -85,9 +86,12 @@ if run_stage 5 condense moe-condense; then
     moe-condense --model "$model" --layers "$LAYERS" --experts "$EXPERTS" --force -o "$out/condensed" "$s4" \
         2>"$out/05-condense.log" | tee "$out/05-condense.txt" >&2
 fi
-if run_stage 6 evaluate moe-eval && [ -d "$out/condensed" ] && moe-eval --help | grep -q -- --ppl; then
-    moe-eval --model "$model" --ppl "$calib" 2>"$out/06-eval-dense.log"
-    moe-eval --model "$out/condensed" --ppl "$calib" 2>"$out/06-eval-condensed.log"
+if run_stage 6 evaluate moe-eval && [ -d "$out/condensed" ]; then
+    # dense vs condensed side by side: perplexity, tasks, speed and memory
+    tasks=
+    for t in ${TASKS:-}; do tasks="$tasks --task $t"; done
+    moe-eval --model "$model" --model "$out/condensed" --ppl "$calib" $tasks --bench \
+        -o "$out/06-eval.msgpack.zst" 2>"$out/06-eval.log" | tee "$out/06-eval.txt"
 fi
 
 # Whatever was produced: show that every stream is whole and readable.
