@@ -1,0 +1,493 @@
+/* cpu.c - the CPU backend: OpenBLAS for GEMM, OpenMP for the rest.
+ *
+ * Two tables share most ops: "cpu" (GEMM and attention through cblas_sgemm)
+ * and "cpu-ref" (plain loops for GEMM and attention, one output element per
+ * loop nest, the oracle for the optimised ops and for other backends).
+ *
+ * Determinism.  Every OpenMP loop here partitions independent outputs (rows,
+ * tokens, heads); no reduction is ever split across threads, so results do
+ * not depend on the thread count.  OpenBLAS's level-3 threading splits the M
+ * and N dimensions of a GEMM, never K, and every element's dot product is
+ * accumulated by the same micro-kernel in the same order; test_kernels.c
+ * checks that 1 and several OPENBLAS threads give byte-identical results.
+ */
+#include <cblas.h>
+#include <math.h>
+#include <omp.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common.h"
+#include "kernels.h"
+
+/* ---- threads ----------------------------------------------------------- */
+
+static int g_threads = 0;
+
+void moe_kernels_set_threads(int n) {
+    if (n <= 0) n = omp_get_num_procs();
+    g_threads = n;
+    omp_set_num_threads(n);
+    openblas_set_num_threads(n);
+}
+
+int moe_kernels_threads(void) { return g_threads > 0 ? g_threads : omp_get_max_threads(); }
+
+/* ---- memory ------------------------------------------------------------- */
+
+static void *cpu_alloc(size_t n) {
+    void *p = NULL;
+    if (n == 0) n = 1;
+    if (posix_memalign(&p, 64, (n + 63) & ~(size_t)63) != 0) p = NULL;
+    if (!p) p = moe_malloc(n); /* aborts with a message */
+    return p;
+}
+static void cpu_free(void *p) { free(p); }
+static void cpu_memcpy(void *dst, const void *src, size_t n) {
+    if (n) memmove(dst, src, n);
+}
+static void cpu_zero(void *dst, size_t n) { memset(dst, 0, n); }
+static void cpu_sync(void) {}
+
+/* ---- GEMM --------------------------------------------------------------- */
+
+static void add_bias(float *y, const float *bias, int T, int N) {
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < T; t++)
+        for (int n = 0; n < N; n++) y[(size_t)t * N + n] += bias[n];
+}
+
+static void cpu_matmul(float *y, const float *x, const void *w, const float *bias, int T, int K,
+                       int N, int accumulate) {
+    if (T <= 0 || N <= 0) return;
+    if (K <= 0) {
+        if (!accumulate) memset(y, 0, sizeof(float) * (size_t)T * N);
+    } else {
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, N, K, 1.0f, x, K, (const float *)w,
+                    K, accumulate ? 1.0f : 0.0f, y, N);
+    }
+    if (bias) add_bias(y, bias, T, N);
+}
+
+static void ref_matmul(float *y, const float *x, const void *wv, const float *bias, int T, int K,
+                       int N, int accumulate) {
+    const float *w = wv;
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < T; t++) {
+        for (int n = 0; n < N; n++) {
+            float s = 0.0f;
+            const float *xr = x + (size_t)t * K, *wr = w + (size_t)n * K;
+            for (int k = 0; k < K; k++) s += xr[k] * wr[k];
+            float *o = y + (size_t)t * N + n;
+            *o = accumulate ? *o + s : s;
+        }
+    }
+    if (bias) add_bias(y, bias, T, N);
+}
+
+/* ---- RMSNorm, RoPE ---------------------------------------------------- */
+
+static void cpu_rmsnorm(float *y, const float *x, const float *w, float eps, int T, int C) {
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < T; t++) {
+        const float *xr = x + (size_t)t * C;
+        float *yr = y + (size_t)t * C;
+        double ss = 0.0;
+        for (int c = 0; c < C; c++) ss += (double)xr[c] * xr[c];
+        float r = (float)(1.0 / sqrt(ss / C + (double)eps));
+        for (int c = 0; c < C; c++) yr[c] = w[c] * (xr[c] * r);
+    }
+}
+
+static void cpu_rope(float *x, float theta, int pos0, int T, int nh, int D) {
+    int half = D / 2;
+    float *invf = malloc(sizeof(float) * (size_t)(half > 0 ? half : 1));
+    for (int j = 0; j < half; j++) {
+        /* as torch: inv = 1 / theta ** (float(2j) / D), all in float32 */
+        float e = (float)(2 * j) / (float)D;
+        float p = (float)pow((double)theta, (double)e);
+        invf[j] = 1.0f / p;
+    }
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < T; t++) {
+        float pos = (float)(pos0 + t);
+        for (int j = 0; j < half; j++) {
+            float a = pos * invf[j];
+            float c = (float)cos((double)a), s = (float)sin((double)a);
+            for (int h = 0; h < nh; h++) {
+                float *v = x + ((size_t)t * nh + h) * D;
+                float x0 = v[j], x1 = v[j + half];
+                v[j] = x0 * c - x1 * s;
+                v[j + half] = x1 * c + x0 * s;
+            }
+        }
+    }
+    free(invf);
+}
+
+/* ---- attention ---------------------------------------------------------- */
+
+/* Reference: one (head, query) at a time, plain loops. */
+static void ref_attention(float *out, const float *q, const float *k, const float *v, float scale,
+                          int T, int nh, int nkv, int D) {
+    int rep = nh / nkv;
+#pragma omp parallel
+    {
+        float *s = malloc(sizeof(float) * (size_t)(T > 0 ? T : 1));
+#pragma omp for schedule(dynamic, 4) collapse(2)
+        for (int h = 0; h < nh; h++) {
+            for (int i = 0; i < T; i++) {
+                int kh = h / rep;
+                const float *qi = q + ((size_t)i * nh + h) * D;
+                float mx = -INFINITY;
+                for (int j = 0; j <= i; j++) {
+                    const float *kj = k + ((size_t)j * nkv + kh) * D;
+                    float d = 0.0f;
+                    for (int c = 0; c < D; c++) d += qi[c] * kj[c];
+                    s[j] = d * scale;
+                    if (s[j] > mx) mx = s[j];
+                }
+                double sum = 0.0;
+                for (int j = 0; j <= i; j++) {
+                    s[j] = expf(s[j] - mx);
+                    sum += s[j];
+                }
+                float inv = (float)(1.0 / sum);
+                float *o = out + ((size_t)i * nh + h) * D;
+                for (int c = 0; c < D; c++) o[c] = 0.0f;
+                for (int j = 0; j <= i; j++) {
+                    float p = s[j] * inv;
+                    const float *vj = v + ((size_t)j * nkv + kh) * D;
+                    for (int c = 0; c < D; c++) o[c] += p * vj[c];
+                }
+            }
+        }
+        free(s);
+    }
+}
+
+/* Optimised: per head, S = q_h·k_hᵀ and O = P·v_h through sgemm; masked
+ * softmax rows in between (P holds exact zeros above the diagonal). */
+static void cpu_attention(float *out, const float *q, const float *k, const float *v, float scale,
+                          int T, int nh, int nkv, int D) {
+    if (T <= 0) return;
+    int rep = nh / nkv;
+    float *S = cpu_alloc(sizeof(float) * (size_t)T * T);
+    for (int h = 0; h < nh; h++) {
+        int kh = h / rep;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, D, scale, q + (size_t)h * D,
+                    nh * D, k + (size_t)kh * D, nkv * D, 0.0f, S, T);
+#pragma omp parallel for schedule(static)
+        for (int i = 0; i < T; i++) {
+            float *s = S + (size_t)i * T;
+            float mx = -INFINITY;
+            for (int j = 0; j <= i; j++)
+                if (s[j] > mx) mx = s[j];
+            double sum = 0.0;
+            for (int j = 0; j <= i; j++) {
+                s[j] = expf(s[j] - mx);
+                sum += s[j];
+            }
+            float inv = (float)(1.0 / sum);
+            for (int j = 0; j <= i; j++) s[j] *= inv;
+            for (int j = i + 1; j < T; j++) s[j] = 0.0f;
+        }
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, D, T, 1.0f, S, T,
+                    v + (size_t)kh * D, nkv * D, 0.0f, out + (size_t)h * D, nh * D);
+    }
+    cpu_free(S);
+}
+
+/* ---- element-wise ------------------------------------------------------- */
+
+static void cpu_swiglu(float *h, const float *gu, int T, int I) {
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < T; t++) {
+        const float *g = gu + (size_t)t * 2 * I, *u = g + I;
+        float *o = h + (size_t)t * I;
+        for (int i = 0; i < I; i++) {
+            float sg = 1.0f / (1.0f + expf(-g[i]));
+            o[i] = (g[i] * sg) * u[i];
+        }
+    }
+}
+
+static void cpu_axpy(float *y, const float *x, float a, size_t n) {
+#pragma omp parallel for schedule(static) if (n > 65536)
+    for (size_t i = 0; i < n; i++) y[i] += a * x[i];
+}
+
+static void cpu_sigmoid_gate_add(float *y, const float *x, const float *z, int T, int C) {
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < T; t++) {
+        float g = 1.0f / (1.0f + expf(-z[t]));
+        for (int c = 0; c < C; c++) y[(size_t)t * C + c] += g * x[(size_t)t * C + c];
+    }
+}
+
+/* ---- routing ------------------------------------------------------------ */
+
+static void softmax_row(float *p, const float *x, int C) {
+    float mx = -INFINITY;
+    for (int c = 0; c < C; c++)
+        if (x[c] > mx) mx = x[c];
+    double sum = 0.0;
+    for (int c = 0; c < C; c++) {
+        p[c] = expf(x[c] - mx);
+        sum += p[c];
+    }
+    float inv = (float)(1.0 / sum);
+    for (int c = 0; c < C; c++) p[c] *= inv;
+}
+
+/* top-k of s[0..E-1] by value, ties to the lower index, sorted descending */
+static void topk_row(int32_t *idx, float *val, const float *s, int E, int K) {
+    for (int k = 0; k < K; k++) {
+        int best = -1;
+        for (int e = 0; e < E; e++) {
+            int taken = 0;
+            for (int j = 0; j < k; j++)
+                if (idx[j] == e) taken = 1;
+            if (taken) continue;
+            if (best < 0 || s[e] > s[best]) best = e;
+        }
+        idx[k] = best;
+        val[k] = s[best];
+    }
+}
+
+static void cpu_router(int32_t *idx, float *wt, float *probs, const float *logits, int mode,
+                       int renorm, int T, int E, int K) {
+#pragma omp parallel
+    {
+        float *p = malloc(sizeof(float) * (size_t)E);
+#pragma omp for schedule(static)
+        for (int t = 0; t < T; t++) {
+            const float *l = logits + (size_t)t * E;
+            int32_t *ix = idx + (size_t)t * K;
+            float *w = wt + (size_t)t * K;
+            if (mode == MOE_ROUTE_TOPK_SOFTMAX) {
+                topk_row(ix, w, l, E, K);
+                softmax_row(w, w, K); /* w holds the selected logits, max first */
+                if (probs) softmax_row(probs + (size_t)t * E, l, E);
+            } else {
+                softmax_row(p, l, E);
+                topk_row(ix, w, p, E, K);
+                if (probs) memcpy(probs + (size_t)t * E, p, sizeof(float) * E);
+            }
+            if (renorm != MOE_RENORM_NONE) {
+                float s = 0.0f;
+                for (int k = 0; k < K; k++) s += w[k];
+                if (renorm == MOE_RENORM_SUM_EPS) s += 1e-20f;
+                for (int k = 0; k < K; k++) w[k] /= s;
+            }
+        }
+        free(p);
+    }
+}
+
+static void cpu_gather_rows(float *dst, const float *src, const int32_t *rows, int n, int C) {
+#pragma omp parallel for schedule(static) if (n * (size_t)C > 65536)
+    for (int i = 0; i < n; i++)
+        memcpy(dst + (size_t)i * C, src + (size_t)rows[i] * C, sizeof(float) * C);
+}
+
+static void cpu_scatter_add_rows(float *dst, const float *src, const int32_t *rows,
+                                 const float *scale, int n, int C) {
+#pragma omp parallel for schedule(static) if (n * (size_t)C > 65536)
+    for (int i = 0; i < n; i++) {
+        float a = scale ? scale[i] : 1.0f;
+        float *d = dst + (size_t)rows[i] * C;
+        const float *s = src + (size_t)i * C;
+        if (scale)
+            for (int c = 0; c < C; c++) d[c] += s[c] * a;
+        else
+            for (int c = 0; c < C; c++) d[c] += s[c];
+    }
+}
+
+/* ---- reductions for the search tools ----------------------------------- */
+
+static void cpu_softmax_rows(float *p, const float *x, int T, int C) {
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < T; t++) softmax_row(p + (size_t)t * C, x + (size_t)t * C, C);
+}
+
+/* CD-MoE's calculate_js_divergence: p = softmax(a), q = softmax(b),
+ * m = (p+q)/2, KL(x||y) = Σ (x+ε)(log(x+ε) − log(y+ε)) with ε = 1e-10,
+ * JS = (KL(p||m) + KL(q||m)) / 2.  Probabilities are float32 as in torch, the
+ * sums are double. */
+static double row_divergence(const float *a, const float *b, float *pa, float *pb, int metric,
+                             int C) {
+    const double eps = 1e-10;
+    double r = 0.0;
+    switch (metric) {
+    case MOE_DIV_JS:
+        softmax_row(pa, a, C);
+        softmax_row(pb, b, C);
+        {
+            double kp = 0.0, kq = 0.0;
+            for (int c = 0; c < C; c++) {
+                float m = 0.5f * (pa[c] + pb[c]);
+                double lm = log((double)m + eps);
+                double p = (double)pa[c] + eps, q = (double)pb[c] + eps;
+                kp += p * (log(p) - lm);
+                kq += q * (log(q) - lm);
+            }
+            r = 0.5 * (kp + kq);
+        }
+        break;
+    case MOE_DIV_KL:
+        softmax_row(pa, a, C);
+        softmax_row(pb, b, C);
+        for (int c = 0; c < C; c++) {
+            double p = (double)pa[c] + eps, q = (double)pb[c] + eps;
+            r += p * (log(p) - log(q));
+        }
+        break;
+    case MOE_DIV_MSE:
+        for (int c = 0; c < C; c++) {
+            double d = (double)a[c] - b[c];
+            r += d * d;
+        }
+        r /= C;
+        break;
+    case MOE_DIV_COSINE: {
+        double ab = 0, aa = 0, bb = 0;
+        for (int c = 0; c < C; c++) {
+            ab += (double)a[c] * b[c];
+            aa += (double)a[c] * a[c];
+            bb += (double)b[c] * b[c];
+        }
+        double den = sqrt(aa) * sqrt(bb);
+        r = den > 0 ? 1.0 - ab / den : (aa == bb ? 0.0 : 1.0);
+        break;
+    }
+    }
+    return r;
+}
+
+static void cpu_divergence(double *d, const float *a, const float *b, int metric, int T, int C) {
+#pragma omp parallel
+    {
+        float *pa = malloc(sizeof(float) * (size_t)C * 2), *pb = pa + C;
+#pragma omp for schedule(static)
+        for (int t = 0; t < T; t++)
+            d[t] = row_divergence(a + (size_t)t * C, b + (size_t)t * C, pa, pb, metric, C);
+        free(pa);
+    }
+}
+
+/* ---- tables ------------------------------------------------------------- */
+
+static const moe_backend cpu_backend = {
+    .name = "cpu",
+    .weight_dtype = MOE_WT_F32,
+    .alloc = cpu_alloc,
+    .free = cpu_free,
+    .upload = cpu_memcpy,
+    .download = cpu_memcpy,
+    .copy = cpu_memcpy,
+    .zero = cpu_zero,
+    .sync = cpu_sync,
+    .matmul = cpu_matmul,
+    .rmsnorm = cpu_rmsnorm,
+    .rope = cpu_rope,
+    .attention = cpu_attention,
+    .swiglu = cpu_swiglu,
+    .axpy = cpu_axpy,
+    .sigmoid_gate_add = cpu_sigmoid_gate_add,
+    .router = cpu_router,
+    .gather_rows = cpu_gather_rows,
+    .scatter_add_rows = cpu_scatter_add_rows,
+    .softmax_rows = cpu_softmax_rows,
+    .divergence = cpu_divergence,
+};
+
+static const moe_backend cpu_ref_backend = {
+    .name = "cpu-ref",
+    .weight_dtype = MOE_WT_F32,
+    .alloc = cpu_alloc,
+    .free = cpu_free,
+    .upload = cpu_memcpy,
+    .download = cpu_memcpy,
+    .copy = cpu_memcpy,
+    .zero = cpu_zero,
+    .sync = cpu_sync,
+    .matmul = ref_matmul,
+    .rmsnorm = cpu_rmsnorm,
+    .rope = cpu_rope,
+    .attention = ref_attention,
+    .swiglu = cpu_swiglu,
+    .axpy = cpu_axpy,
+    .sigmoid_gate_add = cpu_sigmoid_gate_add,
+    .router = cpu_router,
+    .gather_rows = cpu_gather_rows,
+    .scatter_add_rows = cpu_scatter_add_rows,
+    .softmax_rows = cpu_softmax_rows,
+    .divergence = cpu_divergence,
+};
+
+const moe_backend *moe_backend_cpu(void) { return &cpu_backend; }
+const moe_backend *moe_backend_cpu_ref(void) { return &cpu_ref_backend; }
+
+#ifdef MOE_HAVE_CUDA
+const moe_backend *moe_backend_cuda(void); /* kernels/cuda/, may be NULL + error */
+#endif
+
+const moe_backend *moe_backend_get(const char *name) {
+    if (!name || !strcmp(name, "cpu")) return &cpu_backend;
+    if (!strcmp(name, "cpu-ref")) return &cpu_ref_backend;
+#ifdef MOE_HAVE_CUDA
+    if (!strcmp(name, "cuda")) return moe_backend_cuda();
+#endif
+    moe_error_set(MOE_ERR_DATA, "unknown device '%s' (expected cpu%s)", name,
+#ifdef MOE_HAVE_CUDA
+                  " or cuda"
+#else
+                  "; this build has no CUDA"
+#endif
+    );
+    return NULL;
+}
+
+/* ---- host helpers --------------------------------------------------------- */
+
+size_t moe_weight_size(int dt) { return dt == MOE_WT_BF16 ? 2 : 4; }
+
+void moe_weight_convert(void *dst, int dt, const float *src, size_t n) {
+    if (dt == MOE_WT_F32) {
+        if (dst != src) memmove(dst, src, n * sizeof(float));
+        return;
+    }
+    uint16_t *d = dst;
+    for (size_t i = 0; i < n; i++) d[i] = moe_f32_to_bf16(src[i]);
+}
+
+void moe_dispatch_build(moe_dispatch *d, const int32_t *idx, const float *wt, int T, int E, int K) {
+    d->E = E;
+    d->T = T;
+    d->K = K;
+    d->off = moe_calloc((size_t)E + 1, sizeof(int32_t));
+    d->tokens = moe_malloc(sizeof(int32_t) * ((size_t)T * K + 1));
+    d->weights = moe_malloc(sizeof(float) * ((size_t)T * K + 1));
+    for (size_t i = 0; i < (size_t)T * K; i++) d->off[idx[i] + 1]++;
+    for (int e = 0; e < E; e++) d->off[e + 1] += d->off[e];
+    int32_t *fill = moe_malloc(sizeof(int32_t) * ((size_t)E + 1));
+    memcpy(fill, d->off, sizeof(int32_t) * ((size_t)E + 1));
+    for (int t = 0; t < T; t++)
+        for (int k = 0; k < K; k++) {
+            int e = idx[(size_t)t * K + k];
+            int32_t p = fill[e]++;
+            d->tokens[p] = t;
+            d->weights[p] = wt[(size_t)t * K + k];
+        }
+    free(fill);
+}
+
+void moe_dispatch_free(moe_dispatch *d) {
+    free(d->off);
+    free(d->tokens);
+    free(d->weights);
+    memset(d, 0, sizeof *d);
+}

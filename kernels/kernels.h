@@ -1,0 +1,198 @@
+/* kernels.h - the compute interface: one table of function pointers per backend.
+ *
+ * lib/model.c builds the forward pass only from these operations, so a backend
+ * (kernels/cpu.c now, kernels/cuda/ next) is selected at run time by handing
+ * the model a different `moe_backend`.  Conventions (llm.c style):
+ *
+ *   - arguments: outputs first, then inputs, then weights, then dimensions
+ *     (T tokens / rows, C channels, N output features, K inner dimension ...);
+ *   - every pointer argument carries its shape as a comment; all float
+ *     activations are float32, row-major, contiguous, in backend memory
+ *     (`alloc`ed by the same backend; for the CPU backend: host memory);
+ *   - index arrays (int32) and small per-token tables also live in backend
+ *     memory; `upload`/`download` move them from/to the host;
+ *   - an op never allocates from the caller's point of view (scratch is the
+ *     backend's business) and never fails: shapes are checked by the caller;
+ *   - determinism: every op gives byte-identical results whatever the number
+ *     of threads (no reduction is split across threads);
+ *   - ops run in issue order; `sync` waits for everything issued (CPU: no-op).
+ *
+ * Weights: `matmul` takes its weight as `const void *` in the backend's
+ * `weight_dtype` (CPU: MOE_WT_F32; a CUDA backend may ask for MOE_WT_BF16 and
+ * accumulate in fp32).  The model converts checkpoint tensors to that dtype
+ * with `moe_weight_convert` (below) before `upload`.  Biases and norm weights
+ * are always float32.
+ *
+ * The CPU backend also keeps a plain reference version of the ops that have
+ * an optimised one (`moe_backend_cpu_ref()`): triple-loop GEMM, one-row-at-a-
+ * time attention.  tests/unit/test_kernels.c compares the two.
+ */
+#ifndef MOE_KERNELS_H
+#define MOE_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* weight storage dtypes a backend can ask for */
+enum { MOE_WT_F32 = 0, MOE_WT_BF16 = 1 };
+
+/* router modes */
+enum {
+    MOE_ROUTE_SOFTMAX_TOPK = 0, /* p = softmax(logits) over all E; top-k of p (HF: all five) */
+    MOE_ROUTE_TOPK_SOFTMAX = 1, /* top-k of logits; softmax over the k selected (Mistral's
+                                 * reference; equals SOFTMAX_TOPK + RENORM_SUM) */
+};
+/* top-k weight renormalisation */
+enum {
+    MOE_RENORM_NONE = 0,
+    MOE_RENORM_SUM = 1,     /* w / sum(w)            (qwen*, olmoe, mixtral) */
+    MOE_RENORM_SUM_EPS = 2, /* w / (sum(w) + 1e-20)  (deepseek v1, when norm_topk_prob) */
+};
+/* per-token divergence metrics over the hidden dimension */
+enum {
+    MOE_DIV_JS = 0,     /* Jensen-Shannon of softmax(a), softmax(b), CD-MoE style (see cpu.c) */
+    MOE_DIV_KL = 1,     /* KL(softmax(a) || softmax(b)) with +1e-10 before the logs */
+    MOE_DIV_MSE = 2,    /* mean_c (a_c - b_c)^2 */
+    MOE_DIV_COSINE = 3, /* 1 - cos(a, b) */
+};
+
+typedef struct moe_backend moe_backend;
+struct moe_backend {
+    const char *name;  /* "cpu", "cpu-ref", "cuda" */
+    int weight_dtype;  /* MOE_WT_* expected by matmul */
+
+    /* ---- memory -------------------------------------------------------- */
+    void *(*alloc)(size_t nbytes);                           /* never NULL (aborts on OOM) */
+    void (*free)(void *p);                                   /* NULL ok */
+    void (*upload)(void *dst, const void *src, size_t nbytes);   /* host -> backend */
+    void (*download)(void *dst, const void *src, size_t nbytes); /* backend -> host */
+    void (*copy)(void *dst, const void *src, size_t nbytes);     /* backend -> backend */
+    void (*zero)(void *dst, size_t nbytes);
+    void (*sync)(void);
+
+    /* ---- linear algebra -------------------------------------------------- */
+    /* y = x·Wᵀ (+ bias), or y += x·Wᵀ (+ bias) when accumulate is 1.
+     * (nn.Linear: W is [out=N, in=K] row-major.) */
+    void (*matmul)(float *y,          /* [T, N] */
+                   const float *x,    /* [T, K] */
+                   const void *w,     /* [N, K] in weight_dtype */
+                   const float *bias, /* [N] or NULL */
+                   int T, int K, int N, int accumulate);
+
+    /* ---- normalisation and position ------------------------------------- */
+    /* y_t = w ⊙ (x_t / sqrt(mean_c x_tc² + eps)); y may alias x.
+     * Per-head q/k norm (qwen3): T·heads rows of C = head_dim. */
+    void (*rmsnorm)(float *y,       /* [T, C] */
+                    const float *x, /* [T, C] */
+                    const float *w, /* [C] */
+                    float eps, int T, int C);
+    /* Rotary embedding in place, rotate-half (NeoX/HF) layout: for j < D/2,
+     * angle a = (pos0 + t)·theta^(-2j/D) (fp32),
+     * x_j' = x_j cos a − x_{j+D/2} sin a;  x_{j+D/2}' = x_{j+D/2} cos a + x_j sin a. */
+    void (*rope)(float *x, /* [T, nh, D] in/out (a q or k projection, head-major features) */
+                 float theta, int pos0, int T, int nh, int D);
+
+    /* ---- attention ------------------------------------------------------- */
+    /* Causal self-attention of one sequence with grouped KV heads:
+     * query head h reads KV head h / (nh/nkv); S = q·kᵀ·scale, masked for
+     * key > query, softmax in fp32, out = P·v; heads concatenated (h·D + d). */
+    void (*attention)(float *out,     /* [T, nh·D] */
+                      const float *q, /* [T, nh·D] */
+                      const float *k, /* [T, nkv·D] */
+                      const float *v, /* [T, nkv·D] */
+                      float scale, int T, int nh, int nkv, int D);
+
+    /* ---- element-wise ---------------------------------------------------- */
+    /* h = silu(g)·u where g = gu[:, :I], u = gu[:, I:] (gate rows first, as the
+     * model fuses gate_proj and up_proj into one [2I, H] weight). */
+    void (*swiglu)(float *h,        /* [T, I] */
+                   const float *gu, /* [T, 2I] */
+                   int T, int I);
+    /* y += a·x */
+    void (*axpy)(float *y, /* [n] */ const float *x, /* [n] */ float a, size_t n);
+    /* y_t += sigmoid(z_t)·x_t  (qwen2_moe shared-expert gate) */
+    void (*sigmoid_gate_add)(float *y,       /* [T, C] */
+                             const float *x, /* [T, C] */
+                             const float *z, /* [T] gate logits (x·g_sᵀ) */
+                             int T, int C);
+
+    /* ---- routing and expert dispatch -------------------------------------- */
+    /* Top-k routing per token.  Ties go to the lower expert id; the k slots
+     * are sorted by weight, descending.  probs (optional) receives the full
+     * softmax over E in mode SOFTMAX_TOPK. */
+    void (*router)(int32_t *idx,        /* [T, K] expert ids */
+                   float *wt,           /* [T, K] routing weights */
+                   float *probs,        /* [T, E] or NULL */
+                   const float *logits, /* [T, E] */
+                   int mode, int renorm, int T, int E, int K);
+    /* dst_i = src_{rows_i} */
+    void (*gather_rows)(float *dst,           /* [n, C] */
+                        const float *src,     /* [T, C] */
+                        const int32_t *rows,  /* [n] in 0..T-1 */
+                        int n, int C);
+    /* dst_{rows_i} += scale_i·src_i, for i = 0..n-1 in that order; rows must be
+     * distinct within one call (one expert sees a token at most once). */
+    void (*scatter_add_rows)(float *dst,          /* [T, C] */
+                             const float *src,    /* [n, C] */
+                             const int32_t *rows, /* [n] */
+                             const float *scale,  /* [n] or NULL (= 1) */
+                             int n, int C);
+
+    /* ---- reductions for the search tools ----------------------------------- */
+    /* p_t = softmax(x_t) over C (fp32, max-subtracted) */
+    void (*softmax_rows)(float *p,       /* [T, C] */
+                         const float *x, /* [T, C] */
+                         int T, int C);
+    /* d_t = metric(a_t, b_t) over the hidden dimension, in double.  JS/KL
+     * take raw vectors and apply softmax over C themselves. */
+    void (*divergence)(double *d,      /* [T] */
+                       const float *a, /* [T, C] reference */
+                       const float *b, /* [T, C] candidate */
+                       int metric, int T, int C);
+};
+
+/* Backends.  The CPU ones are static tables; they use OpenMP for element-wise
+ * and attention work and OpenBLAS for GEMM (see cpu.c on determinism). */
+const moe_backend *moe_backend_cpu(void);
+const moe_backend *moe_backend_cpu_ref(void); /* plain loops, for tests */
+/* "cpu", "cpu-ref" (and "cuda" when built with it); NULL + error if unknown. */
+const moe_backend *moe_backend_get(const char *name);
+
+/* Host-side helpers shared by all backends ------------------------------- */
+
+/* Threads used by OpenMP regions and OpenBLAS (0 = all cores). */
+void moe_kernels_set_threads(int n);
+int moe_kernels_threads(void);
+
+/* Convert n float32 values to a weight dtype (host memory). */
+void moe_weight_convert(void *dst, int weight_dtype, const float *src, size_t n);
+size_t moe_weight_size(int weight_dtype); /* bytes per element */
+
+/* Grouping of routed tokens per expert (host memory).  From idx/wt [T, K]
+ * builds, for every expert e, the list of tokens routed to it in ascending
+ * token order and their weights: tokens[off[e] .. off[e+1]-1]. */
+typedef struct {
+    int E, T, K;
+    int32_t *off;    /* [E + 1] */
+    int32_t *tokens; /* [T·K] */
+    float *weights;  /* [T·K] */
+} moe_dispatch;
+void moe_dispatch_build(moe_dispatch *d, const int32_t *idx, const float *wt, int T, int E, int K);
+void moe_dispatch_free(moe_dispatch *d);
+
+/* bf16/f16 helpers (exact conversions) */
+static inline float moe_bf16_to_f32(uint16_t h) {
+    union { uint32_t u; float f; } v;
+    v.u = (uint32_t)h << 16;
+    return v.f;
+}
+/* round to nearest even; NaN stays NaN */
+static inline uint16_t moe_f32_to_bf16(float f) {
+    union { uint32_t u; float f; } v;
+    v.f = f;
+    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40);
+    v.u += 0x7fffu + ((v.u >> 16) & 1u);
+    return (uint16_t)(v.u >> 16);
+}
+
+#endif
