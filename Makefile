@@ -62,6 +62,9 @@ TOOL_SRC := $(wildcard tools/moe-*.c)
 TOOLS := $(TOOL_SRC:tools/%.c=$(BIN)/%)
 TEST_SRC := $(wildcard tests/unit/test_*.c)
 TESTS := $(TEST_SRC:tests/unit/%.c=$(BUILD)/tests/%)
+GPU_TEST_SRC := $(wildcard tests/unit/gpu_*.c)
+GPU_TESTS := $(GPU_TEST_SRC:tests/unit/%.c=$(BUILD)/tests/%)
+GPU_BENCH := $(patsubst bench/%.c,$(BUILD)/bench/%,$(wildcard bench/gpu_*.c))
 MAN1 := $(wildcard man/man1/*.1)
 MAN5 := $(wildcard man/man5/*.5)
 
@@ -88,6 +91,12 @@ $(BUILD)/tests/%: $(BUILD)/tests/unit/%.o $(LIBA)
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) $< $(LIBA) $(LDLIBS) -lcmocka -o $@
 
+# GPU parity tests (tests/unit/gpu_*.c, run by `make test-gpu`) and GPU
+# benchmark programs (bench/gpu_*.c, run by bench/gpu-check.sh).
+$(BUILD)/bench/gpu_%: $(BUILD)/bench/gpu_%.o $(LIBA)
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) $< $(LIBA) $(LDLIBS) -o $@
+
 # Dependencies: Debian packages, installed only when missing.
 DEB_PKGS := build-essential pkg-config libmsgpack-dev libzstd-dev zstd libjansson-dev \
 	libonig-dev libutf8proc-dev libopenblas-dev libcmocka-dev python3-msgpack python3-zstandard
@@ -106,7 +115,7 @@ test: deps
 	BIN=$(BIN) BUILD=$(BUILD) sh tests/run.sh
 
 .PHONY: all-tests
-all-tests: $(TOOLS) $(TESTS)
+all-tests: $(TOOLS) $(TESTS) $(GPU_TESTS) $(GPU_BENCH)
 
 test-gpu: all-tests
 	BIN=$(BIN) BUILD=$(BUILD) sh tests/run.sh --gpu
