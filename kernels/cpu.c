@@ -57,11 +57,34 @@ static void add_bias(float *y, const float *bias, int T, int N) {
         for (int n = 0; n < N; n++) y[(size_t)t * N + n] += bias[n];
 }
 
+/* OpenBLAS (0.3.x on SkylakeX and others) routes "small" products
+ * (M·N·K <= 100³) to special kernels whose rounding differs from the
+ * blocked kernels, and newer versions route single-row products to GEMV.
+ * Either would make a token's result depend on how many other tokens share
+ * the call (batching, tokens per expert).  So tiny calls are padded with zero
+ * rows up to a size the blocked kernels take; per-row results of those do not
+ * depend on the row count (tests/unit/test_kernels.c checks both). */
+#define SMALL_MNK 1000000.0
+
 static void cpu_matmul(float *y, const float *x, const void *w, const float *bias, int T, int K,
                        int N, int accumulate) {
     if (T <= 0 || N <= 0) return;
     if (K <= 0) {
         if (!accumulate) memset(y, 0, sizeof(float) * (size_t)T * N);
+    } else if (T < 2 || (double)T * N * K <= SMALL_MNK) {
+        int Tp = (int)(SMALL_MNK / ((double)N * K)) + 1;
+        if (Tp < 2) Tp = 2;
+        if (Tp < T) Tp = T;
+        float *xp = calloc((size_t)Tp * K, sizeof(float));
+        float *yp = calloc((size_t)Tp * N, sizeof(float));
+        if (!xp || !yp) moe_malloc((size_t)-1 / 2); /* out of memory: abort with a message */
+        memcpy(xp, x, sizeof(float) * (size_t)T * K);
+        if (accumulate) memcpy(yp, y, sizeof(float) * (size_t)T * N);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Tp, N, K, 1.0f, xp, K,
+                    (const float *)w, K, accumulate ? 1.0f : 0.0f, yp, N);
+        memcpy(y, yp, sizeof(float) * (size_t)T * N);
+        free(xp);
+        free(yp);
     } else {
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, N, K, 1.0f, x, K, (const float *)w,
                     K, accumulate ? 1.0f : 0.0f, y, N);
@@ -200,12 +223,12 @@ static void cpu_attention(float *out, const float *q, const float *k, const floa
 
 /* ---- element-wise ------------------------------------------------------- */
 
-static void cpu_swiglu(float *h, const float *gu, int T, int I) {
+static void cpu_swiglu(float *h, const float *gu, int T, int Im) {
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < T; t++) {
-        const float *g = gu + (size_t)t * 2 * I, *u = g + I;
-        float *o = h + (size_t)t * I;
-        for (int i = 0; i < I; i++) {
+        const float *g = gu + (size_t)t * 2 * Im, *u = g + Im;
+        float *o = h + (size_t)t * Im;
+        for (int i = 0; i < Im; i++) {
             float sg = 1.0f / (1.0f + expf(-g[i]));
             o[i] = (g[i] * sg) * u[i];
         }
@@ -383,6 +406,7 @@ static void cpu_divergence(double *d, const float *a, const float *b, int metric
 static const moe_backend cpu_backend = {
     .name = "cpu",
     .weight_dtype = MOE_WT_F32,
+    .host_memory = 1,
     .alloc = cpu_alloc,
     .free = cpu_free,
     .upload = cpu_memcpy,
@@ -407,6 +431,7 @@ static const moe_backend cpu_backend = {
 static const moe_backend cpu_ref_backend = {
     .name = "cpu-ref",
     .weight_dtype = MOE_WT_F32,
+    .host_memory = 1,
     .alloc = cpu_alloc,
     .free = cpu_free,
     .upload = cpu_memcpy,
@@ -431,23 +456,19 @@ static const moe_backend cpu_ref_backend = {
 const moe_backend *moe_backend_cpu(void) { return &cpu_backend; }
 const moe_backend *moe_backend_cpu_ref(void) { return &cpu_ref_backend; }
 
-#ifdef MOE_HAVE_CUDA
-const moe_backend *moe_backend_cuda(void); /* kernels/cuda/, may be NULL + error */
-#endif
+/* Provided by kernels/cuda/ when built with CUDA (weak: absent otherwise).
+ * It returns NULL with an error when no usable GPU is present. */
+const moe_backend *moe_backend_cuda(void) __attribute__((weak));
 
 const moe_backend *moe_backend_get(const char *name) {
     if (!name || !strcmp(name, "cpu")) return &cpu_backend;
     if (!strcmp(name, "cpu-ref")) return &cpu_ref_backend;
-#ifdef MOE_HAVE_CUDA
-    if (!strcmp(name, "cuda")) return moe_backend_cuda();
-#endif
-    moe_error_set(MOE_ERR_DATA, "unknown device '%s' (expected cpu%s)", name,
-#ifdef MOE_HAVE_CUDA
-                  " or cuda"
-#else
-                  "; this build has no CUDA"
-#endif
-    );
+    if (!strcmp(name, "cuda")) {
+        if (moe_backend_cuda) return moe_backend_cuda();
+        moe_error_set(MOE_ERR_DEVICE, "device cuda: this build has no CUDA backend");
+        return NULL;
+    }
+    moe_error_set(MOE_ERR_DATA, "unknown device '%s' (expected cpu, cpu-ref or cuda)", name);
     return NULL;
 }
 

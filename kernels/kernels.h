@@ -60,6 +60,8 @@ typedef struct moe_backend moe_backend;
 struct moe_backend {
     const char *name;  /* "cpu", "cpu-ref", "cuda" */
     int weight_dtype;  /* MOE_WT_* expected by matmul */
+    int host_memory;   /* 1: backend pointers are host pointers (CPU); the model
+                        * then reads weights straight into backend buffers */
 
     /* ---- memory -------------------------------------------------------- */
     void *(*alloc)(size_t nbytes);                           /* never NULL (aborts on OOM) */
@@ -103,11 +105,11 @@ struct moe_backend {
                       float scale, int T, int nh, int nkv, int D);
 
     /* ---- element-wise ---------------------------------------------------- */
-    /* h = silu(g)·u where g = gu[:, :I], u = gu[:, I:] (gate rows first, as the
-     * model fuses gate_proj and up_proj into one [2I, H] weight). */
-    void (*swiglu)(float *h,        /* [T, I] */
-                   const float *gu, /* [T, 2I] */
-                   int T, int I);
+    /* h = silu(g)·u where g = gu[:, :Im], u = gu[:, Im:] (gate rows first, as the
+     * model fuses gate_proj and up_proj into one [2·Im, H] weight). */
+    void (*swiglu)(float *h,        /* [T, Im] */
+                   const float *gu, /* [T, 2·Im] */
+                   int T, int Im);
     /* y += a·x */
     void (*axpy)(float *y, /* [n] */ const float *x, /* [n] */ float a, size_t n);
     /* y_t += sigmoid(z_t)·x_t  (qwen2_moe shared-expert gate) */

@@ -19,6 +19,7 @@ runs through DeepseekRef below, written from the published modeling_deepseek.py
 OUTDIR/NOTES.md records the router margins and how far HF's native bf16 forward is from float32.
 Deterministic (fixed seeds, CPU, one thread).
 """
+import copy
 import json
 import math
 import os
@@ -308,10 +309,14 @@ def make(arch, seed):
 
 
 def round_bf16(model, arch):
+    """Round the weights to bf16 values, kept in float32.  Only parameters: model.to(bf16)
+    would also round buffers such as the rotary inv_freq, which HF computes in float32."""
     if arch == "deepseek":
         model.to_dtype(torch.bfloat16).to_dtype(torch.float32)
     else:
-        model.to(torch.bfloat16).to(torch.float32)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(p.to(torch.bfloat16).to(torch.float32))
 
 
 CONDENSE = {"deepseek": (1, [5, 2, 7], [0.31, 0.22, 0.115]),
@@ -353,9 +358,8 @@ def main():
                 with open(os.path.join(d, "config.json"), "w") as f:
                     json.dump(c, f, indent=2, sort_keys=True)
             else:
-                sm = model.to(torch.bfloat16) if dtype == "bf16" else model
+                sm = copy.deepcopy(model).to(torch.bfloat16) if dtype == "bf16" else model
                 sm.save_pretrained(d, safe_serialization=True)
-                model.to(torch.float32)
                 for extra in ["generation_config.json"]:
                     if os.path.exists(os.path.join(d, extra)):
                         os.remove(os.path.join(d, extra))
@@ -384,20 +388,20 @@ def main():
             # native bf16 forward vs the float32 reference on the same (bf16-rounded) weights
             if dtype == "bf16":
                 if arch == "deepseek":
-                    model.to_dtype(torch.bfloat16)
-                else:
-                    model.to(torch.bfloat16)
+                    nat = model.to_dtype(torch.bfloat16)
+                else:  # as users run it: from_pretrained in bf16
+                    import transformers as tf
+                    nat = tf.AutoModelForCausalLM.from_pretrained(
+                        d, dtype=torch.bfloat16, attn_implementation="eager").eval()
                 eh, el = [], []
                 for s, ids in enumerate(seqs):
-                    hb, lb, _ = fwd(model, ids)
+                    hb, lb, _ = fwd(nat, ids)
                     hr = np.load(os.path.join(d, f"seq{s}_hidden.npy"))
                     lr = np.load(os.path.join(d, f"seq{s}_logits.npy"))
                     eh.append(np.linalg.norm(hb[-1].float().numpy() - hr[-1]) / np.linalg.norm(hr[-1]))
                     el.append(np.linalg.norm(lb.float().numpy() - lr) / np.linalg.norm(lr))
                 if arch == "deepseek":
                     model.to_dtype(torch.float32)
-                else:
-                    model.to(torch.float32)
                 notes.append(f"| {arch} | {margin:.2e} | {max(eh):.2e} | {max(el):.2e} |")
             print(f"{arch}-{dtype}: min top-{K} margin {margin:.3e}", file=sys.stderr)
             if margin < 1e-4:

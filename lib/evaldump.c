@@ -1,0 +1,164 @@
+/* evaldump.c - see evaldump.h */
+#include "evaldump.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "common.h"
+
+int moe_dump_parse_what(const char *s, moe_dump_opts *o) {
+    o->hidden = o->logits = 0;
+    const char *p = s;
+    while (*p) {
+        size_t n = strcspn(p, ",");
+        if (n == 6 && !strncmp(p, "hidden", 6))
+            o->hidden = 1;
+        else if (n == 6 && !strncmp(p, "logits", 6))
+            o->logits = 1;
+        else {
+            moe_error_set(MOE_ERR_DATA, "--dump: unknown item '%.*s' (expected hidden, logits)",
+                          (int)n, p);
+            return -1;
+        }
+        p += n;
+        if (*p == ',') p++;
+    }
+    if (!o->hidden && !o->logits) {
+        moe_error_set(MOE_ERR_DATA, "--dump: nothing to dump (expected hidden, logits or both)");
+        return -1;
+    }
+    return 0;
+}
+
+/* A pending sequence: a deep copy of its tokens record and its ids. */
+typedef struct {
+    char *rec_bytes; /* packed record */
+    size_t rec_len;
+    int64_t index;
+    int32_t *ids;
+    int T;
+} pending;
+
+typedef struct {
+    pending *p;
+    int n, cap;
+    size_t tokens;
+} batch;
+
+static int flush(moe_model *m, batch *b, moe_writer *w, const moe_dump_opts *o) {
+    const moe_config *c = moe_model_config(m);
+    int L = c->num_layers, H = c->hidden_size, V = c->vocab_size;
+    moe_seq *seqs = moe_calloc((size_t)b->n + 1, sizeof *seqs);
+    int rc = 0;
+    for (int i = 0; i < b->n; i++) {
+        int T = b->p[i].T;
+        seqs[i].ids = b->p[i].ids;
+        seqs[i].T = T;
+        seqs[i].hidden = o->hidden ? moe_malloc(sizeof(float) * (size_t)(L + 1) * T * H) : NULL;
+        seqs[i].logits = o->logits ? moe_malloc(sizeof(float) * (size_t)T * V) : NULL;
+    }
+    if (b->n) rc = moe_model_forward(m, seqs, b->n, 0, NULL, NULL);
+    for (int i = 0; i < b->n && rc == 0; i++) {
+        /* pass the tokens record through, then its dump */
+        msgpack_unpacked u;
+        msgpack_unpacked_init(&u);
+        size_t off = 0;
+        msgpack_unpack_next(&u, b->p[i].rec_bytes, b->p[i].rec_len, &off);
+        rc = moe_writer_copy(w, &u.data);
+        msgpack_unpacked_destroy(&u);
+        if (rc < 0) break;
+        int T = seqs[i].T;
+        msgpack_packer *pk = moe_writer_record(w, "dump", 1 + o->hidden + o->logits);
+        if (!pk) {
+            rc = -1;
+            break;
+        }
+        moe_pack_kv_int(pk, "index", b->p[i].index);
+        if (o->hidden) {
+            int64_t sh[3] = {L + 1, T, H};
+            moe_pack_kv_array(pk, "hidden", MOE_DT_F32, 3, sh, seqs[i].hidden);
+        }
+        if (o->logits) {
+            int64_t sh[2] = {T, V};
+            moe_pack_kv_array(pk, "logits", MOE_DT_F32, 2, sh, seqs[i].logits);
+        }
+    }
+    for (int i = 0; i < b->n; i++) {
+        free(seqs[i].hidden);
+        free(seqs[i].logits);
+        free(b->p[i].rec_bytes);
+        free(b->p[i].ids);
+    }
+    free(seqs);
+    b->n = 0;
+    b->tokens = 0;
+    return rc;
+}
+
+int moe_eval_dump(moe_model *m, moe_reader *r, moe_writer *w, const moe_dump_opts *o) {
+    size_t limit = o->batch_tokens ? o->batch_tokens : 2048;
+    batch b = {0};
+    const msgpack_object *rec;
+    int rc, nr;
+    msgpack_sbuffer sb;
+    msgpack_sbuffer_init(&sb);
+    while ((nr = moe_reader_next(r, &rec)) > 0) {
+        if (!moe_record_is(rec, "tokens")) {
+            /* other records keep their place: flush what comes before them */
+            if (flush(m, &b, w, o) < 0 || moe_writer_copy(w, rec) < 0) goto fail;
+            continue;
+        }
+        int64_t index;
+        moe_array ids;
+        if (moe_record_int(r, rec, "index", &index) < 0 || moe_record_array(r, rec, "ids", &ids) < 0)
+            goto fail;
+        if (ids.ndim != 1 || ids.count < 1) {
+            moe_error_set(MOE_ERR_DATA, "%s: record %llu: 'ids' must be a non-empty 1-d array",
+                          moe_reader_name(r), (unsigned long long)moe_reader_index(r));
+            goto fail;
+        }
+        int T = (int)ids.count;
+        if (o->max_length > 0 && T > o->max_length) T = o->max_length;
+        pending p = {0};
+        p.index = index;
+        p.T = T;
+        p.ids = moe_malloc(sizeof(int32_t) * (size_t)ids.count);
+        if (moe_array_to_i32(&ids, p.ids) < 0) {
+            moe_error_set(MOE_ERR_DATA, "%s: record %llu: 'ids': values out of int32 range",
+                          moe_reader_name(r), (unsigned long long)moe_reader_index(r));
+            free(p.ids);
+            goto fail;
+        }
+        msgpack_sbuffer_clear(&sb);
+        msgpack_packer pk;
+        msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+        msgpack_pack_object(&pk, *rec);
+        p.rec_bytes = moe_malloc(sb.size);
+        memcpy(p.rec_bytes, sb.data, sb.size);
+        p.rec_len = sb.size;
+        if (b.n && b.tokens + (size_t)T > limit && flush(m, &b, w, o) < 0) {
+            free(p.ids);
+            free(p.rec_bytes);
+            goto fail;
+        }
+        if (b.n == b.cap) {
+            b.cap = b.cap ? 2 * b.cap : 16;
+            b.p = moe_realloc(b.p, sizeof *b.p * (size_t)b.cap);
+        }
+        b.p[b.n++] = p;
+        b.tokens += (size_t)T;
+    }
+    if (nr < 0 || flush(m, &b, w, o) < 0) goto fail;
+    rc = 0;
+    goto done;
+fail:
+    for (int i = 0; i < b.n; i++) {
+        free(b.p[i].rec_bytes);
+        free(b.p[i].ids);
+    }
+    rc = -1;
+done:
+    free(b.p);
+    msgpack_sbuffer_destroy(&sb);
+    return rc;
+}

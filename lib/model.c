@@ -1,0 +1,823 @@
+/* model.c - forward pass from kernels.h ops; weights streamed per layer.
+ * See model.h for the API and the memory model. */
+#include "model.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common.h"
+
+/* ---- state ------------------------------------------------------------- */
+
+typedef struct {
+    int loaded;
+    /* attention (weights in backend weight dtype; norms/biases f32) */
+    void *wq, *wk, *wv, *wo;
+    float *bq, *bk, *bv, *qn, *kn;
+    float *in_norm, *post_norm;
+    /* dense MLP, or the fused wide SwiGLU of a condensed layer */
+    void *gu, *down;
+    int I;
+    /* routed MoE */
+    void *router;
+    void **e_gu, **e_down; /* [E], NULL entries when not cached */
+    /* shared experts (MoE; condensed with a gated shared expert) */
+    void *s_gu, *s_down, *s_gate;
+    int Is;
+} layer_w;
+
+/* run-time override of a layer's MLP kind */
+typedef struct {
+    int active;
+    int n;
+    int *experts;
+    float *weights;
+} layer_override;
+
+enum { S_XN, S_Q, S_K, S_V, S_ATT, S_LOGITS, S_IDX, S_WT, S_PROBS, S_XE, S_GU, S_H, S_O,
+       S_Z, S_TOK, S_TWT, S_Y, S_COUNT };
+
+struct moe_model {
+    moe_ckpt *ck;
+    const moe_config *cfg;
+    const moe_backend *be;
+    size_t cache_bytes;
+    layer_w *lw;
+    layer_override *ov;
+    float *final_norm;
+    void *scr[S_COUNT];
+    size_t scr_n[S_COUNT];
+};
+
+/* ---- small helpers ------------------------------------------------------- */
+
+static void *scratch(moe_model *m, int slot, size_t nbytes) {
+    if (m->scr_n[slot] < nbytes) {
+        m->be->free(m->scr[slot]);
+        m->scr[slot] = m->be->alloc(nbytes);
+        m->scr_n[slot] = nbytes;
+    }
+    return m->scr[slot];
+}
+
+float *moe_model_alloc(moe_model *m, size_t nfloats) {
+    float *p = m->be->alloc(nfloats * sizeof(float) + 1);
+    m->be->zero(p, nfloats * sizeof(float));
+    return p;
+}
+
+void moe_model_free(moe_model *m, void *p) { m->be->free(p); }
+
+static size_t wsz(const moe_model *m) { return moe_weight_size(m->be->weight_dtype); }
+
+/* Host f32 -> backend buffer of weight dtype (takes ownership of host). */
+static void *to_backend_w(moe_model *m, float *host, size_t n) {
+    const moe_backend *be = m->be;
+    if (be->host_memory && be->weight_dtype == MOE_WT_F32) return host; /* alloc'd by be */
+    void *tmp = host;
+    if (be->weight_dtype != MOE_WT_F32) {
+        tmp = moe_malloc(n * wsz(m) + 1);
+        moe_weight_convert(tmp, be->weight_dtype, host, n);
+    }
+    void *d = be->alloc(n * wsz(m) + 1);
+    be->upload(d, tmp, n * wsz(m));
+    if (tmp != host) free(tmp);
+    if (be->host_memory)
+        be->free(host);
+    else
+        free(host);
+    return d;
+}
+
+static float *host_f32(moe_model *m, size_t n) {
+    /* host staging: backend memory when it is host memory (no copy later) */
+    if (m->be->host_memory) return m->be->alloc(n * sizeof(float) + 1);
+    return moe_malloc(n * sizeof(float) + 1);
+}
+
+static void free_host_f32(moe_model *m, float *p) {
+    if (m->be->host_memory)
+        m->be->free(p);
+    else
+        free(p);
+}
+
+static size_t tensor_numel(const moe_model *m, int l, moe_tensor_kind k) {
+    int64_t sh[2];
+    int nd = moe_config_tensor_shape(m->cfg, l, k, sh);
+    if (nd < 0) return 0;
+    return nd == 1 ? (size_t)sh[0] : (size_t)sh[0] * (size_t)sh[1];
+}
+
+/* f32 vector (norm weight, bias) in backend memory */
+static float *load_vec(moe_model *m, int l, moe_tensor_kind k) {
+    size_t n = tensor_numel(m, l, k);
+    float *h = host_f32(m, n);
+    if (moe_ckpt_read_f32(m->ck, l, k, -1, h) < 0) {
+        free_host_f32(m, h);
+        return NULL;
+    }
+    if (m->be->host_memory) return h;
+    float *d = m->be->alloc(n * sizeof(float));
+    m->be->upload(d, h, n * sizeof(float));
+    free(h);
+    return d;
+}
+
+/* matrix weight in backend weight dtype */
+static void *load_mat(moe_model *m, int l, moe_tensor_kind k, int expert) {
+    size_t n = tensor_numel(m, l, k);
+    float *h = host_f32(m, n);
+    if (moe_ckpt_read_f32(m->ck, l, k, expert, h) < 0) {
+        free_host_f32(m, h);
+        return NULL;
+    }
+    return to_backend_w(m, h, n);
+}
+
+/* gate [I,H] and up [I,H] stacked into [2I,H] (gate rows first) */
+static void *load_gate_up(moe_model *m, int l, moe_tensor_kind kg, moe_tensor_kind ku, int expert,
+                          size_t IH) {
+    float *h = host_f32(m, 2 * IH);
+    if (moe_ckpt_read_f32(m->ck, l, kg, expert, h) < 0 ||
+        moe_ckpt_read_f32(m->ck, l, ku, expert, h + IH) < 0) {
+        free_host_f32(m, h);
+        return NULL;
+    }
+    return to_backend_w(m, h, 2 * IH);
+}
+
+static void release_expert_pages(moe_model *m, int l, int e) {
+    static const moe_tensor_kind ks[3] = {MOE_T_EXPERT_GATE, MOE_T_EXPERT_UP, MOE_T_EXPERT_DOWN};
+    for (int i = 0; i < 3; i++) {
+        const moe_st_tensor *t = moe_ckpt_get(m->ck, l, ks[i], e);
+        if (t) moe_st_release(t);
+    }
+    moe_error_clear();
+}
+
+static int check_layer(const moe_model *m, int l) {
+    if (l < 0 || l >= m->cfg->num_layers) {
+        moe_error_set(MOE_ERR_DATA, "%s: layer %d out of range (model has %d layers)",
+                      moe_ckpt_dir(m->ck), l, m->cfg->num_layers);
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- open / close ------------------------------------------------------ */
+
+void moe_model_set_threads(int n) { moe_kernels_set_threads(n); }
+
+moe_model *moe_model_open(const char *dir, const moe_model_opts *opts) {
+    const moe_backend *be = moe_backend_get(opts ? opts->device : NULL);
+    if (!be) return NULL;
+    moe_ckpt *ck = moe_ckpt_open(dir);
+    if (!ck) return NULL;
+    const moe_config *c = moe_ckpt_config(ck);
+    if (c->clip_qkv > 0) {
+        moe_error_set(MOE_ERR_DATA, "%s: clip_qkv %g is not supported", c->path, c->clip_qkv);
+        moe_ckpt_close(ck);
+        return NULL;
+    }
+    moe_model *m = moe_calloc(1, sizeof *m);
+    m->ck = ck;
+    m->cfg = c;
+    m->be = be;
+    m->cache_bytes = opts && opts->expert_cache_bytes ? opts->expert_cache_bytes : (size_t)1 << 30;
+    m->lw = moe_calloc((size_t)c->num_layers, sizeof *m->lw);
+    m->ov = moe_calloc((size_t)c->num_layers, sizeof *m->ov);
+    m->final_norm = load_vec(m, -1, MOE_T_FINAL_NORM);
+    if (!m->final_norm) {
+        moe_model_close(m);
+        return NULL;
+    }
+    moe_ckpt_release_layer(ck, -1);
+    return m;
+}
+
+void moe_model_close(moe_model *m) {
+    if (!m) return;
+    for (int l = 0; l < m->cfg->num_layers; l++) {
+        moe_layer_unload(m, l);
+        free(m->ov[l].experts);
+        free(m->ov[l].weights);
+    }
+    for (int i = 0; i < S_COUNT; i++) m->be->free(m->scr[i]);
+    m->be->free(m->final_norm);
+    free(m->lw);
+    free(m->ov);
+    moe_ckpt_close(m->ck);
+    free(m);
+}
+
+const moe_config *moe_model_config(const moe_model *m) { return m->cfg; }
+const moe_ckpt *moe_model_ckpt(const moe_model *m) { return m->ck; }
+const moe_backend *moe_model_backend(const moe_model *m) { return m->be; }
+const char *moe_model_fingerprint(const moe_model *m) { return moe_ckpt_fingerprint(m->ck); }
+
+/* ---- layer kinds ---------------------------------------------------------- */
+
+moe_mlp_kind moe_model_layer_kind(const moe_model *m, int l) {
+    if (m->ov[l].active) return MOE_MLP_CONDENSED;
+    return m->cfg->layers[l].kind;
+}
+
+/* kept experts of a condensed layer (override or config) */
+static void condensed_list(const moe_model *m, int l, int *n, const int **ex, const float **w) {
+    if (m->ov[l].active) {
+        *n = m->ov[l].n;
+        *ex = m->ov[l].experts;
+        *w = m->ov[l].weights;
+    } else {
+        *n = m->cfg->layers[l].n_kept;
+        *ex = m->cfg->layers[l].experts;
+        *w = m->cfg->layers[l].weights;
+    }
+}
+
+int moe_model_condense_layer(moe_model *m, int l, int n, const int *experts,
+                             const float *weights) {
+    if (check_layer(m, l) < 0) return -1;
+    if (m->cfg->layers[l].kind != MOE_MLP_MOE) {
+        moe_error_set(MOE_ERR_DATA, "%s: layer %d is not a routed MoE layer; cannot condense it",
+                      moe_ckpt_dir(m->ck), l);
+        return -1;
+    }
+    for (int i = 0; i < n; i++) {
+        if (experts[i] < 0 || experts[i] >= m->cfg->n_routed_experts) {
+            moe_error_set(MOE_ERR_DATA, "%s: layer %d: expert %d out of range (0..%d)",
+                          moe_ckpt_dir(m->ck), l, experts[i], m->cfg->n_routed_experts - 1);
+            return -1;
+        }
+        for (int j = 0; j < i; j++)
+            if (experts[j] == experts[i]) {
+                moe_error_set(MOE_ERR_DATA, "%s: layer %d: expert %d listed twice",
+                              moe_ckpt_dir(m->ck), l, experts[i]);
+                return -1;
+            }
+    }
+    moe_layer_unload(m, l);
+    layer_override *o = &m->ov[l];
+    free(o->experts);
+    free(o->weights);
+    o->experts = moe_malloc(sizeof(int) * (size_t)(n + 1));
+    o->weights = moe_malloc(sizeof(float) * (size_t)(n + 1));
+    if (n) {
+        memcpy(o->experts, experts, sizeof(int) * (size_t)n);
+        memcpy(o->weights, weights, sizeof(float) * (size_t)n);
+    }
+    o->n = n;
+    o->active = 1;
+    return 0;
+}
+
+void moe_model_restore_layer(moe_model *m, int l) {
+    if (l < 0 || l >= m->cfg->num_layers || !m->ov[l].active) return;
+    moe_layer_unload(m, l);
+    m->ov[l].active = 0;
+}
+
+/* ---- load / unload --------------------------------------------------------- */
+
+void moe_layer_unload(moe_model *m, int l) {
+    if (l < 0 || l >= m->cfg->num_layers) return;
+    layer_w *w = &m->lw[l];
+    if (!w->loaded) return;
+    const moe_backend *be = m->be;
+    void *ps[] = {w->wq, w->wk, w->wv, w->wo, w->bq, w->bk, w->bv, w->qn, w->kn,
+                  w->in_norm, w->post_norm, w->gu, w->down, w->router, w->s_gu, w->s_down,
+                  w->s_gate};
+    for (size_t i = 0; i < sizeof ps / sizeof *ps; i++) be->free(ps[i]);
+    if (w->e_gu) {
+        for (int e = 0; e < m->cfg->n_routed_experts; e++) {
+            be->free(w->e_gu[e]);
+            be->free(w->e_down[e]);
+        }
+    }
+    free(w->e_gu);
+    free(w->e_down);
+    memset(w, 0, sizeof *w);
+}
+
+/* Fused condensed SwiGLU: kept experts (+ the shared MLP when ungated):
+ * gate rows stacked, then up rows; down columns scaled by each expert's weight. */
+static int load_condensed(moe_model *m, int l, layer_w *w, int fuse_shared) {
+    const moe_config *c = m->cfg;
+    int n;
+    const int *ex;
+    const float *wt;
+    condensed_list(m, l, &n, &ex, &wt);
+    size_t H = (size_t)c->hidden_size, Im = (size_t)c->moe_intermediate_size;
+    size_t Is = fuse_shared ? (size_t)c->shared_intermediate_size : 0;
+    size_t I = n * Im + Is;
+    w->I = (int)I;
+    if (I == 0) return 0;
+    float *gu = host_f32(m, 2 * I * H);
+    float *down = host_f32(m, H * I);
+    float *tmp = moe_malloc(sizeof(float) * (Im > Is ? Im : Is) * H + 1);
+    int rc = 0;
+    for (int i = 0; i <= n && rc == 0; i++) {
+        int shared = (i == n);
+        if (shared && !Is) break;
+        size_t Ii = shared ? Is : Im, off = shared ? n * Im : i * Im;
+        int e = shared ? -1 : ex[i];
+        moe_tensor_kind kg = shared ? MOE_T_SHARED_GATE : MOE_T_EXPERT_GATE;
+        moe_tensor_kind ku = shared ? MOE_T_SHARED_UP : MOE_T_EXPERT_UP;
+        moe_tensor_kind kd = shared ? MOE_T_SHARED_DOWN : MOE_T_EXPERT_DOWN;
+        if (moe_ckpt_read_f32(m->ck, l, kg, e, gu + off * H) < 0 ||
+            moe_ckpt_read_f32(m->ck, l, ku, e, gu + (I + off) * H) < 0 ||
+            moe_ckpt_read_f32(m->ck, l, kd, e, tmp) < 0) {
+            rc = -1;
+            break;
+        }
+        float s = shared ? 1.0f : wt[i];
+        for (size_t h = 0; h < H; h++)
+            for (size_t j = 0; j < Ii; j++) down[h * I + off + j] = s * tmp[h * Ii + j];
+        if (!shared) release_expert_pages(m, l, e);
+    }
+    free(tmp);
+    if (rc < 0) {
+        free_host_f32(m, gu);
+        free_host_f32(m, down);
+        return -1;
+    }
+    w->gu = to_backend_w(m, gu, 2 * I * H);
+    w->down = to_backend_w(m, down, H * I);
+    return 0;
+}
+
+int moe_layer_load(moe_model *m, int l) {
+    if (check_layer(m, l) < 0) return -1;
+    layer_w *w = &m->lw[l];
+    if (w->loaded) return 0;
+    const moe_config *c = m->cfg;
+    size_t H = (size_t)c->hidden_size;
+    memset(w, 0, sizeof *w);
+    w->loaded = 1; /* so that unload frees partial work on error */
+#define REQ(x)                                                                                     \
+    do {                                                                                           \
+        if (!(x)) goto fail;                                                                       \
+    } while (0)
+    REQ(w->in_norm = load_vec(m, l, MOE_T_INPUT_NORM));
+    REQ(w->post_norm = load_vec(m, l, MOE_T_POST_NORM));
+    REQ(w->wq = load_mat(m, l, MOE_T_Q_PROJ, -1));
+    REQ(w->wk = load_mat(m, l, MOE_T_K_PROJ, -1));
+    REQ(w->wv = load_mat(m, l, MOE_T_V_PROJ, -1));
+    REQ(w->wo = load_mat(m, l, MOE_T_O_PROJ, -1));
+    if (c->qkv_bias) {
+        REQ(w->bq = load_vec(m, l, MOE_T_Q_BIAS));
+        REQ(w->bk = load_vec(m, l, MOE_T_K_BIAS));
+        REQ(w->bv = load_vec(m, l, MOE_T_V_BIAS));
+    }
+    if (c->qk_norm != MOE_QK_NORM_NONE) {
+        REQ(w->qn = load_vec(m, l, MOE_T_Q_NORM));
+        REQ(w->kn = load_vec(m, l, MOE_T_K_NORM));
+    }
+    moe_mlp_kind kind = moe_model_layer_kind(m, l);
+    const moe_layer_mlp *d = &c->layers[l];
+    if (kind == MOE_MLP_DENSE) {
+        w->I = c->intermediate_size;
+        REQ(w->gu = load_gate_up(m, l, MOE_T_MLP_GATE, MOE_T_MLP_UP, -1, (size_t)w->I * H));
+        REQ(w->down = load_mat(m, l, MOE_T_MLP_DOWN, -1));
+    } else {
+        int has_shared = d->has_shared && c->shared_intermediate_size > 0;
+        int gated = has_shared && c->shared_gate;
+        if (has_shared && (kind == MOE_MLP_MOE || gated)) {
+            w->Is = c->shared_intermediate_size;
+            REQ(w->s_gu = load_gate_up(m, l, MOE_T_SHARED_GATE, MOE_T_SHARED_UP, -1,
+                                       (size_t)w->Is * H));
+            REQ(w->s_down = load_mat(m, l, MOE_T_SHARED_DOWN, -1));
+            if (gated) REQ(w->s_gate = load_mat(m, l, MOE_T_SHARED_EXPERT_GATE, -1));
+        }
+        if (kind == MOE_MLP_MOE) {
+            int E = c->n_routed_experts;
+            REQ(w->router = load_mat(m, l, MOE_T_ROUTER, -1));
+            w->e_gu = moe_calloc((size_t)E, sizeof(void *));
+            w->e_down = moe_calloc((size_t)E, sizeof(void *));
+            size_t Im = (size_t)c->moe_intermediate_size;
+            size_t bytes = (size_t)E * 3 * Im * H * wsz(m);
+            if (bytes <= m->cache_bytes) {
+                for (int e = 0; e < E; e++) {
+                    REQ(w->e_gu[e] = load_gate_up(m, l, MOE_T_EXPERT_GATE, MOE_T_EXPERT_UP, e,
+                                                  Im * H));
+                    REQ(w->e_down[e] = load_mat(m, l, MOE_T_EXPERT_DOWN, e));
+                }
+            }
+        } else if (load_condensed(m, l, w, has_shared && !gated) < 0) {
+            goto fail;
+        }
+    }
+#undef REQ
+    moe_ckpt_release_layer(m->ck, l);
+    return 0;
+fail:
+    moe_layer_unload(m, l);
+    return -1;
+}
+
+static int ensure_loaded(moe_model *m, int l) {
+    if (check_layer(m, l) < 0) return -1;
+    return m->lw[l].loaded ? 0 : moe_layer_load(m, l);
+}
+
+/* ---- compute pieces ------------------------------------------------------- */
+
+int moe_model_embed(moe_model *m, float *x, const int32_t *ids, int T) {
+    const moe_config *c = m->cfg;
+    size_t H = (size_t)c->hidden_size;
+    const moe_st_tensor *t = moe_ckpt_get(m->ck, -1, MOE_T_EMBED, -1);
+    if (!t) return -1;
+    size_t es = (size_t)moe_st_dtype_bits(t->dtype) / 8;
+    float *h = m->be->host_memory ? x : moe_malloc(sizeof(float) * H * (size_t)T + 1);
+    int rc = 0;
+    for (int i = 0; i < T; i++) {
+        if (ids[i] < 0 || ids[i] >= c->vocab_size) {
+            moe_error_set(MOE_ERR_DATA, "%s: token id %d at position %d out of range (vocab %d)",
+                          moe_ckpt_dir(m->ck), ids[i], i, c->vocab_size);
+            rc = -1;
+            break;
+        }
+        moe_st_convert_f32(t->dtype, (const char *)t->data + (size_t)ids[i] * H * es, h + i * H, H);
+    }
+    if (!m->be->host_memory) {
+        if (rc == 0) m->be->upload(x, h, sizeof(float) * H * (size_t)T);
+        free(h);
+    }
+    moe_st_release(t);
+    return rc;
+}
+
+int moe_layer_attention(moe_model *m, int l, float *x, int T) {
+    if (ensure_loaded(m, l) < 0) return -1;
+    const moe_config *c = m->cfg;
+    if (c->sliding_window > 0 && T > c->sliding_window) {
+        moe_error_set(MOE_ERR_DATA, "%s: sequence of %d tokens is longer than sliding_window %d "
+                      "(not supported)", c->path, T, c->sliding_window);
+        return -1;
+    }
+    const moe_backend *be = m->be;
+    layer_w *w = &m->lw[l];
+    int H = c->hidden_size, nh = c->num_heads, nkv = c->num_kv_heads, D = c->head_dim;
+    size_t t = (size_t)T;
+    float *xn = scratch(m, S_XN, sizeof(float) * t * H);
+    float *q = scratch(m, S_Q, sizeof(float) * t * nh * D);
+    float *k = scratch(m, S_K, sizeof(float) * t * nkv * D);
+    float *v = scratch(m, S_V, sizeof(float) * t * nkv * D);
+    float *att = scratch(m, S_ATT, sizeof(float) * t * nh * D);
+    be->rmsnorm(xn, x, w->in_norm, (float)c->rms_norm_eps, T, H);
+    be->matmul(q, xn, w->wq, w->bq, T, H, nh * D, 0);
+    be->matmul(k, xn, w->wk, w->bk, T, H, nkv * D, 0);
+    be->matmul(v, xn, w->wv, w->bv, T, H, nkv * D, 0);
+    if (c->qk_norm == MOE_QK_NORM_FULL) {
+        be->rmsnorm(q, q, w->qn, (float)c->rms_norm_eps, T, nh * D);
+        be->rmsnorm(k, k, w->kn, (float)c->rms_norm_eps, T, nkv * D);
+    } else if (c->qk_norm == MOE_QK_NORM_HEAD) {
+        be->rmsnorm(q, q, w->qn, (float)c->rms_norm_eps, T * nh, D);
+        be->rmsnorm(k, k, w->kn, (float)c->rms_norm_eps, T * nkv, D);
+    }
+    be->rope(q, (float)c->rope_theta, 0, T, nh, D);
+    be->rope(k, (float)c->rope_theta, 0, T, nkv, D);
+    be->attention(att, q, k, v, (float)(1.0 / sqrt((double)D)), T, nh, nkv, D);
+    be->matmul(x, att, w->wo, NULL, T, nh * D, H, 1); /* x += att·Woᵀ */
+    return 0;
+}
+
+int moe_layer_mlp_input(moe_model *m, int l, float *xn, const float *x, int T) {
+    if (ensure_loaded(m, l) < 0) return -1;
+    m->be->rmsnorm(xn, x, m->lw[l].post_norm, (float)m->cfg->rms_norm_eps, T, m->cfg->hidden_size);
+    return 0;
+}
+
+/* y (+)= SwiGLU MLP with fused gate_up [2I,H] and down [H,I] */
+static void swiglu_mlp(moe_model *m, float *y, const float *x, const void *gu_w,
+                       const void *down_w, int T, int I, int accumulate) {
+    const moe_backend *be = m->be;
+    int H = m->cfg->hidden_size;
+    float *gu = scratch(m, S_GU, sizeof(float) * (size_t)T * 2 * I);
+    float *h = scratch(m, S_H, sizeof(float) * (size_t)T * I);
+    be->matmul(gu, x, gu_w, NULL, T, H, 2 * I, 0);
+    be->swiglu(h, gu, T, I);
+    be->matmul(y, h, down_w, NULL, T, I, H, accumulate);
+}
+
+/* y += shared part (gated for qwen2_moe) */
+static void add_shared(moe_model *m, layer_w *w, float *y, const float *xn, int T) {
+    if (!w->s_gu) return;
+    const moe_backend *be = m->be;
+    int H = m->cfg->hidden_size;
+    float *o = scratch(m, S_O, sizeof(float) * (size_t)T * H);
+    swiglu_mlp(m, o, xn, w->s_gu, w->s_down, T, w->Is, 0);
+    if (w->s_gate) {
+        float *z = scratch(m, S_Z, sizeof(float) * (size_t)T);
+        be->matmul(z, xn, w->s_gate, NULL, T, H, 1, 0);
+        be->sigmoid_gate_add(y, o, z, T, H);
+    } else {
+        be->axpy(y, o, 1.0f, (size_t)T * H);
+    }
+}
+
+/* routing into host arrays (idx, wt, probs) */
+static int route(moe_model *m, int l, const float *xn, int T, int32_t *idx_h, float *wt_h,
+                 float *probs_h) {
+    const moe_config *c = m->cfg;
+    const moe_backend *be = m->be;
+    layer_w *w = &m->lw[l];
+    int E = c->n_routed_experts, K = c->top_k, H = c->hidden_size;
+    void *router = w->router;
+    if (!router) { /* overridden layer: router not loaded */
+        router = load_mat(m, l, MOE_T_ROUTER, -1);
+        if (!router) return -1;
+    }
+    float *lg = scratch(m, S_LOGITS, sizeof(float) * (size_t)T * E);
+    int32_t *idx = scratch(m, S_IDX, sizeof(int32_t) * (size_t)T * K);
+    float *wt = scratch(m, S_WT, sizeof(float) * (size_t)T * K);
+    float *probs = probs_h ? scratch(m, S_PROBS, sizeof(float) * (size_t)T * E) : NULL;
+    be->matmul(lg, xn, router, NULL, T, H, E, 0);
+    int mode = c->router == MOE_ROUTER_TOPK_SOFTMAX ? MOE_ROUTE_TOPK_SOFTMAX : MOE_ROUTE_SOFTMAX_TOPK;
+    int renorm = MOE_RENORM_NONE;
+    if (c->norm_topk_prob && mode == MOE_ROUTE_SOFTMAX_TOPK)
+        renorm = c->norm_topk_eps > 0 ? MOE_RENORM_SUM_EPS : MOE_RENORM_SUM;
+    if (K == 1 && c->arch->id == MOE_ARCH_DEEPSEEK) renorm = MOE_RENORM_NONE; /* "top_k > 1 and" */
+    be->router(idx, wt, probs, lg, mode, renorm, T, E, K);
+    be->download(idx_h, idx, sizeof(int32_t) * (size_t)T * K);
+    be->download(wt_h, wt, sizeof(float) * (size_t)T * K);
+    if (probs_h) be->download(probs_h, probs, sizeof(float) * (size_t)T * E);
+    if (router != w->router) be->free(router);
+    return 0;
+}
+
+int moe_layer_route(moe_model *m, int l, const float *xn, int T, int32_t *idx, float *wt,
+                    float *probs) {
+    if (ensure_loaded(m, l) < 0) return -1;
+    if (m->cfg->layers[l].kind != MOE_MLP_MOE) {
+        moe_error_set(MOE_ERR_DATA, "%s: layer %d has no router", moe_ckpt_dir(m->ck), l);
+        return -1;
+    }
+    return route(m, l, xn, T, idx, wt, probs);
+}
+
+/* expert e's weights: cached, or converted now (*tmp = 1: caller frees) */
+static int expert_weights(moe_model *m, int l, int e, void **gu, void **down, int *tmp) {
+    layer_w *w = &m->lw[l];
+    size_t H = (size_t)m->cfg->hidden_size, Im = (size_t)m->cfg->moe_intermediate_size;
+    if (w->e_gu && w->e_gu[e]) {
+        *gu = w->e_gu[e];
+        *down = w->e_down[e];
+        *tmp = 0;
+        return 0;
+    }
+    *gu = load_gate_up(m, l, MOE_T_EXPERT_GATE, MOE_T_EXPERT_UP, e, Im * H);
+    *down = *gu ? load_mat(m, l, MOE_T_EXPERT_DOWN, e) : NULL;
+    if (!*down) {
+        m->be->free(*gu);
+        return -1;
+    }
+    release_expert_pages(m, l, e);
+    *tmp = 1;
+    return 0;
+}
+
+static int routed_mlp(moe_model *m, int l, float *y, const float *xn, int T, moe_router_fn cb,
+                      void *ctx) {
+    const moe_config *c = m->cfg;
+    const moe_backend *be = m->be;
+    layer_w *w = &m->lw[l];
+    int E = c->n_routed_experts, K = c->top_k, H = c->hidden_size, Im = c->moe_intermediate_size;
+    int32_t *idx = moe_malloc(sizeof(int32_t) * (size_t)T * K + 1);
+    float *wt = moe_malloc(sizeof(float) * (size_t)T * K + 1);
+    float *probs = cb ? moe_malloc(sizeof(float) * (size_t)T * E + 1) : NULL;
+    int rc = route(m, l, xn, T, idx, wt, probs);
+    if (rc == 0) {
+        moe_dispatch d;
+        moe_dispatch_build(&d, idx, wt, T, E, K);
+        size_t nk = (size_t)T * K;
+        int32_t *tok = scratch(m, S_TOK, sizeof(int32_t) * nk + 4);
+        float *twt = scratch(m, S_TWT, sizeof(float) * nk + 4);
+        be->upload(tok, d.tokens, sizeof(int32_t) * nk);
+        be->upload(twt, d.weights, sizeof(float) * nk);
+        be->zero(y, sizeof(float) * (size_t)T * H);
+        /* experts in ascending id; each token's contributions are added in that order */
+        for (int e = 0; e < E && rc == 0; e++) {
+            int n = d.off[e + 1] - d.off[e];
+            if (n == 0) continue;
+            void *gu, *down;
+            int tmp;
+            if (expert_weights(m, l, e, &gu, &down, &tmp) < 0) {
+                rc = -1;
+                break;
+            }
+            float *xe = scratch(m, S_XE, sizeof(float) * (size_t)n * H);
+            float *o = scratch(m, S_O, sizeof(float) * (size_t)n * H);
+            be->gather_rows(xe, xn, tok + d.off[e], n, H);
+            swiglu_mlp(m, o, xe, gu, down, n, Im, 0);
+            be->scatter_add_rows(y, o, tok + d.off[e], twt + d.off[e], n, H);
+            if (tmp) {
+                be->free(gu);
+                be->free(down);
+            }
+        }
+        moe_dispatch_free(&d);
+        if (rc == 0) add_shared(m, w, y, xn, T);
+        if (rc == 0 && cb) cb(ctx, l, T, K, E, idx, wt, probs);
+    }
+    free(idx);
+    free(wt);
+    free(probs);
+    return rc;
+}
+
+int moe_layer_mlp_run(moe_model *m, int l, float *y, const float *xn, int T, moe_router_fn cb,
+                  void *ctx) {
+    if (ensure_loaded(m, l) < 0) return -1;
+    layer_w *w = &m->lw[l];
+    size_t TH = (size_t)T * m->cfg->hidden_size;
+    switch (moe_model_layer_kind(m, l)) {
+    case MOE_MLP_DENSE:
+        swiglu_mlp(m, y, xn, w->gu, w->down, T, w->I, 0);
+        return 0;
+    case MOE_MLP_CONDENSED:
+        if (w->I > 0)
+            swiglu_mlp(m, y, xn, w->gu, w->down, T, w->I, 0);
+        else
+            m->be->zero(y, TH * sizeof(float));
+        add_shared(m, w, y, xn, T);
+        return 0;
+    case MOE_MLP_MOE:
+        return routed_mlp(m, l, y, xn, T, cb, ctx);
+    }
+    return -1;
+}
+
+int moe_layer_forward(moe_model *m, int l, float *x, int T, moe_router_fn cb, void *ctx) {
+    if (moe_layer_attention(m, l, x, T) < 0) return -1;
+    size_t TH = (size_t)T * m->cfg->hidden_size;
+    float *xn = moe_model_alloc(m, TH), *y = moe_model_alloc(m, TH);
+    int rc = moe_layer_mlp_input(m, l, xn, x, T);
+    if (rc == 0) rc = moe_layer_mlp_run(m, l, y, xn, T, cb, ctx);
+    if (rc == 0) m->be->axpy(x, y, 1.0f, TH);
+    moe_model_free(m, xn);
+    moe_model_free(m, y);
+    return rc;
+}
+
+int moe_layer_expert(moe_model *m, int l, int e, float *y, const float *xn, int T) {
+    if (ensure_loaded(m, l) < 0) return -1;
+    const moe_config *c = m->cfg;
+    if (c->layers[l].kind == MOE_MLP_DENSE || e < 0 || e >= c->n_routed_experts ||
+        !moe_config_has_expert(c, l, e)) {
+        moe_error_set(MOE_ERR_DATA, "%s: layer %d has no routed expert %d", moe_ckpt_dir(m->ck),
+                      l, e);
+        return -1;
+    }
+    void *gu, *down;
+    int tmp;
+    if (expert_weights(m, l, e, &gu, &down, &tmp) < 0) return -1;
+    swiglu_mlp(m, y, xn, gu, down, T, c->moe_intermediate_size, 0);
+    if (tmp) {
+        m->be->free(gu);
+        m->be->free(down);
+    }
+    return 0;
+}
+
+int moe_layer_shared(moe_model *m, int l, float *y, const float *xn, int T) {
+    if (ensure_loaded(m, l) < 0) return -1;
+    const moe_config *c = m->cfg;
+    layer_w *w = &m->lw[l];
+    size_t TH = (size_t)T * c->hidden_size;
+    m->be->zero(y, TH * sizeof(float));
+    if (c->layers[l].kind == MOE_MLP_DENSE || !c->layers[l].has_shared ||
+        c->shared_intermediate_size == 0)
+        return 0;
+    if (w->s_gu) {
+        add_shared(m, w, y, xn, T);
+        return 0;
+    }
+    /* condensed layer with the ungated shared MLP fused away: load it now */
+    size_t H = (size_t)c->hidden_size;
+    layer_w tmpw = {0};
+    tmpw.Is = c->shared_intermediate_size;
+    tmpw.s_gu = load_gate_up(m, l, MOE_T_SHARED_GATE, MOE_T_SHARED_UP, -1, (size_t)tmpw.Is * H);
+    tmpw.s_down = tmpw.s_gu ? load_mat(m, l, MOE_T_SHARED_DOWN, -1) : NULL;
+    int rc = tmpw.s_down ? 0 : -1;
+    if (rc == 0) add_shared(m, &tmpw, y, xn, T);
+    m->be->free(tmpw.s_gu);
+    m->be->free(tmpw.s_down);
+    return rc;
+}
+
+int moe_model_final_norm(moe_model *m, float *y, const float *x, int T) {
+    m->be->rmsnorm(y, x, m->final_norm, (float)m->cfg->rms_norm_eps, T, m->cfg->hidden_size);
+    return 0;
+}
+
+int moe_model_lm_head(moe_model *m, float *logits, const float *x, int T) {
+    const moe_config *c = m->cfg;
+    const moe_backend *be = m->be;
+    const moe_st_tensor *t = moe_ckpt_get(m->ck, -1, MOE_T_LM_HEAD, -1);
+    if (!t) return -1;
+    size_t H = (size_t)c->hidden_size, V = (size_t)c->vocab_size;
+    size_t es = (size_t)moe_st_dtype_bits(t->dtype) / 8;
+    size_t chunk = ((size_t)64 << 20) / (H * sizeof(float));
+    if (chunk < 256) chunk = 256;
+    if (chunk > V) chunk = V;
+    float *yc = chunk < V ? scratch(m, S_Y, sizeof(float) * (size_t)T * chunk) : logits;
+    for (size_t r0 = 0; r0 < V; r0 += chunk) {
+        size_t nr = V - r0 < chunk ? V - r0 : chunk;
+        float *h = host_f32(m, nr * H);
+        moe_st_convert_f32(t->dtype, (const char *)t->data + r0 * H * es, h, nr * H);
+        void *wb = to_backend_w(m, h, nr * H);
+        be->matmul(yc, x, wb, NULL, T, (int)H, (int)nr, 0);
+        be->free(wb);
+        if (yc != logits)
+            for (int i = 0; i < T; i++)
+                be->copy(logits + (size_t)i * V + r0, yc + (size_t)i * nr, nr * sizeof(float));
+    }
+    moe_st_release(t);
+    return 0;
+}
+
+/* ---- whole model ------------------------------------------------------------ */
+
+int moe_model_forward(moe_model *m, moe_seq *seqs, int n, int start_layer, moe_router_fn cb,
+                      void *ctx) {
+    const moe_config *c = m->cfg;
+    const moe_backend *be = m->be;
+    int L = c->num_layers, H = c->hidden_size;
+    if (start_layer < 0 || start_layer > L) {
+        moe_error_set(MOE_ERR_DATA, "%s: start layer %d out of range (0..%d)", moe_ckpt_dir(m->ck),
+                      start_layer, L);
+        return -1;
+    }
+    size_t tot = 0;
+    size_t *off = moe_malloc(sizeof(size_t) * (size_t)(n + 1));
+    for (int s = 0; s < n; s++) {
+        if (seqs[s].T <= 0 || (start_layer > 0 && !seqs[s].hidden)) {
+            moe_error_set(MOE_ERR_DATA, "%s: sequence %d: %s", moe_ckpt_dir(m->ck), s,
+                          seqs[s].T <= 0 ? "empty" : "restart needs its cached hidden state");
+            free(off);
+            return -1;
+        }
+        off[s] = tot;
+        tot += (size_t)seqs[s].T;
+    }
+    off[n] = tot;
+    float *x = moe_model_alloc(m, tot * H), *xn = moe_model_alloc(m, tot * H);
+    float *y = moe_model_alloc(m, tot * H);
+    int rc = 0;
+#define HID(s, i) (seqs[s].hidden + (size_t)(i) * seqs[s].T * H)
+    for (int s = 0; s < n && rc == 0; s++) {
+        float *xs = x + off[s] * H;
+        size_t nb = sizeof(float) * (size_t)seqs[s].T * H;
+        if (start_layer == 0) {
+            rc = moe_model_embed(m, xs, seqs[s].ids, seqs[s].T);
+            if (rc == 0 && seqs[s].hidden) be->download(HID(s, 0), xs, nb);
+        } else {
+            be->upload(xs, HID(s, start_layer), nb);
+        }
+    }
+    for (int l = start_layer; l < L && rc == 0; l++) {
+        int was_loaded = m->lw[l].loaded;
+        rc = moe_layer_load(m, l);
+        for (int s = 0; s < n && rc == 0; s++)
+            rc = moe_layer_attention(m, l, x + off[s] * H, seqs[s].T);
+        if (rc == 0) rc = moe_layer_mlp_input(m, l, xn, x, (int)tot);
+        if (rc == 0) rc = moe_layer_mlp_run(m, l, y, xn, (int)tot, cb, ctx);
+        if (rc == 0) be->axpy(x, y, 1.0f, tot * H);
+        if (!was_loaded) moe_layer_unload(m, l);
+        if (rc == 0 && l < L - 1)
+            for (int s = 0; s < n; s++)
+                if (seqs[s].hidden)
+                    be->download(HID(s, l + 1), x + off[s] * H,
+                                 sizeof(float) * (size_t)seqs[s].T * H);
+    }
+    if (rc == 0) {
+        if (start_layer < L)
+            moe_model_final_norm(m, x, x, (int)tot);
+        for (int s = 0; s < n; s++) {
+            float *xs = x + off[s] * H;
+            size_t nb = sizeof(float) * (size_t)seqs[s].T * H;
+            if (start_layer < L) {
+                if (seqs[s].hidden) be->download(HID(s, L), xs, nb);
+            }
+        }
+        for (int s = 0; s < n && rc == 0; s++) {
+            if (!seqs[s].logits) continue;
+            size_t V = (size_t)c->vocab_size;
+            float *lg = be->host_memory ? seqs[s].logits : moe_model_alloc(m, (size_t)seqs[s].T * V);
+            rc = moe_model_lm_head(m, lg, x + off[s] * H, seqs[s].T);
+            if (!be->host_memory) {
+                if (rc == 0) be->download(seqs[s].logits, lg, sizeof(float) * seqs[s].T * V);
+                moe_model_free(m, lg);
+            }
+        }
+    }
+#undef HID
+    moe_model_free(m, x);
+    moe_model_free(m, xn);
+    moe_model_free(m, y);
+    free(off);
+    return rc;
+}

@@ -1,0 +1,154 @@
+/* model.h - the forward pass of a Hugging Face MoE causal LM, built from the
+ * kernel interface (kernels/kernels.h) on top of lib/checkpoint.h.
+ *
+ *   x_0 = embed(ids)
+ *   for l: x = x + Attn_l(RMSNorm_in(x))                  moe_layer_attention
+ *          xn = RMSNorm_post(x)                            moe_layer_mlp_input
+ *          x = x + MLP_l(xn)                               moe_layer_mlp
+ *   out = RMSNorm_final(x_L); logits = out·W_lmᵀ           moe_final_norm, moe_lm_head
+ *
+ * MLP_l is the layer's kind: dense SwiGLU, routed MoE (router + experts +
+ * shared experts, qwen2_moe's sigmoid-gated shared expert), or condensed (a
+ * fixed list of routed experts with fixed weights + shared experts, no
+ * router; the kept experts and any ungated shared expert are fused at load
+ * time into one wide SwiGLU so it runs as two dense GEMMs).  The kind comes
+ * from the checkpoint's config (condensed_layers) and can be overridden at
+ * run time (moe_model_condense_layer) without touching the checkpoint.
+ *
+ * Weight streaming.  Nothing is converted at open except the final norm.
+ * moe_layer_load(l) converts layer l's weights to the backend's compute
+ * dtype and releases the mapped pages; moe_layer_unload(l) frees them.
+ * Routed experts are converted with the layer when all of them fit in
+ * opts.expert_cache_bytes, otherwise one at a time when used (so a
+ * DeepSeekMoE-16B layer, 2.2 GB in f32, never sits in memory whole).  The
+ * embedding is read row by row, lm_head in chunks of rows.  Peak memory is
+ * about one layer's non-expert weights + activations (+ the expert cache).
+ *
+ * Activations live in backend memory (moe_model_alloc).  For the CPU backend
+ * these are plain host pointers.  All per-token functions (everything except
+ * attention) accept any number of tokens, so the search tools can
+ * concatenate the tokens of many sequences (layer-major processing);
+ * attention works on one sequence at a time (positions start at 0).
+ *
+ * Errors: -1 / NULL with moe_error_set(); nothing is printed. */
+#ifndef MOE_MODEL_H
+#define MOE_MODEL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "checkpoint.h"
+#include "config.h"
+#include "kernels.h"
+
+typedef struct moe_model moe_model;
+
+typedef struct {
+    const char *device;        /* backend name ("cpu", "cpu-ref", "cuda"); NULL = "cpu" */
+    size_t expert_cache_bytes; /* keep a layer's routed experts converted while it is
+                                  loaded if they fit; 0 = default (1 GiB);
+                                  (size_t)-1 = always */
+} moe_model_opts;
+
+/* Router observer: called by moe_layer_mlp for routed-MoE layers, with the
+ * top-k expert ids and weights exactly as the model uses them (after any
+ * renormalisation), host memory, tokens in the order given (concatenated
+ * sequences stay concatenated).  probs = full softmax over the E experts. */
+typedef void (*moe_router_fn)(void *ctx, int layer, int T, int K, int E,
+                              const int32_t *idx,  /* [T, K] */
+                              const float *wt,     /* [T, K] */
+                              const float *probs); /* [T, E] */
+
+/* Worker threads for every backend op (0 = all cores); results never depend on it. */
+void moe_model_set_threads(int n);
+
+moe_model *moe_model_open(const char *dir, const moe_model_opts *opts);
+void moe_model_close(moe_model *m);
+const moe_config *moe_model_config(const moe_model *m);
+const moe_ckpt *moe_model_ckpt(const moe_model *m);
+const moe_backend *moe_model_backend(const moe_model *m);
+const char *moe_model_fingerprint(const moe_model *m);
+
+/* Backend memory for activations (floats), zero-filled; free with moe_model_free. */
+float *moe_model_alloc(moe_model *m, size_t nfloats);
+void moe_model_free(moe_model *m, void *p);
+
+/* ---- layer kinds ---------------------------------------------------------- */
+
+/* Effective MLP kind of layer l (config, or run-time override). */
+moe_mlp_kind moe_model_layer_kind(const moe_model *m, int l);
+/* Condense layer l at run time: y = Σ_i weights[i]·Expert_{experts[i]}(xn)
+ * + Shared(xn) (qwen2_moe: × sigmoid gate).  The layer must be routed MoE in
+ * the checkpoint; expert ids distinct, in range.  Unloads the layer if it was
+ * loaded (the next load builds the fused weights).  0 or -1. */
+int moe_model_condense_layer(moe_model *m, int l, int n, const int *experts,
+                             const float *weights);
+/* Undo moe_model_condense_layer (back to the checkpoint's kind). */
+void moe_model_restore_layer(moe_model *m, int l);
+
+/* ---- per-layer, layer-major API (the search tools) ------------------------- */
+
+int moe_layer_load(moe_model *m, int l);   /* no-op if loaded; 0 or -1 */
+void moe_layer_unload(moe_model *m, int l);
+
+/* x_0: embedding rows of ids (checked against the vocabulary). */
+int moe_model_embed(moe_model *m,
+                    float *x,            /* [T, H] backend */
+                    const int32_t *ids,  /* [T] host */
+                    int T);
+/* x += Attn_l(RMSNorm_in(x)) for ONE sequence of T tokens. */
+int moe_layer_attention(moe_model *m, int l, float *x /* [T, H] in/out */, int T);
+/* xn = RMSNorm_post_l(x) (the MLP input). */
+int moe_layer_mlp_input(moe_model *m, int l, float *xn /* [T, H] */, const float *x /* [T, H] */,
+                        int T);
+/* y = MLP_l(xn), any number of tokens; cb (may be NULL) sees the routing of
+ * routed-MoE layers. */
+int moe_layer_mlp_run(moe_model *m, int l, float *y /* [T, H] */, const float *xn /* [T, H] */, int T,
+                  moe_router_fn cb, void *ctx);
+/* Whole decoder layer on one sequence: attention, then x += MLP(RMSNorm(x)). */
+int moe_layer_forward(moe_model *m, int l, float *x /* [T, H] in/out */, int T, moe_router_fn cb,
+                      void *ctx);
+
+/* Routing of a routed-MoE layer l (valid for an overridden layer too, as
+ * long as the checkpoint holds its router).  Outputs in host memory. */
+int moe_layer_route(moe_model *m, int l, const float *xn /* [T, H] backend */, int T,
+                    int32_t *idx /* [T, K] */, float *wt /* [T, K] */,
+                    float *probs /* [T, E] or NULL */);
+/* y = Expert_e(xn) of layer l, unweighted (works for MoE and condensed
+ * layers, any expert the checkpoint holds). */
+int moe_layer_expert(moe_model *m, int l, int e, float *y /* [T, H] */,
+                     const float *xn /* [T, H] */, int T);
+/* y = shared part of layer l: Shared(xn), × sigmoid(xn·g) for qwen2_moe;
+ * zeros when the architecture has no shared expert. */
+int moe_layer_shared(moe_model *m, int l, float *y /* [T, H] */, const float *xn /* [T, H] */,
+                     int T);
+
+/* y = RMSNorm_final(x) (y may alias x). */
+int moe_model_final_norm(moe_model *m, float *y /* [T, H] */, const float *x /* [T, H] */, int T);
+/* logits = x·W_lmᵀ, x already final-normed. */
+int moe_model_lm_head(moe_model *m, float *logits /* [T, V] backend */,
+                      const float *x /* [T, H] */, int T);
+
+/* ---- whole-model convenience ----------------------------------------------- */
+
+/* One sequence of a forward call; host memory. */
+typedef struct {
+    const int32_t *ids; /* [T]; unused when start_layer > 0 */
+    int T;
+    float *hidden;      /* [L+1, T, H] or NULL: Hugging Face output_hidden_states:
+                           [0] embeddings, [i] output of layer i-1 (1 <= i < L),
+                           [L] output of the last layer AFTER the final norm.
+                           With start_layer > 0, entry [start_layer] is read as
+                           the input (required then). */
+    float *logits;      /* [T, V] or NULL */
+} moe_seq;
+
+/* Run n sequences layer-major (each layer loaded once for all of them):
+ * from the embeddings (start_layer 0) or restarting from the cached hidden
+ * state hidden[start_layer] (1 <= start_layer <= L; at L only lm_head runs).
+ * Layers loaded before the call stay loaded; the others are unloaded after
+ * use.  0 or -1. */
+int moe_model_forward(moe_model *m, moe_seq *seqs, int n, int start_layer, moe_router_fn cb,
+                      void *ctx);
+
+#endif

@@ -1,0 +1,219 @@
+/* test_kernels.c - CPU ops against plain references and hand-computed values;
+ * optimised vs reference backend; byte-identical results across thread counts. */
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "kernels.h"
+
+static uint64_t rng = 88172645463325252ULL;
+static float frand(void) { /* xorshift, uniform in [-1, 1) */
+    rng ^= rng << 13;
+    rng ^= rng >> 7;
+    rng ^= rng << 17;
+    return (float)((rng >> 11) * (1.0 / 9007199254740992.0)) * 2.0f - 1.0f;
+}
+static float *rand_vec(size_t n) {
+    float *v = malloc(n * sizeof(float));
+    for (size_t i = 0; i < n; i++) v[i] = frand();
+    return v;
+}
+static double rel_err(const float *a, const float *ref, size_t n) {
+    double d = 0, r = 0;
+    for (size_t i = 0; i < n; i++) {
+        d += ((double)a[i] - ref[i]) * ((double)a[i] - ref[i]);
+        r += (double)ref[i] * ref[i];
+    }
+    return sqrt(d / (r > 0 ? r : 1));
+}
+
+static void test_matmul_vs_ref(void **state) {
+    (void)state;
+    const moe_backend *cpu = moe_backend_cpu(), *ref = moe_backend_cpu_ref();
+    int T = 37, K = 67, N = 129;
+    float *x = rand_vec((size_t)T * K), *w = rand_vec((size_t)N * K), *b = rand_vec(N);
+    float *y1 = rand_vec((size_t)T * N), *y2 = malloc(sizeof(float) * T * N);
+    memcpy(y2, y1, sizeof(float) * T * N);
+    cpu->matmul(y1, x, w, b, T, K, N, 1);
+    ref->matmul(y2, x, w, b, T, K, N, 1);
+    assert_true(rel_err(y1, y2, (size_t)T * N) < 1e-6);
+    cpu->matmul(y1, x, w, NULL, T, K, N, 0);
+    /* one element by hand */
+    double s = 0;
+    for (int k = 0; k < K; k++) s += (double)x[5 * K + k] * w[7 * K + k];
+    assert_true(fabs(y1[5 * N + 7] - s) < 1e-5);
+    free(x), free(w), free(b), free(y1), free(y2);
+}
+
+static void test_attention_vs_ref(void **state) {
+    (void)state;
+    const moe_backend *cpu = moe_backend_cpu(), *ref = moe_backend_cpu_ref();
+    int T = 29, nh = 6, nkv = 2, D = 16;
+    float *q = rand_vec((size_t)T * nh * D), *k = rand_vec((size_t)T * nkv * D);
+    float *v = rand_vec((size_t)T * nkv * D);
+    float *o1 = malloc(sizeof(float) * T * nh * D), *o2 = malloc(sizeof(float) * T * nh * D);
+    cpu->attention(o1, q, k, v, 0.25f, T, nh, nkv, D);
+    ref->attention(o2, q, k, v, 0.25f, T, nh, nkv, D);
+    assert_true(rel_err(o1, o2, (size_t)T * nh * D) < 1e-6);
+    /* first query attends only to the first key: output = v_0 of its kv head */
+    for (int h = 0; h < nh; h++)
+        for (int d = 0; d < D; d++) assert_float_equal(o2[h * D + d], v[(h / 3) * D + d], 1e-6);
+    free(q), free(k), free(v), free(o1), free(o2);
+}
+
+/* Same result bytes whatever the thread count (OpenMP and OpenBLAS). */
+static void test_thread_invariance(void **state) {
+    (void)state;
+    const moe_backend *cpu = moe_backend_cpu();
+    int T = 300, K = 260, N = 517, nh = 8, nkv = 2, D = 32;
+    float *x = rand_vec((size_t)T * K), *w = rand_vec((size_t)N * K);
+    float *q = rand_vec((size_t)T * nh * D), *k = rand_vec((size_t)T * nkv * D);
+    float *v = rand_vec((size_t)T * nkv * D);
+    float *y[3], *o[3];
+    int threads[3] = {1, 2, 3};
+    for (int i = 0; i < 3; i++) {
+        moe_kernels_set_threads(threads[i]);
+        y[i] = malloc(sizeof(float) * T * N);
+        o[i] = malloc(sizeof(float) * T * nh * D);
+        cpu->matmul(y[i], x, w, NULL, T, K, N, 0);
+        cpu->attention(o[i], q, k, v, 0.17f, T, nh, nkv, D);
+    }
+    for (int i = 1; i < 3; i++) {
+        assert_memory_equal(y[0], y[i], sizeof(float) * T * N);
+        assert_memory_equal(o[0], o[i], sizeof(float) * T * nh * D);
+    }
+    moe_kernels_set_threads(0);
+    for (int i = 0; i < 3; i++) free(y[i]), free(o[i]);
+    free(x), free(w), free(q), free(k), free(v);
+}
+
+/* A row's GEMM result does not depend on how many rows are computed with it,
+ * so batching sequences (layer-major) changes no byte. */
+static void test_batch_invariance(void **state) {
+    (void)state;
+    const moe_backend *cpu = moe_backend_cpu();
+    int T = 300, sizes[3][2] = {{520, 333}, {64, 64}, {1024, 1408}};
+    for (int s = 0; s < 3; s++) {
+        int K = sizes[s][0], N = sizes[s][1];
+        float *x = rand_vec((size_t)T * K), *w = rand_vec((size_t)N * K);
+        float *y = malloc(sizeof(float) * T * N), *y2 = malloc(sizeof(float) * T * N);
+        cpu->matmul(y, x, w, NULL, T, K, N, 0);
+        for (int M = 1; M <= 40; M++) {
+            cpu->matmul(y2, x + (size_t)5 * K, w, NULL, M, K, N, 0);
+            assert_memory_equal(y + (size_t)5 * N, y2, sizeof(float) * M * N);
+        }
+        free(x), free(w), free(y), free(y2);
+    }
+}
+
+static void test_rmsnorm_rope_swiglu(void **state) {
+    (void)state;
+    const moe_backend *cpu = moe_backend_cpu();
+    float x[4] = {1, -2, 3, -4}, w[4] = {1, 2, 0.5f, 1}, y[4];
+    cpu->rmsnorm(y, x, w, 1e-6f, 1, 4);
+    double r = 1.0 / sqrt((1 + 4 + 9 + 16) / 4.0 + 1e-6);
+    for (int i = 0; i < 4; i++) assert_float_equal(y[i], w[i] * x[i] * r, 1e-6);
+    /* rope: position 3, D = 4, theta 100: pairs (0,2) angle 3, (1,3) angle 3/10 */
+    float q[2 * 4] = {0, 0, 0, 0, 1, 2, 3, 4};
+    cpu->rope(q, 100.0f, 2, 2, 1, 4); /* tokens at positions 2 and 3 */
+    double a0 = 3.0, a1 = 3.0 / 10.0;
+    assert_float_equal(q[4], 1 * cos(a0) - 3 * sin(a0), 1e-5);
+    assert_float_equal(q[6], 3 * cos(a0) + 1 * sin(a0), 1e-5);
+    assert_float_equal(q[5], 2 * cos(a1) - 4 * sin(a1), 1e-5);
+    assert_float_equal(q[7], 4 * cos(a1) + 2 * sin(a1), 1e-5);
+    float gu[4] = {1, -2, 3, 0.5f}, h[2];
+    cpu->swiglu(h, gu, 1, 2);
+    assert_float_equal(h[0], 1 / (1 + exp(-1.0)) * 3, 1e-6);
+    assert_float_equal(h[1], -2 / (1 + exp(2.0)) * 0.5, 1e-6);
+}
+
+static void test_router(void **state) {
+    (void)state;
+    const moe_backend *cpu = moe_backend_cpu();
+    /* token 0: tie between experts 1 and 3 -> lower id first */
+    float lg[2 * 5] = {0.1f, 2.0f, -1.0f, 2.0f, 0.5f, 3.0f, 0.0f, 1.0f, -2.0f, 2.5f};
+    int32_t idx[4];
+    float wt[4], probs[10];
+    cpu->router(idx, wt, probs, lg, MOE_ROUTE_SOFTMAX_TOPK, MOE_RENORM_NONE, 2, 5, 2);
+    assert_int_equal(idx[0], 1);
+    assert_int_equal(idx[1], 3);
+    assert_int_equal(idx[2], 0);
+    assert_int_equal(idx[3], 4);
+    double z = exp(3.0) + exp(0.0) + exp(1.0) + exp(-2.0) + exp(2.5);
+    assert_float_equal(wt[2], exp(3.0) / z, 1e-6);
+    assert_float_equal(probs[5 + 4], exp(2.5) / z, 1e-6);
+    /* renormalised == top-k-then-softmax (Mixtral) */
+    float w2[4];
+    int32_t i2[4];
+    cpu->router(idx, wt, NULL, lg, MOE_ROUTE_SOFTMAX_TOPK, MOE_RENORM_SUM, 2, 5, 2);
+    cpu->router(i2, w2, NULL, lg, MOE_ROUTE_TOPK_SOFTMAX, MOE_RENORM_NONE, 2, 5, 2);
+    assert_memory_equal(idx, i2, sizeof idx);
+    for (int i = 0; i < 4; i++) assert_float_equal(wt[i], w2[i], 1e-6);
+    assert_float_equal(w2[2], 1 / (1 + exp(-0.5)), 1e-6);
+}
+
+static void test_dispatch_gather_scatter(void **state) {
+    (void)state;
+    const moe_backend *cpu = moe_backend_cpu();
+    int32_t idx[6] = {2, 0, 0, 1, 2, 1}; /* T=3, K=2 */
+    float wt[6] = {0.5f, 0.25f, 1, 2, 3, 4};
+    moe_dispatch d;
+    moe_dispatch_build(&d, idx, wt, 3, 3, 2);
+    int32_t off[4] = {0, 2, 4, 6}, tok[6] = {0, 1, 1, 2, 0, 2};
+    float ww[6] = {0.25f, 1, 2, 4, 0.5f, 3};
+    assert_memory_equal(d.off, off, sizeof off);
+    assert_memory_equal(d.tokens, tok, sizeof tok);
+    assert_memory_equal(d.weights, ww, sizeof ww);
+    float src[3 * 2] = {1, 2, 3, 4, 5, 6}, g[2 * 2], dst[3 * 2] = {0};
+    cpu->gather_rows(g, src, d.tokens + 2, 2, 2); /* expert 1: tokens 1, 2 */
+    float ge[4] = {3, 4, 5, 6};
+    assert_memory_equal(g, ge, sizeof ge);
+    cpu->scatter_add_rows(dst, g, d.tokens + 2, d.weights + 2, 2, 2);
+    float de[6] = {0, 0, 6, 8, 20, 24};
+    assert_memory_equal(dst, de, sizeof de);
+    moe_dispatch_free(&d);
+}
+
+static void test_divergences(void **state) {
+    (void)state;
+    const moe_backend *cpu = moe_backend_cpu();
+    float a[2 * 3] = {1, 2, 3, 0, 0, 0}, b[2 * 3] = {1, 2, 3, 1, 0, 0};
+    double d[2];
+    cpu->divergence(d, a, b, MOE_DIV_JS, 2, 3);
+    assert_true(d[0] == 0.0);
+    /* token 1: p uniform, q = softmax(1,0,0) */
+    double q0 = exp(1.0) / (exp(1.0) + 2), q1 = 1 / (exp(1.0) + 2), p = 1 / 3.0;
+    double m0 = (p + q0) / 2, m1 = (p + q1) / 2;
+    double js = 0.5 * (p * log(p / m0) + 2 * p * log(p / m1) + q0 * log(q0 / m0) + 2 * q1 * log(q1 / m1));
+    assert_float_equal(d[1], js, 1e-7);
+    cpu->divergence(d, a, b, MOE_DIV_KL, 2, 3);
+    assert_float_equal(d[1], p * log(p / q0) + 2 * p * log(p / q1), 1e-7);
+    cpu->divergence(d, a, b, MOE_DIV_MSE, 2, 3);
+    assert_float_equal(d[1], 1.0 / 3, 1e-12);
+    float c1[2] = {1, 0}, c2[2] = {1, 1};
+    cpu->divergence(d, c1, c2, MOE_DIV_COSINE, 1, 2);
+    assert_float_equal(d[0], 1 - 1 / sqrt(2.0), 1e-7);
+    float sm[3];
+    cpu->softmax_rows(sm, b + 3, 1, 3);
+    assert_float_equal(sm[0], q0, 1e-7);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_matmul_vs_ref),
+        cmocka_unit_test(test_attention_vs_ref),
+        cmocka_unit_test(test_thread_invariance),
+        cmocka_unit_test(test_batch_invariance),
+        cmocka_unit_test(test_rmsnorm_rope_swiglu),
+        cmocka_unit_test(test_router),
+        cmocka_unit_test(test_dispatch_gather_scatter),
+        cmocka_unit_test(test_divergences),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
