@@ -50,6 +50,9 @@ NVCCFLAGS ?= -O2 $(CUDA_ARCH) -Xcompiler -fPIC,-Wall -Ilib -Ikernels -MMD -MP
 ifeq ($(CUDA),1)
 CFLAGS += -DMOE_HAVE_CUDA=1 -I$(CUDA_HOME)/include
 LDLIBS += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublas -lcudart -lstdc++
+# kernels/cpu.c refers to moe_backend_cuda weakly, which does not pull an
+# archive member: force the CUDA backend into every binary.
+LDFLAGS += -Wl,--undefined=moe_backend_cuda
 CU_SRC := $(wildcard kernels/cuda/*.cu)
 else
 CU_SRC :=

@@ -80,6 +80,15 @@ typedef struct {
 void moe_cuda_mem_stats(moe_cuda_mem *m);
 void moe_cuda_mem_reset_peak(void);
 
+/* Benchmark helper: TFLOP/s of cuBLAS BF16 GEMMs (M×K)·(K×N) on random data,
+ * FP32 accumulation, output BF16 (f32_out 0) or FP32 (1), mean of iters
+ * after 3 warm-ups (CUDA events).  -1 on error.  No-CUDA builds: -1. */
+double moe_cuda_gemm_tflops(int M, int N, int K, int f32_out, int iters);
+
+/* Benchmark helper: uniform random values in [-scale, scale) (dtype
+ * MOE_WT_F32 or MOE_WT_BF16), device memory, deterministic in seed. */
+void moe_cuda_fill_random(void *d, int dtype, size_t n, uint64_t seed, float scale);
+
 /* Name of the device in use ("NVIDIA H200, sm_90, 132 SMs, 139.8 GiB"). */
 const char *moe_cuda_device_name(void);
 

@@ -61,4 +61,11 @@ void moe_cuda_matmul_grouped(float *y, const float *x, const void *const *w, con
 void moe_cuda_mem_stats(moe_cuda_mem *m) { memset(m, 0, sizeof *m); }
 void moe_cuda_mem_reset_peak(void) {}
 const char *moe_cuda_device_name(void) { return "none"; }
+void moe_cuda_fill_random(void *d, int dtype, size_t n, uint64_t seed, float scale) {
+    (void)d, (void)dtype, (void)n, (void)seed, (void)scale;
+}
+double moe_cuda_gemm_tflops(int M, int N, int K, int f32_out, int iters) {
+    (void)M, (void)N, (void)K, (void)f32_out, (void)iters;
+    return -1;
+}
 #endif

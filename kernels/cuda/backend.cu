@@ -928,3 +928,78 @@ extern "C" void moe_cuda_mem_reset_peak(void) {
 }
 
 extern "C" const char *moe_cuda_device_name(void) { return g.name[0] ? g.name : "none"; }
+
+// ---- benchmark helper: cuBLAS BF16 GEMM rate on random data -------------------------------------
+
+__global__ void k_fill_bf16(__nv_bfloat16 *d, size_t n, uint64_t seed) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        uint64_t z = seed + i * 0x9e3779b97f4a7c15ull; // splitmix64
+        z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+        z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+        z ^= z >> 31;
+        d[i] = __float2bfloat16_rn((float)((z >> 40) * (1.0 / 8388608.0)) - 1.0f);
+    }
+}
+
+extern "C" double moe_cuda_gemm_tflops(int M, int N, int K, int f32_out, int iters) {
+    if (init_once() != 1 || g.failed) return -1;
+    size_t na = (size_t)M * K, nb = (size_t)K * N, nc = (size_t)M * N;
+    __nv_bfloat16 *A = (__nv_bfloat16 *)raw_alloc(na * 2), *B = (__nv_bfloat16 *)raw_alloc(nb * 2);
+    void *Cm = raw_alloc(nc * (f32_out ? 4 : 2));
+    double tf = -1;
+    if (!g.failed) {
+        k_fill_bf16<<<nblocks(na, 256), 256, 0, g.stream>>>(A, na, 1);
+        k_fill_bf16<<<nblocks(nb, 256), 256, 0, g.stream>>>(B, nb, 2);
+        CK_LAUNCH("k_fill_bf16");
+        const float alpha = 1.0f, beta = 0.0f;
+        cudaEvent_t e0, e1;
+        CK(cudaEventCreate(&e0));
+        CK(cudaEventCreate(&e1));
+        for (int it = -3; it < iters && !g.failed; it++) { // 3 warm-ups
+            if (it == 0) CK(cudaEventRecord(e0, g.stream));
+            CKB(cublasGemmEx(g.blas, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, &alpha, B, CUDA_R_16BF, K,
+                             A, CUDA_R_16BF, K, &beta, Cm, f32_out ? CUDA_R_32F : CUDA_R_16BF, N,
+                             CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+        }
+        CK(cudaEventRecord(e1, g.stream));
+        float ms = 0;
+        if (CK(cudaEventSynchronize(e1)) && CK(cudaEventElapsedTime(&ms, e0, e1)) && ms > 0)
+            tf = 2.0 * M * N * K * iters / (ms * 1e-3) / 1e12;
+        cudaEventDestroy(e0);
+        cudaEventDestroy(e1);
+    }
+    raw_free(A), raw_free(B), raw_free(Cm);
+    return g.failed ? -1 : tf;
+}
+
+__global__ void k_fill_f32(float *d, size_t n, uint64_t seed, float scale) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        uint64_t z = seed * 0xd1b54a32d192ed03ull + i * 0x9e3779b97f4a7c15ull;
+        z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+        z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+        z ^= z >> 31;
+        d[i] = scale * ((float)((z >> 40) * (1.0 / 8388608.0)) - 1.0f);
+    }
+}
+__global__ void k_fill_bf16s(__nv_bfloat16 *d, size_t n, uint64_t seed, float scale) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        uint64_t z = seed * 0xd1b54a32d192ed03ull + i * 0x9e3779b97f4a7c15ull;
+        z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+        z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+        z ^= z >> 31;
+        d[i] = __float2bfloat16_rn(scale * ((float)((z >> 40) * (1.0 / 8388608.0)) - 1.0f));
+    }
+}
+
+extern "C" void moe_cuda_fill_random(void *d, int dtype, size_t n, uint64_t seed, float scale) {
+    LIVE();
+    if (!n) return;
+    if (dtype == MOE_WT_BF16)
+        k_fill_bf16s<<<nblocks(n, 256), 256, 0, g.stream>>>((__nv_bfloat16 *)d, n, seed, scale);
+    else
+        k_fill_f32<<<nblocks(n, 256), 256, 0, g.stream>>>((float *)d, n, seed, scale);
+    CK_LAUNCH("k_fill_random");
+}

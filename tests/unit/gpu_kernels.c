@@ -470,7 +470,7 @@ static void test_sticky_error(void **state) {
 
 int main(void) {
     char why[256] = "";
-    if (!moe_device_cuda_built() || moe_device_cuda_count(why, sizeof why) <= 0) {
+    if (moe_device_cuda_count(why, sizeof why) <= 0) {
         printf("SKIP: no CUDA device (%s)\n", why[0] ? why : "none visible");
         return 77;
     }
