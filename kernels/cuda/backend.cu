@@ -171,7 +171,7 @@ struct scratch {
     void *p;
     size_t n;
 };
-static scratch s_xb, s_wf, s_probs, s_ptrs, s_rope;
+static scratch s_xb, s_wf, s_probs, s_ptrs, s_rope, s_div;
 static void *scratch_get(scratch &s, size_t n) {
     if (n > s.n) {
         raw_free(s.p);
@@ -808,8 +808,25 @@ static void cu_divergence(double *d, const float *a, const float *b, int metric,
         CK(cudaMemsetAsync(d, 0, sizeof(double) * T, g.stream));
         return;
     }
-    k_divergence<<<T, ROW_THREADS, 0, g.stream>>>(d, a, b, metric, C);
+    // d should be backend memory (kernels.h); a host array is tolerated, since
+    // per-token results are usually read on the host right away: the kernel
+    // writes a device scratch and the result is copied back synchronously
+    cudaPointerAttributes at;
+    bool host = true;
+    if (cudaPointerGetAttributes(&at, d) == cudaSuccess)
+        host = at.type != cudaMemoryTypeDevice && at.type != cudaMemoryTypeManaged;
+    else
+        (void)cudaGetLastError();
+    double *dd = d;
+    if (host) {
+        dd = (double *)scratch_get(s_div, sizeof(double) * (size_t)T);
+        if (g.failed) return;
+    }
+    k_divergence<<<T, ROW_THREADS, 0, g.stream>>>(dd, a, b, metric, C);
     CK_LAUNCH("k_divergence");
+    if (host && !g.failed &&
+        CK(cudaMemcpyAsync(d, dd, sizeof(double) * (size_t)T, cudaMemcpyDeviceToHost, g.stream)))
+        CK(cudaStreamSynchronize(g.stream));
 }
 
 // ---- the table, initialisation, extras ------------------------------------------------------

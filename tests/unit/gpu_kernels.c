@@ -421,6 +421,12 @@ static void one_divergence(int T, int Cc, float noise) {
         /* probabilities are fp32 (expf may differ by an ulp between libm and CUDA) */
         check_close_d(what, got, want, (size_t)T, noise > 0 && metric <= MOE_DIV_KL ? 2e-3 : 1e-5);
     }
+    /* a host output array is tolerated (lib/search.c passes one) */
+    double *hd = moe_malloc(sizeof(double) * T);
+    C->divergence(want, a, b, MOE_DIV_JS, T, Cc);
+    G->divergence(hd, da, db, MOE_DIV_JS, T, Cc);
+    check_close_d("divergence js into host memory", hd, want, (size_t)T, noise > 0 ? 2e-3 : 1e-5);
+    free(hd);
     G->free(da), G->free(db), G->free(dd);
     free(a), free(b), free(want), free(got);
 }
