@@ -94,6 +94,9 @@ $(BUILD)/tests/%: $(BUILD)/tests/unit/%.o $(LIBA)
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) $< $(LIBA) $(LDLIBS) -lcmocka -o $@
 
+# test_model_device hands the model an emulated device by wrapping moe_backend_get
+$(BUILD)/tests/test_model_device: LDFLAGS += -Wl,--wrap=moe_backend_get
+
 # GPU parity tests (tests/unit/gpu_*.c, run by `make test-gpu`) and GPU
 # benchmark programs (bench/gpu_*.c, run by bench/gpu-check.sh).
 $(BUILD)/bench/gpu_%: $(BUILD)/bench/gpu_%.o $(LIBA)
