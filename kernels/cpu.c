@@ -5,11 +5,11 @@
  * loop nest, the oracle for the optimised ops and for other backends).
  *
  * Determinism.  Every OpenMP loop here partitions independent outputs (rows,
- * tokens, heads); no reduction is ever split across threads, so results do
- * not depend on the thread count.  OpenBLAS's level-3 threading splits the M
- * and N dimensions of a GEMM, never K, and every element's dot product is
- * accumulated by the same micro-kernel in the same order; test_kernels.c
- * checks that 1 and several OPENBLAS threads give byte-identical results.
+ * tokens, heads, fixed blocks of GEMM output columns); no reduction is ever
+ * split across threads, so results do not depend on the thread count.
+ * OpenBLAS is only ever called single-threaded (see blas_single), and tiny
+ * GEMMs are padded so that a row's result never depends on how many rows
+ * share the call (see sgemm_cols).  test_kernels.c checks both.
  */
 #include <cblas.h>
 #include <math.h>
@@ -24,11 +24,24 @@
 
 static int g_threads = 0;
 
+/* OpenBLAS always runs single-threaded inside our OpenMP threads: mixing its
+ * own thread pool with OpenMP's makes both spin for the same cores (a 5-8x
+ * slowdown measured on 2 cores), and a partitioning of our own keeps results
+ * independent of the thread count by construction. */
+static int g_blas_single = 0;
+static void blas_single(void) {
+    if (!g_blas_single) {
+        openblas_set_num_threads(1);
+        g_blas_single = 1;
+    }
+}
+
 void moe_kernels_set_threads(int n) {
     if (n <= 0) n = omp_get_num_procs();
     g_threads = n;
     omp_set_num_threads(n);
-    openblas_set_num_threads(n);
+    openblas_set_num_threads(1);
+    g_blas_single = 1;
 }
 
 int moe_kernels_threads(void) { return g_threads > 0 ? g_threads : omp_get_max_threads(); }
@@ -57,37 +70,63 @@ static void add_bias(float *y, const float *bias, int T, int N) {
         for (int n = 0; n < N; n++) y[(size_t)t * N + n] += bias[n];
 }
 
-/* OpenBLAS (0.3.x on SkylakeX and others) routes "small" products
+/* y[:, n0:n0+nc] (+)= x·W[n0:n0+nc]ᵀ with one single-threaded sgemm.
+ * OpenBLAS (0.3.x on SkylakeX and others) routes "small" products
  * (M·N·K <= 100³) to special kernels whose rounding differs from the
  * blocked kernels, and newer versions route single-row products to GEMV.
  * Either would make a token's result depend on how many other tokens share
  * the call (batching, tokens per expert).  So tiny calls are padded with zero
  * rows up to a size the blocked kernels take; per-row results of those do not
- * depend on the row count (tests/unit/test_kernels.c checks both). */
+ * depend on the row count (tests/unit/test_kernels.c checks it). */
 #define SMALL_MNK 1000000.0
+
+static void sgemm_cols(float *y, const float *x, const float *w, int T, int K, int N, int n0,
+                       int nc, int accumulate) {
+    if ((double)T * nc * K > SMALL_MNK && T >= 2) {
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, nc, K, 1.0f, x, K,
+                    w + (size_t)n0 * K, K, accumulate ? 1.0f : 0.0f, y + n0, N);
+        return;
+    }
+    int Tp = (int)(SMALL_MNK / ((double)nc * K)) + 1;
+    if (Tp < 2) Tp = 2;
+    if (Tp < T) Tp = T;
+    float *xp = calloc((size_t)Tp * K, sizeof(float));
+    float *yp = calloc((size_t)Tp * nc, sizeof(float));
+    if (!xp || !yp) moe_malloc((size_t)-1 / 2); /* out of memory: aborts with a message */
+    memcpy(xp, x, sizeof(float) * (size_t)T * K);
+    if (accumulate)
+        for (int t = 0; t < T; t++)
+            memcpy(yp + (size_t)t * nc, y + (size_t)t * N + n0, sizeof(float) * nc);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Tp, nc, K, 1.0f, xp, K,
+                w + (size_t)n0 * K, K, accumulate ? 1.0f : 0.0f, yp, nc);
+    for (int t = 0; t < T; t++)
+        memcpy(y + (size_t)t * N + n0, yp + (size_t)t * nc, sizeof(float) * nc);
+    free(xp);
+    free(yp);
+}
+
+/* The output is split into fixed tiles of GEMM_ROWS x GEMM_COLS (independent
+ * of the thread count), one single-threaded sgemm per tile, tiles spread over
+ * the OpenMP threads. */
+#define GEMM_ROWS 256
+#define GEMM_COLS 128
 
 static void cpu_matmul(float *y, const float *x, const void *w, const float *bias, int T, int K,
                        int N, int accumulate) {
     if (T <= 0 || N <= 0) return;
+    blas_single();
     if (K <= 0) {
         if (!accumulate) memset(y, 0, sizeof(float) * (size_t)T * N);
-    } else if (T < 2 || (double)T * N * K <= SMALL_MNK) {
-        int Tp = (int)(SMALL_MNK / ((double)N * K)) + 1;
-        if (Tp < 2) Tp = 2;
-        if (Tp < T) Tp = T;
-        float *xp = calloc((size_t)Tp * K, sizeof(float));
-        float *yp = calloc((size_t)Tp * N, sizeof(float));
-        if (!xp || !yp) moe_malloc((size_t)-1 / 2); /* out of memory: abort with a message */
-        memcpy(xp, x, sizeof(float) * (size_t)T * K);
-        if (accumulate) memcpy(yp, y, sizeof(float) * (size_t)T * N);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Tp, N, K, 1.0f, xp, K,
-                    (const float *)w, K, accumulate ? 1.0f : 0.0f, yp, N);
-        memcpy(y, yp, sizeof(float) * (size_t)T * N);
-        free(xp);
-        free(yp);
     } else {
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, N, K, 1.0f, x, K, (const float *)w,
-                    K, accumulate ? 1.0f : 0.0f, y, N);
+        int nr = (T + GEMM_ROWS - 1) / GEMM_ROWS, nb = (N + GEMM_COLS - 1) / GEMM_COLS;
+#pragma omp parallel for schedule(dynamic, 1) if (nr * nb > 1)
+        for (int i = 0; i < nr * nb; i++) {
+            int r = i / nb, b = i % nb;
+            int t0 = r * GEMM_ROWS, tc = T - t0 < GEMM_ROWS ? T - t0 : GEMM_ROWS;
+            int n0 = b * GEMM_COLS, nc = N - n0 < GEMM_COLS ? N - n0 : GEMM_COLS;
+            sgemm_cols(y + (size_t)t0 * N, x + (size_t)t0 * K, (const float *)w, tc, K, N, n0, nc,
+                       accumulate);
+        }
     }
     if (bias) add_bias(y, bias, T, N);
 }
@@ -189,36 +228,41 @@ static void ref_attention(float *out, const float *q, const float *k, const floa
     }
 }
 
-/* Optimised: per head, S = q_h·k_hᵀ and O = P·v_h through sgemm; masked
- * softmax rows in between (P holds exact zeros above the diagonal). */
+/* Optimised: per head (heads spread over the threads), S = q_h·k_hᵀ and
+ * O = P·v_h through single-threaded sgemm; masked softmax rows in between
+ * (P holds exact zeros above the diagonal). */
 static void cpu_attention(float *out, const float *q, const float *k, const float *v, float scale,
                           int T, int nh, int nkv, int D) {
     if (T <= 0) return;
+    blas_single();
     int rep = nh / nkv;
-    float *S = cpu_alloc(sizeof(float) * (size_t)T * T);
-    for (int h = 0; h < nh; h++) {
-        int kh = h / rep;
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, D, scale, q + (size_t)h * D,
-                    nh * D, k + (size_t)kh * D, nkv * D, 0.0f, S, T);
-#pragma omp parallel for schedule(static)
-        for (int i = 0; i < T; i++) {
-            float *s = S + (size_t)i * T;
-            float mx = -INFINITY;
-            for (int j = 0; j <= i; j++)
-                if (s[j] > mx) mx = s[j];
-            double sum = 0.0;
-            for (int j = 0; j <= i; j++) {
-                s[j] = expf(s[j] - mx);
-                sum += s[j];
+#pragma omp parallel
+    {
+        float *S = cpu_alloc(sizeof(float) * (size_t)T * T);
+#pragma omp for schedule(dynamic, 1)
+        for (int h = 0; h < nh; h++) {
+            int kh = h / rep;
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, D, scale, q + (size_t)h * D,
+                        nh * D, k + (size_t)kh * D, nkv * D, 0.0f, S, T);
+            for (int i = 0; i < T; i++) {
+                float *s = S + (size_t)i * T;
+                float mx = -INFINITY;
+                for (int j = 0; j <= i; j++)
+                    if (s[j] > mx) mx = s[j];
+                double sum = 0.0;
+                for (int j = 0; j <= i; j++) {
+                    s[j] = expf(s[j] - mx);
+                    sum += s[j];
+                }
+                float inv = (float)(1.0 / sum);
+                for (int j = 0; j <= i; j++) s[j] *= inv;
+                for (int j = i + 1; j < T; j++) s[j] = 0.0f;
             }
-            float inv = (float)(1.0 / sum);
-            for (int j = 0; j <= i; j++) s[j] *= inv;
-            for (int j = i + 1; j < T; j++) s[j] = 0.0f;
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, D, T, 1.0f, S, T,
+                        v + (size_t)kh * D, nkv * D, 0.0f, out + (size_t)h * D, nh * D);
         }
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, D, T, 1.0f, S, T,
-                    v + (size_t)kh * D, nkv * D, 0.0f, out + (size_t)h * D, nh * D);
+        cpu_free(S);
     }
-    cpu_free(S);
 }
 
 /* ---- element-wise ------------------------------------------------------- */

@@ -1,0 +1,126 @@
+/* forward_bench.c - timing driver for bench/forward.sh (not installed).
+ *
+ *   forward_bench forward MODEL IDS.i32 NSEQ T   prefill of NSEQ sequences of T
+ *                                               tokens (raw int32 ids), layer-major,
+ *                                               phases timed; prints key=value lines
+ *   forward_bench gemm                          OpenBLAS sgemm peak vs our matmul op
+ *                                               at the forward's shapes
+ */
+#include <cblas.h>
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common.h"
+#include "kernels.h"
+#include "model.h"
+
+static int forward(const char *dir, const char *idsf, int nseq, int T) {
+    moe_model_set_threads(0);
+    double t0 = moe_now();
+    moe_model *m = moe_model_open(dir, NULL);
+    if (!m) {
+        fprintf(stderr, "forward_bench: %s\n", moe_error());
+        return 1;
+    }
+    const moe_config *c = moe_model_config(m);
+    int L = c->num_layers, H = c->hidden_size, V = c->vocab_size;
+    size_t tot = (size_t)nseq * T;
+    int32_t *ids = malloc(sizeof(int32_t) * tot);
+    FILE *f = fopen(idsf, "rb");
+    if (!f || fread(ids, sizeof(int32_t), tot, f) != tot) {
+        fprintf(stderr, "forward_bench: cannot read %zu ids from %s\n", tot, idsf);
+        return 1;
+    }
+    fclose(f);
+    float *x = moe_model_alloc(m, tot * H), *xn = moe_model_alloc(m, tot * H);
+    float *y = moe_model_alloc(m, tot * H), *lg = moe_model_alloc(m, (size_t)T * V);
+    double t_load = 0, t_att = 0, t_mlp = 0, t_head = 0, t;
+    double t_start = moe_now();
+    for (int s = 0; s < nseq; s++) moe_model_embed(m, x + (size_t)s * T * H, ids + (size_t)s * T, T);
+    for (int l = 0; l < L; l++) {
+        t = moe_now();
+        if (moe_layer_load(m, l) < 0) {
+            fprintf(stderr, "forward_bench: %s\n", moe_error());
+            return 1;
+        }
+        t_load += moe_now() - t;
+        t = moe_now();
+        for (int s = 0; s < nseq; s++) moe_layer_attention(m, l, x + (size_t)s * T * H, T);
+        t_att += moe_now() - t;
+        t = moe_now();
+        moe_layer_mlp_input(m, l, xn, x, (int)tot);
+        moe_layer_mlp_run(m, l, y, xn, (int)tot, NULL, NULL);
+        for (size_t i = 0; i < tot * H; i++) x[i] += y[i];
+        t_mlp += moe_now() - t;
+        moe_layer_unload(m, l);
+    }
+    t = moe_now();
+    moe_model_final_norm(m, x, x, (int)tot);
+    for (int s = nseq - 1; s >= 0; s--) moe_model_lm_head(m, lg, x + (size_t)s * T * H, T);
+    t_head = moe_now() - t;
+    double total = moe_now() - t_start;
+    printf("open_s=%.3f\ntotal_s=%.3f\nload_s=%.3f\nattention_s=%.3f\nmlp_s=%.3f\nlm_head_s=%.3f\n"
+           "tokens=%zu\ntok_per_s=%.1f\nlogit0=%.6g\n",
+           t_start - t0, total, t_load, t_att, t_mlp, t_head, tot, tot / total, lg[0]);
+    moe_model_close(m);
+    return 0;
+}
+
+static double gflops(int M, int N, int K, double secs, int reps) {
+    return 2.0 * M * N * K * reps / secs / 1e9;
+}
+
+static int gemm(void) {
+    const moe_backend *be = moe_backend_cpu();
+    openblas_set_num_threads(omp_get_num_procs()); /* OpenBLAS's own threading for its peak */
+    /* OpenBLAS's own peak: large square sgemm */
+    int n = 2048;
+    float *a = calloc((size_t)n * n, 4), *b = calloc((size_t)n * n, 4), *cc = calloc((size_t)n * n, 4);
+    for (size_t i = 0; i < (size_t)n * n; i++) a[i] = b[i] = (float)(i % 7) * 0.1f;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, n, n, 1, a, n, b, n, 0, cc, n);
+    /* best of 5 (the machine may be shared) */
+    double peak = 0, t;
+    for (int r = 0; r < 5; r++) {
+        t = moe_now();
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, n, n, 1, a, n, b, n, 0, cc, n);
+        double g = gflops(n, n, n, moe_now() - t, 1);
+        if (g > peak) peak = g;
+    }
+    printf("openblas_peak_gflops=%.1f (2048^3 sgemm, %d OpenBLAS threads)\n", peak,
+           omp_get_num_procs());
+    moe_kernels_set_threads(0); /* ours: OpenMP tiles of single-threaded sgemm */
+    /* our op at the forward's shapes (T tokens x in -> out) */
+    struct { const char *name; int T, K, N; } s[] = {
+        {"attn_proj_1024x1024x1024", 1024, 1024, 1024},
+        {"shared_gate_up_1024x1024x2816", 1024, 1024, 2816},
+        {"expert_gate_up_96x1024x1408", 96, 1024, 1408},
+        {"expert_down_96x704x1024", 96, 704, 1024},
+        {"router_1024x1024x64", 1024, 1024, 64},
+    };
+    for (size_t i = 0; i < sizeof s / sizeof *s; i++) {
+        double g = 0;
+        for (int r = 0; r < 7; r++) { /* best of 7 calls of >= 20 ms */
+            int reps2 = 0;
+            t = moe_now();
+            do {
+                be->matmul(cc, a, b, NULL, s[i].T, s[i].K, s[i].N, 0);
+                reps2++;
+            } while (moe_now() - t < 0.02);
+            double gi = gflops(s[i].T, s[i].N, s[i].K, moe_now() - t, reps2);
+            if (gi > g) g = gi;
+        }
+        printf("matmul_%s_gflops=%.1f (%.0f%% of peak)\n", s[i].name, g, 100 * g / peak);
+    }
+    free(a), free(b), free(cc);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    if (argc >= 2 && !strcmp(argv[1], "gemm")) return gemm();
+    if (argc == 6 && !strcmp(argv[1], "forward"))
+        return forward(argv[2], argv[3], atoi(argv[4]), atoi(argv[5]));
+    fprintf(stderr, "usage: forward_bench forward MODEL IDS NSEQ T | gemm\n");
+    return 2;
+}
