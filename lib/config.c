@@ -200,7 +200,7 @@ static int check_rope_type(json_t *rs, const char *key, const char *P)
 static void layers_free(moe_config *c)
 {
     if (c->layers)
-        for (int l = 0; l < c->num_layers; l++) {
+        for (int l = 0; l < c->n_layers_alloc; l++) {
             free(c->layers[l].experts);
             free(c->layers[l].weights);
         }
@@ -306,6 +306,7 @@ int moe_config_finish(moe_config *c)
     /* per-layer descriptors */
     layers_free(c);
     c->layers = moe_calloc((size_t)c->num_layers, sizeof *c->layers);
+    c->n_layers_alloc = c->num_layers;
     int n_moe = 0, n_dense = 0;
     for (int l = 0; l < c->num_layers; l++) {
         moe_layer_mlp *m = &c->layers[l];

@@ -184,6 +184,7 @@ typedef struct moe_config {
 
     moe_layer_mlp *layers;       /* [num_layers] */
     int n_condensed;             /* number of CONDENSED layers */
+    int n_layers_alloc;          /* entries allocated in layers[] (bookkeeping) */
 } moe_config;
 
 /* Load `path`: a config.json file, or a directory containing one.  Every

@@ -6,6 +6,7 @@
 #include "cli.h"
 
 #include <math.h>
+#include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -110,30 +111,39 @@ typedef struct {
 /* Output i (0-based) of the splitmix64 sequence starting at state key. */
 static inline uint64_t sm_out(uint64_t key, uint64_t i) { return mix64(key + (i + 1) * GAMMA); }
 
-static inline double normal_at(uint64_t key, uint64_t e)
+/* The normal pair (z0, z1) = values of elements 2j and 2j+1. */
+static inline void normal_pair(uint64_t key, uint64_t j, double *z0, double *z1)
 {
-    uint64_t j = e / 2;
     double u1 = (double)((sm_out(key, 2 * j) >> 11) + 1) * 0x1p-53; /* (0, 1] */
     double u2 = (double)(sm_out(key, 2 * j + 1) >> 11) * 0x1p-53;   /* [0, 1) */
     double r = sqrt(-2.0 * log(u1)), a = 2.0 * M_PI * u2;
-    return (e & 1) ? r * sin(a) : r * cos(a);
+    *z0 = r * cos(a);
+    *z1 = r * sin(a);
+}
+
+static inline void put(const init_ctx *c, void *out, uint64_t i, double z)
+{
+    float v = (float)(c->mean + c->std * z);
+    if (c->dt == MOE_ST_F32) ((float *)out)[i] = v;
+    else moe_st_f32_to_bf16(&v, (uint16_t *)out + i, 1);
 }
 
 static int fill(void *vctx, const char *name, uint64_t start, uint64_t n, void *out)
 {
     (void)name;
     init_ctx *c = vctx;
-    if (c->dt == MOE_ST_F32) {
-        float *o = out;
-#pragma omp parallel for schedule(static)
-        for (uint64_t i = 0; i < n; i++)
-            o[i] = (float)(c->std > 0 ? c->mean + c->std * normal_at(c->key, start + i) : c->mean);
+    if (!(c->std > 0)) {
+        for (uint64_t i = 0; i < n; i++) put(c, out, i, 0.0);
     } else {
-        uint16_t *o = out;
+        /* pairs j covering elements [start, start + n) */
+        uint64_t j0 = start / 2, j1 = (start + n + 1) / 2;
 #pragma omp parallel for schedule(static)
-        for (uint64_t i = 0; i < n; i++) {
-            float v = (float)(c->std > 0 ? c->mean + c->std * normal_at(c->key, start + i) : c->mean);
-            moe_st_f32_to_bf16(&v, &o[i], 1);
+        for (uint64_t j = j0; j < j1; j++) {
+            double z0, z1;
+            normal_pair(c->key, j, &z0, &z1);
+            uint64_t e = 2 * j;
+            if (e >= start && e < start + n) put(c, out, e - start, z0);
+            if (e + 1 >= start && e + 1 < start + n) put(c, out, e + 1 - start, z1);
         }
     }
     moe_progress_add(c->prog, n * (c->dt == MOE_ST_F32 ? 4 : 2));
@@ -198,6 +208,7 @@ int main(int argc, char **argv)
             if (!moe_cli_handle(opt, optarg)) moe_cli_usage("unexpected option");
         }
     }
+    if (moe_cli.threads > 0) omp_set_num_threads(moe_cli.threads);
     if (optind < argc) moe_cli_usage("unexpected argument '%s'", argv[optind]);
     if (!out) moe_cli_usage("no output directory (-o DIR)");
     if (!arch_name && !config) moe_cli_usage("--arch ARCH or --config FILE is required");
