@@ -69,6 +69,10 @@ void moe_cuda_set_precision(int prec);
 void moe_cuda_matmul_grouped(float *y, const float *x, const void *const *w, const int32_t *off,
                              int G, int K, int N, int accumulate);
 
+/* 0: always use the loop of cublasGemmEx in moe_cuda_matmul_grouped (tests
+ * compare both paths); 1: try the grouped call again (default). */
+void moe_cuda_set_grouped(int on);
+
 /* Device memory: live and peak bytes allocated through this backend's
  * alloc (scratch included), and cudaMemGetInfo's view (free/total, all
  * users).  moe_cuda_mem_reset_peak() sets peak = live. */

@@ -53,6 +53,7 @@ const moe_backend *moe_backend_cuda(void) {
 }
 int moe_cuda_status(void) { return 0; }
 void moe_cuda_set_precision(int prec) { (void)prec; }
+void moe_cuda_set_grouped(int on) { (void)on; }
 void moe_cuda_matmul_grouped(float *y, const float *x, const void *const *w, const int32_t *off,
                              int G, int K, int N, int accumulate) {
     (void)y, (void)x, (void)w, (void)off, (void)G, (void)K, (void)N, (void)accumulate;

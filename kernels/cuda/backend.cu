@@ -923,6 +923,8 @@ extern "C" int moe_cuda_status(void) {
     return -1;
 }
 
+extern "C" void moe_cuda_set_grouped(int on) { g.grouped_ok = on ? -1 : 0; }
+
 extern "C" void moe_cuda_set_precision(int prec) {
     g.precision = prec == MOE_CUDA_PREC_F32 ? MOE_CUDA_PREC_F32 : MOE_CUDA_PREC_BF16;
 }

@@ -164,7 +164,9 @@ static void test_matmul_grouped(void **state) {
         wr[g] = bf16_round(w[g], (size_t)N * K);
         dw[g] = dev_bf16(w[g], (size_t)N * K);
     }
-    for (int acc = 0; acc <= 1; acc++) {
+    for (int run = 0; run < 4; run++) {
+        int acc = run & 1, grouped = run < 2; /* cublasGemmGroupedBatchedEx, then the loop */
+        moe_cuda_set_grouped(grouped);
         float *y0 = rnd((size_t)rows * N, 1.0f);
         float *want = moe_malloc(sizeof(float) * rows * N);
         memcpy(want, y0, sizeof(float) * rows * N);
@@ -175,11 +177,13 @@ static void test_matmul_grouped(void **state) {
         float *dx = dev(x, sizeof(float) * rows * K), *dy = dev(y0, sizeof(float) * rows * N);
         moe_cuda_matmul_grouped(dy, dx, (const void *const *)dw, off, NG, K, N, acc);
         float *got = host(dy, (size_t)rows * N);
-        check_close(acc ? "matmul_grouped acc" : "matmul_grouped", got, want, (size_t)rows * N,
-                    2e-5);
+        char what[64];
+        snprintf(what, sizeof what, "matmul_grouped %s acc=%d", grouped ? "grouped" : "loop", acc);
+        check_close(what, got, want, (size_t)rows * N, 2e-5);
         G->free(dx), G->free(dy);
         free(y0), free(want), free(got);
     }
+    moe_cuda_set_grouped(1);
     for (int g = 0; g < NG; g++) G->free(dw[g]), free(w[g]), free(wr[g]);
     free(x);
     assert_int_equal(moe_cuda_status(), 0);
