@@ -95,7 +95,7 @@ $(BUILD)/tests/%: $(BUILD)/tests/unit/%.o $(LIBA)
 	$(CC) $(LDFLAGS) $< $(LIBA) $(LDLIBS) -lcmocka -o $@
 
 # test_model_device hands the model an emulated device by wrapping moe_backend_get
-$(BUILD)/tests/test_model_device: LDFLAGS += -Wl,--wrap=moe_backend_get
+$(BUILD)/tests/test_model_device: override LDFLAGS += -Wl,--wrap=moe_backend_get
 
 # Benchmark drivers bench/*.c, built on demand by the bench scripts (the GPU
 # ones, bench/gpu_*.c, with all-tests so that CI compiles them; run by

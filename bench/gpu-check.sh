@@ -47,7 +47,7 @@ OUT=${OUT:-/tmp/cdmoe-gpu-check}
 [ "$MODE" = --rehearse ] && OUT=/tmp/cdmoe-gpu-rehearse
 mkdir -p "$OUT"
 WORK=$(mktemp -d /tmp/cdmoe-gpu.XXXXXX)
-PREFIX=$WORK/prefix
+PREFIX=/tmp/cdmoe-prefix # fixed: the binaries' rpath points here
 LOG=$OUT/log.txt
 RES=$OUT/results.json
 TABLE=$WORK/table
@@ -82,6 +82,7 @@ smi_stop() { # prints "peak N MiB" or nothing
 
 # ---- 0. the carried Debian libraries, unpacked into a private prefix --------------------
 if ls .debs/*.deb >/dev/null 2>&1; then
+    rm -rf "$PREFIX"
     for f in .debs/*.deb; do dpkg -x "$f" "$PREFIX" || { say "dpkg -x $f failed"; exit 1; }; done
     LIBDIR=$PREFIX/usr/lib/x86_64-linux-gnu
     PKG_CFLAGS="-DUTF8PROC_EXPORTS -I$PREFIX/usr/include -I$PREFIX/usr/include/x86_64-linux-gnu/openblas-pthread"
@@ -89,13 +90,12 @@ if ls .debs/*.deb >/dev/null 2>&1; then
 -lmsgpackc -lzstd -ljansson -lonig -lutf8proc -lopenblas"
     LD_LIBRARY_PATH=$LIBDIR:$LIBDIR/openblas-pthread${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
     export LD_LIBRARY_PATH
-    # cmocka's library for the test binaries (linked with a bare -lcmocka)
-    LDFLAGS_EXTRA="-L$LIBDIR"
+    CARRIED=1 # (PKG_LIBS's -L also serves the bare -lcmocka of the test binaries)
     say "libraries: $(ls .debs/*.deb | wc -l) .debs unpacked into $PREFIX"
 else
     PKG_CFLAGS=$(pkg-config --cflags msgpack libzstd jansson oniguruma libutf8proc openblas 2>/dev/null)
     PKG_LIBS=$(pkg-config --libs msgpack libzstd jansson oniguruma libutf8proc openblas 2>/dev/null)
-    LDFLAGS_EXTRA=
+    CARRIED=
     say "libraries: no .debs/ (run --prepare here first); using the system's"
 fi
 
@@ -103,18 +103,19 @@ fi
 [ -d /usr/local/cuda/bin ] && PATH=/usr/local/cuda/bin:$PATH && export PATH
 command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >>"$LOG" 2>&1
 B=build-gpu
+rm -rf $B # a clean build: objects and rpaths of another run do not count
 t=$(date +%s)
 say "build (sm_90, -j$JOBS)"
 if make -j"$JOBS" BUILD=$B BIN=$B/bin CUDA=1 \
     CUDA_ARCH="-gencode arch=compute_90,code=sm_90" \
-    PKG_CFLAGS="$PKG_CFLAGS" PKG_LIBS="$PKG_LIBS" LDFLAGS="-fopenmp -Wl,--undefined=moe_backend_cuda $LDFLAGS_EXTRA" \
+    PKG_CFLAGS="$PKG_CFLAGS" PKG_LIBS="$PKG_LIBS" \
     all-tests >>"$LOG" 2>&1; then
     row "build sm_90" ok "$(elapsed $t)" "nvcc $(nvcc --version 2>/dev/null | sed -n 's/.*release \([0-9.]*\).*/\1/p')"
 else
     row "build sm_90" FAIL "$(elapsed $t)" "see log.txt"
     tail -n 30 "$LOG"; cat "$TABLE"; exit 1
 fi
-if [ -n "$LDFLAGS_EXTRA" ]; then # the programs must use the carried libraries
+if [ -n "$CARRIED" ]; then # the programs must use the carried libraries
     ldd $B/bin/moe-eval >>"$LOG" 2>&1
     ldd $B/bin/moe-eval | grep -q "not found" && { say "unresolved libraries:"; ldd $B/bin/moe-eval | grep "not found"; }
 fi
