@@ -25,6 +25,14 @@
  * checks against the CPU backend).  Every other op computes in fp32 with the
  * CPU op's formulas (double where the CPU op uses double).
  *
+ * Memory: cudaMallocAsync on the backend's one stream (a pool that keeps
+ * freed blocks for the next layer); upload/copy/zero are stream-ordered,
+ * download waits.  divergence also accepts a host output array (it then
+ * copies back and waits), since per-token results are read on the host.
+ * Ops are not thread-safe (one stream, shared scratch): call from one thread.
+ * Per-row results may depend on how many rows share a GEMM (cuBLAS picks
+ * kernels by shape), unlike the padded CPU GEMM.
+ *
  * Environment: MOE_CUDA_DEVICE=N picks the device (default 0);
  * MOE_CUDA_SYNC=1 as above; MOE_CUDA_PRECISION=f32 as the function. */
 #ifndef MOE_BACKEND_CUDA_H
