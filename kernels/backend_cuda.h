@@ -77,6 +77,13 @@ void moe_cuda_set_precision(int prec);
 void moe_cuda_matmul_grouped(float *y, const float *x, const void *const *w, const int32_t *off,
                              int G, int K, int N, int accumulate);
 
+/* The same for any backend, usable by lib/model.c today without a change to
+ * kernels.h: the CUDA backend's grouped GEMM, else a loop of b->matmul over
+ * the non-empty groups (same results as calling matmul per expert). */
+void moe_backend_matmul_grouped(const moe_backend *b, float *y, const float *x,
+                                const void *const *w, const int32_t *off, int G, int K, int N,
+                                int accumulate);
+
 /* 0: always use the loop of cublasGemmEx in moe_cuda_matmul_grouped (tests
  * compare both paths); 1: try the grouped call again (default). */
 void moe_cuda_set_grouped(int on);

@@ -45,6 +45,23 @@ int moe_backend_status(const moe_backend *b) {
     return 0;
 }
 
+void moe_backend_matmul_grouped(const moe_backend *b, float *y, const float *x,
+                                const void *const *w, const int32_t *off, int G, int K, int N,
+                                int accumulate) {
+#ifdef MOE_HAVE_CUDA
+    if (b->name && !strcmp(b->name, "cuda")) {
+        moe_cuda_matmul_grouped(y, x, w, off, G, K, N, accumulate);
+        return;
+    }
+#endif
+    for (int g = 0; g < G; g++) {
+        int n = off[g + 1] - off[g];
+        if (n <= 0) continue;
+        size_t r0 = (size_t)(off[g] - off[0]);
+        b->matmul(y + r0 * N, x + r0 * K, w[g], NULL, n, K, N, accumulate);
+    }
+}
+
 #ifndef MOE_HAVE_CUDA
 /* builds without CUDA: the extras exist and say so */
 const moe_backend *moe_backend_cuda(void) {
