@@ -105,6 +105,25 @@ WRAP(gather_rows, (float *d, const float *s, const int32_t *r, int n, int C), (d
 WRAP(scatter_add_rows, (float *d, const float *s, const int32_t *r, const float *sc, int n, int C),
      (d, s, r, sc, n, C))
 WRAP(softmax_rows, (float *p, const float *x, int T, int C), (p, x, T, C))
+WRAP(combine, (float *y, const float *o, const int32_t *sl, const float *wt, int T, int K, int H),
+     (y, o, sl, wt, T, K, H))
+
+/* Grouped experts from the emulated primitives (BF16 weights, inputs rounded
+ * to BF16 as in e_matmul): gather, gate/up GEMM, SwiGLU, down GEMM. */
+static void e_experts(float *out, const float *x, const int32_t *rows, const int32_t *off,
+                      const void *const *w_gu, const void *const *w_down, int E, int H, int Im) {
+    for (int e = 0; e < E; e++) {
+        int n = off[e + 1] - off[e];
+        if (!w_gu[e] || n <= 0) continue;
+        float *xe = e_alloc(sizeof(float) * (size_t)n * H), *gu = e_alloc(sizeof(float) * (size_t)n * 2 * Im),
+              *h = e_alloc(sizeof(float) * (size_t)n * Im);
+        e_gather_rows(xe, x, rows + off[e], n, H);
+        e_matmul(gu, xe, w_gu[e], NULL, n, H, 2 * Im, 0);
+        e_swiglu(h, gu, n, Im);
+        e_matmul(out + (size_t)off[e] * H, h, w_down[e], NULL, n, Im, H, 0);
+        e_free(xe), e_free(gu), e_free(h);
+    }
+}
 WRAP(divergence, (double *d, const float *a, const float *b, int m, int T, int C), (d, a, b, m, T, C))
 
 static moe_backend emu;
@@ -127,7 +146,8 @@ static int setup(void **state) {
                         .rmsnorm = e_rmsnorm, .rope = e_rope, .attention = e_attention,
                         .swiglu = e_swiglu, .axpy = e_axpy, .sigmoid_gate_add = e_sigmoid_gate_add,
                         .router = e_router, .gather_rows = e_gather_rows,
-                        .scatter_add_rows = e_scatter_add_rows, .softmax_rows = e_softmax_rows,
+                        .scatter_add_rows = e_scatter_add_rows, .experts = e_experts,
+                        .combine = e_combine, .softmax_rows = e_softmax_rows,
                         .divergence = e_divergence};
     return 0;
 }
