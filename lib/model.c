@@ -3,6 +3,7 @@
 #include "model.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -348,6 +349,41 @@ static int load_condensed(moe_model *m, int l, layer_w *w, int fuse_shared) {
     return 0;
 }
 
+/* Convert all routed experts of layer l (in parallel on host-memory backends:
+ * the bf16 -> f32 conversion is most of a layer's load time).  Errors are
+ * thread-local, so a worker's message is carried back to the caller. */
+static int load_experts(moe_model *m, int l, layer_w *w) {
+    const moe_config *c = m->cfg;
+    int E = c->n_routed_experts;
+    size_t IH = (size_t)c->moe_intermediate_size * c->hidden_size;
+    int failed = 0;
+    char msg[512] = "";
+    int kind = 0;
+#pragma omp parallel for schedule(dynamic, 1) if (m->be->host_memory)
+    for (int e = 0; e < E; e++) {
+        int f;
+#pragma omp atomic read
+        f = failed;
+        if (f) continue;
+        w->e_gu[e] = load_gate_up(m, l, MOE_T_EXPERT_GATE, MOE_T_EXPERT_UP, e, IH);
+        w->e_down[e] = w->e_gu[e] ? load_mat(m, l, MOE_T_EXPERT_DOWN, e) : NULL;
+        if (!w->e_down[e]) {
+#pragma omp critical(moe_model_load_err)
+            if (!failed) {
+#pragma omp atomic write
+                failed = 1;
+                snprintf(msg, sizeof msg, "%s", moe_error());
+                kind = moe_error_kind();
+            }
+        }
+    }
+    if (failed) {
+        moe_error_set(kind ? kind : MOE_ERR_DATA, "%s", msg);
+        return -1;
+    }
+    return 0;
+}
+
 int moe_layer_load(moe_model *m, int l) {
     if (check_layer(m, l) < 0) return -1;
     layer_w *w = &m->lw[l];
@@ -398,19 +434,15 @@ int moe_layer_load(moe_model *m, int l) {
             w->e_down = moe_calloc((size_t)E, sizeof(void *));
             size_t Im = (size_t)c->moe_intermediate_size;
             size_t bytes = (size_t)E * 3 * Im * H * wsz(m);
-            if (bytes <= m->cache_bytes) {
-                for (int e = 0; e < E; e++) {
-                    REQ(w->e_gu[e] = load_gate_up(m, l, MOE_T_EXPERT_GATE, MOE_T_EXPERT_UP, e,
-                                                  Im * H));
-                    REQ(w->e_down[e] = load_mat(m, l, MOE_T_EXPERT_DOWN, e));
-                }
-            }
+            if (bytes <= m->cache_bytes && load_experts(m, l, w) < 0) goto fail;
         } else if (load_condensed(m, l, w, has_shared && !gated) < 0) {
             goto fail;
         }
     }
 #undef REQ
     moe_ckpt_release_layer(m->ck, l);
+    /* layer-major callers load l+1 next: let the kernel read it ahead */
+    if (l + 1 < c->num_layers) moe_ckpt_prefetch_layer(m->ck, l + 1);
     return 0;
 fail:
     moe_layer_unload(m, l);
