@@ -172,7 +172,8 @@ static int check_layer(const moe_model *m, int l) {
 void moe_model_set_threads(int n) { moe_kernels_set_threads(n); }
 
 moe_model *moe_model_open(const char *dir, const moe_model_opts *opts) {
-    const moe_backend *be = moe_backend_get(opts ? opts->device : NULL);
+    const moe_backend *be =
+        opts && opts->backend ? opts->backend : moe_backend_get(opts ? opts->device : NULL);
     if (!be) return NULL;
     moe_ckpt *ck = moe_ckpt_open(dir);
     if (!ck) return NULL;

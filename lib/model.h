@@ -56,6 +56,7 @@ typedef struct moe_model moe_model;
 
 typedef struct {
     const char *device;        /* backend name ("cpu", "cpu-ref", "cuda"); NULL = "cpu" */
+    const moe_backend *backend; /* or a backend table directly (tests); overrides device */
     size_t expert_cache_bytes; /* keep a layer's routed experts converted while it is
                                   loaded if they fit; 0 = default (1 GiB);
                                   (size_t)-1 = always */
