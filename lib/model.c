@@ -3,6 +3,7 @@
 #include "model.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -171,7 +172,8 @@ static int check_layer(const moe_model *m, int l) {
 void moe_model_set_threads(int n) { moe_kernels_set_threads(n); }
 
 moe_model *moe_model_open(const char *dir, const moe_model_opts *opts) {
-    const moe_backend *be = moe_backend_get(opts ? opts->device : NULL);
+    const moe_backend *be =
+        opts && opts->backend ? opts->backend : moe_backend_get(opts ? opts->device : NULL);
     if (!be) return NULL;
     moe_ckpt *ck = moe_ckpt_open(dir);
     if (!ck) return NULL;
@@ -348,6 +350,49 @@ static int load_condensed(moe_model *m, int l, layer_w *w, int fuse_shared) {
     return 0;
 }
 
+/* Convert routed experts e0 <= e < e1 of layer l whose gu[e] is non-NULL
+ * (a marker on input) into gu[e], down[e]; in parallel on host-memory
+ * backends (the bf16 -> f32 conversion dominates a layer's load time).
+ * Errors are thread-local, so a worker's message is carried back.  On error
+ * everything converted is freed and gu/down are NULL. */
+static int convert_experts(moe_model *m, int l, int e0, int e1, void **gu, void **down) {
+    size_t IH = (size_t)m->cfg->moe_intermediate_size * m->cfg->hidden_size;
+    int failed = 0, kind = 0;
+    char msg[512] = "";
+#pragma omp parallel for schedule(dynamic, 1) if (m->be->host_memory)
+    for (int e = e0; e < e1; e++) {
+        int f;
+#pragma omp atomic read
+        f = failed;
+        if (!gu[e]) continue;
+        gu[e] = down[e] = NULL;
+        if (f) continue;
+        gu[e] = load_gate_up(m, l, MOE_T_EXPERT_GATE, MOE_T_EXPERT_UP, e, IH);
+        down[e] = gu[e] ? load_mat(m, l, MOE_T_EXPERT_DOWN, e) : NULL;
+        if (!down[e]) {
+#pragma omp critical(moe_model_load_err)
+            if (!failed) {
+#pragma omp atomic write
+                failed = 1;
+                snprintf(msg, sizeof msg, "%s", moe_error());
+                kind = moe_error_kind();
+            }
+        } else {
+            release_expert_pages(m, l, e);
+        }
+    }
+    if (failed) {
+        for (int e = e0; e < e1; e++) {
+            m->be->free(gu[e]);
+            m->be->free(down[e]);
+            gu[e] = down[e] = NULL;
+        }
+        moe_error_set(kind ? kind : MOE_ERR_DATA, "%s", msg);
+        return -1;
+    }
+    return 0;
+}
+
 int moe_layer_load(moe_model *m, int l) {
     if (check_layer(m, l) < 0) return -1;
     layer_w *w = &m->lw[l];
@@ -399,11 +444,8 @@ int moe_layer_load(moe_model *m, int l) {
             size_t Im = (size_t)c->moe_intermediate_size;
             size_t bytes = (size_t)E * 3 * Im * H * wsz(m);
             if (bytes <= m->cache_bytes) {
-                for (int e = 0; e < E; e++) {
-                    REQ(w->e_gu[e] = load_gate_up(m, l, MOE_T_EXPERT_GATE, MOE_T_EXPERT_UP, e,
-                                                  Im * H));
-                    REQ(w->e_down[e] = load_mat(m, l, MOE_T_EXPERT_DOWN, e));
-                }
+                for (int e = 0; e < E; e++) w->e_gu[e] = (void *)1; /* all */
+                if (convert_experts(m, l, 0, E, w->e_gu, w->e_down) < 0) goto fail;
             }
         } else if (load_condensed(m, l, w, has_shared && !gated) < 0) {
             goto fail;
@@ -411,6 +453,8 @@ int moe_layer_load(moe_model *m, int l) {
     }
 #undef REQ
     moe_ckpt_release_layer(m->ck, l);
+    /* layer-major callers load l+1 next: let the kernel read it ahead */
+    if (l + 1 < c->num_layers) moe_ckpt_prefetch_layer(m->ck, l + 1);
     return 0;
 fail:
     moe_layer_unload(m, l);
@@ -597,46 +641,46 @@ static int routed_chunk(moe_model *m, int l, float *y, const float *xn, int T, c
     be->upload(slot, d.slot, sizeof(int32_t) * nk);
     be->upload(swt, d.slot_wt, sizeof(float) * nk);
     const void **wg = moe_calloc((size_t)E, sizeof(void *)), **wd = moe_calloc((size_t)E, sizeof(void *));
-    int *tmp = moe_calloc((size_t)E, sizeof(int));
-    size_t ebytes = (size_t)3 * Im * H * wsz(m), used = 0;
-    int rc = 0, e0 = 0;
-    for (int e = 0; e <= E && rc == 0; e++) {
-        /* run the pending group when the next expert's weights would not fit
-         * the budget, or at the end */
-        int has = e < E && d.off[e + 1] > d.off[e];
-        int cached = has && m->lw[l].e_gu && m->lw[l].e_gu[e];
-        if (e == E || (has && !cached && used + ebytes > m->cache_bytes && used > 0)) {
-            be->experts(out, xn, rows, d.off, wg, wd, E, H, Im);
-            for (int j = e0; j < e; j++) {
-                if (tmp[j]) {
-                    be->free((void *)wg[j]);
-                    be->free((void *)wd[j]);
-                }
-                wg[j] = wd[j] = NULL;
-                tmp[j] = 0;
+    void **tg = moe_calloc((size_t)E, sizeof(void *)), **td = moe_calloc((size_t)E, sizeof(void *));
+    layer_w *w = &m->lw[l];
+    /* experts not cached are converted in groups of at most a quarter of the
+     * cache budget (the rest stays free for buffers and mapped pages) */
+    size_t ebytes = (size_t)3 * Im * H * wsz(m), budget = m->cache_bytes / 4;
+    int rc = 0;
+    for (int e0 = 0; e0 < E && rc == 0;) {
+        size_t used = 0;
+        int e1 = e0;
+        for (; e1 < E; e1++) {
+            if (d.off[e1 + 1] == d.off[e1]) continue;
+            if (w->e_gu && w->e_gu[e1]) {
+                wg[e1] = w->e_gu[e1];
+                wd[e1] = w->e_down[e1];
+                continue;
             }
-            used = 0;
-            e0 = e;
+            if (used > 0 && used + ebytes > budget) break;
+            tg[e1] = (void *)1; /* to convert */
+            used += ebytes;
         }
-        if (!has) continue;
-        void *g, *dn;
-        if (expert_weights(m, l, e, &g, &dn, &tmp[e]) < 0) {
-            rc = -1;
-            break;
+        if (used > 0) rc = convert_experts(m, l, e0, e1, tg, td);
+        for (int e = e0; e < e1 && rc == 0; e++)
+            if (tg[e]) {
+                wg[e] = tg[e];
+                wd[e] = td[e];
+            }
+        if (rc == 0) be->experts(out, xn, rows, d.off, wg, wd, E, H, Im);
+        for (int e = e0; e < e1; e++) {
+            if (tg[e] && tg[e] != (void *)1) be->free(tg[e]);
+            be->free(td[e]);
+            tg[e] = td[e] = NULL;
+            wg[e] = wd[e] = NULL;
         }
-        wg[e] = g;
-        wd[e] = dn;
-        if (tmp[e]) used += ebytes;
+        e0 = e1;
     }
-    for (int j = 0; j < E; j++)
-        if (tmp[j]) {
-            be->free((void *)wg[j]);
-            be->free((void *)wd[j]);
-        }
+    free(tg);
+    free(td);
     if (rc == 0) be->combine(y, out, slot, swt, T, K, H);
     free(wg);
     free(wd);
-    free(tmp);
     moe_dispatch_free(&d);
     return rc;
 }

@@ -17,12 +17,23 @@
  *
  * Weight streaming.  Nothing is converted at open except the final norm.
  * moe_layer_load(l) converts layer l's weights to the backend's compute
- * dtype and releases the mapped pages; moe_layer_unload(l) frees them.
- * Routed experts are converted with the layer when all of them fit in
- * opts.expert_cache_bytes, otherwise one at a time when used (so a
- * DeepSeekMoE-16B layer, 2.2 GB in f32, never sits in memory whole).  The
- * embedding is read row by row, lm_head in chunks of rows.  Peak memory is
- * about one layer's non-expert weights + activations (+ the expert cache).
+ * dtype, releases the mapped pages and asks the kernel to read layer l+1
+ * ahead; moe_layer_unload(l) frees them.  A layer's routed experts are
+ * converted with it when all of them fit in opts.expert_cache_bytes (default
+ * 1 GiB); otherwise they are converted when used, in groups of at most a
+ * quarter of that budget, and freed after each group (a DeepSeekMoE-16B
+ * layer, 2.2 GB of experts in f32, never sits in memory whole).  The
+ * embedding is read row by row, lm_head in chunks of rows.  Routed MLPs run
+ * in chunks of tokens whose buffers stay near 1 GiB.  Peak memory is about
+ * one layer's non-expert weights + the expert cache or group + activations.
+ * Token-level results never depend on chunking, grouping or thread count.
+ *
+ * Speed notes for callers: with experts uncached, every moe_layer_mlp_run
+ * or moe_layer_expert call converts the experts it needs again; raise
+ * expert_cache_bytes ((size_t)-1 = always cache) when memory allows, and
+ * pass many tokens per call.
+ *
+ * Not thread-safe: one model, one caller thread (the ops use all threads).
  *
  * Activations live in backend memory (moe_model_alloc).  For the CPU backend
  * these are plain host pointers.  All per-token functions (everything except
@@ -45,6 +56,7 @@ typedef struct moe_model moe_model;
 
 typedef struct {
     const char *device;        /* backend name ("cpu", "cpu-ref", "cuda"); NULL = "cpu" */
+    const moe_backend *backend; /* or a backend table directly (tests); overrides device */
     size_t expert_cache_bytes; /* keep a layer's routed experts converted while it is
                                   loaded if they fit; 0 = default (1 GiB);
                                   (size_t)-1 = always */
