@@ -11,7 +11,7 @@
 #
 # Sources are found by pattern, so new files need no Makefile edit:
 #   lib/*.c kernels/*.c          -> build/libcdmoe.a
-#   kernels/cuda/*.cu            -> build/libcdmoe.a (when CUDA=1)
+#   kernels/cuda/*.cu            -> build/libcdmoe_cuda.so (plugin, when CUDA=1)
 #   tools/moe-*.c                -> bin/moe-*
 #   tests/unit/test_*.c          -> build/tests/test_* (cmocka)
 
@@ -46,20 +46,26 @@ CUDA := $(if $(shell command -v $(NVCC) 2>/dev/null),1,0)
 endif
 CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(shell command -v $(NVCC) 2>/dev/null))
 CUDA_ARCH ?= -gencode arch=compute_90,code=sm_90 -gencode arch=compute_80,code=sm_80
-NVCCFLAGS ?= -O2 $(CUDA_ARCH) -Xcompiler -fPIC,-Wall -Ilib -Ikernels -MMD -MP
+NVCCFLAGS ?= -O2 $(CUDA_ARCH) -Xcompiler -fPIC,-Wall,-fvisibility=hidden -Ilib -Ikernels -MMD -MP
 ifeq ($(CUDA),1)
-CFLAGS += -DMOE_HAVE_CUDA=1 -I$(CUDA_HOME)/include
-LDLIBS += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublas -lcudart -lstdc++
-# kernels/cpu.c refers to moe_backend_cuda weakly, which does not pull an
-# archive member: force the CUDA backend into every binary.
-LDFLAGS += -Wl,--undefined=moe_backend_cuda
+# The CUDA backend is a plugin, $(BUILD)/libcdmoe_cuda.so (copied beside the
+# tools, installed in PREFIX/lib/cdmoe), that kernels/select.c dlopen()s only
+# when CUDA is used: the tools link no CUDA library (cuBLAS alone costs
+# ~210 MB of resident memory at start).  See kernels/cuda_plugin.h.
+CFLAGS += -DMOE_HAVE_CUDA=1
+LDLIBS += -ldl
 CU_SRC := $(wildcard kernels/cuda/*.cu)
+CUDA_PLUGIN := $(BUILD)/libcdmoe_cuda.so
+CUDA_PLUGIN_BIN := $(BIN)/libcdmoe_cuda.so
 else
 CU_SRC :=
+CUDA_PLUGIN :=
+CUDA_PLUGIN_BIN :=
 endif
 
 LIB_SRC := $(wildcard lib/*.c) $(wildcard kernels/*.c)
-LIB_OBJ := $(LIB_SRC:%.c=$(BUILD)/%.o) $(CU_SRC:%.cu=$(BUILD)/%.cu.o)
+LIB_OBJ := $(LIB_SRC:%.c=$(BUILD)/%.o)
+CU_OBJ := $(CU_SRC:%.cu=$(BUILD)/%.cu.o)
 LIBA := $(BUILD)/libcdmoe.a
 TOOL_SRC := $(wildcard tools/moe-*.c)
 TOOLS := $(TOOL_SRC:tools/%.c=$(BIN)/%)
@@ -72,7 +78,7 @@ MAN1 := $(wildcard man/man1/*.1)
 MAN5 := $(wildcard man/man5/*.5)
 
 .PHONY: all test test-unit test-shell test-gpu bench demo deps install clean check-deps
-all: $(TOOLS)
+all: $(TOOLS) $(CUDA_PLUGIN_BIN)
 
 $(BUILD)/%.o: %.c
 	@mkdir -p $(dir $@)
@@ -81,6 +87,13 @@ $(BUILD)/%.o: %.c
 $(BUILD)/%.cu.o: %.cu
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVCCFLAGS) -c $< -o $@
+
+$(CUDA_PLUGIN): $(CU_OBJ)
+	$(NVCC) -shared $(CUDA_ARCH) $^ -o $@ -cudart shared -lcublas -Xlinker -rpath,$(CUDA_HOME)/lib64
+
+$(CUDA_PLUGIN_BIN): $(CUDA_PLUGIN)
+	@mkdir -p $(dir $@)
+	cp $< $@
 
 $(LIBA): $(LIB_OBJ)
 	@rm -f $@
@@ -121,7 +134,7 @@ test: deps
 	BIN=$(BIN) BUILD=$(BUILD) sh tests/run.sh
 
 .PHONY: all-tests
-all-tests: $(TOOLS) $(TESTS) $(GPU_TESTS) $(GPU_BENCH)
+all-tests: $(TOOLS) $(CUDA_PLUGIN_BIN) $(CUDA_PLUGIN) $(TESTS) $(GPU_TESTS) $(GPU_BENCH)
 
 test-gpu: all-tests
 	BIN=$(BIN) BUILD=$(BUILD) sh tests/run.sh --gpu
@@ -137,6 +150,7 @@ install: all
 	install -m 755 $(TOOLS) $(DESTDIR)$(PREFIX)/bin
 	$(if $(MAN1),install -m 644 $(MAN1) $(DESTDIR)$(PREFIX)/share/man/man1)
 	$(if $(MAN5),install -m 644 $(MAN5) $(DESTDIR)$(PREFIX)/share/man/man5)
+	$(if $(CUDA_PLUGIN),install -d $(DESTDIR)$(PREFIX)/lib/cdmoe && install -m 755 $(CUDA_PLUGIN) $(DESTDIR)$(PREFIX)/lib/cdmoe)
 
 clean:
 	rm -rf build build-san bin

@@ -1,6 +1,8 @@
 /* backend_cuda.h - the CUDA backend (kernels/cuda/backend.cu), run-time device
  * selection (kernels/select.c) and the CUDA-only extras around the common
- * interface of kernels.h.
+ * interface of kernels.h.  The backend itself is a plugin,
+ * libcdmoe_cuda.so, loaded on first use (kernels/cuda_plugin.h); these
+ * functions are always linked and forward to it.
  *
  * Device errors.  kernels.h says an op never fails, so a CUDA or cuBLAS error
  * inside an op cannot be returned.  Instead the backend is *sticky*: the
@@ -51,6 +53,11 @@ extern "C" {
  * NULL + MOE_ERR_DEVICE error when the build has no CUDA or no device is
  * usable. */
 const moe_backend *moe_backend_cuda(void);
+
+/* The CUDA backend's op table without initialising any device (NULL when
+ * the build has no CUDA or the plugin cannot be loaded): for checks that
+ * every op is set.  Do not call its ops before moe_backend_cuda(). */
+const moe_backend *moe_cuda_backend_table(void);
 
 /* Backend for --device NAME: "cpu", "cpu-ref", "cuda", or NULL/"" for the
  * default (cuda when built with CUDA and a device is visible, else cpu).

@@ -618,18 +618,14 @@ static const moe_backend cpu_ref_backend = {
 const moe_backend *moe_backend_cpu(void) { return &cpu_backend; }
 const moe_backend *moe_backend_cpu_ref(void) { return &cpu_ref_backend; }
 
-/* Provided by kernels/cuda/ when built with CUDA (weak: absent otherwise).
- * It returns NULL with an error when no usable GPU is present. */
-const moe_backend *moe_backend_cuda(void) __attribute__((weak));
+/* kernels/select.c (the CUDA plugin's loader): NULL with an error when the
+ * build has no CUDA or no usable GPU is present. */
+const moe_backend *moe_backend_cuda(void);
 
 const moe_backend *moe_backend_get(const char *name) {
     if (!name || !strcmp(name, "cpu")) return &cpu_backend;
     if (!strcmp(name, "cpu-ref")) return &cpu_ref_backend;
-    if (!strcmp(name, "cuda")) {
-        if (moe_backend_cuda) return moe_backend_cuda();
-        moe_error_set(MOE_ERR_DEVICE, "device cuda: this build has no CUDA backend");
-        return NULL;
-    }
+    if (!strcmp(name, "cuda")) return moe_backend_cuda();
     moe_error_set(MOE_ERR_DATA, "unknown device '%s' (expected cpu, cpu-ref or cuda)", name);
     return NULL;
 }

@@ -26,6 +26,14 @@ extern "C" {
 #include "kernels.h"
 }
 #include "backend_cuda.h"
+#include "cuda_plugin.h"
+
+// The library's error state lives in the executable: report through the
+// callback it handed to moe_cuda_plugin_open.
+static moe_cuda_error_fn g_err;
+static void report(const char *msg) {
+    if (g_err) g_err(MOE_ERR_DEVICE, msg);
+}
 
 // ---- state and error handling ---------------------------------------------
 
@@ -59,7 +67,7 @@ static void fail(const char *fmt, ...) {
     va_end(ap);
     snprintf(g.msg, sizeof g.msg, "cuda: %s", buf);
     g.failed = 1;
-    moe_error_set(MOE_ERR_DEVICE, "%s", g.msg);
+    report(g.msg);
 }
 
 static bool cuda_ok(cudaError_t e, const char *expr, const char *file, int line) {
@@ -280,26 +288,15 @@ static void cu_matmul(float *y, const float *x, const void *w, const float *bias
     if (g.sync_each && !g.failed) CK(cudaStreamSynchronize(g.stream));
 }
 
-extern "C" void moe_cuda_matmul_grouped(float *y, const float *x, const void *const *w,
-                                        const int32_t *off, int G, int K, int N, int accumulate) {
-    LIVE();
-    if (G <= 0 || N <= 0) return;
-    int rows = off[G] - off[0];
-    if (rows <= 0) return;
-    float *y0 = y, beta = accumulate ? 1.0f : 0.0f;
-    const float *x0 = x;
-    if (K <= 0 || g.precision == MOE_CUDA_PREC_F32) { // the plain op covers these
-        for (int e = 0; e < G; e++) {
-            int n = off[e + 1] - off[e];
-            if (n > 0)
-                cu_matmul(y0 + (size_t)(off[e] - off[0]) * N, x0 + (size_t)(off[e] - off[0]) * K,
-                          w[e], NULL, n, K, N, accumulate);
-        }
-        return;
-    }
-    const __nv_bfloat16 *xb = to_bf16(x, (size_t)rows * K);
-    if (!xb) return;
-    // one group per non-empty expert (group_size 1, its own m)
+// Grouped GEMM on BF16 activations: for each group g with w[g] != NULL and
+// off[g] < off[g+1], rows r = off[g]-off[0] .. of y [rows, N] (f32) get
+//   y_r = xb_r · W_gᵀ (+ beta·y_r)
+// with xb [rows, K] BF16 and W_g [N, K] BF16, FP32 accumulation.  One
+// cublasGemmGroupedBatchedEx call (one group per expert, group size 1), or a
+// loop of cublasGemmEx when this cuBLAS refuses the types.  Rows of skipped
+// groups are not written.  w and off are host arrays.
+static void grouped_bf16(float *y, const __nv_bfloat16 *xb, const void *const *w,
+                         const int32_t *off, int G, int K, int N, float beta) {
     std::vector<const void *> A, B;
     std::vector<void *> C;
     std::vector<int> m, n, k, lda, ldb, ldc, gs;
@@ -307,17 +304,18 @@ extern "C" void moe_cuda_matmul_grouped(float *y, const float *x, const void *co
     std::vector<float> al, be;
     for (int e = 0; e < G; e++) {
         int r = off[e + 1] - off[e];
-        if (r <= 0) continue;
+        if (r <= 0 || !w[e]) continue;
         size_t row0 = (size_t)(off[e] - off[0]);
         A.push_back(w[e]);
         B.push_back(xb + row0 * K);
-        C.push_back(y0 + row0 * N);
+        C.push_back(y + row0 * N);
         m.push_back(N), n.push_back(r), k.push_back(K);
         lda.push_back(K), ldb.push_back(K), ldc.push_back(N), gs.push_back(1);
         ta.push_back(CUBLAS_OP_T), tb.push_back(CUBLAS_OP_N);
         al.push_back(1.0f), be.push_back(beta);
     }
     int ng = (int)A.size();
+    if (ng == 0) return;
     if (g.grouped_ok != 0) {
         // pointer arrays live in device memory: A | B | C
         void **dp = (void **)scratch_get(s_ptrs, sizeof(void *) * 3 * (size_t)ng);
@@ -329,8 +327,6 @@ extern "C" void moe_cuda_matmul_grouped(float *y, const float *x, const void *co
         if (!CK(cudaMemcpyAsync(dp, hp.data(), sizeof(void *) * 3 * (size_t)ng,
                                 cudaMemcpyHostToDevice, g.stream)))
             return;
-        // hp is pageable: the copy has been staged when cudaMemcpyAsync returns,
-        // but keep it simple and safe: wait before hp goes out of scope below.
         cublasStatus_t st = cublasGemmGroupedBatchedEx(
             g.blas, ta.data(), tb.data(), m.data(), n.data(), k.data(), al.data(),
             (const void *const *)dp, CUDA_R_16BF, lda.data(), (const void *const *)(dp + ng),
@@ -338,6 +334,8 @@ extern "C" void moe_cuda_matmul_grouped(float *y, const float *x, const void *co
             ldc.data(), ng, gs.data(), CUBLAS_COMPUTE_32F);
         if (st == CUBLAS_STATUS_SUCCESS) {
             g.grouped_ok = 1;
+            // the host arrays above (pageable) go out of scope on return: wait
+            // rather than rely on when the driver and cuBLAS have read them
             CK(cudaStreamSynchronize(g.stream));
             return;
         }
@@ -354,6 +352,160 @@ extern "C" void moe_cuda_matmul_grouped(float *y, const float *x, const void *co
             return;
     }
     if (g.sync_each) CK(cudaStreamSynchronize(g.stream));
+}
+
+static void pl_matmul_grouped(float *y, const float *x, const void *const *w, const int32_t *off,
+                              int G, int K, int N, int accumulate) {
+    LIVE();
+    if (G <= 0 || N <= 0) return;
+    int rows = off[G] - off[0];
+    if (rows <= 0) return;
+    if (K <= 0 || g.precision == MOE_CUDA_PREC_F32) { // the plain op covers these
+        for (int e = 0; e < G; e++) {
+            int n = off[e + 1] - off[e];
+            if (n > 0)
+                cu_matmul(y + (size_t)(off[e] - off[0]) * N, x + (size_t)(off[e] - off[0]) * K,
+                          w[e], NULL, n, K, N, accumulate);
+        }
+        return;
+    }
+    const __nv_bfloat16 *xb = to_bf16(x, (size_t)rows * K);
+    if (!xb) return;
+    grouped_bf16(y, xb, w, off, G, K, N, accumulate ? 1.0f : 0.0f);
+}
+
+// ---- grouped routed experts and their combine ------------------------------------
+//
+// experts: gather the rows of x (rounded to BF16 on the way: the GEMM input),
+// one grouped gate/up GEMM [n, 2·Im] (f32), SwiGLU rounded to BF16, one
+// grouped down GEMM into out.  Every output element is written by one
+// thread or one GEMM tile: no atomics, deterministic.  With
+// MOE_CUDA_PREC_F32, per expert FP32 GEMMs on f32 activations instead.
+
+__global__ void k_gather_bf16(__nv_bfloat16 *dst, const float *src, const int32_t *rows, int n,
+                              int C) {
+    size_t tot = (size_t)n * C;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < tot;
+         i += (size_t)gridDim.x * blockDim.x) {
+        size_t r = i / C, c = i % C;
+        dst[i] = __float2bfloat16_rn(src[(size_t)rows[r] * C + c]);
+    }
+}
+
+// h = silu(g)·u as k_swiglu (the CPU's formula), stored as BF16 or f32
+template <typename T> __device__ inline T store_as(float v);
+template <> __device__ inline float store_as<float>(float v) { return v; }
+template <> __device__ inline __nv_bfloat16 store_as<__nv_bfloat16>(float v) {
+    return __float2bfloat16_rn(v);
+}
+template <typename T> __global__ void k_swiglu_to(T *h, const float *gu, int R, int I) {
+    size_t n = (size_t)R * I;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        size_t t = i / I, c = i % I;
+        float gv = gu[t * 2 * I + c], u = gu[t * 2 * I + I + c];
+        float sg = 1.0f / (1.0f + expf(-gv));
+        h[i] = store_as<T>((gv * sg) * u);
+    }
+}
+
+static scratch s_exg, s_egu, s_eh;
+static void cu_gather_rows(float *dst, const float *src, const int32_t *rows, int n, int C);
+
+static void cu_experts(float *out, const float *x, const int32_t *rows, const int32_t *off,
+                       const void *const *w_gu, const void *const *w_down, int E, int H, int Im) {
+    LIVE();
+    if (E <= 0 || H <= 0) return;
+    int n = off[E] - off[0];
+    if (n <= 0) return;
+    // the experts that run; runs of consecutive ones share element-wise launches
+    std::vector<const void *> wg(E, nullptr), wd(E, nullptr);
+    std::vector<int> run0, run1; // row ranges [run0, run1) relative to off[0]
+    for (int e = 0; e < E; e++) {
+        int r0 = off[e] - off[0], r1 = off[e + 1] - off[0];
+        if (!w_gu[e] || r1 <= r0) continue;
+        wg[e] = w_gu[e];
+        wd[e] = w_down[e];
+        if (!run1.empty() && run1.back() == r0)
+            run1.back() = r1;
+        else
+            run0.push_back(r0), run1.push_back(r1);
+    }
+    if (run0.empty()) return;
+    if (Im <= 0) { // W_down · (empty) = 0
+        for (size_t i = 0; i < run0.size(); i++)
+            CK(cudaMemsetAsync(out + (size_t)run0[i] * H, 0,
+                               sizeof(float) * (size_t)(run1[i] - run0[i]) * H, g.stream));
+        return;
+    }
+    size_t I2 = 2 * (size_t)Im;
+    float *gu = (float *)scratch_get(s_egu, sizeof(float) * (size_t)n * I2);
+    if (g.failed) return;
+    if (g.precision == MOE_CUDA_PREC_F32) {
+        float *xg = (float *)scratch_get(s_exg, sizeof(float) * (size_t)n * H);
+        float *h = (float *)scratch_get(s_eh, sizeof(float) * (size_t)n * Im);
+        if (g.failed) return;
+        cu_gather_rows(xg, x, rows, n, H);
+        for (int e = 0; e < E; e++) {
+            if (!wg[e]) continue;
+            size_t r0 = (size_t)(off[e] - off[0]);
+            cu_matmul(gu + r0 * I2, xg + r0 * H, wg[e], NULL, off[e + 1] - off[e], H, (int)I2, 0);
+        }
+        for (size_t i = 0; i < run0.size() && !g.failed; i++) {
+            size_t cnt = (size_t)(run1[i] - run0[i]) * Im;
+            k_swiglu_to<float><<<nblocks(cnt, 256), 256, 0, g.stream>>>(
+                h + (size_t)run0[i] * Im, gu + (size_t)run0[i] * I2, run1[i] - run0[i], Im);
+            CK_LAUNCH("k_swiglu_to<float>");
+        }
+        for (int e = 0; e < E; e++) {
+            if (!wd[e]) continue;
+            size_t r0 = (size_t)(off[e] - off[0]);
+            cu_matmul(out + r0 * H, h + r0 * Im, wd[e], NULL, off[e + 1] - off[e], Im, H, 0);
+        }
+        return;
+    }
+    __nv_bfloat16 *xb = (__nv_bfloat16 *)scratch_get(s_exg, sizeof(__nv_bfloat16) * (size_t)n * H);
+    __nv_bfloat16 *hb = (__nv_bfloat16 *)scratch_get(s_eh, sizeof(__nv_bfloat16) * (size_t)n * Im);
+    if (g.failed) return;
+    size_t tot = (size_t)n * H;
+    k_gather_bf16<<<nblocks(tot, 256), 256, 0, g.stream>>>(xb, x, rows, n, H);
+    CK_LAUNCH("k_gather_bf16");
+    if (g.failed) return;
+    grouped_bf16(gu, xb, wg.data(), off, E, H, (int)I2, 0.0f);
+    for (size_t i = 0; i < run0.size() && !g.failed; i++) {
+        size_t cnt = (size_t)(run1[i] - run0[i]) * Im;
+        k_swiglu_to<__nv_bfloat16><<<nblocks(cnt, 256), 256, 0, g.stream>>>(
+            hb + (size_t)run0[i] * Im, gu + (size_t)run0[i] * I2, run1[i] - run0[i], Im);
+        CK_LAUNCH("k_swiglu_to<bf16>");
+    }
+    if (g.failed) return;
+    grouped_bf16(out, hb, wd.data(), off, E, Im, H, 0.0f);
+}
+
+// y_t = Σ_k wt_tk · out_{slot_tk}: one thread per (t, c), k in order, the
+// CPU's roundings (product rounded, then added to a sum started at 0)
+__global__ void k_combine(float *y, const float *out, const int32_t *slot, const float *wt, int T,
+                          int K, int H) {
+    size_t n = (size_t)T * H;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        size_t t = i / H, c = i % H;
+        float acc = 0.0f;
+        for (int k = 0; k < K; k++) {
+            size_t s = (size_t)slot[t * K + k];
+            acc = __fadd_rn(acc, __fmul_rn(out[s * H + c], wt[t * K + k]));
+        }
+        y[i] = acc;
+    }
+}
+
+static void cu_combine(float *y, const float *out, const int32_t *slot, const float *wt, int T,
+                       int K, int H) {
+    LIVE();
+    size_t n = (size_t)(T > 0 ? T : 0) * (H > 0 ? H : 0);
+    if (!n) return;
+    k_combine<<<nblocks(n, 256), 256, 0, g.stream>>>(y, out, slot, wt, T, K < 0 ? 0 : K, H);
+    CK_LAUNCH("k_combine");
 }
 
 // ---- RMSNorm, RoPE ------------------------------------------------------------
@@ -833,6 +985,39 @@ static void cu_divergence(double *d, const float *a, const float *b, int metric,
 
 static moe_backend g_backend;
 
+// The op table.  Filled without touching the device, so that a check can
+// see every entry set (moe_cuda_backend_table); the ops themselves need
+// moe_backend_cuda() to have succeeded.
+static const moe_backend *fill_table(void) {
+    moe_backend *b = &g_backend;
+    if (b->name) return b;
+    b->weight_dtype = MOE_WT_BF16;
+    b->host_memory = 0;
+    b->alloc = cu_alloc;
+    b->free = cu_free;
+    b->upload = cu_upload;
+    b->download = cu_download;
+    b->copy = cu_copy;
+    b->zero = cu_zero;
+    b->sync = cu_sync;
+    b->matmul = cu_matmul;
+    b->rmsnorm = cu_rmsnorm;
+    b->rope = cu_rope;
+    b->attention = cu_attention;
+    b->swiglu = cu_swiglu;
+    b->axpy = cu_axpy;
+    b->sigmoid_gate_add = cu_sigmoid_gate_add;
+    b->router = cu_router;
+    b->gather_rows = cu_gather_rows;
+    b->scatter_add_rows = cu_scatter_add_rows;
+    b->experts = cu_experts;
+    b->combine = cu_combine;
+    b->softmax_rows = cu_softmax_rows;
+    b->divergence = cu_divergence;
+    b->name = "cuda";
+    return b;
+}
+
 static int init_once(void) {
     if (g.init) return g.init;
     g.init = -1;
@@ -850,13 +1035,13 @@ static int init_once(void) {
         (void)cudaGetLastError();
         snprintf(g.msg, sizeof g.msg, "cuda: no usable CUDA device (%s)",
                  e != cudaSuccess ? cudaGetErrorString(e) : "cudaGetDeviceCount found 0 devices");
-        moe_error_set(MOE_ERR_DEVICE, "%s", g.msg);
+        report(g.msg);
         return -1;
     }
     if (g.device < 0 || g.device >= n) {
         snprintf(g.msg, sizeof g.msg, "cuda: MOE_CUDA_DEVICE=%d but only %d device(s) visible",
                  g.device, n);
-        moe_error_set(MOE_ERR_DEVICE, "%s", g.msg);
+        report(g.msg);
         return -1;
     }
     // from here on, failures are ordinary checked calls (sticky)
@@ -883,53 +1068,32 @@ static int init_once(void) {
     if (!CKB(cublasSetStream(g.blas, g.stream))) return -1;
     if (!CKB(cublasSetMathMode(g.blas, CUBLAS_DEFAULT_MATH))) return -1; // no TF32 for f32 GEMMs
 
-    moe_backend *b = &g_backend;
-    b->name = "cuda";
-    b->weight_dtype = MOE_WT_BF16;
-    b->alloc = cu_alloc;
-    b->free = cu_free;
-    b->upload = cu_upload;
-    b->download = cu_download;
-    b->copy = cu_copy;
-    b->zero = cu_zero;
-    b->sync = cu_sync;
-    b->matmul = cu_matmul;
-    b->rmsnorm = cu_rmsnorm;
-    b->rope = cu_rope;
-    b->attention = cu_attention;
-    b->swiglu = cu_swiglu;
-    b->axpy = cu_axpy;
-    b->sigmoid_gate_add = cu_sigmoid_gate_add;
-    b->router = cu_router;
-    b->gather_rows = cu_gather_rows;
-    b->scatter_add_rows = cu_scatter_add_rows;
-    b->softmax_rows = cu_softmax_rows;
-    b->divergence = cu_divergence;
+    fill_table();
     g.init = 1;
     return 1;
 }
 
-extern "C" const moe_backend *moe_backend_cuda(void) {
+static const moe_backend *pl_backend(void) {
     if (init_once() != 1) {
-        moe_error_set(MOE_ERR_DEVICE, "%s", g.msg[0] ? g.msg : "cuda: initialisation failed");
+        report(g.msg[0] ? g.msg : "cuda: initialisation failed");
         return NULL;
     }
     return &g_backend;
 }
 
-extern "C" int moe_cuda_status(void) {
+static int pl_status(void) {
     if (!g.failed) return 0;
-    moe_error_set(MOE_ERR_DEVICE, "%s", g.msg);
+    report(g.msg);
     return -1;
 }
 
-extern "C" void moe_cuda_set_grouped(int on) { g.grouped_ok = on ? -1 : 0; }
+static void pl_set_grouped(int on) { g.grouped_ok = on ? -1 : 0; }
 
-extern "C" void moe_cuda_set_precision(int prec) {
+static void pl_set_precision(int prec) {
     g.precision = prec == MOE_CUDA_PREC_F32 ? MOE_CUDA_PREC_F32 : MOE_CUDA_PREC_BF16;
 }
 
-extern "C" void moe_cuda_mem_stats(moe_cuda_mem *m) {
+static void pl_mem_stats(moe_cuda_mem *m) {
     memset(m, 0, sizeof *m);
     m->live = g.live;
     m->peak = g.peak;
@@ -941,12 +1105,12 @@ extern "C" void moe_cuda_mem_stats(moe_cuda_mem *m) {
     }
 }
 
-extern "C" void moe_cuda_mem_reset_peak(void) {
+static void pl_mem_reset_peak(void) {
     g.peak = g.live;
     g.used_peak = 0;
 }
 
-extern "C" const char *moe_cuda_device_name(void) { return g.name[0] ? g.name : "none"; }
+static const char *pl_device_name(void) { return g.name[0] ? g.name : "none"; }
 
 // ---- benchmark helper: cuBLAS BF16 GEMM rate on random data -------------------------------------
 
@@ -961,7 +1125,7 @@ __global__ void k_fill_bf16(__nv_bfloat16 *d, size_t n, uint64_t seed) {
     }
 }
 
-extern "C" double moe_cuda_gemm_tflops(int M, int N, int K, int f32_out, int iters) {
+static double pl_gemm_tflops(int M, int N, int K, int f32_out, int iters) {
     if (init_once() != 1 || g.failed) return -1;
     size_t na = (size_t)M * K, nb = (size_t)K * N, nc = (size_t)M * N;
     __nv_bfloat16 *A = (__nv_bfloat16 *)raw_alloc(na * 2), *B = (__nv_bfloat16 *)raw_alloc(nb * 2);
@@ -1013,7 +1177,7 @@ __global__ void k_fill_bf16s(__nv_bfloat16 *d, size_t n, uint64_t seed, float sc
     }
 }
 
-extern "C" void moe_cuda_fill_random(void *d, int dtype, size_t n, uint64_t seed, float scale) {
+static void pl_fill_random(void *d, int dtype, size_t n, uint64_t seed, float scale) {
     LIVE();
     if (!n) return;
     if (dtype == MOE_WT_BF16)
@@ -1021,4 +1185,21 @@ extern "C" void moe_cuda_fill_random(void *d, int dtype, size_t n, uint64_t seed
     else
         k_fill_f32<<<nblocks(n, 256), 256, 0, g.stream>>>((float *)d, n, seed, scale);
     CK_LAUNCH("k_fill_random");
+}
+
+// ---- the plugin's one exported symbol ----------------------------------------------------------
+
+extern "C" int moe_cuda_probe(char *msg, size_t msglen); // probe.cu
+
+extern "C" __attribute__((visibility("default"))) const moe_cuda_plugin *
+moe_cuda_plugin_open(int abi, moe_cuda_error_fn err) {
+    static const moe_cuda_plugin pl = {
+        MOE_CUDA_PLUGIN_ABI, sizeof(moe_cuda_plugin), sizeof(moe_backend), sizeof(moe_cuda_mem),
+        moe_cuda_probe,      fill_table,              pl_backend,          pl_status,
+        pl_set_precision,    pl_set_grouped,          pl_matmul_grouped,   pl_mem_stats,
+        pl_mem_reset_peak,   pl_gemm_tflops,          pl_fill_random,      pl_device_name,
+    };
+    if (abi != MOE_CUDA_PLUGIN_ABI) return NULL;
+    g_err = err;
+    return &pl;
 }

@@ -50,6 +50,48 @@ static void test_cuda_unavailable(void **state) {
     assert_int_equal(moe_error_kind(), MOE_ERR_DEVICE);
 }
 
+/* Every op of a backend table is set.  kernels.h's struct is a name, two
+ * ints, then function pointers only: checked generically, so that an op
+ * added to kernels.h and forgotten by a backend fails here (the model would
+ * call a NULL pointer).  The CUDA table is obtained without a device. */
+typedef void (*any_fn)(void);
+static void check_table(const moe_backend *b) {
+    assert_non_null(b);
+    assert_non_null(b->name);
+    size_t first = offsetof(moe_backend, alloc);
+    /* only function pointers from alloc to the end (update this test if not) */
+    assert_int_equal(offsetof(moe_backend, divergence) + sizeof(any_fn), sizeof(moe_backend));
+    assert_int_equal((sizeof(moe_backend) - first) % sizeof(any_fn), 0);
+    int bad = 0;
+    for (size_t o = first; o < sizeof(moe_backend); o += sizeof(any_fn)) {
+        any_fn f;
+        memcpy(&f, (const char *)b + o, sizeof f);
+        if (!f) {
+            print_error("backend %s: op #%zu (byte offset %zu) is NULL\n", b->name,
+                        (o - first) / sizeof(any_fn), o);
+            bad = 1;
+        }
+    }
+    assert_false(bad);
+}
+
+static void test_tables_complete(void **state) {
+    (void)state;
+    check_table(moe_backend_cpu());
+    check_table(moe_backend_cpu_ref());
+    moe_error_clear();
+    const moe_backend *cu = moe_cuda_backend_table();
+    if (moe_device_cuda_built()) {
+        if (!cu) print_error("CUDA plugin: %s\n", moe_error());
+        assert_non_null(cu); /* the plugin was built and must load, GPU or not */
+        assert_string_equal(cu->name, "cuda");
+        assert_int_equal(cu->weight_dtype, MOE_WT_BF16);
+        check_table(cu);
+    } else {
+        assert_null(cu);
+    }
+}
+
 /* the grouped GEMM helper on the CPU: a loop of matmul, same bytes */
 static void test_matmul_grouped_cpu(void **state) {
     (void)state;
@@ -81,6 +123,7 @@ int main(void) {
         cmocka_unit_test(test_default),
         cmocka_unit_test(test_cuda_unavailable),
         cmocka_unit_test(test_matmul_grouped_cpu),
+        cmocka_unit_test(test_tables_complete),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
