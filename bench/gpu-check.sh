@@ -3,7 +3,9 @@
 # the device tool (about 5-8 minutes on one H200): build for Hopper, GPU
 # parity tests, one MoE layer at 25 600 tokens against the measured cuBLAS
 # BF16 peak, a DeepSeekMoE-16B-shaped model (fewer layers) through the whole
-# forward, moe-calib and moe-expert-rank on the GPU, peak GPU memory.
+# forward, moe-calib, moe-expert-rank, moe-layer-search and moe-eval on the
+# GPU, peak GPU memory, and the resident memory of a CPU-only tool run (the
+# CUDA backend is a plugin, libcdmoe_cuda.so, loaded only for CUDA runs).
 # Results go to $OUT (at most 5 files); a short table is printed last.
 #
 # The GPU machine reaches no package registry and lacks our Debian libraries
@@ -121,6 +123,14 @@ if [ -n "$CARRIED" ]; then # the programs must use the carried libraries
 fi
 BIN=$B/bin
 PATH=$ROOT/$BIN:$PATH; export PATH
+# the plugin is built and found beside the tools; a CPU-only run does not load cuBLAS
+if [ -f $B/libcdmoe_cuda.so ] && [ -f $BIN/libcdmoe_cuda.so ]; then
+    rss=
+    [ -x /usr/bin/time ] && rss=$(/usr/bin/time -f %M moe-dump --version 2>&1 >/dev/null | tail -n 1)
+    row "CUDA plugin" ok 0 "libcdmoe_cuda.so built; moe-dump --version RSS ${rss:-?} KB (no cuBLAS)"
+else
+    row "CUDA plugin" FAIL 0 "libcdmoe_cuda.so missing from $B or $BIN"
+fi
 
 # ---- 2. GPU parity tests ----------------------------------------------------------------------
 t=$(date +%s)
@@ -144,6 +154,7 @@ cat "$WORK/layer.json" >>"$LOG"
 if [ $rc -eq 0 ]; then
     cat "$WORK/layer.json" >>"$RES"
     fig=$(sed 's/.*"ms_grouped":\([0-9.]*\),"tflops_grouped":\([0-9.]*\),"ms_loop":\([0-9.]*\),"tflops_loop":\([0-9.]*\),"peak_bf16_tflops":\([0-9.]*\),.*/grouped \1 ms = \2 TFLOP\/s vs peak \5; per-expert loop \3 ms = \4/' "$WORK/layer.json")
+    fig="$fig; experts+combine ops (the model's path) $(sed 's/.*"ms_experts_op":\([0-9.]*\),"tflops_experts_op":\([0-9.]*\),.*/\1 ms = \2 TFLOP\/s/' "$WORK/layer.json")"
     row "MoE layer ${TOKENS} tok" ok "$(elapsed $t)" "$fig; $mem"
 elif [ $rc -eq 77 ]; then
     row "MoE layer ${TOKENS} tok" skip "$(elapsed $t)" "$(head -n 1 "$WORK/layer.json")"
@@ -207,7 +218,7 @@ run_tool() { # name, timeout, command...
     t=$(date +%s)
     say "$name"
     smi_start
-    timeout "$lim" "$@" 2>>"$LOG"
+    timeout "$lim" "$@" >>"$LOG" 2>&1
     rc=$?
     mem=$(smi_stop)
     if [ $rc -eq 0 ]; then row "$name" ok "$(elapsed $t)" "$mem"
@@ -221,12 +232,17 @@ if [ -n "$MODEL" ] && [ -n "$TOK" ]; then
             if [ -x "$BIN/moe-expert-rank" ]; then
                 run_tool "moe-expert-rank --device $DEV" 150 moe-expert-rank --device "$DEV" --quiet \
                     --model "$MODEL" "$WORK/calib.zst" -o "$WORK/rank.zst" &&
-                    moe-dump --type ranking "$WORK/rank.zst" 2>/dev/null | head -c 2000 >>"$LOG"
+                    moe-dump --type ranking "$WORK/rank.zst" 2>/dev/null | head -c 2000 >>"$LOG" &&
+                    run_tool "moe-layer-search --device $DEV" 120 moe-layer-search --device "$DEV" \
+                        --quiet --model "$MODEL" --experts 2 --layers 1 "$WORK/rank.zst" \
+                        -o "$WORK/plan.zst"
             fi
         fi
     else
         row "moe-calib / moe-expert-rank" skip 0 "not in this build (branch search not merged)"
     fi
+    [ -x "$BIN/moe-eval" ] && run_tool "moe-eval --ppl --device $DEV" 90 moe-eval --device "$DEV" \
+        --model "$MODEL" --ppl "$TOK" --limit 8 --json -o "$WORK/eval.zst"
 fi
 
 # ---- table ------------------------------------------------------------------------------------------------

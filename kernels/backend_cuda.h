@@ -60,7 +60,10 @@ const moe_backend *moe_backend_cuda(void);
 const moe_backend *moe_cuda_backend_table(void);
 
 /* Backend for --device NAME: "cpu", "cpu-ref", "cuda", or NULL/"" for the
- * default (cuda when built with CUDA and a device is visible, else cpu).
+ * default: $MOE_DEVICE when set (tests/run.sh sets cpu, so that the suite's
+ * golden outputs hold on GPU machines too), else cuda when built with CUDA
+ * and a device is visible, else cpu.  The default probes the CUDA driver
+ * (libcuda.so.1) first and loads the CUDA plugin only when it sees a device.
  * An explicit "cuda" that is unavailable gives NULL + MOE_ERR_DEVICE (exit
  * code 4); an unknown name NULL + MOE_ERR_DATA.  Never falls back silently. */
 const moe_backend *moe_backend_select(const char *device);

@@ -4,6 +4,7 @@
  * use (see cuda_plugin.h); without CUDA they say so. */
 #define _GNU_SOURCE
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "backend_cuda.h"
@@ -15,7 +16,6 @@
 #ifdef MOE_HAVE_CUDA
 #include <dlfcn.h>
 #include <limits.h>
-#include <stdlib.h>
 #include <unistd.h>
 
 static const moe_cuda_plugin *g_pl;
@@ -206,6 +206,7 @@ int moe_device_cuda_built(void) {
 }
 
 const moe_backend *moe_backend_select(const char *device) {
+    if (!device || !*device) device = getenv("MOE_DEVICE"); /* the default's override */
     if (device && *device && strcmp(device, "cuda") != 0) return moe_backend_get(device);
     if (device && *device) { /* explicitly "cuda": no fallback */
         if (!moe_device_cuda_built()) {

@@ -1,6 +1,7 @@
 /* eval.c - perplexity and harness-style multiple-choice scoring (see eval.h). */
 #define _GNU_SOURCE
 #include "eval.h"
+#include "backend_cuda.h"
 #include "common.h"
 
 #include <math.h>
@@ -48,6 +49,7 @@ static int score_batch(moe_model *m, moe_eval_seq *seqs, int n, const moe_eval_o
         if (rc == 0) rc = moe_layer_mlp_input(m, l, xn, x, (int)tot);
         if (rc == 0) rc = moe_layer_mlp_run(m, l, y, xn, (int)tot, NULL, NULL);
         if (rc == 0) be->axpy(x, y, 1.0f, tot * H);
+        if (rc == 0) rc = moe_backend_status(be);
         if (!o->keep_loaded) moe_layer_unload(m, l);
     }
     if (rc == 0) rc = moe_model_final_norm(m, x, x, (int)tot);
@@ -71,6 +73,7 @@ static int score_batch(moe_model *m, moe_eval_seq *seqs, int n, const moe_eval_o
             rc = moe_model_lm_head(m, lg, x + (off[s] + (size_t)r0) * H, nr);
             if (rc) break;
             if (!be->host_memory) be->download(hl, lg, sizeof(float) * (size_t)nr * V);
+            if ((rc = moe_backend_status(be)) != 0) break; /* no scores from a failed device */
             for (int i = 0; i < nr; i++) {
                 int tgt = q->ids[r0 + i + 1];
                 if (tgt < 0 || tgt >= V) {

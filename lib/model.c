@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "backend_cuda.h"
 #include "common.h"
 
 /* ---- state ------------------------------------------------------------- */
@@ -173,7 +174,7 @@ void moe_model_set_threads(int n) { moe_kernels_set_threads(n); }
 
 moe_model *moe_model_open(const char *dir, const moe_model_opts *opts) {
     const moe_backend *be =
-        opts && opts->backend ? opts->backend : moe_backend_get(opts ? opts->device : NULL);
+        opts && opts->backend ? opts->backend : moe_backend_select(opts ? opts->device : NULL);
     if (!be) return NULL;
     moe_ckpt *ck = moe_ckpt_open(dir);
     if (!ck) return NULL;
@@ -490,7 +491,7 @@ int moe_model_embed(moe_model *m, float *x, const int32_t *ids, int T) {
         free(h);
     }
     moe_st_release(t);
-    return rc;
+    return rc == 0 ? moe_backend_status(m->be) : rc;
 }
 
 int moe_layer_attention(moe_model *m, int l, float *x, int T) {
@@ -525,7 +526,7 @@ int moe_layer_attention(moe_model *m, int l, float *x, int T) {
     be->rope(k, (float)c->rope_theta, 0, T, nkv, D);
     be->attention(att, q, k, v, (float)(1.0 / sqrt((double)D)), T, nh, nkv, D);
     be->matmul(x, att, w->wo, NULL, T, nh * D, H, 1); /* x += att·Woᵀ */
-    return 0;
+    return moe_backend_status(be);
 }
 
 int moe_layer_mlp_input(moe_model *m, int l, float *xn, const float *x, int T) {
@@ -589,7 +590,7 @@ static int route(moe_model *m, int l, const float *xn, int T, int32_t *idx_h, fl
     be->download(wt_h, wt, sizeof(float) * (size_t)T * K);
     if (probs_h) be->download(probs_h, probs, sizeof(float) * (size_t)T * E);
     if (router != w->router) be->free(router);
-    return 0;
+    return moe_backend_status(be); /* the routing went to the host: check it is real */
 }
 
 int moe_layer_route(moe_model *m, int l, const float *xn, int T, int32_t *idx, float *wt,
@@ -706,6 +707,7 @@ static int routed_mlp(moe_model *m, int l, float *y, const float *xn, int T, moe
                           wt + (size_t)t0 * K);
     }
     if (rc == 0) add_shared(m, w, y, xn, T);
+    if (rc == 0) rc = moe_backend_status(m->be);
     if (rc == 0 && cb) cb(ctx, l, T, K, E, idx, wt, probs);
     free(idx);
     free(wt);
@@ -721,14 +723,14 @@ int moe_layer_mlp_run(moe_model *m, int l, float *y, const float *xn, int T, moe
     switch (moe_model_layer_kind(m, l)) {
     case MOE_MLP_DENSE:
         swiglu_mlp(m, y, xn, w->gu, w->down, T, w->I, 0);
-        return 0;
+        return moe_backend_status(m->be);
     case MOE_MLP_CONDENSED:
         if (w->I > 0)
             swiglu_mlp(m, y, xn, w->gu, w->down, T, w->I, 0);
         else
             m->be->zero(y, TH * sizeof(float));
         add_shared(m, w, y, xn, T);
-        return 0;
+        return moe_backend_status(m->be);
     case MOE_MLP_MOE:
         return routed_mlp(m, l, y, xn, T, cb, ctx);
     }
@@ -764,7 +766,7 @@ int moe_layer_expert(moe_model *m, int l, int e, float *y, const float *xn, int 
         m->be->free(gu);
         m->be->free(down);
     }
-    return 0;
+    return moe_backend_status(m->be);
 }
 
 int moe_layer_shared(moe_model *m, int l, float *y, const float *xn, int T) {
@@ -778,7 +780,7 @@ int moe_layer_shared(moe_model *m, int l, float *y, const float *xn, int T) {
         return 0;
     if (w->s_gu) {
         add_shared(m, w, y, xn, T);
-        return 0;
+        return moe_backend_status(m->be);
     }
     /* condensed layer with the ungated shared MLP fused away: load it now */
     size_t H = (size_t)c->hidden_size;
@@ -790,12 +792,12 @@ int moe_layer_shared(moe_model *m, int l, float *y, const float *xn, int T) {
     if (rc == 0) add_shared(m, &tmpw, y, xn, T);
     m->be->free(tmpw.s_gu);
     m->be->free(tmpw.s_down);
-    return rc;
+    return rc == 0 ? moe_backend_status(m->be) : rc;
 }
 
 int moe_model_final_norm(moe_model *m, float *y, const float *x, int T) {
     m->be->rmsnorm(y, x, m->final_norm, (float)m->cfg->rms_norm_eps, T, m->cfg->hidden_size);
-    return 0;
+    return moe_backend_status(m->be);
 }
 
 int moe_model_lm_head(moe_model *m, float *logits, const float *x, int T) {
@@ -821,7 +823,7 @@ int moe_model_lm_head(moe_model *m, float *logits, const float *x, int T) {
                 be->copy(logits + (size_t)i * V + r0, yc + (size_t)i * nr, nr * sizeof(float));
         moe_st_release(t); /* drop the mapped pages read so far */
     }
-    return 0;
+    return moe_backend_status(be);
 }
 
 /* ---- whole model ------------------------------------------------------------ */
@@ -871,6 +873,7 @@ int moe_model_forward(moe_model *m, moe_seq *seqs, int n, int start_layer, moe_r
         if (rc == 0) rc = moe_layer_mlp_input(m, l, xn, x, (int)tot);
         if (rc == 0) rc = moe_layer_mlp_run(m, l, y, xn, (int)tot, cb, ctx);
         if (rc == 0) be->axpy(x, y, 1.0f, tot * H);
+        if (rc == 0) rc = moe_backend_status(be); /* a device error ends the pass here */
         if (!was_loaded) moe_layer_unload(m, l);
         if (rc == 0 && l < L - 1)
             for (int s = 0; s < n; s++)
@@ -900,6 +903,7 @@ int moe_model_forward(moe_model *m, moe_seq *seqs, int n, int start_layer, moe_r
         }
     }
 #undef HID
+    if (rc == 0) rc = moe_backend_status(be); /* before the caller reads any output */
     moe_model_free(m, x);
     moe_model_free(m, xn);
     moe_model_free(m, y);

@@ -55,7 +55,9 @@
 typedef struct moe_model moe_model;
 
 typedef struct {
-    const char *device;        /* backend name ("cpu", "cpu-ref", "cuda"); NULL = "cpu" */
+    const char *device;        /* backend name ("cpu", "cpu-ref", "cuda"); NULL = the default
+                                  of moe_backend_select (cuda when built and a GPU is
+                                  visible, else cpu; $MOE_DEVICE overrides it) */
     const moe_backend *backend; /* or a backend table directly (tests); overrides device */
     size_t expert_cache_bytes; /* keep a layer's routed experts converted while it is
                                   loaded if they fit; 0 = default (1 GiB);

@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "backend_cuda.h"
 #include "common.h"
 
 /* ---- sequences, truncated and concatenated ------------------------------------ */
@@ -108,7 +109,7 @@ static int run_layers(moe_model *m, const seqset *ss, int from, float *X, float 
         be->axpy(X, y, 1.0f, TH);
         if (stream) moe_layer_unload(m, l);
     }
-    moe_model_final_norm(m, X, X, (int)ss->tot);
+    if (moe_model_final_norm(m, X, X, (int)ss->tot) < 0) return -1;
     if (cache) be->copy(cache[c->num_layers], X, TH * sizeof(float));
     return 0;
 }
@@ -513,6 +514,7 @@ int moe_rank_run(moe_model *m, const moe_seqs *s, const moe_calib *calib,
                       : rank_fast(m, &ss, calib, o, sel, out, work);
     seqset_free(&ss);
     free(sel);
+    if (rc == 0) rc = moe_backend_status(moe_model_backend(m)); /* scores came from the device */
     if (work) work->seconds += moe_now() - t0;
     if (rc < 0) moe_ranking_free(out);
     return rc;
@@ -766,6 +768,7 @@ int moe_layer_search_run(moe_model *m, const moe_seqs *s, const moe_calib *calib
     free(w);
     free(routed);
     free(moel);
+    if (rc == 0) rc = moe_backend_status(moe_model_backend(m)); /* scores came from the device */
     if (work) work->seconds += moe_now() - t0;
     if (rc < 0) moe_plan_free(out);
     return rc;

@@ -10,6 +10,11 @@ BUILD=${BUILD:-build}
 CDMOE_SHARED=${CDMOE_SHARED:-$(cd .. && pwd)/shared}
 BIN=$(cd "$BIN" && pwd)
 export BIN BUILD CDMOE_SHARED
+# The suite's golden outputs are the CPU backend's: run it there whatever the
+# machine (tools default to cuda when a GPU is visible).  The GPU tests name
+# their devices explicitly.
+MOE_DEVICE=cpu
+export MOE_DEVICE
 PATH="$BIN:$PATH"
 export PATH
 

@@ -394,6 +394,147 @@ static void test_gather_scatter(void **state) {
     free(src), free(s), free(sc), G->free(dsrc);
 }
 
+/* ---- grouped experts and combine ---------------------------------------------------------- */
+
+/* Routed experts against the CPU op: E experts of which some are skipped
+ * (NULL weights: their out rows must stay untouched) and some receive no
+ * token; odd H, Im.  BF16 path on bf16-exact inputs (the GPU also rounds
+ * SwiGLU's output to bf16 before the down GEMM), FP32 path, the loop of
+ * cublasGemmEx instead of the grouped call, and determinism. */
+static void one_experts(int T, int E, int K, int H, int Im, int skip_mod) {
+    float *x0 = rnd((size_t)T * H, 1.0f), *x = bf16_round(x0, (size_t)T * H);
+    free(x0);
+    /* routing: K distinct experts per token, never expert E-1 (an empty one) */
+    int32_t *idx = moe_malloc(sizeof(int32_t) * T * K);
+    float *wt = rnd((size_t)T * K, 1.0f);
+    for (int t = 0; t < T; t++)
+        for (int k = 0; k < K; k++) {
+            int e = (t * 7 + k * 5 + (t * k) % 3) % (E - 1);
+            for (int j = 0; j < k; j++)
+                if (idx[t * K + j] == e) e = (e + 1) % (E - 1), j = -1; /* rescan */
+            idx[t * K + k] = e;
+        }
+    moe_dispatch d;
+    moe_dispatch_build(&d, idx, wt, T, E, K);
+    int n = d.off[E];
+    assert_int_equal(n, T * K);
+    assert_int_equal(d.off[E] - d.off[E - 1], 0);
+    /* weights: CPU f32 (bf16-exact values), GPU bf16 */
+    const void **cg = moe_calloc(E, sizeof(void *)), **cd = moe_calloc(E, sizeof(void *));
+    const void **gg = moe_calloc(E, sizeof(void *)), **gd = moe_calloc(E, sizeof(void *));
+    float **wg = moe_calloc(E, sizeof(float *)), **wd = moe_calloc(E, sizeof(float *));
+    int skipped_rows = 0;
+    for (int e = 0; e < E; e++) {
+        float *a = rnd((size_t)2 * Im * H, 0.1f), *b = rnd((size_t)H * Im, 0.1f);
+        wg[e] = bf16_round(a, (size_t)2 * Im * H);
+        wd[e] = bf16_round(b, (size_t)H * Im);
+        free(a), free(b);
+        if (skip_mod && e % skip_mod == 1) { /* skipped: NULL for both sides */
+            skipped_rows += d.off[e + 1] - d.off[e];
+            continue;
+        }
+        cg[e] = wg[e], cd[e] = wd[e];
+        gg[e] = dev_bf16(wg[e], (size_t)2 * Im * H);
+        gd[e] = dev_bf16(wd[e], (size_t)H * Im);
+    }
+    if (skip_mod) assert_true(skipped_rows > 0); /* the test covers skipping */
+    const float sentinel = 12345.0f;
+    float *want = moe_malloc(sizeof(float) * n * H), *init = moe_malloc(sizeof(float) * n * H);
+    for (size_t i = 0; i < (size_t)n * H; i++) init[i] = sentinel;
+    memcpy(want, init, sizeof(float) * n * H);
+    C->experts(want, x, d.tokens, d.off, cg, cd, E, H, Im);
+
+    float *dx = dev(x, sizeof(float) * T * H), *dout = dev(init, sizeof(float) * n * H);
+    int32_t *drows = dev(d.tokens, sizeof(int32_t) * n);
+    float *first = NULL;
+    for (int run = 0; run < 4; run++) { /* bf16 grouped, bf16 again, bf16 loop, f32 */
+        moe_cuda_set_grouped(run != 2);
+        if (run == 3) moe_cuda_set_precision(MOE_CUDA_PREC_F32);
+        G->upload(dout, init, sizeof(float) * n * H);
+        G->experts(dout, dx, drows, d.off, gg, gd, E, H, Im);
+        moe_cuda_set_precision(MOE_CUDA_PREC_BF16);
+        moe_cuda_set_grouped(1);
+        float *got = host(dout, (size_t)n * H);
+        assert_int_equal(moe_cuda_status(), 0);
+        /* skipped experts' rows are untouched; the others are compared */
+        float *gw = moe_malloc(sizeof(float) * n * H), *ww = moe_malloc(sizeof(float) * n * H);
+        size_t m = 0;
+        for (int e = 0; e < E; e++)
+            for (int i = d.off[e]; i < d.off[e + 1]; i++) {
+                const float *gr = got + (size_t)i * H, *wr = want + (size_t)i * H;
+                if (!cg[e]) {
+                    for (int c = 0; c < H; c++)
+                        if (gr[c] != sentinel) {
+                            print_error("experts: row %d of skipped expert %d was written\n", i, e);
+                            fail();
+                        }
+                    continue;
+                }
+                memcpy(gw + m, gr, sizeof(float) * H);
+                memcpy(ww + m, wr, sizeof(float) * H);
+                m += H;
+            }
+        char what[128];
+        snprintf(what, sizeof what, "experts %s T=%d E=%d K=%d H=%d Im=%d skip=%d",
+                 run == 3 ? "f32" : run == 2 ? "bf16 loop" : "bf16 grouped", T, E, K, H, Im,
+                 skip_mod);
+        check_close(what, gw, ww, m, run == 3 ? 5e-5 : 8e-3);
+        if (run == 0) first = got;
+        else {
+            if (run == 1) /* determinism: the same call gives the same bytes */
+                assert_memory_equal(got, first, sizeof(float) * n * H);
+            free(got);
+        }
+        free(gw), free(ww);
+    }
+    /* combine of these expert outputs, CPU vs GPU (same roundings: ~exact) */
+    float *y = moe_malloc(sizeof(float) * T * H);
+    float *dy = G->alloc(sizeof(float) * T * H), *dsw = dev(d.slot_wt, sizeof(float) * T * K);
+    int32_t *dslot = dev(d.slot, sizeof(int32_t) * T * K);
+    float *df = dev(first, sizeof(float) * n * H);
+    C->combine(y, first, d.slot, d.slot_wt, T, K, H);
+    G->combine(dy, df, dslot, dsw, T, K, H);
+    float *gy = host(dy, (size_t)T * H);
+    check_close("combine", gy, y, (size_t)T * H, 1e-7);
+    free(gy), free(y), free(first);
+    G->free(dy), G->free(dsw), G->free(dslot), G->free(df);
+    for (int e = 0; e < E; e++) {
+        G->free((void *)gg[e]), G->free((void *)gd[e]);
+        free(wg[e]), free(wd[e]);
+    }
+    G->free(dx), G->free(dout), G->free(drows);
+    free(cg), free(cd), free(gg), free(gd), free(wg), free(wd);
+    free(want), free(init), free(x), free(idx), free(wt);
+    moe_dispatch_free(&d);
+}
+
+static void test_experts(void **state) {
+    (void)state;
+    one_experts(37, 9, 3, 131, 77, 3);  /* experts 1, 4, 7 skipped; 8 empty */
+    one_experts(53, 6, 2, 64, 100, 0);  /* all run */
+    one_experts(5, 17, 4, 95, 33, 2);   /* most experts see one token or none */
+    one_experts(1, 3, 1, 7, 5, 0);      /* one token */
+    assert_int_equal(moe_cuda_status(), 0);
+}
+
+static void test_combine(void **state) {
+    (void)state;
+    int T = 41, K = 5, H = 203, n = 97;
+    float *out = rnd((size_t)n * H, 2.0f), *wt = rnd((size_t)T * K, 1.0f);
+    int32_t *slot = moe_malloc(sizeof(int32_t) * T * K);
+    for (int i = 0; i < T * K; i++) slot[i] = (int32_t)((i * 31 + 7) % n); /* any rows, repeats too */
+    float *want = moe_malloc(sizeof(float) * T * H);
+    C->combine(want, out, slot, wt, T, K, H);
+    float *dout = dev(out, sizeof(float) * n * H), *dwt = dev(wt, sizeof(float) * T * K);
+    int32_t *dslot = dev(slot, sizeof(int32_t) * T * K);
+    float *dy = dev(out, sizeof(float) * T * H); /* garbage in y: overwritten, not added to */
+    G->combine(dy, dout, dslot, dwt, T, K, H);
+    float *got = host(dy, (size_t)T * H);
+    check_close("combine", got, want, (size_t)T * H, 1e-7);
+    free(got), free(out), free(wt), free(slot), free(want);
+    G->free(dout), G->free(dwt), G->free(dslot), G->free(dy);
+}
+
 /* ---- reductions ------------------------------------------------------------------------------ */
 
 static void test_softmax_rows(void **state) {
@@ -447,6 +588,7 @@ static void test_divergence(void **state) {
 static void test_select(void **state) {
     (void)state;
     assert_ptr_equal(moe_backend_select("cuda"), G);
+    unsetenv("MOE_DEVICE");
     assert_ptr_equal(moe_backend_select(NULL), G); /* default with a GPU */
     assert_ptr_equal(moe_backend_select("cpu"), moe_backend_cpu());
     moe_error_clear();
@@ -496,6 +638,7 @@ int main(void) {
         cmocka_unit_test(test_rmsnorm),      cmocka_unit_test(test_rope),
         cmocka_unit_test(test_attention),    cmocka_unit_test(test_elementwise),
         cmocka_unit_test(test_router),       cmocka_unit_test(test_gather_scatter),
+        cmocka_unit_test(test_experts),      cmocka_unit_test(test_combine),
         cmocka_unit_test(test_softmax_rows), cmocka_unit_test(test_divergence),
         cmocka_unit_test(test_select),       cmocka_unit_test(test_sticky_error),
     };

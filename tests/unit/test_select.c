@@ -6,6 +6,7 @@
 #include <setjmp.h>
 #include <cmocka.h>
 
+#include <stdlib.h>
 #include <string.h>
 
 #include "backend_cuda.h"
@@ -32,10 +33,20 @@ static void test_unknown(void **state) {
 
 static void test_default(void **state) {
     (void)state;
+    unsetenv("MOE_DEVICE"); /* tests/run.sh sets it */
     const moe_backend *b = moe_backend_select(NULL);
     assert_non_null(b);
     assert_string_equal(b->name, have_gpu() ? "cuda" : "cpu");
     assert_ptr_equal(moe_backend_select(""), b);
+    /* $MOE_DEVICE replaces the default, not an explicit device */
+    setenv("MOE_DEVICE", "cpu-ref", 1);
+    assert_ptr_equal(moe_backend_select(NULL), moe_backend_cpu_ref());
+    assert_ptr_equal(moe_backend_select("cpu"), moe_backend_cpu());
+    setenv("MOE_DEVICE", "tpu", 1);
+    moe_error_clear();
+    assert_null(moe_backend_select(""));
+    assert_int_equal(moe_error_kind(), MOE_ERR_DATA);
+    unsetenv("MOE_DEVICE");
 }
 
 static void test_cuda_unavailable(void **state) {
