@@ -65,7 +65,7 @@ DEV=cuda
 [ "$MODE" = --rehearse ] && DEV=cpu # rehearsal: the tools' plumbing on the CPU
 
 say() { echo "gpu-check: $*"; echo "== $*" >>"$LOG"; }
-row() { printf '%-28s %-6s %6s  %s\n' "$1" "$2" "$3" "$4" >>"$TABLE"; }
+row() { printf '%-30s %-6s %6s  %s\n' "$1" "$2" "$3" "$4" >>"$TABLE"; }
 elapsed() { echo $(( $(date +%s) - $1 )); }
 
 # GPU memory sampler around a step (max MiB used, all processes), when nvidia-smi exists
@@ -249,7 +249,7 @@ fi
 {
     echo "cdmoe gpu-check $(date -u '+%Y-%m-%d %H:%M UTC') $(git rev-parse --short HEAD 2>/dev/null) mode=$MODE, $(elapsed "$T_START") s"
     command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-    printf '%-28s %-6s %6s  %s\n' step status secs figures
+    printf '%-30s %-6s %6s  %s\n' step status secs figures
     cat "$TABLE"
 } >"$OUT/summary.txt"
 echo

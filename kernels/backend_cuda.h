@@ -24,8 +24,10 @@
  * rate, FP32 accumulation, and the activation rounding is the same as a BF16
  * PyTorch model's.  moe_cuda_set_precision(MOE_CUDA_PREC_F32) instead widens
  * the weight to f32 and runs an FP32 GEMM without TF32 (slow; for parity
- * checks against the CPU backend).  Every other op computes in fp32 with the
- * CPU op's formulas (double where the CPU op uses double).
+ * checks against the CPU backend).  `experts` likewise rounds the gathered
+ * rows and SwiGLU's output (the inputs of its two grouped GEMMs) to BF16;
+ * `combine` rounds as the CPU op does (same bytes).  Every other op computes
+ * in fp32 with the CPU op's formulas (double where the CPU op uses double).
  *
  * Memory: cudaMallocAsync on the backend's one stream (a pool that keeps
  * freed blocks for the next layer); upload/copy/zero are stream-ordered,
@@ -81,9 +83,9 @@ void moe_cuda_set_precision(int prec);
  * in one cublasGemmGroupedBatchedEx call (a loop of cublasGemmEx when the
  * library refuses the types).  x [off[G], K], y [off[G], N] device; w and
  * off are HOST arrays ([G] device weight pointers in BF16, [G+1] offsets).
- * On the CPU this is a loop of matmul over the groups; the interface of
- * kernels.h would need a `matmul_grouped` op with this signature for the
- * model to use it (see the report of the cuda branch). */
+ * The model does not call it: it uses the `experts` op of kernels.h, which
+ * runs the same grouped call for gate/up and for down.  Kept for tests and
+ * bench/gpu_moe_layer.c. */
 void moe_cuda_matmul_grouped(float *y, const float *x, const void *const *w, const int32_t *off,
                              int G, int K, int N, int accumulate);
 

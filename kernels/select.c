@@ -33,7 +33,10 @@ static int plugin_try(const char *path, int must_exist) {
         if (!must_exist && e && strstr(e, "cannot open shared object file") &&
             strstr(e, MOE_CUDA_PLUGIN_NAME))
             return 0; /* not on the loader's path */
-        snprintf(g_pl_msg, sizeof g_pl_msg, "cuda: %s: %s", path, e ? e : "dlopen failed");
+        if (e && strstr(e, path)) /* dlerror names the file already */
+            snprintf(g_pl_msg, sizeof g_pl_msg, "cuda: %s", e);
+        else
+            snprintf(g_pl_msg, sizeof g_pl_msg, "cuda: %s: %s", path, e ? e : "dlopen failed");
         return -1;
     }
     moe_cuda_plugin_open_fn open_fn;
