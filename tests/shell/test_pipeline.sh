@@ -11,6 +11,20 @@ moe-dump --header "$TMP/p/04-plan.msgpack.zst" | grep -q '"kinds":\["tokens","ca
 [ -f "$TMP/p/condensed/model.safetensors" ] || fail "no condensed checkpoint"
 grep -q "condensed 2 layers" "$TMP/p/05-condense.txt" || fail "condense report: $(cat "$TMP/p/05-condense.txt")"
 
+# our streams exported as the original's JSON files give the same checkpoint
+for w in weights experts order; do
+    moe-dump --cdmoe-json $w "$TMP/p/04-plan.msgpack.zst" >"$TMP/$w.json" || fail "--cdmoe-json $w"
+done
+grep -q '"0-[0-9]*": \[' "$TMP/weights.json" || fail "weights.json shape: $(head -3 "$TMP/weights.json")"
+moe-condense --model "$TMP/p/model" --layers 2 --experts 2 -o "$TMP/from-json" --cdmoe-weights "$TMP/weights.json" \
+    --cdmoe-experts "$TMP/experts.json" --cdmoe-order "$TMP/order.json" >/dev/null || fail "condense from JSON"
+cmp -s "$TMP/from-json/model.safetensors" "$TMP/p/condensed/model.safetensors" || fail "JSON path differs"
+grep -A12 condensed_layers "$TMP/from-json/config.json" >"$TMP/a"
+grep -A12 condensed_layers "$TMP/p/condensed/config.json" >"$TMP/b"
+cmp -s "$TMP/a" "$TMP/b" || fail "condensed_layers differ between the stream and JSON paths"
+expect_fail 1 "no plan records for the order file \(run moe-layer-search first\)" \
+    moe-dump --cdmoe-json order "$TMP/p/02-calib.msgpack.zst"
+
 PY=$(find_python) || skip "no python3 with msgpack and zstandard for the cross-check"
 $PY -c 'import numpy' 2>/dev/null || skip "no numpy for the cross-check"
 for m in model condensed; do
