@@ -35,7 +35,7 @@ static int forward(const char *dir, const char *idsf, int nseq, int T) {
     }
     fclose(f);
     float *x = moe_model_alloc(m, tot * H), *xn = moe_model_alloc(m, tot * H);
-    float *y = moe_model_alloc(m, tot * H), *lg = moe_model_alloc(m, (size_t)T * V);
+    float *y = moe_model_alloc(m, tot * H), *lg = moe_model_alloc(m, tot * V);
     double t_load = 0, t_att = 0, t_mlp = 0, t_head = 0, t;
     double t_start = moe_now();
     for (int s = 0; s < nseq; s++) moe_model_embed(m, x + (size_t)s * T * H, ids + (size_t)s * T, T);
@@ -58,13 +58,14 @@ static int forward(const char *dir, const char *idsf, int nseq, int T) {
     }
     t = moe_now();
     moe_model_final_norm(m, x, x, (int)tot);
-    for (int s = nseq - 1; s >= 0; s--) moe_model_lm_head(m, lg, x + (size_t)s * T * H, T);
+    moe_model_lm_head(m, lg, x, (int)tot); /* all sequences: lm_head converted once */
     t_head = moe_now() - t;
     double total = moe_now() - t_start;
     printf("open_s=%.3f\ntotal_s=%.3f\nload_s=%.3f\nattention_s=%.3f\nmlp_s=%.3f\nlm_head_s=%.3f\n"
            "tokens=%zu\ntok_per_s=%.1f\nlogit0=%.6g\n",
            t_start - t0, total, t_load, t_att, t_mlp, t_head, tot, tot / total, lg[0]);
     moe_model_close(m);
+    free(ids);
     return 0;
 }
 
