@@ -21,6 +21,7 @@ static int forward(const char *dir, const char *idsf, int nseq, int T) {
     moe_model_set_threads(0);
     double t0 = moe_now();
     moe_model *m = moe_model_open(dir, NULL);
+    double t_open = moe_now() - t0;
     if (!m) {
         fprintf(stderr, "forward_bench: %s\n", moe_error());
         return 1;
@@ -37,34 +38,44 @@ static int forward(const char *dir, const char *idsf, int nseq, int T) {
     fclose(f);
     float *x = moe_model_alloc(m, tot * H), *xn = moe_model_alloc(m, tot * H);
     float *y = moe_model_alloc(m, tot * H), *lg = moe_model_alloc(m, tot * V);
-    double t_load = 0, t_att = 0, t_mlp = 0, t_head = 0, t;
-    double t_start = moe_now();
-    for (int s = 0; s < nseq; s++) moe_model_embed(m, x + (size_t)s * T * H, ids + (size_t)s * T, T);
-    for (int l = 0; l < L; l++) {
-        t = moe_now();
-        if (moe_layer_load(m, l) < 0) {
-            fprintf(stderr, "forward_bench: %s\n", moe_error());
-            return 1;
+    /* best of 3 full forwards (each converts every layer's weights again):
+     * the machine may be shared */
+    double best[6] = {0};
+    for (int rep = 0; rep < 3; rep++) {
+        double t_load = 0, t_att = 0, t_mlp = 0, t_head = 0, t;
+        double t_start = moe_now();
+        for (int s = 0; s < nseq; s++)
+            moe_model_embed(m, x + (size_t)s * T * H, ids + (size_t)s * T, T);
+        for (int l = 0; l < L; l++) {
+            t = moe_now();
+            if (moe_layer_load(m, l) < 0) {
+                fprintf(stderr, "forward_bench: %s\n", moe_error());
+                return 1;
+            }
+            t_load += moe_now() - t;
+            t = moe_now();
+            for (int s = 0; s < nseq; s++) moe_layer_attention(m, l, x + (size_t)s * T * H, T);
+            t_att += moe_now() - t;
+            t = moe_now();
+            moe_layer_mlp_input(m, l, xn, x, (int)tot);
+            moe_layer_mlp_run(m, l, y, xn, (int)tot, NULL, NULL);
+            for (size_t i = 0; i < tot * H; i++) x[i] += y[i];
+            t_mlp += moe_now() - t;
+            moe_layer_unload(m, l);
         }
-        t_load += moe_now() - t;
         t = moe_now();
-        for (int s = 0; s < nseq; s++) moe_layer_attention(m, l, x + (size_t)s * T * H, T);
-        t_att += moe_now() - t;
-        t = moe_now();
-        moe_layer_mlp_input(m, l, xn, x, (int)tot);
-        moe_layer_mlp_run(m, l, y, xn, (int)tot, NULL, NULL);
-        for (size_t i = 0; i < tot * H; i++) x[i] += y[i];
-        t_mlp += moe_now() - t;
-        moe_layer_unload(m, l);
+        moe_model_final_norm(m, x, x, (int)tot);
+        moe_model_lm_head(m, lg, x, (int)tot); /* all sequences: lm_head converted once */
+        t_head = moe_now() - t;
+        double total = moe_now() - t_start;
+        if (rep == 0 || total < best[0]) {
+            double b[6] = {total, t_load, t_att, t_mlp, t_head, lg[0]};
+            memcpy(best, b, sizeof b);
+        }
     }
-    t = moe_now();
-    moe_model_final_norm(m, x, x, (int)tot);
-    moe_model_lm_head(m, lg, x, (int)tot); /* all sequences: lm_head converted once */
-    t_head = moe_now() - t;
-    double total = moe_now() - t_start;
     printf("open_s=%.3f\ntotal_s=%.3f\nload_s=%.3f\nattention_s=%.3f\nmlp_s=%.3f\nlm_head_s=%.3f\n"
            "tokens=%zu\ntok_per_s=%.1f\nlogit0=%.6g\n",
-           t_start - t0, total, t_load, t_att, t_mlp, t_head, tot, tot / total, lg[0]);
+           t_open, best[0], best[1], best[2], best[3], best[4], tot, tot / best[0], best[5]);
     moe_model_close(m);
     free(ids);
     return 0;
