@@ -50,6 +50,9 @@ NVCCFLAGS ?= -O2 $(CUDA_ARCH) -Xcompiler -fPIC,-Wall -Ilib -Ikernels -MMD -MP
 ifeq ($(CUDA),1)
 CFLAGS += -DMOE_HAVE_CUDA=1 -I$(CUDA_HOME)/include
 LDLIBS += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublas -lcudart -lstdc++
+# kernels/cpu.c refers to moe_backend_cuda weakly, which does not pull an
+# archive member: force the CUDA backend into every binary.
+LDFLAGS += -Wl,--undefined=moe_backend_cuda
 CU_SRC := $(wildcard kernels/cuda/*.cu)
 else
 CU_SRC :=
@@ -62,6 +65,9 @@ TOOL_SRC := $(wildcard tools/moe-*.c)
 TOOLS := $(TOOL_SRC:tools/%.c=$(BIN)/%)
 TEST_SRC := $(wildcard tests/unit/test_*.c)
 TESTS := $(TEST_SRC:tests/unit/%.c=$(BUILD)/tests/%)
+GPU_TEST_SRC := $(wildcard tests/unit/gpu_*.c)
+GPU_TESTS := $(GPU_TEST_SRC:tests/unit/%.c=$(BUILD)/tests/%)
+GPU_BENCH := $(patsubst bench/%.c,$(BUILD)/bench/%,$(wildcard bench/gpu_*.c))
 MAN1 := $(wildcard man/man1/*.1)
 MAN5 := $(wildcard man/man5/*.5)
 
@@ -88,13 +94,18 @@ $(BUILD)/tests/%: $(BUILD)/tests/unit/%.o $(LIBA)
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) $< $(LIBA) $(LDLIBS) -lcmocka -o $@
 
-# Benchmark drivers bench/*.c, built on demand by the bench scripts.
+# test_model_device hands the model an emulated device by wrapping moe_backend_get
+$(BUILD)/tests/test_model_device: override LDFLAGS += -Wl,--wrap=moe_backend_get
+
+# Benchmark drivers bench/*.c, built on demand by the bench scripts (the GPU
+# ones, bench/gpu_*.c, with all-tests so that CI compiles them; run by
+# bench/gpu-check.sh).
 $(BUILD)/bench/%: $(BUILD)/bench/%.o $(LIBA)
 	$(CC) $(LDFLAGS) $< $(LIBA) $(LDLIBS) -o $@
 
 # Dependencies: Debian packages, installed only when missing.
 DEB_PKGS := build-essential pkg-config libmsgpack-dev libzstd-dev zstd libjansson-dev \
-	libonig-dev libutf8proc-dev libopenblas-dev libcmocka-dev python3-msgpack python3-zstandard
+	libonig-dev libutf8proc-dev libopenblas-dev libcmocka-dev python3-msgpack python3-zstandard python3-numpy
 deps:
 	@missing=$$(for p in $(DEB_PKGS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
 		| grep -q 'install ok installed' || echo $$p; done); \
@@ -110,7 +121,7 @@ test: deps
 	BIN=$(BIN) BUILD=$(BUILD) sh tests/run.sh
 
 .PHONY: all-tests
-all-tests: $(TOOLS) $(TESTS)
+all-tests: $(TOOLS) $(TESTS) $(GPU_TESTS) $(GPU_BENCH)
 
 test-gpu: all-tests
 	BIN=$(BIN) BUILD=$(BUILD) sh tests/run.sh --gpu

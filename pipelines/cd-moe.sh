@@ -14,8 +14,9 @@ set -eu
 
 # ---- settings -------------------------------------------------------------
 EXPERTS=${EXPERTS:-2}        # routed experts kept per condensed layer (K)
-LAYERS=${LAYERS:-1}          # decoder layers to condense (N)
+LAYERS=${LAYERS:-2}          # decoder layers to condense (N)
 MAX_LENGTH=${MAX_LENGTH:-256}
+TASKS=${TASKS:-}             # multiple-choice task files for stage 6 (space-separated)
 here=$(cd "$(dirname "$0")/.." && pwd)
 BIN=${BIN:-$here/bin}
 PATH="$BIN:$PATH"
@@ -42,7 +43,7 @@ if [ -z "$model" ]; then
     model=$out/model calib=$out/calib.jsonl
     if have moe-init && [ ! -d "$model" ]; then
         log "default: tiny random deepseek-style model in $model"
-        moe-init --arch deepseek --hidden 64 --layers 4 --heads 4 --experts 8 --top-k 2 \
+        moe-init --arch deepseek --hidden 64 --layers 6 --heads 4 --kv-heads 4 --experts 8 --top-k 2 \
             --shared 2 --moe-intermediate 32 --intermediate 128 --vocab 512 --seed 1 -o "$model" >&2
     fi
     if [ ! -f "$calib" ]; then
@@ -69,21 +70,28 @@ if run_stage 1 tokenize moe-tokenize; then
     check "$s1"
 fi
 if run_stage 2 calibrate moe-calib; then
-    moe-calib --model "$model" -o "$s2" "$s1" 2>"$out/02-calib.log"; check "$s2"
+    moe-calib --model "$model" "$s1" >"$s2" 2>"$out/02-calib.log"; check "$s2"
 fi
 if run_stage 3 "rank experts" moe-expert-rank; then
-    moe-expert-rank --model "$model" --max-experts "$EXPERTS" -o "$s3" "$s2" 2>"$out/03-rank.log"; check "$s3"
+    moe-expert-rank --model "$model" --max-experts "$EXPERTS" --max-length "$MAX_LENGTH" "$s2" >"$s3" \
+        2>"$out/03-rank.log"
+    check "$s3"
 fi
 if run_stage 4 "search layers" moe-layer-search; then
-    moe-layer-search --model "$model" --experts "$EXPERTS" -o "$s4" "$s3" 2>"$out/04-search.log"; check "$s4"
+    moe-layer-search --model "$model" --experts "$EXPERTS" --max-length "$MAX_LENGTH" "$s3" >"$s4" \
+        2>"$out/04-search.log"
+    check "$s4"
 fi
 if run_stage 5 condense moe-condense; then
     moe-condense --model "$model" --layers "$LAYERS" --experts "$EXPERTS" --force -o "$out/condensed" "$s4" \
-        2>"$out/05-condense.log"
+        2>"$out/05-condense.log" | tee "$out/05-condense.txt" >&2
 fi
 if run_stage 6 evaluate moe-eval && [ -d "$out/condensed" ]; then
-    moe-eval --model "$model" --ppl "$calib" 2>"$out/06-eval-dense.log"
-    moe-eval --model "$out/condensed" --ppl "$calib" 2>"$out/06-eval-condensed.log"
+    # dense vs condensed side by side: perplexity, tasks, speed and memory
+    tasks=
+    for t in ${TASKS:-}; do tasks="$tasks --task $t"; done
+    moe-eval --model "$model" --model "$out/condensed" --ppl "$calib" $tasks --bench \
+        -o "$out/06-eval.msgpack.zst" 2>"$out/06-eval.log" | tee "$out/06-eval.txt"
 fi
 
 # Whatever was produced: show that every stream is whole and readable.

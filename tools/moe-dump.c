@@ -1,4 +1,5 @@
 /* moe-dump - print a moe-stream as JSON Lines, or check it. */
+#include "cdmoe_export.h"
 #include "cli.h"
 #include "jsonout.h"
 #include "stream.h"
@@ -18,13 +19,18 @@ static const char help[] =
     "  --no-header     do not print the header line\n"
     "  --check         verify the stream(s) without printing records; one line per\n"
     "                  stream: NAME: ok, N records, kinds [...]\n"
+    "  --cdmoe-json FILE  print, instead, one JSON file of the original CD-MoE\n"
+    "                  code: weights (dynamic_weight.json), experts\n"
+    "                  (layer_idx_to_expert_idx.json) or order (layer_idx_order.json),\n"
+    "                  with layers as MoE-layer numbers from 0 as the original counts\n"
     "With no STREAM, or STREAM '-', read standard input.\n";
 
-enum { OPT_FULL = 1, OPT_PREVIEW, OPT_HEADER, OPT_TYPE, OPT_NO_HEADER, OPT_CHECK };
+enum { OPT_FULL = 1, OPT_PREVIEW, OPT_HEADER, OPT_TYPE, OPT_NO_HEADER, OPT_CHECK, OPT_CDMOE };
 
 typedef struct {
     moe_json_opts json;
     int header_only, no_header, check;
+    const char *cdmoe;
     const char *types[32];
     int ntypes;
 } dump_opts;
@@ -50,6 +56,11 @@ static void print_kinds(const msgpack_object *hdr) {
 static int dump_one(const char *path, const dump_opts *o) {
     moe_reader *r = moe_reader_open(path);
     if (!r) return -1;
+    if (o->cdmoe) {
+        int rc = moe_cdmoe_export(r, o->cdmoe, stdout);
+        moe_reader_close(r);
+        return rc;
+    }
     if (!o->no_header && !o->check) {
         moe_json_object(stdout, moe_reader_header(r), &o->json);
         putchar('\n');
@@ -81,6 +92,7 @@ int main(int argc, char **argv) {
         {"full", no_argument, 0, OPT_FULL},       {"preview", required_argument, 0, OPT_PREVIEW},
         {"header", no_argument, 0, OPT_HEADER},   {"type", required_argument, 0, OPT_TYPE},
         {"no-header", no_argument, 0, OPT_NO_HEADER}, {"check", no_argument, 0, OPT_CHECK},
+        {"cdmoe-json", required_argument, 0, OPT_CDMOE},
         MOE_CLI_COMMON_OPTIONS, {0, 0, 0, 0}};
     dump_opts o = {.json = {.full = 0, .preview = 8}};
     int c;
@@ -96,6 +108,11 @@ int main(int argc, char **argv) {
             break;
         case OPT_NO_HEADER: o.no_header = 1; break;
         case OPT_CHECK: o.check = 1; break;
+        case OPT_CDMOE:
+            if (strcmp(optarg, "weights") && strcmp(optarg, "experts") && strcmp(optarg, "order"))
+                moe_cli_usage("--cdmoe-json: expected weights, experts or order, got '%s'", optarg);
+            o.cdmoe = optarg;
+            break;
         default: moe_cli_usage("unknown option");
         }
     }

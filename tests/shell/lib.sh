@@ -13,11 +13,11 @@ skip() { echo "SKIP: $*"; exit 77; }
 # (grep -E) on stderr as a single line, and nothing on stdout.
 expect_fail() {
     code=$1 pattern=$2; shift 2
-    "$@" >"$TMP/out" 2>"$TMP/err"
+    "$@" >"$TMP/.expect-out" 2>"$TMP/.expect-err"
     rc=$?
-    [ $rc -eq "$code" ] || fail "'$*' exited $rc, expected $code; stderr: $(cat "$TMP/err")"
-    grep -Eq -- "$pattern" "$TMP/err" || fail "'$*' stderr lacks /$pattern/: $(cat "$TMP/err")"
-    [ "$(wc -l <"$TMP/err")" -le 2 ] || fail "'$*' printed more than one error line: $(cat "$TMP/err")"
+    [ $rc -eq "$code" ] || fail "'$*' exited $rc, expected $code; stderr: $(cat "$TMP/.expect-err")"
+    grep -Eq -- "$pattern" "$TMP/.expect-err" || fail "'$*' stderr lacks /$pattern/: $(cat "$TMP/.expect-err")"
+    [ "$(wc -l <"$TMP/.expect-err")" -le 2 ] || fail "'$*' printed more than one error line: $(cat "$TMP/.expect-err")"
 }
 
 # A python3 with msgpack and zstandard (the pip one, or Debian's), else empty.

@@ -1,0 +1,241 @@
+#!/bin/sh
+# bench/gpu-check.sh - the one GPU check of issue 7, made for a single call of
+# the device tool (about 5-8 minutes on one H200): build for Hopper, GPU
+# parity tests, one MoE layer at 25 600 tokens against the measured cuBLAS
+# BF16 peak, a DeepSeekMoE-16B-shaped model (fewer layers) through the whole
+# forward, moe-calib and moe-expert-rank on the GPU, peak GPU memory.
+# Results go to $OUT (at most 5 files); a short table is printed last.
+#
+# The GPU machine reaches no package registry and lacks our Debian libraries
+# (msgpack-c, zstd, jansson, oniguruma, utf8proc, OpenBLAS, cmocka).  They
+# travel as .deb files and are unpacked there into a private prefix with
+# `dpkg -x` (never over /); the build and the programs are pointed at it
+# (include/library paths, rpath, LD_LIBRARY_PATH).  nvcc, gcc and the CUDA
+# libraries are the machine's own.
+#
+# Step by step, from a session whose task has a device:
+#   1. here, once:   sh bench/gpu-check.sh --prepare
+#                    (apt-get download of the .debs into .debs/, which git ignores)
+#   2. here, optional: sh bench/gpu-check.sh --rehearse
+#                    (everything that needs no GPU, against .debs/ unpacked in /tmp:
+#                     build, test-gpu skipping, a small moe-init, token stream, table)
+#   3. device tool:  run(command="sh bench/gpu-check.sh", carry=[".debs"], timeout_s=560)
+#      then give_back.  The figures are in output_tail and in $OUT/summary.txt.
+#
+# Environment: LAYERS (decoder layers of the 16B-shaped model, default 4 = 1
+# dense + 3 MoE), SEQS x LEN (calibration tokens, default 100 x 256 = 25 600),
+# TOKENS (MoE-layer benchmark, default 25600), JOBS (make -j, default nproc).
+set -u
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+MODE=${1:-run}
+DEBS="libmsgpack-dev libmsgpackc2 libzstd-dev libzstd1 zstd libjansson-dev libjansson4
+libonig-dev libonig5 libutf8proc-dev libutf8proc2 libopenblas-dev libopenblas-pthread-dev
+libopenblas0 libopenblas0-pthread libgfortran5 libquadmath0 libcmocka-dev libcmocka0"
+
+if [ "$MODE" = --prepare ]; then
+    mkdir -p .debs && cd .debs || exit 1
+    rm -f ./*.deb
+    # shellcheck disable=SC2086
+    apt-get download $DEBS || { echo "gpu-check: apt-get download failed" >&2; exit 1; }
+    echo "gpu-check: $(ls | wc -l) packages, $(du -sh . | cut -f1) in .debs/ (carry it: carry=[\".debs\"])"
+    exit 0
+fi
+case $MODE in run | --rehearse) ;; *) echo "usage: $0 [--prepare|--rehearse]" >&2; exit 2 ;; esac
+
+OUT=${OUT:-/tmp/cdmoe-gpu-check}
+[ "$MODE" = --rehearse ] && OUT=/tmp/cdmoe-gpu-rehearse
+mkdir -p "$OUT"
+WORK=$(mktemp -d /tmp/cdmoe-gpu.XXXXXX)
+PREFIX=/tmp/cdmoe-prefix # fixed: the binaries' rpath points here
+LOG=$OUT/log.txt
+RES=$OUT/results.json
+TABLE=$WORK/table
+: >"$LOG"; : >"$RES"; : >"$TABLE"
+trap 'rm -rf "$WORK"' EXIT
+JOBS=${JOBS:-$(nproc 2>/dev/null || echo 4)}
+LAYERS=${LAYERS:-4}
+SEQS=${SEQS:-100}
+LEN=${LEN:-256}
+TOKENS=${TOKENS:-25600}
+T_START=$(date +%s)
+DEV=cuda
+[ "$MODE" = --rehearse ] && DEV=cpu # rehearsal: the tools' plumbing on the CPU
+
+say() { echo "gpu-check: $*"; echo "== $*" >>"$LOG"; }
+row() { printf '%-28s %-6s %6s  %s\n' "$1" "$2" "$3" "$4" >>"$TABLE"; }
+elapsed() { echo $(( $(date +%s) - $1 )); }
+
+# GPU memory sampler around a step (max MiB used, all processes), when nvidia-smi exists
+smi_start() {
+    SMI_PID=
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 >"$WORK/smi" 2>/dev/null &
+        SMI_PID=$!
+    fi
+}
+smi_stop() { # prints "peak N MiB" or nothing
+    [ -n "$SMI_PID" ] || return 0
+    kill "$SMI_PID" 2>/dev/null; wait "$SMI_PID" 2>/dev/null
+    sort -n "$WORK/smi" | tail -n 1 | awk '{ if ($1 != "") printf "GPU peak %d MiB", $1 }'
+}
+
+# ---- 0. the carried Debian libraries, unpacked into a private prefix --------------------
+if ls .debs/*.deb >/dev/null 2>&1; then
+    rm -rf "$PREFIX"
+    for f in .debs/*.deb; do dpkg -x "$f" "$PREFIX" || { say "dpkg -x $f failed"; exit 1; }; done
+    LIBDIR=$PREFIX/usr/lib/x86_64-linux-gnu
+    PKG_CFLAGS="-DUTF8PROC_EXPORTS -I$PREFIX/usr/include -I$PREFIX/usr/include/x86_64-linux-gnu/openblas-pthread"
+    PKG_LIBS="-L$LIBDIR -L$LIBDIR/openblas-pthread -Wl,-rpath,$LIBDIR -Wl,-rpath,$LIBDIR/openblas-pthread \
+-lmsgpackc -lzstd -ljansson -lonig -lutf8proc -lopenblas"
+    LD_LIBRARY_PATH=$LIBDIR:$LIBDIR/openblas-pthread${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+    export LD_LIBRARY_PATH
+    CARRIED=1 # (PKG_LIBS's -L also serves the bare -lcmocka of the test binaries)
+    say "libraries: $(ls .debs/*.deb | wc -l) .debs unpacked into $PREFIX"
+else
+    PKG_CFLAGS=$(pkg-config --cflags msgpack libzstd jansson oniguruma libutf8proc openblas 2>/dev/null)
+    PKG_LIBS=$(pkg-config --libs msgpack libzstd jansson oniguruma libutf8proc openblas 2>/dev/null)
+    CARRIED=
+    say "libraries: no .debs/ (run --prepare here first); using the system's"
+fi
+
+# ---- 1. build for Hopper --------------------------------------------------------------------
+[ -d /usr/local/cuda/bin ] && PATH=/usr/local/cuda/bin:$PATH && export PATH
+command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >>"$LOG" 2>&1
+B=build-gpu
+rm -rf $B # a clean build: objects and rpaths of another run do not count
+t=$(date +%s)
+say "build (sm_90, -j$JOBS)"
+if make -j"$JOBS" BUILD=$B BIN=$B/bin CUDA=1 \
+    CUDA_ARCH="-gencode arch=compute_90,code=sm_90" \
+    PKG_CFLAGS="$PKG_CFLAGS" PKG_LIBS="$PKG_LIBS" \
+    all-tests >>"$LOG" 2>&1; then
+    row "build sm_90" ok "$(elapsed $t)" "nvcc $(nvcc --version 2>/dev/null | sed -n 's/.*release \([0-9.]*\).*/\1/p')"
+else
+    row "build sm_90" FAIL "$(elapsed $t)" "see log.txt"
+    tail -n 30 "$LOG"; cat "$TABLE"; exit 1
+fi
+if [ -n "$CARRIED" ]; then # the programs must use the carried libraries
+    ldd $B/bin/moe-eval >>"$LOG" 2>&1
+    ldd $B/bin/moe-eval | grep -q "not found" && { say "unresolved libraries:"; ldd $B/bin/moe-eval | grep "not found"; }
+fi
+BIN=$B/bin
+PATH=$ROOT/$BIN:$PATH; export PATH
+
+# ---- 2. GPU parity tests ----------------------------------------------------------------------
+t=$(date +%s)
+say "make test-gpu"
+BIN=$BIN BUILD=$B timeout 240 sh tests/run.sh --gpu >"$OUT/test-gpu.log" 2>&1
+rc=$?
+summary=$(tail -n 1 "$OUT/test-gpu.log")
+cat "$OUT/test-gpu.log" >>"$LOG"
+[ $rc -eq 0 ] && st=ok || st=FAIL
+grep -q "^SKIP" "$OUT/test-gpu.log" && ! grep -q "^PASS" "$OUT/test-gpu.log" && st=skip
+row "tests/run.sh --gpu" $st "$(elapsed $t)" "$summary"
+
+# ---- 3. one MoE layer at 25 600 tokens ---------------------------------------------------------------
+t=$(date +%s)
+say "MoE layer, DeepSeekMoE-16B shape, $TOKENS tokens"
+smi_start
+timeout 120 $B/bench/gpu_moe_layer --tokens "$TOKENS" --iters 5 >"$WORK/layer.json" 2>>"$LOG"
+rc=$?
+mem=$(smi_stop)
+cat "$WORK/layer.json" >>"$LOG"
+if [ $rc -eq 0 ]; then
+    cat "$WORK/layer.json" >>"$RES"
+    fig=$(sed 's/.*"ms_grouped":\([0-9.]*\),"tflops_grouped":\([0-9.]*\),"ms_loop":\([0-9.]*\),"tflops_loop":\([0-9.]*\),"peak_bf16_tflops":\([0-9.]*\),.*/grouped \1 ms = \2 TFLOP\/s vs peak \5; per-expert loop \3 ms = \4/' "$WORK/layer.json")
+    row "MoE layer ${TOKENS} tok" ok "$(elapsed $t)" "$fig; $mem"
+elif [ $rc -eq 77 ]; then
+    row "MoE layer ${TOKENS} tok" skip "$(elapsed $t)" "$(head -n 1 "$WORK/layer.json")"
+else
+    row "MoE layer ${TOKENS} tok" FAIL "$(elapsed $t)" "exit $rc, see log.txt"
+fi
+
+# ---- 4. a DeepSeekMoE-16B-shaped checkpoint with LAYERS layers ------------------------------------------
+MODEL=$WORK/ds16b
+# DeepSeekMoE-16B's config.json with fewer layers (moe-init --layers N > 2 crashes
+# in lib/config.c as of this writing, so the layer count goes through --config)
+H=2048 NH=16 IM=10944 MI=1408 NE=64 V=102400
+if [ "$MODE" = --rehearse ]; then # small shape here: the point is the plumbing
+    H=256 NH=4 IM=512 MI=96 NE=16 V=1024 SEQS=4 LEN=64
+fi
+cat >"$WORK/config.json" <<EOF
+{"architectures": ["DeepseekForCausalLM"], "model_type": "deepseek",
+ "hidden_size": $H, "intermediate_size": $IM, "moe_intermediate_size": $MI,
+ "num_hidden_layers": $LAYERS, "num_attention_heads": $NH, "num_key_value_heads": $NH,
+ "n_routed_experts": $NE, "n_shared_experts": 2, "num_experts_per_tok": 6,
+ "first_k_dense_replace": 1, "moe_layer_freq": 1, "norm_topk_prob": false,
+ "scoring_func": "softmax", "hidden_act": "silu", "max_position_embeddings": 4096,
+ "rms_norm_eps": 1e-06, "rope_theta": 10000, "vocab_size": $V, "tie_word_embeddings": false,
+ "attention_bias": false, "torch_dtype": "bfloat16"}
+EOF
+t=$(date +%s)
+say "moe-init deepseek (DeepSeekMoE-16B shape), $LAYERS layers"
+if timeout 180 moe-init --config "$WORK/config.json" --seed 1 --quiet -o "$MODEL" >>"$LOG" 2>&1; then
+    row "moe-init 16B-shape x$LAYERS" ok "$(elapsed $t)" "$(du -sh "$MODEL" | cut -f1) on disk (H=$H E=$NE)"
+else
+    row "moe-init 16B-shape x$LAYERS" FAIL "$(elapsed $t)" "see log.txt"
+    MODEL=
+fi
+
+# ---- 5. whole forward (layer-major, all tokens on the GPU), logits vs the CPU ---------------------------
+TOK=$WORK/tokens.msgpack.zst
+if [ -n "$MODEL" ]; then
+    $B/bench/gpu_forward tokens --model "$MODEL" --seqs "$SEQS" --len "$LEN" -o "$TOK" >>"$LOG" 2>&1 || TOK=
+    t=$(date +%s)
+    say "forward $SEQS x $LEN tokens"
+    smi_start
+    timeout 150 $B/bench/gpu_forward forward --model "$MODEL" --seqs "$SEQS" --len "$LEN" --check-tokens 32 \
+        >"$WORK/fwd.json" 2>>"$LOG"
+    rc=$?
+    mem=$(smi_stop)
+    cat "$WORK/fwd.json" >>"$LOG"
+    if [ $rc -eq 0 ]; then
+        cat "$WORK/fwd.json" >>"$RES"
+        fig=$(sed 's/.*"seconds":\([0-9.]*\),"tokens_per_s":\([0-9]*\),"backend_peak_bytes":\([0-9]*\),.*"logits_rel_err_vs_cpu":\([-0-9.e]*\).*/\1 s, \2 tok\/s, backend peak \3 B, logits vs CPU \4/' "$WORK/fwd.json")
+        row "forward ${SEQS}x${LEN}" ok "$(elapsed $t)" "$fig; $mem"
+    elif [ $rc -eq 77 ]; then
+        row "forward ${SEQS}x${LEN}" skip "$(elapsed $t)" "$(head -n 1 "$WORK/fwd.json")"
+    else
+        row "forward ${SEQS}x${LEN}" FAIL "$(elapsed $t)" "exit $rc, see log.txt"
+    fi
+fi
+
+# ---- 6. moe-calib and moe-expert-rank on the GPU (when the tools are in this build) ---------------------
+run_tool() { # name, timeout, command...
+    name=$1 lim=$2; shift 2
+    t=$(date +%s)
+    say "$name"
+    smi_start
+    timeout "$lim" "$@" 2>>"$LOG"
+    rc=$?
+    mem=$(smi_stop)
+    if [ $rc -eq 0 ]; then row "$name" ok "$(elapsed $t)" "$mem"
+    else row "$name" FAIL "$(elapsed $t)" "exit $rc (4 = device error), see log.txt; $mem"; fi
+    echo "{\"step\":\"$name\",\"exit\":$rc,\"seconds\":$(elapsed $t),\"mem\":\"$mem\"}" >>"$RES"
+    return $rc
+}
+if [ -n "$MODEL" ] && [ -n "$TOK" ]; then
+    if [ -x "$BIN/moe-calib" ]; then
+        if run_tool "moe-calib --device $DEV" 120 moe-calib --device "$DEV" --quiet --model "$MODEL" "$TOK" -o "$WORK/calib.zst"; then
+            if [ -x "$BIN/moe-expert-rank" ]; then
+                run_tool "moe-expert-rank --device $DEV" 150 moe-expert-rank --device "$DEV" --quiet \
+                    --model "$MODEL" "$WORK/calib.zst" -o "$WORK/rank.zst" &&
+                    moe-dump --type ranking "$WORK/rank.zst" 2>/dev/null | head -c 2000 >>"$LOG"
+            fi
+        fi
+    else
+        row "moe-calib / moe-expert-rank" skip 0 "not in this build (branch search not merged)"
+    fi
+fi
+
+# ---- table ------------------------------------------------------------------------------------------------
+{
+    echo "cdmoe gpu-check $(date -u '+%Y-%m-%d %H:%M UTC') $(git rev-parse --short HEAD 2>/dev/null) mode=$MODE, $(elapsed "$T_START") s"
+    command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    printf '%-28s %-6s %6s  %s\n' step status secs figures
+    cat "$TABLE"
+} >"$OUT/summary.txt"
+echo
+cat "$OUT/summary.txt"
+! grep -q " FAIL " "$TABLE"

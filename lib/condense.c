@@ -1,0 +1,192 @@
+/* condense.c - write a condensed checkpoint. */
+#define _GNU_SOURCE
+#include "condense.h"
+#include "common.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <jansson.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+/* Copy tensor bytes chunk by chunk from the source mapping, then let the
+ * kernel drop the pages: memory stays flat however large the model. */
+static int copy_fill(void *ctx, const char *name, uint64_t start, uint64_t n, void *out) {
+    (void)name;
+    const moe_st_tensor *t = ctx;
+    size_t esize = (size_t)moe_st_dtype_bits(t->dtype) / 8;
+    memcpy(out, (const char *)t->data + start * esize, n * esize);
+    if ((start + n) * esize == t->nbytes) moe_st_release(t);
+    return 0;
+}
+
+static uint64_t count_params(const moe_config *c) {
+    moe_tensor_ref *refs;
+    int n = moe_config_tensor_list(c, &refs);
+    uint64_t total = 0;
+    for (int i = 0; i < n; i++) total += (uint64_t)refs[i].shape[0] * (uint64_t)(refs[i].ndim > 1 ? refs[i].shape[1] : 1);
+    free(refs);
+    return n < 0 ? 0 : total;
+}
+
+/* config.json: the original text plus condensed_layers and provenance. */
+static char *condensed_config_json(const moe_ckpt *ck, const moe_condense_opts *o) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/config.json", moe_ckpt_dir(ck));
+    json_error_t err;
+    json_t *root = json_load_file(path, JSON_PRESERVE_ORDER, &err);
+    if (!root) {
+        moe_error_set(MOE_ERR_DATA, "%s:%d: %s", path, err.line, err.text);
+        return NULL;
+    }
+    json_t *cl = json_object_get(root, "condensed_layers");
+    if (!json_is_object(cl)) {
+        cl = json_object();
+        json_object_set_new(root, "condensed_layers", cl);
+    }
+    /* condensed layers in increasing layer order, for readers' sake */
+    int *idx = moe_malloc((size_t)(o->n_layers ? o->n_layers : 1) * sizeof *idx);
+    for (int i = 0; i < o->n_layers; i++) {
+        int j = i;
+        while (j > 0 && o->layers[idx[j - 1]] > o->layers[i]) { idx[j] = idx[j - 1]; j--; }
+        idx[j] = i;
+    }
+    for (int ii = 0; ii < o->n_layers; ii++) {
+        int i = idx[ii];
+        json_t *ex = json_array(), *wt = json_array(), *entry = json_object();
+        for (int j = 0; j < o->k; j++) {
+            json_array_append_new(ex, json_integer(o->experts[i * o->k + j]));
+            json_array_append_new(wt, json_real(o->weights[i * o->k + j]));
+        }
+        json_object_set_new(entry, "experts", ex);
+        json_object_set_new(entry, "weights", wt);
+        char key[16];
+        snprintf(key, sizeof key, "%d", o->layers[i]);
+        json_object_set_new(cl, key, entry);
+    }
+    free(idx);
+    json_t *prov = json_object(), *args = json_array();
+    for (int i = 1; i < o->argc; i++) json_array_append_new(args, json_string(o->argv[i]));
+    json_object_set_new(prov, "tool", json_string("moe-condense"));
+    json_object_set_new(prov, "version", json_string(MOE_VERSION));
+    json_object_set_new(prov, "args", args);
+    json_object_set_new(prov, "source_model", json_string(moe_ckpt_fingerprint(ck)));
+    json_t *history = json_object_get(root, "cdmoe_provenance");
+    if (!json_is_array(history)) {
+        history = json_array();
+        json_object_set_new(root, "cdmoe_provenance", history);
+    }
+    json_array_append_new(history, prov);
+    char *text = json_dumps(root, JSON_INDENT(2) | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(9));
+    json_decref(root);
+    if (!text) {
+        moe_error_set(MOE_ERR_DATA, "%s: cannot write JSON", path);
+        return NULL;
+    }
+    size_t n = strlen(text);
+    char *with_nl = moe_malloc(n + 2);
+    memcpy(with_nl, text, n);
+    with_nl[n] = '\n';
+    with_nl[n + 1] = 0;
+    free(text);
+    return with_nl;
+}
+
+static int ends_with(const char *s, const char *suffix) {
+    size_t a = strlen(s), b = strlen(suffix);
+    return a >= b && strcmp(s + a - b, suffix) == 0;
+}
+
+/* Copy one regular file (tokenizer files, remote code...). */
+static int copy_file(const char *src, const char *dst) {
+    FILE *in = fopen(src, "rb"), *out = in ? fopen(dst, "wb") : NULL;
+    int rc = 0;
+    if (!in || !out) {
+        moe_error_set(MOE_ERR_IO, "%s: %s", in ? dst : src, strerror(errno));
+        rc = -1;
+    } else {
+        char buf[1 << 16];
+        size_t n;
+        while ((n = fread(buf, 1, sizeof buf, in)) > 0)
+            if (fwrite(buf, 1, n, out) != n) {
+                moe_error_set(MOE_ERR_IO, "%s: write error: %s", dst, strerror(errno));
+                rc = -1;
+                break;
+            }
+        if (rc == 0 && ferror(in)) {
+            moe_error_set(MOE_ERR_IO, "%s: read error", src);
+            rc = -1;
+        }
+    }
+    if (in) fclose(in);
+    if (out && fclose(out) != 0 && rc == 0) {
+        moe_error_set(MOE_ERR_IO, "%s: write error: %s", dst, strerror(errno));
+        rc = -1;
+    }
+    return rc;
+}
+
+static int copy_side_files(const char *src_dir, const char *dst_dir) {
+    DIR *d = opendir(src_dir);
+    if (!d) {
+        moe_error_set(MOE_ERR_IO, "%s: %s", src_dir, strerror(errno));
+        return -1;
+    }
+    struct dirent *e;
+    int rc = 0;
+    while (rc == 0 && (e = readdir(d))) {
+        const char *n = e->d_name;
+        if (n[0] == '.' || strcmp(n, "config.json") == 0 || ends_with(n, ".safetensors") ||
+            strcmp(n, "model.safetensors.index.json") == 0 || ends_with(n, ".bin"))
+            continue;
+        char src[4096], dst[4096];
+        snprintf(src, sizeof src, "%s/%s", src_dir, n);
+        snprintf(dst, sizeof dst, "%s/%s", dst_dir, n);
+        struct stat st;
+        if (stat(src, &st) != 0 || !S_ISREG(st.st_mode)) continue;
+        rc = copy_file(src, dst);
+    }
+    closedir(d);
+    return rc;
+}
+
+int moe_condense_write(const moe_ckpt *ck, const char *out_dir, const moe_condense_opts *o,
+                       moe_condense_report *rep) {
+    moe_config *cfg = moe_config_load(moe_ckpt_dir(ck));
+    if (!cfg) return -1;
+    memset(rep, 0, sizeof *rep);
+    rep->params_before = count_params(cfg);
+    rep->bytes_before = moe_ckpt_bytes(ck);
+    for (int i = 0; i < o->n_layers; i++)
+        if (moe_config_condense(cfg, o->layers[i], o->k, o->experts + (size_t)i * o->k,
+                                o->weights + (size_t)i * o->k) < 0) {
+            moe_config_free(cfg);
+            return -1;
+        }
+    rep->params_after = count_params(cfg);
+
+    moe_tensor_ref *refs;
+    int n = moe_config_tensor_list(cfg, &refs);
+    char *config_text = n < 0 ? NULL : condensed_config_json(ck, o);
+    moe_ckpt_writer *w = config_text ? moe_ckpt_writer_open(out_dir, o->shard_bytes, o->force) : NULL;
+    int rc = w ? 0 : -1;
+    for (int i = 0; rc == 0 && i < n; i++) {
+        const moe_st_tensor *t = moe_ckpt_find(ck, refs[i].name);
+        if (!t) {
+            moe_error_set(MOE_ERR_DATA, "%s: tensor %s missing", moe_ckpt_dir(ck), refs[i].name);
+            rc = -1;
+            break;
+        }
+        rc = moe_ckpt_writer_add(w, refs[i].name, t->dtype, t->ndim, t->shape, NULL, copy_fill, (void *)t);
+        rep->bytes_after += t->nbytes;
+    }
+    if (rc == 0) rc = moe_ckpt_writer_text(w, "config.json", config_text);
+    if (rc == 0) rc = copy_side_files(moe_ckpt_dir(ck), moe_ckpt_writer_tmpdir(w));
+    if (rc == 0) rc = moe_ckpt_writer_close(w);
+    else if (w) moe_ckpt_writer_abort(w);
+    free(config_text);
+    if (n >= 0) free(refs);
+    moe_config_free(cfg);
+    return rc;
+}

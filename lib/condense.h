@@ -1,0 +1,36 @@
+/* condense.h - write a condensed checkpoint (CD-MoE step 4).
+ *
+ * The new directory holds, under their original names, every tensor the
+ * condensed config implies: all tensors of uncondensed layers, and for a
+ * condensed layer its attention, norms, shared experts and the kept routed
+ * experts; routers and dropped experts are left out.  Tensors are copied
+ * byte for byte (same dtype).  config.json is the original's text with
+ * "condensed_layers" (see config.h) and "cdmoe" (provenance) added; every
+ * other file of the source directory (tokenizer, generation config, remote
+ * code) is copied.  The directory is written under a temporary name and
+ * renamed at the end. */
+#ifndef MOE_CONDENSE_H
+#define MOE_CONDENSE_H
+
+#include "checkpoint.h"
+
+typedef struct {
+    int n_layers, k;          /* layers to condense, experts kept per layer */
+    const int *layers;        /* [n_layers] decoder indices */
+    const int *experts;       /* [n_layers * k] kept expert ids */
+    const float *weights;     /* [n_layers * k] their fixed weights */
+    int argc;                 /* command line, for the provenance entry */
+    char **argv;
+    uint64_t shard_bytes;     /* 0: one file */
+    int force;                /* replace an existing output directory */
+} moe_condense_opts;
+
+typedef struct {
+    uint64_t params_before, params_after;  /* parameters the configs imply */
+    uint64_t bytes_before, bytes_after;    /* tensor payload bytes on disk */
+} moe_condense_report;
+
+int moe_condense_write(const moe_ckpt *ck, const char *out_dir, const moe_condense_opts *o,
+                       moe_condense_report *rep);
+
+#endif

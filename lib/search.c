@@ -1,0 +1,772 @@
+/* search.c - CD-MoE step 2: greedy expert ranking per MoE layer and greedy
+ * layer search, each fast (layer-major, cached) and naive (the original
+ * algorithm literally: a full model forward per candidate).  See search.h. */
+#include "search.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common.h"
+
+/* ---- sequences, truncated and concatenated ------------------------------------ */
+
+typedef struct {
+    int n;
+    moe_seq *seq;   /* ids, T (truncated); hidden/logits unused */
+    size_t *off;    /* [n+1] token offsets in the concatenation */
+    size_t tot;
+    int *owner;     /* [tot] sequence of each token */
+} seqset;
+
+static void seqset_init(seqset *ss, const moe_seqs *s, int max_length) {
+    ss->n = s->n;
+    ss->seq = moe_calloc((size_t)s->n + 1, sizeof *ss->seq);
+    ss->off = moe_malloc(sizeof(size_t) * (size_t)(s->n + 1));
+    ss->tot = 0;
+    for (int i = 0; i < s->n; i++) {
+        ss->seq[i].ids = s->ids[i];
+        ss->seq[i].T = max_length > 0 && s->len[i] > max_length ? max_length : s->len[i];
+        ss->off[i] = ss->tot;
+        ss->tot += (size_t)ss->seq[i].T;
+    }
+    ss->off[s->n] = ss->tot;
+    ss->owner = moe_malloc(sizeof(int) * (ss->tot + 1));
+    for (int i = 0; i < s->n; i++)
+        for (size_t t = ss->off[i]; t < ss->off[i + 1]; t++) ss->owner[t] = i;
+}
+
+static void seqset_free(seqset *ss) {
+    free(ss->seq);
+    free(ss->off);
+    free(ss->owner);
+}
+
+/* Per-sequence sums of per-token divergences -> the original's score:
+ * mean over the tokens of a sequence, then mean over sequences. */
+static double score_of(const seqset *ss, const double *acc) {
+    double s = 0.0;
+    for (int i = 0; i < ss->n; i++) s += acc[i] / (double)ss->seq[i].T;
+    return s / ss->n;
+}
+
+/* acc[owner] += d over tokens [t0, t0+nt) */
+static void accumulate(const seqset *ss, double *acc, const double *d, size_t t0, size_t nt) {
+    for (size_t t = 0; t < nt; t++) acc[ss->owner[t0 + t]] += d[t];
+}
+
+/* ---- work accounting ------------------------------------------------------------- */
+
+static double expert_flops(const moe_config *c) {
+    return 2.0 * 3.0 * c->hidden_size * (double)c->moe_intermediate_size;
+}
+
+static double layer_flops(const moe_config *c, int l) {
+    double H = c->hidden_size, qd = (double)c->num_heads * c->head_dim,
+           kvd = (double)c->num_kv_heads * c->head_dim;
+    double f = 2.0 * H * (2.0 * qd + 2.0 * kvd);
+    if (c->layers[l].kind == MOE_MLP_DENSE)
+        f += 2.0 * 3.0 * H * c->intermediate_size;
+    else
+        f += c->top_k * expert_flops(c) + 2.0 * 3.0 * H * c->shared_intermediate_size +
+             2.0 * H * c->n_routed_experts;
+    return f;
+}
+
+static void count_layers(moe_search_work *w, const moe_config *c, int from, size_t tokens) {
+    if (!w) return;
+    for (int l = from; l < c->num_layers; l++) {
+        w->layer_tokens += tokens;
+        w->flops += layer_flops(c, l) * (double)tokens;
+    }
+}
+
+static int is_moe(const moe_config *c, int l) { return c->layers[l].kind == MOE_MLP_MOE; }
+
+/* Run decoder layers [from, L) on the concatenated tokens X (in place); when
+ * cache is not NULL, cache[l] receives the input of layer l for l >= from
+ * (cache[L] the final-normed output).  Ends with the final norm applied to X. */
+/* Keep every layer converted in memory between candidates when the model is
+ * small (f32 copy under 2 GiB); otherwise stream: unload each layer after use. */
+static int stream_weights(moe_model *m) {
+    return moe_ckpt_bytes(moe_model_ckpt(m)) * 2 > ((uint64_t)2 << 30);
+}
+
+static int run_layers(moe_model *m, const seqset *ss, int from, float *X, float **cache,
+                      float *xn, float *y) {
+    int stream = stream_weights(m);
+    const moe_config *c = moe_model_config(m);
+    const moe_backend *be = moe_model_backend(m);
+    size_t TH = ss->tot * (size_t)c->hidden_size;
+    for (int l = from; l < c->num_layers; l++) {
+        if (cache) be->copy(cache[l], X, TH * sizeof(float));
+        for (int s = 0; s < ss->n; s++)
+            if (moe_layer_attention(m, l, X + ss->off[s] * c->hidden_size, ss->seq[s].T) < 0)
+                return -1;
+        if (moe_layer_mlp_input(m, l, xn, X, (int)ss->tot) < 0) return -1;
+        if (moe_layer_mlp_run(m, l, y, xn, (int)ss->tot, NULL, NULL) < 0) return -1;
+        be->axpy(X, y, 1.0f, TH);
+        if (stream) moe_layer_unload(m, l);
+    }
+    moe_model_final_norm(m, X, X, (int)ss->tot);
+    if (cache) be->copy(cache[c->num_layers], X, TH * sizeof(float));
+    return 0;
+}
+
+static int embed_all(moe_model *m, const seqset *ss, float *X) {
+    int H = moe_model_config(m)->hidden_size;
+    for (int s = 0; s < ss->n; s++)
+        if (moe_model_embed(m, X + ss->off[s] * H, ss->seq[s].ids, ss->seq[s].T) < 0) return -1;
+    return 0;
+}
+
+/* Divergence of candidate vs target over all tokens, per-sequence sums into acc. */
+static void diverge(const moe_backend *be, const seqset *ss, int metric, const float *tgt,
+                    const float *cand, size_t t0, size_t nt, int H, double *d, double *acc) {
+    be->divergence(d, tgt, cand, metric, (int)nt, H);
+    accumulate(ss, acc, d, t0, nt);
+}
+
+/* ---- calibration weights ---------------------------------------------------------------- */
+
+static int layer_weights(const moe_calib *calib, const moe_search_opts *o, int l, int E, float *w,
+                         int *routed) {
+    if (!calib || !calib->layers || l >= calib->L || !calib->layers[l].present) {
+        moe_error_set(MOE_ERR_DATA,
+                      "no routing statistics for layer %d in the input (run moe-calib first)", l);
+        return -1;
+    }
+    const moe_calib_layer *cl = &calib->layers[l];
+    for (int e = 0; e < E; e++) {
+        routed[e] = cl->count[e] > 0 && isfinite(cl->mean[e]);
+        w[e] = routed[e] ? (float)cl->mean[e] : 0.0f;
+    }
+    for (int i = 0; o && i < o->n_weights; i++) {
+        const moe_weight_override *ov = &o->weights[i];
+        if (ov->layer != l) continue;
+        if (ov->expert < 0 || ov->expert >= E) {
+            moe_error_set(MOE_ERR_DATA, "weight for layer %d expert %d: the model has %d experts", l,
+                          ov->expert, E);
+            return -1;
+        }
+        routed[ov->expert] = 1;
+        w[ov->expert] = ov->weight;
+    }
+    return 0;
+}
+
+static void rank_layer_alloc(moe_rank_layer *rl, int K, int E, const int *routed) {
+    rl->present = 1;
+    rl->n = 0;
+    rl->experts = moe_malloc(sizeof(int) * (size_t)(K + 1));
+    rl->scores = moe_malloc(sizeof(double) * (size_t)(K + 1));
+    rl->cand = moe_malloc(sizeof(double) * (size_t)(K + 1) * E);
+    for (size_t i = 0; i < (size_t)(K + 1) * E; i++) rl->cand[i] = NAN;
+    rl->unrouted = moe_malloc(sizeof(int) * (size_t)(E + 1));
+    rl->n_unrouted = 0;
+    for (int e = 0; e < E; e++)
+        if (!routed[e]) rl->unrouted[rl->n_unrouted++] = e;
+}
+
+/* Lowest score wins, strictly (ties: lowest id); NaN never wins. */
+static int argmin(const double *sc, const int *ok, int E) {
+    int best = -1;
+    double b = INFINITY;
+    for (int e = 0; e < E; e++)
+        if (ok[e] && sc[e] < b) {
+            b = sc[e];
+            best = e;
+        }
+    if (best < 0)
+        for (int e = 0; e < E; e++)
+            if (ok[e] && isinf(sc[e]) && sc[e] > 0) return e;
+    return best;
+}
+
+/* ---- expert ranking: fast ------------------------------------------------------------------- */
+
+typedef struct {
+    moe_model *m;
+    const moe_config *c;
+    const moe_backend *be;
+    const seqset *ss;
+    const moe_search_opts *o;
+    moe_search_work *work;
+    float *xn, *tgt, *base, *p, *cb, *eo; /* [tot, H] each (eo: chunk scratch) */
+    float **cache;                          /* [E] expert outputs, all tokens, or NULL */
+    double *d;                              /* [tot] */
+} rank_ctx;
+
+static int rank_layer_fast(rank_ctx *x, int l, const float *w, const int *routed,
+                           moe_rank_layer *rl) {
+    const moe_config *c = x->c;
+    const moe_backend *be = x->be;
+    int E = c->n_routed_experts, H = c->hidden_size, K = x->o->max_experts;
+    int last = l == c->num_layers - 1;
+    size_t tot = x->ss->tot, TH = tot * (size_t)H;
+    int ncand = 0;
+    for (int e = 0; e < E; e++) ncand += routed[e];
+    rank_layer_alloc(rl, K, E, routed);
+
+    /* cache every candidate's output for all tokens when it fits, else chunks */
+    size_t budget = x->o->mem_bytes ? x->o->mem_bytes : ((size_t)1 << 30);
+    size_t per_tok = (size_t)(ncand ? ncand : 1) * H * sizeof(float);
+    int cached = per_tok * tot <= budget;
+    size_t chunk = cached ? tot : budget / ((size_t)H * sizeof(float) * 2);
+    if (chunk < 1) chunk = 1;
+    if (chunk > tot) chunk = tot;
+    float **cache = NULL;
+    if (cached) {
+        cache = moe_calloc((size_t)E, sizeof(float *));
+        for (int e = 0; e < E; e++) {
+            if (!routed[e]) continue;
+            cache[e] = moe_model_alloc(x->m, TH);
+            if (moe_layer_expert(x->m, l, e, cache[e], x->xn, (int)tot) < 0) goto fail;
+            if (x->work) {
+                x->work->expert_tokens += tot;
+                x->work->flops += expert_flops(c) * (double)tot;
+            }
+        }
+    }
+    be->copy(x->p, x->base, TH * sizeof(float));
+    int *ok = moe_malloc(sizeof(int) * (size_t)E);
+    double *sc = moe_malloc(sizeof(double) * (size_t)E);
+    double *acc = moe_malloc(sizeof(double) * (size_t)E * x->ss->n);
+    memcpy(ok, routed, sizeof(int) * (size_t)E);
+    int rc = 0;
+    for (int pick = 0; pick < K && rc == 0; pick++) {
+        int any = 0;
+        for (int e = 0; e < E; e++) any |= ok[e];
+        if (!any) break;
+        memset(acc, 0, sizeof(double) * (size_t)E * x->ss->n);
+        for (size_t t0 = 0; t0 < tot && rc == 0; t0 += chunk) {
+            size_t nt = tot - t0 < chunk ? tot - t0 : chunk;
+            size_t off = t0 * (size_t)H;
+            for (int e = 0; e < E && rc == 0; e++) {
+                if (!ok[e]) continue;
+                const float *eo = cache ? cache[e] + off : x->eo;
+                if (!cache) {
+                    rc = moe_layer_expert(x->m, l, e, x->eo, x->xn + off, (int)nt);
+                    if (rc < 0) break;
+                    if (x->work) {
+                        x->work->expert_tokens += nt;
+                        x->work->flops += expert_flops(c) * (double)nt;
+                    }
+                }
+                be->copy(x->cb, x->p + off, nt * H * sizeof(float));
+                be->axpy(x->cb, eo, w[e], nt * H);
+                if (last) moe_model_final_norm(x->m, x->cb, x->cb, (int)nt);
+                diverge(be, x->ss, x->o->metric, x->tgt + off, x->cb, t0, nt, H, x->d,
+                        acc + (size_t)e * x->ss->n);
+                if (x->work) x->work->div_tokens += nt;
+            }
+        }
+        if (rc < 0) break;
+        for (int e = 0; e < E; e++) {
+            sc[e] = ok[e] ? score_of(x->ss, acc + (size_t)e * x->ss->n) : NAN;
+            rl->cand[(size_t)pick * E + e] = sc[e];
+            if (ok[e] && x->work) x->work->candidates++;
+        }
+        int best = argmin(sc, ok, E);
+        if (best < 0) break;
+        rl->experts[rl->n] = best;
+        rl->scores[rl->n] = sc[best];
+        rl->n++;
+        ok[best] = 0;
+        /* P += w_best * Expert_best */
+        for (size_t t0 = 0; t0 < tot && rc == 0; t0 += chunk) {
+            size_t nt = tot - t0 < chunk ? tot - t0 : chunk;
+            size_t off = t0 * (size_t)H;
+            const float *eo = cache ? cache[best] + off : x->eo;
+            if (!cache) rc = moe_layer_expert(x->m, l, best, x->eo, x->xn + off, (int)nt);
+            if (rc == 0) be->axpy(x->p + off, eo, w[best], nt * H);
+        }
+    }
+    free(ok);
+    free(sc);
+    free(acc);
+    if (cache) {
+        for (int e = 0; e < E; e++) moe_model_free(x->m, cache[e]);
+        free(cache);
+    }
+    return rc;
+fail:
+    for (int e = 0; e < E; e++) moe_model_free(x->m, cache[e]);
+    free(cache);
+    return -1;
+}
+
+static int rank_fast(moe_model *m, const seqset *ss, const moe_calib *calib,
+                     const moe_search_opts *o, const int *sel, moe_ranking *out,
+                     moe_search_work *work) {
+    const moe_config *c = moe_model_config(m);
+    const moe_backend *be = moe_model_backend(m);
+    int L = c->num_layers, H = c->hidden_size, E = c->n_routed_experts;
+    size_t TH = ss->tot * (size_t)H;
+    int last_sel = -1;
+    for (int l = 0; l < L; l++)
+        if (sel[l]) last_sel = l;
+    float *X = moe_model_alloc(m, TH), *y = moe_model_alloc(m, TH);
+    rank_ctx x = {.m = m, .c = c, .be = be, .ss = ss, .o = o, .work = work};
+    x.xn = moe_model_alloc(m, TH);
+    x.tgt = moe_model_alloc(m, TH);
+    x.base = moe_model_alloc(m, TH);
+    x.p = moe_model_alloc(m, TH);
+    x.cb = moe_model_alloc(m, TH);
+    x.eo = moe_model_alloc(m, TH);
+    x.d = moe_malloc(sizeof(double) * (ss->tot + 1));
+    float *w = moe_malloc(sizeof(float) * (size_t)E);
+    int *routed = moe_malloc(sizeof(int) * (size_t)E);
+    int rc = embed_all(m, ss, X);
+    for (int l = 0; l <= last_sel && rc == 0; l++) {
+        for (int s = 0; s < ss->n && rc == 0; s++)
+            rc = moe_layer_attention(m, l, X + ss->off[s] * H, ss->seq[s].T);
+        if (rc == 0) rc = moe_layer_mlp_input(m, l, x.xn, X, (int)ss->tot);
+        if (rc == 0) rc = moe_layer_mlp_run(m, l, y, x.xn, (int)ss->tot, NULL, NULL);
+        if (work) {
+            work->layer_tokens += ss->tot;
+            work->flops += layer_flops(c, l) * (double)ss->tot;
+        }
+        if (rc == 0 && sel[l]) {
+            be->copy(x.tgt, X, TH * sizeof(float));
+            be->axpy(x.tgt, y, 1.0f, TH);
+            if (l == L - 1) moe_model_final_norm(m, x.tgt, x.tgt, (int)ss->tot);
+            rc = moe_layer_shared(m, l, x.base, x.xn, (int)ss->tot);
+            if (rc == 0) be->axpy(x.base, X, 1.0f, TH);
+            if (rc == 0) rc = layer_weights(calib, o, l, E, w, routed);
+            if (rc == 0) rc = rank_layer_fast(&x, l, w, routed, &out->layers[l]);
+        }
+        if (rc == 0) be->axpy(X, y, 1.0f, TH);
+        if (stream_weights(m)) moe_layer_unload(m, l);
+    }
+    moe_model_free(m, X);
+    moe_model_free(m, y);
+    moe_model_free(m, x.xn);
+    moe_model_free(m, x.tgt);
+    moe_model_free(m, x.base);
+    moe_model_free(m, x.p);
+    moe_model_free(m, x.cb);
+    moe_model_free(m, x.eo);
+    free(x.d);
+    free(w);
+    free(routed);
+    return rc;
+}
+
+/* ---- naive: the original literally ------------------------------------------------------------ */
+
+typedef struct {
+    moe_seq *seq;   /* copies of ss->seq with hidden buffers [L+1, T, H] */
+    float *hid;
+} fullrun;
+
+static void fullrun_init(fullrun *f, const seqset *ss, int L, int H) {
+    f->seq = moe_calloc((size_t)ss->n + 1, sizeof *f->seq);
+    f->hid = moe_malloc(sizeof(float) * (size_t)(L + 1) * ss->tot * H + 1);
+    size_t o = 0;
+    for (int s = 0; s < ss->n; s++) {
+        f->seq[s] = ss->seq[s];
+        f->seq[s].hidden = f->hid + o;
+        o += (size_t)(L + 1) * ss->seq[s].T * H;
+    }
+}
+
+static void fullrun_free(fullrun *f) {
+    free(f->seq);
+    free(f->hid);
+}
+
+/* hidden_states[i] of sequence s */
+static float *hid_of(const fullrun *f, int s, int i, int H) {
+    return f->seq[s].hidden + (size_t)i * f->seq[s].T * H;
+}
+
+/* Score hidden_states[i] of run b against run a (host memory). */
+static double score_runs(const moe_backend *be, const seqset *ss, const fullrun *a,
+                         const fullrun *b, int i, int H, int metric, moe_search_work *work) {
+    double *acc = moe_calloc((size_t)ss->n, sizeof(double));
+    double *d = moe_malloc(sizeof(double) * (ss->tot + 1));
+    for (int s = 0; s < ss->n; s++) {
+        int T = ss->seq[s].T;
+        be->divergence(d, hid_of(a, s, i, H), hid_of(b, s, i, H), metric, T, H);
+        for (int t = 0; t < T; t++) acc[s] += d[t];
+        if (work) work->div_tokens += (uint64_t)T;
+    }
+    double r = score_of(ss, acc);
+    free(acc);
+    free(d);
+    return r;
+}
+
+static int forward_full(moe_model *m, const seqset *ss, fullrun *f, moe_search_work *work) {
+    count_layers(work, moe_model_config(m), 0, ss->tot);
+    return moe_model_forward(m, f->seq, ss->n, 0, NULL, NULL);
+}
+
+static int rank_naive(moe_model *m, const seqset *ss, const moe_calib *calib,
+                      const moe_search_opts *o, const int *sel, moe_ranking *out,
+                      moe_search_work *work) {
+    const moe_config *c = moe_model_config(m);
+    const moe_backend *be = moe_model_backend(m);
+    int L = c->num_layers, H = c->hidden_size, E = c->n_routed_experts, K = o->max_experts;
+    fullrun orig, cand;
+    fullrun_init(&orig, ss, L, H);
+    fullrun_init(&cand, ss, L, H);
+    float *w = moe_malloc(sizeof(float) * (size_t)E), *ws = moe_malloc(sizeof(float) * (size_t)(K + 1));
+    int *routed = moe_malloc(sizeof(int) * (size_t)E), *ex = moe_malloc(sizeof(int) * (size_t)(K + 1));
+    double *sc = moe_malloc(sizeof(double) * (size_t)E);
+    int rc = forward_full(m, ss, &orig, work);
+    for (int l = 0; l < L && rc == 0; l++) {
+        if (!sel[l]) continue;
+        if ((rc = layer_weights(calib, o, l, E, w, routed)) < 0) break;
+        moe_rank_layer *rl = &out->layers[l];
+        rank_layer_alloc(rl, K, E, routed);
+        int *ok = moe_malloc(sizeof(int) * (size_t)E);
+        memcpy(ok, routed, sizeof(int) * (size_t)E);
+        for (int pick = 0; pick < K && rc == 0; pick++) {
+            int any = 0;
+            for (int e = 0; e < E; e++) {
+                sc[e] = NAN;
+                any |= ok[e];
+            }
+            if (!any) break;
+            for (int e = 0; e < E && rc == 0; e++) {
+                if (!ok[e]) continue;
+                for (int i = 0; i < rl->n; i++) {
+                    ex[i] = rl->experts[i];
+                    ws[i] = w[rl->experts[i]];
+                }
+                ex[rl->n] = e;
+                ws[rl->n] = w[e];
+                rc = moe_model_condense_layer(m, l, rl->n + 1, ex, ws);
+                if (rc == 0) rc = forward_full(m, ss, &cand, work);
+                moe_model_restore_layer(m, l);
+                if (rc == 0) sc[e] = score_runs(be, ss, &orig, &cand, l + 1, H, o->metric, work);
+                if (work) work->candidates++;
+            }
+            if (rc < 0) break;
+            for (int e = 0; e < E; e++) rl->cand[(size_t)pick * E + e] = sc[e];
+            int best = argmin(sc, ok, E);
+            if (best < 0) break;
+            rl->experts[rl->n] = best;
+            rl->scores[rl->n] = sc[best];
+            rl->n++;
+            ok[best] = 0;
+        }
+        free(ok);
+    }
+    fullrun_free(&orig);
+    fullrun_free(&cand);
+    free(w);
+    free(ws);
+    free(routed);
+    free(ex);
+    free(sc);
+    return rc;
+}
+
+int moe_rank_run(moe_model *m, const moe_seqs *s, const moe_calib *calib,
+                 const moe_search_opts *o, moe_ranking *out, moe_search_work *work) {
+    const moe_config *c = moe_model_config(m);
+    int L = c->num_layers, E = c->n_routed_experts;
+    double t0 = moe_now();
+    memset(out, 0, sizeof *out);
+    if (s->n == 0) {
+        moe_error_set(MOE_ERR_DATA, "no token sequences in the input (a 'tokens' stream is needed)");
+        return -1;
+    }
+    if (o->max_experts < 1 || o->max_experts > E) {
+        moe_error_set(MOE_ERR_DATA, "--max-experts %d: the model has %d routed experts per layer",
+                      o->max_experts, E);
+        return -1;
+    }
+    int *sel = moe_calloc((size_t)L, sizeof(int));
+    if (o->layers) {
+        for (int i = 0; i < o->n_layers; i++) {
+            int l = o->layers[i];
+            if (l < 0 || l >= L || !is_moe(c, l)) {
+                moe_error_set(MOE_ERR_DATA, "--layers: layer %d is not a routed MoE layer of the model",
+                              l);
+                free(sel);
+                return -1;
+            }
+            sel[l] = 1;
+        }
+    } else {
+        for (int l = 0; l < L; l++) sel[l] = is_moe(c, l);
+    }
+    for (int l = 0; l < L; l++)
+        if (sel[l] && (!calib->layers || !calib->layers[l].present)) {
+            moe_error_set(MOE_ERR_DATA,
+                          "no routing statistics for layer %d in the input (run moe-calib first)", l);
+            free(sel);
+            return -1;
+        }
+    out->L = L;
+    out->E = E;
+    out->metric = o->metric;
+    out->max_length = o->max_length;
+    out->layers = moe_calloc((size_t)L, sizeof *out->layers);
+    seqset ss;
+    seqset_init(&ss, s, o->max_length);
+    int rc = o->naive ? rank_naive(m, &ss, calib, o, sel, out, work)
+                      : rank_fast(m, &ss, calib, o, sel, out, work);
+    seqset_free(&ss);
+    free(sel);
+    if (work) work->seconds += moe_now() - t0;
+    if (rc < 0) moe_ranking_free(out);
+    return rc;
+}
+
+/* ---- layer search ---------------------------------------------------------------------------- */
+
+typedef struct {
+    int n;
+    int *set;       /* decoder layers condensed, in pick order */
+    float **cache;  /* fast: [L+1] inputs of every layer (cache[L]: final output) */
+} beam_t;
+
+typedef struct {
+    int beam, cand;
+    double score;
+    size_t seq;     /* position in the scoring order, for a stable sort */
+} trial_t;
+
+static int trial_cmp(const void *a, const void *b) {
+    const trial_t *x = a, *y = b;
+    int xn = isnan(x->score), yn = isnan(y->score);
+    if (xn != yn) return xn - yn;   /* NaN last */
+    if (!xn && x->score != y->score) return x->score < y->score ? -1 : 1;
+    return x->seq < y->seq ? -1 : x->seq > y->seq;
+}
+
+/* Condense exactly the layers of `set` (+ extra if >= 0); restore all others. */
+static int apply_set(moe_model *m, const int *set, int n, int extra, int **ex, float **ws,
+                     const int *kk) {
+    const moe_config *c = moe_model_config(m);
+    for (int l = 0; l < c->num_layers; l++) {
+        int in = l == extra;
+        for (int i = 0; i < n && !in; i++) in = set[i] == l;
+        if (in) {
+            if (moe_model_layer_kind(m, l) != MOE_MLP_CONDENSED &&
+                moe_model_condense_layer(m, l, kk[l], ex[l], ws[l]) < 0)
+                return -1;
+        } else if (is_moe(c, l) && moe_model_layer_kind(m, l) == MOE_MLP_CONDENSED) {
+            moe_model_restore_layer(m, l);
+        }
+    }
+    return 0;
+}
+
+static void restore_all(moe_model *m) {
+    const moe_config *c = moe_model_config(m);
+    for (int l = 0; l < c->num_layers; l++)
+        if (is_moe(c, l)) moe_model_restore_layer(m, l);
+}
+
+int moe_layer_search_run(moe_model *m, const moe_seqs *s, const moe_calib *calib,
+                         const moe_ranking *ranking, const moe_search_opts *o, moe_plan *out,
+                         moe_search_work *work) {
+    const moe_config *c = moe_model_config(m);
+    const moe_backend *be = moe_model_backend(m);
+    int L = c->num_layers, H = c->hidden_size, E = c->n_routed_experts, k = o->k;
+    double t0 = moe_now();
+    memset(out, 0, sizeof *out);
+    if (s->n == 0) {
+        moe_error_set(MOE_ERR_DATA, "no token sequences in the input (a 'tokens' stream is needed)");
+        return -1;
+    }
+    if (k < 0 || k > E) {
+        moe_error_set(MOE_ERR_DATA, "--experts %d: the model has %d routed experts per layer", k, E);
+        return -1;
+    }
+    int nmoe = 0;
+    int *moel = moe_malloc(sizeof(int) * (size_t)(L + 1));
+    for (int l = 0; l < L; l++)
+        if (is_moe(c, l)) moel[nmoe++] = l;
+    int N = o->max_layers > 0 && o->max_layers < nmoe ? o->max_layers : nmoe;
+    int B = o->beam > 0 ? o->beam : 1;
+    /* the condensed form of every MoE layer: first k ranked experts, mean weights */
+    int **ex = moe_calloc((size_t)L, sizeof(int *));
+    float **ws = moe_calloc((size_t)L, sizeof(float *));
+    int *kk = moe_calloc((size_t)L, sizeof(int));
+    float *w = moe_malloc(sizeof(float) * (size_t)E);
+    int *routed = moe_malloc(sizeof(int) * (size_t)E);
+    int rc = 0;
+    for (int i = 0; i < nmoe && rc == 0; i++) {
+        int l = moel[i];
+        ex[l] = moe_malloc(sizeof(int) * (size_t)(k + 1));
+        ws[l] = moe_malloc(sizeof(float) * (size_t)(k + 1));
+        kk[l] = k;
+        if (k == 0) continue;
+        const moe_rank_layer *rl = ranking && ranking->layers ? &ranking->layers[l] : NULL;
+        if (!rl || !rl->present) {
+            moe_error_set(MOE_ERR_DATA,
+                          "no expert ranking for layer %d in the input (run moe-expert-rank, or "
+                          "moe-merge the shards)", l);
+            rc = -1;
+            break;
+        }
+        if (rl->n < k) {
+            moe_error_set(MOE_ERR_DATA, "layer %d: the ranking has %d experts, --experts %d", l,
+                          rl->n, k);
+            rc = -1;
+            break;
+        }
+        if ((rc = layer_weights(calib, o, l, E, w, routed)) < 0) break;
+        for (int j = 0; j < k; j++) {
+            int e = rl->experts[j];
+            if (!routed[e]) {
+                moe_error_set(MOE_ERR_DATA, "layer %d: ranked expert %d has no mean weight", l, e);
+                rc = -1;
+                break;
+            }
+            ex[l][j] = e;
+            ws[l][j] = w[e];
+        }
+    }
+    out->k = k;
+    out->L = L;
+    out->beam = B;
+    out->metric = o->metric;
+    out->max_length = o->max_length;
+    out->order = moe_malloc(sizeof(int) * (size_t)(N + 1));
+    out->scores = moe_malloc(sizeof(double) * (size_t)(N + 1));
+    if (B == 1) {
+        out->cand = moe_malloc(sizeof(double) * (size_t)(N + 1) * L);
+        for (size_t i = 0; i < (size_t)(N + 1) * L; i++) out->cand[i] = NAN;
+    }
+
+    seqset ss;
+    seqset_init(&ss, s, o->max_length);
+    size_t TH = ss.tot * (size_t)H;
+    double *acc = moe_malloc(sizeof(double) * (size_t)ss.n);
+    double *d = moe_malloc(sizeof(double) * (ss.tot + 1));
+    float *X = moe_model_alloc(m, TH), *xn = moe_model_alloc(m, TH), *y = moe_model_alloc(m, TH);
+    float *tgt = moe_model_alloc(m, TH);
+    fullrun orig = {0}, cand = {0};
+    beam_t *beams = moe_calloc((size_t)B, sizeof *beams), *nb = moe_calloc((size_t)B, sizeof *nb);
+    int nbeams = 1;
+    trial_t *trials = moe_malloc(sizeof(trial_t) * (size_t)B * (nmoe + 1));
+
+    /* the original model's final output; the first beam's cache */
+    restore_all(m);
+    if (rc == 0 && !o->naive) {
+        beams[0].cache = moe_calloc((size_t)L + 1, sizeof(float *));
+        for (int l = 0; l <= L; l++) beams[0].cache[l] = moe_model_alloc(m, TH);
+        rc = embed_all(m, &ss, X);
+        if (rc == 0) rc = run_layers(m, &ss, 0, X, beams[0].cache, xn, y);
+        count_layers(work, c, 0, ss.tot);
+        if (rc == 0) be->copy(tgt, X, TH * sizeof(float));
+    } else if (rc == 0) {
+        fullrun_init(&orig, &ss, L, H);
+        fullrun_init(&cand, &ss, L, H);
+        rc = forward_full(m, &ss, &orig, work);
+    }
+    beams[0].set = moe_malloc(sizeof(int) * (size_t)(N + 1));
+
+    for (int step = 0; step < N && rc == 0; step++) {
+        int nt = 0;
+        for (int b = 0; b < nbeams && rc == 0; b++) {
+            for (int i = 0; i < nmoe && rc == 0; i++) {
+                int l = moel[i], used = 0;
+                for (int j = 0; j < beams[b].n; j++) used |= beams[b].set[j] == l;
+                if (used) continue;
+                double sc;
+                rc = apply_set(m, beams[b].set, beams[b].n, l, ex, ws, kk);
+                if (rc < 0) break;
+                if (o->naive) {
+                    rc = forward_full(m, &ss, &cand, work);
+                    if (rc < 0) break;
+                    sc = score_runs(be, &ss, &orig, &cand, L, H, o->metric, work);
+                } else {
+                    be->copy(X, beams[b].cache[l], TH * sizeof(float));
+                    rc = run_layers(m, &ss, l, X, NULL, xn, y);
+                    if (rc < 0) break;
+                    count_layers(work, c, l, ss.tot);
+                    memset(acc, 0, sizeof(double) * (size_t)ss.n);
+                    diverge(be, &ss, o->metric, tgt, X, 0, ss.tot, H, d, acc);
+                    if (work) work->div_tokens += ss.tot;
+                    sc = score_of(&ss, acc);
+                }
+                if (work) work->candidates++;
+                if (B == 1) out->cand[(size_t)step * L + l] = sc;
+                trials[nt] = (trial_t){b, l, sc, (size_t)nt};
+                nt++;
+            }
+        }
+        if (rc < 0) break;
+        if (nt == 0) break;
+        qsort(trials, (size_t)nt, sizeof *trials, trial_cmp);
+        int nn = nt < B ? nt : B;
+        for (int j = 0; j < nn && rc == 0; j++) {
+            const beam_t *p = &beams[trials[j].beam];
+            int cl = trials[j].cand;
+            nb[j].n = p->n + 1;
+            nb[j].set = moe_malloc(sizeof(int) * (size_t)(N + 1));
+            memcpy(nb[j].set, p->set, sizeof(int) * (size_t)p->n);
+            nb[j].set[p->n] = cl;
+            if (!o->naive && step + 1 < N) {
+                nb[j].cache = moe_calloc((size_t)L + 1, sizeof(float *));
+                for (int l = 0; l <= L; l++) {
+                    nb[j].cache[l] = moe_model_alloc(m, TH);
+                    if (l <= cl) be->copy(nb[j].cache[l], p->cache[l], TH * sizeof(float));
+                }
+                rc = apply_set(m, nb[j].set, nb[j].n, -1, ex, ws, kk);
+                if (rc == 0) {
+                    be->copy(X, p->cache[cl], TH * sizeof(float));
+                    rc = run_layers(m, &ss, cl, X, nb[j].cache, xn, y);
+                    count_layers(work, c, cl, ss.tot);
+                }
+            }
+        }
+        out->order[step] = nb[0].set[nb[0].n - 1];
+        out->scores[step] = trials[0].score;
+        out->n = step + 1;
+        for (int b = 0; b < nbeams; b++) {
+            free(beams[b].set);
+            if (beams[b].cache) {
+                for (int l = 0; l <= L; l++) moe_model_free(m, beams[b].cache[l]);
+                free(beams[b].cache);
+            }
+        }
+        memcpy(beams, nb, sizeof *beams * (size_t)nn);
+        memset(nb, 0, sizeof *nb * (size_t)B);
+        nbeams = nn;
+    }
+    /* the order is the best beam's set */
+    if (rc == 0 && out->n > 0) memcpy(out->order, beams[0].set, sizeof(int) * (size_t)out->n);
+    restore_all(m);
+    for (int b = 0; b < nbeams; b++) {
+        free(beams[b].set);
+        if (beams[b].cache) {
+            for (int l = 0; l <= L; l++) moe_model_free(m, beams[b].cache[l]);
+            free(beams[b].cache);
+        }
+    }
+    free(beams);
+    free(nb);
+    free(trials);
+    if (orig.seq) fullrun_free(&orig);
+    if (cand.seq) fullrun_free(&cand);
+    moe_model_free(m, X);
+    moe_model_free(m, xn);
+    moe_model_free(m, y);
+    moe_model_free(m, tgt);
+    free(acc);
+    free(d);
+    seqset_free(&ss);
+    for (int l = 0; l < L; l++) {
+        free(ex[l]);
+        free(ws[l]);
+    }
+    free(ex);
+    free(ws);
+    free(kk);
+    free(w);
+    free(routed);
+    free(moel);
+    if (work) work->seconds += moe_now() - t0;
+    if (rc < 0) moe_plan_free(out);
+    return rc;
+}

@@ -1,0 +1,195 @@
+/* search.h - CD-MoE steps 1 and 2: routing statistics (calibration), greedy
+ * expert ranking per MoE layer, greedy search of the layers to condense.
+ *
+ * What is computed is the original CD-MoE algorithm (duterscmy/CD-MoE), as
+ * described in tests/ref/CDMOE_ALGORITHM.md and implemented literally by the
+ * Python reference tests/ref/cdmoe_reference.py; layers are identified by
+ * their decoder-layer index everywhere (not by the original's MoE ordinal).
+ *
+ * Calibration (moe_calib_run): for every MoE layer and routed expert, the sum
+ * of the top-k weights the router gave it over all tokens (after
+ * renormalisation only where the model renormalises), the number of tokens
+ * routed to it, their ratio (mean weight); per layer the mean routing entropy
+ * (nats, full softmax) and each expert's load = count / (tokens * top_k).
+ * Layer-major: all tokens through one layer before the next.  Sums in double,
+ * tokens in stream order, so the result does not depend on batching.
+ *
+ * Expert ranking (moe_rank_run): for each MoE layer l independently, pick
+ * routed experts greedily; candidate set S scored by condensing only layer l
+ * (y = sum_{e in S} mean_e * Expert_e(x) + Shared(x), no router, every token)
+ * and measuring the divergence between the original and the condensed output
+ * of layer l (hidden_states[l+1]; after the final norm for the last layer),
+ * per token over the hidden dimension, averaged over the tokens of a
+ * sequence, then over sequences.  Lowest score wins; on equal scores the
+ * lowest expert id.  Experts calibration never routed to have no mean weight:
+ * they are left out of the candidates (and listed in the record).
+ *   fast:  one layer-major pass; at layer l the MLP input xn and the residual
+ *          h are known for all tokens, so a candidate costs one expert
+ *          evaluation (cached), one weighted sum and one divergence.  Expert
+ *          outputs are cached for all tokens when they fit in mem_bytes,
+ *          otherwise recomputed per token chunk at every pick.
+ *   naive: the original literally: a full model forward per candidate.
+ *
+ * Layer search (moe_layer_search_run): greedy (beam) search over MoE layers,
+ * each condensed with the first k experts of its ranking; a candidate scored
+ * by the divergence of the final hidden state (after the final norm).
+ * Candidates in ascending layer order; stable sort by score, the first `beam`
+ * kept.
+ *   fast:  the hidden states of the current best model are cached; a
+ *          candidate that adds layer c restarts at layer c from the cached
+ *          state instead of layer 0.
+ *   naive: a full model forward per candidate.
+ *
+ * Sequences longer than max_length are truncated to their first max_length
+ * tokens for ranking and search (0 = no truncation); calibration uses them
+ * whole unless told otherwise (the original's protocol).
+ *
+ * Library rules: nothing printed, errors through moe_error_set(). */
+#ifndef MOE_SEARCH_H
+#define MOE_SEARCH_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "model.h"
+#include "stream.h"
+
+/* Record types and keys (see moe-calib(1), moe-expert-rank(1), moe-layer-search(1)). */
+#define MOE_REC_TOKENS "tokens"   /* {"index": i, "ids": i32[T]} from moe-tokenize */
+#define MOE_REC_CALIB "calib"
+#define MOE_REC_RANKING "ranking"
+#define MOE_REC_PLAN "plan"
+
+/* ---- token sequences ------------------------------------------------------ */
+
+typedef struct {
+    int n;
+    int32_t **ids; /* [n][len[i]] */
+    int *len;
+    int64_t *sample;
+} moe_seqs;
+
+void moe_seqs_free(moe_seqs *s);
+
+/* ---- results ---------------------------------------------------------------- */
+
+typedef struct {
+    int present;
+    int64_t tokens;
+    double *sum;     /* [E] */
+    int64_t *count;  /* [E] */
+    double *mean;    /* [E]; NaN where count == 0 (never routed) */
+    double entropy;  /* mean over tokens of the routing entropy, nats */
+    double *load;    /* [E] */
+} moe_calib_layer;
+
+typedef struct {
+    int L, E, K;               /* decoder layers, routed experts, top-k */
+    moe_calib_layer *layers;   /* [L]; present only for MoE layers */
+} moe_calib;
+
+typedef struct {
+    int present;
+    int n;              /* experts picked */
+    int *experts;       /* [n] in pick order */
+    double *scores;     /* [n] score after each pick */
+    double *cand;       /* [n * E] every candidate's score per pick; NaN = not a candidate */
+    int n_unrouted;
+    int *unrouted;      /* experts left out: never routed in calibration */
+} moe_rank_layer;
+
+typedef struct {
+    int L, E;
+    int metric, max_length;
+    moe_rank_layer *layers; /* [L] */
+} moe_ranking;
+
+typedef struct {
+    int k;              /* routed experts kept per condensed layer */
+    int n;              /* layers in the order */
+    int *order;         /* [n] decoder-layer indices, greedy order */
+    double *scores;     /* [n] score after each step */
+    int L;
+    double *cand;       /* [n * L] candidates' scores per step (beam 1); NaN = not a candidate */
+    int beam, metric, max_length;
+} moe_plan;
+
+/* Work done, reported in provenance/stderr. */
+typedef struct {
+    uint64_t layer_tokens;   /* decoder-layer evaluations x tokens */
+    uint64_t expert_tokens;  /* single routed-expert evaluations x tokens */
+    uint64_t div_tokens;     /* per-token divergences */
+    uint64_t candidates;     /* candidates scored */
+    double flops;            /* matmul flops of the above (2 per multiply-add) */
+    double seconds;
+} moe_search_work;
+
+/* A mean weight supplied by the user (for an expert calibration never routed to). */
+typedef struct {
+    int layer, expert;
+    float weight;
+} moe_weight_override;
+
+typedef struct {
+    int metric;              /* MOE_DIV_* */
+    int max_length;          /* truncation for ranking/search; 0 = none */
+    int naive;
+    size_t mem_bytes;        /* expert-output cache budget (fast ranking); 0 = 1 GiB */
+    const int *layers;       /* restrict ranking to these decoder layers (NULL = all MoE) */
+    int n_layers;
+    int max_experts;         /* ranking: picks per layer */
+    int k;                   /* layer search: experts per condensed layer */
+    int max_layers;          /* layer search: length of the order (0 = all MoE layers) */
+    int beam;                /* layer search: beam width (>= 1) */
+    const moe_weight_override *weights; /* replace / supply mean weights */
+    int n_weights;
+} moe_search_opts;
+
+/* metric names "js", "kl", "mse", "cosine" <-> MOE_DIV_*; -1 if unknown */
+int moe_metric_from_name(const char *s);
+const char *moe_metric_name(int metric);
+
+/* ---- reading a stream's inputs ---------------------------------------------- */
+
+/* Read every record of r, copying each to w (if not NULL), collecting the
+ * token sequences, calib and ranking records it finds (any of seqs, calib,
+ * ranking may be NULL: those records are only copied).  L, E: the model's
+ * layer and expert counts (checked against the records).  0 or -1. */
+int moe_search_collect(moe_reader *r, moe_writer *w, int L, int E, moe_seqs *seqs,
+                       moe_calib *calib, moe_ranking *ranking);
+
+/* ---- the algorithms ------------------------------------------------------------- */
+
+/* batch_tokens: run the sequences in groups of at most this many tokens (a
+ * longer sequence alone), each group layer-major; 0 = all at once.  The
+ * result does not depend on it (bit for bit). */
+int moe_calib_run(moe_model *m, const moe_seqs *s, int max_length, size_t batch_tokens,
+                  moe_calib *out, moe_search_work *work);
+int moe_rank_run(moe_model *m, const moe_seqs *s, const moe_calib *calib,
+                 const moe_search_opts *o, moe_ranking *out, moe_search_work *work);
+int moe_layer_search_run(moe_model *m, const moe_seqs *s, const moe_calib *calib,
+                         const moe_ranking *ranking, const moe_search_opts *o, moe_plan *out,
+                         moe_search_work *work);
+
+/* ---- records ---------------------------------------------------------------------- */
+
+int moe_calib_write(moe_writer *w, const moe_calib *c);
+int moe_ranking_write(moe_writer *w, const moe_ranking *r);
+int moe_plan_write(moe_writer *w, const moe_plan *p);
+
+/* One line describing the work done ("12 layer-tokens, ... , 1.2 GFLOP, 0.3 s"). */
+void moe_search_work_str(const moe_search_work *w, char *buf, size_t n);
+/* A "work" record: the counts of w (no timings, so outputs stay byte-stable). */
+int moe_search_work_write(moe_writer *w, const char *tool, const moe_search_work *work);
+
+/* Parse "L:E=W" (decoder layer, expert, weight); -1 on bad syntax. */
+int moe_parse_weight(const char *s, moe_weight_override *w);
+
+/* Parse "1,3,5-9" into decoder-layer indices (malloc'd, *n set); -1 on bad syntax. */
+int moe_parse_layer_list(const char *s, int **out, int *n);
+
+void moe_calib_free(moe_calib *c);
+void moe_ranking_free(moe_ranking *r);
+void moe_plan_free(moe_plan *p);
+
+#endif

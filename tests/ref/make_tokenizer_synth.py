@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""Small tokenizers of our own that exercise the parts of the pipeline the real files in
+../shared do not: byte_fallback BPE with a Llama-style normalizer and decoder, Metaspace,
+unk/fuse_unk, subword prefix/suffix, every Split behaviour and invert, Digits, NFKC/NFD,
+Lowercase, Strip, lstrip/rstrip/single_word added tokens, TemplateProcessing with BOS+EOS,
+RobertaProcessing.  Trained with `tokenizers` on our stress texts (texts.jsonl, made by
+make_tokenizer_golden.py) and written with their golden vectors to
+tests/fixtures/tokenizer/synth-<name>/{tokenizer.json,golden.jsonl}.  No shared files needed.
+"""
+import json
+import os
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+from tokenizers import processors, trainers
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FIX = os.path.join(HERE, "..", "fixtures", "tokenizer")
+ENGLISH = """Once upon a time there was a little fox who lived in the forest. Every morning the fox
+ran to the river, drank some water and looked at the clouds. "What a beautiful day!" she said.
+The numbers 1, 22, 333 and 4444 are written in the book; prices were $3.50 and 12.5%.
+Tokenizers split text into words, numbers and punctuation before the merges are applied.
+"""
+
+
+def texts():
+    t = [json.loads(l)["text"] for l in open(os.path.join(FIX, "texts.jsonl"), encoding="utf-8")]
+    return t + ENGLISH.split("\n") + ["low lower lowest newer wider", "ab-cd,ef.gh 12-34,56.78"]
+
+
+def llama():
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tr = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], limit_alphabet=60,
+                             show_progress=False)
+    return tok, tr, "<s> $A </s>", [("<s>", 1), ("</s>", 2)], True
+
+
+def meta():
+    tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True, continuing_subword_prefix="##",
+                               end_of_word_suffix="</w>"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex("[,;]"), "merged_with_previous"),
+        pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=True)])
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tr = trainers.BpeTrainer(vocab_size=350, special_tokens=["<unk>", "<bos>", "<eos>"], limit_alphabet=50,
+                             continuing_subword_prefix="##", end_of_word_suffix="</w>", show_progress=False)
+    return tok, tr, "<bos> $A <eos>", [("<bos>", 1), ("<eos>", 2)], False
+
+
+def split():
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.Sequence([normalizers.Strip(), normalizers.NFD()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split("-", "removed"),
+        pre_tokenizers.Split(Regex("[,.]"), "merged_with_next"),
+        pre_tokenizers.Split(Regex("[aeiou]+"), "contiguous", invert=True),
+        pre_tokenizers.Split(Regex("\\s"), "isolated", invert=True),
+        pre_tokenizers.Digits(individual_digits=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=True, use_regex=True)])
+    tok.decoder = decoders.ByteLevel()
+    tr = trainers.BpeTrainer(vocab_size=500, special_tokens=["<cls>", "<sep>"],
+                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    return tok, tr, None, None, False
+
+
+def finish(name, tok, tr, template, specials, byte_tokens):
+    tok.train_from_iterator(texts(), tr)
+    if byte_tokens:   # Llama-style <0xXX> entries in the model vocabulary
+        j = json.loads(tok.to_str())
+        v = j["model"]["vocab"]
+        for b in range(256):
+            v.setdefault("<0x%02X>" % b, len(v))
+        tok = Tokenizer.from_str(json.dumps(j))
+    tok.add_tokens([AddedToken("[lstrip]", lstrip=True), AddedToken("[rstrip]", rstrip=True),
+                    AddedToken("word", single_word=True), AddedToken("<|raw|>", normalized=False)])
+    tok.add_special_tokens(["<|special|>"])
+    if template:
+        tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=specials)
+    else:
+        tok.post_processor = processors.RobertaProcessing(("<sep>", tok.token_to_id("<sep>")),
+                                                          ("<cls>", tok.token_to_id("<cls>")))
+    d = os.path.join(FIX, "synth-" + name)
+    os.makedirs(d, exist_ok=True)
+    tok.save(os.path.join(d, "tokenizer.json"))
+    extra = ["a [lstrip] b", "a   [lstrip]b", "a[rstrip]   b", "word words sword word_ word-word word",
+             "x<|raw|>y <|special|>z", "ПРИВЕТ Ｆｕｌｌ ﬁ ǅ", "a,b;c, d ;e", "  trailing  ", "-a-b-", "x" * 50]
+    with open(os.path.join(d, "golden.jsonl"), "w", encoding="utf-8") as f:
+        for i, s in enumerate(texts() + extra):
+            ids = tok.encode(s, add_special_tokens=False).ids
+            rec = {"i": i, "text": s, "ids": ids, "ids_special": tok.encode(s).ids,
+                   "decoded": tok.decode(ids, skip_special_tokens=False),
+                   "decoded_skip": tok.decode(tok.encode(s).ids, skip_special_tokens=True)}
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    print("wrote synth-%s (%d ids)" % (name, tok.get_vocab_size()))
+
+
+def main():
+    for name, fn in [("llama", llama), ("meta", meta), ("split", split)]:
+        finish(name, *fn())
+
+
+if __name__ == "__main__":
+    main()

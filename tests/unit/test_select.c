@@ -1,0 +1,86 @@
+/* test_select.c - run-time backend selection (--device) on any machine:
+ * explicit cpu, unknown names, and "cuda" when no GPU is visible (or the
+ * build has none) giving a device error, never a silent fallback. */
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <cmocka.h>
+
+#include <string.h>
+
+#include "backend_cuda.h"
+#include "common.h"
+#include "device.h"
+#include "kernels.h"
+
+static int have_gpu(void) { return moe_device_cuda_built() && moe_device_cuda_count(NULL, 0) > 0; }
+
+static void test_cpu(void **state) {
+    (void)state;
+    assert_ptr_equal(moe_backend_select("cpu"), moe_backend_cpu());
+    assert_ptr_equal(moe_backend_select("cpu-ref"), moe_backend_cpu_ref());
+    assert_int_equal(moe_backend_status(moe_backend_cpu()), 0);
+}
+
+static void test_unknown(void **state) {
+    (void)state;
+    moe_error_clear();
+    assert_null(moe_backend_select("tpu"));
+    assert_int_equal(moe_error_kind(), MOE_ERR_DATA);
+    assert_non_null(strstr(moe_error(), "tpu"));
+}
+
+static void test_default(void **state) {
+    (void)state;
+    const moe_backend *b = moe_backend_select(NULL);
+    assert_non_null(b);
+    assert_string_equal(b->name, have_gpu() ? "cuda" : "cpu");
+    assert_ptr_equal(moe_backend_select(""), b);
+}
+
+static void test_cuda_unavailable(void **state) {
+    (void)state;
+    if (have_gpu()) skip();
+    moe_error_clear();
+    assert_null(moe_backend_select("cuda"));
+    assert_int_equal(moe_error_kind(), MOE_ERR_DEVICE); /* exit code 4 through moe_cli_fail */
+    assert_non_null(strstr(moe_error(), "--device cuda"));
+    moe_error_clear();
+    assert_null(moe_backend_cuda());
+    assert_int_equal(moe_error_kind(), MOE_ERR_DEVICE);
+}
+
+/* the grouped GEMM helper on the CPU: a loop of matmul, same bytes */
+static void test_matmul_grouped_cpu(void **state) {
+    (void)state;
+    const moe_backend *b = moe_backend_cpu();
+    enum { G = 4, K = 19, N = 7 };
+    int32_t off[G + 1] = {0, 2, 2, 9, 10};
+    float x[10 * K], y[10 * N], want[10 * N], w[G][N * K];
+    const void *wp[G];
+    for (int i = 0; i < 10 * K; i++) x[i] = (float)((i * 37) % 11) - 5.0f;
+    for (int g = 0; g < G; g++) {
+        for (int i = 0; i < N * K; i++) w[g][i] = (float)((i * 13 + g) % 7) - 3.0f;
+        wp[g] = w[g];
+    }
+    for (int acc = 0; acc <= 1; acc++) {
+        for (int i = 0; i < 10 * N; i++) y[i] = want[i] = (float)i;
+        for (int g = 0; g < G; g++)
+            if (off[g + 1] > off[g])
+                b->matmul(want + off[g] * N, x + off[g] * K, w[g], NULL, off[g + 1] - off[g], K, N,
+                          acc);
+        moe_backend_matmul_grouped(b, y, x, wp, off, G, K, N, acc);
+        assert_memory_equal(y, want, sizeof y);
+    }
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_cpu),
+        cmocka_unit_test(test_unknown),
+        cmocka_unit_test(test_default),
+        cmocka_unit_test(test_cuda_unavailable),
+        cmocka_unit_test(test_matmul_grouped_cpu),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

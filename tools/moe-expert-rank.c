@@ -1,0 +1,150 @@
+/* moe-expert-rank - CD-MoE step 2a: greedy expert ranking per MoE layer. */
+#include "cli.h"
+#include "kernels.h"
+#include "search.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+
+static const char help[] =
+    "Usage: moe-expert-rank --model DIR [OPTIONS] [STREAM|-] > ranked.msgpack.zst\n"
+    "For every MoE layer independently, pick routed experts greedily, as the original\n"
+    "CD-MoE does: a candidate set is scored by condensing only this layer (shared\n"
+    "experts + the candidates, each times its mean routing weight from moe-calib, no\n"
+    "router, every token) and measuring the divergence between the original and the\n"
+    "condensed output of that decoder layer (after the final norm for the last layer),\n"
+    "per token over the hidden dimension, averaged over a sequence's tokens, then\n"
+    "over sequences.  Lowest score wins; ties go to the lowest expert id.  Experts\n"
+    "that calibration never routed to have no mean weight and are left out (listed in\n"
+    "the record).  Appends one 'ranking' record per layer (keyed by decoder-layer\n"
+    "index: experts in pick order, score after each pick, every candidate's score).\n"
+    "STREAM needs token and calib records (moe-tokenize | moe-calib).\n"
+    "\n"
+    "  --model DIR         Hugging Face checkpoint directory (required)\n"
+    "  --max-experts K     experts to rank per layer (default: the model's top-k)\n"
+    "  --metric M          js (default, the original), kl, mse or cosine\n"
+    "  --layers LIST       only these decoder layers, e.g. 1-9,12 (shards merge with\n"
+    "                      moe-merge)\n"
+    "  --max-length N      truncate sequences to N tokens for the search (default 256,\n"
+    "                      the original's; 0 = none)\n"
+    "  --mem-mib N         expert-output cache (default 1024).  The fast path keeps\n"
+    "                      ~7 x tokens x hidden floats plus, when it fits in the cache,\n"
+    "                      every candidate expert's output for all tokens (experts x\n"
+    "                      tokens x hidden floats); otherwise it recomputes expert\n"
+    "                      outputs per token chunk at every pick.\n"
+    "  --weight L:E=W     use W as the mean weight of expert E of decoder layer L\n"
+    "                     (repeatable; e.g. for an expert calibration never routed to)\n"
+    "  --naive             run the original algorithm literally (a full model forward\n"
+    "                      per candidate; small models only)\n"
+    "  -o, --output FILE   write here instead of standard output\n";
+
+enum { OPT_WEIGHT = 100, OPT_MODEL = 1, OPT_MAXEXP, OPT_METRIC, OPT_LAYERS, OPT_MAXLEN, OPT_MEM, OPT_NAIVE };
+
+int main(int argc, char **argv) {
+    moe_cli_init("moe-expert-rank", help, argc, argv);
+    static const struct option opts[] = {{"model", required_argument, 0, OPT_MODEL},
+                                         {"max-experts", required_argument, 0, OPT_MAXEXP},
+                                         {"metric", required_argument, 0, OPT_METRIC},
+                                         {"layers", required_argument, 0, OPT_LAYERS},
+                                         {"max-length", required_argument, 0, OPT_MAXLEN},
+                                         {"mem-mib", required_argument, 0, OPT_MEM},
+                                         {"naive", no_argument, 0, OPT_NAIVE},
+                                         {"weight", required_argument, 0, OPT_WEIGHT},
+                                         {"output", required_argument, 0, 'o'},
+                                         MOE_CLI_COMMON_OPTIONS,
+                                         {0, 0, 0, 0}};
+    const char *model = NULL, *out = "-";
+    moe_search_opts o = {.metric = 0, .max_length = 256, .max_experts = -1};
+    int c;
+    moe_weight_override *weights = NULL;
+    int nweights = 0;
+    int *layers = NULL, nlayers = 0;
+    while ((c = getopt_long(argc, argv, ":o:", opts, NULL)) != -1) {
+        if (moe_cli_handle(c, optarg)) continue;
+        switch (c) {
+        case OPT_MODEL: model = optarg; break;
+        case OPT_MAXEXP: o.max_experts = (int)moe_cli_long("--max-experts", optarg, 1, 1 << 20); break;
+        case OPT_METRIC:
+            if ((o.metric = moe_metric_from_name(optarg)) < 0)
+                moe_cli_usage("--metric: expected js, kl, mse or cosine, got '%s'", optarg);
+            break;
+        case OPT_LAYERS:
+            free(layers);
+            if (moe_parse_layer_list(optarg, &layers, &nlayers) < 0)
+                moe_cli_usage("--layers: expected a list like 1,3,5-9, got '%s'", optarg);
+            break;
+        case OPT_MAXLEN: o.max_length = (int)moe_cli_long("--max-length", optarg, 0, 1 << 30); break;
+        case OPT_MEM:
+            o.mem_bytes = (size_t)moe_cli_long("--mem-mib", optarg, 1, 1 << 24) << 20;
+            break;
+        case OPT_NAIVE: o.naive = 1; break;
+        case OPT_WEIGHT:
+            weights = realloc(weights, sizeof *weights * (size_t)(nweights + 1));
+            if (!weights || moe_parse_weight(optarg, &weights[nweights]) < 0)
+                moe_cli_usage("--weight: expected LAYER:EXPERT=WEIGHT, got '%s'", optarg);
+            nweights++;
+            break;
+        case 'o': out = optarg; break;
+        default: moe_cli_usage("unknown option or missing argument");
+        }
+    }
+    if (!model) moe_cli_usage("--model DIR is required");
+    if (argc - optind > 1) moe_cli_usage("one input stream at most");
+    const char *in = optind < argc ? argv[optind] : "-";
+    if (moe_cli.threads) moe_kernels_set_threads(moe_cli.threads);
+    o.layers = layers;
+    o.n_layers = nlayers;
+
+    o.weights = weights;
+    o.n_weights = nweights;
+    moe_model_opts mo = {.device = moe_cli.device};
+    moe_model *m = moe_model_open(model, &mo);
+    if (!m) moe_cli_fail();
+    const moe_config *cfg = moe_model_config(m);
+    if (o.max_experts < 0) o.max_experts = cfg->top_k;
+    if (o.max_experts > cfg->n_routed_experts)
+        moe_cli_usage("--max-experts %d: the model has %d routed experts per layer", o.max_experts,
+                      cfg->n_routed_experts);
+    moe_reader *r = moe_reader_open(in);
+    if (!r) moe_cli_fail();
+    if (moe_reader_require_kind(r, "tokens", "make it with moe-tokenize") < 0 ||
+        moe_reader_require_kind(r, "calib", "make it with moe-calib") < 0 ||
+        moe_reader_check_model(r, moe_model_fingerprint(m), moe_cli.force) < 0)
+        moe_cli_fail();
+    moe_provenance prov = {"moe-expert-rank", argc, argv, moe_model_fingerprint(m), "ranking"};
+    moe_writer *w = moe_writer_open(out, moe_reader_header(r), &prov, moe_cli.no_provenance);
+    if (!w) moe_cli_fail();
+    moe_seqs seqs;
+    moe_calib cal;
+    moe_ranking rk;
+    moe_search_work work = {0};
+    if (moe_search_collect(r, w, cfg->num_layers, cfg->n_routed_experts, &seqs, &cal, NULL) < 0 ||
+        moe_rank_run(m, &seqs, &cal, &o, &rk, &work) < 0 || moe_ranking_write(w, &rk) < 0 ||
+        moe_search_work_write(w, "moe-expert-rank", &work) < 0) {
+        moe_writer_abort(w);
+        moe_cli_fail();
+    }
+    if (moe_writer_close(w) < 0) moe_cli_fail();
+    for (int l = 0; l < rk.L; l++) {
+        const moe_rank_layer *rl = &rk.layers[l];
+        if (rl->present && rl->n_unrouted)
+            moe_cli_warn("layer %d: %d experts never routed in calibration, left out of the "
+                         "candidates", l, rl->n_unrouted);
+        if (rl->present && rl->n < o.max_experts)
+            moe_cli_warn("layer %d: only %d experts ranked (--max-experts %d)", l, rl->n,
+                         o.max_experts);
+    }
+    if (!moe_quiet) {
+        char buf[256];
+        moe_search_work_str(&work, buf, sizeof buf);
+        fprintf(stderr, "moe-expert-rank: %s%s\n", o.naive ? "naive: " : "", buf);
+    }
+    moe_ranking_free(&rk);
+    moe_calib_free(&cal);
+    moe_seqs_free(&seqs);
+    free(weights);
+    free(layers);
+    moe_reader_close(r);
+    moe_model_close(m);
+    return 0;
+}

@@ -1,0 +1,129 @@
+/* moe-layer-search - CD-MoE step 2b: greedy choice of the layers to condense. */
+#include "cli.h"
+#include "kernels.h"
+#include "search.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+
+static const char help[] =
+    "Usage: moe-layer-search --model DIR --experts K [OPTIONS] [STREAM|-] > plan.msgpack.zst\n"
+    "Greedy search, as the original CD-MoE, over the MoE layers to condense, each\n"
+    "condensed with the first K experts of its ranking (K = 0: shared experts only)\n"
+    "and their mean routing weights.  A candidate is scored by the divergence between\n"
+    "the original and the candidate model's final hidden state (after the final norm),\n"
+    "per token over the hidden dimension, averaged over a sequence's tokens, then over\n"
+    "sequences.  Candidates in ascending layer order; the lowest score wins (ties: the\n"
+    "earlier candidate).  The fast path caches the current model's hidden states, so a\n"
+    "candidate restarts at its layer instead of layer 0 (memory: (layers + 1) x tokens\n"
+    "x hidden floats per beam entry).  Appends a 'plan' record: the layer order\n"
+    "(decoder-layer indices), the score after each step and every candidate's score.\n"
+    "STREAM needs token, calib and (for K > 0) ranking records.\n"
+    "\n"
+    "  --model DIR        Hugging Face checkpoint directory (required)\n"
+    "  --experts K        routed experts kept per condensed layer (required)\n"
+    "  --layers N         length of the order (default: all MoE layers)\n"
+    "  --beam B           keep the B best partial orders (default 1, the original)\n"
+    "  --metric M         js (default, the original), kl, mse or cosine\n"
+    "  --max-length N     truncate sequences to N tokens (default 256, the original's;\n"
+    "                     0 = none)\n"
+    "  --weight L:E=W     use W as the mean weight of expert E of decoder layer L\n"
+    "                     (repeatable; e.g. for an expert calibration never routed to)\n"
+    "  --naive            run the original algorithm literally (a full model forward\n"
+    "                     per candidate)\n"
+    "  -o, --output FILE  write here instead of standard output\n";
+
+enum { OPT_WEIGHT = 100, OPT_MODEL = 1, OPT_EXPERTS, OPT_LAYERS, OPT_BEAM, OPT_METRIC, OPT_MAXLEN, OPT_NAIVE };
+
+int main(int argc, char **argv) {
+    moe_cli_init("moe-layer-search", help, argc, argv);
+    static const struct option opts[] = {{"model", required_argument, 0, OPT_MODEL},
+                                         {"experts", required_argument, 0, OPT_EXPERTS},
+                                         {"layers", required_argument, 0, OPT_LAYERS},
+                                         {"beam", required_argument, 0, OPT_BEAM},
+                                         {"metric", required_argument, 0, OPT_METRIC},
+                                         {"max-length", required_argument, 0, OPT_MAXLEN},
+                                         {"naive", no_argument, 0, OPT_NAIVE},
+                                         {"weight", required_argument, 0, OPT_WEIGHT},
+                                         {"output", required_argument, 0, 'o'},
+                                         MOE_CLI_COMMON_OPTIONS,
+                                         {0, 0, 0, 0}};
+    const char *model = NULL, *out = "-";
+    moe_search_opts o = {.metric = 0, .max_length = 256, .k = -1, .beam = 1};
+    int c;
+    moe_weight_override *weights = NULL;
+    int nweights = 0;
+    while ((c = getopt_long(argc, argv, ":o:", opts, NULL)) != -1) {
+        if (moe_cli_handle(c, optarg)) continue;
+        switch (c) {
+        case OPT_MODEL: model = optarg; break;
+        case OPT_EXPERTS: o.k = (int)moe_cli_long("--experts", optarg, 0, 1 << 20); break;
+        case OPT_LAYERS: o.max_layers = (int)moe_cli_long("--layers", optarg, 1, 1 << 20); break;
+        case OPT_BEAM: o.beam = (int)moe_cli_long("--beam", optarg, 1, 1024); break;
+        case OPT_METRIC:
+            if ((o.metric = moe_metric_from_name(optarg)) < 0)
+                moe_cli_usage("--metric: expected js, kl, mse or cosine, got '%s'", optarg);
+            break;
+        case OPT_MAXLEN: o.max_length = (int)moe_cli_long("--max-length", optarg, 0, 1 << 30); break;
+        case OPT_NAIVE: o.naive = 1; break;
+        case OPT_WEIGHT:
+            weights = realloc(weights, sizeof *weights * (size_t)(nweights + 1));
+            if (!weights || moe_parse_weight(optarg, &weights[nweights]) < 0)
+                moe_cli_usage("--weight: expected LAYER:EXPERT=WEIGHT, got '%s'", optarg);
+            nweights++;
+            break;
+        case 'o': out = optarg; break;
+        default: moe_cli_usage("unknown option or missing argument");
+        }
+    }
+    if (!model) moe_cli_usage("--model DIR is required");
+    if (o.k < 0) moe_cli_usage("--experts K is required");
+    if (argc - optind > 1) moe_cli_usage("one input stream at most");
+    const char *in = optind < argc ? argv[optind] : "-";
+    if (moe_cli.threads) moe_kernels_set_threads(moe_cli.threads);
+
+    o.weights = weights;
+    o.n_weights = nweights;
+    moe_model_opts mo = {.device = moe_cli.device};
+    moe_model *m = moe_model_open(model, &mo);
+    if (!m) moe_cli_fail();
+    const moe_config *cfg = moe_model_config(m);
+    if (o.k > cfg->n_routed_experts)
+        moe_cli_usage("--experts %d: the model has %d routed experts per layer", o.k,
+                      cfg->n_routed_experts);
+    moe_reader *r = moe_reader_open(in);
+    if (!r) moe_cli_fail();
+    if (moe_reader_require_kind(r, "tokens", "make it with moe-tokenize") < 0 ||
+        moe_reader_require_kind(r, "calib", "make it with moe-calib") < 0 ||
+        (o.k > 0 && moe_reader_require_kind(r, "ranking", "make it with moe-expert-rank") < 0) ||
+        moe_reader_check_model(r, moe_model_fingerprint(m), moe_cli.force) < 0)
+        moe_cli_fail();
+    moe_provenance prov = {"moe-layer-search", argc, argv, moe_model_fingerprint(m), "plan"};
+    moe_writer *w = moe_writer_open(out, moe_reader_header(r), &prov, moe_cli.no_provenance);
+    if (!w) moe_cli_fail();
+    moe_seqs seqs;
+    moe_calib cal;
+    moe_ranking rk;
+    moe_plan plan;
+    moe_search_work work = {0};
+    if (moe_search_collect(r, w, cfg->num_layers, cfg->n_routed_experts, &seqs, &cal, &rk) < 0 ||
+        moe_layer_search_run(m, &seqs, &cal, &rk, &o, &plan, &work) < 0 ||
+        moe_plan_write(w, &plan) < 0 || moe_search_work_write(w, "moe-layer-search", &work) < 0) {
+        moe_writer_abort(w);
+        moe_cli_fail();
+    }
+    if (moe_writer_close(w) < 0) moe_cli_fail();
+    if (!moe_quiet) {
+        char buf[256];
+        moe_search_work_str(&work, buf, sizeof buf);
+        fprintf(stderr, "moe-layer-search: %s%s\n", o.naive ? "naive: " : "", buf);
+    }
+    moe_plan_free(&plan);
+    moe_ranking_free(&rk);
+    moe_calib_free(&cal);
+    moe_seqs_free(&seqs);
+    free(weights);
+    moe_reader_close(r);
+    moe_model_close(m);
+    return 0;
+}
