@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "common.h"
 #include "kernels.h"
@@ -20,6 +21,7 @@ static int forward(const char *dir, const char *idsf, int nseq, int T) {
     moe_model_set_threads(0);
     double t0 = moe_now();
     moe_model *m = moe_model_open(dir, NULL);
+    double t_open = moe_now() - t0;
     if (!m) {
         fprintf(stderr, "forward_bench: %s\n", moe_error());
         return 1;
@@ -35,36 +37,47 @@ static int forward(const char *dir, const char *idsf, int nseq, int T) {
     }
     fclose(f);
     float *x = moe_model_alloc(m, tot * H), *xn = moe_model_alloc(m, tot * H);
-    float *y = moe_model_alloc(m, tot * H), *lg = moe_model_alloc(m, (size_t)T * V);
-    double t_load = 0, t_att = 0, t_mlp = 0, t_head = 0, t;
-    double t_start = moe_now();
-    for (int s = 0; s < nseq; s++) moe_model_embed(m, x + (size_t)s * T * H, ids + (size_t)s * T, T);
-    for (int l = 0; l < L; l++) {
-        t = moe_now();
-        if (moe_layer_load(m, l) < 0) {
-            fprintf(stderr, "forward_bench: %s\n", moe_error());
-            return 1;
+    float *y = moe_model_alloc(m, tot * H), *lg = moe_model_alloc(m, tot * V);
+    /* best of 3 full forwards (each converts every layer's weights again):
+     * the machine may be shared */
+    double best[6] = {0};
+    for (int rep = 0; rep < 3; rep++) {
+        double t_load = 0, t_att = 0, t_mlp = 0, t_head = 0, t;
+        double t_start = moe_now();
+        for (int s = 0; s < nseq; s++)
+            moe_model_embed(m, x + (size_t)s * T * H, ids + (size_t)s * T, T);
+        for (int l = 0; l < L; l++) {
+            t = moe_now();
+            if (moe_layer_load(m, l) < 0) {
+                fprintf(stderr, "forward_bench: %s\n", moe_error());
+                return 1;
+            }
+            t_load += moe_now() - t;
+            t = moe_now();
+            for (int s = 0; s < nseq; s++) moe_layer_attention(m, l, x + (size_t)s * T * H, T);
+            t_att += moe_now() - t;
+            t = moe_now();
+            moe_layer_mlp_input(m, l, xn, x, (int)tot);
+            moe_layer_mlp_run(m, l, y, xn, (int)tot, NULL, NULL);
+            for (size_t i = 0; i < tot * H; i++) x[i] += y[i];
+            t_mlp += moe_now() - t;
+            moe_layer_unload(m, l);
         }
-        t_load += moe_now() - t;
         t = moe_now();
-        for (int s = 0; s < nseq; s++) moe_layer_attention(m, l, x + (size_t)s * T * H, T);
-        t_att += moe_now() - t;
-        t = moe_now();
-        moe_layer_mlp_input(m, l, xn, x, (int)tot);
-        moe_layer_mlp_run(m, l, y, xn, (int)tot, NULL, NULL);
-        for (size_t i = 0; i < tot * H; i++) x[i] += y[i];
-        t_mlp += moe_now() - t;
-        moe_layer_unload(m, l);
+        moe_model_final_norm(m, x, x, (int)tot);
+        moe_model_lm_head(m, lg, x, (int)tot); /* all sequences: lm_head converted once */
+        t_head = moe_now() - t;
+        double total = moe_now() - t_start;
+        if (rep == 0 || total < best[0]) {
+            double b[6] = {total, t_load, t_att, t_mlp, t_head, lg[0]};
+            memcpy(best, b, sizeof b);
+        }
     }
-    t = moe_now();
-    moe_model_final_norm(m, x, x, (int)tot);
-    for (int s = nseq - 1; s >= 0; s--) moe_model_lm_head(m, lg, x + (size_t)s * T * H, T);
-    t_head = moe_now() - t;
-    double total = moe_now() - t_start;
     printf("open_s=%.3f\ntotal_s=%.3f\nload_s=%.3f\nattention_s=%.3f\nmlp_s=%.3f\nlm_head_s=%.3f\n"
            "tokens=%zu\ntok_per_s=%.1f\nlogit0=%.6g\n",
-           t_start - t0, total, t_load, t_att, t_mlp, t_head, tot, tot / total, lg[0]);
+           t_open, best[0], best[1], best[2], best[3], best[4], tot, tot / best[0], best[5]);
     moe_model_close(m);
+    free(ids);
     return 0;
 }
 
@@ -101,24 +114,28 @@ static int gemm(void) {
     int n = 2048;
     float *a = calloc((size_t)n * n, 4), *b = calloc((size_t)n * n, 4), *cc = calloc((size_t)n * n, 4);
     for (size_t i = 0; i < (size_t)n * n; i++) a[i] = b[i] = (float)(i % 7) * 0.1f;
+    /* our op (OpenMP tiles of single-threaded sgemm) vs a plain threaded
+     * cblas_sgemm at the forward's shapes (T tokens x in -> out).  All of
+     * ours first, then OpenBLAS's: each runtime's idle threads spin for a
+     * while after use and would slow the other down. */
+    struct { const char *name; int T, K, N; double ours, blas; } s[] = {
+        {"attn_proj_1024x1024x1024", 1024, 1024, 1024, 0, 0},
+        {"shared_gate_up_1024x1024x2816", 1024, 1024, 2816, 0, 0},
+        {"expert_gate_up_96x1024x1408", 96, 1024, 1408, 0, 0},
+        {"expert_down_96x704x1024", 96, 704, 1024, 0, 0},
+        {"router_1024x1024x64", 1024, 1024, 64, 0, 0},
+    };
+    size_t ns = sizeof s / sizeof *s;
+    for (size_t i = 0; i < ns; i++) s[i].ours = time_gemm(1, be, a, b, cc, s[i].T, s[i].K, s[i].N);
+    struct timespec ts = {0, 500000000};
+    nanosleep(&ts, NULL);
     double peak = time_gemm(0, be, a, b, cc, n, n, n);
+    for (size_t i = 0; i < ns; i++) s[i].blas = time_gemm(0, be, a, b, cc, s[i].T, s[i].K, s[i].N);
     printf("openblas_peak_gflops=%.1f (2048^3 sgemm, OpenBLAS's own %d threads)\n", peak,
            omp_get_num_procs());
-    /* our op (OpenMP tiles of single-threaded sgemm) vs a plain threaded
-     * cblas_sgemm at the forward's shapes (T tokens x in -> out) */
-    struct { const char *name; int T, K, N; } s[] = {
-        {"attn_proj_1024x1024x1024", 1024, 1024, 1024},
-        {"shared_gate_up_1024x1024x2816", 1024, 1024, 2816},
-        {"expert_gate_up_96x1024x1408", 96, 1024, 1408},
-        {"expert_down_96x704x1024", 96, 704, 1024},
-        {"router_1024x1024x64", 1024, 1024, 64},
-    };
-    for (size_t i = 0; i < sizeof s / sizeof *s; i++) {
-        double g0 = time_gemm(0, be, a, b, cc, s[i].T, s[i].K, s[i].N);
-        double g1 = time_gemm(1, be, a, b, cc, s[i].T, s[i].K, s[i].N);
+    for (size_t i = 0; i < ns; i++)
         printf("gemm_%s: ours %.1f GFLOP/s, openblas %.1f GFLOP/s (ours/openblas %.2f, %.0f%% of peak)\n",
-               s[i].name, g1, g0, g1 / g0, 100 * g1 / peak);
-    }
+               s[i].name, s[i].ours, s[i].blas, s[i].ours / s[i].blas, 100 * s[i].ours / peak);
     free(a), free(b), free(cc);
     return 0;
 }

@@ -104,11 +104,22 @@ static void sgemm_tile(float *y, int ldy, const float *x, const float *w, int T,
     free(yp);
 }
 
-/* The output is split into fixed tiles of GEMM_ROWS x GEMM_COLS (independent
- * of the thread count), one single-threaded sgemm per tile, tiles spread over
- * the OpenMP threads. */
-#define GEMM_ROWS 256
+/* The output is split into tiles, one single-threaded sgemm per tile, tiles
+ * spread over the OpenMP threads.  Column tiles are GEMM_COLS wide, fixed
+ * (a column's rounding can depend on the width of the sgemm it is computed
+ * in); row tiles are sized from the thread count so that there are about two
+ * tiles per thread with as few re-packings of W as possible -- this is safe
+ * because a row's result never depends on the number of rows in its sgemm
+ * (test_kernels.c: test_batch_invariance, test_thread_invariance). */
 #define GEMM_COLS 128
+
+static int row_tile(int T, int N) {
+    int nct = (N + GEMM_COLS - 1) / GEMM_COLS;
+    int want = 2 * omp_get_max_threads();
+    int nrt = (want + nct - 1) / nct;
+    int tr = (T + nrt - 1) / nrt;
+    return tr < 64 ? 64 : tr;
+}
 
 static void cpu_matmul(float *y, const float *x, const void *w, const float *bias, int T, int K,
                        int N, int accumulate) {
@@ -117,11 +128,12 @@ static void cpu_matmul(float *y, const float *x, const void *w, const float *bia
     if (K <= 0) {
         if (!accumulate) memset(y, 0, sizeof(float) * (size_t)T * N);
     } else {
-        int nr = (T + GEMM_ROWS - 1) / GEMM_ROWS, nb = (N + GEMM_COLS - 1) / GEMM_COLS;
+        int TR = row_tile(T, N);
+        int nr = (T + TR - 1) / TR, nb = (N + GEMM_COLS - 1) / GEMM_COLS;
 #pragma omp parallel for schedule(dynamic, 1) if (nr * nb > 1)
         for (int i = 0; i < nr * nb; i++) {
             int r = i / nb, b = i % nb;
-            int t0 = r * GEMM_ROWS, tc = T - t0 < GEMM_ROWS ? T - t0 : GEMM_ROWS;
+            int t0 = r * TR, tc = T - t0 < TR ? T - t0 : TR;
             int n0 = b * GEMM_COLS, nc = N - n0 < GEMM_COLS ? N - n0 : GEMM_COLS;
             sgemm_tile(y + (size_t)t0 * N + n0, N, x + (size_t)t0 * K,
                        (const float *)w + (size_t)n0 * K, tc, K, nc, accumulate);

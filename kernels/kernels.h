@@ -23,6 +23,18 @@
  * with `moe_weight_convert` (below) before `upload`.  Biases and norm weights
  * are always float32.
  *
+ * For a GPU backend (kernels/cuda/): set host_memory = 0; the model then
+ * stages every weight on the host (f32), converts it to weight_dtype and
+ * uploads it, moves activations with upload/download, and downloads the
+ * router's idx/wt (small) to group tokens per expert on the host; `experts`
+ * receives the group offsets in host memory and a host array of device weight
+ * pointers (one grouped GEMM per phase is the intended CUDA shape).  Freed
+ * weight blocks are reused by the model (same sizes layer after layer), so
+ * alloc/free need not be fast.  Tests can hand the model any table through
+ * moe_model_opts.backend (test_model.c runs a copying CPU backend that way).
+ * Parity with the CPU is by relative tolerance; the CPU's byte-exact
+ * invariances (threads, batching) are its own.
+ *
  * The CPU backend also keeps a plain reference version of the ops that have
  * an optimised one (`moe_backend_cpu_ref()`): triple-loop GEMM, one-row-at-a-
  * time attention.  tests/unit/test_kernels.c compares the two.

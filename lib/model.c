@@ -40,7 +40,15 @@ typedef struct {
 enum { S_XN, S_Q, S_K, S_V, S_ATT, S_LOGITS, S_IDX, S_WT, S_PROBS, S_XE, S_GU, S_H, S_O,
        S_Z, S_TOK, S_TWT, S_Y, S_COUNT };
 
+/* a block of backend memory */
+typedef struct {
+    void *p;
+    size_t n;
+} blk;
+
 struct moe_model {
+    blk *live, *pool;   /* blocks handed out by balloc; freed blocks kept for reuse */
+    size_t nlive, caplive, npool, cappool, pool_bytes;
     moe_ckpt *ck;
     const moe_config *cfg;
     const moe_backend *be;
@@ -51,6 +59,58 @@ struct moe_model {
     void *scr[S_COUNT];
     size_t scr_n[S_COUNT];
 };
+
+/* ---- backend memory with reuse ------------------------------------------------
+ * Layers are loaded and unloaded one after another with the same shapes;
+ * fresh allocations of that size cost a page fault per 4 KiB (a third of a
+ * layer's load time on the CPU) or a cudaMalloc.  Freed blocks of >= 1 MiB
+ * are kept (up to half the expert cache budget in total) and handed out
+ * again for the same size. */
+
+static void blk_push(blk **a, size_t *n, size_t *cap, void *p, size_t sz) {
+    if (*n == *cap) {
+        *cap = *cap ? 2 * *cap : 256;
+        *a = moe_realloc(*a, sizeof **a * *cap);
+    }
+    (*a)[(*n)++] = (blk){p, sz};
+}
+
+static void *balloc(moe_model *m, size_t n) {
+    void *p = NULL;
+#pragma omp critical(moe_model_blk)
+    {
+    for (size_t i = m->npool; i-- > 0;)
+        if (m->pool[i].n == n) {
+            p = m->pool[i].p;
+            m->pool[i] = m->pool[--m->npool];
+            m->pool_bytes -= n;
+            break;
+        }
+    if (!p) p = m->be->alloc(n);
+    blk_push(&m->live, &m->nlive, &m->caplive, p, n);
+    }
+    return p;
+}
+
+static void bfree(moe_model *m, void *p) {
+    if (!p) return;
+    int found = 0, keep = 0;
+#pragma omp critical(moe_model_blk)
+    for (size_t i = m->nlive; i-- > 0;)
+        if (m->live[i].p == p) {
+            size_t n = m->live[i].n;
+            m->live[i] = m->live[--m->nlive];
+            found = 1;
+            if (n >= ((size_t)1 << 20) && m->pool_bytes + n <= m->cache_bytes / 2) {
+                blk_push(&m->pool, &m->npool, &m->cappool, p, n);
+                m->pool_bytes += n;
+                keep = 1;
+            }
+            break;
+        }
+    if (!keep) m->be->free(p); /* not pooled, or not from balloc */
+    (void)found;
+}
 
 /* ---- small helpers ------------------------------------------------------- */
 
@@ -64,12 +124,12 @@ static void *scratch(moe_model *m, int slot, size_t nbytes) {
 }
 
 float *moe_model_alloc(moe_model *m, size_t nfloats) {
-    float *p = m->be->alloc(nfloats * sizeof(float) + 1);
+    float *p = balloc(m, nfloats * sizeof(float) + 4);
     m->be->zero(p, nfloats * sizeof(float));
     return p;
 }
 
-void moe_model_free(moe_model *m, void *p) { m->be->free(p); }
+void moe_model_free(moe_model *m, void *p) { bfree(m, p); }
 
 static size_t wsz(const moe_model *m) { return moe_weight_size(m->be->weight_dtype); }
 
@@ -82,11 +142,11 @@ static void *to_backend_w(moe_model *m, float *host, size_t n) {
         tmp = moe_malloc(n * wsz(m) + 1);
         moe_weight_convert(tmp, be->weight_dtype, host, n);
     }
-    void *d = be->alloc(n * wsz(m) + 1);
+    void *d = balloc(m, n * wsz(m) + 4);
     be->upload(d, tmp, n * wsz(m));
     if (tmp != host) free(tmp);
     if (be->host_memory)
-        be->free(host);
+        bfree(m, host);
     else
         free(host);
     return d;
@@ -94,13 +154,13 @@ static void *to_backend_w(moe_model *m, float *host, size_t n) {
 
 static float *host_f32(moe_model *m, size_t n) {
     /* host staging: backend memory when it is host memory (no copy later) */
-    if (m->be->host_memory) return m->be->alloc(n * sizeof(float) + 1);
-    return moe_malloc(n * sizeof(float) + 1);
+    if (m->be->host_memory) return balloc(m, n * sizeof(float) + 4);
+    return moe_malloc(n * sizeof(float) + 4);
 }
 
 static void free_host_f32(moe_model *m, float *p) {
     if (m->be->host_memory)
-        m->be->free(p);
+        bfree(m, p);
     else
         free(p);
 }
@@ -121,7 +181,7 @@ static float *load_vec(moe_model *m, int l, moe_tensor_kind k) {
         return NULL;
     }
     if (m->be->host_memory) return h;
-    float *d = m->be->alloc(n * sizeof(float));
+    float *d = balloc(m, n * sizeof(float) + 4);
     m->be->upload(d, h, n * sizeof(float));
     free(h);
     return d;
@@ -208,7 +268,11 @@ void moe_model_close(moe_model *m) {
         free(m->ov[l].weights);
     }
     for (int i = 0; i < S_COUNT; i++) m->be->free(m->scr[i]);
-    m->be->free(m->final_norm);
+    bfree(m, m->final_norm);
+    for (size_t i = 0; i < m->npool; i++) m->be->free(m->pool[i].p);
+    for (size_t i = 0; i < m->nlive; i++) m->be->free(m->live[i].p); /* leaked by the caller */
+    free(m->pool);
+    free(m->live);
     free(m->lw);
     free(m->ov);
     moe_ckpt_close(m->ck);
@@ -288,15 +352,14 @@ void moe_layer_unload(moe_model *m, int l) {
     if (l < 0 || l >= m->cfg->num_layers) return;
     layer_w *w = &m->lw[l];
     if (!w->loaded) return;
-    const moe_backend *be = m->be;
     void *ps[] = {w->wq, w->wk, w->wv, w->wo, w->bq, w->bk, w->bv, w->qn, w->kn,
                   w->in_norm, w->post_norm, w->gu, w->down, w->router, w->s_gu, w->s_down,
                   w->s_gate};
-    for (size_t i = 0; i < sizeof ps / sizeof *ps; i++) be->free(ps[i]);
+    for (size_t i = 0; i < sizeof ps / sizeof *ps; i++) bfree(m, ps[i]);
     if (w->e_gu) {
         for (int e = 0; e < m->cfg->n_routed_experts; e++) {
-            be->free(w->e_gu[e]);
-            be->free(w->e_down[e]);
+            bfree(m, w->e_gu[e]);
+            bfree(m, w->e_down[e]);
         }
     }
     free(w->e_gu);
@@ -384,8 +447,8 @@ static int convert_experts(moe_model *m, int l, int e0, int e1, void **gu, void 
     }
     if (failed) {
         for (int e = e0; e < e1; e++) {
-            m->be->free(gu[e]);
-            m->be->free(down[e]);
+            bfree(m, gu[e]);
+            bfree(m, down[e]);
             gu[e] = down[e] = NULL;
         }
         moe_error_set(kind ? kind : MOE_ERR_DATA, "%s", msg);
@@ -589,7 +652,7 @@ static int route(moe_model *m, int l, const float *xn, int T, int32_t *idx_h, fl
     be->download(idx_h, idx, sizeof(int32_t) * (size_t)T * K);
     be->download(wt_h, wt, sizeof(float) * (size_t)T * K);
     if (probs_h) be->download(probs_h, probs, sizeof(float) * (size_t)T * E);
-    if (router != w->router) be->free(router);
+    if (router != w->router) bfree(m, router);
     return moe_backend_status(be); /* the routing went to the host: check it is real */
 }
 
@@ -616,7 +679,7 @@ static int expert_weights(moe_model *m, int l, int e, void **gu, void **down, in
     *gu = load_gate_up(m, l, MOE_T_EXPERT_GATE, MOE_T_EXPERT_UP, e, Im * H);
     *down = *gu ? load_mat(m, l, MOE_T_EXPERT_DOWN, e) : NULL;
     if (!*down) {
-        m->be->free(*gu);
+        bfree(m, *gu);
         return -1;
     }
     release_expert_pages(m, l, e);
@@ -670,8 +733,8 @@ static int routed_chunk(moe_model *m, int l, float *y, const float *xn, int T, c
             }
         if (rc == 0) be->experts(out, xn, rows, d.off, wg, wd, E, H, Im);
         for (int e = e0; e < e1; e++) {
-            if (tg[e] && tg[e] != (void *)1) be->free(tg[e]);
-            be->free(td[e]);
+            if (tg[e] && tg[e] != (void *)1) bfree(m, tg[e]);
+            bfree(m, td[e]);
             tg[e] = td[e] = NULL;
             wg[e] = wd[e] = NULL;
         }
@@ -763,8 +826,8 @@ int moe_layer_expert(moe_model *m, int l, int e, float *y, const float *xn, int 
     if (expert_weights(m, l, e, &gu, &down, &tmp) < 0) return -1;
     swiglu_mlp(m, y, xn, gu, down, T, c->moe_intermediate_size, 0);
     if (tmp) {
-        m->be->free(gu);
-        m->be->free(down);
+        bfree(m, gu);
+        bfree(m, down);
     }
     return moe_backend_status(m->be);
 }
@@ -790,8 +853,8 @@ int moe_layer_shared(moe_model *m, int l, float *y, const float *xn, int T) {
     tmpw.s_down = tmpw.s_gu ? load_mat(m, l, MOE_T_SHARED_DOWN, -1) : NULL;
     int rc = tmpw.s_down ? 0 : -1;
     if (rc == 0) add_shared(m, &tmpw, y, xn, T);
-    m->be->free(tmpw.s_gu);
-    m->be->free(tmpw.s_down);
+    bfree(m, tmpw.s_gu);
+    bfree(m, tmpw.s_down);
     return rc == 0 ? moe_backend_status(m->be) : rc;
 }
 
@@ -800,7 +863,10 @@ int moe_model_final_norm(moe_model *m, float *y, const float *x, int T) {
     return moe_backend_status(m->be);
 }
 
-int moe_model_lm_head(moe_model *m, float *logits, const float *x, int T) {
+/* logits of T tokens, row t written to rowdst[t] (V floats; host memory when
+ * dst_host, else backend memory).  lm_head is converted chunk by chunk of
+ * vocabulary rows, each chunk once for all tokens. */
+static int lm_head_rows(moe_model *m, const float *x, int T, float *const *rowdst, int dst_host) {
     const moe_config *c = m->cfg;
     const moe_backend *be = m->be;
     const moe_st_tensor *t = moe_ckpt_get(m->ck, -1, MOE_T_LM_HEAD, -1);
@@ -810,20 +876,31 @@ int moe_model_lm_head(moe_model *m, float *logits, const float *x, int T) {
     size_t chunk = ((size_t)64 << 20) / (H * sizeof(float));
     if (chunk < 256) chunk = 256;
     if (chunk > V) chunk = V;
-    float *yc = chunk < V ? scratch(m, S_Y, sizeof(float) * (size_t)T * chunk) : logits;
+    float *yc = scratch(m, S_Y, sizeof(float) * (size_t)T * chunk);
     for (size_t r0 = 0; r0 < V; r0 += chunk) {
         size_t nr = V - r0 < chunk ? V - r0 : chunk;
         float *h = host_f32(m, nr * H);
         moe_st_convert_f32(t->dtype, (const char *)t->data + r0 * H * es, h, nr * H);
         void *wb = to_backend_w(m, h, nr * H);
         be->matmul(yc, x, wb, NULL, T, (int)H, (int)nr, 0);
-        be->free(wb);
-        if (yc != logits)
-            for (int i = 0; i < T; i++)
-                be->copy(logits + (size_t)i * V + r0, yc + (size_t)i * nr, nr * sizeof(float));
+        bfree(m, wb);
+        for (int i = 0; i < T; i++) {
+            if (dst_host && !be->host_memory)
+                be->download(rowdst[i] + r0, yc + (size_t)i * nr, nr * sizeof(float));
+            else
+                be->copy(rowdst[i] + r0, yc + (size_t)i * nr, nr * sizeof(float));
+        }
         moe_st_release(t); /* drop the mapped pages read so far */
     }
     return moe_backend_status(be);
+}
+
+int moe_model_lm_head(moe_model *m, float *logits, const float *x, int T) {
+    float **rows = moe_malloc(sizeof(float *) * ((size_t)T + 1));
+    for (int i = 0; i < T; i++) rows[i] = logits + (size_t)i * m->cfg->vocab_size;
+    int rc = lm_head_rows(m, x, T, rows, 0);
+    free(rows);
+    return rc;
 }
 
 /* ---- whole model ------------------------------------------------------------ */
@@ -891,16 +968,31 @@ int moe_model_forward(moe_model *m, moe_seq *seqs, int n, int start_layer, moe_r
                 if (seqs[s].hidden) be->download(HID(s, L), xs, nb);
             }
         }
-        for (int s = 0; s < n && rc == 0; s++) {
-            if (!seqs[s].logits) continue;
-            size_t V = (size_t)c->vocab_size;
-            float *lg = be->host_memory ? seqs[s].logits : moe_model_alloc(m, (size_t)seqs[s].T * V);
-            rc = moe_model_lm_head(m, lg, x + off[s] * H, seqs[s].T);
-            if (!be->host_memory) {
-                if (rc == 0) be->download(seqs[s].logits, lg, sizeof(float) * seqs[s].T * V);
-                moe_model_free(m, lg);
-            }
+        /* logits of all sequences that want them, lm_head converted once */
+        float **rows = moe_malloc(sizeof(float *) * (tot + 1));
+        float *xl = NULL;
+        size_t nl = 0;
+        for (int s = 0; s < n; s++)
+            if (seqs[s].logits) nl += (size_t)seqs[s].T;
+        if (nl == tot) {
+            xl = x;
+        } else if (nl > 0) { /* gather the rows of those sequences */
+            xl = moe_model_alloc(m, nl * H);
+            size_t r = 0;
+            for (int s = 0; s < n; s++)
+                if (seqs[s].logits) {
+                    be->copy(xl + r * H, x + off[s] * H, sizeof(float) * (size_t)seqs[s].T * H);
+                    r += (size_t)seqs[s].T;
+                }
         }
+        size_t r = 0;
+        for (int s = 0; s < n; s++)
+            if (seqs[s].logits)
+                for (int i = 0; i < seqs[s].T; i++)
+                    rows[r++] = seqs[s].logits + (size_t)i * c->vocab_size;
+        if (nl > 0) rc = lm_head_rows(m, xl, (int)nl, rows, 1);
+        if (xl && xl != x) moe_model_free(m, xl);
+        free(rows);
     }
 #undef HID
     if (rc == 0) rc = moe_backend_status(be); /* before the caller reads any output */
