@@ -1,0 +1,61 @@
+# The search tools with --device cuda on the tiny models (run by
+# `make test-gpu`; skips where no GPU is usable): moe-calib | moe-expert-rank
+# | moe-layer-search give the Python reference's picks (the same expected.txt
+# the CPU run matches, tests/shell/test_search_tools.sh) with FP32 GEMMs
+# (MOE_CUDA_PRECISION=f32), run to the end in the default BF16 precision, and
+# moe-eval's perplexity agrees with the CPU's.
+. tests/shell/lib.sh
+FX=tests/fixtures/search
+[ -x "$BIN/moe-calib" ] || skip "moe-calib not built"
+
+# a GPU, or skip (exit 4 naming the reason)
+moe-calib --quiet --device cuda --model "$FX/models/deepseek-l5" "$FX/deepseek-l5/tokens.msgpack.zst" \
+    >"$TMP/probe" 2>"$TMP/err"
+rc=$?
+if [ $rc -eq 4 ] && grep -q "no usable CUDA device\|no CUDA backend" "$TMP/err"; then
+    skip "no CUDA device ($(cat "$TMP/err"))"
+fi
+[ $rc -eq 0 ] || fail "moe-calib --device cuda exited $rc: $(cat "$TMP/err")"
+
+picks() {
+    moe-dump --full --no-header --type ranking --type plan "$1" | sed -n \
+        -e 's/^{"type":"ranking","layer":\([0-9]*\),.*"experts":{[^}]*"data":\[\([^]]*\)\].*/ranking \1: \2/p' \
+        -e 's/^{"type":"plan","experts":\([0-9]*\),.*"order":{[^}]*"data":\[\([^]]*\)\].*/plan \1: \2/p' \
+        | tr ',' ' '
+}
+
+for prec in f32 bf16; do
+    for name in deepseek qwen2_moe qwen3_moe olmoe mixtral deepseek-l5; do
+        d=$FX/$name
+        model=$(sed -n 's/.*"model": "\(.*\)".*/\1/p' "$d/params.json")
+        k=$(sed -n 's/.*"top_k": \([0-9]*\).*/\1/p' "$d/params.json")
+        export MOE_CUDA_PRECISION=$prec
+        moe-calib --quiet --device cuda --model "$model" "$d/tokens.msgpack.zst" >"$TMP/calib" 2>"$TMP/err" \
+            || fail "$name ($prec): moe-calib: $(cat "$TMP/err")"
+        moe-expert-rank --quiet --device cuda --model "$model" --max-length 16 "$TMP/calib" >"$TMP/rank" \
+            2>"$TMP/err" || fail "$name ($prec): moe-expert-rank: $(cat "$TMP/err")"
+        moe-layer-search --quiet --device cuda --model "$model" --experts 0 --max-length 16 "$TMP/rank" \
+            >"$TMP/p0" 2>"$TMP/err" || fail "$name ($prec): moe-layer-search --experts 0: $(cat "$TMP/err")"
+        moe-layer-search --quiet --device cuda --model "$model" --experts "$k" --max-length 16 "$TMP/p0" \
+            >"$TMP/pk" 2>"$TMP/err" || fail "$name ($prec): moe-layer-search --experts $k: $(cat "$TMP/err")"
+        if [ $prec = f32 ]; then
+            picks "$TMP/pk" >"$TMP/got"
+            diff "$d/expected.txt" "$TMP/got" >"$TMP/diff" ||
+                fail "$name (cuda, f32) differs from the reference: $(cat "$TMP/diff")"
+        fi
+        echo "ok $name ($prec)"
+    done
+done
+unset MOE_CUDA_PRECISION
+
+# perplexity, cuda (bf16) vs cpu
+d=$FX/deepseek-l5
+model=$FX/models/deepseek-l5
+ppl() { moe-eval --device "$1" --model $model --ppl "$d/tokens.msgpack.zst" --json 2>"$TMP/err" |
+    sed -n 's/.*"ppl": {"ppl": \([0-9.e+-]*\).*/\1/p'; }
+a=$(ppl cpu) || fail "moe-eval cpu: $(cat "$TMP/err")"
+b=$(ppl cuda) || fail "moe-eval cuda: $(cat "$TMP/err")"
+[ -n "$a" ] && [ -n "$b" ] || fail "no perplexity (cpu '$a', cuda '$b')"
+awk -v a="$a" -v b="$b" 'BEGIN { r = (a - b) / a; if (r < 0) r = -r; exit !(r < 1e-2) }' ||
+    fail "perplexity cuda $b vs cpu $a"
+echo "ok moe-eval ppl cpu $a cuda $b"
