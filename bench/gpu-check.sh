@@ -234,7 +234,7 @@ if [ -n "$MODEL" ] && [ -n "$TOK" ]; then
                     --model "$MODEL" "$WORK/calib.zst" -o "$WORK/rank.zst" &&
                     moe-dump --type ranking "$WORK/rank.zst" 2>/dev/null | head -c 2000 >>"$LOG" &&
                     run_tool "moe-layer-search --device $DEV" 120 moe-layer-search --device "$DEV" \
-                        --quiet --model "$MODEL" --experts 2 --layers 1 "$WORK/rank.zst" \
+                        --quiet --model "$MODEL" --experts 2 --layers 1 --max-length 64 "$WORK/rank.zst" \
                         -o "$WORK/plan.zst"
             fi
         fi
