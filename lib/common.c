@@ -67,8 +67,38 @@ char *moe_strdup(const char *s) {
 static char *tmp_paths[MAX_TMP];
 static volatile sig_atomic_t tmp_count_hint;
 
+static void remove_path(const char *path);
+
+/* Remove temporary outputs for final_path left by processes that no longer
+ * exist (killed with SIGKILL, or the machine went down): ".NAME.tmp.PID.N". */
+static void sweep_stale(const char *final_path) {
+    const char *slash = strrchr(final_path, '/');
+    char dir[4096];
+    snprintf(dir, sizeof dir, "%.*s", slash ? (int)(slash - final_path) : 1, slash ? final_path : ".");
+    if (slash == final_path) snprintf(dir, sizeof dir, "/");
+    const char *base = slash ? slash + 1 : final_path;
+    char prefix[512];
+    snprintf(prefix, sizeof prefix, ".%s.tmp.", base);
+    size_t plen = strlen(prefix);
+    DIR *d = opendir(dir);
+    if (!d) return;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        if (strncmp(e->d_name, prefix, plen) != 0) continue;
+        char *end;
+        long pid = strtol(e->d_name + plen, &end, 10);
+        if (end == e->d_name + plen || *end != '.' || pid <= 0) continue;
+        if (kill((pid_t)pid, 0) == 0 || errno != ESRCH) continue; /* alive, or not ours to judge */
+        char path[4600];
+        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+        remove_path(path);
+    }
+    closedir(d);
+}
+
 char *moe_tmp_path(const char *final_path) {
     static unsigned serial;
+    sweep_stale(final_path);
     const char *slash = strrchr(final_path, '/');
     size_t dirlen = slash ? (size_t)(slash - final_path + 1) : 0;
     const char *base = final_path + dirlen;

@@ -45,7 +45,9 @@ char *moe_strdup(const char *s);
  * final name.  If the process exits early (error, SIGINT, SIGTERM, SIGPIPE,
  * SIGHUP), whatever is still registered is removed, so no half-written
  * output is ever left behind. */
-char *moe_tmp_path(const char *final_path);     /* "dir/.name.tmp.PID.N", malloc'd */
+/* "dir/.name.tmp.PID.N", malloc'd.  Also removes temporary outputs for the
+ * same name left by dead processes (a SIGKILL cannot be cleaned up after). */
+char *moe_tmp_path(const char *final_path);
 void moe_tmp_register(const char *tmp_path);    /* file or directory */
 int moe_tmp_commit(const char *tmp_path, const char *final_path);
 void moe_tmp_discard(const char *tmp_path);     /* remove now and unregister */

@@ -65,6 +65,44 @@ expect_fail 1 "no layer order" moe-condense --model $M --layers 1 --experts 1 -o
 [ -e x ] && fail "output left behind after an error"
 ls -A | grep -q '\.tmp\.' && fail "temporary directory left behind"
 
+# killed mid-write: no OUT, ever.  SIGTERM cleans up at once; after SIGKILL the
+# next run sweeps the dead process's temporary directory.
+moe-init --arch qwen2_moe --hidden 256 --layers 3 --experts 32 --top-k 2 --moe-intermediate 256 \
+    --dtype f32 --seed 5 -o big >/dev/null || fail "moe-init big"
+echo '{"0-1":[1,1,1],"1-1":[1,1,1],"2-1":[1,1,1]}' >wb.json; echo '{"0":[1],"1":[1],"2":[1]}' >eb.json
+echo '[0,1,2]' >ob.json
+kill_mid_write() { # signal; returns 1 if the run finished before the signal landed
+    moe-condense --model big --layers 1 --experts 1 -o killed --cdmoe-weights wb.json --cdmoe-experts eb.json \
+        --cdmoe-order ob.json >/dev/null 2>&1 &
+    pid=$!
+    i=0
+    while [ $i -lt 2000 ] && ! ls -A | grep -q '^\.killed\.tmp\.'; do sleep 0.002; i=$((i + 1)); done
+    kill -"$1" $pid 2>/dev/null
+    wait $pid 2>/dev/null
+    rc=$?
+    if [ -e killed ]; then
+        [ $rc -eq 0 ] || fail "OUT exists after $1 (exit $rc)"
+        rm -rf killed
+        return 1
+    fi
+    [ $rc -ne 0 ] || fail "moe-condense exited 0 after $1 but wrote no OUT"
+    return 0
+}
+for sig in TERM KILL; do
+    landed=0 try=0
+    while [ $landed -eq 0 ] && [ $try -lt 8 ]; do
+        kill_mid_write $sig && landed=1
+        try=$((try + 1))
+    done
+    [ $landed -eq 1 ] || echo "note: every run finished before the $sig landed; not tested"
+    [ $sig = TERM ] && ls -A | grep -q '^\.killed\.tmp\.' && fail "temporary directory left after SIGTERM"
+    [ $sig = KILL ] && [ $landed -eq 1 ] && ! ls -A | grep -q '^\.killed\.tmp\.' && echo "note: no stale directory"
+done
+moe-condense --model big --layers 1 --experts 1 -o killed --cdmoe-weights wb.json --cdmoe-experts eb.json \
+    --cdmoe-order ob.json >/dev/null || fail "condense after a kill"
+ls -A | grep -q '^\.killed\.tmp\.' && fail "stale temporary directory not swept"
+[ -f killed/model.safetensors ] || fail "no output after the rerun"
+
 # the original's published files, on a model of DeepSeekMoE-16B's layer/expert counts
 S=${CDMOE_SHARED:-}/reference/cd-moe
 if [ -f "$S/dynamic_weight.json" ] && command -v moe-init >/dev/null; then

@@ -75,6 +75,21 @@ EOF
 ev -m $M -m "$TMP/cond" --bench --bench-tokens 8 --bench-runs 1 | grep -q "speedup (model 2 vs 1)" \
     || fail "table lacks the speedup"
 
+# 4b. the same condensation written by moe-condense (the original's JSON plan
+#     shape: decoder layer 1 is MoE ordinal 1 here) gives the same perplexity
+echo '{"1-2": [0.4, 1, 0.4], "1-0": [0.25, 1, 0.25]}' >"$TMP/w.json"
+echo '{"1": [2, 0]}' >"$TMP/e.json"
+echo '[1]' >"$TMP/o.json"
+moe-condense --model $M --layers 1 --experts 2 -o "$TMP/mc" --cdmoe-weights "$TMP/w.json" \
+    --cdmoe-experts "$TMP/e.json" --cdmoe-order "$TMP/o.json" >/dev/null || fail "moe-condense"
+ev -m "$TMP/mc" --ppl $FIX/ppl_text.jsonl --json >"$TMP/mc.json" || fail "eval of moe-condense output"
+python3 - "$TMP/mc.json" $FIX/expected.json <<'EOF' || fail "moe-condense checkpoint perplexity"
+import json, sys
+got, e = json.load(open(sys.argv[1]))["models"][0], json.load(open(sys.argv[2]))["ppl"]["condensed"]
+assert abs(got["ppl"]["ppl"] - e["ppl"]) <= 1e-5 * e["ppl"], (got["ppl"]["ppl"], e["ppl"])
+assert abs(got["ppl"]["ppl_token"] - e["ppl_token"]) <= 1e-5 * e["ppl_token"]
+EOF
+
 # 5. a token stream as --ppl input (the dump's pass-through keeps it readable)
 PY=$(find_python) && {
     $PY - "$TMP/tok.zst" $FIX/expected.json <<'EOF' || fail "making tokens"
