@@ -22,8 +22,7 @@ echo "-- GEMM (float32, all cores)"
 # qwen2_moe: a DeepSeek-like MoE (64 experts top-6, 2 experts' worth of shared
 # expert) that transformers implements natively, so PyTorch runs its own code.
 M=$WORK/model-h$H-l$LAYERS-e$E
-# (sizes go through a config.json: moe-init --layers N > 2 crashed in the ckpt
-# branch at the time of writing, in moe_config_finish)
+# (every size and flag spelled out in a config.json handed to moe-init --config)
 if [ ! -f "$M/config.json" ]; then
     cat >"$WORK/qwen2_moe.json" <<JSON
 {"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", "hidden_size": $H,
