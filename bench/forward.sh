@@ -16,6 +16,8 @@ mkdir -p "$WORK"
 make -s "$BUILD/bench/forward_bench" >/dev/null
 FB=$BUILD/bench/forward_bench
 
+echo "-- machine: $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg) (other busy processes skew every figure;"
+echo "   OMP_WAIT_POLICY=passive makes both sides more robust on a shared machine)"
 echo "-- GEMM (float32, all cores)"
 "$FB" gemm
 
@@ -45,6 +47,9 @@ if $PY -c 'import torch, transformers' 2>/dev/null; then
     ours=$(sed -n 's/^tok_per_s=//p' "$WORK/ours.txt")
     torch=$(sed -n 's/^torch_tok_per_s=//p' "$WORK/torch.txt")
     echo "RESULT forward prefill: ours $ours tok/s (incl. per-layer bf16->f32 conversion), PyTorch $torch tok/s; ratio ours/PyTorch = $(echo "$ours $torch" | awk '{printf "%.2f", $1/$2}')"
+    tot=$(sed -n 's/^total_s=//p' "$WORK/ours.txt"); ld=$(sed -n 's/^load_s=//p' "$WORK/ours.txt")
+    tt=$(sed -n 's/^torch_total_s=//p' "$WORK/torch.txt")
+    echo "RESULT compute only (ours without the per-layer weight conversion PyTorch does at load): ratio $(echo "$tot $ld $tt" | awk '{printf "%.2f", $3/($1-$2)}')"
 else
     echo "SKIP PyTorch peer: python3 with torch and transformers not found"
 fi
