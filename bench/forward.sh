@@ -16,14 +16,15 @@ mkdir -p "$WORK"
 make -s "$BUILD/bench/forward_bench" >/dev/null
 FB=$BUILD/bench/forward_bench
 
+echo "-- machine: $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg) (other busy processes skew every figure;"
+echo "   OMP_WAIT_POLICY=passive makes both sides more robust on a shared machine)"
 echo "-- GEMM (float32, all cores)"
 "$FB" gemm
 
 # qwen2_moe: a DeepSeek-like MoE (64 experts top-6, 2 experts' worth of shared
 # expert) that transformers implements natively, so PyTorch runs its own code.
 M=$WORK/model-h$H-l$LAYERS-e$E
-# (sizes go through a config.json: moe-init --layers N > 2 crashed in the ckpt
-# branch at the time of writing, in moe_config_finish)
+# (every size and flag spelled out in a config.json handed to moe-init --config)
 if [ ! -f "$M/config.json" ]; then
     cat >"$WORK/qwen2_moe.json" <<JSON
 {"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", "hidden_size": $H,
@@ -46,6 +47,9 @@ if $PY -c 'import torch, transformers' 2>/dev/null; then
     ours=$(sed -n 's/^tok_per_s=//p' "$WORK/ours.txt")
     torch=$(sed -n 's/^torch_tok_per_s=//p' "$WORK/torch.txt")
     echo "RESULT forward prefill: ours $ours tok/s (incl. per-layer bf16->f32 conversion), PyTorch $torch tok/s; ratio ours/PyTorch = $(echo "$ours $torch" | awk '{printf "%.2f", $1/$2}')"
+    tot=$(sed -n 's/^total_s=//p' "$WORK/ours.txt"); ld=$(sed -n 's/^load_s=//p' "$WORK/ours.txt")
+    tt=$(sed -n 's/^torch_total_s=//p' "$WORK/torch.txt")
+    echo "RESULT compute only (ours without the per-layer weight conversion PyTorch does at load): ratio $(echo "$tot $ld $tt" | awk '{printf "%.2f", $3/($1-$2)}')"
 else
     echo "SKIP PyTorch peer: python3 with torch and transformers not found"
 fi

@@ -130,7 +130,9 @@ static void cpu_matmul(float *y, const float *x, const void *w, const float *bia
     } else {
         int TR = row_tile(T, N);
         int nr = (T + TR - 1) / TR, nb = (N + GEMM_COLS - 1) / GEMM_COLS;
-#pragma omp parallel for schedule(dynamic, 1) if (nr * nb > 1)
+        /* small products run on one thread: a parallel region costs more than
+         * they do (and a preempted worker stalls it on a busy machine) */
+#pragma omp parallel for schedule(dynamic, 1) if (nr * nb > 1 && (double)T * N * K > 2e6)
         for (int i = 0; i < nr * nb; i++) {
             int r = i / nb, b = i % nb;
             int t0 = r * TR, tc = T - t0 < TR ? T - t0 : TR;

@@ -409,7 +409,15 @@ def main():
     notes += ["", "Router margin: smallest gap between the k-th and (k+1)-th routing probability over",
               "all test tokens and MoE layers (a gap near float32 rounding would make the fixture fragile).",
               "bf16 columns: relative L2 error of Hugging Face's native bf16 forward (weights and",
-              "activations bf16, as users run it) against the float32 forward on the same bf16 weights."]
+              "activations bf16, as users run it) against the float32 forward on the same bf16 weights.",
+              "(olmoe's larger value was not investigated; top-k choices flipping in bf16 are likely.)", "",
+              "transformers 5.24 save_pretrained writes per-expert tensors (hub layout:",
+              "mlp.experts.{j}.gate_proj.weight; mixtral block_sparse_moe.experts.{j}.w1/w2/w3), not the",
+              "fused in-memory gate_up_proj/down_proj.  Its config.json spells rope under",
+              "rope_parameters.rope_theta, dtype instead of torch_dtype, qwen2_moe qkv_bias, and",
+              "qwen3_moe's expert count as num_local_experts (hub files: num_experts).",
+              "Pitfall for reference scripts: model.to(torch.bfloat16) also rounds the rotary inv_freq",
+              "buffer; round only the parameters when making a float32 reference of bf16 weights."]
     with open(os.path.join(OUT, "NOTES.md"), "w") as f:
         f.write("\n".join(notes) + "\n")
 
