@@ -76,7 +76,8 @@ int moe_ckpt_read_named_f32(const moe_ckpt *m, const char *name, int ndim,
                             const int64_t *shape, float *dst);
 
 /* Page advice for all tensors of a layer (layer -1: the globals).
- * prefetch = MADV_WILLNEED; release = MADV_DONTNEED + POSIX_FADV_DONTNEED. */
+ * prefetch = MADV_WILLNEED; release = MADV_DONTNEED (+ POSIX_FADV_DONTNEED for
+ * big files, see moe_st_release). */
 void moe_ckpt_prefetch_layer(const moe_ckpt *m, int layer);
 void moe_ckpt_release_layer(const moe_ckpt *m, int layer);
 void moe_ckpt_release_all(const moe_ckpt *m);

@@ -22,9 +22,11 @@
  *
  * Tensor data are exposed as pointers into a read-only shared mapping; they
  * may be unaligned (other writers do not align).  moe_st_release() tells the
- * kernel that a tensor's pages may be dropped (MADV_DONTNEED on the mapping
- * and POSIX_FADV_DONTNEED on the file), so streaming through a model larger
- * than RAM keeps the resident set near what is in use.
+ * kernel that a tensor's pages may be dropped (MADV_DONTNEED on the mapping;
+ * POSIX_FADV_DONTNEED on the file too when the file is bigger than an eighth
+ * of physical memory), so streaming through a model larger than RAM keeps the
+ * resident set near what is in use, and a small model stays in the page cache
+ * between passes.
  *
  * The writer produces files the reference library and transformers load:
  * "__metadata__":{"format":"pt"}, header padded with spaces to a multiple of
@@ -106,8 +108,9 @@ int moe_st_check_shape(const moe_st_tensor *t, int ndim, const int64_t *shape);
 void moe_st_shape_str(int ndim, const int64_t *shape, char *buf, size_t size);
 
 /* Advise the kernel: pages of this tensor will be needed soon / are no longer
- * needed (drops them from this process's resident set and, when clean and
- * unmapped elsewhere, from the page cache).  Never fails. */
+ * needed (drops them from this process's resident set and, for files bigger
+ * than an eighth of physical memory, when clean and unmapped elsewhere, from
+ * the page cache).  Never fails. */
 void moe_st_prefetch(const moe_st_tensor *t);
 void moe_st_release(const moe_st_tensor *t);
 

@@ -233,6 +233,57 @@ static void test_experts_combine(void **state) {
     moe_dispatch_free(&d);
 }
 
+/* Grouped experts: same bytes whatever the thread count, and a token's expert
+ * outputs do not depend on which other tokens share its experts (search
+ * tools: fast == naive; batching sequences). */
+static void test_experts_invariance(void **state) {
+    (void)state;
+    const moe_backend *cpu = moe_backend_cpu();
+    enum { T = 60, E = 6, K = 2, H = 256, Im = 320 };
+    int32_t idx[T * K];
+    float wt[T * K];
+    for (int t = 0; t < T; t++) {
+        idx[t * K] = (t * 5) % E;
+        idx[t * K + 1] = (t * 5 + 1 + t % 3) % E;
+        wt[t * K] = wt[t * K + 1] = 0.5f;
+    }
+    float *x = rand_vec((size_t)T * H);
+    float *wg[E], *wd[E];
+    const void *pg[E], *pd[E];
+    for (int e = 0; e < E; e++) {
+        pg[e] = wg[e] = rand_vec((size_t)2 * Im * H);
+        pd[e] = wd[e] = rand_vec((size_t)H * Im);
+    }
+    moe_dispatch d;
+    moe_dispatch_build(&d, idx, wt, T, E, K);
+    size_t n = (size_t)T * K;
+    float *o[3];
+    int threads[3] = {1, 2, 3};
+    for (int i = 0; i < 3; i++) {
+        moe_kernels_set_threads(threads[i]);
+        o[i] = calloc(n * H, sizeof(float));
+        cpu->experts(o[i], x, d.tokens, d.off, pg, pd, E, H, Im);
+    }
+    moe_kernels_set_threads(0);
+    for (int i = 1; i < 3; i++) assert_memory_equal(o[0], o[i], sizeof(float) * n * H);
+    /* tokens 7..7+M-1 alone: each (token, expert) row as in the full batch */
+    float *o2 = calloc(n * H, sizeof(float));
+    for (int M = 1; M <= 14; M++) {
+        moe_dispatch d2;
+        moe_dispatch_build(&d2, idx + 7 * K, wt + 7 * K, M, E, K);
+        cpu->experts(o2, x + (size_t)7 * H, d2.tokens, d2.off, pg, pd, E, H, Im);
+        for (int t = 0; t < M; t++)
+            for (int k = 0; k < K; k++)
+                assert_memory_equal(o[0] + (size_t)d.slot[(7 + t) * K + k] * H,
+                                    o2 + (size_t)d2.slot[t * K + k] * H, sizeof(float) * H);
+        moe_dispatch_free(&d2);
+    }
+    for (int e = 0; e < E; e++) free(wg[e]), free(wd[e]);
+    for (int i = 0; i < 3; i++) free(o[i]);
+    free(x), free(o2);
+    moe_dispatch_free(&d);
+}
+
 static void test_divergences(void **state) {
     (void)state;
     const moe_backend *cpu = moe_backend_cpu();
@@ -267,6 +318,7 @@ int main(void) {
         cmocka_unit_test(test_router),
         cmocka_unit_test(test_dispatch_gather_scatter),
         cmocka_unit_test(test_experts_combine),
+        cmocka_unit_test(test_experts_invariance),
         cmocka_unit_test(test_divergences),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
