@@ -16,6 +16,7 @@
 #include <omp.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include "common.h"
 #include "kernels.h"
@@ -48,10 +49,23 @@ int moe_kernels_threads(void) { return g_threads > 0 ? g_threads : omp_get_max_t
 
 /* ---- memory ------------------------------------------------------------- */
 
+/* Blocks of 4 MiB and more (converted weights, activations) are 2 MiB
+ * aligned and asked to be backed by transparent huge pages where the system
+ * allows it ("madvise" mode): one page fault per 2 MiB instead of per 4 KiB
+ * when a layer's weights are written, and fewer TLB misses when the GEMMs
+ * stream them. */
+#define HUGE_MIN ((size_t)4 << 20)
+#define HUGE_ALIGN ((size_t)2 << 20)
+
 static void *cpu_alloc(size_t n) {
     void *p = NULL;
     if (n == 0) n = 1;
-    if (posix_memalign(&p, 64, (n + 63) & ~(size_t)63) != 0) p = NULL;
+    size_t a = n >= HUGE_MIN ? HUGE_ALIGN : 64;
+    size_t sz = (n + a - 1) & ~(a - 1);
+    if (posix_memalign(&p, a, sz) != 0) p = NULL;
+#ifdef MADV_HUGEPAGE
+    if (p && a == HUGE_ALIGN) madvise(p, sz, MADV_HUGEPAGE); /* advice only */
+#endif
     if (!p) p = moe_malloc(n); /* aborts with a message */
     return p;
 }
