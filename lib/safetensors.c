@@ -10,6 +10,9 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 /* ---- dtypes --------------------------------------------------------------- */
 
@@ -101,6 +104,38 @@ static inline float f16_to_f32(uint16_t h)
     return f;
 }
 
+/* Big conversions (a layer's weights, far larger than the caches) write with
+ * non-temporal stores where SSE2 exists: the destination lines are not read
+ * first, which halves the time of a bf16 -> f32 conversion of a layer. */
+#define STREAM_MIN ((size_t)1 << 18)
+#define STREAM_CHUNK ((size_t)1 << 16)
+
+static void bf16_stream(const unsigned char *s, float *dst, size_t n)
+{
+    size_t i = 0;
+#if defined(__SSE2__)
+    for (; i < n && ((uintptr_t)(dst + i) & 15); i++) {
+        uint16_t h;
+        memcpy(&h, s + 2 * i, 2);
+        dst[i] = bf16_to_f32(h);
+    }
+    const __m128i z = _mm_setzero_si128();
+    for (; i + 8 <= n; i += 8) { /* 8 bf16 -> 8 f32: each in the high half of its word */
+        __m128i v = _mm_loadu_si128((const __m128i *)(s + 2 * i));
+        _mm_stream_si128((__m128i *)(dst + i), _mm_unpacklo_epi16(z, v));
+        _mm_stream_si128((__m128i *)(dst + i + 4), _mm_unpackhi_epi16(z, v));
+    }
+#endif
+    for (; i < n; i++) {
+        uint16_t h;
+        memcpy(&h, s + 2 * i, 2);
+        dst[i] = bf16_to_f32(h);
+    }
+#if defined(__SSE2__)
+    _mm_sfence(); /* order the streamed stores before anyone reads them */
+#endif
+}
+
 int moe_st_convert_f32(moe_st_dtype dt, const void *src, float *dst, size_t n)
 {
     const unsigned char *s = src;
@@ -109,7 +144,15 @@ int moe_st_convert_f32(moe_st_dtype dt, const void *src, float *dst, size_t n)
         memcpy(dst, src, n * 4);
         return 0;
     case MOE_ST_BF16:
+        if (n >= STREAM_MIN) {
+            size_t nc = (n + STREAM_CHUNK - 1) / STREAM_CHUNK;
 #pragma omp parallel for schedule(static) if (n > (1u << 20))
+            for (size_t c = 0; c < nc; c++) {
+                size_t i0 = c * STREAM_CHUNK, m = n - i0 < STREAM_CHUNK ? n - i0 : STREAM_CHUNK;
+                bf16_stream(s + 2 * i0, dst + i0, m);
+            }
+            return 0;
+        }
         for (size_t i = 0; i < n; i++) {
             uint16_t h;
             memcpy(&h, s + 2 * i, 2);

@@ -202,6 +202,23 @@ static void test_convert(void **state)
     moe_st_convert_f32(MOE_ST_BF16, out, back, 4);
     assert_true(back[3] == -2.5f);
     assert_int_equal(moe_st_convert_f32(MOE_ST_I32, out, back, 1), -1);
+    /* big conversions (streamed, in chunks, threads): every value, odd source
+     * and destination alignments, odd length */
+    size_t n = ((size_t)1 << 18) + 12345;
+    unsigned char *src = malloc(2 * n + 1);
+    float *dst = malloc(sizeof(float) * (n + 1));
+    for (size_t i = 0; i < n; i++) {
+        uint16_t h = (uint16_t)(i * 40503u);
+        memcpy(src + 1 + 2 * i, &h, 2);
+    }
+    assert_int_equal(moe_st_convert_f32(MOE_ST_BF16, src + 1, dst + 1, n), 0);
+    for (size_t i = 0; i < n; i++) {
+        uint32_t u = (uint32_t)(uint16_t)(i * 40503u) << 16, v;
+        memcpy(&v, dst + 1 + i, 4);
+        if (u != v) fail_msg("bf16 element %zu: %08x, expected %08x", i, v, u);
+    }
+    free(src);
+    free(dst);
 }
 
 static uint64_t fill_calls;
