@@ -279,11 +279,13 @@ int moe_search_collect(moe_reader *r, moe_writer *w, int L, int E, moe_seqs *seq
 typedef struct {
     moe_calib *c;
     double *ent;      /* [L] entropy sums */
+    moe_progress *progress; /* one step per MoE layer per batch */
 } calib_ctx;
 
 static void calib_cb(void *vctx, int layer, int T, int K, int E, const int32_t *idx,
                      const float *wt, const float *probs) {
     calib_ctx *x = vctx;
+    moe_progress_add(x->progress, 1);
     moe_calib_layer *cl = &x->c->layers[layer];
     if (!cl->present) calib_layer_init(cl, E);
     for (int t = 0; t < T; t++) {
@@ -312,7 +314,8 @@ int moe_calib_run(moe_model *m, const moe_seqs *s, int max_length, size_t batch_
         return -1;
     }
     calib_alloc(out, cfg->num_layers, cfg->n_routed_experts, cfg->top_k);
-    calib_ctx x = {out, moe_calloc((size_t)cfg->num_layers, sizeof(double))};
+    moe_progress progress;
+    calib_ctx x = {out, moe_calloc((size_t)cfg->num_layers, sizeof(double)), &progress};
     moe_seq *seqs = moe_calloc((size_t)s->n, sizeof *seqs);
     uint64_t tot = 0;
     for (int i = 0; i < s->n; i++) {
@@ -320,7 +323,16 @@ int moe_calib_run(moe_model *m, const moe_seqs *s, int max_length, size_t batch_
         seqs[i].T = max_length > 0 && s->len[i] > max_length ? max_length : s->len[i];
         tot += (uint64_t)seqs[i].T;
     }
-    int rc = 0;
+    int rc = 0, nbatch = 0, nmoe = 0;
+    for (int l = 0; l < cfg->num_layers; l++) nmoe += cfg->layers[l].kind == MOE_MLP_MOE;
+    for (int i = 0; i < s->n; nbatch++) { /* count batches, for the progress total */
+        size_t nt = 0;
+        int j = i;
+        while (j < s->n && (j == i || batch_tokens == 0 || nt + (size_t)seqs[j].T <= batch_tokens))
+            nt += (size_t)seqs[j++].T;
+        i = j;
+    }
+    moe_progress_start(&progress, "moe-calib", "MoE layers", (uint64_t)nmoe * (uint64_t)nbatch);
     for (int i = 0; i < s->n && rc == 0;) {
         int j = i;
         size_t nt = 0;
@@ -329,6 +341,7 @@ int moe_calib_run(moe_model *m, const moe_seqs *s, int max_length, size_t batch_
         rc = moe_model_forward(m, seqs + i, j - i, 0, calib_cb, &x);
         i = j;
     }
+    moe_progress_end(&progress);
     free(seqs);
     if (rc == 0) {
         for (int l = 0; l < out->L; l++) {

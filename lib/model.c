@@ -884,11 +884,15 @@ static int lm_head_rows(moe_model *m, const float *x, int T, float *const *rowds
         void *wb = to_backend_w(m, h, nr * H);
         be->matmul(yc, x, wb, NULL, T, (int)H, (int)nr, 0);
         bfree(m, wb);
-        for (int i = 0; i < T; i++) {
-            if (dst_host && !be->host_memory)
-                be->download(rowdst[i] + r0, yc + (size_t)i * nr, nr * sizeof(float));
-            else
-                be->copy(rowdst[i] + r0, yc + (size_t)i * nr, nr * sizeof(float));
+        if (dst_host && !be->host_memory) {
+            /* one transfer per chunk, not one per token: each download waits
+             * for the device */
+            float *hc = moe_malloc(sizeof(float) * (size_t)T * nr);
+            be->download(hc, yc, sizeof(float) * (size_t)T * nr);
+            for (int i = 0; i < T; i++) memcpy(rowdst[i] + r0, hc + (size_t)i * nr, nr * sizeof(float));
+            free(hc);
+        } else {
+            for (int i = 0; i < T; i++) be->copy(rowdst[i] + r0, yc + (size_t)i * nr, nr * sizeof(float));
         }
         moe_st_release(t); /* drop the mapped pages read so far */
     }

@@ -319,7 +319,9 @@ static int rank_fast(moe_model *m, const seqset *ss, const moe_calib *calib,
     float *w = moe_malloc(sizeof(float) * (size_t)E);
     int *routed = moe_malloc(sizeof(int) * (size_t)E);
     int rc = embed_all(m, ss, X);
-    for (int l = 0; l <= last_sel && rc == 0; l++) {
+    moe_progress progress;
+    moe_progress_start(&progress, "moe-expert-rank", "layers", (uint64_t)last_sel + 1);
+    for (int l = 0; l <= last_sel && rc == 0; l++, moe_progress_add(&progress, 1)) {
         for (int s = 0; s < ss->n && rc == 0; s++)
             rc = moe_layer_attention(m, l, X + ss->off[s] * H, ss->seq[s].T);
         if (rc == 0) rc = moe_layer_mlp_input(m, l, x.xn, X, (int)ss->tot);
@@ -340,6 +342,7 @@ static int rank_fast(moe_model *m, const seqset *ss, const moe_calib *calib,
         if (rc == 0) be->axpy(X, y, 1.0f, TH);
         if (stream_weights(m)) moe_layer_unload(m, l);
     }
+    moe_progress_end(&progress);
     moe_model_free(m, X);
     moe_model_free(m, y);
     moe_model_free(m, x.xn);
@@ -667,6 +670,10 @@ int moe_layer_search_run(moe_model *m, const moe_seqs *s, const moe_calib *calib
     }
     beams[0].set = moe_malloc(sizeof(int) * (size_t)(N + 1));
 
+    moe_progress progress;
+    uint64_t total = 0;
+    for (int step = 0; step < N; step++) total += (uint64_t)(nmoe - step) * (uint64_t)B;
+    moe_progress_start(&progress, "moe-layer-search", "candidates", total);
     for (int step = 0; step < N && rc == 0; step++) {
         int nt = 0;
         for (int b = 0; b < nbeams && rc == 0; b++) {
@@ -692,6 +699,7 @@ int moe_layer_search_run(moe_model *m, const moe_seqs *s, const moe_calib *calib
                     sc = score_of(&ss, acc);
                 }
                 if (work) work->candidates++;
+                moe_progress_add(&progress, 1);
                 if (B == 1) out->cand[(size_t)step * L + l] = sc;
                 trials[nt] = (trial_t){b, l, sc, (size_t)nt};
                 nt++;
@@ -736,6 +744,7 @@ int moe_layer_search_run(moe_model *m, const moe_seqs *s, const moe_calib *calib
         memset(nb, 0, sizeof *nb * (size_t)B);
         nbeams = nn;
     }
+    moe_progress_end(&progress);
     /* the order is the best beam's set */
     if (rc == 0 && out->n > 0) memcpy(out->order, beams[0].set, sizeof(int) * (size_t)out->n);
     restore_all(m);

@@ -32,8 +32,8 @@ static const char help[] =
     "                      every candidate expert's output for all tokens (experts x\n"
     "                      tokens x hidden floats); otherwise it recomputes expert\n"
     "                      outputs per token chunk at every pick.\n"
-    "  --weight L:E=W     use W as the mean weight of expert E of decoder layer L\n"
-    "                     (repeatable; e.g. for an expert calibration never routed to)\n"
+    "  --weight L:E=W      use W as the mean weight of expert E of decoder layer L\n"
+    "                      (repeatable; e.g. for an expert calibration never routed to)\n"
     "  --naive             run the original algorithm literally (a full model forward\n"
     "                      per candidate; small models only)\n"
     "  -o, --output FILE   write here instead of standard output\n";
