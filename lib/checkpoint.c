@@ -87,33 +87,6 @@ static int file_exists(const char *p)
     return stat(p, &st) == 0 && S_ISREG(st.st_mode);
 }
 
-static char *read_text(const char *path, size_t *len)
-{
-    FILE *fp = fopen(path, "rb");
-    if (!fp) {
-        moe_error_set(MOE_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
-        return NULL;
-    }
-    size_t cap = 1 << 16, n = 0, k;
-    char *buf = moe_malloc(cap + 1);
-    while ((k = fread(buf + n, 1, cap - n, fp)) > 0) {
-        n += k;
-        if (n == cap) {
-            cap *= 2;
-            buf = moe_realloc(buf, cap + 1);
-        }
-    }
-    int err = ferror(fp);
-    fclose(fp);
-    if (err) {
-        free(buf);
-        moe_error_set(MOE_ERR_IO, "%s: read error", path);
-        return NULL;
-    }
-    buf[n] = 0;
-    *len = n;
-    return buf;
-}
 
 static moe_st_file *open_file(moe_ckpt *m, const char *fname)
 {
@@ -141,7 +114,7 @@ static void tab_alloc(moe_ckpt *m, size_t n)
 static int load_index(moe_ckpt *m, const char *ipath)
 {
     size_t len;
-    char *text = read_text(ipath, &len);
+    char *text = moe_read_file(ipath, &len);
     if (!text) return -1;
     json_error_t je;
     json_t *root = json_loadb(text, len, JSON_REJECT_DUPLICATES, &je);
@@ -222,7 +195,7 @@ static int cmp_cstr(const void *a, const void *b)
 static int fingerprint(moe_ckpt *m, const char *cfg_path)
 {
     size_t len;
-    char *text = read_text(cfg_path, &len);
+    char *text = moe_read_file(cfg_path, &len);
     if (!text) return -1;
     json_t *root = json_loadb(text, len, 0, NULL);
     free(text);

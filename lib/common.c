@@ -60,6 +60,32 @@ char *moe_strdup(const char *s) {
     return memcpy(moe_malloc(n), s, n);
 }
 
+/* ---- files -------------------------------------------------------------- */
+
+char *moe_read_file(const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        moe_error_set(MOE_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
+        return NULL;
+    }
+    size_t cap = 1 << 16, n = 0, k;
+    char *buf = moe_malloc(cap + 1);
+    while ((k = fread(buf + n, 1, cap - n, f)) > 0) {
+        n += k;
+        if (n == cap) buf = moe_realloc(buf, (cap *= 2) + 1);
+    }
+    int err = ferror(f);
+    fclose(f);
+    if (err) {
+        free(buf);
+        moe_error_set(MOE_ERR_IO, "%s: read error", path);
+        return NULL;
+    }
+    buf[n] = 0;
+    *len = n;
+    return buf;
+}
+
 /* ---- temporary outputs -------------------------------------------------- */
 
 /* A fixed table, so that the signal handler never allocates. */

@@ -40,6 +40,10 @@ void *moe_calloc(size_t n, size_t size);
 void *moe_realloc(void *p, size_t n);
 char *moe_strdup(const char *s);
 
+/* A whole file, NUL-terminated (the terminator not counted in *len);
+ * NULL with an I/O error naming the file. */
+char *moe_read_file(const char *path, size_t *len);
+
 /* Temporary outputs: every file or directory a tool is writing lives under a
  * temporary name that is registered here; moe_tmp_commit() renames it to its
  * final name.  If the process exits early (error, SIGINT, SIGTERM, SIGPIPE,

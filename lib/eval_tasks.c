@@ -17,31 +17,6 @@ const char *moe_task_formats(void) { return "mc, schema, lm, piqa, winogrande, h
 
 /* ---- small helpers ------------------------------------------------------------ */
 
-static char *read_file(const char *path, size_t *len) {
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        moe_error_set(MOE_ERR_IO, "%s: %s", path, strerror(errno));
-        return NULL;
-    }
-    size_t cap = 1 << 16, n = 0;
-    char *buf = moe_malloc(cap);
-    for (;;) {
-        if (n + 1 >= cap) buf = moe_realloc(buf, cap *= 2);
-        size_t k = fread(buf + n, 1, cap - n - 1, f);
-        n += k;
-        if (k == 0) break;
-    }
-    int err = ferror(f);
-    fclose(f);
-    if (err) {
-        free(buf);
-        moe_error_set(MOE_ERR_IO, "%s: read error", path);
-        return NULL;
-    }
-    buf[n] = 0;
-    *len = n;
-    return buf;
-}
 
 static char *xasprintf(const char *fmt, ...) {
     va_list ap;
@@ -539,7 +514,7 @@ moe_task *moe_task_load(const char *path, const char *format, const char *delimi
         }
     }
     size_t len;
-    char *text = read_file(path, &len);
+    char *text = moe_read_file(path, &len);
     if (!text) return NULL;
     if (!format && !(format = detect(path, text))) {
         free(text);
@@ -566,7 +541,7 @@ moe_task *moe_task_load(const char *path, const char *format, const char *delimi
             FILE *probe = fopen(lp, "rb");
             if (probe) {
                 fclose(probe);
-                ltext = read_file(lp, &ll);
+                ltext = moe_read_file(lp, &ll);
                 if (!ltext) {
                     free(lp);
                     free(st);

@@ -518,28 +518,6 @@ static int load_config(moe_tokenizer *t, const char *cfg_path)
     return rc;
 }
 
-static char *read_file(const char *path, size_t *len)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        moe_error_set(MOE_ERR_IO, "%s: %s", path, strerror(errno));
-        return NULL;
-    }
-    tk_buf b = {0};
-    char chunk[1 << 16];
-    size_t k;
-    while ((k = fread(chunk, 1, sizeof chunk, f)) > 0) tk_buf_put(&b, chunk, k);
-    int err = ferror(f);
-    fclose(f);
-    if (err) {
-        moe_error_set(MOE_ERR_IO, "%s: read error", path);
-        free(b.p);
-        return NULL;
-    }
-    tk_buf_reserve(&b, 0);
-    *len = b.n;
-    return b.p;
-}
 
 moe_tokenizer *moe_tokenizer_open(const char *path)
 {
@@ -565,7 +543,7 @@ moe_tokenizer *moe_tokenizer_open(const char *path)
     moe_tokenizer *t = moe_calloc(1, sizeof *t);
     t->path = json_path;
     size_t tlen = 0, span[4];
-    char *text = read_file(json_path, &tlen), *light = NULL;
+    char *text = moe_read_file(json_path, &tlen), *light = NULL;
     if (!text) goto fail;
     int fast = tk_json_find_model(text, tlen, span) == 0 && span[1] > span[0] && span[3] > span[2];
     if (fast) {   /* the same text with vocab and merges blanked (line numbers kept) */
