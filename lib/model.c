@@ -49,7 +49,7 @@ typedef struct {
 
 /* host staging ring of the device path (see stage_put) */
 #define STG_SLOTS 4
-#define STG_SLOT_BYTES ((size_t)64 << 20)
+#define STG_SLOT_BYTES m->stg_bytes
 typedef struct {
     unsigned char *p;
     size_t used;
@@ -75,6 +75,7 @@ struct moe_model {
     stg_slot stg[STG_SLOTS];
     int stg_cur;
     uint64_t stg_last;  /* ticket of the last copy queued */
+    size_t stg_bytes;   /* bytes of one slot (opts.staging_bytes, default 64 MiB) */
 };
 
 /* ---- backend memory with reuse ------------------------------------------------
@@ -264,7 +265,7 @@ static void stage_put(moe_model *m, void *dst, const moe_st_tensor *t, size_t e0
         stg_slot *s0 = &m->stg[m->stg_cur];
         /* a piece that does not fit the current slot's rest: split it there
          * when the rest is big (whole-slot copies), else take the next slot */
-        if (s0->p && s0->used + k * ws > STG_SLOT_BYTES && s0->used + ((size_t)4 << 20) <= STG_SLOT_BYTES)
+        if (s0->p && s0->used + k * ws > STG_SLOT_BYTES && s0->used + STG_SLOT_BYTES / 4 <= STG_SLOT_BYTES)
             k = (STG_SLOT_BYTES - s0->used) / ws;
         unsigned char *h = stage_slot(m, k * ws);
         fill_piece(m, h, t, e0 + i, k);
@@ -407,6 +408,9 @@ moe_model *moe_model_open(const char *dir, const moe_model_opts *opts) {
                                                       : (size_t)8 << 30;
     const char *old_path = getenv("MOE_STAGE_F32"); /* benchmarks: the f32 round trip */
     m->direct = !be->host_memory && !(old_path && *old_path && strcmp(old_path, "0") != 0);
+    m->stg_bytes = opts && opts->staging_bytes ? opts->staging_bytes : (size_t)64 << 20;
+    if (m->stg_bytes < 256) m->stg_bytes = 256;
+    m->stg_bytes &= ~(size_t)63;
     m->async = m->direct && be->host_alloc && be->host_free && be->upload_async &&
                be->upload_wait && be->upload_fence;
     m->lw = moe_calloc((size_t)c->num_layers, sizeof *m->lw);

@@ -20,7 +20,7 @@
  * dtype, releases the mapped pages and asks the kernel to read layer l+1
  * ahead; moe_layer_unload(l) frees them.  A layer's routed experts are
  * converted with it when all of them fit in opts.expert_cache_bytes (default
- * 1 GiB); otherwise they are converted when used, in groups of at most a
+ * 1 GiB; 8 GiB on device backends); otherwise they are converted when used, in groups of at most a
  * quarter of that budget, and freed after each group (a DeepSeekMoE-16B
  * layer, 2.2 GB of experts in f32, never sits in memory whole).  The
  * embedding is read row by row, lm_head in chunks of rows.  Routed MLPs run
@@ -89,8 +89,10 @@ typedef struct {
                                   visible, else cpu; $MOE_DEVICE overrides it) */
     const moe_backend *backend; /* or a backend table directly (tests); overrides device */
     size_t expert_cache_bytes; /* keep a layer's routed experts converted while it is
-                                  loaded if they fit; 0 = default (1 GiB);
-                                  (size_t)-1 = always */
+                                  loaded if they fit; 0 = default (1 GiB on the CPU,
+                                  8 GiB on device backends); (size_t)-1 = always */
+    size_t staging_bytes;      /* device backends: bytes of each of the 4 host staging
+                                  buffers of the weight uploads; 0 = 64 MiB */
 } moe_model_opts;
 
 /* Router observer: called by moe_layer_mlp for routed-MoE layers, with the
