@@ -108,6 +108,7 @@ static int run_layers(moe_model *m, const seqset *ss, int from, float *X, float 
         if (moe_layer_mlp_run(m, l, y, xn, (int)ss->tot, NULL, NULL) < 0) return -1;
         be->axpy(X, y, 1.0f, TH);
         if (stream) moe_layer_unload(m, l);
+        if (l + 1 < c->num_layers && moe_layer_prefetch(m, l + 1) < 0) return -1; /* device: overlap */
     }
     if (moe_model_final_norm(m, X, X, (int)ss->tot) < 0) return -1;
     if (cache) be->copy(cache[c->num_layers], X, TH * sizeof(float));
@@ -341,6 +342,7 @@ static int rank_fast(moe_model *m, const seqset *ss, const moe_calib *calib,
         }
         if (rc == 0) be->axpy(X, y, 1.0f, TH);
         if (stream_weights(m)) moe_layer_unload(m, l);
+        if (rc == 0 && l < last_sel) rc = moe_layer_prefetch(m, l + 1); /* device: overlap */
     }
     moe_progress_end(&progress);
     moe_model_free(m, X);

@@ -1,0 +1,74 @@
+/* load_bench.c - timing driver for bench/load.sh (not installed).
+ *
+ *   load_bench MODEL LAYER [REPS]
+ *
+ * Time of moe_layer_load(LAYER) + moe_layer_unload on a device-like backend
+ * run on the CPU: the CPU op table with host_memory 0 and BF16 weights, so
+ * the model takes its device load path (host staging, then `upload`, here a
+ * memcpy into separate memory, standing in for the host -> GPU copy).  The
+ * whole layer's experts are staged (expert cache unlimited).  Two variants in
+ * the same process, alternating, best of REPS each:
+ *   old: MOE_STAGE_F32=1 (checkpoint -> f32 host buffer -> BF16 host buffer ->
+ *        synchronous upload; experts one after another);
+ *   new: BF16 bytes staged as they are through the staging ring,
+ *        upload_async (the CPU table's: a memcpy).
+ * Prints key=value lines: old_s, new_s, ratio (old / new), layer_bytes. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common.h"
+#include "kernels.h"
+#include "model.h"
+
+static moe_backend dev;
+
+static double time_load(const char *dir, int layer, int old_path, size_t *bytes) {
+    if (old_path)
+        setenv("MOE_STAGE_F32", "1", 1);
+    else
+        unsetenv("MOE_STAGE_F32");
+    moe_model_opts o = {.backend = &dev, .expert_cache_bytes = (size_t)-1};
+    moe_model *m = moe_model_open(dir, &o);
+    if (!m) {
+        fprintf(stderr, "load_bench: %s\n", moe_error());
+        exit(1);
+    }
+    double t = moe_now();
+    if (moe_layer_load(m, layer) < 0) {
+        fprintf(stderr, "load_bench: %s\n", moe_error());
+        exit(1);
+    }
+    dev.sync();
+    t = moe_now() - t;
+    const moe_config *c = moe_model_config(m);
+    size_t H = (size_t)c->hidden_size, Im = (size_t)c->moe_intermediate_size;
+    *bytes = (size_t)c->n_routed_experts * 3 * Im * H * 2;
+    moe_layer_unload(m, layer);
+    moe_model_close(m);
+    return t;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 3) {
+        fprintf(stderr, "usage: load_bench MODEL LAYER [REPS]\n");
+        return 2;
+    }
+    int layer = atoi(argv[2]), reps = argc > 3 ? atoi(argv[3]) : 3;
+    moe_model_set_threads(0);
+    dev = *moe_backend_cpu();
+    dev.name = "cpu-as-device";
+    dev.host_memory = 0;
+    dev.weight_dtype = MOE_WT_BF16;
+    double best[2] = {1e30, 1e30};
+    size_t bytes = 0;
+    time_load(argv[1], layer, 0, &bytes); /* warm the page cache */
+    for (int r = 0; r < reps; r++)
+        for (int v = 0; v < 2; v++) {
+            double t = time_load(argv[1], layer, v == 0, &bytes);
+            if (t < best[v]) best[v] = t;
+        }
+    printf("old_s=%.3f\nnew_s=%.3f\nratio=%.2f\nlayer_bytes=%zu\n", best[0], best[1],
+           best[0] / best[1], bytes);
+    return 0;
+}
