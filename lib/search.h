@@ -120,6 +120,8 @@ typedef struct {
     uint64_t expert_tokens;  /* single routed-expert evaluations x tokens */
     uint64_t div_tokens;     /* per-token divergences */
     uint64_t candidates;     /* candidates scored */
+    uint64_t layer_loads;    /* layers loaded (converted) by the fast paths; not in the
+                                "work" record (it depends on memory, not on the result) */
     double flops;            /* matmul flops of the above (2 per multiply-add) */
     double seconds;
 } moe_search_work;
@@ -134,7 +136,14 @@ typedef struct {
     int metric;              /* MOE_DIV_* */
     int max_length;          /* truncation for ranking/search; 0 = none */
     int naive;
-    size_t mem_bytes;        /* expert-output cache budget (fast ranking); 0 = 1 GiB */
+    size_t mem_bytes;        /* fast ranking: expert-output cache budget, 0 = 1 GiB;
+                                fast layer search: budget for the candidates' activation
+                                buffers (tokens x hidden floats each), 0 = a quarter of
+                                the host's memory (device backends: 4 GiB) */
+    int stream_weights;      /* unload every layer after use even when the model would
+                                stay in memory (tests, benchmarks) */
+    int candidate_major;     /* layer search: the previous fast loop, one candidate after
+                                the other (reference for tests and benchmarks) */
     const int *layers;       /* restrict ranking to these decoder layers (NULL = all MoE) */
     int n_layers;
     int max_experts;         /* ranking: picks per layer */
