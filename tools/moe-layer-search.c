@@ -16,7 +16,10 @@ static const char help[] =
     "sequences.  Candidates in ascending layer order; the lowest score wins (ties: the\n"
     "earlier candidate).  The fast path caches the current model's hidden states, so a\n"
     "candidate restarts at its layer instead of layer 0 (memory: (layers + 1) x tokens\n"
-    "x hidden floats per beam entry).  Appends a 'plan' record: the layer order\n"
+    "x hidden floats per beam entry), and runs a step's candidates layer-major: each\n"
+    "layer loaded once per pass for all candidates that reach it (plus once condensed\n"
+    "where a candidate starts), tokens x hidden floats per candidate, in batches that\n"
+    "fit --mem-mib (one pass per batch).  Appends a 'plan' record: the layer order\n"
     "(decoder-layer indices), the score after each step and every candidate's score.\n"
     "STREAM needs token, calib and (for K > 0) ranking records.\n"
     "\n"
@@ -29,11 +32,18 @@ static const char help[] =
     "                     0 = none)\n"
     "  --weight L:E=W     use W as the mean weight of expert E of decoder layer L\n"
     "                     (repeatable; e.g. for an expert calibration never routed to)\n"
+    "  --mem-mib N        memory for the candidates' activations (default: a quarter\n"
+    "                     of the host's memory; 4096 on a GPU); fewer = more passes\n"
+    "  --stream-weights   unload every layer after use even when the model fits in\n"
+    "                     memory (as models over 1 GiB do; to measure that case)\n"
+    "  --candidate-major  score one candidate after the other (the previous fast\n"
+    "                     path, same result; for comparison)\n"
     "  --naive            run the original algorithm literally (a full model forward\n"
     "                     per candidate)\n"
     "  -o, --output FILE  write here instead of standard output\n";
 
-enum { OPT_WEIGHT = 100, OPT_MODEL = 1, OPT_EXPERTS, OPT_LAYERS, OPT_BEAM, OPT_METRIC, OPT_MAXLEN, OPT_NAIVE };
+enum { OPT_WEIGHT = 100, OPT_MODEL = 1, OPT_EXPERTS, OPT_LAYERS, OPT_BEAM, OPT_METRIC, OPT_MAXLEN, OPT_NAIVE,
+       OPT_MEM, OPT_STREAM, OPT_CMAJOR };
 
 int main(int argc, char **argv) {
     moe_cli_init("moe-layer-search", help, argc, argv);
@@ -44,6 +54,9 @@ int main(int argc, char **argv) {
                                          {"metric", required_argument, 0, OPT_METRIC},
                                          {"max-length", required_argument, 0, OPT_MAXLEN},
                                          {"naive", no_argument, 0, OPT_NAIVE},
+                                         {"mem-mib", required_argument, 0, OPT_MEM},
+                                         {"stream-weights", no_argument, 0, OPT_STREAM},
+                                         {"candidate-major", no_argument, 0, OPT_CMAJOR},
                                          {"weight", required_argument, 0, OPT_WEIGHT},
                                          {"output", required_argument, 0, 'o'},
                                          MOE_CLI_COMMON_OPTIONS,
@@ -66,6 +79,11 @@ int main(int argc, char **argv) {
             break;
         case OPT_MAXLEN: o.max_length = (int)moe_cli_long("--max-length", optarg, 0, 1 << 30); break;
         case OPT_NAIVE: o.naive = 1; break;
+        case OPT_MEM:
+            o.mem_bytes = (size_t)moe_cli_long("--mem-mib", optarg, 1, 1 << 24) << 20;
+            break;
+        case OPT_STREAM: o.stream_weights = 1; break;
+        case OPT_CMAJOR: o.candidate_major = 1; break;
         case OPT_WEIGHT:
             weights = realloc(weights, sizeof *weights * (size_t)(nweights + 1));
             if (!weights || moe_parse_weight(optarg, &weights[nweights]) < 0)
@@ -116,7 +134,9 @@ int main(int argc, char **argv) {
     if (!moe_quiet) {
         char buf[256];
         moe_search_work_str(&work, buf, sizeof buf);
-        fprintf(stderr, "moe-layer-search: %s%s\n", o.naive ? "naive: " : "", buf);
+        fprintf(stderr, "moe-layer-search: %s%s, %llu layer loads\n",
+                o.naive ? "naive: " : o.candidate_major ? "candidate-major: " : "", buf,
+                (unsigned long long)work.layer_loads);
     }
     moe_plan_free(&plan);
     moe_ranking_free(&rk);
