@@ -280,26 +280,28 @@ static int rank_layer_fast(rank_ctx *x, int l, const float *w, const int *routed
     for (int e = 0; e < E; e++) ncand += routed[e];
     rank_layer_alloc(rl, K, E, routed);
 
-    /* cache every candidate's output for all tokens when it fits, else chunks */
+    /* cache the candidates' outputs for all tokens, as many as fit (in
+     * expert order); the others are recomputed per token chunk at every pick
+     * (and, when the model does not keep the layer's experts converted,
+     * converted again each time: a big budget saves both) */
     size_t budget = x->o->mem_bytes ? x->o->mem_bytes : ((size_t)1 << 30);
-    size_t per_tok = (size_t)(ncand ? ncand : 1) * H * sizeof(float);
-    int cached = per_tok * tot <= budget;
-    size_t chunk = cached ? tot : budget / ((size_t)H * sizeof(float) * 2);
-    if (chunk < 1) chunk = 1;
-    if (chunk > tot) chunk = tot;
-    float **cache = NULL;
-    if (cached) {
-        cache = moe_calloc((size_t)E, sizeof(float *));
-        for (int e = 0; e < E; e++) {
-            if (!routed[e]) continue;
-            cache[e] = moe_model_alloc(x->m, TH);
-            if (moe_layer_expert(x->m, l, e, cache[e], x->xn, (int)tot) < 0) goto fail;
-            if (x->work) {
-                x->work->expert_tokens += tot;
-                x->work->flops += expert_flops(c) * (double)tot;
-            }
+    size_t per_exp = TH * sizeof(float);
+    size_t nfit = per_exp ? budget / per_exp : (size_t)E;
+    int ncached = 0;
+    float **cache = moe_calloc((size_t)E, sizeof(float *));
+    for (int e = 0; e < E; e++) {
+        if (!routed[e] || (size_t)ncached >= nfit) continue;
+        cache[e] = moe_model_alloc(x->m, TH);
+        ncached++;
+        if (moe_layer_expert(x->m, l, e, cache[e], x->xn, (int)tot) < 0) goto fail;
+        if (x->work) {
+            x->work->expert_tokens += tot;
+            x->work->flops += expert_flops(c) * (double)tot;
         }
     }
+    size_t chunk = ncached == ncand ? tot : budget / ((size_t)H * sizeof(float) * 2);
+    if (chunk < 1) chunk = 1;
+    if (chunk > tot) chunk = tot;
     be->copy(x->p, x->base, TH * sizeof(float));
     int *ok = moe_malloc(sizeof(int) * (size_t)E);
     double *sc = moe_malloc(sizeof(double) * (size_t)E);
@@ -316,8 +318,8 @@ static int rank_layer_fast(rank_ctx *x, int l, const float *w, const int *routed
             size_t off = t0 * (size_t)H;
             for (int e = 0; e < E && rc == 0; e++) {
                 if (!ok[e]) continue;
-                const float *eo = cache ? cache[e] + off : x->eo;
-                if (!cache) {
+                const float *eo = cache[e] ? cache[e] + off : x->eo;
+                if (!cache[e]) {
                     rc = moe_layer_expert(x->m, l, e, x->eo, x->xn + off, (int)nt);
                     if (rc < 0) break;
                     if (x->work) {
@@ -349,18 +351,16 @@ static int rank_layer_fast(rank_ctx *x, int l, const float *w, const int *routed
         for (size_t t0 = 0; t0 < tot && rc == 0; t0 += chunk) {
             size_t nt = tot - t0 < chunk ? tot - t0 : chunk;
             size_t off = t0 * (size_t)H;
-            const float *eo = cache ? cache[best] + off : x->eo;
-            if (!cache) rc = moe_layer_expert(x->m, l, best, x->eo, x->xn + off, (int)nt);
+            const float *eo = cache[best] ? cache[best] + off : x->eo;
+            if (!cache[best]) rc = moe_layer_expert(x->m, l, best, x->eo, x->xn + off, (int)nt);
             if (rc == 0) be->axpy(x->p + off, eo, w[best], nt * H);
         }
     }
     free(ok);
     free(sc);
     free(acc);
-    if (cache) {
-        for (int e = 0; e < E; e++) moe_model_free(x->m, cache[e]);
-        free(cache);
-    }
+    for (int e = 0; e < E; e++) moe_model_free(x->m, cache[e]);
+    free(cache);
     return rc;
 fail:
     for (int e = 0; e < E; e++) moe_model_free(x->m, cache[e]);

@@ -37,7 +37,17 @@
  * kept.
  *   fast:  the hidden states of the current best model are cached; a
  *          candidate that adds layer c restarts at layer c from the cached
- *          state instead of layer 0.
+ *          state instead of layer 0.  A step's candidates run layer-major:
+ *          each layer is loaded once per pass for every candidate stream
+ *          that has reached it, and once more condensed where a candidate
+ *          starts (the model holds one kind per layer; the two kinds run one
+ *          after the other); the chosen beams' cache rebuild runs as one more
+ *          stream of the next step's pass.  One [tokens, H] buffer per
+ *          candidate; candidates sorted by layer, in batches that fit
+ *          mem_bytes, one pass each.  Streamed models (checkpoint > 1 GiB):
+ *          ~L + candidates loads per step instead of ~L^2/2.  Same result bit
+ *          for bit as the candidate-major loop (candidate_major = 1): each
+ *          stream makes the same calls on the same buffers.
  *   naive: a full model forward per candidate.
  *
  * Sequences longer than max_length are truncated to their first max_length

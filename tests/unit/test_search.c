@@ -318,6 +318,45 @@ static void test_chunked(void **st) {
     fixture_close(&f);
 }
 
+/* Expert outputs all cached, none, or some (budgets): the same ranking bit
+ * for bit. */
+static void test_rank_budgets(void **st) {
+    (void)st;
+    fixture f;
+    fixture_open(&f, "deepseek-l5");
+    size_t tot = 0;
+    for (int i = 0; i < f.seqs.n; i++)
+        tot += (size_t)(f.max_length > 0 && f.seqs.len[i] > f.max_length ? f.max_length
+                                                                           : f.seqs.len[i]);
+    size_t per_exp = tot * (size_t)moe_model_config(f.m)->hidden_size * sizeof(float);
+    size_t budgets[] = {0, 4096, 3 * per_exp, per_exp};
+    moe_ranking ref;
+    for (size_t bi = 0; bi < sizeof budgets / sizeof *budgets; bi++) {
+        moe_search_opts o = {.metric = MOE_DIV_JS, .max_length = f.max_length,
+                             .max_experts = f.top_k, .mem_bytes = budgets[bi],
+                             .stream_weights = bi == 3};
+        moe_ranking r;
+        moe_search_work w = {0};
+        if (moe_rank_run(f.m, &f.seqs, &f.ref_calib, &o, bi ? &r : &ref, &w) < 0)
+            fail_msg("%s", moe_error());
+        if (bi == 3) assert_int_equal(w.layer_loads, 5); /* one pass, each layer once */
+        if (bi == 0) continue;
+        for (int l = 0; l < r.L; l++) {
+            const moe_rank_layer *a = &r.layers[l], *b = &ref.layers[l];
+            assert_int_equal(a->present, b->present);
+            if (!a->present) continue;
+            assert_int_equal(a->n, b->n);
+            assert_memory_equal(a->experts, b->experts, sizeof(int) * (size_t)a->n);
+            if (memcmp(a->scores, b->scores, sizeof(double) * (size_t)a->n) ||
+                memcmp(a->cand, b->cand, sizeof(double) * (size_t)(f.top_k + 1) * r.E))
+                fail_msg("budget %zu: layer %d scores differ", budgets[bi], l);
+        }
+        moe_ranking_free(&r);
+    }
+    moe_ranking_free(&ref);
+    fixture_close(&f);
+}
+
 /* Other metrics and beam > 1: fast == naive. */
 static void test_fast_equals_naive(void **st) {
     (void)st;
@@ -463,7 +502,7 @@ int main(void) {
         cmocka_unit_test(test_qwen3_moe),   cmocka_unit_test(test_olmoe),
         cmocka_unit_test(test_mixtral),     cmocka_unit_test(test_deepseek_l5),
         cmocka_unit_test(test_qwen2_moe_l5), cmocka_unit_test(test_unrouted),
-        cmocka_unit_test(test_chunked),     cmocka_unit_test(test_fast_equals_naive),
+        cmocka_unit_test(test_chunked), cmocka_unit_test(test_rank_budgets),     cmocka_unit_test(test_fast_equals_naive),
         cmocka_unit_test(test_layer_major), cmocka_unit_test(test_bad_inputs),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
