@@ -102,7 +102,11 @@ int main(int argc, char **argv) {
 
     o.weights = weights;
     o.n_weights = nweights;
-    moe_model_opts mo = {.device = moe_cli.device};
+    /* every candidate that reaches a layer runs through it while it is loaded:
+     * keep its routed experts converted for the load (one layer's experts in
+     * f32, e.g. 2.2 GB for DeepSeekMoE-16B) instead of converting them again
+     * in every MLP call (each candidate, each chunk of tokens) */
+    moe_model_opts mo = {.device = moe_cli.device, .expert_cache_bytes = (size_t)-1};
     moe_model *m = moe_model_open(model, &mo);
     if (!m) moe_cli_fail();
     const moe_config *cfg = moe_model_config(m);
