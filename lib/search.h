@@ -26,8 +26,9 @@
  *   fast:  one layer-major pass; at layer l the MLP input xn and the residual
  *          h are known for all tokens, so a candidate costs one expert
  *          evaluation (cached), one weighted sum and one divergence.  Expert
- *          outputs are cached for all tokens when they fit in mem_bytes,
- *          otherwise recomputed per token chunk at every pick.
+ *          outputs are cached for all tokens, as many as fit in mem_bytes
+ *          (in expert order); the others are recomputed per token chunk at
+ *          every pick.  Each layer is loaded once.
  *   naive: the original literally: a full model forward per candidate.
  *
  * Layer search (moe_layer_search_run): greedy (beam) search over MoE layers,

@@ -138,9 +138,12 @@ int main(int argc, char **argv) {
     if (!moe_quiet) {
         char buf[256];
         moe_search_work_str(&work, buf, sizeof buf);
-        fprintf(stderr, "moe-layer-search: %s%s, %llu layer loads\n",
-                o.naive ? "naive: " : o.candidate_major ? "candidate-major: " : "", buf,
-                (unsigned long long)work.layer_loads);
+        if (o.naive)
+            fprintf(stderr, "moe-layer-search: naive: %s\n", buf);
+        else
+            fprintf(stderr, "moe-layer-search: %s%s, %llu layer loads\n",
+                    o.candidate_major ? "candidate-major: " : "", buf,
+                    (unsigned long long)work.layer_loads);
     }
     moe_plan_free(&plan);
     moe_ranking_free(&rk);
