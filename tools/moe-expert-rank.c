@@ -97,7 +97,11 @@ int main(int argc, char **argv) {
 
     o.weights = weights;
     o.n_weights = nweights;
-    moe_model_opts mo = {.device = moe_cli.device};
+    /* each layer is loaded once: keep its routed experts converted while it is
+     * (one layer's experts in f32, e.g. 2.2 GB for DeepSeekMoE-16B) rather than
+     * converting them again in the layer's MLP call (per chunk of tokens) and in
+     * every expert evaluation */
+    moe_model_opts mo = {.device = moe_cli.device, .expert_cache_bytes = (size_t)-1};
     moe_model *m = moe_model_open(model, &mo);
     if (!m) moe_cli_fail();
     const moe_config *cfg = moe_model_config(m);
