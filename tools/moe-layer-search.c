@@ -1,7 +1,6 @@
 /* moe-layer-search - CD-MoE step 2b: greedy choice of the layers to condense. */
 #include "cli.h"
-#include "kernels.h"
-#include "search.h"
+#include "search_job.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -85,10 +84,8 @@ int main(int argc, char **argv) {
         case OPT_STREAM: o.stream_weights = 1; break;
         case OPT_CMAJOR: o.candidate_major = 1; break;
         case OPT_WEIGHT:
-            weights = realloc(weights, sizeof *weights * (size_t)(nweights + 1));
-            if (!weights || moe_parse_weight(optarg, &weights[nweights]) < 0)
+            if (moe_search_add_weight(&weights, &nweights, optarg) < 0)
                 moe_cli_usage("--weight: expected LAYER:EXPERT=WEIGHT, got '%s'", optarg);
-            nweights++;
             break;
         case 'o': out = optarg; break;
         default: moe_cli_usage("unknown option or missing argument");
@@ -98,59 +95,41 @@ int main(int argc, char **argv) {
     if (o.k < 0) moe_cli_usage("--experts K is required");
     if (argc - optind > 1) moe_cli_usage("one input stream at most");
     const char *in = optind < argc ? argv[optind] : "-";
-    if (moe_cli.threads) moe_kernels_set_threads(moe_cli.threads);
-
     o.weights = weights;
     o.n_weights = nweights;
+
+    /* the ranking is read even for K = 0, where it is not needed */
+    moe_search_job j = {.tool = "moe-layer-search", .kind = MOE_REC_PLAN, .argc = argc, .argv = argv,
+                        .need = MOE_SEARCH_IN_CALIB | (o.k > 0 ? MOE_SEARCH_IN_RANKING : 0),
+                        .collect = MOE_SEARCH_IN_RANKING};
     /* every candidate that reaches a layer runs through it while it is loaded:
      * keep its routed experts converted for the load (one layer's experts in
      * f32, e.g. 2.2 GB for DeepSeekMoE-16B) instead of converting them again
      * in every MLP call (each candidate, each chunk of tokens) */
     moe_model_opts mo = {.device = moe_cli.device, .expert_cache_bytes = (size_t)-1};
-    moe_model *m = moe_model_open(model, &mo);
-    if (!m) moe_cli_fail();
-    const moe_config *cfg = moe_model_config(m);
-    if (o.k > cfg->n_routed_experts)
+    if (moe_search_job_model(&j, model, &mo, moe_cli.threads) < 0) moe_cli_fail();
+    if (o.k > j.cfg->n_routed_experts)
         moe_cli_usage("--experts %d: the model has %d routed experts per layer", o.k,
-                      cfg->n_routed_experts);
-    moe_reader *r = moe_reader_open(in);
-    if (!r) moe_cli_fail();
-    if (moe_reader_require_kind(r, "tokens", "make it with moe-tokenize") < 0 ||
-        moe_reader_require_kind(r, "calib", "make it with moe-calib") < 0 ||
-        (o.k > 0 && moe_reader_require_kind(r, "ranking", "make it with moe-expert-rank") < 0) ||
-        moe_reader_check_model(r, moe_model_fingerprint(m), moe_cli.force) < 0)
-        moe_cli_fail();
-    moe_provenance prov = {"moe-layer-search", argc, argv, moe_model_fingerprint(m), "plan"};
-    moe_writer *w = moe_writer_open(out, moe_reader_header(r), &prov, moe_cli.no_provenance);
-    if (!w) moe_cli_fail();
-    moe_seqs seqs;
-    moe_calib cal;
-    moe_ranking rk;
+                      j.cfg->n_routed_experts);
+    if (moe_search_job_open(&j, in, out, moe_cli.force, moe_cli.no_provenance) < 0) moe_cli_fail();
     moe_plan plan;
-    moe_search_work work = {0};
-    if (moe_search_collect(r, w, cfg->num_layers, cfg->n_routed_experts, &seqs, &cal, &rk) < 0 ||
-        moe_layer_search_run(m, &seqs, &cal, &rk, &o, &plan, &work) < 0 ||
-        moe_plan_write(w, &plan) < 0 || moe_search_work_write(w, "moe-layer-search", &work) < 0) {
-        moe_writer_abort(w);
+    if (moe_layer_search_run(j.model, &j.seqs, &j.calib, &j.ranking, &o, &plan, &j.work) < 0 ||
+        moe_plan_write(j.out, &plan) < 0 || moe_search_job_finish(&j) < 0) {
+        moe_search_job_abort(&j);
         moe_cli_fail();
     }
-    if (moe_writer_close(w) < 0) moe_cli_fail();
     if (!moe_quiet) {
         char buf[256];
-        moe_search_work_str(&work, buf, sizeof buf);
+        moe_search_work_str(&j.work, buf, sizeof buf);
         if (o.naive)
             fprintf(stderr, "moe-layer-search: naive: %s\n", buf);
         else
             fprintf(stderr, "moe-layer-search: %s%s, %llu layer loads\n",
                     o.candidate_major ? "candidate-major: " : "", buf,
-                    (unsigned long long)work.layer_loads);
+                    (unsigned long long)j.work.layer_loads);
     }
     moe_plan_free(&plan);
-    moe_ranking_free(&rk);
-    moe_calib_free(&cal);
-    moe_seqs_free(&seqs);
     free(weights);
-    moe_reader_close(r);
-    moe_model_close(m);
+    moe_search_job_close(&j);
     return 0;
 }
