@@ -27,10 +27,10 @@ static const char help[] =
     "  --max-length N      truncate sequences to N tokens for the search (default 256,\n"
     "                      the original's; 0 = none)\n"
     "  --mem-mib N         expert-output cache (default 1024).  The fast path keeps\n"
-    "                      ~7 x tokens x hidden floats plus, when it fits in the cache,\n"
-    "                      every candidate expert's output for all tokens (experts x\n"
-    "                      tokens x hidden floats); otherwise it recomputes expert\n"
-    "                      outputs per token chunk at every pick.\n"
+    "                      ~7 x tokens x hidden floats plus as many candidate experts'\n"
+    "                      outputs for all tokens (tokens x hidden floats each) as fit\n"
+    "                      in the cache; it recomputes the others' outputs per token\n"
+    "                      chunk at every pick.\n"
     "  --weight L:E=W      use W as the mean weight of expert E of decoder layer L\n"
     "                      (repeatable; e.g. for an expert calibration never routed to)\n"
     "  --naive             run the original algorithm literally (a full model forward\n"
@@ -95,7 +95,11 @@ int main(int argc, char **argv) {
 
     moe_search_job j = {.tool = "moe-expert-rank", .kind = MOE_REC_RANKING, .argc = argc, .argv = argv,
                         .need = MOE_SEARCH_IN_CALIB};
-    moe_model_opts mo = {.device = moe_cli.device};
+    /* each layer is loaded once: keep its routed experts converted while it is
+     * (one layer's experts in f32, e.g. 2.2 GB for DeepSeekMoE-16B) rather than
+     * converting them again in the layer's MLP call (per chunk of tokens) and in
+     * every expert evaluation */
+    moe_model_opts mo = {.device = moe_cli.device, .expert_cache_bytes = (size_t)-1};
     if (moe_search_job_model(&j, model, &mo, moe_cli.threads) < 0) moe_cli_fail();
     if (o.max_experts < 0) o.max_experts = j.cfg->top_k;
     if (o.max_experts > j.cfg->n_routed_experts)
