@@ -5,8 +5,9 @@
 // for it (and for the copy stream).  Weight uploads queued with upload_async
 // run on a second non-blocking stream (the copy stream), ordered after the
 // compute stream's work issued before them (an event per upload), and the
-// compute stream waits for them at upload_fence (an event, no host wait).  Each op's result is deterministic: reductions are done by one
-// block per row in a fixed tree order, cuBLAS runs with its default
+// compute stream waits for them at upload_fence (an event, no host wait).
+// Each op's result is deterministic: reductions are done by one block per
+// row in a fixed tree order, cuBLAS runs with its default
 // (deterministic, no atomics) settings on one stream, and no op uses atomics.
 // Element-wise formulas follow kernels/cpu.c; products that the CPU rounds
 // before an add use __fmul_rn/__fadd_rn so that nvcc does not fuse them.
