@@ -63,6 +63,7 @@ struct moe_model {
     const moe_config *cfg;
     const moe_backend *be;
     size_t cache_bytes;
+    size_t pool_cap;    /* bytes of freed blocks kept for reuse */
     layer_w *lw;
     layer_override *ov;
     float *final_norm;
@@ -82,8 +83,8 @@ struct moe_model {
  * Layers are loaded and unloaded one after another with the same shapes;
  * fresh allocations of that size cost a page fault per 4 KiB (a third of a
  * layer's load time on the CPU) or a cudaMalloc.  Freed blocks of >= 1 MiB
- * are kept (up to half the expert cache budget in total) and handed out
- * again for the same size. */
+ * are kept (up to half the expert cache budget in total, at most 4 GiB on
+ * device backends) and handed out again for the same size. */
 
 static void blk_push(blk **a, size_t *n, size_t *cap, void *p, size_t sz) {
     if (*n == *cap) {
@@ -119,7 +120,7 @@ static void bfree(moe_model *m, void *p) {
             size_t n = m->live[i].n;
             m->live[i] = m->live[--m->nlive];
             found = 1;
-            if (n >= ((size_t)1 << 20) && m->pool_bytes + n <= m->cache_bytes / 2) {
+            if (n >= ((size_t)1 << 20) && m->pool_bytes + n <= m->pool_cap) {
                 blk_push(&m->pool, &m->npool, &m->cappool, p, n);
                 m->pool_bytes += n;
                 keep = 1;
@@ -406,6 +407,10 @@ moe_model *moe_model_open(const char *dir, const moe_model_opts *opts) {
     m->cache_bytes = opts && opts->expert_cache_bytes ? opts->expert_cache_bytes
                      : be->host_memory                ? (size_t)1 << 30
                                                       : (size_t)8 << 30;
+    /* device memory is scarce: blocks of sizes that never come back (a dense
+     * layer's, condensed candidates' fused weights) must not pile up */
+    m->pool_cap = m->cache_bytes / 2;
+    if (!be->host_memory && m->pool_cap > ((size_t)4 << 30)) m->pool_cap = (size_t)4 << 30;
     const char *old_path = getenv("MOE_STAGE_F32"); /* benchmarks: the f32 round trip */
     m->direct = !be->host_memory && !(old_path && *old_path && strcmp(old_path, "0") != 0);
     m->stg_bytes = opts && opts->staging_bytes ? opts->staging_bytes : (size_t)64 << 20;

@@ -42,7 +42,7 @@
  *   weights: one MoE layer in BF16 1.18 GB (experts 64 x 3 x 1408 x 2048 x 2 B
  *     = 1.11 GB, attention 4 x 2048^2 x 2 B = 34 MB, shared 3 x 2816 x 2048 x 2 B
  *     = 35 MB); layer l is unloaded before l+1 is prefetched, so l+1 reuses
- *     l's blocks from the model's pool (<= cache/2 kept): ~1.2 GB, and at
+ *     l's blocks from the model's pool (<= 4 GiB kept): ~1.2 GB, and at
  *     most 2.4 GB for a caller that prefetches before unloading; layer 0
  *     (dense, 10944) 134 MB, kept in the pool;
  *   activations: x, xn, y of moe_model_forward 3 x 25600 x 2048 x 4 B = 0.63 GB
