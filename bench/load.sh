@@ -3,7 +3,9 @@
 # DeepSeekMoE-16B-shaped MoE layer (2048 hidden, 64 experts x 1408, 2 shared,
 # BF16 on disk; layer 0 is dense, layer 1 is measured) on a CPU stand-in for a
 # device backend (bench/load_bench.c), the old f32 round trip (MOE_STAGE_F32=1)
-# vs the direct BF16 staging, in the same run.  The checkpoint (~1.3 GB: 2
+# vs the direct BF16 staging, in the same run; then the same without the
+# stand-in host -> device copies (host staging alone, as when a GPU's copy
+# engine does the copies in parallel).  The checkpoint (~1.3 GB: 2
 # layers, vocabulary 1024) is written once under $BENCH_DIR (default
 # /tmp/cdmoe-bench-load) and kept in the page cache: this measures the host
 # work, not the disk.  BENCH_LOAD_REPS=3.
@@ -32,3 +34,5 @@ echo "-- model: DeepSeekMoE-16B widths, 2 layers, bf16 ($(du -sh "$M" | cut -f1)
 old=$(sed -n 's/^old_s=//p' "$WORK/load.txt"); new=$(sed -n 's/^new_s=//p' "$WORK/load.txt")
 gb=$(sed -n 's/^layer_bytes=//p' "$WORK/load.txt" | awk '{printf "%.2f", $1/1e9}')
 echo "RESULT layer load, device path ($gb GB of experts, BF16): old f32 staging ${old} s, direct BF16 staging ${new} s; ratio old/new = $(echo "$old $new" | awk '{printf "%.2f", $1/$2}')"
+os=$(sed -n 's/^old_stage_s=//p' "$WORK/load.txt"); ns=$(sed -n 's/^new_stage_s=//p' "$WORK/load.txt")
+echo "RESULT host staging alone (the copies left to a copy engine): old ${os} s, new ${ns} s; ratio old/new = $(echo "$os $ns" | awk '{printf "%.2f", $1/$2}')"
