@@ -28,12 +28,12 @@
 #define __constant__
 #define __managed__
 #define __align__(n) __attribute__((aligned(n)))
-// __shared__ variables belong to a block: a block's threads are fibers of one
-// OS thread, and blocks run one after the other, so a function-local static
-// per OS thread is exactly one copy per running block.  `extern __shared__`
-// (dynamic shared memory) is rewritten by translate.pl into a pointer from
-// cudaemu::dyn_smem().
-#define __shared__ static thread_local
+// __shared__ variables belong to a block: a block's threads are fibers, and
+// blocks run one after the other (on the launching thread), so a
+// function-local static is exactly one copy per running block.
+// `extern __shared__` (dynamic shared memory) is rewritten by translate.pl
+// into a pointer from cudaemu::dyn_smem().
+#define __shared__ static
 // __restrict__ is a g++ keyword already.
 
 // ---- built-in variables -------------------------------------------------------
@@ -45,11 +45,12 @@ struct dim3 {
     constexpr dim3(unsigned vx = 1, unsigned vy = 1, unsigned vz = 1) : x(vx), y(vy), z(vz) {}
     constexpr dim3(uint3 v) : x(v.x), y(v.y), z(v.z) {}
 };
-// Set by the scheduler before each switch into a thread's fiber.
-extern thread_local uint3 threadIdx CUDAEMU_API;
-extern thread_local uint3 blockIdx CUDAEMU_API;
-extern thread_local dim3 blockDim CUDAEMU_API;
-extern thread_local dim3 gridDim CUDAEMU_API;
+// Set by the scheduler before each switch into a thread's fiber (plain
+// globals: the emulator runs kernels on one host thread at a time).
+extern uint3 threadIdx CUDAEMU_API;
+extern uint3 blockIdx CUDAEMU_API;
+extern dim3 blockDim CUDAEMU_API;
+extern dim3 gridDim CUDAEMU_API;
 static constexpr int warpSize = 32;
 
 // ---- device intrinsics ----------------------------------------------------------

@@ -71,7 +71,6 @@
 #include <time.h>
 #include <unistd.h>
 
-#include <deque>
 #include <map>
 #include <set>
 #include <vector>
@@ -80,8 +79,8 @@
 #include <ucontext.h>
 #endif
 
-thread_local uint3 threadIdx, blockIdx;
-thread_local dim3 blockDim, gridDim;
+uint3 threadIdx, blockIdx;
+dim3 blockDim, gridDim;
 
 namespace {
 
@@ -240,7 +239,6 @@ void *g_sched_sp; // the scheduler's saved stack pointer
 ucontext_t g_sched_uc;
 #endif
 fiber *g_cur;     // the running fiber
-bool g_fiber_free; // set by a fiber that hands itself back (nothing left to start)
 std::vector<fiber *> g_pool;
 
 } // namespace
@@ -303,6 +301,7 @@ fiber *fiber_get() {
     return f;
 }
 
+// scheduler -> fiber f
 void to_fiber(fiber *f) {
     g_cur = f;
 #if defined(__x86_64__)
@@ -311,11 +310,13 @@ void to_fiber(fiber *f) {
     swapcontext(&g_sched_uc, &f->uc);
 #endif
 }
-void to_scheduler() {
+// fiber self -> fiber f (NULL: the scheduler)
+void fiber_to(fiber *self, fiber *f) {
+    g_cur = f;
 #if defined(__x86_64__)
-    cudaemu_switch(&g_cur->sp, g_sched_sp);
+    cudaemu_switch(&self->sp, f ? f->sp : g_sched_sp);
 #else
-    swapcontext(&g_cur->uc, &g_sched_uc);
+    swapcontext(&self->uc, f ? &f->uc : &g_sched_uc);
 #endif
 }
 
@@ -332,7 +333,8 @@ struct block_state {
     std::vector<int> wsize, wwait, wdone; // per warp
     std::vector<unsigned> wmask;          // the mask of the collective in progress
     std::vector<uint64_t> wbuf;           // [warp][2][32] exchange slots
-    std::deque<int> ready;
+    std::vector<int> ready; // released threads, resumed in this order
+    size_t rhead;
     char *smem;
 } B;
 bool g_in_kernel;
@@ -340,6 +342,10 @@ bool g_in_kernel;
 void set_thread(int t) {
     B.cur = t;
     unsigned bx = blockDim.x, by = blockDim.y;
+    if (bx == (unsigned)B.n) { // 1-D blocks
+        threadIdx.x = (unsigned)t;
+        return;
+    }
     threadIdx.x = t % bx;
     threadIdx.y = (t / bx) % by;
     threadIdx.z = t / (bx * by);
@@ -362,9 +368,23 @@ void check_release(int w) {
     if (B.nwait_block && B.nwait_block + B.ndone == B.n) release_block();
 }
 
-// Each fiber: run unstarted threads to completion one after the other; give
-// the fiber back to the scheduler when a thread blocks (the scheduler resumes
-// it later) or when nothing is left to start.
+// The fiber of the next thread to run: a released one (its own fiber), else a
+// fresh fiber for the next unstarted thread; NULL when there is neither.
+fiber *pick() {
+    if (B.rhead < B.ready.size()) {
+        int t = B.ready[B.rhead++];
+        if (B.rhead == B.ready.size()) B.ready.clear(), B.rhead = 0;
+        B.st[t] = T_RUNNING;
+        set_thread(t);
+        return B.fib[t];
+    }
+    if (B.next < B.n) return fiber_get();
+    return NULL;
+}
+
+// Each fiber: run unstarted threads to completion one after the other.  When
+// a thread blocks its fiber switches straight to the next runnable one (see
+// wait_here); when nothing is left to start the fiber goes back to the pool.
 void fiber_main() {
     for (;;) {
         while (B.next < B.n) {
@@ -379,8 +399,9 @@ void fiber_main() {
             B.wdone[t / 32]++;
             check_release(t / 32);
         }
-        g_fiber_free = true;
-        to_scheduler();
+        fiber *self = g_cur;
+        g_pool.push_back(self); // free again: nothing is left to start
+        fiber_to(self, pick()); // (pick cannot return self: its threads are done)
     }
 }
 
@@ -390,9 +411,9 @@ void wait_here(int state) {
     if (state == T_WAIT_BLOCK) B.nwait_block++;
     else B.wwait[t / 32]++;
     check_release(t / 32);
-    g_fiber_free = false;
-    to_scheduler();
-    // resumed by the scheduler, which set threadIdx and B.cur back to t
+    fiber *self = g_cur, *nx = pick();
+    if (nx != self) fiber_to(self, nx); // (self: t was the last to arrive and is first again)
+    // resumed: pick() set threadIdx and B.cur back to t
 }
 
 [[noreturn]] void deadlock() {
@@ -412,22 +433,13 @@ void run_block() {
     std::fill(B.wdone.begin(), B.wdone.end(), 0);
     std::fill(B.wmask.begin(), B.wmask.end(), 0u);
     B.ready.clear();
+    B.rhead = 0;
     if (B.smem) memset(B.smem, 0xff, B.cfg->smem);
+    // fibers switch among themselves; back here when none is runnable
     while (B.ndone < B.n) {
-        fiber *f;
-        if (!B.ready.empty()) {
-            int t = B.ready.front();
-            B.ready.pop_front();
-            B.st[t] = T_RUNNING;
-            set_thread(t);
-            f = B.fib[t];
-        } else if (B.next < B.n) {
-            f = fiber_get();
-        } else {
-            deadlock();
-        }
+        fiber *f = pick();
+        if (!f) deadlock();
         to_fiber(f);
-        if (g_fiber_free) g_pool.push_back(f);
     }
 }
 
@@ -583,6 +595,7 @@ void cudaemu::launch_run(const launch_cfg &c, void (*thunk)(void *), void *ctx) 
     }
     gridDim = c.grid;
     blockDim = c.block;
+    threadIdx = uint3{0, 0, 0};
     g_in_kernel = true;
     for (unsigned z = 0; z < c.grid.z; z++)
         for (unsigned y = 0; y < c.grid.y; y++)
