@@ -45,9 +45,11 @@
 //    against the allocations.  MOE_CUDA_EMU_GROUPED_BF16_F32=0 makes the
 //    grouped GEMM refuse BF16 -> F32 (as some cuBLAS versions may), to test
 //    the backend's fallback.
-//  - MOE_CUDA_EMU_NOCOMPUTE=1: kernels and GEMMs are checked but not run,
-//    copies are done, allocations are not poisoned (untouched memory costs no
-//    RAM): for measuring device memory at real model shapes on a CPU.
+//  - MOE_CUDA_EMU_NOCOMPUTE=1: GEMMs and kernel launches of more than 65536
+//    threads are checked but not run (small ones, like the router, still run:
+//    the host needs valid expert indices), copies are done, allocations are
+//    not poisoned (untouched memory costs no RAM): for measuring device memory
+//    at real model shapes on a CPU (results are meaningless).
 //
 // What it cannot catch
 //  - Races: threads of a block run one at a time, blocks in order, so missing
@@ -563,7 +565,11 @@ void cudaemu::launch_check_ptr(const launch_cfg &c, int arg, const void *p) {
 }
 
 void cudaemu::launch_run(const launch_cfg &c, void (*thunk)(void *), void *ctx) {
-    if (g_sticky || nocompute()) return;
+    if (g_sticky) return;
+    // no-compute mode still runs small launches (the router: the host needs
+    // valid expert indices to go on)
+    if (nocompute() && (double)c.grid.x * c.grid.y * c.grid.z * c.block.x * c.block.y * c.block.z > 65536)
+        return;
     if (g_in_kernel) emu_die("kernel launch from device code is not emulated");
     install_fault_handler();
     B.cfg = &c;
