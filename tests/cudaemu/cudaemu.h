@@ -15,6 +15,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <functional>
+#include <tuple>
 #include <type_traits>
 
 #define CUDAEMU_API __attribute__((visibility("hidden")))
@@ -459,6 +461,8 @@ CUDAEMU_API bool launch_begin(const launch_cfg &c);
 CUDAEMU_API void launch_check_ptr(const launch_cfg &c, int arg, const void *p);
 // runs thunk(ctx) once per GPU thread, block after block
 CUDAEMU_API void launch_run(const launch_cfg &c, void (*thunk)(void *), void *ctx);
+// queues run on the launch's stream (streams are deferred: see emu.cpp)
+CUDAEMU_API void launch_enqueue(const launch_cfg &c, std::function<void(const launch_cfg &)> run);
 // the dynamic shared memory of the running block
 CUDAEMU_API void *dyn_smem(void);
 
@@ -474,8 +478,11 @@ template <class F> struct launcher {
         int i = 0;
         (check_arg(cfg, i++, a), ...);
         (void)i;
-        auto call = [&]() { fn(a...); }; // each thread copies the arguments, as a kernel does
-        launch_run(cfg, [](void *p) { (*(decltype(call) *)p)(); }, &call);
+        // the arguments are copied at launch, and again by each thread's call
+        launch_enqueue(cfg, [f = fn, args = std::make_tuple(a...)](const launch_cfg &c) {
+            auto call = [&]() { std::apply(f, args); };
+            launch_run(c, [](void *p) { (*(decltype(call) *)p)(); }, &call);
+        });
     }
 };
 template <class F>

@@ -73,7 +73,10 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <deque>
+#include <functional>
 #include <map>
+#include <memory>
 #include <set>
 #include <vector>
 
@@ -83,6 +86,21 @@
 
 uint3 threadIdx, blockIdx;
 dim3 blockDim, gridDim;
+
+// A stream: the operations issued and not yet run, in order.
+struct CUstream_st {
+    unsigned flags;
+    bool live; // destroyed streams stay allocated: a queued wait may name one
+    std::deque<std::function<void()>> q;
+    uint64_t issued, done; // operations issued / run so far
+};
+struct CUevent_st {
+    unsigned flags;
+    bool recorded, told_busy;
+    CUstream_st *s; // stream of the last record; NULL: complete
+    uint64_t seq;   // complete once s->done >= seq
+    double t;       // host time when the record ran
+};
 
 namespace {
 
@@ -149,6 +167,7 @@ struct alloc_t {
     char *map;      // mmap'd region (device), or NULL (host kinds)
     size_t map_len; // incl. the guard page
     int kind;
+    bool freeing; // cudaFreeAsync issued, not yet run
 };
 std::map<uintptr_t, alloc_t> g_allocs;
 size_t g_live; // device bytes
@@ -185,34 +204,89 @@ cudaError_t dev_alloc(void **out, size_t n) {
     mprotect(m + pages, PAGE, PROT_NONE); // guard page right after the data
     char *p = m + pages - body;
     if (!nocompute()) memset(p, 0xff, body); // NaN bytes: uninitialised reads show
-    g_allocs[(uintptr_t)p] = alloc_t{n, m, len, K_DEVICE};
+    g_allocs[(uintptr_t)p] = alloc_t{n, m, len, K_DEVICE, false};
     g_live += n;
     *out = p;
     return cudaSuccess;
 }
-cudaError_t dev_free(void *p) {
-    if (!p) return chk();
+// checks a free; the allocation, or NULL (error recorded)
+alloc_t *free_check(void *p, const char *who) {
     auto it = g_allocs.find((uintptr_t)p);
-    if (it == g_allocs.end() || it->second.kind != K_DEVICE) {
-        emu_warn("cudaFree(%p): not a device allocation", p);
-        return ret(cudaErrorInvalidValue);
+    if (it == g_allocs.end() || it->second.kind != K_DEVICE || it->second.freeing) {
+        emu_warn("%s(%p): not a live device allocation (never allocated, freed, or interior)", who, p);
+        ret(cudaErrorInvalidValue);
+        return NULL;
     }
+    return &it->second;
+}
+void free_now(void *p) {
+    auto it = g_allocs.find((uintptr_t)p);
     g_live -= it->second.size;
     munmap(it->second.map, it->second.map_len); // later use faults
     g_allocs.erase(it);
-    return chk();
 }
 
 // ---- streams, events, handles ---------------------------------------------------------
-std::set<const void *> g_streams, g_events;
-struct event_rec {
-    unsigned flags;
-    bool recorded;
-    double t;
-};
-std::map<const void *, event_rec> g_event_info;
+// Work issued on a created stream is queued and runs only when something
+// waits for it (stream/event/device synchronisation, a blocking copy, a
+// legacy-stream operation for blocking streams, a queued cudaStreamWaitEvent
+// that runs): a missing wait or event shows as stale data, a pinned host
+// buffer reused before its copy ran shows as wrong data.  The legacy default
+// stream (0) runs its work at once, after the blocking streams' queues.
+// MOE_CUDA_EMU_SYNC=1 runs everything at issue.
+std::vector<CUstream_st *> g_all_streams;
+std::set<const void *> g_events;
+bool sync_mode() {
+    static int v = -1;
+    if (v < 0) v = env_int("MOE_CUDA_EMU_SYNC", 0) != 0;
+    return v;
+}
+CUstream_st *sobj(cudaStream_t s) {
+    return s == 0 || s == cudaStreamLegacy || s == cudaStreamPerThread ? NULL : s;
+}
 bool stream_ok(cudaStream_t s) {
-    return s == 0 || s == cudaStreamLegacy || s == cudaStreamPerThread || g_streams.count(s);
+    CUstream_st *o = sobj(s);
+    if (!o) return true;
+    for (CUstream_st *x : g_all_streams)
+        if (x == o) return x->live;
+    return false;
+}
+void flush(CUstream_st *s, uint64_t upto) {
+    while (s->done < upto && !s->q.empty()) {
+        std::function<void()> f = std::move(s->q.front());
+        s->q.pop_front();
+        s->done++;
+        f();
+    }
+}
+void flush_stream(CUstream_st *s) { flush(s, s->issued); }
+void flush_all() {
+    for (CUstream_st *s : g_all_streams) flush_stream(s);
+}
+void flush_blocking() {
+    for (CUstream_st *s : g_all_streams)
+        if (!(s->flags & cudaStreamNonBlocking)) flush_stream(s);
+}
+// sync(stream): what a host wait on the stream runs
+void sync_stream(cudaStream_t h) {
+    CUstream_st *s = sobj(h);
+    if (s) flush_stream(s);
+    else flush_blocking();
+}
+void enqueue(cudaStream_t h, std::function<void()> f) {
+    CUstream_st *s = sobj(h);
+    if (!s) { // legacy stream: after the blocking streams' work, at once
+        flush_blocking();
+        f();
+        return;
+    }
+    s->issued++;
+    if (sync_mode()) {
+        s->done++;
+        f();
+        return;
+    }
+    s->q.push_back(std::move(f));
 }
 double now_ms() {
     struct timespec ts;
@@ -531,6 +605,11 @@ uint64_t cudaemu::warp_exchange(unsigned mask, uint64_t bits, int mode, int arg,
 
 void *cudaemu::dyn_smem(void) { return B.smem; }
 
+void cudaemu::launch_enqueue(const launch_cfg &c, std::function<void(const launch_cfg &)> run) {
+    launch_cfg cc = c;
+    enqueue(c.stream, [cc, run]() { run(cc); });
+}
+
 bool cudaemu::launch_begin(const launch_cfg &c) {
     if (g_sticky) return false;
     const dim3 &g = c.grid, &b = c.block;
@@ -614,12 +693,6 @@ void cudaemu::launch_run(const launch_cfg &c, void (*thunk)(void *), void *ctx) 
 }
 
 // ---- runtime API ---------------------------------------------------------------------------
-struct CUstream_st {
-    unsigned flags;
-};
-struct CUevent_st {
-    unsigned flags;
-};
 
 #define ERRS(X)                                                                                   \
     X(cudaSuccess, "no error")                                                                    \
@@ -725,7 +798,10 @@ cudaError_t cudaDeviceGetAttribute(int *v, enum cudaDeviceAttr a, int d) {
     }
     return chk();
 }
-cudaError_t cudaDeviceSynchronize(void) { return chk(); }
+cudaError_t cudaDeviceSynchronize(void) {
+    flush_all();
+    return chk();
+}
 cudaError_t cudaMemGetInfo(size_t *fr, size_t *tot) {
     if (!fr || !tot) return ret(cudaErrorInvalidValue);
     *tot = total_mem();
@@ -734,14 +810,25 @@ cudaError_t cudaMemGetInfo(size_t *fr, size_t *tot) {
 }
 
 cudaError_t cudaMalloc(void **p, size_t n) { return dev_alloc(p, n); }
-cudaError_t cudaFree(void *p) { return dev_free(p); }
+cudaError_t cudaFree(void *p) { // synchronises the device, as the real one
+    if (!p) return chk();
+    flush_all();
+    if (!free_check(p, "cudaFree")) return cudaErrorInvalidValue;
+    free_now(p);
+    return chk();
+}
 cudaError_t cudaMallocAsync(void **p, size_t n, cudaStream_t s) {
     if (!stream_ok(s)) return ret(cudaErrorInvalidResourceHandle);
     return dev_alloc(p, n);
 }
-cudaError_t cudaFreeAsync(void *p, cudaStream_t s) {
+cudaError_t cudaFreeAsync(void *p, cudaStream_t s) { // in stream order
     if (!stream_ok(s)) return ret(cudaErrorInvalidResourceHandle);
-    return dev_free(p);
+    if (!p) return chk();
+    alloc_t *a = free_check(p, "cudaFreeAsync");
+    if (!a) return cudaErrorInvalidValue;
+    a->freeing = true;
+    enqueue(s, [p]() { free_now(p); });
+    return chk();
 }
 
 cudaError_t cudaHostAlloc(void **p, size_t n, unsigned flags) {
@@ -750,7 +837,7 @@ cudaError_t cudaHostAlloc(void **p, size_t n, unsigned flags) {
     if (g_sticky) return chk();
     void *m = NULL;
     if (posix_memalign(&m, PAGE, n ? n : 1)) return ret(cudaErrorMemoryAllocation);
-    g_allocs[(uintptr_t)m] = alloc_t{n ? n : 1, NULL, 0, K_PINNED};
+    g_allocs[(uintptr_t)m] = alloc_t{n ? n : 1, NULL, 0, K_PINNED, false};
     *p = m;
     return cudaSuccess;
 }
@@ -762,6 +849,7 @@ cudaError_t cudaFreeHost(void *p) {
         emu_warn("cudaFreeHost(%p): not from cudaHostAlloc/cudaMallocHost", p);
         return ret(cudaErrorInvalidValue);
     }
+    flush_all(); // queued copies may still read it
     g_allocs.erase(it);
     free(p);
     return chk();
@@ -769,13 +857,14 @@ cudaError_t cudaFreeHost(void *p) {
 cudaError_t cudaHostRegister(void *p, size_t n, unsigned flags) {
     if (!p || !n || (flags & ~0xfu)) return ret(cudaErrorInvalidValue);
     if (find_alloc(p, 0) || find_alloc((char *)p + n - 1, 1)) return ret(cudaErrorHostMemoryAlreadyRegistered);
-    g_allocs[(uintptr_t)p] = alloc_t{n, NULL, 0, K_REGISTERED};
+    g_allocs[(uintptr_t)p] = alloc_t{n, NULL, 0, K_REGISTERED, false};
     return chk();
 }
 cudaError_t cudaHostUnregister(void *p) {
     auto it = g_allocs.find((uintptr_t)p);
     if (!p || it == g_allocs.end() || it->second.kind != K_REGISTERED)
         return ret(cudaErrorHostMemoryNotRegistered);
+    flush_all();
     g_allocs.erase(it);
     return chk();
 }
@@ -807,7 +896,7 @@ const char *kind_name(int k) {
     return k >= 0 && k <= 4 ? n[k] : "?";
 }
 // the checks of a copy's ranges; false (error recorded, warning printed) when invalid
-cudaError_t copy_check(void *dst, const void *src, size_t n, int kind) {
+cudaError_t copy_check(void *dst, const void *src, size_t n, int kind, bool *dev_dst, bool *dev_src) {
     if (kind < 0 || kind > 4) return ret(cudaErrorInvalidMemcpyDirection);
     if (n == 0) return cudaSuccess;
     if (!dst || !src) return ret(cudaErrorInvalidValue);
@@ -828,6 +917,7 @@ cudaError_t copy_check(void *dst, const void *src, size_t n, int kind) {
                  kind_name(kind), dst, src, n, bad);
         return ret(cudaErrorInvalidValue);
     }
+    *dev_dst = dd, *dev_src = sd;
     return cudaSuccess;
 }
 } // namespace
@@ -835,13 +925,26 @@ cudaError_t copy_check(void *dst, const void *src, size_t n, int kind) {
 cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t n, enum cudaMemcpyKind k, cudaStream_t s) {
     if (!stream_ok(s)) return ret(cudaErrorInvalidResourceHandle);
     if (g_sticky) return chk();
-    cudaError_t e = copy_check(dst, src, n, k);
-    if (e) return e;
-    if (n) memmove(dst, src, n);
-    return cudaSuccess;
+    bool dd = false, sd = false;
+    cudaError_t e = copy_check(dst, src, n, k, &dd, &sd);
+    if (e || !n) return e;
+    // pinned (page-locked) host memory is read/written when the copy runs;
+    // pageable host memory as the real API does: a host-to-device copy takes
+    // the data at issue, a device-to-host copy waits and returns complete
+    auto pinned = [](const void *p) { auto *a = find_alloc(p, 0); return a && a->second.kind != K_DEVICE; };
+    if ((dd && sd) || (dd && pinned(src)) || (sd && pinned(dst))) {
+        enqueue(s, [=]() { memmove(dst, src, n); });
+    } else if (dd) {
+        auto buf = std::make_shared<std::vector<char>>((const char *)src, (const char *)src + n);
+        enqueue(s, [=]() { memmove(dst, buf->data(), n); });
+    } else {
+        sync_stream(s);
+        memmove(dst, src, n);
+    }
+    return chk();
 }
 cudaError_t cudaMemcpy(void *dst, const void *src, size_t n, enum cudaMemcpyKind k) {
-    return cudaMemcpyAsync(dst, src, n, k, 0);
+    return cudaMemcpyAsync(dst, src, n, k, 0); // legacy stream: at once
 }
 cudaError_t cudaMemsetAsync(void *p, int v, size_t n, cudaStream_t s) {
     if (!stream_ok(s)) return ret(cudaErrorInvalidResourceHandle);
@@ -851,65 +954,105 @@ cudaError_t cudaMemsetAsync(void *p, int v, size_t n, cudaStream_t s) {
         emu_warn("cudaMemset(%p, %d, %zu bytes): not inside one device allocation", p, v, n);
         return ret(cudaErrorInvalidValue);
     }
-    memset(p, v, n);
-    return cudaSuccess;
+    enqueue(s, [=]() { memset(p, v, n); });
+    return chk();
 }
 cudaError_t cudaMemset(void *p, int v, size_t n) { return cudaMemsetAsync(p, v, n, 0); }
 
 cudaError_t cudaStreamCreateWithFlags(cudaStream_t *s, unsigned flags) {
     if (!s || flags > 1) return ret(cudaErrorInvalidValue);
-    *s = new CUstream_st{flags};
-    g_streams.insert(*s);
+    CUstream_st *o = new CUstream_st();
+    o->flags = flags;
+    o->live = true;
+    g_all_streams.push_back(o);
+    *s = o;
     return chk();
 }
 cudaError_t cudaStreamCreate(cudaStream_t *s) { return cudaStreamCreateWithFlags(s, 0); }
 cudaError_t cudaStreamDestroy(cudaStream_t s) {
-    if (!g_streams.count(s)) return ret(cudaErrorInvalidResourceHandle);
-    g_streams.erase(s);
-    delete s;
+    if (!sobj(s) || !stream_ok(s)) return ret(cudaErrorInvalidResourceHandle);
+    flush_stream(s); // its work completes; the handle is dead from now on
+    s->live = false;
     return chk();
 }
 cudaError_t cudaStreamSynchronize(cudaStream_t s) {
-    return stream_ok(s) ? chk() : ret(cudaErrorInvalidResourceHandle);
+    if (!stream_ok(s)) return ret(cudaErrorInvalidResourceHandle);
+    sync_stream(s);
+    return chk();
 }
-cudaError_t cudaStreamQuery(cudaStream_t s) { return cudaStreamSynchronize(s); }
+cudaError_t cudaStreamQuery(cudaStream_t s) {
+    if (!stream_ok(s)) return ret(cudaErrorInvalidResourceHandle);
+    CUstream_st *o = sobj(s);
+    if (o && o->done < o->issued) { // busy: say so, and let the work run
+        flush_stream(o);
+        return g_sticky ? chk() : cudaErrorNotReady;
+    }
+    return chk();
+}
+namespace {
+bool event_ok(cudaEvent_t e) { return e && g_events.count(e); }
+bool event_done(cudaEvent_t e) { return !e->s || e->s->done >= e->seq; }
+} // namespace
 cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned flags) {
-    if (!stream_ok(s) || !g_events.count(e)) return ret(cudaErrorInvalidResourceHandle);
+    if (!stream_ok(s) || !event_ok(e)) return ret(cudaErrorInvalidResourceHandle);
     if (flags > 1) return ret(cudaErrorInvalidValue);
+    if (!e->recorded || event_done(e)) return chk(); // nothing to wait for
+    CUstream_st *es = e->s;
+    uint64_t seq = e->seq; // the record as of now: a later record does not count
+    if (sobj(s) == es) return chk();
+    enqueue(s, [es, seq]() { flush(es, seq); });
     return chk();
 }
 cudaError_t cudaEventCreateWithFlags(cudaEvent_t *e, unsigned flags) {
     if (!e || (flags & ~0x7u)) return ret(cudaErrorInvalidValue);
-    *e = new CUevent_st{flags};
-    g_events.insert(*e);
-    g_event_info[*e] = event_rec{flags, false, 0};
+    CUevent_st *o = new CUevent_st();
+    o->flags = flags;
+    g_events.insert(o);
+    *e = o;
     return chk();
 }
 cudaError_t cudaEventCreate(cudaEvent_t *e) { return cudaEventCreateWithFlags(e, 0); }
 cudaError_t cudaEventDestroy(cudaEvent_t e) {
-    if (!g_events.count(e)) return ret(cudaErrorInvalidResourceHandle);
+    if (!event_ok(e)) return ret(cudaErrorInvalidResourceHandle);
+    if (e->s) flush(e->s, e->seq); // its queued record refers to it
     g_events.erase(e);
-    g_event_info.erase(e);
     delete e;
     return chk();
 }
 cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) {
-    if (!g_events.count(e) || !stream_ok(s)) return ret(cudaErrorInvalidResourceHandle);
-    g_event_info[e].recorded = true;
-    g_event_info[e].t = now_ms();
+    if (!event_ok(e) || !stream_ok(s)) return ret(cudaErrorInvalidResourceHandle);
+    e->recorded = true;
+    e->told_busy = false;
+    CUstream_st *o = sobj(s);
+    if (!o) flush_blocking();
+    e->s = o;
+    enqueue(s, [e]() { e->t = now_ms(); });
+    if (o) e->seq = o->issued;
     return chk();
 }
 cudaError_t cudaEventQuery(cudaEvent_t e) {
-    return g_events.count(e) ? chk() : ret(cudaErrorInvalidResourceHandle);
+    if (!event_ok(e)) return ret(cudaErrorInvalidResourceHandle);
+    if (!event_done(e)) {
+        if (!e->told_busy) { // say "not ready" once, then let the work run
+            e->told_busy = true;
+            return g_sticky ? chk() : cudaErrorNotReady;
+        }
+        flush(e->s, e->seq);
+    }
+    return chk();
 }
-cudaError_t cudaEventSynchronize(cudaEvent_t e) { return cudaEventQuery(e); }
+cudaError_t cudaEventSynchronize(cudaEvent_t e) {
+    if (!event_ok(e)) return ret(cudaErrorInvalidResourceHandle);
+    if (e->s) flush(e->s, e->seq);
+    return chk();
+}
 cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t a, cudaEvent_t b) {
     if (!ms) return ret(cudaErrorInvalidValue);
-    if (!g_events.count(a) || !g_events.count(b)) return ret(cudaErrorInvalidResourceHandle);
-    const event_rec &x = g_event_info[a], &y = g_event_info[b];
-    if ((x.flags | y.flags) & cudaEventDisableTiming) return ret(cudaErrorInvalidResourceHandle);
-    if (!x.recorded || !y.recorded) return ret(cudaErrorInvalidResourceHandle);
-    *ms = (float)(y.t - x.t);
+    if (!event_ok(a) || !event_ok(b)) return ret(cudaErrorInvalidResourceHandle);
+    if ((a->flags | b->flags) & cudaEventDisableTiming) return ret(cudaErrorInvalidResourceHandle);
+    if (!a->recorded || !b->recorded) return ret(cudaErrorInvalidResourceHandle);
+    if (!event_done(a) || !event_done(b)) return ret(cudaErrorNotReady);
+    *ms = (float)(b->t - a->t);
     return chk();
 }
 
@@ -1032,7 +1175,7 @@ cublasStatus_t gemm_check(cublasOperation_t ta, cublasOperation_t tb, int m, int
 cublasStatus_t gemm_run(const char *who, bool tf32, cublasOperation_t ta, cublasOperation_t tb,
                         int m, int n, int k, float alpha, const void *A, cudaDataType at, int lda,
                         const void *B, cudaDataType bt, int ldb, float beta, void *C,
-                        cudaDataType ct, int ldc) {
+                        cudaDataType ct, int ldc, bool check_only) {
     if (m == 0 || n == 0) return CUBLAS_STATUS_SUCCESS;
     int ra = ta == CUBLAS_OP_N ? m : k, ca = ta == CUBLAS_OP_N ? k : m;
     int rb = tb == CUBLAS_OP_N ? k : n, cb = tb == CUBLAS_OP_N ? n : k;
@@ -1049,7 +1192,7 @@ cublasStatus_t gemm_run(const char *who, bool tf32, cublasOperation_t ta, cublas
         set_sticky(cudaErrorIllegalAddress);
         return CUBLAS_STATUS_EXECUTION_FAILED;
     }
-    if (nocompute()) return CUBLAS_STATUS_SUCCESS;
+    if (nocompute() || check_only || g_sticky) return CUBLAS_STATUS_SUCCESS;
     // op(A) as m rows of k, op(B)ᵀ as n rows of k: contiguous dot products
     std::vector<float> Ap((size_t)m * k), Bp((size_t)n * k);
     for (int i = 0; i < m; i++)
@@ -1189,8 +1332,16 @@ cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cublasOperat
         return CUBLAS_STATUS_NOT_SUPPORTED;
     }
     if (g_sticky) return CUBLAS_STATUS_EXECUTION_FAILED;
-    return gemm_run("cublasGemmEx", tf32_mode(h, at, compute), ta, tb, m, n, k,
-                    *(const float *)alpha, A, at, lda, B, bt, ldb, *(const float *)beta, C, ct, ldc);
+    // the arguments are checked now, the product runs in stream order
+    bool tf = tf32_mode(h, at, compute);
+    float al = *(const float *)alpha, be = *(const float *)beta;
+    cublasStatus_t st2 = gemm_run("cublasGemmEx", tf, ta, tb, m, n, k, al, A, at, lda, B, bt, ldb,
+                                  be, C, ct, ldc, true);
+    if (st2) return st2;
+    enqueue(h->stream, [=]() {
+        gemm_run("cublasGemmEx", tf, ta, tb, m, n, k, al, A, at, lda, B, bt, ldb, be, C, ct, ldc, false);
+    });
+    return CUBLAS_STATUS_SUCCESS;
 }
 
 cublasStatus_t cublasSgemm(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m,
@@ -1213,13 +1364,24 @@ cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t h, cublasOperation_t ta
     if (!types_ok(at, bt, ct, compute, false)) return CUBLAS_STATUS_NOT_SUPPORTED;
     (void)algo;
     if (g_sticky) return CUBLAS_STATUS_EXECUTION_FAILED;
-    for (int b = 0; b < batch; b++) {
-        st = gemm_run("cublasGemmStridedBatchedEx", tf32_mode(h, at, compute), ta, tb, m, n, k,
-                      *(const float *)alpha, (const char *)A + b * sa * (long long)type_size(at), at,
-                      lda, (const char *)B + b * sb * (long long)type_size(bt), bt, ldb,
-                      *(const float *)beta, (char *)C + b * sc * (long long)type_size(ct), ct, ldc);
-        if (st) return st;
-    }
+    bool tf = tf32_mode(h, at, compute);
+    float al = *(const float *)alpha, be = *(const float *)beta;
+    for (int pass = 0; pass < 2; pass++) // check all now, run in stream order
+        for (int b = 0; b < batch; b++) {
+            const char *Ab = (const char *)A + b * sa * (long long)type_size(at);
+            const char *Bb = (const char *)B + b * sb * (long long)type_size(bt);
+            char *Cb = (char *)C + b * sc * (long long)type_size(ct);
+            if (pass == 0) {
+                st = gemm_run("cublasGemmStridedBatchedEx", tf, ta, tb, m, n, k, al, Ab, at, lda, Bb,
+                              bt, ldb, be, Cb, ct, ldc, true);
+                if (st) return st;
+            } else {
+                enqueue(h->stream, [=]() {
+                    gemm_run("cublasGemmStridedBatchedEx", tf, ta, tb, m, n, k, al, Ab, at, lda, Bb,
+                             bt, ldb, be, Cb, ct, ldc, false);
+                });
+            }
+        }
     return CUBLAS_STATUS_SUCCESS;
 }
 
@@ -1258,15 +1420,25 @@ cublasStatus_t cublasGemmGroupedBatchedEx(cublasHandle_t h, const cublasOperatio
         set_sticky(cudaErrorIllegalAddress);
         return CUBLAS_STATUS_EXECUTION_FAILED;
     }
+    // the per-group values are host arrays, read now; the pointer arrays are
+    // device memory, read when the product runs (in stream order)
     const float *al = (const float *)alpha, *be = (const float *)beta;
     bool tf = tf32_mode(h, at, compute);
-    size_t idx = 0;
+    struct problem {
+        cublasOperation_t ta, tb;
+        int m, n, k, lda, ldb, ldc;
+        float alpha, beta;
+    };
+    auto probs = std::make_shared<std::vector<problem>>();
     for (int g = 0; g < group_count; g++)
-        for (int i = 0; i < group_size[g]; i++, idx++) {
-            cublasStatus_t st = gemm_run("cublasGemmGroupedBatchedEx", tf, ta[g], tb[g], m[g], n[g],
-                                         k[g], al[g], A[idx], at, lda[g], B[idx], bt, ldb[g], be[g],
-                                         C[idx], ct, ldc[g]);
-            if (st) return st;
+        for (int i = 0; i < group_size[g]; i++)
+            probs->push_back(problem{ta[g], tb[g], m[g], n[g], k[g], lda[g], ldb[g], ldc[g], al[g], be[g]});
+    enqueue(h->stream, [=]() {
+        for (size_t i = 0; i < probs->size() && !g_sticky; i++) {
+            const problem &q = (*probs)[i];
+            gemm_run("cublasGemmGroupedBatchedEx", tf, q.ta, q.tb, q.m, q.n, q.k, q.alpha, A[i], at,
+                     q.lda, B[i], bt, q.ldb, q.beta, C[i], ct, q.ldc, false);
         }
+    });
     return CUBLAS_STATUS_SUCCESS;
 }
