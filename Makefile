@@ -149,10 +149,16 @@ $(EMU_DIR)/emu.o: tests/cudaemu/emu.cpp
 	$(CXX) $(EMU_CXXFLAGS) -c $< -o $@
 $(EMU_PLUGIN): $(EMU_OBJ)
 	$(CXX) -shared -fopenmp $^ -o $@ -lm -lpthread
+# the emulator's own checks (tests/cudaemu/selftest.cu)
+$(EMU_DIR)/selftest.cpp: tests/cudaemu/selftest.cu tests/cudaemu/translate.pl
+	@mkdir -p $(dir $@)
+	perl tests/cudaemu/translate.pl $< >$@.tmp && mv $@.tmp $@
+$(EMU_DIR)/selftest: $(EMU_DIR)/selftest.o $(EMU_DIR)/emu.o
+	$(CXX) -fopenmp $^ -o $@ -lm -lpthread
 
 .PHONY: cuda-emu test-cuda-emu
 ifeq ($(HAVE_CXX),1)
-cuda-emu: $(EMU_PLUGIN)
+cuda-emu: $(EMU_PLUGIN) $(EMU_DIR)/selftest
 EMU_ENV := CUDA_EMU=$(EMU_PLUGIN)
 else
 cuda-emu:

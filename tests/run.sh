@@ -61,6 +61,8 @@ emu_tests() {
             # in the whole suite, the search tools on two of the six models
             # (all six: make test-cuda-emu)
             [ $emu -eq 1 ] || { CDMOE_GPU_TOOLS_MODELS=${CDMOE_GPU_TOOLS_MODELS:-deepseek mixtral}; export CDMOE_GPU_TOOLS_MODELS; }
+            st=$(dirname "$CUDA_EMU")/selftest # the emulator's own checks first
+            [ -x "$st" ] && run_one "emu:selftest" "$st"
             gpu_tests "emu:"
             echo "$passed $failed $skipped $failures" >"$log_dir/emu.counts"
         )
