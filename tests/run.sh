@@ -64,6 +64,9 @@ emu_tests() {
             st=$(dirname "$CUDA_EMU")/selftest # the emulator's own checks first
             [ -x "$st" ] && run_one "emu:selftest" "$st"
             gpu_tests "emu:"
+            # threads of a block last to first: a missing barrier shows
+            t=$BUILD/tests/gpu_kernels
+            [ -x "$t" ] && run_one "emu:gpu_kernels(reverse order)" env MOE_CUDA_EMU_ORDER=reverse "$t"
             echo "$passed $failed $skipped $failures" >"$log_dir/emu.counts"
         )
         read passed failed skipped failures <"$log_dir/emu.counts"

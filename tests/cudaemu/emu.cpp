@@ -13,6 +13,8 @@
 //    collectives (__shfl_*_sync, __syncwarp, __ballot_sync) for the lanes of
 //    their warp only (block_sum's second round runs in warp 0 alone).  Blocks
 //    run one after the other in order: results are deterministic.
+//    MOE_CUDA_EMU_ORDER=reverse runs each block's threads last to first
+//    instead, so that a missing barrier often changes the result.
 //    __shared__ is per block; dynamic shared memory ends at a guard page and
 //    starts each block filled with NaN bytes.  A barrier that can never be
 //    reached by all (divergent __syncthreads or shuffles, a shuffle from an
@@ -108,6 +110,16 @@ namespace {
 int env_int(const char *name, int dflt) {
     const char *e = getenv(name);
     return e && *e ? atoi(e) : dflt;
+}
+// MOE_CUDA_EMU_ORDER=reverse: a block's threads start, and resume after each
+// barrier, last to first (a race on shared data often gives another result)
+bool reverse_order() {
+    static int v = -1;
+    if (v < 0) {
+        const char *e = getenv("MOE_CUDA_EMU_ORDER");
+        v = e && !strcmp(e, "reverse");
+    }
+    return v;
 }
 bool nocompute() {
     static int v = -1;
@@ -429,14 +441,18 @@ void set_thread(int t) {
 
 void release_warp(int w) {
     int lo = w * 32, hi = lo + B.wsize[w];
-    for (int t = lo; t < hi; t++)
+    for (int i = lo; i < hi; i++) {
+        int t = reverse_order() ? lo + hi - 1 - i : i;
         if (B.st[t] == T_WAIT_WARP) B.st[t] = T_READY, B.ready.push_back(t);
+    }
     B.wwait[w] = 0;
     B.wmask[w] = 0;
 }
 void release_block() {
-    for (int t = 0; t < B.n; t++)
+    for (int i = 0; i < B.n; i++) {
+        int t = reverse_order() ? B.n - 1 - i : i;
         if (B.st[t] == T_WAIT_BLOCK) B.st[t] = T_READY, B.ready.push_back(t);
+    }
     B.nwait_block = 0;
 }
 void check_release(int w) {
@@ -465,6 +481,7 @@ void fiber_main() {
     for (;;) {
         while (B.next < B.n) {
             int t = B.next++;
+            if (reverse_order()) t = B.n - 1 - t;
             B.fib[t] = g_cur;
             B.st[t] = T_RUNNING;
             set_thread(t);
