@@ -6,6 +6,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "backend_cuda.h"
 #include "common.h"
@@ -84,30 +85,100 @@ static void count_layers(moe_search_work *w, const moe_config *c, int from, size
 
 static int is_moe(const moe_config *c, int l) { return c->layers[l].kind == MOE_MLP_MOE; }
 
-/* Run decoder layers [from, L) on the concatenated tokens X (in place); when
- * cache is not NULL, cache[l] receives the input of layer l for l >= from
- * (cache[L] the final-normed output).  Ends with the final norm applied to X. */
+/* ---- layer residency ------------------------------------------------------------ */
+
 /* Keep every layer converted in memory between candidates when the model is
- * small (f32 copy under 2 GiB); otherwise stream: unload each layer after use. */
-static int stream_weights(moe_model *m) {
+ * small (f32 copy under 2 GiB); otherwise stream: unload each layer after use.
+ * o->stream_weights forces streaming (tests, benchmarks).
+ * TODO(device residency): for a device backend (host_memory == 0) the
+ * converted layers live in device memory, so the rule should compare with the
+ * device's free memory; kernels.h has no call for it yet (branch gpuload is
+ * changing kernels.h/model.c), so the host rule applies to every backend. */
+static int stream_weights(moe_model *m, const moe_search_opts *o) {
+    if (o && o->stream_weights) return 1;
     return moe_ckpt_bytes(moe_model_ckpt(m)) * 2 > ((uint64_t)2 << 30);
 }
 
-static int run_layers(moe_model *m, const seqset *ss, int from, float *X, float **cache,
-                      float *xn, float *y) {
-    int stream = stream_weights(m);
+/* The search's view of the layers: which kind each MoE layer has (the model
+ * unloads a layer whose kind changes) and which are loaded, to count loads. */
+typedef struct {
+    moe_model *m;
+    const moe_config *c;
+    int stream;
+    char *loaded;      /* [L] loaded as far as the search knows */
+    uint64_t loads;    /* moe_layer_load calls that converted a layer */
+    int *const *ex;    /* condensed form of each MoE layer (layer search) */
+    float *const *ws;
+    const int *kk;
+} layers_t;
+
+static void lt_init(layers_t *lt, moe_model *m, int stream) {
+    memset(lt, 0, sizeof *lt);
+    lt->m = m;
+    lt->c = moe_model_config(m);
+    lt->stream = stream;
+    lt->loaded = moe_calloc((size_t)lt->c->num_layers + 1, 1);
+    /* a known state: nothing loaded (a no-op for a freshly opened model) */
+    for (int l = 0; l < lt->c->num_layers; l++) moe_layer_unload(m, l);
+}
+
+static int lt_is_condensed(const layers_t *lt, int l) {
+    return moe_model_layer_kind(lt->m, l) == MOE_MLP_CONDENSED;
+}
+
+/* Give MoE layer l its condensed form (condensed = 1) or its checkpoint kind. */
+static int lt_kind(layers_t *lt, int l, int condensed) {
+    if (!is_moe(lt->c, l) || condensed == lt_is_condensed(lt, l)) return 0;
+    lt->loaded[l] = 0;
+    if (condensed) return moe_model_condense_layer(lt->m, l, lt->kk[l], lt->ex[l], lt->ws[l]);
+    moe_model_restore_layer(lt->m, l);
+    return 0;
+}
+
+/* Load layer l (its current kind) unless it is loaded. */
+static int lt_load(layers_t *lt, int l) {
+    if (lt->loaded[l]) return 0;
+    if (moe_layer_load(lt->m, l) < 0) return -1;
+    lt->loaded[l] = 1;
+    lt->loads++;
+    return 0;
+}
+
+/* Done with layer l for now: unload it when streaming. */
+static void lt_done(layers_t *lt, int l) {
+    if (!lt->stream) return;
+    moe_layer_unload(lt->m, l);
+    lt->loaded[l] = 0;
+}
+
+static void lt_free(layers_t *lt) { free(lt->loaded); }
+
+/* Decoder layer l on the concatenated tokens X (in place), layer loaded. */
+static int run_layer(moe_model *m, const seqset *ss, int l, float *X, float *xn, float *y) {
     const moe_config *c = moe_model_config(m);
+    int H = c->hidden_size;
+    for (int s = 0; s < ss->n; s++)
+        if (moe_layer_attention(m, l, X + ss->off[s] * H, ss->seq[s].T) < 0) return -1;
+    if (moe_layer_mlp_input(m, l, xn, X, (int)ss->tot) < 0) return -1;
+    if (moe_layer_mlp_run(m, l, y, xn, (int)ss->tot, NULL, NULL) < 0) return -1;
+    moe_model_backend(m)->axpy(X, y, 1.0f, ss->tot * (size_t)H);
+    return 0;
+}
+
+/* Run decoder layers [from, L), each with its current kind, on the
+ * concatenated tokens X (in place); when cache is not NULL, cache[l] receives
+ * the input of layer l for l >= from (cache[L] the final-normed output).
+ * Ends with the final norm applied to X. */
+static int run_layers(layers_t *lt, const seqset *ss, int from, float *X, float **cache,
+                      float *xn, float *y) {
+    moe_model *m = lt->m;
+    const moe_config *c = lt->c;
     const moe_backend *be = moe_model_backend(m);
     size_t TH = ss->tot * (size_t)c->hidden_size;
     for (int l = from; l < c->num_layers; l++) {
         if (cache) be->copy(cache[l], X, TH * sizeof(float));
-        for (int s = 0; s < ss->n; s++)
-            if (moe_layer_attention(m, l, X + ss->off[s] * c->hidden_size, ss->seq[s].T) < 0)
-                return -1;
-        if (moe_layer_mlp_input(m, l, xn, X, (int)ss->tot) < 0) return -1;
-        if (moe_layer_mlp_run(m, l, y, xn, (int)ss->tot, NULL, NULL) < 0) return -1;
-        be->axpy(X, y, 1.0f, TH);
-        if (stream) moe_layer_unload(m, l);
+        if (lt_load(lt, l) < 0 || run_layer(m, ss, l, X, xn, y) < 0) return -1;
+        lt_done(lt, l);
     }
     if (moe_model_final_norm(m, X, X, (int)ss->tot) < 0) return -1;
     if (cache) be->copy(cache[c->num_layers], X, TH * sizeof(float));
@@ -209,26 +280,28 @@ static int rank_layer_fast(rank_ctx *x, int l, const float *w, const int *routed
     for (int e = 0; e < E; e++) ncand += routed[e];
     rank_layer_alloc(rl, K, E, routed);
 
-    /* cache every candidate's output for all tokens when it fits, else chunks */
+    /* cache the candidates' outputs for all tokens, as many as fit (in
+     * expert order); the others are recomputed per token chunk at every pick
+     * (and, when the model does not keep the layer's experts converted,
+     * converted again each time: a big budget saves both) */
     size_t budget = x->o->mem_bytes ? x->o->mem_bytes : ((size_t)1 << 30);
-    size_t per_tok = (size_t)(ncand ? ncand : 1) * H * sizeof(float);
-    int cached = per_tok * tot <= budget;
-    size_t chunk = cached ? tot : budget / ((size_t)H * sizeof(float) * 2);
-    if (chunk < 1) chunk = 1;
-    if (chunk > tot) chunk = tot;
-    float **cache = NULL;
-    if (cached) {
-        cache = moe_calloc((size_t)E, sizeof(float *));
-        for (int e = 0; e < E; e++) {
-            if (!routed[e]) continue;
-            cache[e] = moe_model_alloc(x->m, TH);
-            if (moe_layer_expert(x->m, l, e, cache[e], x->xn, (int)tot) < 0) goto fail;
-            if (x->work) {
-                x->work->expert_tokens += tot;
-                x->work->flops += expert_flops(c) * (double)tot;
-            }
+    size_t per_exp = TH * sizeof(float);
+    size_t nfit = per_exp ? budget / per_exp : (size_t)E;
+    int ncached = 0;
+    float **cache = moe_calloc((size_t)E, sizeof(float *));
+    for (int e = 0; e < E; e++) {
+        if (!routed[e] || (size_t)ncached >= nfit) continue;
+        cache[e] = moe_model_alloc(x->m, TH);
+        ncached++;
+        if (moe_layer_expert(x->m, l, e, cache[e], x->xn, (int)tot) < 0) goto fail;
+        if (x->work) {
+            x->work->expert_tokens += tot;
+            x->work->flops += expert_flops(c) * (double)tot;
         }
     }
+    size_t chunk = ncached == ncand ? tot : budget / ((size_t)H * sizeof(float) * 2);
+    if (chunk < 1) chunk = 1;
+    if (chunk > tot) chunk = tot;
     be->copy(x->p, x->base, TH * sizeof(float));
     int *ok = moe_malloc(sizeof(int) * (size_t)E);
     double *sc = moe_malloc(sizeof(double) * (size_t)E);
@@ -245,8 +318,8 @@ static int rank_layer_fast(rank_ctx *x, int l, const float *w, const int *routed
             size_t off = t0 * (size_t)H;
             for (int e = 0; e < E && rc == 0; e++) {
                 if (!ok[e]) continue;
-                const float *eo = cache ? cache[e] + off : x->eo;
-                if (!cache) {
+                const float *eo = cache[e] ? cache[e] + off : x->eo;
+                if (!cache[e]) {
                     rc = moe_layer_expert(x->m, l, e, x->eo, x->xn + off, (int)nt);
                     if (rc < 0) break;
                     if (x->work) {
@@ -278,18 +351,16 @@ static int rank_layer_fast(rank_ctx *x, int l, const float *w, const int *routed
         for (size_t t0 = 0; t0 < tot && rc == 0; t0 += chunk) {
             size_t nt = tot - t0 < chunk ? tot - t0 : chunk;
             size_t off = t0 * (size_t)H;
-            const float *eo = cache ? cache[best] + off : x->eo;
-            if (!cache) rc = moe_layer_expert(x->m, l, best, x->eo, x->xn + off, (int)nt);
+            const float *eo = cache[best] ? cache[best] + off : x->eo;
+            if (!cache[best]) rc = moe_layer_expert(x->m, l, best, x->eo, x->xn + off, (int)nt);
             if (rc == 0) be->axpy(x->p + off, eo, w[best], nt * H);
         }
     }
     free(ok);
     free(sc);
     free(acc);
-    if (cache) {
-        for (int e = 0; e < E; e++) moe_model_free(x->m, cache[e]);
-        free(cache);
-    }
+    for (int e = 0; e < E; e++) moe_model_free(x->m, cache[e]);
+    free(cache);
     return rc;
 fail:
     for (int e = 0; e < E; e++) moe_model_free(x->m, cache[e]);
@@ -318,10 +389,14 @@ static int rank_fast(moe_model *m, const seqset *ss, const moe_calib *calib,
     x.d = moe_malloc(sizeof(double) * (ss->tot + 1));
     float *w = moe_malloc(sizeof(float) * (size_t)E);
     int *routed = moe_malloc(sizeof(int) * (size_t)E);
+    layers_t lt;
+    lt_init(&lt, m, stream_weights(m, o));
     int rc = embed_all(m, ss, X);
     moe_progress progress;
     moe_progress_start(&progress, "moe-expert-rank", "layers", (uint64_t)last_sel + 1);
+    /* one pass, each layer loaded once (its experts: see rank_layer_fast) */
     for (int l = 0; l <= last_sel && rc == 0; l++, moe_progress_add(&progress, 1)) {
+        rc = lt_load(&lt, l);
         for (int s = 0; s < ss->n && rc == 0; s++)
             rc = moe_layer_attention(m, l, X + ss->off[s] * H, ss->seq[s].T);
         if (rc == 0) rc = moe_layer_mlp_input(m, l, x.xn, X, (int)ss->tot);
@@ -340,9 +415,11 @@ static int rank_fast(moe_model *m, const seqset *ss, const moe_calib *calib,
             if (rc == 0) rc = rank_layer_fast(&x, l, w, routed, &out->layers[l]);
         }
         if (rc == 0) be->axpy(X, y, 1.0f, TH);
-        if (stream_weights(m)) moe_layer_unload(m, l);
+        lt_done(&lt, l);
     }
     moe_progress_end(&progress);
+    if (work) work->layer_loads += lt.loads;
+    lt_free(&lt);
     moe_model_free(m, X);
     moe_model_free(m, y);
     moe_model_free(m, x.xn);
@@ -529,6 +606,8 @@ typedef struct {
     int n;
     int *set;       /* decoder layers condensed, in pick order */
     float **cache;  /* fast: [L+1] inputs of every layer (cache[L]: final output) */
+    int pending;    /* layer-major: cache[l] for l > pending still to compute by the
+                       next pass (the beam's base stream starts there); -1: complete */
 } beam_t;
 
 typedef struct {
@@ -545,28 +624,154 @@ static int trial_cmp(const void *a, const void *b) {
     return x->seq < y->seq ? -1 : x->seq > y->seq;
 }
 
+static int in_set(const beam_t *b, int l) {
+    for (int j = 0; j < b->n; j++)
+        if (b->set[j] == l) return 1;
+    return 0;
+}
+
 /* Condense exactly the layers of `set` (+ extra if >= 0); restore all others. */
-static int apply_set(moe_model *m, const int *set, int n, int extra, int **ex, float **ws,
-                     const int *kk) {
-    const moe_config *c = moe_model_config(m);
-    for (int l = 0; l < c->num_layers; l++) {
-        int in = l == extra;
-        for (int i = 0; i < n && !in; i++) in = set[i] == l;
-        if (in) {
-            if (moe_model_layer_kind(m, l) != MOE_MLP_CONDENSED &&
-                moe_model_condense_layer(m, l, kk[l], ex[l], ws[l]) < 0)
-                return -1;
-        } else if (is_moe(c, l) && moe_model_layer_kind(m, l) == MOE_MLP_CONDENSED) {
-            moe_model_restore_layer(m, l);
+static int apply_set(layers_t *lt, const beam_t *b, int extra) {
+    for (int l = 0; l < lt->c->num_layers; l++)
+        if (lt_kind(lt, l, l == extra || in_set(b, l)) < 0) return -1;
+    return 0;
+}
+
+static void restore_all(layers_t *lt) {
+    for (int l = 0; l < lt->c->num_layers; l++) lt_kind(lt, l, 0);
+}
+
+/* A stream of the layer-major pass: a candidate (beam b + layer cand), from
+ * layer cand on the cached input of the beam's model, or a beam's base
+ * stream (cand -1), which fills the beam's cache from layer start on. */
+typedef struct {
+    int beam, start, cand;
+    float *X;       /* candidate: its activations [tot, H]; base: NULL (runs in the cache) */
+    size_t trial;   /* candidate: index in trials */
+} lstream;
+
+/* kind of layer l for stream st: 1 = condensed */
+static int stream_kind(const layers_t *lt, const beam_t *beams, const lstream *st, int l) {
+    return is_moe(lt->c, l) && (l == st->cand || in_set(&beams[st->beam], l));
+}
+
+/* One layer-major pass over layers [min start, L): each layer loaded once
+ * per kind that an active stream needs there (checkpoint kind, condensed),
+ * every stream of that kind run through it while it is loaded.  Each stream
+ * makes exactly the calls run_layers makes for it, in the same buffers'
+ * layout, so its values are those of the candidate-major loop bit for bit.
+ * Base streams first at the end: at step 0 the original model's output
+ * (tgt_out) is what the candidates are scored against. */
+static int layer_pass(layers_t *lt, const seqset *ss, beam_t *beams, lstream *S, int n,
+                      float *tgt, int tgt_out, int metric, trial_t *trials, float *xn, float *y,
+                      double *acc, double *d) {
+    moe_model *m = lt->m;
+    const moe_config *c = lt->c;
+    const moe_backend *be = moe_model_backend(m);
+    int L = c->num_layers, H = c->hidden_size;
+    size_t TH = ss->tot * (size_t)H;
+    int from = L;
+    for (int i = 0; i < n; i++)
+        if (S[i].start < from) from = S[i].start;
+    for (int l = from; l < L; l++) {
+        for (int i = 0; i < n; i++) {
+            beam_t *b = &beams[S[i].beam];
+            if (S[i].start > l) continue;
+            if (S[i].cand < 0)
+                be->copy(b->cache[l + 1], b->cache[l], TH * sizeof(float));
+            else if (S[i].start == l)
+                be->copy(S[i].X, b->cache[l], TH * sizeof(float));
         }
+        /* the kind already loaded first; otherwise condensed first, so that
+         * the checkpoint kind (most streams' next pass) stays when not streaming */
+        int first = is_moe(c, l) && lt->loaded[l] ? lt_is_condensed(lt, l) : 1;
+        for (int g = 0; g < 2; g++) {
+            int kind = g == 0 ? first : !first, any = 0;
+            for (int i = 0; i < n && !any; i++)
+                any = S[i].start <= l && stream_kind(lt, beams, &S[i], l) == kind;
+            if (!any) continue;
+            if (lt_kind(lt, l, kind) < 0 || lt_load(lt, l) < 0) return -1;
+            for (int i = 0; i < n; i++) {
+                if (S[i].start > l || stream_kind(lt, beams, &S[i], l) != kind) continue;
+                float *X = S[i].cand < 0 ? beams[S[i].beam].cache[l + 1] : S[i].X;
+                if (run_layer(m, ss, l, X, xn, y) < 0) return -1;
+            }
+        }
+        lt_done(lt, l);
+    }
+    for (int i = 0; i < n; i++) {
+        if (S[i].cand >= 0) continue;
+        beam_t *b = &beams[S[i].beam];
+        if (moe_model_final_norm(m, b->cache[L], b->cache[L], (int)ss->tot) < 0) return -1;
+        if (tgt_out) be->copy(tgt, b->cache[L], TH * sizeof(float));
+        b->pending = -1;
+    }
+    for (int i = 0; i < n; i++) {
+        if (S[i].cand < 0) continue;
+        if (moe_model_final_norm(m, S[i].X, S[i].X, (int)ss->tot) < 0) return -1;
+        memset(acc, 0, sizeof(double) * (size_t)ss->n);
+        diverge(be, ss, metric, tgt, S[i].X, 0, ss->tot, H, d, acc);
+        trials[S[i].trial].score = score_of(ss, acc);
     }
     return 0;
 }
 
-static void restore_all(moe_model *m) {
-    const moe_config *c = moe_model_config(m);
-    for (int l = 0; l < c->num_layers; l++)
-        if (is_moe(c, l)) moe_model_restore_layer(m, l);
+static int lstream_cmp(const void *a, const void *b) {
+    const lstream *x = a, *y = b;
+    if (x->start != y->start) return x->start < y->start ? -1 : 1;
+    return x->trial < y->trial ? -1 : x->trial > y->trial;
+}
+
+/* Budget for the candidates' activation buffers of the layer-major search. */
+static size_t search_budget(moe_model *m, const moe_search_opts *o) {
+    if (o->mem_bytes) return o->mem_bytes;
+    /* TODO(device memory): a device backend should use its free memory;
+     * kernels.h has no call for it yet */
+    if (!moe_model_backend(m)->host_memory) return (size_t)4 << 30;
+    long pages = sysconf(_SC_PHYS_PAGES), psz = sysconf(_SC_PAGESIZE);
+    size_t phys = pages > 0 && psz > 0 ? (size_t)pages * (size_t)psz : (size_t)8 << 30;
+    size_t b = phys / 4;
+    if (b < ((size_t)256 << 20)) b = (size_t)256 << 20;
+    return b;
+}
+
+/* Score the candidates trials[0..nt) of one greedy step layer-major: beams'
+ * pending base streams and the candidates, sorted by start layer, in batches
+ * whose buffers fit the budget; one pass over the layers per batch (the
+ * base streams in the first).  Loads per pass: for each layer from the
+ * batch's first start, one per kind needed there. */
+static int layer_major_step(layers_t *lt, const seqset *ss, beam_t *beams, int nbeams,
+                            trial_t *trials, int nt, size_t budget, float *tgt, int step,
+                            int metric, float *xn, float *y, double *acc, double *d) {
+    moe_model *m = lt->m;
+    size_t TH = ss->tot * (size_t)lt->c->hidden_size;
+    size_t per = TH * sizeof(float);
+    int nb = per ? (int)(budget / per < (size_t)nt ? budget / per : (size_t)nt) : nt;
+    if (nb < 1) nb = 1;
+    lstream *cands = moe_malloc(sizeof(lstream) * (size_t)(nt + 1));
+    lstream *S = moe_malloc(sizeof(lstream) * (size_t)(nt + nbeams + 1));
+    float **bufs = moe_calloc((size_t)nb, sizeof(float *));
+    for (int i = 0; i < nb; i++) bufs[i] = moe_model_alloc(m, TH);
+    for (int i = 0; i < nt; i++)
+        cands[i] = (lstream){trials[i].beam, trials[i].cand, trials[i].cand, NULL, (size_t)i};
+    qsort(cands, (size_t)nt, sizeof *cands, lstream_cmp);
+    int rc = 0;
+    for (int i0 = 0; i0 < nt && rc == 0; i0 += nb) {
+        int n = 0;
+        for (int b = 0; b < nbeams && i0 == 0; b++)
+            if (beams[b].pending >= 0) S[n++] = (lstream){b, beams[b].pending, -1, NULL, 0};
+        for (int i = i0; i < nt && i < i0 + nb; i++) {
+            S[n] = cands[i];
+            S[n++].X = bufs[i - i0];
+        }
+        rc = layer_pass(lt, ss, beams, S, n, tgt, step == 0 && i0 == 0, metric, trials, xn, y,
+                        acc, d);
+    }
+    for (int i = 0; i < nb; i++) moe_model_free(m, bufs[i]);
+    free(bufs);
+    free(cands);
+    free(S);
+    return rc;
 }
 
 int moe_layer_search_run(moe_model *m, const moe_seqs *s, const moe_calib *calib,
@@ -653,16 +858,30 @@ int moe_layer_search_run(moe_model *m, const moe_seqs *s, const moe_calib *calib
     beam_t *beams = moe_calloc((size_t)B, sizeof *beams), *nb = moe_calloc((size_t)B, sizeof *nb);
     int nbeams = 1;
     trial_t *trials = moe_malloc(sizeof(trial_t) * (size_t)B * (nmoe + 1));
+    int layer_major = !o->naive && !o->candidate_major;
+    size_t budget = search_budget(m, o);
+    layers_t lt;
+    lt_init(&lt, m, stream_weights(m, o));
+    lt.ex = ex;
+    lt.ws = ws;
+    lt.kk = kk;
 
-    /* the original model's final output; the first beam's cache */
-    restore_all(m);
+    /* the original model's final output; the first beam's cache (layer-major:
+     * both computed by step 0's first pass) */
+    restore_all(&lt);
+    for (int b = 0; b < B; b++) beams[b].pending = -1;
     if (rc == 0 && !o->naive) {
         beams[0].cache = moe_calloc((size_t)L + 1, sizeof(float *));
         for (int l = 0; l <= L; l++) beams[0].cache[l] = moe_model_alloc(m, TH);
-        rc = embed_all(m, &ss, X);
-        if (rc == 0) rc = run_layers(m, &ss, 0, X, beams[0].cache, xn, y);
+        if (layer_major) {
+            rc = embed_all(m, &ss, beams[0].cache[0]);
+            beams[0].pending = 0;
+        } else {
+            rc = embed_all(m, &ss, X);
+            if (rc == 0) rc = run_layers(&lt, &ss, 0, X, beams[0].cache, xn, y);
+            if (rc == 0) be->copy(tgt, X, TH * sizeof(float));
+        }
         count_layers(work, c, 0, ss.tot);
-        if (rc == 0) be->copy(tgt, X, TH * sizeof(float));
     } else if (rc == 0) {
         fullrun_init(&orig, &ss, L, H);
         fullrun_init(&cand, &ss, L, H);
@@ -676,13 +895,31 @@ int moe_layer_search_run(moe_model *m, const moe_seqs *s, const moe_calib *calib
     moe_progress_start(&progress, "moe-layer-search", "candidates", total);
     for (int step = 0; step < N && rc == 0; step++) {
         int nt = 0;
-        for (int b = 0; b < nbeams && rc == 0; b++) {
+        if (layer_major) {
+            /* the candidates in the scoring order, scored layer-major */
+            for (int b = 0; b < nbeams; b++)
+                for (int i = 0; i < nmoe; i++)
+                    if (!in_set(&beams[b], moel[i]))
+                        trials[nt++] = (trial_t){b, moel[i], NAN, (size_t)nt};
+            if (nt > 0)
+                rc = layer_major_step(&lt, &ss, beams, nbeams, trials, nt, budget, tgt, step,
+                                      o->metric, xn, y, acc, d);
+            for (int j = 0; j < nt && rc == 0; j++) {
+                count_layers(work, c, trials[j].cand, ss.tot);
+                if (work) {
+                    work->div_tokens += ss.tot;
+                    work->candidates++;
+                }
+                moe_progress_add(&progress, 1);
+                if (B == 1) out->cand[(size_t)step * L + trials[j].cand] = trials[j].score;
+            }
+        }
+        for (int b = 0; b < nbeams && rc == 0 && !layer_major; b++) {
             for (int i = 0; i < nmoe && rc == 0; i++) {
-                int l = moel[i], used = 0;
-                for (int j = 0; j < beams[b].n; j++) used |= beams[b].set[j] == l;
-                if (used) continue;
+                int l = moel[i];
+                if (in_set(&beams[b], l)) continue;
                 double sc;
-                rc = apply_set(m, beams[b].set, beams[b].n, l, ex, ws, kk);
+                rc = apply_set(&lt, &beams[b], l);
                 if (rc < 0) break;
                 if (o->naive) {
                     rc = forward_full(m, &ss, &cand, work);
@@ -690,7 +927,7 @@ int moe_layer_search_run(moe_model *m, const moe_seqs *s, const moe_calib *calib
                     sc = score_runs(be, &ss, &orig, &cand, L, H, o->metric, work);
                 } else {
                     be->copy(X, beams[b].cache[l], TH * sizeof(float));
-                    rc = run_layers(m, &ss, l, X, NULL, xn, y);
+                    rc = run_layers(&lt, &ss, l, X, NULL, xn, y);
                     if (rc < 0) break;
                     count_layers(work, c, l, ss.tot);
                     memset(acc, 0, sizeof(double) * (size_t)ss.n);
@@ -716,17 +953,23 @@ int moe_layer_search_run(moe_model *m, const moe_seqs *s, const moe_calib *calib
             nb[j].set = moe_malloc(sizeof(int) * (size_t)(N + 1));
             memcpy(nb[j].set, p->set, sizeof(int) * (size_t)p->n);
             nb[j].set[p->n] = cl;
+            nb[j].pending = -1;
             if (!o->naive && step + 1 < N) {
                 nb[j].cache = moe_calloc((size_t)L + 1, sizeof(float *));
                 for (int l = 0; l <= L; l++) {
                     nb[j].cache[l] = moe_model_alloc(m, TH);
                     if (l <= cl) be->copy(nb[j].cache[l], p->cache[l], TH * sizeof(float));
                 }
-                rc = apply_set(m, nb[j].set, nb[j].n, -1, ex, ws, kk);
-                if (rc == 0) {
-                    be->copy(X, p->cache[cl], TH * sizeof(float));
-                    rc = run_layers(m, &ss, cl, X, nb[j].cache, xn, y);
+                if (layer_major) {
+                    nb[j].pending = cl; /* the next step's first pass fills the rest */
                     count_layers(work, c, cl, ss.tot);
+                } else {
+                    rc = apply_set(&lt, &nb[j], -1);
+                    if (rc == 0) {
+                        be->copy(X, p->cache[cl], TH * sizeof(float));
+                        rc = run_layers(&lt, &ss, cl, X, nb[j].cache, xn, y);
+                        count_layers(work, c, cl, ss.tot);
+                    }
                 }
             }
         }
@@ -747,7 +990,9 @@ int moe_layer_search_run(moe_model *m, const moe_seqs *s, const moe_calib *calib
     moe_progress_end(&progress);
     /* the order is the best beam's set */
     if (rc == 0 && out->n > 0) memcpy(out->order, beams[0].set, sizeof(int) * (size_t)out->n);
-    restore_all(m);
+    restore_all(&lt);
+    if (work) work->layer_loads += lt.loads;
+    lt_free(&lt);
     for (int b = 0; b < nbeams; b++) {
         free(beams[b].set);
         if (beams[b].cache) {

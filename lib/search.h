@@ -26,8 +26,9 @@
  *   fast:  one layer-major pass; at layer l the MLP input xn and the residual
  *          h are known for all tokens, so a candidate costs one expert
  *          evaluation (cached), one weighted sum and one divergence.  Expert
- *          outputs are cached for all tokens when they fit in mem_bytes,
- *          otherwise recomputed per token chunk at every pick.
+ *          outputs are cached for all tokens, as many as fit in mem_bytes
+ *          (in expert order); the others are recomputed per token chunk at
+ *          every pick.  Each layer is loaded once.
  *   naive: the original literally: a full model forward per candidate.
  *
  * Layer search (moe_layer_search_run): greedy (beam) search over MoE layers,
@@ -37,7 +38,17 @@
  * kept.
  *   fast:  the hidden states of the current best model are cached; a
  *          candidate that adds layer c restarts at layer c from the cached
- *          state instead of layer 0.
+ *          state instead of layer 0.  A step's candidates run layer-major:
+ *          each layer is loaded once per pass for every candidate stream
+ *          that has reached it, and once more condensed where a candidate
+ *          starts (the model holds one kind per layer; the two kinds run one
+ *          after the other); the chosen beams' cache rebuild runs as one more
+ *          stream of the next step's pass.  One [tokens, H] buffer per
+ *          candidate; candidates sorted by layer, in batches that fit
+ *          mem_bytes, one pass each.  Streamed models (checkpoint > 1 GiB):
+ *          ~L + candidates loads per step instead of ~L^2/2.  Same result bit
+ *          for bit as the candidate-major loop (candidate_major = 1): each
+ *          stream makes the same calls on the same buffers.
  *   naive: a full model forward per candidate.
  *
  * Sequences longer than max_length are truncated to their first max_length
@@ -120,6 +131,8 @@ typedef struct {
     uint64_t expert_tokens;  /* single routed-expert evaluations x tokens */
     uint64_t div_tokens;     /* per-token divergences */
     uint64_t candidates;     /* candidates scored */
+    uint64_t layer_loads;    /* layers loaded (converted) by the fast paths; not in the
+                                "work" record (it depends on memory, not on the result) */
     double flops;            /* matmul flops of the above (2 per multiply-add) */
     double seconds;
 } moe_search_work;
@@ -134,7 +147,14 @@ typedef struct {
     int metric;              /* MOE_DIV_* */
     int max_length;          /* truncation for ranking/search; 0 = none */
     int naive;
-    size_t mem_bytes;        /* expert-output cache budget (fast ranking); 0 = 1 GiB */
+    size_t mem_bytes;        /* fast ranking: expert-output cache budget, 0 = 1 GiB;
+                                fast layer search: budget for the candidates' activation
+                                buffers (tokens x hidden floats each), 0 = a quarter of
+                                the host's memory (device backends: 4 GiB) */
+    int stream_weights;      /* unload every layer after use even when the model would
+                                stay in memory (tests, benchmarks) */
+    int candidate_major;     /* layer search: the previous fast loop, one candidate after
+                                the other (reference for tests and benchmarks) */
     const int *layers;       /* restrict ranking to these decoder layers (NULL = all MoE) */
     int n_layers;
     int max_experts;         /* ranking: picks per layer */

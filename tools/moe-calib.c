@@ -1,7 +1,6 @@
 /* moe-calib - CD-MoE step 1: routing statistics per MoE layer and expert. */
 #include "cli.h"
-#include "kernels.h"
-#include "search.h"
+#include "search_job.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -51,37 +50,24 @@ int main(int argc, char **argv) {
     if (!model) moe_cli_usage("--model DIR is required");
     if (argc - optind > 1) moe_cli_usage("one input stream at most");
     const char *in = optind < argc ? argv[optind] : "-";
-    if (moe_cli.threads) moe_kernels_set_threads(moe_cli.threads);
 
+    moe_search_job j = {.tool = "moe-calib", .kind = MOE_REC_CALIB, .argc = argc, .argv = argv};
     moe_model_opts mo = {.device = moe_cli.device};
-    moe_model *m = moe_model_open(model, &mo);
-    if (!m) moe_cli_fail();
-    moe_reader *r = moe_reader_open(in);
-    if (!r) moe_cli_fail();
-    if (moe_reader_require_kind(r, "tokens", "make it with moe-tokenize") < 0) moe_cli_fail();
-    if (moe_reader_check_model(r, moe_model_fingerprint(m), moe_cli.force) < 0) moe_cli_fail();
-    moe_provenance prov = {"moe-calib", argc, argv, moe_model_fingerprint(m), "calib"};
-    moe_writer *w = moe_writer_open(out, moe_reader_header(r), &prov, moe_cli.no_provenance);
-    if (!w) moe_cli_fail();
-    const moe_config *cfg = moe_model_config(m);
-    moe_seqs seqs;
+    if (moe_search_job_model(&j, model, &mo, moe_cli.threads) < 0 ||
+        moe_search_job_open(&j, in, out, moe_cli.force, moe_cli.no_provenance) < 0)
+        moe_cli_fail();
     moe_calib cal;
-    moe_search_work work = {0};
-    if (moe_search_collect(r, w, cfg->num_layers, cfg->n_routed_experts, &seqs, NULL, NULL) < 0 ||
-        moe_calib_run(m, &seqs, max_length, batch, &cal, &work) < 0 || moe_calib_write(w, &cal) < 0 ||
-        moe_search_work_write(w, "moe-calib", &work) < 0) {
-        moe_writer_abort(w);
+    if (moe_calib_run(j.model, &j.seqs, max_length, batch, &cal, &j.work) < 0 ||
+        moe_calib_write(j.out, &cal) < 0 || moe_search_job_finish(&j) < 0) {
+        moe_search_job_abort(&j);
         moe_cli_fail();
     }
-    if (moe_writer_close(w) < 0) moe_cli_fail();
     if (!moe_quiet) {
         char buf[256];
-        moe_search_work_str(&work, buf, sizeof buf);
-        fprintf(stderr, "moe-calib: %d sequences; %s\n", seqs.n, buf);
+        moe_search_work_str(&j.work, buf, sizeof buf);
+        fprintf(stderr, "moe-calib: %d sequences; %s\n", j.seqs.n, buf);
     }
     moe_calib_free(&cal);
-    moe_seqs_free(&seqs);
-    moe_reader_close(r);
-    moe_model_close(m);
+    moe_search_job_close(&j);
     return 0;
 }

@@ -1,7 +1,6 @@
 /* moe-expert-rank - CD-MoE step 2a: greedy expert ranking per MoE layer. */
 #include "cli.h"
-#include "kernels.h"
-#include "search.h"
+#include "search_job.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -28,10 +27,10 @@ static const char help[] =
     "  --max-length N      truncate sequences to N tokens for the search (default 256,\n"
     "                      the original's; 0 = none)\n"
     "  --mem-mib N         expert-output cache (default 1024).  The fast path keeps\n"
-    "                      ~7 x tokens x hidden floats plus, when it fits in the cache,\n"
-    "                      every candidate expert's output for all tokens (experts x\n"
-    "                      tokens x hidden floats); otherwise it recomputes expert\n"
-    "                      outputs per token chunk at every pick.\n"
+    "                      ~7 x tokens x hidden floats plus as many candidate experts'\n"
+    "                      outputs for all tokens (tokens x hidden floats each) as fit\n"
+    "                      in the cache; it recomputes the others' outputs per token\n"
+    "                      chunk at every pick.\n"
     "  --weight L:E=W      use W as the mean weight of expert E of decoder layer L\n"
     "                      (repeatable; e.g. for an expert calibration never routed to)\n"
     "  --naive             run the original algorithm literally (a full model forward\n"
@@ -79,10 +78,8 @@ int main(int argc, char **argv) {
             break;
         case OPT_NAIVE: o.naive = 1; break;
         case OPT_WEIGHT:
-            weights = realloc(weights, sizeof *weights * (size_t)(nweights + 1));
-            if (!weights || moe_parse_weight(optarg, &weights[nweights]) < 0)
+            if (moe_search_add_weight(&weights, &nweights, optarg) < 0)
                 moe_cli_usage("--weight: expected LAYER:EXPERT=WEIGHT, got '%s'", optarg);
-            nweights++;
             break;
         case 'o': out = optarg; break;
         default: moe_cli_usage("unknown option or missing argument");
@@ -91,40 +88,30 @@ int main(int argc, char **argv) {
     if (!model) moe_cli_usage("--model DIR is required");
     if (argc - optind > 1) moe_cli_usage("one input stream at most");
     const char *in = optind < argc ? argv[optind] : "-";
-    if (moe_cli.threads) moe_kernels_set_threads(moe_cli.threads);
     o.layers = layers;
     o.n_layers = nlayers;
-
     o.weights = weights;
     o.n_weights = nweights;
-    moe_model_opts mo = {.device = moe_cli.device};
-    moe_model *m = moe_model_open(model, &mo);
-    if (!m) moe_cli_fail();
-    const moe_config *cfg = moe_model_config(m);
-    if (o.max_experts < 0) o.max_experts = cfg->top_k;
-    if (o.max_experts > cfg->n_routed_experts)
+
+    moe_search_job j = {.tool = "moe-expert-rank", .kind = MOE_REC_RANKING, .argc = argc, .argv = argv,
+                        .need = MOE_SEARCH_IN_CALIB};
+    /* each layer is loaded once: keep its routed experts converted while it is
+     * (one layer's experts in f32, e.g. 2.2 GB for DeepSeekMoE-16B) rather than
+     * converting them again in the layer's MLP call (per chunk of tokens) and in
+     * every expert evaluation */
+    moe_model_opts mo = {.device = moe_cli.device, .expert_cache_bytes = (size_t)-1};
+    if (moe_search_job_model(&j, model, &mo, moe_cli.threads) < 0) moe_cli_fail();
+    if (o.max_experts < 0) o.max_experts = j.cfg->top_k;
+    if (o.max_experts > j.cfg->n_routed_experts)
         moe_cli_usage("--max-experts %d: the model has %d routed experts per layer", o.max_experts,
-                      cfg->n_routed_experts);
-    moe_reader *r = moe_reader_open(in);
-    if (!r) moe_cli_fail();
-    if (moe_reader_require_kind(r, "tokens", "make it with moe-tokenize") < 0 ||
-        moe_reader_require_kind(r, "calib", "make it with moe-calib") < 0 ||
-        moe_reader_check_model(r, moe_model_fingerprint(m), moe_cli.force) < 0)
-        moe_cli_fail();
-    moe_provenance prov = {"moe-expert-rank", argc, argv, moe_model_fingerprint(m), "ranking"};
-    moe_writer *w = moe_writer_open(out, moe_reader_header(r), &prov, moe_cli.no_provenance);
-    if (!w) moe_cli_fail();
-    moe_seqs seqs;
-    moe_calib cal;
+                      j.cfg->n_routed_experts);
+    if (moe_search_job_open(&j, in, out, moe_cli.force, moe_cli.no_provenance) < 0) moe_cli_fail();
     moe_ranking rk;
-    moe_search_work work = {0};
-    if (moe_search_collect(r, w, cfg->num_layers, cfg->n_routed_experts, &seqs, &cal, NULL) < 0 ||
-        moe_rank_run(m, &seqs, &cal, &o, &rk, &work) < 0 || moe_ranking_write(w, &rk) < 0 ||
-        moe_search_work_write(w, "moe-expert-rank", &work) < 0) {
-        moe_writer_abort(w);
+    if (moe_rank_run(j.model, &j.seqs, &j.calib, &o, &rk, &j.work) < 0 ||
+        moe_ranking_write(j.out, &rk) < 0 || moe_search_job_finish(&j) < 0) {
+        moe_search_job_abort(&j);
         moe_cli_fail();
     }
-    if (moe_writer_close(w) < 0) moe_cli_fail();
     for (int l = 0; l < rk.L; l++) {
         const moe_rank_layer *rl = &rk.layers[l];
         if (rl->present && rl->n_unrouted)
@@ -136,15 +123,12 @@ int main(int argc, char **argv) {
     }
     if (!moe_quiet) {
         char buf[256];
-        moe_search_work_str(&work, buf, sizeof buf);
+        moe_search_work_str(&j.work, buf, sizeof buf);
         fprintf(stderr, "moe-expert-rank: %s%s\n", o.naive ? "naive: " : "", buf);
     }
     moe_ranking_free(&rk);
-    moe_calib_free(&cal);
-    moe_seqs_free(&seqs);
     free(weights);
     free(layers);
-    moe_reader_close(r);
-    moe_model_close(m);
+    moe_search_job_close(&j);
     return 0;
 }

@@ -1,7 +1,6 @@
 /* moe-layer-search - CD-MoE step 2b: greedy choice of the layers to condense. */
 #include "cli.h"
-#include "kernels.h"
-#include "search.h"
+#include "search_job.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -16,7 +15,10 @@ static const char help[] =
     "sequences.  Candidates in ascending layer order; the lowest score wins (ties: the\n"
     "earlier candidate).  The fast path caches the current model's hidden states, so a\n"
     "candidate restarts at its layer instead of layer 0 (memory: (layers + 1) x tokens\n"
-    "x hidden floats per beam entry).  Appends a 'plan' record: the layer order\n"
+    "x hidden floats per beam entry), and runs a step's candidates layer-major: each\n"
+    "layer loaded once per pass for all candidates that reach it (plus once condensed\n"
+    "where a candidate starts), tokens x hidden floats per candidate, in batches that\n"
+    "fit --mem-mib (one pass per batch).  Appends a 'plan' record: the layer order\n"
     "(decoder-layer indices), the score after each step and every candidate's score.\n"
     "STREAM needs token, calib and (for K > 0) ranking records.\n"
     "\n"
@@ -29,11 +31,18 @@ static const char help[] =
     "                     0 = none)\n"
     "  --weight L:E=W     use W as the mean weight of expert E of decoder layer L\n"
     "                     (repeatable; e.g. for an expert calibration never routed to)\n"
+    "  --mem-mib N        memory for the candidates' activations (default: a quarter\n"
+    "                     of the host's memory; 4096 on a GPU); fewer = more passes\n"
+    "  --stream-weights   unload every layer after use even when the model fits in\n"
+    "                     memory (as models over 1 GiB do; to measure that case)\n"
+    "  --candidate-major  score one candidate after the other (the previous fast\n"
+    "                     path, same result; for comparison)\n"
     "  --naive            run the original algorithm literally (a full model forward\n"
     "                     per candidate)\n"
     "  -o, --output FILE  write here instead of standard output\n";
 
-enum { OPT_WEIGHT = 100, OPT_MODEL = 1, OPT_EXPERTS, OPT_LAYERS, OPT_BEAM, OPT_METRIC, OPT_MAXLEN, OPT_NAIVE };
+enum { OPT_WEIGHT = 100, OPT_MODEL = 1, OPT_EXPERTS, OPT_LAYERS, OPT_BEAM, OPT_METRIC, OPT_MAXLEN, OPT_NAIVE,
+       OPT_MEM, OPT_STREAM, OPT_CMAJOR };
 
 int main(int argc, char **argv) {
     moe_cli_init("moe-layer-search", help, argc, argv);
@@ -44,6 +53,9 @@ int main(int argc, char **argv) {
                                          {"metric", required_argument, 0, OPT_METRIC},
                                          {"max-length", required_argument, 0, OPT_MAXLEN},
                                          {"naive", no_argument, 0, OPT_NAIVE},
+                                         {"mem-mib", required_argument, 0, OPT_MEM},
+                                         {"stream-weights", no_argument, 0, OPT_STREAM},
+                                         {"candidate-major", no_argument, 0, OPT_CMAJOR},
                                          {"weight", required_argument, 0, OPT_WEIGHT},
                                          {"output", required_argument, 0, 'o'},
                                          MOE_CLI_COMMON_OPTIONS,
@@ -66,11 +78,14 @@ int main(int argc, char **argv) {
             break;
         case OPT_MAXLEN: o.max_length = (int)moe_cli_long("--max-length", optarg, 0, 1 << 30); break;
         case OPT_NAIVE: o.naive = 1; break;
+        case OPT_MEM:
+            o.mem_bytes = (size_t)moe_cli_long("--mem-mib", optarg, 1, 1 << 24) << 20;
+            break;
+        case OPT_STREAM: o.stream_weights = 1; break;
+        case OPT_CMAJOR: o.candidate_major = 1; break;
         case OPT_WEIGHT:
-            weights = realloc(weights, sizeof *weights * (size_t)(nweights + 1));
-            if (!weights || moe_parse_weight(optarg, &weights[nweights]) < 0)
+            if (moe_search_add_weight(&weights, &nweights, optarg) < 0)
                 moe_cli_usage("--weight: expected LAYER:EXPERT=WEIGHT, got '%s'", optarg);
-            nweights++;
             break;
         case 'o': out = optarg; break;
         default: moe_cli_usage("unknown option or missing argument");
@@ -80,50 +95,41 @@ int main(int argc, char **argv) {
     if (o.k < 0) moe_cli_usage("--experts K is required");
     if (argc - optind > 1) moe_cli_usage("one input stream at most");
     const char *in = optind < argc ? argv[optind] : "-";
-    if (moe_cli.threads) moe_kernels_set_threads(moe_cli.threads);
-
     o.weights = weights;
     o.n_weights = nweights;
-    moe_model_opts mo = {.device = moe_cli.device};
-    moe_model *m = moe_model_open(model, &mo);
-    if (!m) moe_cli_fail();
-    const moe_config *cfg = moe_model_config(m);
-    if (o.k > cfg->n_routed_experts)
+
+    /* the ranking is read even for K = 0, where it is not needed */
+    moe_search_job j = {.tool = "moe-layer-search", .kind = MOE_REC_PLAN, .argc = argc, .argv = argv,
+                        .need = MOE_SEARCH_IN_CALIB | (o.k > 0 ? MOE_SEARCH_IN_RANKING : 0),
+                        .collect = MOE_SEARCH_IN_RANKING};
+    /* every candidate that reaches a layer runs through it while it is loaded:
+     * keep its routed experts converted for the load (one layer's experts in
+     * f32, e.g. 2.2 GB for DeepSeekMoE-16B) instead of converting them again
+     * in every MLP call (each candidate, each chunk of tokens) */
+    moe_model_opts mo = {.device = moe_cli.device, .expert_cache_bytes = (size_t)-1};
+    if (moe_search_job_model(&j, model, &mo, moe_cli.threads) < 0) moe_cli_fail();
+    if (o.k > j.cfg->n_routed_experts)
         moe_cli_usage("--experts %d: the model has %d routed experts per layer", o.k,
-                      cfg->n_routed_experts);
-    moe_reader *r = moe_reader_open(in);
-    if (!r) moe_cli_fail();
-    if (moe_reader_require_kind(r, "tokens", "make it with moe-tokenize") < 0 ||
-        moe_reader_require_kind(r, "calib", "make it with moe-calib") < 0 ||
-        (o.k > 0 && moe_reader_require_kind(r, "ranking", "make it with moe-expert-rank") < 0) ||
-        moe_reader_check_model(r, moe_model_fingerprint(m), moe_cli.force) < 0)
-        moe_cli_fail();
-    moe_provenance prov = {"moe-layer-search", argc, argv, moe_model_fingerprint(m), "plan"};
-    moe_writer *w = moe_writer_open(out, moe_reader_header(r), &prov, moe_cli.no_provenance);
-    if (!w) moe_cli_fail();
-    moe_seqs seqs;
-    moe_calib cal;
-    moe_ranking rk;
+                      j.cfg->n_routed_experts);
+    if (moe_search_job_open(&j, in, out, moe_cli.force, moe_cli.no_provenance) < 0) moe_cli_fail();
     moe_plan plan;
-    moe_search_work work = {0};
-    if (moe_search_collect(r, w, cfg->num_layers, cfg->n_routed_experts, &seqs, &cal, &rk) < 0 ||
-        moe_layer_search_run(m, &seqs, &cal, &rk, &o, &plan, &work) < 0 ||
-        moe_plan_write(w, &plan) < 0 || moe_search_work_write(w, "moe-layer-search", &work) < 0) {
-        moe_writer_abort(w);
+    if (moe_layer_search_run(j.model, &j.seqs, &j.calib, &j.ranking, &o, &plan, &j.work) < 0 ||
+        moe_plan_write(j.out, &plan) < 0 || moe_search_job_finish(&j) < 0) {
+        moe_search_job_abort(&j);
         moe_cli_fail();
     }
-    if (moe_writer_close(w) < 0) moe_cli_fail();
     if (!moe_quiet) {
         char buf[256];
-        moe_search_work_str(&work, buf, sizeof buf);
-        fprintf(stderr, "moe-layer-search: %s%s\n", o.naive ? "naive: " : "", buf);
+        moe_search_work_str(&j.work, buf, sizeof buf);
+        if (o.naive)
+            fprintf(stderr, "moe-layer-search: naive: %s\n", buf);
+        else
+            fprintf(stderr, "moe-layer-search: %s%s, %llu layer loads\n",
+                    o.candidate_major ? "candidate-major: " : "", buf,
+                    (unsigned long long)j.work.layer_loads);
     }
     moe_plan_free(&plan);
-    moe_ranking_free(&rk);
-    moe_calib_free(&cal);
-    moe_seqs_free(&seqs);
     free(weights);
-    moe_reader_close(r);
-    moe_model_close(m);
+    moe_search_job_close(&j);
     return 0;
 }

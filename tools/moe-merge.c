@@ -69,16 +69,71 @@ static int check_models(moe_reader **in, int n, int force) {
     return rc;
 }
 
-/* Records already written, for skipping exact duplicates (bounded by the
- * inputs' size; merged streams are metadata-sized in practice). */
-typedef struct { msgpack_zone zone; msgpack_object *seen; size_t n, cap; } seen_set;
+/* Records already written, for skipping exact duplicates: a hash set of deep
+ * copies, so that merging shards of a large dump stays linear in its size. */
+typedef struct {
+    msgpack_zone zone;
+    msgpack_object *seen; /* open addressing, cap a power of two */
+    uint64_t *hash;       /* 0 = empty slot */
+    size_t n, cap;
+} seen_set;
+
+/* FNV-1a over a value's type and contents, consistent with
+ * msgpack_object_equal: equal objects hash alike (0.0 and -0.0 included). */
+static uint64_t fnv(uint64_t h, const void *p, size_t n) {
+    const unsigned char *b = p;
+    for (size_t i = 0; i < n; i++) h = (h ^ b[i]) * 0x100000001b3ull;
+    return h;
+}
+static uint64_t object_hash(uint64_t h, const msgpack_object *o) {
+    h = fnv(h, &o->type, sizeof o->type);
+    switch (o->type) {
+    case MSGPACK_OBJECT_BOOLEAN: return fnv(h, &o->via.boolean, sizeof o->via.boolean);
+    case MSGPACK_OBJECT_POSITIVE_INTEGER: return fnv(h, &o->via.u64, sizeof o->via.u64);
+    case MSGPACK_OBJECT_NEGATIVE_INTEGER: return fnv(h, &o->via.i64, sizeof o->via.i64);
+    case MSGPACK_OBJECT_FLOAT32:
+    case MSGPACK_OBJECT_FLOAT64: {
+        double d = o->via.f64 == 0 ? 0.0 : o->via.f64;
+        return fnv(h, &d, sizeof d);
+    }
+    case MSGPACK_OBJECT_STR: return fnv(h, o->via.str.ptr, o->via.str.size);
+    case MSGPACK_OBJECT_BIN: return fnv(h, o->via.bin.ptr, o->via.bin.size);
+    case MSGPACK_OBJECT_EXT:
+        h = fnv(h, &o->via.ext.type, sizeof o->via.ext.type);
+        return fnv(h, o->via.ext.ptr, o->via.ext.size);
+    case MSGPACK_OBJECT_ARRAY:
+        for (uint32_t i = 0; i < o->via.array.size; i++) h = object_hash(h, &o->via.array.ptr[i]);
+        return fnv(h, &o->via.array.size, sizeof o->via.array.size);
+    case MSGPACK_OBJECT_MAP:
+        for (uint32_t i = 0; i < o->via.map.size; i++) {
+            h = object_hash(h, &o->via.map.ptr[i].key);
+            h = object_hash(h, &o->via.map.ptr[i].val);
+        }
+        return fnv(h, &o->via.map.size, sizeof o->via.map.size);
+    default: return h;
+    }
+}
+
+static void seen_insert(seen_set *s, const msgpack_object *o, uint64_t h) {
+    size_t i = h & (s->cap - 1);
+    while (s->hash[i]) i = (i + 1) & (s->cap - 1);
+    s->hash[i] = h;
+    s->seen[i] = *o;
+}
 
 static int seen_before(seen_set *s, const msgpack_object *rec) {
-    for (size_t i = 0; i < s->n; i++)
-        if (msgpack_object_equal(s->seen[i], *rec)) return 1;
-    if (s->n == s->cap) {
-        s->cap = s->cap ? 2 * s->cap : 64;
-        s->seen = moe_realloc(s->seen, s->cap * sizeof *s->seen);
+    uint64_t h = object_hash(0xcbf29ce484222325ull, rec) | 1; /* never 0 */
+    for (size_t i = s->cap ? h & (s->cap - 1) : 0; s->cap && s->hash[i]; i = (i + 1) & (s->cap - 1))
+        if (s->hash[i] == h && msgpack_object_equal(s->seen[i], *rec)) return 1;
+    if (2 * (s->n + 1) > s->cap) { /* keep the load under 1/2 */
+        seen_set old = *s;
+        s->cap = old.cap ? 2 * old.cap : 64;
+        s->seen = moe_calloc(s->cap, sizeof *s->seen);
+        s->hash = moe_calloc(s->cap, sizeof *s->hash);
+        for (size_t i = 0; i < old.cap; i++)
+            if (old.hash[i]) seen_insert(s, &old.seen[i], old.hash[i]);
+        free(old.seen);
+        free(old.hash);
     }
     /* deep copy into our zone: the reader's record memory is reused */
     msgpack_sbuffer sb;
@@ -89,8 +144,11 @@ static int seen_before(seen_set *s, const msgpack_object *rec) {
     char *copy = msgpack_zone_malloc(&s->zone, sb.size);
     memcpy(copy, sb.data, sb.size);
     size_t off = 0;
-    msgpack_unpack(copy, sb.size, &off, &s->zone, &s->seen[s->n++]);
+    msgpack_object o;
+    msgpack_unpack(copy, sb.size, &off, &s->zone, &o);
     msgpack_sbuffer_destroy(&sb);
+    seen_insert(s, &o, h);
+    s->n++;
     return 0;
 }
 
@@ -134,6 +192,7 @@ int main(int argc, char **argv) {
     msgpack_zone_destroy(&seen.zone);
     msgpack_zone_destroy(&z);
     free(seen.seen);
+    free(seen.hash);
     free(in);
     return 0;
 }

@@ -19,6 +19,19 @@ moe-dump --check "$TMP/min.msgpack.zst" | grep -q "ok, 0 records" || fail "minim
 moe-merge "$TMP/min.msgpack.zst" "$TMP/min.msgpack.zst" >"$TMP/m2.msgpack.zst" || fail "merge"
 moe-dump --header "$TMP/m2.msgpack.zst" | grep -q '"tool":"moe-merge"' || fail "provenance not appended"
 
+# moe-merge writes a record shared by several inputs once, and keeps the rest
+# in input order (3000 records each: the set must not be quadratic to pass quickly)
+TK=tests/fixtures/tokenizer/synth-split
+awk 'BEGIN { for (i = 0; i < 3000; i++) printf "[%d,%d]\n", i % 50, (i * 7) % 50 }' >"$TMP/ida"
+awk 'BEGIN { for (i = 0; i < 3000; i++) printf "[%d,%d,1]\n", (i * 7) % 50, i % 50 }' >"$TMP/idb"
+moe-tokenize --model $TK --ids "$TMP/ida" -o "$TMP/ta" || fail "tokenize a"
+moe-tokenize --model $TK --ids "$TMP/idb" -o "$TMP/tb" || fail "tokenize b"
+moe-merge "$TMP/ta" "$TMP/tb" "$TMP/ta" "$TMP/tb" -o "$TMP/tab" || fail "merge a b a b"
+moe-dump --check "$TMP/tab" | grep -q "ok, 6000 records" || fail "merge a b a b: $(moe-dump --check "$TMP/tab")"
+moe-dump --type tokens "$TMP/tab" | sed -n 3002p >"$TMP/first_b"
+moe-dump --type tokens "$TMP/tb" | sed -n 2p >"$TMP/tb1"
+cmp -s "$TMP/first_b" "$TMP/tb1" || fail "merged records out of input order"
+
 # truncation at the tool level
 head -c 20 "$TMP/m2.msgpack.zst" >"$TMP/trunc"
 expect_fail 1 "trunc: truncated stream" moe-dump "$TMP/trunc"

@@ -47,6 +47,23 @@ moe-layer-search --quiet --model $model --experts 2 --max-length 16 "$TMP/merged
 grep -q "plan 2: 4 1 3 2" "$d/expected.txt" || fail "fixture changed"
 picks "$TMP/plan" | grep -q "^plan 2: 4 1 3 2$" || fail "plan on merged shards: $(picks "$TMP/plan")"
 
+# the layer-major layer search writes what the candidate-major loop writes, byte for
+# byte, with layers kept or streamed, and loads fewer layers when streaming
+moe-expert-rank --quiet --model $model --max-length 16 "$TMP/calib" >"$TMP/rank" || fail rank
+for beam in 1 3; do
+    moe-layer-search --quiet --no-provenance --candidate-major --model $model --experts 2 --beam $beam \
+        --max-length 16 "$TMP/rank" >"$TMP/cm" || fail "candidate-major"
+    for flags in "" "--stream-weights" "--stream-weights --mem-mib 1"; do
+        moe-layer-search --quiet --no-provenance $flags --model $model --experts 2 --beam $beam \
+            --max-length 16 "$TMP/rank" >"$TMP/lm" || fail "layer-major $flags"
+        cmp -s "$TMP/cm" "$TMP/lm" || fail "layer search $flags --beam $beam differs from --candidate-major"
+    done
+done
+loads() { moe-layer-search "$@" 2>&1 >/dev/null | sed -n 's/.*, \([0-9]*\) layer loads$/\1/p'; }
+new=$(loads --stream-weights --model $model --experts 2 --max-length 16 "$TMP/rank")
+old=$(loads --stream-weights --candidate-major --model $model --experts 2 --max-length 16 "$TMP/rank")
+[ -n "$new" ] && [ -n "$old" ] && [ "$new" -lt "$old" ] || fail "layer loads: $new layer-major, $old candidate-major"
+
 # byte-identical output whatever the thread count
 moe-expert-rank --quiet --no-provenance --threads 2 --model $model --max-length 16 "$TMP/calib" >"$TMP/t2" || fail rank-t2
 OMP_NUM_THREADS=2 moe-expert-rank --quiet --no-provenance --threads 1 --model $model --max-length 16 "$TMP/calib" >"$TMP/t1" || fail rank-t1

@@ -1,38 +1,11 @@
 /* test_checkpoint.c - model directories: write (single + sharded), open and
  * validate (missing tensor, wrong shape, bad index, pickle-only), read,
  * fingerprint, condensed configs over full checkpoints, --force semantics. */
-#include <setjmp.h>
-#include <stdarg.h>
-#include <stddef.h>
-#include <stdint.h>
-#include <cmocka.h>
-
-#include <math.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
 #include <sys/stat.h>
-#include <unistd.h>
 
 #include "checkpoint.h"
 #include "common.h"
-
-static char tmpdir[256];
-
-static int setup(void **state)
-{
-    (void)state;
-    snprintf(tmpdir, sizeof tmpdir, "/tmp/cdmoe-ckpt.XXXXXX");
-    return mkdtemp(tmpdir) ? 0 : -1;
-}
-
-static int teardown(void **state)
-{
-    (void)state;
-    char cmd[300];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmpdir);
-    return system(cmd) == 0 ? 0 : -1;
-}
+#include "testutil.h"
 
 /* value of element i of tensor number t */
 static float val(int t, uint64_t i) { return (float)((int)((t * 131 + i * 7) % 97) - 48) / 64.0f; }
@@ -63,7 +36,7 @@ static char *write_model(const moe_config *c, const char *name, uint64_t shard, 
                          int extra, int force)
 {
     static char dir[512];
-    snprintf(dir, sizeof dir, "%s/%s", tmpdir, name);
+    snprintf(dir, sizeof dir, "%s/%s", tu_dir, name);
     moe_ckpt_writer *w = moe_ckpt_writer_open(dir, shard, force);
     if (!w) return NULL;
     moe_tensor_ref *r;
@@ -171,59 +144,40 @@ static void test_validation(void **state)
     moe_ckpt_close(m);
 
     /* bad config.json: error names it */
-    char p[600];
-    snprintf(p, sizeof p, "%s/config.json", dir);
-    FILE *fp = fopen(p, "w");
-    fputs("{\"model_type\": \"gpt2\", \"hidden_size\": 4}\n", fp);
-    fclose(fp);
+    tu_write_text(tu_join(dir, "config.json"), "{\"model_type\": \"gpt2\", \"hidden_size\": 4}\n");
     expect_open_fails(dir, "config.json: model_type 'gpt2' is not supported", NULL);
 
     /* index naming a tensor its shard lacks */
     dir = write_model(c, "badindex", 30000, NULL, NULL, 0, 0);
-    snprintf(p, sizeof p, "%s/model.safetensors.index.json", dir);
-    fp = fopen(p, "w");
-    fputs("{\"metadata\":{},\"weight_map\":{\"model.norm.weight\":\"model-00001-of-00009.safetensors\"}}", fp);
-    fclose(fp);
+    tu_write_text(tu_join(dir, "model.safetensors.index.json"),
+                  "{\"metadata\":{},\"weight_map\":{\"model.norm.weight\":\"model-00001-of-00009.safetensors\"}}");
     expect_open_fails(dir, "model-00001-of-00009.safetensors: cannot open", NULL);
-    {
-        /* map model.norm.weight to the shard holding the embedding instead */
-        dir = write_model(c, "badindex2", 30000, NULL, NULL, 0, 0);
-        moe_ckpt *mm = moe_ckpt_open(dir);
-        assert_non_null(mm);
-        const char *sp = moe_st_path(moe_ckpt_find(mm, "model.embed_tokens.weight")->file);
-        char shard[128];
-        snprintf(shard, sizeof shard, "%s", strrchr(sp, '/') + 1);
-        moe_ckpt_close(mm);
-        snprintf(p, sizeof p, "%s/model.safetensors.index.json", dir);
-        fp = fopen(p, "w");
-        fprintf(fp, "{\"metadata\":{},\"weight_map\":{\"model.norm.weight\":\"%s\"}}", shard);
-        fclose(fp);
-    }
+    /* map model.norm.weight to the shard holding the embedding instead */
+    dir = write_model(c, "badindex2", 30000, NULL, NULL, 0, 0);
+    moe_ckpt *mm = moe_ckpt_open(dir);
+    assert_non_null(mm);
+    const char *sp = moe_st_path(moe_ckpt_find(mm, "model.embed_tokens.weight")->file);
+    char text[300];
+    snprintf(text, sizeof text, "{\"metadata\":{},\"weight_map\":{\"model.norm.weight\":\"%s\"}}",
+             strrchr(sp, '/') + 1);
+    moe_ckpt_close(mm);
+    char p[600];
+    snprintf(p, sizeof p, "%s", tu_join(dir, "model.safetensors.index.json"));
+    tu_write_text(p, text);
     expect_open_fails(dir, "tensor model.norm.weight is listed in", NULL);
-    fp = fopen(p, "w");
-    fputs("{\"metadata\":{},\"weight_map\":{\"x\":\"../etc/passwd\"}}", fp);
-    fclose(fp);
+    tu_write_text(p, "{\"metadata\":{},\"weight_map\":{\"x\":\"../etc/passwd\"}}");
     expect_open_fails(dir, "bad shard name", NULL);
-    fp = fopen(p, "w");
-    fputs("{\"weight_map\": 3", fp);
-    fclose(fp);
+    tu_write_text(p, "{\"weight_map\": 3");
     expect_open_fails(dir, "not valid JSON", NULL);
 
     /* pickle-only and empty directories */
-    snprintf(p, sizeof p, "%s/pickle", tmpdir);
+    snprintf(p, sizeof p, "%s", tu_path("pickle"));
     mkdir(p, 0777);
-    char q[700];
-    snprintf(q, sizeof q, "%s/config.json", p);
     char *js = moe_config_to_json(c, "float32");
-    fp = fopen(q, "w");
-    fputs(js, fp);
-    fclose(fp);
+    tu_write_text(tu_join(p, "config.json"), js);
     free(js);
     expect_open_fails(p, "no model.safetensors", NULL);
-    snprintf(q, sizeof q, "%s/pytorch_model.bin", p);
-    fp = fopen(q, "w");
-    fputs("x", fp);
-    fclose(fp);
+    tu_write_text(tu_join(p, "pytorch_model.bin"), "x");
     expect_open_fails(p, "pickle", NULL);
     expect_open_fails("/nonexistent-model-dir", "cannot open", NULL);
     moe_config_free(c);
@@ -247,12 +201,8 @@ static void test_fingerprint_condensed(void **state)
     int ids[2] = {3, 1};
     float w[2] = {0.5f, 0.25f};
     assert_int_equal(moe_config_condense(c, 1, 2, ids, w), 0);
-    char p[600];
-    snprintf(p, sizeof p, "%s/config.json", dir);
     char *js = moe_config_to_json(c, "float32");
-    FILE *fp = fopen(p, "w");
-    fputs(js, fp);
-    fclose(fp);
+    tu_write_text(tu_join(dir, "config.json"), js);
     free(js);
     m = moe_ckpt_open(dir);
     if (!m) fail_msg("%s", moe_error());
@@ -273,9 +223,8 @@ static void test_force(void **state)
     moe_config *c = tiny(MOE_ARCH_OLMOE);
     char *dir = write_model(c, "forced", 0, NULL, NULL, 0, 0);
     char keep[600];
-    snprintf(keep, sizeof keep, "%s/oldfile", dir);
-    FILE *fp = fopen(keep, "w");
-    fclose(fp);
+    snprintf(keep, sizeof keep, "%s", tu_join(dir, "oldfile"));
+    tu_write_text(keep, "");
     /* refused without force, I/O error naming the directory */
     assert_null(moe_ckpt_writer_open(dir, 0, 0));
     assert_non_null(strstr(moe_error(), "exists"));
@@ -288,14 +237,11 @@ static void test_force(void **state)
     assert_non_null(m);
     moe_ckpt_close(m);
     /* an aborted writer leaves nothing */
-    char d2[600];
-    snprintf(d2, sizeof d2, "%s/aborted", tmpdir);
+    const char *d2 = tu_path("aborted");
     moe_ckpt_writer *w = moe_ckpt_writer_open(d2, 0, 0);
     moe_ckpt_writer_abort(w);
     assert_int_not_equal(stat(d2, &st), 0);
-    char cmd[600];
-    snprintf(cmd, sizeof cmd, "ls -A '%s' | grep -q tmp", tmpdir);
-    assert_int_not_equal(system(cmd), 0);
+    assert_false(tu_dir_has("tmp"));
     moe_config_free(c);
 }
 
@@ -311,7 +257,7 @@ static void test_hf_saved(void **state)
         skip();
     }
     char cmd[700], hf[600];
-    snprintf(hf, sizeof hf, "%s/hf", tmpdir);
+    snprintf(hf, sizeof hf, "%s", tu_path("hf"));
     snprintf(cmd, sizeof cmd, "python3 tests/ref/hf_save_tiny.py '%s' >/dev/null 2>&1", hf);
     assert_int_equal(system(cmd), 0);
     const char *names[] = {"qwen2_moe", "qwen3_moe", "olmoe", "mixtral", "qwen3_moe_bf16"};
@@ -358,5 +304,5 @@ int main(void)
         cmocka_unit_test(test_force),
         cmocka_unit_test(test_hf_saved),
     };
-    return cmocka_run_group_tests(tests, setup, teardown);
+    return cmocka_run_group_tests(tests, tu_setup_dir, tu_teardown_dir);
 }

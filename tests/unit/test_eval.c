@@ -3,22 +3,12 @@
  * per-sample NLL and both perplexities (dense and a run-time condensed
  * layer), every task file's per-choice loglik / is_greedy / pred / acc /
  * acc_norm, the harness pair encoding, batch-size invariance, reader errors. */
-#include <stdarg.h>
-#include <stddef.h>
-#include <setjmp.h>
-#include <cmocka.h>
-
 #include <jansson.h>
-#include <math.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 #include "common.h"
 #include "eval.h"
 #include "model.h"
+#include "testutil.h"
 #include "tokenizer.h"
 
 #define FIX "tests/fixtures/eval"
@@ -28,7 +18,7 @@ static moe_model *model;
 static moe_tokenizer *tok;
 
 static int setup(void **state) {
-    (void)state;
+    if (tu_setup_dir(state) < 0) return -1;
     json_error_t e;
     expected = json_load_file(FIX "/expected.json", 0, &e);
     if (!expected) {
@@ -42,11 +32,10 @@ static int setup(void **state) {
 }
 
 static int teardown(void **state) {
-    (void)state;
     moe_tokenizer_close(tok);
     moe_model_close(model);
     json_decref(expected);
-    return 0;
+    return tu_teardown_dir(state);
 }
 
 static void assert_rel(double got, double want, double tol, const char *what) {
@@ -230,14 +219,8 @@ static void test_tasks(void **state) {
 /* ---- readers ----------------------------------------------------------------------- */
 
 static const char *write_tmp(const char *name, const char *text) {
-    static char p[256];
-    snprintf(p, sizeof p, "/tmp/cdmoe-test-eval-%d", (int)getpid());
-    mkdir(p, 0700);
-    snprintf(p, sizeof p, "/tmp/cdmoe-test-eval-%d/%s", (int)getpid(), name);
-    FILE *f = fopen(p, "w");
-    assert_non_null(f);
-    fputs(text, f);
-    fclose(f);
+    const char *p = tu_path(name);
+    tu_write_text(p, text);
     return p;
 }
 
@@ -305,9 +288,6 @@ static void test_readers(void **state) {
     assert_null(moe_task_load(FIX "/nonexistent.jsonl", NULL, NULL, 0));
     assert_int_equal(moe_error_kind(), MOE_ERR_IO);
     assert_null(moe_task_load(FIX "/tiny_task.jsonl", "bogus", NULL, 0));
-    char d[64];
-    snprintf(d, sizeof d, "/tmp/cdmoe-test-eval-%d", (int)getpid());
-    rmdir(d);
 }
 
 static void test_sizes(void **state) {

@@ -1,16 +1,7 @@
 /* test_kernels.c - CPU ops against plain references and hand-computed values;
  * optimised vs reference backend; byte-identical results across thread counts. */
-#include <math.h>
-#include <setjmp.h>
-#include <stdarg.h>
-#include <stddef.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-
-#include <cmocka.h>
-
 #include "kernels.h"
+#include "testutil.h"
 
 static uint64_t rng = 88172645463325252ULL;
 static float frand(void) { /* xorshift, uniform in [-1, 1) */
@@ -24,15 +15,6 @@ static float *rand_vec(size_t n) {
     for (size_t i = 0; i < n; i++) v[i] = frand();
     return v;
 }
-static double rel_err(const float *a, const float *ref, size_t n) {
-    double d = 0, r = 0;
-    for (size_t i = 0; i < n; i++) {
-        d += ((double)a[i] - ref[i]) * ((double)a[i] - ref[i]);
-        r += (double)ref[i] * ref[i];
-    }
-    return sqrt(d / (r > 0 ? r : 1));
-}
-
 static void test_matmul_vs_ref(void **state) {
     (void)state;
     const moe_backend *cpu = moe_backend_cpu(), *ref = moe_backend_cpu_ref();
@@ -42,7 +24,7 @@ static void test_matmul_vs_ref(void **state) {
     memcpy(y2, y1, sizeof(float) * T * N);
     cpu->matmul(y1, x, w, b, T, K, N, 1);
     ref->matmul(y2, x, w, b, T, K, N, 1);
-    assert_true(rel_err(y1, y2, (size_t)T * N) < 1e-6);
+    assert_true(tu_rel_err(y1, y2, (size_t)T * N) < 1e-6);
     cpu->matmul(y1, x, w, NULL, T, K, N, 0);
     /* one element by hand */
     double s = 0;
@@ -60,7 +42,7 @@ static void test_attention_vs_ref(void **state) {
     float *o1 = malloc(sizeof(float) * T * nh * D), *o2 = malloc(sizeof(float) * T * nh * D);
     cpu->attention(o1, q, k, v, 0.25f, T, nh, nkv, D);
     ref->attention(o2, q, k, v, 0.25f, T, nh, nkv, D);
-    assert_true(rel_err(o1, o2, (size_t)T * nh * D) < 1e-6);
+    assert_true(tu_rel_err(o1, o2, (size_t)T * nh * D) < 1e-6);
     /* first query attends only to the first key: output = v_0 of its kv head */
     for (int h = 0; h < nh; h++)
         for (int d = 0; d < D; d++) assert_float_equal(o2[h * D + d], v[(h / 3) * D + d], 1e-6);
@@ -207,7 +189,7 @@ static void test_experts_combine(void **state) {
     float *o1 = calloc(n * H, sizeof(float)), *o2 = calloc(n * H, sizeof(float));
     cpu->experts(o1, x, d.tokens, d.off, pg, pd, E, H, Im);
     ref->experts(o2, x, d.tokens, d.off, pg, pd, E, H, Im);
-    assert_true(rel_err(o1, o2, n * H) < 1e-5);
+    assert_true(tu_rel_err(o1, o2, n * H) < 1e-5);
     for (int i = d.off[3]; i < d.off[4]; i++) assert_true(o1[(size_t)i * H] == 0.0f);
     pg[3] = wg[3];
     cpu->experts(o1, x, d.tokens, d.off, pg, pd, E, H, Im);

@@ -4,26 +4,10 @@
  * checkpoints, relative error < 1e-5; a perturbed reference must fail;
  * condensed layers; restart from a cached hidden state; the per-expert API
  * adds up to the routed MLP; 1 vs 2 threads byte-identical. */
-#include <math.h>
-#include <setjmp.h>
-#include <stdarg.h>
-#include <stddef.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-
-#include <cmocka.h>
-
-#include "common.h"
 #include "kernels.h"
-#include "model.h"
+#include "testmodel.h" /* FIX, NSEQ, ARCHS */
 
-#define FIX "tests/fixtures/models"
 #define TOL 1e-5
-#define NSEQ 3
-
-static const char *ARCHS[] = {"deepseek", "qwen2_moe", "qwen3_moe", "olmoe", "mixtral"};
 
 /* ---- minimal .npy reader (v1-3, little-endian f4 / i4, C order) ---------- */
 
@@ -89,27 +73,17 @@ static npy load_fix(const char *arch, const char *dt, const char *fmt, int s) {
     return a;
 }
 
-static double rel_err(const float *a, const float *ref, size_t n) {
-    double d = 0, r = 0;
-    for (size_t i = 0; i < n; i++) {
-        double e = (double)a[i] - ref[i];
-        d += e * e;
-        r += (double)ref[i] * ref[i];
-    }
-    return r > 0 ? sqrt(d / r) : sqrt(d);
-}
-
 /* Compare every hidden state and the logits; returns the worst relative
  * error and prints the failing tensor's name. */
 static double compare(const char *what, int L, int T, int H, int V, const float *hid,
                       const float *ref_hid, const float *lg, const float *ref_lg) {
     double worst = 0;
     for (int i = 0; i <= L; i++) {
-        double e = rel_err(hid + (size_t)i * T * H, ref_hid + (size_t)i * T * H, (size_t)T * H);
+        double e = tu_rel_err(hid + (size_t)i * T * H, ref_hid + (size_t)i * T * H, (size_t)T * H);
         if (e > TOL) print_message("%s: hidden_states[%d]: rel err %.3g\n", what, i, e);
         if (e > worst) worst = e;
     }
-    double e = rel_err(lg, ref_lg, (size_t)T * V);
+    double e = tu_rel_err(lg, ref_lg, (size_t)T * V);
     if (e > TOL) print_message("%s: logits: rel err %.3g\n", what, e);
     return e > worst ? e : worst;
 }
@@ -253,9 +227,9 @@ static void test_restart(void **state) {
                    sizeof(float) * T * H);
             assert_int_equal(moe_model_forward(m, &s, 1, start, NULL, NULL), 0);
             for (int i = start; i <= L; i++)
-                assert_true(rel_err(s.hidden + (size_t)i * T * H,
+                assert_true(tu_rel_err(s.hidden + (size_t)i * T * H,
                                     (float *)rh.data + (size_t)i * T * H, (size_t)T * H) < TOL);
-            assert_true(rel_err(s.logits, rl.data, (size_t)T * V) < TOL);
+            assert_true(tu_rel_err(s.logits, rl.data, (size_t)T * V) < TOL);
             free(s.hidden), free(s.logits);
         }
         free(rh.data), free(rl.data);
@@ -314,12 +288,12 @@ static void test_expert_api(void **state) {
                     if (idx[t * K + k] == e)
                         for (int h = 0; h < H; h++) y2[t * H + h] += wt[t * K + k] * ye[t * H + h];
         }
-        assert_true(rel_err(y2, y, (size_t)T * H) < 1e-6);
+        assert_true(tu_rel_err(y2, y, (size_t)T * H) < 1e-6);
         /* the layer's output is hidden_states[l+1] before the final norm: check
          * through the final norm against the golden last entry */
         for (size_t i = 0; i < (size_t)T * H; i++) x[i] += y[i];
         moe_model_final_norm(m, x, x, T);
-        assert_true(rel_err(x, (float *)rh.data + (size_t)(l + 1) * T * H, (size_t)T * H) < TOL);
+        assert_true(tu_rel_err(x, (float *)rh.data + (size_t)(l + 1) * T * H, (size_t)T * H) < TOL);
         assert_int_equal(moe_layer_expert(m, l, c->n_routed_experts, ye, xn, T), -1);
         moe_layer_unload(m, l);
         moe_model_free(m, x), moe_model_free(m, xn), moe_model_free(m, y);

@@ -14,25 +14,10 @@
  * The emulator is handed to the model by wrapping moe_backend_get at link
  * time (Makefile: -Wl,--wrap=moe_backend_get for this binary only):
  * device "cuda-emu" is this backend, every other name the real one. */
-#include <stdarg.h>
-#include <stddef.h>
-#include <setjmp.h>
-#include <cmocka.h>
-
-#include <math.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
 #include <sys/mman.h>
 
-#include "common.h"
 #include "kernels.h"
-#include "model.h"
-
-#define FIX "tests/fixtures/models"
-#define NSEQ 3
-static const char *ARCHS[] = {"deepseek", "qwen2_moe", "qwen3_moe", "olmoe", "mixtral"};
+#include "testmodel.h"
 
 /* ---- the emulated device ---------------------------------------------------------- */
 
@@ -154,91 +139,6 @@ static int setup(void **state) {
 
 /* ---- the comparison -------------------------------------------------------------------- */
 
-static int32_t *read_ids(const char *path, int *T) { /* .npy <i4 1-D */
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    unsigned char pre[10];
-    int32_t *ids = NULL;
-    if (fread(pre, 1, 10, f) == 10 && !memcmp(pre, "\x93NUMPY", 6) && pre[6] == 1) {
-        size_t hl = pre[8] | (pre[9] << 8);
-        char *h = calloc(1, hl + 1);
-        char *p;
-        if (fread(h, 1, hl, f) == hl && strstr(h, "'<i4'") && (p = strstr(h, "'shape'")) &&
-            (p = strchr(p, '('))) {
-            long n = strtol(p + 1, NULL, 10);
-            if (n > 0) {
-                ids = malloc(sizeof(int32_t) * (size_t)n);
-                if (fread(ids, 4, (size_t)n, f) != (size_t)n) {
-                    free(ids);
-                    ids = NULL;
-                }
-                *T = (int)n;
-            }
-        }
-        free(h);
-    }
-    fclose(f);
-    return ids;
-}
-
-typedef struct {
-    int32_t *idx;
-    size_t n, cap;
-} routes;
-static void on_route(void *ctx, int layer, int T, int K, int E, const int32_t *idx, const float *wt,
-                     const float *probs) {
-    (void)layer, (void)E, (void)wt, (void)probs;
-    routes *r = ctx;
-    size_t m = (size_t)T * K;
-    if (r->n + m > r->cap) r->idx = moe_realloc(r->idx, sizeof(int32_t) * (r->cap = (r->n + m) * 2));
-    memcpy(r->idx + r->n, idx, sizeof(int32_t) * m);
-    r->n += m;
-}
-
-typedef struct {
-    moe_seq s[NSEQ];
-    int32_t *ids[NSEQ];
-    routes r;
-    int L, H, V;
-} run;
-
-static void run_model(run *out, const char *dir, const char *device) {
-    moe_model_opts o = {.device = device};
-    moe_model *m = moe_model_open(dir, &o);
-    if (!m) fail_msg("%s (%s): %s", dir, device, moe_error());
-    const moe_config *c = moe_model_config(m);
-    memset(out, 0, sizeof *out);
-    out->L = c->num_layers, out->H = c->hidden_size, out->V = c->vocab_size;
-    for (int i = 0; i < NSEQ; i++) {
-        char p[512];
-        snprintf(p, sizeof p, "%s/seq%d_ids.npy", dir, i);
-        int T = 0;
-        if (!(out->ids[i] = read_ids(p, &T))) fail_msg("cannot read %s", p);
-        out->s[i] = (moe_seq){out->ids[i], T,
-                              malloc(sizeof(float) * (size_t)(out->L + 1) * T * out->H),
-                              malloc(sizeof(float) * (size_t)T * out->V)};
-    }
-    if (moe_model_forward(m, out->s, NSEQ, 0, on_route, &out->r) < 0)
-        fail_msg("%s (%s): %s", dir, device, moe_error());
-    moe_model_close(m);
-}
-
-static void free_run(run *r) {
-    for (int i = 0; i < NSEQ; i++) free(r->ids[i]), free(r->s[i].hidden), free(r->s[i].logits);
-    free(r->r.idx);
-}
-
-static double rel_err(const float *a, const float *ref, size_t n) {
-    double d = 0, r = 0;
-    for (size_t i = 0; i < n; i++) {
-        if (!isfinite(a[i])) return INFINITY;
-        double e = (double)a[i] - ref[i];
-        d += e * e;
-        r += (double)ref[i] * ref[i];
-    }
-    return r > 0 ? sqrt(d / r) : sqrt(d);
-}
-
 static void test_forward_on_emulated_device(void **state) {
     (void)state;
     int bad = 0;
@@ -246,16 +146,16 @@ static void test_forward_on_emulated_device(void **state) {
         for (int d = 0; d < 2; d++) {
             char dir[256];
             snprintf(dir, sizeof dir, "%s/%s-%s", FIX, ARCHS[a], d ? "bf16" : "f32");
-            run c, e;
-            run_model(&c, dir, "cpu");
+            tm_run c, e;
+            tm_run_model(&c, dir, "cpu");
             long ops0 = n_ops;
-            run_model(&e, dir, "cuda-emu");
+            tm_run_model(&e, dir, "cuda-emu");
             double worst = 0;
             for (int s = 0; s < NSEQ; s++) {
                 int T = c.s[s].T;
-                double er = rel_err(e.s[s].hidden, c.s[s].hidden, (size_t)(c.L + 1) * T * c.H);
+                double er = tu_rel_err(e.s[s].hidden, c.s[s].hidden, (size_t)(c.L + 1) * T * c.H);
                 if (er > worst) worst = er;
-                er = rel_err(e.s[s].logits, c.s[s].logits, (size_t)T * c.V);
+                er = tu_rel_err(e.s[s].logits, c.s[s].logits, (size_t)T * c.V);
                 if (er > worst) worst = er;
             }
             size_t same = 0;
@@ -264,7 +164,7 @@ static void test_forward_on_emulated_device(void **state) {
             print_message("%-32s rel err %.2e, routing %zu/%zu same, %ld device ops%s\n", dir, worst,
                           same, c.r.n, n_ops - ops0, ok ? "" : "  <-- FAIL");
             bad += !ok;
-            free_run(&c), free_run(&e);
+            tm_free_run(&c), tm_free_run(&e);
         }
     assert_int_equal(bad, 0);
 }

@@ -1,53 +1,24 @@
 /* test_safetensors.c - reader validation (every malformed case gives one line
  * naming the file and, where there is one, the tensor), conversions, writer. */
-#include <setjmp.h>
-#include <stdarg.h>
-#include <stddef.h>
-#include <stdint.h>
-#include <cmocka.h>
-
-#include <math.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
 #include <sys/stat.h>
-#include <unistd.h>
 
 #include "common.h"
 #include "safetensors.h"
-
-static char tmpdir[256];
-
-static int setup(void **state)
-{
-    (void)state;
-    snprintf(tmpdir, sizeof tmpdir, "/tmp/cdmoe-st.XXXXXX");
-    return mkdtemp(tmpdir) ? 0 : -1;
-}
-
-static int teardown(void **state)
-{
-    (void)state;
-    char cmd[300];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmpdir);
-    return system(cmd) == 0 ? 0 : -1;
-}
+#include "testutil.h"
 
 /* Write a safetensors-like file: 8-byte length (hlen_override if >= 0),
  * header text, then `data_len` bytes of data (values i & 0xff). */
-static char *write_raw(const char *name, const char *header, long long hlen_override, size_t data_len)
+static const char *write_raw(const char *name, const char *header, long long hlen_override, size_t data_len)
 {
-    static char path[512];
-    snprintf(path, sizeof path, "%s/%s", tmpdir, name);
-    FILE *fp = fopen(path, "wb");
-    assert_non_null(fp);
-    uint64_t n = hlen_override >= 0 ? (uint64_t)hlen_override : strlen(header);
-    unsigned char b[8];
+    const char *path = tu_path(name);
+    size_t hl = strlen(header);
+    unsigned char *b = malloc(8 + hl + data_len);
+    uint64_t n = hlen_override >= 0 ? (uint64_t)hlen_override : hl;
     for (int i = 0; i < 8; i++) b[i] = (unsigned char)(n >> (8 * i));
-    fwrite(b, 1, 8, fp);
-    fwrite(header, 1, strlen(header), fp);
-    for (size_t i = 0; i < data_len; i++) fputc((int)(i & 0xff), fp);
-    fclose(fp);
+    memcpy(b + 8, header, hl);
+    for (size_t i = 0; i < data_len; i++) b[8 + hl + i] = (unsigned char)(i & 0xff);
+    tu_write_file(path, b, 8 + hl + data_len);
+    free(b);
     return path;
 }
 
@@ -56,7 +27,7 @@ static char *write_raw(const char *name, const char *header, long long hlen_over
 static void expect_bad(const char *name, const char *header, long long hlen, size_t data_len, const char *want,
                        const char *tensor)
 {
-    char *p = write_raw(name, header, hlen, data_len);
+    const char *p = write_raw(name, header, hlen, data_len);
     moe_error_clear();
     moe_st_file *f = moe_st_open(p);
     if (f) {
@@ -78,7 +49,7 @@ static void test_good_file(void **state)
                     "\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]},"
                     "\"s\":{\"dtype\":\"F16\",\"shape\":[],\"data_offsets\":[16,18]},"
                     "\"e\":{\"dtype\":\"F32\",\"shape\":[0,3],\"data_offsets\":[18,18]}}   ";
-    char *p = write_raw("good.safetensors", h, -1, 18);
+    const char *p = write_raw("good.safetensors", h, -1, 18);
     moe_st_file *f = moe_st_open(p);
     if (!f) fail_msg("%s", moe_error());
     assert_int_equal(moe_st_count(f), 4);
@@ -122,11 +93,8 @@ static void test_malformed(void **state)
     expect_bad("huge.safetensors", ok1, 200000000, 8, "limit", NULL);
     /* file shorter than 8 bytes */
     {
-        char path[512];
-        snprintf(path, sizeof path, "%s/short.safetensors", tmpdir);
-        FILE *fp = fopen(path, "wb");
-        fputs("abc", fp);
-        fclose(fp);
+        const char *path = tu_path("short.safetensors");
+        tu_write_text(path, "abc");
         assert_null(moe_st_open(path));
         assert_non_null(strstr(moe_error(), path));
     }
@@ -162,8 +130,7 @@ static void test_malformed(void **state)
     expect_bad("subbyte.safetensors", "{\"t\":{\"dtype\":\"F4\",\"shape\":[3],\"data_offsets\":[0,2]}}", -1, 2,
                "whole number of bytes", "tensor t");
     /* missing file: I/O error */
-    char path[512];
-    snprintf(path, sizeof path, "%s/absent.safetensors", tmpdir);
+    const char *path = tu_path("absent.safetensors");
     assert_null(moe_st_open(path));
     assert_int_equal(moe_error_kind(), MOE_ERR_IO);
     assert_non_null(strstr(moe_error(), path));
@@ -238,19 +205,6 @@ static int fill_fail(void *ctx, const char *name, uint64_t start, uint64_t n, vo
     return -1;
 }
 
-static char *slurp(const char *p, size_t *n)
-{
-    FILE *fp = fopen(p, "rb");
-    assert_non_null(fp);
-    fseek(fp, 0, SEEK_END);
-    *n = (size_t)ftell(fp);
-    fseek(fp, 0, SEEK_SET);
-    char *b = malloc(*n + 1);
-    assert_int_equal(fread(b, 1, *n, fp), *n);
-    fclose(fp);
-    return b;
-}
-
 static void write_sample(const char *path)
 {
     static uint16_t bf[3] = {0x3f80, 0x4000, 0xc040};
@@ -270,14 +224,14 @@ static void test_writer(void **state)
 {
     (void)state;
     char p1[512], p2[512];
-    snprintf(p1, sizeof p1, "%s/w1.safetensors", tmpdir);
-    snprintf(p2, sizeof p2, "%s/w2.safetensors", tmpdir);
+    snprintf(p1, sizeof p1, "%s", tu_path("w1.safetensors"));
+    snprintf(p2, sizeof p2, "%s", tu_path("w2.safetensors"));
     fill_calls = 0;
     write_sample(p1);
     assert_true(fill_calls > 1); /* chunked */
     write_sample(p2);
     size_t n1, n2;
-    char *b1 = slurp(p1, &n1), *b2 = slurp(p2, &n2);
+    char *b1 = tu_read_file(p1, &n1), *b2 = tu_read_file(p2, &n2);
     assert_int_equal(n1, n2);
     assert_memory_equal(b1, b2, n1); /* deterministic */
     uint64_t hl = 0;
@@ -307,8 +261,7 @@ static void test_writer(void **state)
     moe_st_close(f);
 
     /* a failing fill leaves nothing behind */
-    char p3[512];
-    snprintf(p3, sizeof p3, "%s/w3.safetensors", tmpdir);
+    const char *p3 = tu_path("w3.safetensors");
     moe_st_writer *w = moe_st_writer_open(p3);
     int64_t s[1] = {10};
     moe_st_writer_add(w, "t", MOE_ST_F32, 1, s, NULL, fill_fail, NULL);
@@ -316,9 +269,7 @@ static void test_writer(void **state)
     assert_non_null(strstr(moe_error(), "fill failed for t"));
     struct stat st;
     assert_int_not_equal(stat(p3, &st), 0);
-    char cmd[600];
-    snprintf(cmd, sizeof cmd, "ls -A '%s' | grep -q tmp", tmpdir);
-    assert_int_not_equal(system(cmd), 0); /* no temporary left */
+    assert_false(tu_dir_has("tmp")); /* no temporary left */
 
     /* unwritable place: I/O error naming the file */
     w = moe_st_writer_open("/nonexistent-dir/x.safetensors");
@@ -336,5 +287,5 @@ int main(void)
         cmocka_unit_test(test_convert),
         cmocka_unit_test(test_writer),
     };
-    return cmocka_run_group_tests(tests, setup, teardown);
+    return cmocka_run_group_tests(tests, tu_setup_dir, tu_teardown_dir);
 }

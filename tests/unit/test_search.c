@@ -318,6 +318,45 @@ static void test_chunked(void **st) {
     fixture_close(&f);
 }
 
+/* Expert outputs all cached, none, or some (budgets): the same ranking bit
+ * for bit. */
+static void test_rank_budgets(void **st) {
+    (void)st;
+    fixture f;
+    fixture_open(&f, "deepseek-l5");
+    size_t tot = 0;
+    for (int i = 0; i < f.seqs.n; i++)
+        tot += (size_t)(f.max_length > 0 && f.seqs.len[i] > f.max_length ? f.max_length
+                                                                           : f.seqs.len[i]);
+    size_t per_exp = tot * (size_t)moe_model_config(f.m)->hidden_size * sizeof(float);
+    size_t budgets[] = {0, 4096, 3 * per_exp, per_exp};
+    moe_ranking ref;
+    for (size_t bi = 0; bi < sizeof budgets / sizeof *budgets; bi++) {
+        moe_search_opts o = {.metric = MOE_DIV_JS, .max_length = f.max_length,
+                             .max_experts = f.top_k, .mem_bytes = budgets[bi],
+                             .stream_weights = bi == 3};
+        moe_ranking r;
+        moe_search_work w = {0};
+        if (moe_rank_run(f.m, &f.seqs, &f.ref_calib, &o, bi ? &r : &ref, &w) < 0)
+            fail_msg("%s", moe_error());
+        if (bi == 3) assert_int_equal(w.layer_loads, 5); /* one pass, each layer once */
+        if (bi == 0) continue;
+        for (int l = 0; l < r.L; l++) {
+            const moe_rank_layer *a = &r.layers[l], *b = &ref.layers[l];
+            assert_int_equal(a->present, b->present);
+            if (!a->present) continue;
+            assert_int_equal(a->n, b->n);
+            assert_memory_equal(a->experts, b->experts, sizeof(int) * (size_t)a->n);
+            if (memcmp(a->scores, b->scores, sizeof(double) * (size_t)a->n) ||
+                memcmp(a->cand, b->cand, sizeof(double) * (size_t)(f.top_k + 1) * r.E))
+                fail_msg("budget %zu: layer %d scores differ", budgets[bi], l);
+        }
+        moe_ranking_free(&r);
+    }
+    moe_ranking_free(&ref);
+    fixture_close(&f);
+}
+
 /* Other metrics and beam > 1: fast == naive. */
 static void test_fast_equals_naive(void **st) {
     (void)st;
@@ -358,6 +397,82 @@ static void test_fast_equals_naive(void **st) {
     fixture_close(&f);
 }
 
+/* The layer-major layer search (default) equals the candidate-major loop
+ * bit for bit: order, scores, every candidate's score and the work counts,
+ * whether layers stay loaded or are streamed, with one pass per step or a
+ * budget so small that every candidate gets its own pass; and it loads
+ * fewer layers when streaming. */
+static int same_bits(const void *a, const void *b, size_t n) { return memcmp(a, b, n) == 0; }
+
+static void check_same_plan(const moe_plan *a, const moe_search_work *wa, const moe_plan *b,
+                            const moe_search_work *wb, const char *what) {
+    if (a->n != b->n) fail_msg("%s: %d layers vs %d", what, a->n, b->n);
+    if (!same_bits(a->order, b->order, sizeof(int) * (size_t)a->n))
+        fail_msg("%s: order differs", what);
+    if (!same_bits(a->scores, b->scores, sizeof(double) * (size_t)a->n))
+        fail_msg("%s: scores differ", what);
+    if ((a->cand == NULL) != (b->cand == NULL) ||
+        (a->cand && !same_bits(a->cand, b->cand, sizeof(double) * (size_t)a->n * a->L)))
+        fail_msg("%s: candidate scores differ", what);
+    if (wa->layer_tokens != wb->layer_tokens || wa->expert_tokens != wb->expert_tokens ||
+        wa->div_tokens != wb->div_tokens || wa->candidates != wb->candidates ||
+        !same_bits(&wa->flops, &wb->flops, sizeof(double)))
+        fail_msg("%s: work counts differ", what);
+}
+
+static void test_layer_major(void **st) {
+    (void)st;
+    const char *fx[] = {"deepseek-l5", "qwen2_moe-l5", "qwen3_moe"};
+    for (size_t fi = 0; fi < sizeof fx / sizeof *fx; fi++) {
+        fixture f;
+        fixture_open(&f, fx[fi]);
+        moe_ranking r;
+        run_rank(&f, 0, &r, &f.ref_calib);
+        size_t tot = 0;
+        for (int i = 0; i < f.seqs.n; i++)
+            tot += (size_t)(f.max_length > 0 && f.seqs.len[i] > f.max_length ? f.max_length
+                                                                               : f.seqs.len[i]);
+        size_t cand_bytes = tot * (size_t)moe_model_config(f.m)->hidden_size * sizeof(float);
+        for (int k = 0; k <= f.top_k; k += f.top_k) {
+            for (int beam = 1; beam <= 3; beam += 2) {
+                for (int stream = 0; stream < 2; stream++) {
+                    moe_search_opts o = {.metric = MOE_DIV_JS, .max_length = f.max_length, .k = k,
+                                         .beam = beam, .candidate_major = 1,
+                                         .stream_weights = stream};
+                    moe_plan ref;
+                    moe_search_work wref = {0};
+                    if (moe_layer_search_run(f.m, &f.seqs, &f.ref_calib, &r, &o, &ref, &wref) < 0)
+                        fail_msg("%s: %s", f.name, moe_error());
+                    /* budgets: default (one pass per step), 1 and 2 candidates per pass */
+                    for (int bud = 0; bud < 3; bud++) {
+                        o.candidate_major = 0;
+                        o.mem_bytes = bud == 0 ? 0 : (size_t)bud * cand_bytes + cand_bytes / 2;
+                        moe_plan p;
+                        moe_search_work w = {0};
+                        if (moe_layer_search_run(f.m, &f.seqs, &f.ref_calib, &r, &o, &p, &w) < 0)
+                            fail_msg("%s: %s", f.name, moe_error());
+                        char what[160];
+                        snprintf(what, sizeof what, "%s k=%d beam %d%s budget %d", f.name, k, beam,
+                                 stream ? " streamed" : "", bud);
+                        check_same_plan(&p, &w, &ref, &wref, what);
+                        if (stream && bud == 0 && !(w.layer_loads < wref.layer_loads))
+                            fail_msg("%s: %llu layer loads, candidate-major %llu", what,
+                                     (unsigned long long)w.layer_loads,
+                                     (unsigned long long)wref.layer_loads);
+                        /* deepseek-l5 (dense layer 0, MoE 1-4), 4 steps: 9 + 6 + 6 + 3 */
+                        if (stream && bud == 0 && beam == 1 && k > 0 && fi == 0)
+                            assert_int_equal(w.layer_loads, 24);
+                        moe_plan_free(&p);
+                    }
+                    moe_plan_free(&ref);
+                }
+            }
+        }
+        moe_ranking_free(&r);
+        fixture_close(&f);
+    }
+}
+
 /* Bad inputs are refused with a message. */
 static void test_bad_inputs(void **st) {
     (void)st;
@@ -387,8 +502,8 @@ int main(void) {
         cmocka_unit_test(test_qwen3_moe),   cmocka_unit_test(test_olmoe),
         cmocka_unit_test(test_mixtral),     cmocka_unit_test(test_deepseek_l5),
         cmocka_unit_test(test_qwen2_moe_l5), cmocka_unit_test(test_unrouted),
-        cmocka_unit_test(test_chunked),     cmocka_unit_test(test_fast_equals_naive),
-        cmocka_unit_test(test_bad_inputs),
+        cmocka_unit_test(test_chunked), cmocka_unit_test(test_rank_budgets),     cmocka_unit_test(test_fast_equals_naive),
+        cmocka_unit_test(test_layer_major), cmocka_unit_test(test_bad_inputs),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -2,20 +2,12 @@
  * `tokenizers` (tests/ref/make_tokenizer_golden.py) on the real tokenizer.json
  * files in $CDMOE_SHARED, llama.cpp's HF-made test vectors, and the minimal
  * byte-level tokenizer (which needs no shared files). */
-#include <stdarg.h>
-#include <stddef.h>
-#include <setjmp.h>
-#include <cmocka.h>
-
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/stat.h>
 #include <unistd.h>
 #include <jansson.h>
 
 #include "common.h"
 #include "bytetok.h"
+#include "testutil.h"
 #include "tokenizer.h"
 
 #define FIX "tests/fixtures/tokenizer"
@@ -134,20 +126,6 @@ static void test_golden_gpt2(void **state) { (void)state; golden_model("gpt2"); 
 static void test_golden_qwen3(void **state) { (void)state; golden_model("qwen3"); }
 static void test_golden_deepseek_v3(void **state) { (void)state; golden_model("deepseek-v3"); }
 
-static char *slurp(const char *path, size_t *len)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *p = malloc((size_t)n + 1);
-    *len = fread(p, 1, (size_t)n, f);
-    p[*len] = 0;
-    fclose(f);
-    return p;
-}
-
 /* llama.cpp's vectors: *.inp = tests separated by "\n__ggml_vocab_test__\n",
  * *.out = one line of HF ids (no special tokens) per test. */
 static void llamacpp_vectors(const char *model, const char *vocab)
@@ -158,7 +136,7 @@ static void llamacpp_vectors(const char *model, const char *vocab)
     snprintf(ip, sizeof ip, "%s/data/tokenizers/llama.cpp-vocab/ggml-vocab-%s.gguf.inp", shared(), vocab);
     snprintf(op, sizeof op, "%s/data/tokenizers/llama.cpp-vocab/ggml-vocab-%s.gguf.out", shared(), vocab);
     size_t il, ol;
-    char *in = slurp(ip, &il), *out = slurp(op, &ol);
+    char *in = moe_read_file(ip, &il), *out = moe_read_file(op, &ol);
     if (!in || !out) {
         printf("SKIP: %s absent (../shared absent)\n", ip);
         free(in); free(out);
@@ -253,23 +231,6 @@ static void test_synth_llama(void **state) { (void)state; synth("llama"); }
 static void test_synth_meta(void **state) { (void)state; synth("meta"); }
 static void test_synth_split(void **state) { (void)state; synth("split"); }
 
-static char tmpdir[256];
-
-static int setup_dir(void **state)
-{
-    (void)state;
-    snprintf(tmpdir, sizeof tmpdir, "/tmp/cdmoe-test-tok.XXXXXX");
-    return mkdtemp(tmpdir) ? 0 : -1;
-}
-
-static int teardown_dir(void **state)
-{
-    (void)state;
-    char cmd[300];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmpdir);
-    return system(cmd);
-}
-
 static uint64_t rng = 0x9E3779B97F4A7C15ull;
 static uint64_t rnd(void) { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; return rng; }
 
@@ -278,8 +239,8 @@ static uint64_t rnd(void) { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17;
 static void test_byte_level_roundtrip(void **state)
 {
     (void)state;
-    assert_int_equal(moe_bytetok_write(tmpdir, 300, 1024), 0);
-    moe_tokenizer *t = moe_tokenizer_open(tmpdir);
+    assert_int_equal(moe_bytetok_write(tu_dir, 300, 1024), 0);
+    moe_tokenizer *t = moe_tokenizer_open(tu_dir);
     if (!t) fprintf(stderr, "%s\n", moe_error());
     assert_non_null(t);
     int eot = moe_bytetok_size(300) - 1;
@@ -348,44 +309,34 @@ static void test_utf8_lossy(void **state)
     assert_int_equal(moe_utf8_check("ab\xc3\xa9", 4), 4);
 }
 
-static void write_file(const char *name, const char *text)
-{
-    char p[512];
-    snprintf(p, sizeof p, "%s/%s", tmpdir, name);
-    FILE *f = fopen(p, "w");
-    assert_non_null(f);
-    fputs(text, f);
-    fclose(f);
-}
+static void write_file(const char *name, const char *text) { tu_write_text(tu_path(name), text); }
 
 static void test_bad_files(void **state)
 {
     (void)state;
-    char p[512];
-    snprintf(p, sizeof p, "%s/nope", tmpdir);
-    assert_null(moe_tokenizer_open(p));
+    assert_null(moe_tokenizer_open(tu_path("nope")));
     assert_int_equal(moe_error_kind(), MOE_ERR_IO);
     write_file("tokenizer.json", "{\"model\": {\"type\": \"WordPiece\", \"vocab\": {}}}");
-    assert_null(moe_tokenizer_open(tmpdir));
+    assert_null(moe_tokenizer_open(tu_dir));
     assert_non_null(strstr(moe_error(), "unsupported model type 'WordPiece'"));
     write_file("tokenizer.json", "{\"pre_tokenizer\": {\"type\": \"BertPreTokenizer\"}, "
                                  "\"model\": {\"type\": \"BPE\", \"vocab\": {}, \"merges\": []}}");
-    assert_null(moe_tokenizer_open(tmpdir));
+    assert_null(moe_tokenizer_open(tu_dir));
     assert_non_null(strstr(moe_error(), "unsupported pre_tokenizer type 'BertPreTokenizer'"));
     write_file("tokenizer.json", "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0}, \"merges\": [\"a a\"]}}");
-    assert_null(moe_tokenizer_open(tmpdir));
+    assert_null(moe_tokenizer_open(tu_dir));
     assert_non_null(strstr(moe_error(), "not in vocab"));
     write_file("tokenizer.json", "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0}, \"merges\": [}");
-    assert_null(moe_tokenizer_open(tmpdir));
+    assert_null(moe_tokenizer_open(tu_dir));
     assert_non_null(strstr(moe_error(), "tokenizer.json:1:"));
     write_file("tokenizer.json", "{\"pre_tokenizer\": {\"type\": \"Split\", \"pattern\": {\"Regex\": \"(\"}},"
                                  "\"model\": {\"type\": \"BPE\", \"vocab\": {}, \"merges\": []}}");
-    assert_null(moe_tokenizer_open(tmpdir));
+    assert_null(moe_tokenizer_open(tu_dir));
     assert_non_null(strstr(moe_error(), "bad regex"));
     /* non-byte-level: invalid UTF-8 is an error */
     write_file("tokenizer.json", "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0, \"b\": 1, \"ab\": 2},"
                                  " \"merges\": [[\"a\", \"b\"]]}}");
-    moe_tokenizer *t = moe_tokenizer_open(tmpdir);
+    moe_tokenizer *t = moe_tokenizer_open(tu_dir);
     assert_non_null(t);
     int32_t *ids;
     size_t n;
@@ -403,7 +354,7 @@ static void test_bad_files(void **state)
     write_file("tokenizer.json", "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"\\u0041\": 0,"
                                  " \"\\ud83d\\ude00\": 1, \"A\\ud83d\\ude00\": 2, \"\\\"\\\\\\n\": 3},"
                                  " \"merges\": [[\"A\", \"\\ud83d\\ude00\"]]}}");
-    t = moe_tokenizer_open(tmpdir);
+    t = moe_tokenizer_open(tu_dir);
     if (!t) fprintf(stderr, "%s\n", moe_error());
     assert_non_null(t);
     assert_int_equal(moe_tokenizer_encode(t, "A\xf0\x9f\x98\x80\"\\\n", 8, 0, &ids, &n), 0);
@@ -432,12 +383,10 @@ static void test_config(void **state)
         {"{\"tokenizer_class\": \"GPTNeoXTokenizer\", \"bos_token\": \"<s>\"}", 1, {2}},
         {"{\"tokenizer_class\": \"Qwen2Tokenizer\", \"add_bos_token\": true, \"bos_token\": \"<s>\"}", 2, {2, 4}},
     };
-    char p[512];
     for (size_t k = 0; k < sizeof c / sizeof *c; k++) {
-        snprintf(p, sizeof p, "%s/tokenizer_config.json", tmpdir);
-        unlink(p);
+        unlink(tu_path("tokenizer_config.json"));
         if (c[k].cfg) write_file("tokenizer_config.json", c[k].cfg);
-        moe_tokenizer *t = moe_tokenizer_open(tmpdir);
+        moe_tokenizer *t = moe_tokenizer_open(tu_dir);
         if (!t) fprintf(stderr, "%s\n", moe_error());
         assert_non_null(t);
         int32_t *ids;
@@ -450,7 +399,7 @@ static void test_config(void **state)
         moe_tokenizer_close(t);
     }
     write_file("tokenizer_config.json", "{\"tokenizer_class\": \"LlamaTokenizerFast\", \"bos_token\": null}");
-    assert_null(moe_tokenizer_open(tmpdir));
+    assert_null(moe_tokenizer_open(tu_dir));
     assert_non_null(strstr(moe_error(), "add_bos_token is set but bos_token is missing"));
 }
 
@@ -461,9 +410,9 @@ int main(void)
         cmocka_unit_test(test_synth_llama),
         cmocka_unit_test(test_synth_meta),
         cmocka_unit_test(test_synth_split),
-        cmocka_unit_test_setup_teardown(test_byte_level_roundtrip, setup_dir, teardown_dir),
-        cmocka_unit_test_setup_teardown(test_bad_files, setup_dir, teardown_dir),
-        cmocka_unit_test_setup_teardown(test_config, setup_dir, teardown_dir),
+        cmocka_unit_test_setup_teardown(test_byte_level_roundtrip, tu_setup_dir, tu_teardown_dir),
+        cmocka_unit_test_setup_teardown(test_bad_files, tu_setup_dir, tu_teardown_dir),
+        cmocka_unit_test_setup_teardown(test_config, tu_setup_dir, tu_teardown_dir),
         cmocka_unit_test(test_golden_gpt2),
         cmocka_unit_test(test_golden_qwen3),
         cmocka_unit_test(test_golden_deepseek_v3),
