@@ -1450,7 +1450,23 @@ cublasStatus_t cublasGemmGroupedBatchedEx(cublasHandle_t h, const cublasOperatio
     for (int g = 0; g < group_count; g++)
         for (int i = 0; i < group_size[g]; i++)
             probs->push_back(problem{ta[g], tb[g], m[g], n[g], k[g], lda[g], ldb[g], ldc[g], al[g], be[g]});
+    // cuBLAS may read the host arrays when the product runs: a caller that
+    // changes them before then gets an error (the snapshot is used)
     enqueue(h->stream, [=]() {
+        size_t i = 0;
+        bool changed = false;
+        for (int g = 0; g < group_count && !changed; g++)
+            for (int j = 0; j < group_size[g] && !changed && i < probs->size(); j++, i++) {
+                const problem &q = (*probs)[i];
+                changed = q.ta != ta[g] || q.tb != tb[g] || q.m != m[g] || q.n != n[g] ||
+                          q.k != k[g] || q.lda != lda[g] || q.ldb != ldb[g] || q.ldc != ldc[g] ||
+                          q.alpha != al[g] || q.beta != be[g];
+            }
+        if (changed) {
+            emu_warn("cublasGemmGroupedBatchedEx: the host parameter arrays changed before the "
+                     "queued call ran (keep them unchanged until it completes)");
+            set_sticky(cudaErrorIllegalAddress);
+        }
         for (size_t i = 0; i < probs->size() && !g_sticky; i++) {
             const problem &q = (*probs)[i];
             gemm_run("cublasGemmGroupedBatchedEx", tf, q.ta, q.tb, q.m, q.n, q.k, q.alpha, A[i], at,
