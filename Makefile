@@ -222,7 +222,7 @@ install: all
 	$(if $(CUDA_PLUGIN),install -d $(DESTDIR)$(PREFIX)/lib/cdmoe && install -m 755 $(CUDA_PLUGIN) $(DESTDIR)$(PREFIX)/lib/cdmoe)
 
 clean:
-	rm -rf build build-san bin
+	rm -rf build build-san build-emu bin
 
 .SECONDARY:
 -include $(shell find $(BUILD) -name '*.d' 2>/dev/null)

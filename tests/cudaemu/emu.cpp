@@ -33,9 +33,18 @@
 //    (default 80) GiB and free = total - live, and allocations beyond it fail
 //    with cudaErrorMemoryAllocation.  Pinned host memory (cudaHostAlloc,
 //    cudaMallocHost, cudaHostRegister) is device-accessible, as under UVA.
-//  - Streams, events, memory pools: every operation completes when issued, so
-//    any stream order is satisfied; handles are checked (destroyed or unknown
-//    -> cudaErrorInvalidResourceHandle); event times are host clock times.
+//  - Streams and events: work on a created stream is queued and runs only
+//    when something waits for it (cudaStreamSynchronize, cudaEventSynchronize,
+//    cudaDeviceSynchronize, cudaFree, a device-to-pageable copy, a legacy
+//    stream operation for blocking streams, a queued cudaStreamWaitEvent that
+//    runs), so a missing event wait shows as stale (NaN) data; copies from or
+//    to pinned host memory touch it when they run (a staging buffer reused too
+//    early shows), pageable ones behave as the real API (host-to-device data
+//    taken at issue, device-to-host complete on return); queries report
+//    cudaErrorNotReady once for pending work.  Handles are checked (destroyed
+//    or unknown -> cudaErrorInvalidResourceHandle); event times are host
+//    clock times.  MOE_CUDA_EMU_SYNC=1 runs all work at issue instead.
+//    Memory pools: accepted, not modelled (freed memory is returned at once).
 //  - cuBLAS: cublasGemmEx, cublasGemmStridedBatchedEx, cublasSgemm and
 //    cublasGemmGroupedBatchedEx, column-major with lda/ldb/ldc and the argument
 //    checks cuBLAS makes (CUBLAS_STATUS_INVALID_VALUE, NOT_SUPPORTED for type
@@ -54,15 +63,17 @@
 //    at real model shapes on a CPU (results are meaningless).
 //
 // What it cannot catch
-//  - Races: threads of a block run one at a time, blocks in order, so missing
-//    __syncthreads or inter-block races usually go unnoticed; warp-synchronous
-//    code without __syncwarp too.
+//  - Races: threads of a block run one at a time, blocks in order, so a
+//    missing __syncthreads shows only when the order matters (the suite runs
+//    gpu_kernels in both orders); inter-block races and warp-synchronous code
+//    without __syncwarp go unnoticed.
 //  - Out-of-bounds accesses inside an allocation's 256-byte rounding or into
 //    another live allocation; shared-memory overruns of static __shared__.
 //  - Real timing, occupancy, register limits, the real memory size and
 //    fragmentation (pools' reserved memory is not modelled), asynchrony bugs
-//    (a host buffer reused before an async copy finished), cuBLAS kernel
-//    selection, GPU libm's ulp errors (expf etc. here are glibc's).
+//    that the lazy queues happen to hide (work runs at the first wait, not
+//    concurrently), cuBLAS kernel selection and its summation order, GPU
+//    libm's ulp errors (expf etc. here are glibc's).
 //  - Only one device; not thread-safe (the backend is used from one thread).
 #include "cudaemu.h"
 
