@@ -257,8 +257,8 @@ void free_now(void *p) {
 // buffer reused before its copy ran shows as wrong data.  The legacy default
 // stream (0) runs its work at once, after the blocking streams' queues.
 // MOE_CUDA_EMU_SYNC=1 runs everything at issue.
-std::vector<CUstream_st *> g_all_streams;
-std::set<const void *> g_events;
+std::vector<CUstream_st *> &g_all_streams = *new std::vector<CUstream_st *>();
+std::set<const void *> &g_events = *new std::set<const void *>();
 bool sync_mode() {
     static int v = -1;
     if (v < 0) v = env_int("MOE_CUDA_EMU_SYNC", 0) != 0;
@@ -338,7 +338,10 @@ void *g_sched_sp; // the scheduler's saved stack pointer
 ucontext_t g_sched_uc;
 #endif
 fiber *g_cur;     // the running fiber
-std::vector<fiber *> g_pool;
+// (containers of owned pointers are never destroyed: at exit the emulator's
+// objects stay reachable, for LeakSanitizer in SAN=1 builds)
+std::vector<fiber *> &g_pool = *new std::vector<fiber *>();   // idle fibers
+std::vector<fiber *> &g_fibers = *new std::vector<fiber *>(); // all fibers, reused until exit
 
 } // namespace
 
@@ -379,6 +382,7 @@ fiber *fiber_get() {
         return f;
     }
     fiber *f = new fiber();
+    g_fibers.push_back(f);
     f->len = FIBER_STACK + PAGE;
     f->mem = (char *)mmap(NULL, f->len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (f->mem == MAP_FAILED) emu_die("cannot map a fiber stack: %s", strerror(errno));
@@ -555,7 +559,8 @@ void on_fault(int sig, siginfo_t *si, void *) {
         char buf[512];
         int n = snprintf(buf, sizeof buf,
                          "cudaemu: invalid memory access at %p in kernel %s, block (%u,%u,%u), "
-                         "thread (%u,%u,%u) (out of bounds, freed or host memory)\n",
+                         "thread (%u,%u,%u) (out of bounds, freed or host memory; or a local array "
+                         "overflowing the 256 KiB fiber stack)\n",
                          si->si_addr, B.cfg->name, blockIdx.x, blockIdx.y, blockIdx.z, threadIdx.x,
                          threadIdx.y, threadIdx.z);
         if (n > 0) (void)!write(2, buf, (size_t)n);
@@ -1141,7 +1146,7 @@ struct cublasContext {
     cublasMath_t math;
 };
 namespace {
-std::set<const void *> g_handles;
+std::set<const void *> &g_handles = *new std::set<const void *>();
 bool handle_ok(cublasHandle_t h) { return h && g_handles.count(h); }
 
 size_t type_size(cudaDataType t) {

@@ -17,6 +17,7 @@ $src =~ s{((?:::)?[A-Za-z_]\w*(?:::[A-Za-z_]\w*)*(?:\s*<[^<>;()]*>)?)\s*<<<(.*?)
          {$launches++; "cudaemu::launch($1, \"$1\", $2)("}gse;
 $src =~ s{extern\s+__shared__\s+(?:__align__\(\s*\d+\s*\)\s+)?([A-Za-z_][\w:]*)\s+([A-Za-z_]\w*)\s*\[\s*\]\s*;}
          {$1 *$2 = ($1 *)cudaemu::dyn_smem();}gs;
-die "translate.pl: $file: a launch (<<< >>>) not translated\n" if $src =~ /<<<|>>>/;
+# (">>>" alone may close nested templates)
+die "translate.pl: $file: a launch (<<< >>>) not translated\n" if $src =~ /<<</;
 die "translate.pl: $file: extern __shared__ not translated\n" if $src =~ /extern\s+__shared__/;
 print "#line 1 \"$file\"\n", $src;
