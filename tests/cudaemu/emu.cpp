@@ -58,9 +58,10 @@
 //    the backend's fallback.
 //  - MOE_CUDA_EMU_NOCOMPUTE=1: GEMMs and kernel launches of more than 65536
 //    threads are checked but not run (small ones, like the router, still run:
-//    the host needs valid expert indices), copies are done, allocations are
-//    not poisoned (untouched memory costs no RAM): for measuring device memory
-//    at real model shapes on a CPU (results are meaningless).
+//    the host needs valid expert indices), copies under 1 MiB are done (larger
+//    ones, weights, only checked), allocations are not poisoned (untouched
+//    memory costs no RAM): for measuring device memory at real model shapes
+//    on a CPU (results are meaningless).
 //
 // What it cannot catch
 //  - Races: threads of a block run one at a time, blocks in order, so a
@@ -961,6 +962,7 @@ cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t n, enum cudaMemcp
     bool dd = false, sd = false;
     cudaError_t e = copy_check(dst, src, n, k, &dd, &sd);
     if (e || !n) return e;
+    if (nocompute() && n >= (1u << 20) && (dd || sd)) return chk(); // weights: checked, not copied
     // pinned (page-locked) host memory is read/written when the copy runs;
     // pageable host memory as the real API does: a host-to-device copy takes
     // the data at issue, a device-to-host copy waits and returns complete
