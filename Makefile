@@ -123,10 +123,12 @@ $(BUILD)/tests/test_model_device: override LDFLAGS += -Wl,--wrap=moe_backend_get
 # The CUDA emulator (tests/cudaemu, see emu.cpp): kernels/cuda/*.cu compiled
 # by g++ as host code into a plugin that runs on the CPU, so that the GPU
 # parity tests check the real backend source where no GPU is (no nvcc needed).
-# `make test-cuda-emu` runs `tests/run.sh --gpu` against it; `make test` runs
-# it too (tests/run.sh, CUDA_EMU=).  The library needs its plugin loader
-# (CUDA=1, or CUDA=emu where nvcc is absent: the emulator then stands in as
-# libcdmoe_cuda.so, for tests only, never to install).
+# `make test-cuda-emu` runs the GPU tests against it (tests/run.sh --emu);
+# `make test` runs them too, on fewer models (CUDA_EMU= names the plugin).
+# The library needs its plugin loader: CUDA=1, or CUDA=emu where nvcc is
+# absent (the emulator then stands in as libcdmoe_cuda.so: tests only, never
+# installed; test-cuda-emu in a CUDA=0 build makes one in build-emu/, and
+# `make test` there skips the emulated GPU tests, saying why).
 CXX ?= g++
 EMU_DIR := $(BUILD)/emu
 EMU_PLUGIN := $(EMU_DIR)/libcdmoe_cuda_emu.so
