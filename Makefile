@@ -5,6 +5,7 @@
 #   make demo       run the default end-to-end job (installs deps first)
 #   make bench      benchmarks (ratios against peers measured in the same run)
 #   make deps       install the Debian packages we build against (idempotent)
+#   make test-cuda-emu  the GPU parity tests against the CUDA emulator (CPU)
 #   make SAN=1 test AddressSanitizer + UndefinedBehaviorSanitizer build
 #   make CUDA=0|1   force the CUDA backend off/on (default: on when nvcc exists)
 #   make install PREFIX=/usr/local
@@ -57,6 +58,13 @@ LDLIBS += -ldl
 CU_SRC := $(wildcard kernels/cuda/*.cu)
 CUDA_PLUGIN := $(BUILD)/libcdmoe_cuda.so
 CUDA_PLUGIN_BIN := $(BIN)/libcdmoe_cuda.so
+else ifeq ($(CUDA),emu)
+# tests only: the plugin loader, with the CUDA emulator as the plugin (below)
+CFLAGS += -DMOE_HAVE_CUDA=1
+LDLIBS += -ldl
+CU_SRC :=
+CUDA_PLUGIN := $(BUILD)/libcdmoe_cuda.so
+CUDA_PLUGIN_BIN := $(BIN)/libcdmoe_cuda.so
 else
 CU_SRC :=
 CUDA_PLUGIN :=
@@ -88,8 +96,10 @@ $(BUILD)/%.cu.o: %.cu
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVCCFLAGS) -c $< -o $@
 
+ifeq ($(CUDA),1)
 $(CUDA_PLUGIN): $(CU_OBJ)
 	$(NVCC) -shared $(CUDA_ARCH) $^ -o $@ -cudart shared -lcublas -Xlinker -rpath,$(CUDA_HOME)/lib64
+endif
 
 $(CUDA_PLUGIN_BIN): $(CUDA_PLUGIN)
 	@mkdir -p $(dir $@)
@@ -109,6 +119,66 @@ $(BUILD)/tests/%: $(BUILD)/tests/unit/%.o $(LIBA)
 
 # test_model_device hands the model an emulated device by wrapping moe_backend_get
 $(BUILD)/tests/test_model_device: override LDFLAGS += -Wl,--wrap=moe_backend_get
+
+# The CUDA emulator (tests/cudaemu, see emu.cpp): kernels/cuda/*.cu compiled
+# by g++ as host code into a plugin that runs on the CPU, so that the GPU
+# parity tests check the real backend source where no GPU is (no nvcc needed).
+# `make test-cuda-emu` runs the GPU tests against it (tests/run.sh --emu);
+# `make test` runs them too, on fewer models (CUDA_EMU= names the plugin).
+# The library needs its plugin loader: CUDA=1, or CUDA=emu where nvcc is
+# absent (the emulator then stands in as libcdmoe_cuda.so: tests only, never
+# installed; test-cuda-emu in a CUDA=0 build makes one in build-emu/, and
+# `make test` there skips the emulated GPU tests, saying why).
+CXX ?= g++
+EMU_DIR := $(BUILD)/emu
+EMU_PLUGIN := $(EMU_DIR)/libcdmoe_cuda_emu.so
+EMU_CU := $(wildcard kernels/cuda/*.cu)
+EMU_OBJ := $(EMU_CU:kernels/cuda/%.cu=$(EMU_DIR)/%.o) $(EMU_DIR)/emu.o
+EMU_CXXFLAGS := -O2 -g -std=gnu++17 -fPIC -fvisibility=hidden -ffp-contract=off -fno-fast-math \
+	-fopenmp -Wall -Wextra -Wno-unused-function -Itests/cudaemu -Ilib -Ikernels -MMD -MP
+ifeq ($(WERROR),1)
+EMU_CXXFLAGS += -Werror
+endif
+HAVE_CXX := $(if $(shell command -v $(CXX) 2>/dev/null),1,0)
+
+$(EMU_DIR)/%.cpp: kernels/cuda/%.cu tests/cudaemu/translate.pl
+	@mkdir -p $(dir $@)
+	perl tests/cudaemu/translate.pl $< >$@.tmp && mv $@.tmp $@
+$(EMU_DIR)/%.o: $(EMU_DIR)/%.cpp
+	$(CXX) $(EMU_CXXFLAGS) -c $< -o $@
+$(EMU_DIR)/emu.o: tests/cudaemu/emu.cpp
+	@mkdir -p $(dir $@)
+	$(CXX) $(EMU_CXXFLAGS) -c $< -o $@
+$(EMU_PLUGIN): $(EMU_OBJ)
+	$(CXX) -shared -fopenmp $^ -o $@ -lm -lpthread
+# the emulator's own checks (tests/cudaemu/selftest.cu)
+$(EMU_DIR)/selftest.cpp: tests/cudaemu/selftest.cu tests/cudaemu/translate.pl
+	@mkdir -p $(dir $@)
+	perl tests/cudaemu/translate.pl $< >$@.tmp && mv $@.tmp $@
+$(EMU_DIR)/selftest: $(EMU_DIR)/selftest.o $(EMU_DIR)/emu.o
+	$(CXX) -fopenmp $^ -o $@ -lm -lpthread
+
+.PHONY: cuda-emu test-cuda-emu
+ifeq ($(HAVE_CXX),1)
+cuda-emu: $(EMU_PLUGIN) $(EMU_DIR)/selftest
+EMU_ENV := CUDA_EMU=$(EMU_PLUGIN)
+else
+cuda-emu:
+	@echo "SKIP: cuda-emu: no C++ compiler ($(CXX)): the emulated GPU tests will not run"
+EMU_ENV := CUDA_EMU=
+endif
+ifeq ($(CUDA),emu)
+$(CUDA_PLUGIN): $(EMU_PLUGIN)
+	cp $< $@
+endif
+ifeq ($(CUDA),0)
+# no plugin loader in this build: the emulated tests need a CUDA=emu build
+test-cuda-emu:
+	$(MAKE) CUDA=emu BUILD=build-emu BIN=build-emu/bin test-cuda-emu
+else
+test-cuda-emu: all-tests cuda-emu
+	BIN=$(BIN) BUILD=$(BUILD) $(EMU_ENV) sh tests/run.sh --emu
+endif
 
 # Benchmark drivers bench/*.c, built on demand by the bench scripts (the GPU
 # ones, bench/gpu_*.c, with all-tests so that CI compiles them; run by
@@ -130,8 +200,8 @@ deps:
 	fi
 
 test: deps
-	$(MAKE) all-tests
-	BIN=$(BIN) BUILD=$(BUILD) sh tests/run.sh
+	$(MAKE) all-tests cuda-emu
+	BIN=$(BIN) BUILD=$(BUILD) $(EMU_ENV) sh tests/run.sh
 
 .PHONY: all-tests
 all-tests: $(TOOLS) $(CUDA_PLUGIN_BIN) $(CUDA_PLUGIN) $(TESTS) $(GPU_TESTS) $(GPU_BENCH)
@@ -146,6 +216,7 @@ demo: deps all
 	sh pipelines/cd-moe.sh
 
 install: all
+	@[ "$(CUDA)" != emu ] || { echo "install: a CUDA=emu build is for tests only" >&2; exit 1; }
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/man/man1 $(DESTDIR)$(PREFIX)/share/man/man5
 	install -m 755 $(TOOLS) $(DESTDIR)$(PREFIX)/bin
 	$(if $(MAN1),install -m 644 $(MAN1) $(DESTDIR)$(PREFIX)/share/man/man1)
@@ -153,7 +224,7 @@ install: all
 	$(if $(CUDA_PLUGIN),install -d $(DESTDIR)$(PREFIX)/lib/cdmoe && install -m 755 $(CUDA_PLUGIN) $(DESTDIR)$(PREFIX)/lib/cdmoe)
 
 clean:
-	rm -rf build build-san bin
+	rm -rf build build-san build-emu bin
 
 .SECONDARY:
 -include $(shell find $(BUILD) -name '*.d' 2>/dev/null)

@@ -3,7 +3,9 @@
 # | moe-layer-search give the Python reference's picks (the same expected.txt
 # the CPU run matches, tests/shell/test_search_tools.sh) with FP32 GEMMs
 # (MOE_CUDA_PRECISION=f32), run to the end in the default BF16 precision, and
-# moe-eval's perplexity agrees with the CPU's.
+# moe-eval's perplexity agrees with the CPU's.  CDMOE_GPU_TOOLS_MODELS (names
+# under tests/fixtures/search) narrows the model list (the quick emulated run
+# of `make test`).
 . tests/shell/lib.sh
 FX=tests/fixtures/search
 [ -x "$BIN/moe-calib" ] || skip "moe-calib not built"
@@ -25,7 +27,7 @@ picks() {
 }
 
 for prec in f32 bf16; do
-    for name in deepseek qwen2_moe qwen3_moe olmoe mixtral deepseek-l5; do
+    for name in ${CDMOE_GPU_TOOLS_MODELS:-deepseek qwen2_moe qwen3_moe olmoe mixtral deepseek-l5}; do
         d=$FX/$name
         model=$(sed -n 's/.*"model": "\(.*\)".*/\1/p' "$d/params.json")
         k=$(sed -n 's/.*"top_k": \([0-9]*\).*/\1/p' "$d/params.json")
