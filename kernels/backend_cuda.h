@@ -33,6 +33,13 @@
  * freed blocks for the next layer); upload/copy/zero are stream-ordered,
  * download waits.  divergence also accepts a host output array (it then
  * copies back and waits), since per-token results are read on the host.
+ * Weights: upload_async copies from pinned host memory (host_alloc) on a
+ * second stream, each copy ordered after the compute stream's work issued
+ * before it; upload_fence makes the compute stream wait for them (events,
+ * the host does not wait); upload_wait waits for a ticket's event.  The
+ * grouped GEMM keeps its host arguments in event-guarded pinned sets (no
+ * synchronisation per call); trim frees the big scratch buffers (experts,
+ * BF16 activation copies) and trims the memory pool.
  * Ops are not thread-safe (one stream, shared scratch): call from one thread.
  * Per-row results may depend on how many rows share a GEMM (cuBLAS picks
  * kernels by shape), unlike the padded CPU GEMM.

@@ -75,6 +75,18 @@ static void cpu_memcpy(void *dst, const void *src, size_t n) {
 }
 static void cpu_zero(void *dst, size_t n) { memset(dst, 0, n); }
 static void cpu_sync(void) {}
+/* asynchronous uploads on the CPU: done at once */
+static void *cpu_host_alloc(size_t n) { return moe_malloc(n ? n : 1); }
+static uint64_t cpu_ticket;
+static uint64_t cpu_upload_async(void *dst, const void *src, size_t n) {
+    if (n) memmove(dst, src, n);
+    uint64_t t;
+#pragma omp atomic capture
+    t = ++cpu_ticket;
+    return t;
+}
+static void cpu_upload_wait(uint64_t t) { (void)t; }
+static void cpu_nop(void) {}
 
 /* ---- GEMM --------------------------------------------------------------- */
 
@@ -608,6 +620,12 @@ static const moe_backend cpu_backend = {
     .combine = cpu_combine,
     .softmax_rows = cpu_softmax_rows,
     .divergence = cpu_divergence,
+    .host_alloc = cpu_host_alloc,
+    .host_free = free,
+    .upload_async = cpu_upload_async,
+    .upload_wait = cpu_upload_wait,
+    .upload_fence = cpu_nop,
+    .trim = cpu_nop,
 };
 
 static const moe_backend cpu_ref_backend = {
@@ -635,6 +653,12 @@ static const moe_backend cpu_ref_backend = {
     .combine = cpu_combine,
     .softmax_rows = cpu_softmax_rows,
     .divergence = cpu_divergence,
+    .host_alloc = cpu_host_alloc,
+    .host_free = free,
+    .upload_async = cpu_upload_async,
+    .upload_wait = cpu_upload_wait,
+    .upload_fence = cpu_nop,
+    .trim = cpu_nop,
 };
 
 const moe_backend *moe_backend_cpu(void) { return &cpu_backend; }

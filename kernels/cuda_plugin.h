@@ -32,7 +32,7 @@
 extern "C" {
 #endif
 
-#define MOE_CUDA_PLUGIN_ABI 1
+#define MOE_CUDA_PLUGIN_ABI 2 /* 2: kernels.h's asynchronous upload ops and trim */
 #define MOE_CUDA_PLUGIN_NAME "libcdmoe_cuda.so"
 #define MOE_CUDA_PLUGIN_SYMBOL "moe_cuda_plugin_open"
 

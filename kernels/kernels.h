@@ -24,8 +24,10 @@
  * are always float32.
  *
  * For a GPU backend (kernels/cuda/): set host_memory = 0; the model then
- * stages every weight on the host (f32), converts it to weight_dtype and
- * uploads it, moves activations with upload/download, and downloads the
+ * stages every weight on the host in weight_dtype (checkpoint bytes copied as
+ * they are when the dtypes agree, BF16 -> BF16; otherwise converted piece by
+ * piece) and uploads it with upload_async (below; synchronous `upload` when
+ * the backend has none), moves activations with upload/download, and downloads the
  * router's idx/wt (small) to group tokens per expert on the host; `experts`
  * receives the group offsets in host memory and a host array of device weight
  * pointers (one grouped GEMM per phase is the intended CUDA shape).  Freed
@@ -186,6 +188,34 @@ struct moe_backend {
                        const float *a, /* [T, C] reference */
                        const float *b, /* [T, C] candidate */
                        int metric, int T, int C);
+
+    /* ---- asynchronous weight uploads and memory trimming -------------------
+     * Device backends (host_memory 0) load weights through these: the model
+     * stages checkpoint bytes in a small ring of host_alloc'd buffers (pinned
+     * on CUDA: DMA at full rate) and queues each piece with upload_async on a
+     * copy queue of its own, so that staging, copies and ops overlap.  Rules
+     * (the emulator in tests/unit/test_model_device.c enforces them by
+     * delaying every copy until upload_wait / upload_fence):
+     *   - a copy is ordered after every op, alloc and free issued before
+     *     upload_async (dst may be a block that running ops freed);
+     *   - src stays unchanged, and is not host_freed, until upload_wait(t)
+     *     with t >= the copy's ticket has returned;
+     *   - no op may read dst before an upload_fence issued after the copy;
+     *     upload_fence makes the ops issued after it wait for every copy
+     *     queued before it, without blocking the host.
+     * CPU backends: host_alloc = malloc, upload_async = memcpy, the rest no-ops.
+     * A table may leave all five NULL: the model then uploads synchronously. */
+    void *(*host_alloc)(size_t nbytes); /* host staging memory; never NULL (aborts on OOM) */
+    void (*host_free)(void *p);         /* NULL ok; no queued copy may read from p */
+    /* queue a host -> backend copy; returns its ticket (> 0, increasing by 1 per call) */
+    uint64_t (*upload_async)(void *dst, const void *src, size_t nbytes);
+    /* the host waits for the copies with tickets <= t (0: all queued so far) */
+    void (*upload_wait)(uint64_t t);
+    /* ops issued from now on wait for all copies queued so far */
+    void (*upload_fence)(void);
+    /* give back scratch memory the backend keeps between ops (it grows back on
+     * demand); the model calls it between phases, not per op */
+    void (*trim)(void);
 };
 
 /* Backends.  The CPU ones are static tables; they use OpenMP for element-wise

@@ -51,6 +51,7 @@ static int score_batch(moe_model *m, moe_eval_seq *seqs, int n, const moe_eval_o
         if (rc == 0) be->axpy(x, y, 1.0f, tot * H);
         if (rc == 0) rc = moe_backend_status(be);
         if (!o->keep_loaded) moe_layer_unload(m, l);
+        if (rc == 0 && l + 1 < L) rc = moe_layer_prefetch(m, l + 1); /* device: overlap */
     }
     if (rc == 0) rc = moe_model_final_norm(m, x, x, (int)tot);
     moe_model_free(m, xn);

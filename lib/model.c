@@ -14,6 +14,7 @@
 
 typedef struct {
     int loaded;
+    int prefetched; /* loaded by moe_layer_prefetch: its copies may still be in flight */
     /* attention (weights in backend weight dtype; norms/biases f32) */
     void *wq, *wk, *wv, *wo;
     float *bq, *bk, *bv, *qn, *kn;
@@ -46,6 +47,15 @@ typedef struct {
     size_t n;
 } blk;
 
+/* host staging ring of the device path (see stage_put) */
+#define STG_SLOTS 4
+#define STG_SLOT_BYTES m->stg_bytes
+typedef struct {
+    unsigned char *p;
+    size_t used;
+    uint64_t ticket; /* last copy queued from this slot */
+} stg_slot;
+
 struct moe_model {
     blk *live, *pool;   /* blocks handed out by balloc; freed blocks kept for reuse */
     size_t nlive, caplive, npool, cappool, pool_bytes;
@@ -53,19 +63,28 @@ struct moe_model {
     const moe_config *cfg;
     const moe_backend *be;
     size_t cache_bytes;
+    size_t pool_cap;    /* bytes of freed blocks kept for reuse */
     layer_w *lw;
     layer_override *ov;
     float *final_norm;
     void *scr[S_COUNT];
     size_t scr_n[S_COUNT];
+    /* device path (host_memory 0): weights staged in the weight dtype */
+    int direct;         /* 0 with MOE_STAGE_F32=1: the old f32 round trip */
+    int async;          /* the backend has host_alloc .. upload_fence */
+    int fence_due;      /* copies queued since the last upload_fence */
+    stg_slot stg[STG_SLOTS];
+    int stg_cur;
+    uint64_t stg_last;  /* ticket of the last copy queued */
+    size_t stg_bytes;   /* bytes of one slot (opts.staging_bytes, default 64 MiB) */
 };
 
 /* ---- backend memory with reuse ------------------------------------------------
  * Layers are loaded and unloaded one after another with the same shapes;
  * fresh allocations of that size cost a page fault per 4 KiB (a third of a
  * layer's load time on the CPU) or a cudaMalloc.  Freed blocks of >= 1 MiB
- * are kept (up to half the expert cache budget in total) and handed out
- * again for the same size. */
+ * are kept (up to half the expert cache budget in total, at most 4 GiB on
+ * device backends) and handed out again for the same size. */
 
 static void blk_push(blk **a, size_t *n, size_t *cap, void *p, size_t sz) {
     if (*n == *cap) {
@@ -101,7 +120,7 @@ static void bfree(moe_model *m, void *p) {
             size_t n = m->live[i].n;
             m->live[i] = m->live[--m->nlive];
             found = 1;
-            if (n >= ((size_t)1 << 20) && m->pool_bytes + n <= m->cache_bytes / 2) {
+            if (n >= ((size_t)1 << 20) && m->pool_bytes + n <= m->pool_cap) {
                 blk_push(&m->pool, &m->npool, &m->cappool, p, n);
                 m->pool_bytes += n;
                 keep = 1;
@@ -121,6 +140,17 @@ static void *scratch(moe_model *m, int slot, size_t nbytes) {
         m->scr_n[slot] = nbytes;
     }
     return m->scr[slot];
+}
+
+/* give the model's and the backend's scratch back (between phases, not per op) */
+static void trim_scratch(moe_model *m) {
+    if (m->be->host_memory) return; /* CPU: kept (host memory, cheap to keep) */
+    for (int i = 0; i < S_COUNT; i++) {
+        m->be->free(m->scr[i]);
+        m->scr[i] = NULL;
+        m->scr_n[i] = 0;
+    }
+    if (m->be->trim) m->be->trim();
 }
 
 float *moe_model_alloc(moe_model *m, size_t nfloats) {
@@ -149,6 +179,117 @@ static void *to_backend_w(moe_model *m, float *host, size_t n) {
         bfree(m, host);
     else
         free(host);
+    return d;
+}
+
+/* ---- device path: staging in the weight dtype -------------------------------------
+ * A weight goes from the checkpoint mapping into a ring of STG_SLOTS host
+ * buffers of STG_SLOT_BYTES (backend host_alloc: pinned memory on CUDA),
+ * piece by piece, each piece queued with upload_async as soon as it is
+ * written; a slot is written again only after upload_wait on its last
+ * ticket.  BF16 checkpoint -> BF16 weights is a plain copy of the bytes;
+ * other dtypes are converted through a small f32 block per thread, with the
+ * same roundings as moe_ckpt_read_f32 + moe_weight_convert (so results do not
+ * change).  Pieces of more than 1 MiB are filled by all threads.  The ops
+ * may read the weights only after upload_ready() (upload_fence), which the
+ * model issues before the first op of a layer or of a temporary weight.
+ * Without the asynchronous ops, one host buffer and the synchronous upload
+ * (BF16 -> BF16 straight from the mapping). */
+
+static int use_direct(const moe_model *m) { return m->direct; }
+
+#define CONV_BLOCK 8192 /* elements converted through the f32 block on the stack */
+
+/* n elements [e0, e0+n) of checkpoint tensor t into host memory dst (weight dtype) */
+static void fill_piece(const moe_model *m, void *dst, const moe_st_tensor *t, size_t e0, size_t n) {
+    int wdt = m->be->weight_dtype;
+    size_t es = (size_t)moe_st_dtype_bits(t->dtype) / 8, ws = wsz(m);
+    const unsigned char *src = (const unsigned char *)t->data + e0 * es;
+    int same = (wdt == MOE_WT_BF16 && t->dtype == MOE_ST_BF16) ||
+               (wdt == MOE_WT_F32 && t->dtype == MOE_ST_F32);
+    size_t blk_el = ((size_t)1 << 20) / ws; /* 1 MiB of output per task */
+    long nb = (long)((n + blk_el - 1) / blk_el);
+#pragma omp parallel for schedule(static) if (nb > 1)
+    for (long b = 0; b < nb; b++) {
+        size_t i0 = (size_t)b * blk_el, i1 = i0 + blk_el < n ? i0 + blk_el : n;
+        if (same) {
+            memcpy((unsigned char *)dst + i0 * ws, src + i0 * es, (i1 - i0) * ws);
+            continue;
+        }
+        float tmp[CONV_BLOCK];
+        for (size_t i = i0; i < i1; i += CONV_BLOCK) {
+            size_t k = i1 - i < CONV_BLOCK ? i1 - i : CONV_BLOCK;
+            moe_st_convert_f32(t->dtype, src + i * es, tmp, k);
+            moe_weight_convert((unsigned char *)dst + i * ws, wdt, tmp, k);
+        }
+    }
+}
+
+/* a slot with room for `bytes` (<= STG_SLOT_BYTES), waiting for its copies if reused */
+static unsigned char *stage_slot(moe_model *m, size_t bytes) {
+    stg_slot *s = &m->stg[m->stg_cur];
+    if (s->p && s->used + bytes <= STG_SLOT_BYTES) return s->p + s->used;
+    if (s->p) {
+        m->stg_cur = (m->stg_cur + 1) % STG_SLOTS;
+        s = &m->stg[m->stg_cur];
+    }
+    if (!s->p) s->p = m->be->host_alloc(STG_SLOT_BYTES);
+    if (s->ticket) m->be->upload_wait(s->ticket);
+    s->ticket = 0;
+    s->used = 0;
+    return s->p;
+}
+
+/* elements [e0, e0+n) of checkpoint tensor t -> backend memory dst (weight dtype) */
+static void stage_put(moe_model *m, void *dst, const moe_st_tensor *t, size_t e0, size_t n) {
+    const moe_backend *be = m->be;
+    size_t ws = wsz(m);
+    if (!m->async) {
+        if ((be->weight_dtype == MOE_WT_BF16 && t->dtype == MOE_ST_BF16) ||
+            (be->weight_dtype == MOE_WT_F32 && t->dtype == MOE_ST_F32)) {
+            be->upload(dst, (const unsigned char *)t->data + e0 * ws, n * ws);
+            return;
+        }
+        size_t chunk = STG_SLOT_BYTES / ws;
+        void *h = moe_malloc((n < chunk ? n : chunk) * ws + 1);
+        for (size_t i = 0; i < n; i += chunk) {
+            size_t k = n - i < chunk ? n - i : chunk;
+            fill_piece(m, h, t, e0 + i, k);
+            be->upload((unsigned char *)dst + i * ws, h, k * ws);
+        }
+        free(h);
+        return;
+    }
+    size_t per = STG_SLOT_BYTES / ws;
+    for (size_t i = 0; i < n;) {
+        size_t k = n - i < per ? n - i : per;
+        stg_slot *s0 = &m->stg[m->stg_cur];
+        /* a piece that does not fit the current slot's rest: split it there
+         * when the rest is big (whole-slot copies), else take the next slot */
+        if (s0->p && s0->used + k * ws > STG_SLOT_BYTES && s0->used + STG_SLOT_BYTES / 4 <= STG_SLOT_BYTES)
+            k = (STG_SLOT_BYTES - s0->used) / ws;
+        unsigned char *h = stage_slot(m, k * ws);
+        fill_piece(m, h, t, e0 + i, k);
+        stg_slot *s = &m->stg[m->stg_cur];
+        s->ticket = m->stg_last = be->upload_async((unsigned char *)dst + i * ws, h, k * ws);
+        s->used += (k * ws + 63) & ~(size_t)63;
+        m->fence_due = 1;
+        i += k;
+    }
+}
+
+/* ops issued from now on see every weight staged so far */
+static void upload_ready(moe_model *m) {
+    if (m->fence_due) {
+        m->be->upload_fence();
+        m->fence_due = 0;
+    }
+}
+
+/* matrix (or rows [r0, r0+nr) of a matrix) of checkpoint tensor t -> new backend block */
+static void *direct_mat(moe_model *m, const moe_st_tensor *t, size_t e0, size_t n) {
+    void *d = balloc(m, n * wsz(m) + 4);
+    stage_put(m, d, t, e0, n);
     return d;
 }
 
@@ -190,6 +331,10 @@ static float *load_vec(moe_model *m, int l, moe_tensor_kind k) {
 /* matrix weight in backend weight dtype */
 static void *load_mat(moe_model *m, int l, moe_tensor_kind k, int expert) {
     size_t n = tensor_numel(m, l, k);
+    if (use_direct(m)) {
+        const moe_st_tensor *t = moe_ckpt_get(m->ck, l, k, expert);
+        return t ? direct_mat(m, t, 0, n) : NULL;
+    }
     float *h = host_f32(m, n);
     if (moe_ckpt_read_f32(m->ck, l, k, expert, h) < 0) {
         free_host_f32(m, h);
@@ -201,6 +346,15 @@ static void *load_mat(moe_model *m, int l, moe_tensor_kind k, int expert) {
 /* gate [I,H] and up [I,H] stacked into [2I,H] (gate rows first) */
 static void *load_gate_up(moe_model *m, int l, moe_tensor_kind kg, moe_tensor_kind ku, int expert,
                           size_t IH) {
+    if (use_direct(m)) { /* two copies into the two halves */
+        const moe_st_tensor *tg = moe_ckpt_get(m->ck, l, kg, expert);
+        const moe_st_tensor *tu = tg ? moe_ckpt_get(m->ck, l, ku, expert) : NULL;
+        if (!tu) return NULL;
+        void *d = balloc(m, 2 * IH * wsz(m) + 4);
+        stage_put(m, d, tg, 0, IH);
+        stage_put(m, (unsigned char *)d + IH * wsz(m), tu, 0, IH);
+        return d;
+    }
     float *h = host_f32(m, 2 * IH);
     if (moe_ckpt_read_f32(m->ck, l, kg, expert, h) < 0 ||
         moe_ckpt_read_f32(m->ck, l, ku, expert, h + IH) < 0) {
@@ -248,7 +402,22 @@ moe_model *moe_model_open(const char *dir, const moe_model_opts *opts) {
     m->ck = ck;
     m->cfg = c;
     m->be = be;
-    m->cache_bytes = opts && opts->expert_cache_bytes ? opts->expert_cache_bytes : (size_t)1 << 30;
+    /* device backends: room for a whole layer's experts (the grouped GEMM wants
+     * them on the device anyway; DeepSeekMoE-16B: 1.1 GB in BF16) */
+    m->cache_bytes = opts && opts->expert_cache_bytes ? opts->expert_cache_bytes
+                     : be->host_memory                ? (size_t)1 << 30
+                                                      : (size_t)8 << 30;
+    /* device memory is scarce: blocks of sizes that never come back (a dense
+     * layer's, condensed candidates' fused weights) must not pile up */
+    m->pool_cap = m->cache_bytes / 2;
+    if (!be->host_memory && m->pool_cap > ((size_t)4 << 30)) m->pool_cap = (size_t)4 << 30;
+    const char *old_path = getenv("MOE_STAGE_F32"); /* benchmarks: the f32 round trip */
+    m->direct = !be->host_memory && !(old_path && *old_path && strcmp(old_path, "0") != 0);
+    m->stg_bytes = opts && opts->staging_bytes ? opts->staging_bytes : (size_t)64 << 20;
+    if (m->stg_bytes < 256) m->stg_bytes = 256;
+    m->stg_bytes &= ~(size_t)63;
+    m->async = m->direct && be->host_alloc && be->host_free && be->upload_async &&
+               be->upload_wait && be->upload_fence;
     m->lw = moe_calloc((size_t)c->num_layers, sizeof *m->lw);
     m->ov = moe_calloc((size_t)c->num_layers, sizeof *m->ov);
     m->final_norm = load_vec(m, -1, MOE_T_FINAL_NORM);
@@ -268,6 +437,11 @@ void moe_model_close(moe_model *m) {
         free(m->ov[l].weights);
     }
     for (int i = 0; i < S_COUNT; i++) m->be->free(m->scr[i]);
+    if (m->async) {
+        m->be->upload_wait(0); /* before the staging ring goes */
+        for (int i = 0; i < STG_SLOTS; i++) m->be->host_free(m->stg[i].p);
+    }
+    if (m->be->trim) m->be->trim();
     bfree(m, m->final_norm);
     for (size_t i = 0; i < m->npool; i++) m->be->free(m->pool[i].p);
     for (size_t i = 0; i < m->nlive; i++) m->be->free(m->live[i].p); /* leaked by the caller */
@@ -352,6 +526,7 @@ void moe_layer_unload(moe_model *m, int l) {
     if (l < 0 || l >= m->cfg->num_layers) return;
     layer_w *w = &m->lw[l];
     if (!w->loaded) return;
+    if (w->prefetched) upload_ready(m); /* frees are ordered after its copies */
     void *ps[] = {w->wq, w->wk, w->wv, w->wo, w->bq, w->bk, w->bv, w->qn, w->kn,
                   w->in_norm, w->post_norm, w->gu, w->down, w->router, w->s_gu, w->s_down,
                   w->s_gate};
@@ -457,10 +632,16 @@ static int convert_experts(moe_model *m, int l, int e0, int e1, void **gu, void 
     return 0;
 }
 
-int moe_layer_load(moe_model *m, int l) {
+static int layer_load(moe_model *m, int l, int prefetch) {
     if (check_layer(m, l) < 0) return -1;
     layer_w *w = &m->lw[l];
-    if (w->loaded) return 0;
+    if (w->loaded) {
+        if (!prefetch && w->prefetched) {
+            upload_ready(m);
+            w->prefetched = 0;
+        }
+        return 0;
+    }
     const moe_config *c = m->cfg;
     size_t H = (size_t)c->hidden_size;
     memset(w, 0, sizeof *w);
@@ -519,15 +700,26 @@ int moe_layer_load(moe_model *m, int l) {
     moe_ckpt_release_layer(m->ck, l);
     /* layer-major callers load l+1 next: let the kernel read it ahead */
     if (l + 1 < c->num_layers) moe_ckpt_prefetch_layer(m->ck, l + 1);
+    if (prefetch)
+        w->prefetched = m->fence_due;
+    else
+        upload_ready(m);
     return 0;
 fail:
     moe_layer_unload(m, l);
     return -1;
 }
 
+int moe_layer_load(moe_model *m, int l) { return layer_load(m, l, 0); }
+
+int moe_layer_prefetch(moe_model *m, int l) {
+    if (m->be->host_memory || l < 0 || l >= m->cfg->num_layers) return 0; /* a hint */
+    return layer_load(m, l, 1);
+}
+
 static int ensure_loaded(moe_model *m, int l) {
     if (check_layer(m, l) < 0) return -1;
-    return m->lw[l].loaded ? 0 : moe_layer_load(m, l);
+    return m->lw[l].loaded && !m->lw[l].prefetched ? 0 : moe_layer_load(m, l);
 }
 
 /* ---- compute pieces ------------------------------------------------------- */
@@ -637,6 +829,7 @@ static int route(moe_model *m, int l, const float *xn, int T, int32_t *idx_h, fl
     if (!router) { /* overridden layer: router not loaded */
         router = load_mat(m, l, MOE_T_ROUTER, -1);
         if (!router) return -1;
+        upload_ready(m);
     }
     float *lg = scratch(m, S_LOGITS, sizeof(float) * (size_t)T * E);
     int32_t *idx = scratch(m, S_IDX, sizeof(int32_t) * (size_t)T * K);
@@ -683,6 +876,7 @@ static int expert_weights(moe_model *m, int l, int e, void **gu, void **down, in
         return -1;
     }
     release_expert_pages(m, l, e);
+    upload_ready(m);
     *tmp = 1;
     return 0;
 }
@@ -726,6 +920,7 @@ static int routed_chunk(moe_model *m, int l, float *y, const float *xn, int T, c
             used += ebytes;
         }
         if (used > 0) rc = convert_experts(m, l, e0, e1, tg, td);
+        if (used > 0) upload_ready(m);
         for (int e = e0; e < e1 && rc == 0; e++)
             if (tg[e]) {
                 wg[e] = tg[e];
@@ -852,6 +1047,7 @@ int moe_layer_shared(moe_model *m, int l, float *y, const float *xn, int T) {
     tmpw.s_gu = load_gate_up(m, l, MOE_T_SHARED_GATE, MOE_T_SHARED_UP, -1, (size_t)tmpw.Is * H);
     tmpw.s_down = tmpw.s_gu ? load_mat(m, l, MOE_T_SHARED_DOWN, -1) : NULL;
     int rc = tmpw.s_down ? 0 : -1;
+    upload_ready(m);
     if (rc == 0) add_shared(m, &tmpw, y, xn, T);
     bfree(m, tmpw.s_gu);
     bfree(m, tmpw.s_down);
@@ -879,9 +1075,15 @@ static int lm_head_rows(moe_model *m, const float *x, int T, float *const *rowds
     float *yc = scratch(m, S_Y, sizeof(float) * (size_t)T * chunk);
     for (size_t r0 = 0; r0 < V; r0 += chunk) {
         size_t nr = V - r0 < chunk ? V - r0 : chunk;
-        float *h = host_f32(m, nr * H);
-        moe_st_convert_f32(t->dtype, (const char *)t->data + r0 * H * es, h, nr * H);
-        void *wb = to_backend_w(m, h, nr * H);
+        void *wb;
+        if (use_direct(m)) {
+            wb = direct_mat(m, t, r0 * H, nr * H);
+            upload_ready(m);
+        } else {
+            float *h = host_f32(m, nr * H);
+            moe_st_convert_f32(t->dtype, (const char *)t->data + r0 * H * es, h, nr * H);
+            wb = to_backend_w(m, h, nr * H);
+        }
         be->matmul(yc, x, wb, NULL, T, (int)H, (int)nr, 0);
         bfree(m, wb);
         if (dst_host && !be->host_memory) {
@@ -946,22 +1148,34 @@ int moe_model_forward(moe_model *m, moe_seq *seqs, int n, int start_layer, moe_r
             be->upload(xs, HID(s, start_layer), nb);
         }
     }
+    /* layers this call loads (and unloads); a prefetched one counts as ours */
+    char *ours = moe_calloc((size_t)L + 1, 1);
     for (int l = start_layer; l < L && rc == 0; l++) {
-        int was_loaded = m->lw[l].loaded;
+        if (!m->lw[l].loaded) ours[l] = 1;
         rc = moe_layer_load(m, l);
         for (int s = 0; s < n && rc == 0; s++)
             rc = moe_layer_attention(m, l, x + off[s] * H, seqs[s].T);
         if (rc == 0) rc = moe_layer_mlp_input(m, l, xn, x, (int)tot);
         if (rc == 0) rc = moe_layer_mlp_run(m, l, y, xn, (int)tot, cb, ctx);
         if (rc == 0) be->axpy(x, y, 1.0f, tot * H);
+        if (ours[l]) moe_layer_unload(m, l);
+        /* device: stage layer l+1 and queue its copies while the device still
+         * runs layer l's experts (before anything waits for the device) */
+        if (rc == 0 && l + 1 < L && !m->lw[l + 1].loaded) {
+            ours[l + 1] = 1;
+            rc = moe_layer_prefetch(m, l + 1);
+        }
         if (rc == 0) rc = moe_backend_status(be); /* a device error ends the pass here */
-        if (!was_loaded) moe_layer_unload(m, l);
         if (rc == 0 && l < L - 1)
             for (int s = 0; s < n; s++)
                 if (seqs[s].hidden)
                     be->download(HID(s, l + 1), x + off[s] * H,
                                  sizeof(float) * (size_t)seqs[s].T * H);
     }
+    for (int l = start_layer; l < L; l++)
+        if (ours[l]) moe_layer_unload(m, l); /* after an error */
+    free(ours);
+    trim_scratch(m); /* the layers' scratch is not needed by lm_head */
     if (rc == 0) {
         if (start_layer < L)
             moe_model_final_norm(m, x, x, (int)tot);

@@ -20,13 +20,43 @@
  * dtype, releases the mapped pages and asks the kernel to read layer l+1
  * ahead; moe_layer_unload(l) frees them.  A layer's routed experts are
  * converted with it when all of them fit in opts.expert_cache_bytes (default
- * 1 GiB); otherwise they are converted when used, in groups of at most a
+ * 1 GiB; 8 GiB on device backends); otherwise they are converted when used, in groups of at most a
  * quarter of that budget, and freed after each group (a DeepSeekMoE-16B
  * layer, 2.2 GB of experts in f32, never sits in memory whole).  The
  * embedding is read row by row, lm_head in chunks of rows.  Routed MLPs run
  * in chunks of tokens whose buffers stay near 1 GiB.  Peak memory is about
  * one layer's non-expert weights + the expert cache or group + activations.
  * Token-level results never depend on chunking, grouping or thread count.
+ *
+ * Device backends (host_memory 0; kernels/cuda/).  Weights are staged in the
+ * backend's weight dtype, BF16 checkpoint bytes as they are (no f32 round
+ * trip; MOE_STAGE_F32=1 in the environment restores the old f32 staging, for
+ * benchmarks), through a ring of 4 x 64 MiB pinned host buffers and copies
+ * that run asynchronously (kernels.h, upload_async); the condensed layers'
+ * fused weights (columns scaled in f32) keep the f32 path.  The default
+ * expert cache is 8 GiB there, so a whole layer's experts are uploaded once
+ * per layer, not per token chunk.  moe_model_forward (and the search tools'
+ * layer loops) prefetch layer l+1 while layer l runs, after unloading l.
+ * Peak device memory, DeepSeekMoE-16B shapes (H 2048, 64 experts x 1408,
+ * 2 shared, top-6, 16 heads, vocab 102400), 25 600 tokens, streaming:
+ *   weights: one MoE layer in BF16 1.18 GB (experts 64 x 3 x 1408 x 2048 x 2 B
+ *     = 1.11 GB, attention 4 x 2048^2 x 2 B = 34 MB, shared 3 x 2816 x 2048 x 2 B
+ *     = 35 MB); layer l is unloaded before l+1 is prefetched, so l+1 reuses
+ *     l's blocks from the model's pool (<= 4 GiB kept): ~1.2 GB, and at
+ *     most 2.4 GB for a caller that prefetches before unloading; layer 0
+ *     (dense, 10944) 134 MB, kept in the pool;
+ *   activations: x, xn, y of moe_model_forward 3 x 25600 x 2048 x 4 B = 0.63 GB
+ *     (a search tool's per-layer caches of 210 MB each are its own);
+ *   attention scratch per sequence of T tokens: 5 x T x 2048 x 4 B (T = 2048: 84 MB);
+ *   routed chunks of 4066 tokens (24 396 rows): expert outputs 200 MB + CUDA
+ *     scratch (gathered rows BF16 100 MB, gate|up f32 275 MB, SwiGLU BF16 69 MB);
+ *   shared experts on all tokens: gate|up 25600 x 5632 x 4 B = 577 MB, SwiGLU
+ *     288 MB, output 210 MB; dense layer 0: gate|up 2.24 GB + 1.12 GB, BF16
+ *     copy of the activations 0.56 GB (scratch grows to the largest and stays
+ *     until the end of the layers, then is trimmed);
+ *   lm_head: logits chunk 25600 x 8192 x 4 B = 0.84 GB + a 34 MB weight chunk.
+ * Sum of the worst phase (layer 1 after the dense layer 0, scratch not yet
+ * trimmed): 2.4 + 0.63 + 0.08 + 3.9 + 0.65 + 1.1 ~ 8.8 GB, well under 24 GB.
  *
  * Speed notes for callers: with experts uncached, every moe_layer_mlp_run
  * or moe_layer_expert call converts the experts it needs again; raise
@@ -60,8 +90,10 @@ typedef struct {
                                   visible, else cpu; $MOE_DEVICE overrides it) */
     const moe_backend *backend; /* or a backend table directly (tests); overrides device */
     size_t expert_cache_bytes; /* keep a layer's routed experts converted while it is
-                                  loaded if they fit; 0 = default (1 GiB);
-                                  (size_t)-1 = always */
+                                  loaded if they fit; 0 = default (1 GiB on the CPU,
+                                  8 GiB on device backends); (size_t)-1 = always */
+    size_t staging_bytes;      /* device backends: bytes of each of the 4 host staging
+                                  buffers of the weight uploads; 0 = 64 MiB */
 } moe_model_opts;
 
 /* Router observer: called by moe_layer_mlp for routed-MoE layers, with the
@@ -104,6 +136,14 @@ void moe_model_restore_layer(moe_model *m, int l);
 
 int moe_layer_load(moe_model *m, int l);   /* no-op if loaded; 0 or -1 */
 void moe_layer_unload(moe_model *m, int l);
+/* Load layer l ahead of its use, for layer-major loops: call it for l+1 once
+ * layer l's ops are issued (and l unloaded when streaming).  On a device
+ * backend the weights are staged and their copies queued now and overlap
+ * the ops still running; the first use of layer l (any moe_layer_* call on
+ * it, or moe_layer_load) makes the ops wait for those copies.  A hint: a
+ * no-op on host-memory backends (the CPU loads at first use, so that only
+ * one layer is ever resident).  0 or -1. */
+int moe_layer_prefetch(moe_model *m, int l);
 
 /* x_0: embedding rows of ids (checked against the vocabulary). */
 int moe_model_embed(moe_model *m,

@@ -179,6 +179,7 @@ static int run_layers(layers_t *lt, const seqset *ss, int from, float *X, float 
         if (cache) be->copy(cache[l], X, TH * sizeof(float));
         if (lt_load(lt, l) < 0 || run_layer(m, ss, l, X, xn, y) < 0) return -1;
         lt_done(lt, l);
+        if (l + 1 < c->num_layers && moe_layer_prefetch(m, l + 1) < 0) return -1; /* device: overlap */
     }
     if (moe_model_final_norm(m, X, X, (int)ss->tot) < 0) return -1;
     if (cache) be->copy(cache[c->num_layers], X, TH * sizeof(float));
@@ -416,6 +417,7 @@ static int rank_fast(moe_model *m, const seqset *ss, const moe_calib *calib,
         }
         if (rc == 0) be->axpy(X, y, 1.0f, TH);
         lt_done(&lt, l);
+        if (rc == 0 && l < last_sel) rc = moe_layer_prefetch(m, l + 1); /* device: overlap */
     }
     moe_progress_end(&progress);
     if (work) work->layer_loads += lt.loads;

@@ -2,8 +2,12 @@
 // the error model and the precision choices).
 //
 // Everything runs on one non-blocking stream in issue order; `sync` waits
-// for it.  Each op's result is deterministic: reductions are done by one
-// block per row in a fixed tree order, cuBLAS runs with its default
+// for it (and for the copy stream).  Weight uploads queued with upload_async
+// run on a second non-blocking stream (the copy stream), ordered after the
+// compute stream's work issued before them (an event per upload), and the
+// compute stream waits for them at upload_fence (an event, no host wait).
+// Each op's result is deterministic: reductions are done by one block per
+// row in a fixed tree order, cuBLAS runs with its default
 // (deterministic, no atomics) settings on one stream, and no op uses atomics.
 // Element-wise formulas follow kernels/cpu.c; products that the CPU rounds
 // before an add use __fmul_rn/__fadd_rn so that nvcc does not fuse them.
@@ -45,6 +49,7 @@ static struct {
     int precision;   // MOE_CUDA_PREC_*
     int grouped_ok;  // cublasGemmGroupedBatchedEx accepted BF16 -> F32 (1), refused (0), untried (-1)
     cudaStream_t stream;
+    cudaStream_t cstream; // copy stream of upload_async
     cublasHandle_t blas;
     int pools;       // stream-ordered allocator available
     size_t att_smem; // dynamic shared memory the attention kernel is allowed
@@ -52,7 +57,7 @@ static struct {
     char msg[512];
     char name[256];
     size_t live, peak, used_peak;
-} g = {0, 0, 0, 0, 0, -1, 0, 0, 0, 0, 0, {0}, {0}, 0, 0, 0};
+} g = {0, 0, 0, 0, 0, -1, 0, 0, 0, 0, 0, 0, {0}, {0}, 0, 0, 0};
 
 static std::unordered_map<void *, size_t> *g_sizes;
 static char g_dummy[64]; // handed out by alloc after a device error
@@ -129,6 +134,9 @@ static void *raw_alloc(size_t n) {
     return p;
 }
 
+static int up_unfenced; // upload_async copies queued since the last upload_fence
+static void cu_upload_fence(void);
+
 static void raw_free(void *p) {
     if (!p || p == (void *)g_dummy) return;
     auto it = g_sizes->find(p);
@@ -137,6 +145,7 @@ static void raw_free(void *p) {
         g_sizes->erase(it);
     }
     if (g.failed) return; // the context may be unusable; leak rather than cascade
+    if (up_unfenced) cu_upload_fence(); // a queued copy may still write into p
     if (g.pools)
         CK(cudaFreeAsync(p, g.stream));
     else
@@ -172,6 +181,96 @@ static void cu_zero(void *dst, size_t n) {
 static void cu_sync(void) {
     LIVE();
     CK(cudaStreamSynchronize(g.stream));
+    if (g.cstream && !g.failed) CK(cudaStreamSynchronize(g.cstream));
+}
+
+// ---- asynchronous uploads (kernels.h: host_alloc .. upload_fence) ----------------------
+//
+// Ticket t's completion is event up_ev[t % UP_EVENTS]; before that event is
+// recorded again (ticket t + UP_EVENTS), the host waits for it, so any ticket
+// older than the ring is complete.  up_done: every ticket <= it is complete.
+// Each upload first makes the copy stream wait for an event recorded on the
+// compute stream: dst may come from a block that ops issued earlier still
+// use (the model's pool, or cudaMallocAsync reusing a cudaFreeAsync'd block).
+#define UP_EVENTS 256
+static cudaEvent_t up_ev[UP_EVENTS], up_order, up_fence_ev;
+static uint64_t up_issued, up_done;
+static std::unordered_map<void *, size_t> *g_pinned; // host_alloc blocks that are pinned
+
+static void *cu_host_alloc(size_t n) {
+    if (n == 0) n = 1;
+    void *p = NULL;
+    if (g.init == 1 && !g.failed) {
+        cudaError_t e = cudaHostAlloc(&p, n, cudaHostAllocDefault);
+        if (e == cudaSuccess && p) {
+            (*g_pinned)[p] = n;
+            return p;
+        }
+        (void)cudaGetLastError(); // not sticky: pageable memory works too (slower copies)
+        p = NULL;
+    }
+    p = malloc(n);
+    if (!p) {
+        fprintf(stderr, "cuda: out of host memory allocating %zu bytes\n", n);
+        abort(); // kernels.h: never NULL
+    }
+    return p;
+}
+
+static void cu_upload_wait(uint64_t t) {
+    if (g.failed) return;
+    if (t == 0 || t > up_issued) t = up_issued;
+    if (t <= up_done) return;
+    if (t == up_issued) {
+        if (CK(cudaStreamSynchronize(g.cstream))) up_done = up_issued;
+        return;
+    }
+    if (up_issued - t < UP_EVENTS && !CK(cudaEventSynchronize(up_ev[t % UP_EVENTS]))) return;
+    up_done = t; // copies on one stream complete in order
+}
+
+static void cu_host_free(void *p) {
+    if (!p) return;
+    if (g_pinned) {
+        auto it = g_pinned->find(p);
+        if (it != g_pinned->end()) {
+            g_pinned->erase(it);
+            if (!g.failed) {
+                cu_upload_wait(0); // no copy may still read it (kernels.h already asks this)
+                CK(cudaFreeHost(p));
+            }
+            return; // after a device error: leak rather than cascade
+        }
+    }
+    free(p);
+}
+
+static uint64_t cu_upload_async(void *dst, const void *src, size_t n) {
+    uint64_t t = ++up_issued;
+    if (g.failed) {
+        up_done = t;
+        return t;
+    }
+    up_unfenced = 1;
+    int slot = (int)(t % UP_EVENTS);
+    if (t > UP_EVENTS && up_done < t - UP_EVENTS) { // the slot's previous ticket
+        if (!CK(cudaEventSynchronize(up_ev[slot]))) return t;
+        up_done = t - UP_EVENTS;
+    }
+    if (!CK(cudaEventRecord(up_order, g.stream)) || !CK(cudaStreamWaitEvent(g.cstream, up_order, 0)))
+        return t;
+    if (n && !CK(cudaMemcpyAsync(dst, src, n, cudaMemcpyHostToDevice, g.cstream))) return t;
+    CK(cudaEventRecord(up_ev[slot], g.cstream));
+    if (g.sync_each && !g.failed && CK(cudaStreamSynchronize(g.cstream))) up_done = t;
+    return t;
+}
+
+static void cu_upload_fence(void) {
+    LIVE();
+    if (!up_unfenced) return;
+    if (CK(cudaEventRecord(up_fence_ev, g.cstream)) &&
+        CK(cudaStreamWaitEvent(g.stream, up_fence_ev, 0)))
+        up_unfenced = 0;
 }
 
 // Growable scratch buffers (stream-ordered, so replacing one is safe).
@@ -188,6 +287,27 @@ static void *scratch_get(scratch &s, size_t n) {
         s.n = s.p == (void *)g_dummy ? 0 : want;
     }
     return s.p;
+}
+
+// Give the big scratch buffers back (the experts' ~450 MB at 25 600 tokens
+// of DeepSeekMoE-16B, the activations' BF16 copy, the f32 weight copy of
+// MOE_CUDA_PRECISION=f32).  The model calls it between phases (after the
+// layers, at close), not per op, so the buffers are not reallocated per call;
+// freed pool memory goes back to the device too.
+static scratch s_exg, s_egu, s_eh;
+static void cu_trim(void) {
+    LIVE();
+    scratch *big[] = {&s_xb, &s_wf, &s_probs, &s_div, &s_exg, &s_egu, &s_eh};
+    for (scratch *b : big) {
+        raw_free(b->p);
+        b->p = NULL;
+        b->n = 0;
+    }
+    if (g.pools && !g.failed) {
+        cudaMemPool_t pool;
+        if (CK(cudaStreamSynchronize(g.stream)) && CK(cudaDeviceGetDefaultMemPool(&pool, g.device)))
+            CK(cudaMemPoolTrimTo(pool, 0));
+    }
 }
 
 // ---- block reductions (blockDim.x a multiple of 32, all threads call) --------
@@ -295,48 +415,79 @@ static void cu_matmul(float *y, const float *x, const void *w, const float *bias
 // cublasGemmGroupedBatchedEx call (one group per expert, group size 1), or a
 // loop of cublasGemmEx when this cuBLAS refuses the types.  Rows of skipped
 // groups are not written.  w and off are host arrays.
-static void grouped_bf16(float *y, const __nv_bfloat16 *xb, const void *const *w,
-                         const int32_t *off, int G, int K, int N, float beta) {
+// The host-side arguments (problem sizes, scalars, and the pinned pointer
+// table copied to the device) live in a ring of GP_SETS parameter sets that
+// outlive the call; a set is refilled only after the event recorded behind
+// its GEMM has completed (normally long ago), so no stream synchronisation is
+// needed per call and the vectors keep their capacity (no allocation churn).
+#define GP_SETS 4
+struct gparams {
     std::vector<const void *> A, B;
     std::vector<void *> C;
     std::vector<int> m, n, k, lda, ldb, ldc, gs;
     std::vector<cublasOperation_t> ta, tb;
     std::vector<float> al, be;
+    void **hp;    // pinned: A | B | C, the source of the async copy to the device
+    size_t hp_cap;
+    cudaEvent_t done;
+    bool pending;
+};
+static gparams g_gp[GP_SETS];
+static int g_gpi;
+
+static void grouped_bf16(float *y, const __nv_bfloat16 *xb, const void *const *w,
+                         const int32_t *off, int G, int K, int N, float beta) {
+    gparams &P = g_gp[g_gpi];
+    if (P.pending) { // this set's previous GEMM (GP_SETS calls ago) must have read it
+        if (!CK(cudaEventSynchronize(P.done))) return;
+        P.pending = false;
+    }
+    P.A.clear(), P.B.clear(), P.C.clear(), P.m.clear(), P.n.clear(), P.k.clear();
+    P.lda.clear(), P.ldb.clear(), P.ldc.clear(), P.gs.clear(), P.ta.clear(), P.tb.clear();
+    P.al.clear(), P.be.clear();
     for (int e = 0; e < G; e++) {
         int r = off[e + 1] - off[e];
         if (r <= 0 || !w[e]) continue;
         size_t row0 = (size_t)(off[e] - off[0]);
-        A.push_back(w[e]);
-        B.push_back(xb + row0 * K);
-        C.push_back(y + row0 * N);
-        m.push_back(N), n.push_back(r), k.push_back(K);
-        lda.push_back(K), ldb.push_back(K), ldc.push_back(N), gs.push_back(1);
-        ta.push_back(CUBLAS_OP_T), tb.push_back(CUBLAS_OP_N);
-        al.push_back(1.0f), be.push_back(beta);
+        P.A.push_back(w[e]);
+        P.B.push_back(xb + row0 * K);
+        P.C.push_back(y + row0 * N);
+        P.m.push_back(N), P.n.push_back(r), P.k.push_back(K);
+        P.lda.push_back(K), P.ldb.push_back(K), P.ldc.push_back(N), P.gs.push_back(1);
+        P.ta.push_back(CUBLAS_OP_T), P.tb.push_back(CUBLAS_OP_N);
+        P.al.push_back(1.0f), P.be.push_back(beta);
     }
-    int ng = (int)A.size();
+    int ng = (int)P.A.size();
     if (ng == 0) return;
     if (g.grouped_ok != 0) {
-        // pointer arrays live in device memory: A | B | C
-        void **dp = (void **)scratch_get(s_ptrs, sizeof(void *) * 3 * (size_t)ng);
+        size_t np = 3 * (size_t)ng;
+        if (P.hp_cap < np) { // grows to the largest expert count once
+            if (P.hp) CK(cudaFreeHost(P.hp));
+            P.hp = NULL;
+            P.hp_cap = 0;
+            if (!CK(cudaHostAlloc((void **)&P.hp, sizeof(void *) * np, cudaHostAllocDefault)))
+                return;
+            P.hp_cap = np;
+        }
+        memcpy(P.hp, P.A.data(), sizeof(void *) * ng);
+        memcpy(P.hp + ng, P.B.data(), sizeof(void *) * ng);
+        memcpy(P.hp + 2 * ng, P.C.data(), sizeof(void *) * ng);
+        // the device copy: stream-ordered, so the next call's copy cannot
+        // overwrite it before this GEMM has read it
+        void **dp = (void **)scratch_get(s_ptrs, sizeof(void *) * np);
         if (g.failed) return;
-        std::vector<const void *> hp;
-        hp.insert(hp.end(), A.begin(), A.end());
-        hp.insert(hp.end(), B.begin(), B.end());
-        hp.insert(hp.end(), C.begin(), C.end());
-        if (!CK(cudaMemcpyAsync(dp, hp.data(), sizeof(void *) * 3 * (size_t)ng,
-                                cudaMemcpyHostToDevice, g.stream)))
+        if (!CK(cudaMemcpyAsync(dp, P.hp, sizeof(void *) * np, cudaMemcpyHostToDevice, g.stream)))
             return;
         cublasStatus_t st = cublasGemmGroupedBatchedEx(
-            g.blas, ta.data(), tb.data(), m.data(), n.data(), k.data(), al.data(),
-            (const void *const *)dp, CUDA_R_16BF, lda.data(), (const void *const *)(dp + ng),
-            CUDA_R_16BF, ldb.data(), be.data(), (void *const *)(dp + 2 * ng), CUDA_R_32F,
-            ldc.data(), ng, gs.data(), CUBLAS_COMPUTE_32F);
+            g.blas, P.ta.data(), P.tb.data(), P.m.data(), P.n.data(), P.k.data(), P.al.data(),
+            (const void *const *)dp, CUDA_R_16BF, P.lda.data(), (const void *const *)(dp + ng),
+            CUDA_R_16BF, P.ldb.data(), P.be.data(), (void *const *)(dp + 2 * ng), CUDA_R_32F,
+            P.ldc.data(), ng, P.gs.data(), CUBLAS_COMPUTE_32F);
         if (st == CUBLAS_STATUS_SUCCESS) {
             g.grouped_ok = 1;
-            // the host arrays above (pageable) go out of scope on return: wait
-            // rather than rely on when the driver and cuBLAS have read them
-            CK(cudaStreamSynchronize(g.stream));
+            if (CK(cudaEventRecord(P.done, g.stream))) P.pending = true;
+            g_gpi = (g_gpi + 1) % GP_SETS;
+            if (g.sync_each) CK(cudaStreamSynchronize(g.stream));
             return;
         }
         if (st != CUBLAS_STATUS_NOT_SUPPORTED && st != CUBLAS_STATUS_INVALID_VALUE) {
@@ -344,11 +495,14 @@ static void grouped_bf16(float *y, const __nv_bfloat16 *xb, const void *const *w
             return;
         }
         g.grouped_ok = 0; // this cuBLAS does not group these types: loop instead
+        // (the pinned table may still be read by the queued copy: keep it pending)
+        if (CK(cudaEventRecord(P.done, g.stream))) P.pending = true;
+        g_gpi = (g_gpi + 1) % GP_SETS;
     }
-    for (int i = 0; i < ng; i++) {
-        if (!CKB(cublasGemmEx(g.blas, CUBLAS_OP_T, CUBLAS_OP_N, N, n[i], K, &al[i], A[i],
-                              CUDA_R_16BF, K, B[i], CUDA_R_16BF, K, &be[i], C[i], CUDA_R_32F, N,
-                              CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)))
+    for (int i = 0; i < ng; i++) { // scalars by host pointer: read before each call returns
+        if (!CKB(cublasGemmEx(g.blas, CUBLAS_OP_T, CUBLAS_OP_N, N, P.n[i], K, &P.al[i], P.A[i],
+                              CUDA_R_16BF, K, P.B[i], CUDA_R_16BF, K, &P.be[i], P.C[i], CUDA_R_32F,
+                              N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)))
             return;
     }
     if (g.sync_each) CK(cudaStreamSynchronize(g.stream));
@@ -409,7 +563,6 @@ template <typename T> __global__ void k_swiglu_to(T *h, const float *gu, int R, 
     }
 }
 
-static scratch s_exg, s_egu, s_eh;
 static void cu_gather_rows(float *dst, const float *src, const int32_t *rows, int n, int C);
 
 static void cu_experts(float *out, const float *x, const int32_t *rows, const int32_t *off,
@@ -1014,6 +1167,12 @@ static const moe_backend *fill_table(void) {
     b->combine = cu_combine;
     b->softmax_rows = cu_softmax_rows;
     b->divergence = cu_divergence;
+    b->host_alloc = cu_host_alloc;
+    b->host_free = cu_host_free;
+    b->upload_async = cu_upload_async;
+    b->upload_wait = cu_upload_wait;
+    b->upload_fence = cu_upload_fence;
+    b->trim = cu_trim;
     b->name = "cuda";
     return b;
 }
@@ -1057,6 +1216,15 @@ static int init_once(void) {
     int pools = 0;
     if (!CK(cudaDeviceGetAttribute(&pools, cudaDevAttrMemoryPoolsSupported, g.device))) return -1;
     if (!CK(cudaStreamCreateWithFlags(&g.stream, cudaStreamNonBlocking))) return -1;
+    if (!CK(cudaStreamCreateWithFlags(&g.cstream, cudaStreamNonBlocking))) return -1;
+    for (int i = 0; i < UP_EVENTS; i++)
+        if (!CK(cudaEventCreateWithFlags(&up_ev[i], cudaEventDisableTiming))) return -1;
+    if (!CK(cudaEventCreateWithFlags(&up_order, cudaEventDisableTiming)) ||
+        !CK(cudaEventCreateWithFlags(&up_fence_ev, cudaEventDisableTiming)))
+        return -1;
+    for (int i = 0; i < GP_SETS; i++)
+        if (!CK(cudaEventCreateWithFlags(&g_gp[i].done, cudaEventDisableTiming))) return -1;
+    g_pinned = new std::unordered_map<void *, size_t>();
     if (pools) {
         cudaMemPool_t pool;
         if (!CK(cudaDeviceGetDefaultMemPool(&pool, g.device))) return -1;
