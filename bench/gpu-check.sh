@@ -19,8 +19,8 @@
 #   1. here, once:   sh bench/gpu-check.sh --prepare
 #                    (apt-get download of the .debs into .debs/, which git ignores)
 #   2. here, optional: sh bench/gpu-check.sh --rehearse
-#                    (everything that needs no GPU, against .debs/ unpacked in /tmp:
-#                     build, test-gpu skipping, a small moe-init, token stream, table)
+#                    (the whole script on the CUDA emulator, tests/cudaemu, against
+#                     .debs/ unpacked in /tmp: build, the parity tests, small shapes)
 #   3. device tool:  run(command="sh bench/gpu-check.sh", carry=[".debs"], timeout_s=560)
 #      then give_back.  The figures are in output_tail and in $OUT/summary.txt.
 #
@@ -62,7 +62,7 @@ LEN=${LEN:-256}
 TOKENS=${TOKENS:-25600}
 T_START=$(date +%s)
 DEV=cuda
-[ "$MODE" = --rehearse ] && DEV=cpu # rehearsal: the tools' plumbing on the CPU
+[ "$MODE" = --rehearse ] && TOKENS=512 # the emulator computes on the CPU: small shapes
 
 say() { echo "gpu-check: $*"; echo "== $*" >>"$LOG"; }
 row() { printf '%-30s %-6s %6s  %s\n' "$1" "$2" "$3" "$4" >>"$TABLE"; }
@@ -111,7 +111,7 @@ say "build (sm_90, -j$JOBS)"
 if make -j"$JOBS" BUILD=$B BIN=$B/bin CUDA=1 \
     CUDA_ARCH="-gencode arch=compute_90,code=sm_90" \
     PKG_CFLAGS="$PKG_CFLAGS" PKG_LIBS="$PKG_LIBS" \
-    all-tests >>"$LOG" 2>&1; then
+    all-tests $([ "$MODE" = --rehearse ] && echo cuda-emu) >>"$LOG" 2>&1; then
     row "build sm_90" ok "$(elapsed $t)" "nvcc $(nvcc --version 2>/dev/null | sed -n 's/.*release \([0-9.]*\).*/\1/p')"
 else
     row "build sm_90" FAIL "$(elapsed $t)" "see log.txt"
@@ -123,6 +123,11 @@ if [ -n "$CARRIED" ]; then # the programs must use the carried libraries
 fi
 BIN=$B/bin
 PATH=$ROOT/$BIN:$PATH; export PATH
+if [ "$MODE" = --rehearse ]; then # every "GPU" step runs on the CUDA emulator (tests/cudaemu)
+    MOE_CUDA_EMU=1 MOE_CUDA_PLUGIN=$ROOT/$B/emu/libcdmoe_cuda_emu.so
+    export MOE_CUDA_EMU MOE_CUDA_PLUGIN
+    say "rehearsal: CUDA emulator $MOE_CUDA_PLUGIN"
+fi
 # the plugin is built and found beside the tools; a CPU-only run does not load cuBLAS
 if [ -f $B/libcdmoe_cuda.so ] && [ -f $BIN/libcdmoe_cuda.so ]; then
     rss=
@@ -164,8 +169,7 @@ fi
 
 # ---- 4. a DeepSeekMoE-16B-shaped checkpoint with LAYERS layers ------------------------------------------
 MODEL=$WORK/ds16b
-# DeepSeekMoE-16B's config.json with fewer layers (moe-init --layers N > 2 crashes
-# in lib/config.c as of this writing, so the layer count goes through --config)
+# DeepSeekMoE-16B's config.json with fewer layers
 H=2048 NH=16 IM=10944 MI=1408 NE=64 V=102400
 if [ "$MODE" = --rehearse ]; then # small shape here: the point is the plumbing
     H=256 NH=4 IM=512 MI=96 NE=16 V=1024 SEQS=4 LEN=64
@@ -210,6 +214,24 @@ if [ -n "$MODEL" ]; then
     else
         row "forward ${SEQS}x${LEN}" FAIL "$(elapsed $t)" "exit $rc, see log.txt"
     fi
+    # the same forward with the old weight path (f32 staging on the host): the load
+    # path's gain, measured in the same run
+    if [ $rc -eq 0 ]; then
+        t=$(date +%s)
+        say "forward $SEQS x $LEN tokens, MOE_STAGE_F32=1"
+        MOE_STAGE_F32=1 timeout 150 $B/bench/gpu_forward forward --model "$MODEL" --seqs "$SEQS" \
+            --len "$LEN" >"$WORK/fwd32.json" 2>>"$LOG"
+        rc=$?
+        cat "$WORK/fwd32.json" >>"$LOG"
+        if [ $rc -eq 0 ]; then
+            s_new=$(sed 's/.*"seconds":\([0-9.]*\).*/\1/' "$WORK/fwd.json")
+            s_old=$(sed 's/.*"seconds":\([0-9.]*\).*/\1/' "$WORK/fwd32.json")
+            row "forward, f32 staging" ok "$(elapsed $t)" \
+                "$s_old s; direct BF16 staging is $(awk -v a="$s_old" -v b="$s_new" 'BEGIN { printf "%.2f", a / b }')x faster"
+        else
+            row "forward, f32 staging" FAIL "$(elapsed $t)" "exit $rc, see log.txt"
+        fi
+    fi
 fi
 
 # ---- 6. moe-calib and moe-expert-rank on the GPU (when the tools are in this build) ---------------------
@@ -221,6 +243,8 @@ run_tool() { # name, timeout, command...
     timeout "$lim" "$@" >>"$LOG" 2>&1
     rc=$?
     mem=$(smi_stop)
+    peak=$(tail -n 3 "$LOG" | sed -n 's/.*\(device peak [0-9.]* GiB\).*/\1/p' | tail -n 1)
+    [ -n "$peak" ] && mem="$peak (allocated); $mem"
     if [ $rc -eq 0 ]; then row "$name" ok "$(elapsed $t)" "$mem"
     else row "$name" FAIL "$(elapsed $t)" "exit $rc (4 = device error), see log.txt; $mem"; fi
     echo "{\"step\":\"$name\",\"exit\":$rc,\"seconds\":$(elapsed $t),\"mem\":\"$mem\"}" >>"$RES"
@@ -228,18 +252,18 @@ run_tool() { # name, timeout, command...
 }
 if [ -n "$MODEL" ] && [ -n "$TOK" ]; then
     if [ -x "$BIN/moe-calib" ]; then
-        if run_tool "moe-calib --device $DEV" 120 moe-calib --device "$DEV" --quiet --model "$MODEL" "$TOK" -o "$WORK/calib.zst"; then
+        if run_tool "moe-calib --device $DEV" 120 moe-calib --device "$DEV" --model "$MODEL" "$TOK" -o "$WORK/calib.zst"; then
             if [ -x "$BIN/moe-expert-rank" ]; then
-                run_tool "moe-expert-rank --device $DEV" 150 moe-expert-rank --device "$DEV" --quiet \
+                run_tool "moe-expert-rank --device $DEV" 150 moe-expert-rank --device "$DEV" \
                     --model "$MODEL" "$WORK/calib.zst" -o "$WORK/rank.zst" &&
                     moe-dump --type ranking "$WORK/rank.zst" 2>/dev/null | head -c 2000 >>"$LOG" &&
                     run_tool "moe-layer-search --device $DEV" 120 moe-layer-search --device "$DEV" \
-                        --quiet --model "$MODEL" --experts 2 --layers 1 --max-length 64 "$WORK/rank.zst" \
+                        --model "$MODEL" --experts 2 --layers 1 --max-length 64 "$WORK/rank.zst" \
                         -o "$WORK/plan.zst"
             fi
         fi
     else
-        row "moe-calib / moe-expert-rank" skip 0 "not in this build (branch search not merged)"
+        row "moe-calib / moe-expert-rank" skip 0 "not in this build"
     fi
     [ -x "$BIN/moe-eval" ] && run_tool "moe-eval --ppl --device $DEV" 90 moe-eval --device "$DEV" \
         --model "$MODEL" --ppl "$TOK" --limit 8 --json -o "$WORK/eval.zst"

@@ -438,6 +438,9 @@ void moe_search_work_str(const moe_search_work *w, char *buf, size_t n) {
              (unsigned long long)w->candidates, (unsigned long long)w->layer_tokens,
              (unsigned long long)w->expert_tokens, (unsigned long long)w->div_tokens,
              w->flops / 1e9, w->seconds);
+    size_t len = strlen(buf);
+    if (w->device_peak && len < n)
+        snprintf(buf + len, n - len, ", device peak %.2f GiB", w->device_peak / 1073741824.0);
 }
 
 int moe_search_work_write(moe_writer *w, const char *tool, const moe_search_work *work) {

@@ -135,6 +135,8 @@ typedef struct {
                                 "work" record (it depends on memory, not on the result) */
     double flops;            /* matmul flops of the above (2 per multiply-add) */
     double seconds;
+    uint64_t device_peak;    /* peak device memory allocated by this process (GPU
+                                backends; 0 on the CPU); stderr only, like layer_loads */
 } moe_search_work;
 
 /* A mean weight supplied by the user (for an expert calibration never routed to). */

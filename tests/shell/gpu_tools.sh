@@ -18,6 +18,13 @@ if [ $rc -eq 4 ] && grep -q "no usable CUDA device\|no CUDA backend" "$TMP/err";
     skip "no CUDA device ($(cat "$TMP/err"))"
 fi
 [ $rc -eq 0 ] || fail "moe-calib --device cuda exited $rc: $(cat "$TMP/err")"
+# without --quiet, the summary line says how much device memory the run took
+moe-calib --device cuda --model "$FX/models/deepseek-l5" "$FX/deepseek-l5/tokens.msgpack.zst" \
+    >"$TMP/probe" 2>"$TMP/err" || fail "moe-calib --device cuda (not quiet): $(cat "$TMP/err")"
+grep -q "device peak [0-9.]* GiB" "$TMP/err" || fail "no device peak in the summary: $(cat "$TMP/err")"
+moe-calib --device cpu --model "$FX/models/deepseek-l5" "$FX/deepseek-l5/tokens.msgpack.zst" \
+    >"$TMP/probe" 2>"$TMP/err" || fail "moe-calib --device cpu: $(cat "$TMP/err")"
+grep -q "device peak" "$TMP/err" && fail "a CPU run reports a device peak: $(cat "$TMP/err")"
 
 picks() {
     moe-dump --full --no-header --type ranking --type plan "$1" | sed -n \
