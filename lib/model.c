@@ -22,6 +22,7 @@ typedef struct {
     /* dense MLP, or the fused wide SwiGLU of a condensed layer */
     void *gu, *down;
     int I;
+    int down_f32; /* down is float32 whatever the weight dtype (condensed, see load_condensed) */
     /* routed MoE */
     void *router;
     void **e_gu, **e_down; /* [E], NULL entries when not cached */
@@ -182,6 +183,16 @@ static void *to_backend_w(moe_model *m, float *host, size_t n) {
     return d;
 }
 
+/* Host f32 (from host_f32) -> backend buffer of float32 whatever the weight
+ * dtype (takes ownership of host): weights for matmul_f32. */
+static float *to_backend_f32(moe_model *m, float *host, size_t n) {
+    if (m->be->host_memory) return host;
+    float *d = balloc(m, n * sizeof(float) + 4);
+    m->be->upload(d, host, n * sizeof(float));
+    free(host);
+    return d;
+}
+
 /* ---- device path: staging in the weight dtype -------------------------------------
  * A weight goes from the checkpoint mapping into a ring of STG_SLOTS host
  * buffers of STG_SLOT_BYTES (backend host_alloc: pinned memory on CUDA),
@@ -248,6 +259,10 @@ static void stage_put(moe_model *m, void *dst, const moe_st_tensor *t, size_t e0
         if ((be->weight_dtype == MOE_WT_BF16 && t->dtype == MOE_ST_BF16) ||
             (be->weight_dtype == MOE_WT_F32 && t->dtype == MOE_ST_F32)) {
             be->upload(dst, (const unsigned char *)t->data + e0 * ws, n * ws);
+            return;
+        }
+        if (be->host_memory) { /* converted in place */
+            fill_piece(m, dst, t, e0, n);
             return;
         }
         size_t chunk = STG_SLOT_BYTES / ws;
@@ -393,6 +408,12 @@ moe_model *moe_model_open(const char *dir, const moe_model_opts *opts) {
     moe_ckpt *ck = moe_ckpt_open(dir);
     if (!ck) return NULL;
     const moe_config *c = moe_ckpt_config(ck);
+    /* the default CPU backend on a BF16 checkpoint: the table that computes
+     * from BF16 weights (same results, no f32 copy of the weights; kernels.h) */
+    const char *cw = getenv("MOE_CPU_WEIGHTS");
+    if (!(opts && opts->backend) && be == moe_backend_cpu() && moe_ckpt_dtype(ck) == MOE_ST_BF16 &&
+        !(cw && !strcmp(cw, "f32")))
+        be = moe_backend_cpu_bf16();
     if (c->clip_qkv > 0) {
         moe_error_set(MOE_ERR_DATA, "%s: clip_qkv %g is not supported", c->path, c->clip_qkv);
         moe_ckpt_close(ck);
@@ -412,11 +433,12 @@ moe_model *moe_model_open(const char *dir, const moe_model_opts *opts) {
     m->pool_cap = m->cache_bytes / 2;
     if (!be->host_memory && m->pool_cap > ((size_t)4 << 30)) m->pool_cap = (size_t)4 << 30;
     const char *old_path = getenv("MOE_STAGE_F32"); /* benchmarks: the f32 round trip */
-    m->direct = !be->host_memory && !(old_path && *old_path && strcmp(old_path, "0") != 0);
+    m->direct = !be->host_memory ? !(old_path && *old_path && strcmp(old_path, "0") != 0)
+                                 : be->weight_dtype != MOE_WT_F32; /* cpu-bf16 */
     m->stg_bytes = opts && opts->staging_bytes ? opts->staging_bytes : (size_t)64 << 20;
     if (m->stg_bytes < 256) m->stg_bytes = 256;
     m->stg_bytes &= ~(size_t)63;
-    m->async = m->direct && be->host_alloc && be->host_free && be->upload_async &&
+    m->async = m->direct && !be->host_memory && be->host_alloc && be->host_free && be->upload_async &&
                be->upload_wait && be->upload_fence;
     m->lw = moe_calloc((size_t)c->num_layers, sizeof *m->lw);
     m->ov = moe_calloc((size_t)c->num_layers, sizeof *m->ov);
@@ -585,7 +607,15 @@ static int load_condensed(moe_model *m, int l, layer_w *w, int fuse_shared) {
         return -1;
     }
     w->gu = to_backend_w(m, gu, 2 * I * H);
-    w->down = to_backend_w(m, down, H * I);
+    /* the scaled down projection is not representable in a narrower weight
+     * dtype: kept f32 when the backend takes f32 weights too (cpu-bf16: same
+     * results as cpu); else rounded (a GPU) */
+    if (m->be->weight_dtype != MOE_WT_F32 && m->be->matmul_f32) {
+        w->down = to_backend_f32(m, down, H * I);
+        w->down_f32 = 1;
+    } else {
+        w->down = to_backend_w(m, down, H * I);
+    }
     return 0;
 }
 
@@ -792,14 +822,17 @@ int moe_layer_mlp_input(moe_model *m, int l, float *xn, const float *x, int T) {
 
 /* y (+)= SwiGLU MLP with fused gate_up [2I,H] and down [H,I] */
 static void swiglu_mlp(moe_model *m, float *y, const float *x, const void *gu_w,
-                       const void *down_w, int T, int I, int accumulate) {
+                       const void *down_w, int down_f32, int T, int I, int accumulate) {
     const moe_backend *be = m->be;
     int H = m->cfg->hidden_size;
     float *gu = scratch(m, S_GU, sizeof(float) * (size_t)T * 2 * I);
     float *h = scratch(m, S_H, sizeof(float) * (size_t)T * I);
     be->matmul(gu, x, gu_w, NULL, T, H, 2 * I, 0);
     be->swiglu(h, gu, T, I);
-    be->matmul(y, h, down_w, NULL, T, I, H, accumulate);
+    if (down_f32)
+        be->matmul_f32(y, h, down_w, NULL, T, I, H, accumulate);
+    else
+        be->matmul(y, h, down_w, NULL, T, I, H, accumulate);
 }
 
 /* y += shared part (gated for qwen2_moe) */
@@ -808,7 +841,7 @@ static void add_shared(moe_model *m, layer_w *w, float *y, const float *xn, int 
     const moe_backend *be = m->be;
     int H = m->cfg->hidden_size;
     float *o = scratch(m, S_O, sizeof(float) * (size_t)T * H);
-    swiglu_mlp(m, o, xn, w->s_gu, w->s_down, T, w->Is, 0);
+    swiglu_mlp(m, o, xn, w->s_gu, w->s_down, 0, T, w->Is, 0);
     if (w->s_gate) {
         float *z = scratch(m, S_Z, sizeof(float) * (size_t)T);
         be->matmul(z, xn, w->s_gate, NULL, T, H, 1, 0);
@@ -980,11 +1013,11 @@ int moe_layer_mlp_run(moe_model *m, int l, float *y, const float *xn, int T, moe
     size_t TH = (size_t)T * m->cfg->hidden_size;
     switch (moe_model_layer_kind(m, l)) {
     case MOE_MLP_DENSE:
-        swiglu_mlp(m, y, xn, w->gu, w->down, T, w->I, 0);
+        swiglu_mlp(m, y, xn, w->gu, w->down, 0, T, w->I, 0);
         return moe_backend_status(m->be);
     case MOE_MLP_CONDENSED:
         if (w->I > 0)
-            swiglu_mlp(m, y, xn, w->gu, w->down, T, w->I, 0);
+            swiglu_mlp(m, y, xn, w->gu, w->down, w->down_f32, T, w->I, 0);
         else
             m->be->zero(y, TH * sizeof(float));
         add_shared(m, w, y, xn, T);
@@ -1019,7 +1052,7 @@ int moe_layer_expert(moe_model *m, int l, int e, float *y, const float *xn, int 
     void *gu, *down;
     int tmp;
     if (expert_weights(m, l, e, &gu, &down, &tmp) < 0) return -1;
-    swiglu_mlp(m, y, xn, gu, down, T, c->moe_intermediate_size, 0);
+    swiglu_mlp(m, y, xn, gu, down, 0, T, c->moe_intermediate_size, 0);
     if (tmp) {
         bfree(m, gu);
         bfree(m, down);
@@ -1076,7 +1109,14 @@ static int lm_head_rows(moe_model *m, const float *x, int T, float *const *rowds
     for (size_t r0 = 0; r0 < V; r0 += chunk) {
         size_t nr = V - r0 < chunk ? V - r0 : chunk;
         void *wb;
-        if (use_direct(m)) {
+        const unsigned char *src = (const unsigned char *)t->data + r0 * H * es;
+        int borrowed = 0;
+        if (use_direct(m) && be->host_memory && (size_t)wsz(m) == es &&
+            t->dtype == (be->weight_dtype == MOE_WT_BF16 ? MOE_ST_BF16 : MOE_ST_F32) &&
+            (uintptr_t)src % es == 0) {
+            wb = (void *)src; /* the mapping itself (released below) */
+            borrowed = 1;
+        } else if (use_direct(m)) {
             wb = direct_mat(m, t, r0 * H, nr * H);
             upload_ready(m);
         } else {
@@ -1085,7 +1125,7 @@ static int lm_head_rows(moe_model *m, const float *x, int T, float *const *rowds
             wb = to_backend_w(m, h, nr * H);
         }
         be->matmul(yc, x, wb, NULL, T, (int)H, (int)nr, 0);
-        bfree(m, wb);
+        if (!borrowed) bfree(m, wb);
         if (dst_host && !be->host_memory) {
             /* one transfer per chunk, not one per token: each download waits
              * for the device */
