@@ -48,6 +48,12 @@ typedef struct {
     size_t n;
 } blk;
 
+/* a weight borrowed from the checkpoint mapping (cpu-bf16): the tensor(s) it spans */
+typedef struct {
+    const void *p;
+    const moe_st_tensor *t[2];
+} brw;
+
 /* host staging ring of the device path (see stage_put) */
 #define STG_SLOTS 4
 #define STG_SLOT_BYTES m->stg_bytes
@@ -60,6 +66,9 @@ typedef struct {
 struct moe_model {
     blk *live, *pool;   /* blocks handed out by balloc; freed blocks kept for reuse */
     size_t nlive, caplive, npool, cappool, pool_bytes;
+    brw *brw;           /* weights that point into the checkpoint mapping */
+    size_t nbrw, capbrw;
+    int borrow;         /* host-memory backend with BF16 weights: borrow BF16 tensors */
     moe_ckpt *ck;
     const moe_config *cfg;
     const moe_backend *be;
@@ -112,11 +121,48 @@ static void *balloc(moe_model *m, size_t n) {
     return p;
 }
 
+/* Zero copy (cpu-bf16): a BF16 weight is used where it lies in the checkpoint
+ * mapping (the kernels widen it tile by tile, from any 2-byte address).  Its
+ * pages stay mapped until the weight is freed (bfree releases them) or its
+ * layer is unloaded, so a layer's weights cost no copy and no extra memory. */
+static int borrow_ok(const moe_model *m, const moe_st_tensor *t) {
+    return m->borrow && t && t->dtype == MOE_ST_BF16;
+}
+
+static void *borrow(moe_model *m, const void *p, const moe_st_tensor *t0, const moe_st_tensor *t1) {
+#pragma omp critical(moe_model_blk)
+    {
+        if (m->nbrw == m->capbrw) {
+            m->capbrw = m->capbrw ? 2 * m->capbrw : 256;
+            m->brw = moe_realloc(m->brw, sizeof *m->brw * m->capbrw);
+        }
+        m->brw[m->nbrw++] = (brw){p, {t0, t1}};
+    }
+    return (void *)p;
+}
+
+static int is_borrowed(moe_model *m, const void *p) {
+    int r = 0;
+    if (!p || !m->nbrw) return 0;
+#pragma omp critical(moe_model_blk)
+    for (size_t i = 0; i < m->nbrw && !r; i++) r = m->brw[i].p == p;
+    return r;
+}
+
 static void bfree(moe_model *m, void *p) {
     if (!p) return;
     int found = 0, keep = 0;
+    brw b = {0};
 #pragma omp critical(moe_model_blk)
-    for (size_t i = m->nlive; i-- > 0;)
+    {
+    for (size_t i = m->nbrw; i-- > 0;)
+        if (m->brw[i].p == p) { /* borrowed: nothing to free, pages to release */
+            b = m->brw[i];
+            m->brw[i] = m->brw[--m->nbrw];
+            found = keep = 1;
+            break;
+        }
+    for (size_t i = m->nlive; !found && i-- > 0;)
         if (m->live[i].p == p) {
             size_t n = m->live[i].n;
             m->live[i] = m->live[--m->nlive];
@@ -128,6 +174,11 @@ static void bfree(moe_model *m, void *p) {
             }
             break;
         }
+    }
+    if (b.p) {
+        moe_st_release(b.t[0]);
+        if (b.t[1]) moe_st_release(b.t[1]);
+    }
     if (!keep) m->be->free(p); /* not pooled, or not from balloc */
     (void)found;
 }
@@ -348,6 +399,7 @@ static void *load_mat(moe_model *m, int l, moe_tensor_kind k, int expert) {
     size_t n = tensor_numel(m, l, k);
     if (use_direct(m)) {
         const moe_st_tensor *t = moe_ckpt_get(m->ck, l, k, expert);
+        if (borrow_ok(m, t)) return borrow(m, t->data, t, NULL);
         return t ? direct_mat(m, t, 0, n) : NULL;
     }
     float *h = host_f32(m, n);
@@ -365,6 +417,10 @@ static void *load_gate_up(moe_model *m, int l, moe_tensor_kind kg, moe_tensor_ki
         const moe_st_tensor *tg = moe_ckpt_get(m->ck, l, kg, expert);
         const moe_st_tensor *tu = tg ? moe_ckpt_get(m->ck, l, ku, expert) : NULL;
         if (!tu) return NULL;
+        /* gate then up, adjacent in the file (as the writers order them): [2I, H] */
+        if (borrow_ok(m, tg) && borrow_ok(m, tu) &&
+            (const unsigned char *)tu->data == (const unsigned char *)tg->data + 2 * IH)
+            return borrow(m, tg->data, tg, tu);
         void *d = balloc(m, 2 * IH * wsz(m) + 4);
         stage_put(m, d, tg, 0, IH);
         stage_put(m, (unsigned char *)d + IH * wsz(m), tu, 0, IH);
@@ -438,6 +494,8 @@ moe_model *moe_model_open(const char *dir, const moe_model_opts *opts) {
     m->stg_bytes = opts && opts->staging_bytes ? opts->staging_bytes : (size_t)64 << 20;
     if (m->stg_bytes < 256) m->stg_bytes = 256;
     m->stg_bytes &= ~(size_t)63;
+    const char *bw = getenv("MOE_CPU_BORROW"); /* benchmarks: 0 = copy the BF16 bytes */
+    m->borrow = be->host_memory && be->weight_dtype == MOE_WT_BF16 && !(bw && !strcmp(bw, "0"));
     m->async = m->direct && !be->host_memory && be->host_alloc && be->host_free && be->upload_async &&
                be->upload_wait && be->upload_fence;
     m->lw = moe_calloc((size_t)c->num_layers, sizeof *m->lw);
@@ -469,6 +527,7 @@ void moe_model_close(moe_model *m) {
     for (size_t i = 0; i < m->nlive; i++) m->be->free(m->live[i].p); /* leaked by the caller */
     free(m->pool);
     free(m->live);
+    free(m->brw);
     free(m->lw);
     free(m->ov);
     moe_ckpt_close(m->ck);
@@ -562,6 +621,7 @@ void moe_layer_unload(moe_model *m, int l) {
     free(w->e_gu);
     free(w->e_down);
     memset(w, 0, sizeof *w);
+    if (m->borrow) moe_ckpt_release_layer(m->ck, l);
 }
 
 /* Fused condensed SwiGLU: kept experts (+ the shared MLP when ungated):
@@ -646,8 +706,8 @@ static int convert_experts(moe_model *m, int l, int e0, int e1, void **gu, void 
                 snprintf(msg, sizeof msg, "%s", moe_error());
                 kind = moe_error_kind();
             }
-        } else {
-            release_expert_pages(m, l, e);
+        } else if (!is_borrowed(m, gu[e]) && !is_borrowed(m, down[e])) {
+            release_expert_pages(m, l, e); /* borrowed ones: when freed */
         }
     }
     if (failed) {
@@ -727,7 +787,7 @@ static int layer_load(moe_model *m, int l, int prefetch) {
         }
     }
 #undef REQ
-    moe_ckpt_release_layer(m->ck, l);
+    if (!m->borrow) moe_ckpt_release_layer(m->ck, l); /* borrow: at unload */
     /* layer-major callers load l+1 next: let the kernel read it ahead */
     if (l + 1 < c->num_layers) moe_ckpt_prefetch_layer(m->ck, l + 1);
     if (prefetch)
@@ -908,7 +968,7 @@ static int expert_weights(moe_model *m, int l, int e, void **gu, void **down, in
         bfree(m, *gu);
         return -1;
     }
-    release_expert_pages(m, l, e);
+    if (!is_borrowed(m, *gu) && !is_borrowed(m, *down)) release_expert_pages(m, l, e);
     upload_ready(m);
     *tmp = 1;
     return 0;
