@@ -1171,9 +1171,7 @@ static int lm_head_rows(moe_model *m, const float *x, int T, float *const *rowds
         void *wb;
         const unsigned char *src = (const unsigned char *)t->data + r0 * H * es;
         int borrowed = 0;
-        if (use_direct(m) && be->host_memory && (size_t)wsz(m) == es &&
-            t->dtype == (be->weight_dtype == MOE_WT_BF16 ? MOE_ST_BF16 : MOE_ST_F32) &&
-            (uintptr_t)src % es == 0) {
+        if (use_direct(m) && borrow_ok(m, t)) {
             wb = (void *)src; /* the mapping itself (released below) */
             borrowed = 1;
         } else if (use_direct(m)) {
