@@ -130,6 +130,10 @@ static int borrow_ok(const moe_model *m, const moe_st_tensor *t) {
 }
 
 static void *borrow(moe_model *m, const void *p, const moe_st_tensor *t0, const moe_st_tensor *t1) {
+    if (m->borrow > 1) { /* map the pages now: cheaper than a fault per page in the ops */
+        moe_st_populate(t0);
+        if (t1) moe_st_populate(t1);
+    }
 #pragma omp critical(moe_model_blk)
     {
         if (m->nbrw == m->capbrw) {
@@ -496,6 +500,8 @@ moe_model *moe_model_open(const char *dir, const moe_model_opts *opts) {
     m->stg_bytes &= ~(size_t)63;
     const char *bw = getenv("MOE_CPU_BORROW"); /* benchmarks: 0 = copy the BF16 bytes */
     m->borrow = be->host_memory && be->weight_dtype == MOE_WT_BF16 && !(bw && !strcmp(bw, "0"));
+    const char *pp = getenv("MOE_CPU_POPULATE");
+    if (m->borrow && !(pp && !strcmp(pp, "0"))) m->borrow = 2; /* populate borrowed pages */
     m->async = m->direct && !be->host_memory && be->host_alloc && be->host_free && be->upload_async &&
                be->upload_wait && be->upload_fence;
     m->lw = moe_calloc((size_t)c->num_layers, sizeof *m->lw);
