@@ -269,51 +269,12 @@ static void ref_attention(float *out, const float *q, const float *k, const floa
     }
 }
 
-/* Optimised: per head (heads spread over the threads), S = q_h·k_hᵀ and
- * O = P·v_h through single-threaded sgemm; masked softmax rows in between
- * (P holds exact zeros above the diagonal). */
 static void cpu_attention_kv(float *out, const float *q, const float *k, const float *v,
                              float scale, int P, int T, int nh, int nkv, int D);
 /* the blocked, row-invariant kernel of attention_kv (appended below) with no cache */
 static void cpu_attention(float *out, const float *q, const float *k, const float *v, float scale,
                           int T, int nh, int nkv, int D) {
     cpu_attention_kv(out, q, k, v, scale, 0, T, nh, nkv, D);
-}
-/* the previous per-head whole-matrix kernel (kept for comparison in benchmarks) */
-void moe_cpu_attention_gemm(float *out, const float *q, const float *k, const float *v,
-                            float scale, int T, int nh, int nkv, int D);
-void moe_cpu_attention_gemm(float *out, const float *q, const float *k, const float *v,
-                            float scale, int T, int nh, int nkv, int D) {
-    if (T <= 0) return;
-    blas_single();
-    int rep = nh / nkv;
-#pragma omp parallel
-    {
-        float *S = cpu_alloc(sizeof(float) * (size_t)T * T);
-#pragma omp for schedule(dynamic, 1)
-        for (int h = 0; h < nh; h++) {
-            int kh = h / rep;
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, D, scale, q + (size_t)h * D,
-                        nh * D, k + (size_t)kh * D, nkv * D, 0.0f, S, T);
-            for (int i = 0; i < T; i++) {
-                float *s = S + (size_t)i * T;
-                float mx = -INFINITY;
-                for (int j = 0; j <= i; j++)
-                    if (s[j] > mx) mx = s[j];
-                double sum = 0.0;
-                for (int j = 0; j <= i; j++) {
-                    s[j] = expf(s[j] - mx);
-                    sum += s[j];
-                }
-                float inv = (float)(1.0 / sum);
-                for (int j = 0; j <= i; j++) s[j] *= inv;
-                for (int j = i + 1; j < T; j++) s[j] = 0.0f;
-            }
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, D, T, 1.0f, S, T,
-                        v + (size_t)kh * D, nkv * D, 0.0f, out + (size_t)h * D, nh * D);
-        }
-        cpu_free(S);
-    }
 }
 
 /* ---- element-wise ------------------------------------------------------- */
@@ -807,8 +768,9 @@ static void ref_attention_kv(float *out, const float *q, const float *k, const f
     }
 }
 
-/* Optimised, row-invariant.  Keys are taken in fixed blocks of ATT_KB from
- * key 0, each block packed (zero-padded to ATT_KB rows) for its head; per
+/* Optimised, row-invariant, heads spread over the threads.  Keys are taken
+ * in fixed blocks of ATT_KB from key 0 (a last partial block is copied and
+ * zero-padded to ATT_KB rows); per
  * block b, the queries that see any of its keys (rows t0..T-1) get
  *   S[:, block] = scale · q·k_bᵀ          (M rows, N = ATT_KB, K = D)
  * then, after the masked softmax of every row over keys 0..P+t (fp32 exp,
@@ -820,8 +782,13 @@ static void ref_attention_kv(float *out, const float *q, const float *k, const f
  * in the same order whatever P and T: its bits depend only on its query,
  * the keys and values it sees, and its position.  Masked keys inside a
  * row's last block add 0·v = 0 exactly (finite v), so a row also agrees
- * when later keys exist or not (context run alone vs the whole sequence). */
-#define ATT_KB 64
+ * when later keys exist or not (context run alone vs the whole sequence).
+ * Cost, against the former kernel (one whole T x T sgemm pair per head; 16
+ * heads, D 128, one thread, noisy shared machine): 0.75-0.9x the time at
+ * T 256..2048 (blocks above the diagonal skipped), 1.4-1.8x at T 64 (small
+ * products padded); 8 queries over 2040 cached keys ~15-30 ms, mostly the
+ * padding of their 2 x 16 blocks x 16 heads small products. */
+#define ATT_KB 128
 
 /* C[0:M] = alpha·A·op(B) + beta·C with one single-threaded sgemm whose row
  * count is padded as sgemm_tile's (pa/pc: scratch of SMALL_MNK/(N·K)+1 rows
@@ -870,11 +837,19 @@ static void cpu_attention_kv(float *out, const float *q, const float *k, const f
             for (int b = 0; b < nb; b++) {
                 int j0 = b * ATT_KB, nk = N - j0 < ATT_KB ? N - j0 : ATT_KB;
                 int t0 = j0 - P > 0 ? j0 - P : 0; /* first query that sees key j0 */
-                for (int c = 0; c < nk; c++)
-                    memcpy(kb + (size_t)c * D, k + ((size_t)(j0 + c) * nkv + kh) * D, sizeof(float) * D);
-                if (nk < ATT_KB) memset(kb + (size_t)nk * D, 0, sizeof(float) * (ATT_KB - nk) * D);
+                /* a whole block is read in place (sgemm packs it anyway); a
+                 * partial one is copied and zero-padded */
+                const float *kp = k + ((size_t)j0 * nkv + kh) * D;
+                int ldk = nkv * D;
+                if (nk < ATT_KB) {
+                    for (int c = 0; c < nk; c++)
+                        memcpy(kb + (size_t)c * D, kp + (size_t)c * ldk, sizeof(float) * D);
+                    memset(kb + (size_t)nk * D, 0, sizeof(float) * (ATT_KB - nk) * D);
+                    kp = kb;
+                    ldk = D;
+                }
                 gemm_pad(1, T - t0, ATT_KB, D, scale, q + (size_t)t0 * nh * D + (size_t)h * D,
-                         nh * D, kb, D, 0.0f, S + (size_t)t0 * ldS + j0, (int)ldS, pa, pc);
+                         nh * D, kp, ldk, 0.0f, S + (size_t)t0 * ldS + j0, (int)ldS, pa, pc);
             }
             for (int t = 0; t < T; t++) {
                 float *s = S + (size_t)t * ldS;
@@ -894,10 +869,16 @@ static void cpu_attention_kv(float *out, const float *q, const float *k, const f
             for (int b = 0; b < nb; b++) {
                 int j0 = b * ATT_KB, nk = N - j0 < ATT_KB ? N - j0 : ATT_KB;
                 int t0 = j0 - P > 0 ? j0 - P : 0;
-                for (int c = 0; c < nk; c++)
-                    memcpy(vb + (size_t)c * D, v + ((size_t)(j0 + c) * nkv + kh) * D, sizeof(float) * D);
-                if (nk < ATT_KB) memset(vb + (size_t)nk * D, 0, sizeof(float) * (ATT_KB - nk) * D);
-                gemm_pad(0, T - t0, D, ATT_KB, 1.0f, S + (size_t)t0 * ldS + j0, (int)ldS, vb, D,
+                const float *vp = v + ((size_t)j0 * nkv + kh) * D;
+                int ldv = nkv * D;
+                if (nk < ATT_KB) {
+                    for (int c = 0; c < nk; c++)
+                        memcpy(vb + (size_t)c * D, vp + (size_t)c * ldv, sizeof(float) * D);
+                    memset(vb + (size_t)nk * D, 0, sizeof(float) * (ATT_KB - nk) * D);
+                    vp = vb;
+                    ldv = D;
+                }
+                gemm_pad(0, T - t0, D, ATT_KB, 1.0f, S + (size_t)t0 * ldS + j0, (int)ldS, vp, ldv,
                          1.0f, oh + (size_t)t0 * nh * D, nh * D, pa, pc);
             }
         }
