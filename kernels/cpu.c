@@ -14,9 +14,11 @@
 #include <cblas.h>
 #include <math.h>
 #include <omp.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include "common.h"
 #include "kernels.h"
@@ -77,6 +79,26 @@ static void cpu_zero(void *dst, size_t n) { memset(dst, 0, n); }
 static void cpu_sync(void) {}
 /* asynchronous uploads on the CPU: done at once */
 static void *cpu_host_alloc(size_t n) { return moe_malloc(n ? n : 1); }
+
+/* MemAvailable (what can be allocated without swapping, page cache counted
+ * as reclaimable) and MemTotal; sysconf's figures when /proc is absent. */
+static void cpu_mem_info(size_t *free_bytes, size_t *total_bytes) {
+    *free_bytes = *total_bytes = 0;
+    FILE *f = fopen("/proc/meminfo", "r");
+    if (f) {
+        char line[256];
+        unsigned long long kb;
+        while (fgets(line, sizeof line, f)) {
+            if (sscanf(line, "MemTotal: %llu kB", &kb) == 1) *total_bytes = (size_t)kb << 10;
+            if (sscanf(line, "MemAvailable: %llu kB", &kb) == 1) *free_bytes = (size_t)kb << 10;
+        }
+        fclose(f);
+    }
+    long pages = sysconf(_SC_PHYS_PAGES), avail = sysconf(_SC_AVPHYS_PAGES);
+    long psz = sysconf(_SC_PAGESIZE);
+    if (!*total_bytes && pages > 0 && psz > 0) *total_bytes = (size_t)pages * (size_t)psz;
+    if (!*free_bytes && avail > 0 && psz > 0) *free_bytes = (size_t)avail * (size_t)psz;
+}
 static uint64_t cpu_ticket;
 static uint64_t cpu_upload_async(void *dst, const void *src, size_t n) {
     if (n) memmove(dst, src, n);
@@ -601,6 +623,7 @@ static const moe_backend cpu_backend = {
     .upload_wait = cpu_upload_wait,
     .upload_fence = cpu_nop,
     .trim = cpu_nop,
+    .mem_info = cpu_mem_info,
 };
 
 static const moe_backend cpu_ref_backend = {
@@ -635,6 +658,7 @@ static const moe_backend cpu_ref_backend = {
     .upload_wait = cpu_upload_wait,
     .upload_fence = cpu_nop,
     .trim = cpu_nop,
+    .mem_info = cpu_mem_info,
 };
 
 const moe_backend *moe_backend_cpu(void) { return &cpu_backend; }

@@ -32,7 +32,7 @@
 extern "C" {
 #endif
 
-#define MOE_CUDA_PLUGIN_ABI 2 /* 2: kernels.h's asynchronous upload ops and trim */
+#define MOE_CUDA_PLUGIN_ABI 3 /* 2: kernels.h's asynchronous upload ops and trim; 3: mem_info */
 #define MOE_CUDA_PLUGIN_NAME "libcdmoe_cuda.so"
 #define MOE_CUDA_PLUGIN_SYMBOL "moe_cuda_plugin_open"
 

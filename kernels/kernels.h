@@ -232,6 +232,14 @@ struct moe_backend {
     /* give back scratch memory the backend keeps between ops (it grows back on
      * demand); the model calls it between phases, not per op */
     void (*trim)(void);
+
+    /* ---- memory available -------------------------------------------------- */
+    /* Bytes of backend memory free now and in all (CUDA: cudaMemGetInfo, all
+     * users of the device; CPU: MemAvailable and MemTotal of /proc/meminfo).
+     * Sizes defaults (expert cache, search budgets, whether a model's layers
+     * stay resident) to the device at hand.  0, 0 when unknown; a table may
+     * leave it NULL (= unknown). */
+    void (*mem_info)(size_t *free_bytes, size_t *total_bytes);
 };
 
 /* Backends.  The CPU ones are static tables; they use OpenMP for element-wise

@@ -403,10 +403,17 @@ moe_model *moe_model_open(const char *dir, const moe_model_opts *opts) {
     m->cfg = c;
     m->be = be;
     /* device backends: room for a whole layer's experts (the grouped GEMM wants
-     * them on the device anyway; DeepSeekMoE-16B: 1.1 GB in BF16) */
+     * them on the device anyway; DeepSeekMoE-16B: 1.1 GB in BF16): 8 GiB, or a
+     * quarter of the free device memory when that is less (at least 1 GiB) */
     m->cache_bytes = opts && opts->expert_cache_bytes ? opts->expert_cache_bytes
                      : be->host_memory                ? (size_t)1 << 30
                                                       : (size_t)8 << 30;
+    if (!(opts && opts->expert_cache_bytes) && !be->host_memory && be->mem_info) {
+        size_t fr = 0, tot = 0;
+        be->mem_info(&fr, &tot);
+        if (fr && fr / 4 < m->cache_bytes)
+            m->cache_bytes = fr / 4 > ((size_t)1 << 30) ? fr / 4 : (size_t)1 << 30;
+    }
     /* device memory is scarce: blocks of sizes that never come back (a dense
      * layer's, condensed candidates' fused weights) must not pile up */
     m->pool_cap = m->cache_bytes / 2;

@@ -294,6 +294,12 @@ static void *scratch_get(scratch &s, size_t n) {
 // MOE_CUDA_PRECISION=f32).  The model calls it between phases (after the
 // layers, at close), not per op, so the buffers are not reallocated per call;
 // freed pool memory goes back to the device too.
+static void cu_mem_info(size_t *free_bytes, size_t *total_bytes) {
+    *free_bytes = *total_bytes = 0;
+    if (g.failed) return;
+    CK(cudaMemGetInfo(free_bytes, total_bytes));
+}
+
 static scratch s_exg, s_egu, s_eh;
 static void cu_trim(void) {
     LIVE();
@@ -1180,6 +1186,7 @@ static const moe_backend *fill_table(void) {
     b->upload_wait = cu_upload_wait;
     b->upload_fence = cu_upload_fence;
     b->trim = cu_trim;
+    b->mem_info = cu_mem_info;
     b->name = "cuda";
     return b;
 }
