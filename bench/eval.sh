@@ -67,3 +67,35 @@ print(f"RESULT eval: prefill {d['bench']['tokens_per_s']:.1f} -> {c['bench']['to
       f"speedup condensed/dense = {cmp['speedup']:.2f}; memory ratio = {cmp['memory_ratio_params']:.3f} "
       f"(params), {cmp['memory_ratio_bytes']:.3f} (bytes){s}")
 EOF
+
+# Prefix sharing in multiple-choice scoring: a synthetic task with long contexts
+# (BENCH_EVAL_CTX words, default 400, 4 choices of 2-6 words, BENCH_EVAL_ITEMS items,
+# default 16) scored by the dense model with the context run once per item
+# (default) and with --no-prefix-cache, same run; the log-likelihoods must agree
+# (bit-identical on the CPU).
+python3 - "$WORK/mc_long.jsonl" "${BENCH_EVAL_CTX:-400}" "${BENCH_EVAL_ITEMS:-16}" <<'EOF'
+import json, random, sys
+rng = random.Random(5)
+words = "the a cat dog sat ran on under over mat tree house river small big red green blue " \
+        "quick slow bird fish sun moon day night went saw found took gave".split()
+with open(sys.argv[1], "w") as f:
+    for i in range(int(sys.argv[3])):
+        q = " ".join(rng.choice(words) for _ in range(int(sys.argv[2]))) + "."
+        ch = [" ".join(rng.choice(words) for _ in range(rng.randint(2, 6))) for _ in range(4)]
+        f.write(json.dumps({"query": q, "choices": ch, "gold": 0}) + "\n")
+EOF
+for mode in share full; do
+    # shellcheck disable=SC2046
+    "$BIN/moe-eval" --quiet ${BENCH_EVAL_THREADS:+--threads $BENCH_EVAL_THREADS} -m "$D" \
+        --task "$WORK/mc_long.jsonl" $( [ $mode = full ] && echo --no-prefix-cache ) \
+        --no-provenance -o "$WORK/mc_$mode.zst" --json >"$WORK/mc_$mode.json"
+done
+cmp -s "$WORK/mc_share.zst" "$WORK/mc_full.zst" && SAME=bit-identical || SAME=DIFFERENT
+python3 - "$WORK/mc_share.json" "$WORK/mc_full.json" "$SAME" <<'EOF'
+import json, sys
+s, f = (json.load(open(p))["models"][0]["tasks"][0] for p in sys.argv[1:3])
+print(f"RESULT eval prefix cache: {s['items']} items x 4 choices, {s['tokens']} tokens fed; "
+      f"run {s['tokens_run']} (shared) vs {f['tokens_run']} (full) = {f['tokens_run'] / s['tokens_run']:.2f}x fewer; "
+      f"{s['seconds']:.2f} s vs {f['seconds']:.2f} s = speedup {f['seconds'] / s['seconds']:.2f}x; "
+      f"log-likelihoods {sys.argv[3]}")
+EOF

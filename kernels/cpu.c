@@ -14,9 +14,12 @@
 #include <cblas.h>
 #include <math.h>
 #include <omp.h>
+#include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <unistd.h>
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
@@ -80,6 +83,26 @@ static void cpu_zero(void *dst, size_t n) { memset(dst, 0, n); }
 static void cpu_sync(void) {}
 /* asynchronous uploads on the CPU: done at once */
 static void *cpu_host_alloc(size_t n) { return moe_malloc(n ? n : 1); }
+
+/* MemAvailable (what can be allocated without swapping, page cache counted
+ * as reclaimable) and MemTotal; sysconf's figures when /proc is absent. */
+static void cpu_mem_info(size_t *free_bytes, size_t *total_bytes) {
+    *free_bytes = *total_bytes = 0;
+    FILE *f = fopen("/proc/meminfo", "r");
+    if (f) {
+        char line[256];
+        unsigned long long kb;
+        while (fgets(line, sizeof line, f)) {
+            if (sscanf(line, "MemTotal: %llu kB", &kb) == 1) *total_bytes = (size_t)kb << 10;
+            if (sscanf(line, "MemAvailable: %llu kB", &kb) == 1) *free_bytes = (size_t)kb << 10;
+        }
+        fclose(f);
+    }
+    long pages = sysconf(_SC_PHYS_PAGES), avail = sysconf(_SC_AVPHYS_PAGES);
+    long psz = sysconf(_SC_PAGESIZE);
+    if (!*total_bytes && pages > 0 && psz > 0) *total_bytes = (size_t)pages * (size_t)psz;
+    if (!*free_bytes && avail > 0 && psz > 0) *free_bytes = (size_t)avail * (size_t)psz;
+}
 static uint64_t cpu_ticket;
 static uint64_t cpu_upload_async(void *dst, const void *src, size_t n) {
     if (n) memmove(dst, src, n);
@@ -349,41 +372,12 @@ static void ref_attention(float *out, const float *q, const float *k, const floa
     }
 }
 
-/* Optimised: per head (heads spread over the threads), S = q_h·k_hᵀ and
- * O = P·v_h through single-threaded sgemm; masked softmax rows in between
- * (P holds exact zeros above the diagonal). */
+static void cpu_attention_kv(float *out, const float *q, const float *k, const float *v,
+                             float scale, int P, int T, int nh, int nkv, int D);
+/* the blocked, row-invariant kernel of attention_kv (appended below) with no cache */
 static void cpu_attention(float *out, const float *q, const float *k, const float *v, float scale,
                           int T, int nh, int nkv, int D) {
-    if (T <= 0) return;
-    blas_single();
-    int rep = nh / nkv;
-#pragma omp parallel
-    {
-        float *S = cpu_alloc(sizeof(float) * (size_t)T * T);
-#pragma omp for schedule(dynamic, 1)
-        for (int h = 0; h < nh; h++) {
-            int kh = h / rep;
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, D, scale, q + (size_t)h * D,
-                        nh * D, k + (size_t)kh * D, nkv * D, 0.0f, S, T);
-            for (int i = 0; i < T; i++) {
-                float *s = S + (size_t)i * T;
-                float mx = -INFINITY;
-                for (int j = 0; j <= i; j++)
-                    if (s[j] > mx) mx = s[j];
-                double sum = 0.0;
-                for (int j = 0; j <= i; j++) {
-                    s[j] = expf(s[j] - mx);
-                    sum += s[j];
-                }
-                float inv = (float)(1.0 / sum);
-                for (int j = 0; j <= i; j++) s[j] *= inv;
-                for (int j = i + 1; j < T; j++) s[j] = 0.0f;
-            }
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, D, T, 1.0f, S, T,
-                        v + (size_t)kh * D, nkv * D, 0.0f, out + (size_t)h * D, nh * D);
-        }
-        cpu_free(S);
-    }
+    cpu_attention_kv(out, q, k, v, scale, 0, T, nh, nkv, D);
 }
 
 /* ---- element-wise ------------------------------------------------------- */
@@ -691,6 +685,9 @@ static void cpu_divergence(double *d, const float *a, const float *b, int metric
 
 /* ---- tables ------------------------------------------------------------- */
 
+static void ref_attention_kv(float *out, const float *q, const float *k, const float *v,
+                             float scale, int P, int T, int nh, int nkv, int D);
+
 static const moe_backend cpu_backend = {
     .name = "cpu",
     .weight_dtype = MOE_WT_F32,
@@ -706,6 +703,7 @@ static const moe_backend cpu_backend = {
     .rmsnorm = cpu_rmsnorm,
     .rope = cpu_rope,
     .attention = cpu_attention,
+    .attention_kv = cpu_attention_kv,
     .swiglu = cpu_swiglu,
     .axpy = cpu_axpy,
     .sigmoid_gate_add = cpu_sigmoid_gate_add,
@@ -722,41 +720,9 @@ static const moe_backend cpu_backend = {
     .upload_wait = cpu_upload_wait,
     .upload_fence = cpu_nop,
     .trim = cpu_nop,
+    .mem_info = cpu_mem_info,
 };
 
-static const moe_backend cpu_bf16_backend = {
-    .name = "cpu-bf16",
-    .weight_dtype = MOE_WT_BF16,
-    .host_memory = 1,
-    .alloc = cpu_alloc,
-    .free = cpu_free,
-    .upload = cpu_memcpy,
-    .download = cpu_memcpy,
-    .copy = cpu_memcpy,
-    .zero = cpu_zero,
-    .sync = cpu_sync,
-    .matmul = cpu_matmul_bf16,
-    .matmul_f32 = cpu_matmul_f32,
-    .rmsnorm = cpu_rmsnorm,
-    .rope = cpu_rope,
-    .attention = cpu_attention,
-    .swiglu = cpu_swiglu,
-    .axpy = cpu_axpy,
-    .sigmoid_gate_add = cpu_sigmoid_gate_add,
-    .router = cpu_router,
-    .gather_rows = cpu_gather_rows,
-    .scatter_add_rows = cpu_scatter_add_rows,
-    .experts = cpu_experts_bf16,
-    .combine = cpu_combine,
-    .softmax_rows = cpu_softmax_rows,
-    .divergence = cpu_divergence,
-    .host_alloc = cpu_host_alloc,
-    .host_free = free,
-    .upload_async = cpu_upload_async,
-    .upload_wait = cpu_upload_wait,
-    .upload_fence = cpu_nop,
-    .trim = cpu_nop,
-};
 
 static const moe_backend cpu_ref_backend = {
     .name = "cpu-ref",
@@ -773,6 +739,7 @@ static const moe_backend cpu_ref_backend = {
     .rmsnorm = cpu_rmsnorm,
     .rope = cpu_rope,
     .attention = ref_attention,
+    .attention_kv = ref_attention_kv,
     .swiglu = cpu_swiglu,
     .axpy = cpu_axpy,
     .sigmoid_gate_add = cpu_sigmoid_gate_add,
@@ -789,11 +756,27 @@ static const moe_backend cpu_ref_backend = {
     .upload_wait = cpu_upload_wait,
     .upload_fence = cpu_nop,
     .trim = cpu_nop,
+    .mem_info = cpu_mem_info,
 };
 
 const moe_backend *moe_backend_cpu(void) { return &cpu_backend; }
 const moe_backend *moe_backend_cpu_ref(void) { return &cpu_ref_backend; }
-const moe_backend *moe_backend_cpu_bf16(void) { return &cpu_bf16_backend; }
+/* "cpu-bf16": the "cpu" table with the weight ops for BF16 (built from it, so
+ * that every other op stays the same as cpu's) */
+static moe_backend cpu_bf16_backend;
+static pthread_once_t cpu_bf16_once = PTHREAD_ONCE_INIT;
+static void cpu_bf16_init(void) {
+    cpu_bf16_backend = cpu_backend;
+    cpu_bf16_backend.name = "cpu-bf16";
+    cpu_bf16_backend.weight_dtype = MOE_WT_BF16;
+    cpu_bf16_backend.matmul = cpu_matmul_bf16;
+    cpu_bf16_backend.matmul_f32 = cpu_matmul_f32;
+    cpu_bf16_backend.experts = cpu_experts_bf16;
+}
+const moe_backend *moe_backend_cpu_bf16(void) {
+    pthread_once(&cpu_bf16_once, cpu_bf16_init);
+    return &cpu_bf16_backend;
+}
 
 /* kernels/select.c (the CUDA plugin's loader): NULL with an error when the
  * build has no CUDA or no usable GPU is present. */
@@ -802,7 +785,7 @@ const moe_backend *moe_backend_cuda(void);
 const moe_backend *moe_backend_get(const char *name) {
     if (!name || !strcmp(name, "cpu")) return &cpu_backend;
     if (!strcmp(name, "cpu-ref")) return &cpu_ref_backend;
-    if (!strcmp(name, "cpu-bf16")) return &cpu_bf16_backend;
+    if (!strcmp(name, "cpu-bf16")) return moe_backend_cpu_bf16();
     if (!strcmp(name, "cuda")) return moe_backend_cuda();
     moe_error_set(MOE_ERR_DATA, "unknown device '%s' (expected cpu, cpu-ref, cpu-bf16 or cuda)", name);
     return NULL;
@@ -881,4 +864,167 @@ void moe_dispatch_free(moe_dispatch *d) {
     free(d->slot);
     free(d->slot_wt);
     memset(d, 0, sizeof *d);
+}
+
+/* ---- attention over a KV cache (attention_kv) ------------------------------
+ *
+ * Reference: ref_attention's loops with query t at position P + t. */
+static void ref_attention_kv(float *out, const float *q, const float *k, const float *v,
+                             float scale, int P, int T, int nh, int nkv, int D) {
+    int rep = nh / nkv, N = P + T;
+#pragma omp parallel
+    {
+        float *s = malloc(sizeof(float) * (size_t)(N > 0 ? N : 1));
+#pragma omp for schedule(dynamic, 4) collapse(2)
+        for (int h = 0; h < nh; h++) {
+            for (int i = 0; i < T; i++) {
+                int kh = h / rep, last = P + i;
+                const float *qi = q + ((size_t)i * nh + h) * D;
+                float mx = -INFINITY;
+                for (int j = 0; j <= last; j++) {
+                    const float *kj = k + ((size_t)j * nkv + kh) * D;
+                    float d = 0.0f;
+                    for (int c = 0; c < D; c++) d += qi[c] * kj[c];
+                    s[j] = d * scale;
+                    if (s[j] > mx) mx = s[j];
+                }
+                double sum = 0.0;
+                for (int j = 0; j <= last; j++) {
+                    s[j] = expf(s[j] - mx);
+                    sum += s[j];
+                }
+                float inv = (float)(1.0 / sum);
+                float *o = out + ((size_t)i * nh + h) * D;
+                for (int c = 0; c < D; c++) o[c] = 0.0f;
+                for (int j = 0; j <= last; j++) {
+                    float p = s[j] * inv;
+                    const float *vj = v + ((size_t)j * nkv + kh) * D;
+                    for (int c = 0; c < D; c++) o[c] += p * vj[c];
+                }
+            }
+        }
+        free(s);
+    }
+}
+
+/* Optimised, row-invariant, heads spread over the threads.  Keys are taken
+ * in fixed blocks of ATT_KB from key 0 (a last partial block is copied and
+ * zero-padded to ATT_KB rows); per
+ * block b, the queries that see any of its keys (rows t0..T-1) get
+ *   S[:, block] = scale · q·k_bᵀ          (M rows, N = ATT_KB, K = D)
+ * then, after the masked softmax of every row over keys 0..P+t (fp32 exp,
+ * double sum, as before; masked entries exact zeros),
+ *   out += P[:, block]·v_b                (M rows, N = D, K = ATT_KB)
+ * in ascending block order.  Every GEMM thus has a shape fixed by (D,
+ * ATT_KB) except its row count M, a row's result does not depend on M (the
+ * padding of small calls as in sgemm_tile), and a row meets the same blocks
+ * in the same order whatever P and T: its bits depend only on its query,
+ * the keys and values it sees, and its position.  Masked keys inside a
+ * row's last block add 0·v = 0 exactly (finite v), so a row also agrees
+ * when later keys exist or not (context run alone vs the whole sequence).
+ * Cost, against the former kernel (one whole T x T sgemm pair per head; 16
+ * heads, D 128, one thread, noisy shared machine): 0.75-0.9x the time at
+ * T 256..2048 (blocks above the diagonal skipped), 1.4-1.8x at T 64 (small
+ * products padded); 8 queries over 2040 cached keys ~15-30 ms, mostly the
+ * padding of their 2 x 16 blocks x 16 heads small products. */
+#define ATT_KB 128
+
+/* C[0:M] = alpha·A·op(B) + beta·C with one single-threaded sgemm whose row
+ * count is padded as sgemm_tile's (pa/pc: scratch of SMALL_MNK/(N·K)+1 rows
+ * or M rows, whichever is larger, of K and N floats) */
+static void gemm_pad(int transb, int M, int N, int K, float alpha, const float *A, int lda,
+                     const float *B, int ldb, float beta, float *C, int ldc, float *pa, float *pc) {
+    CBLAS_TRANSPOSE tb = transb ? CblasTrans : CblasNoTrans;
+    if ((double)M * N * K > SMALL_MNK && M >= 2) {
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+        return;
+    }
+    int Mp = (int)(SMALL_MNK / ((double)N * K)) + 1;
+    if (Mp < 2) Mp = 2;
+    if (Mp < M) Mp = M;
+    for (int i = 0; i < M; i++) memcpy(pa + (size_t)i * K, A + (size_t)i * lda, sizeof(float) * K);
+    if (beta != 0.0f)
+        for (int i = 0; i < M; i++) memcpy(pc + (size_t)i * N, C + (size_t)i * ldc, sizeof(float) * N);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, tb, Mp, N, K, alpha, pa, K, B, ldb, beta, pc, N);
+    for (int i = 0; i < M; i++) memcpy(C + (size_t)i * ldc, pc + (size_t)i * N, sizeof(float) * N);
+}
+
+static void cpu_attention_kv(float *out, const float *q, const float *k, const float *v,
+                             float scale, int P, int T, int nh, int nkv, int D) {
+    if (T <= 0 || nh <= 0 || D <= 0) return;
+    blas_single();
+    int rep = nh / nkv, N = P + T;
+    int nb = (N + ATT_KB - 1) / ATT_KB;
+    size_t ldS = (size_t)nb * ATT_KB;
+    int Mp = (int)(SMALL_MNK / ((double)ATT_KB * D)) + 1;
+    if (Mp < T) Mp = T;
+    if (Mp < 2) Mp = 2;
+    size_t wmax = (size_t)(D > ATT_KB ? D : ATT_KB);
+#pragma omp parallel if (nh > 1)
+    {
+        float *S = cpu_alloc(sizeof(float) * (size_t)T * ldS);
+        float *kb = cpu_alloc(sizeof(float) * (size_t)ATT_KB * D);
+        float *vb = cpu_alloc(sizeof(float) * (size_t)ATT_KB * D);
+        float *pa = calloc((size_t)Mp * wmax, sizeof(float));
+        float *pc = calloc((size_t)Mp * wmax, sizeof(float));
+        if (!pa || !pc) moe_malloc((size_t)-1 / 2); /* out of memory: aborts with a message */
+#pragma omp for schedule(dynamic, 1)
+        for (int h = 0; h < nh; h++) {
+            int kh = h / rep;
+            float *oh = out + (size_t)h * D;
+            for (int t = 0; t < T; t++) memset(oh + (size_t)t * nh * D, 0, sizeof(float) * D);
+            for (int b = 0; b < nb; b++) {
+                int j0 = b * ATT_KB, nk = N - j0 < ATT_KB ? N - j0 : ATT_KB;
+                int t0 = j0 - P > 0 ? j0 - P : 0; /* first query that sees key j0 */
+                /* a whole block is read in place (sgemm packs it anyway); a
+                 * partial one is copied and zero-padded */
+                const float *kp = k + ((size_t)j0 * nkv + kh) * D;
+                int ldk = nkv * D;
+                if (nk < ATT_KB) {
+                    for (int c = 0; c < nk; c++)
+                        memcpy(kb + (size_t)c * D, kp + (size_t)c * ldk, sizeof(float) * D);
+                    memset(kb + (size_t)nk * D, 0, sizeof(float) * (ATT_KB - nk) * D);
+                    kp = kb;
+                    ldk = D;
+                }
+                gemm_pad(1, T - t0, ATT_KB, D, scale, q + (size_t)t0 * nh * D + (size_t)h * D,
+                         nh * D, kp, ldk, 0.0f, S + (size_t)t0 * ldS + j0, (int)ldS, pa, pc);
+            }
+            for (int t = 0; t < T; t++) {
+                float *s = S + (size_t)t * ldS;
+                int last = P + t, end = (last / ATT_KB + 1) * ATT_KB;
+                float mx = -INFINITY;
+                for (int j = 0; j <= last; j++)
+                    if (s[j] > mx) mx = s[j];
+                double sum = 0.0;
+                for (int j = 0; j <= last; j++) {
+                    s[j] = expf(s[j] - mx);
+                    sum += s[j];
+                }
+                float inv = (float)(1.0 / sum);
+                for (int j = 0; j <= last; j++) s[j] *= inv;
+                for (int j = last + 1; j < end; j++) s[j] = 0.0f;
+            }
+            for (int b = 0; b < nb; b++) {
+                int j0 = b * ATT_KB, nk = N - j0 < ATT_KB ? N - j0 : ATT_KB;
+                int t0 = j0 - P > 0 ? j0 - P : 0;
+                const float *vp = v + ((size_t)j0 * nkv + kh) * D;
+                int ldv = nkv * D;
+                if (nk < ATT_KB) {
+                    for (int c = 0; c < nk; c++)
+                        memcpy(vb + (size_t)c * D, vp + (size_t)c * ldv, sizeof(float) * D);
+                    memset(vb + (size_t)nk * D, 0, sizeof(float) * (ATT_KB - nk) * D);
+                    vp = vb;
+                    ldv = D;
+                }
+                gemm_pad(0, T - t0, D, ATT_KB, 1.0f, S + (size_t)t0 * ldS + j0, (int)ldS, vp, ldv,
+                         1.0f, oh + (size_t)t0 * nh * D, nh * D, pa, pc);
+            }
+        }
+        cpu_free(S);
+        cpu_free(kb);
+        cpu_free(vb);
+        free(pa);
+        free(pc);
+    }
 }

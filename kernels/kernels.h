@@ -50,7 +50,8 @@
  *
  * The CPU backend also keeps a plain reference version of the ops that have
  * an optimised one (`moe_backend_cpu_ref()`): triple-loop GEMM, one-row-at-a-
- * time attention.  tests/unit/test_kernels.c compares the two.
+ * time attention.  (The optimised CPU attention works in fixed blocks of keys
+ * so that a row's result depends on neither T nor P: see attention_kv.)  tests/unit/test_kernels.c compares the two.
  */
 #ifndef MOE_KERNELS_H
 #define MOE_KERNELS_H
@@ -134,6 +135,21 @@ struct moe_backend {
                       const float *k, /* [T, nkv·D] */
                       const float *v, /* [T, nkv·D] */
                       float scale, int T, int nh, int nkv, int D);
+    /* The same over a KV cache (prefix sharing, moe-eval): T new queries at
+     * positions P..P+T-1 read P cached keys/values (rows 0..P-1 of k and v)
+     * and their own T (rows P..P+T-1, already roped at their positions):
+     * query t sees keys 0..P+t.  attention(...) == attention_kv(..., 0, T, ...).
+     * Row invariance (CPU "cpu" and "cpu-ref"): output row t is bit-identical
+     * to row P+t of attention over the P+T rows, and the rows of a call with
+     * P+T keys equal those of a longer call's first rows, whatever T, P; so a
+     * context run once and continued by several continuations gives the
+     * same bits as each whole sequence.  A device backend meets it within
+     * fp32 rounding.  P = 0 is allowed; T >= 1. */
+    void (*attention_kv)(float *out,     /* [T, nh·D] */
+                         const float *q, /* [T, nh·D] */
+                         const float *k, /* [P+T, nkv·D] */
+                         const float *v, /* [P+T, nkv·D] */
+                         float scale, int P, int T, int nh, int nkv, int D);
 
     /* ---- element-wise ---------------------------------------------------- */
     /* h = silu(g)·u where g = gu[:, :Im], u = gu[:, Im:] (gate rows first, as the
@@ -233,6 +249,14 @@ struct moe_backend {
     /* give back scratch memory the backend keeps between ops (it grows back on
      * demand); the model calls it between phases, not per op */
     void (*trim)(void);
+
+    /* ---- memory available -------------------------------------------------- */
+    /* Bytes of backend memory free now and in all (CUDA: cudaMemGetInfo, all
+     * users of the device; CPU: MemAvailable and MemTotal of /proc/meminfo).
+     * Sizes defaults (expert cache, search budgets, whether a model's layers
+     * stay resident) to the device at hand.  0, 0 when unknown; a table may
+     * leave it NULL (= unknown). */
+    void (*mem_info)(size_t *free_bytes, size_t *total_bytes);
 };
 
 /* Backends.  The CPU ones are static tables; they use OpenMP for element-wise

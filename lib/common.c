@@ -4,7 +4,9 @@
 
 #include <dirent.h>
 #include <errno.h>
-#include <ftw.h>
+#include <fcntl.h>
+#include <stdint.h>
+#include <sys/syscall.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdlib.h>
@@ -155,20 +157,42 @@ static void unregister(const char *tmp_path) {
         }
 }
 
-static int remove_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw) {
-    (void)sb; (void)flag; (void)ftw;
-    remove(path);
-    return 0;
+/* Remove a file or a directory tree (a checkpoint being written) with
+ * async-signal-safe calls only -- openat, getdents64, unlinkat, close, fixed
+ * buffers on the stack -- because moe_tmp_cleanup_all runs in signal
+ * handlers, where nftw/opendir could deadlock in malloc (a SIGTERM that landed
+ * inside malloc did hang a test that way).  Depth is bounded: our outputs are
+ * flat directories. */
+struct linux_dirent64_hdr {
+    uint64_t ino;
+    int64_t off;
+    unsigned short reclen;
+    unsigned char type;
+    char name[];
+};
+
+static void remove_at(int dirfd, const char *name, int depth) {
+    if (unlinkat(dirfd, name, 0) == 0) return;
+    if ((errno != EISDIR && errno != EPERM) || depth <= 0) return; /* gone, or not ours */
+    for (int attempt = 0; attempt < 3; attempt++) { /* entries may move while we delete */
+        int fd = openat(dirfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+        if (fd < 0) return;
+        char buf[4096] __attribute__((aligned(8)));
+        long n;
+        while ((n = syscall(SYS_getdents64, fd, buf, sizeof buf)) > 0)
+            for (long off = 0; off < n;) {
+                struct linux_dirent64_hdr *e = (struct linux_dirent64_hdr *)(buf + off);
+                off += e->reclen;
+                if (e->name[0] == '.' && (!e->name[1] || (e->name[1] == '.' && !e->name[2])))
+                    continue;
+                remove_at(fd, e->name, depth - 1);
+            }
+        close(fd);
+        if (unlinkat(dirfd, name, AT_REMOVEDIR) == 0 || errno != ENOTEMPTY) return;
+    }
 }
 
-static void remove_path(const char *path) {
-    struct stat st;
-    if (lstat(path, &st) != 0) return;
-    if (S_ISDIR(st.st_mode))
-        nftw(path, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
-    else
-        unlink(path);
-}
+static void remove_path(const char *path) { remove_at(AT_FDCWD, path, 4); }
 
 int moe_tmp_commit(const char *tmp_path, const char *final_path) {
     if (rename(tmp_path, final_path) != 0) {
@@ -185,10 +209,13 @@ void moe_tmp_discard(const char *tmp_path) {
     unregister(tmp_path);
 }
 
+/* Async-signal-safe (see remove_at): also called from signal handlers. */
 void moe_tmp_cleanup_all(void) {
     if (!tmp_count_hint) return;
-    for (int i = 0; i < MAX_TMP; i++)
-        if (tmp_paths[i]) remove_path(tmp_paths[i]);
+    for (int i = 0; i < MAX_TMP; i++) {
+        const char *p = tmp_paths[i];
+        if (p) remove_path(p);
+    }
 }
 
 /* ---- progress ----------------------------------------------------------- */

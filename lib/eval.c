@@ -26,26 +26,61 @@ static double row_logprob(const float *z, int V, int target, int *is_max) {
     return (double)z[target] - (m + log(s));
 }
 
+/* Layout of one sequence in a layer-major batch.  A sequence either runs
+ * whole (P = 0: input rows 0..T-2) or continues a shared context of P
+ * tokens (prefix sharing): the context's P rows are run once, by the first
+ * sequence of its group (lead), at ctx; each member runs only its input
+ * positions P..T-2, at off. */
+typedef struct {
+    int P;         /* cached context tokens (0: whole sequence) */
+    int lead;      /* 1: first of its group, runs the context */
+    size_t ctx;    /* row of the group's context (P > 0) */
+    size_t off;    /* row of input position P */
+} seq_rows;
+
 /* One layer-major batch seqs[0..n-1] (each with something to score). */
-static int score_batch(moe_model *m, moe_eval_seq *seqs, int n, const moe_eval_opts *o) {
+static int score_batch(moe_model *m, moe_eval_seq *seqs, const seq_rows *sr0, int n,
+                       const moe_eval_opts *o) {
     const moe_config *c = moe_model_config(m);
     const moe_backend *be = moe_model_backend(m);
     int L = c->num_layers, H = c->hidden_size, V = c->vocab_size;
-    size_t *off = moe_malloc(sizeof(size_t) * (size_t)(n + 1)), tot = 0;
+    seq_rows *sr = moe_malloc(sizeof(seq_rows) * (size_t)(n + 1));
+    size_t tot = 0, kvrows = 0;
     for (int s = 0; s < n; s++) {
-        off[s] = tot;
-        tot += (size_t)(seqs[s].T - 1);
+        sr[s] = sr0[s];
+        if (sr[s].P > 0 && sr[s].lead) {
+            sr[s].ctx = tot;
+            tot += (size_t)sr[s].P;
+        } else if (sr[s].P > 0) {
+            sr[s].ctx = sr[s - 1].ctx;
+        }
+        sr[s].off = tot;
+        tot += (size_t)(seqs[s].T - 1 - sr[s].P);
+        if (sr[s].P > 0 && (size_t)(seqs[s].T - 1) > kvrows) kvrows = (size_t)(seqs[s].T - 1);
     }
-    off[n] = tot;
     float *x = moe_model_alloc(m, tot * H), *xn = moe_model_alloc(m, tot * H);
     float *y = moe_model_alloc(m, tot * H);
+    float *kc = kvrows ? moe_model_alloc(m, moe_model_kv_floats(m, (int)kvrows)) : NULL;
+    float *vc = kvrows ? moe_model_alloc(m, moe_model_kv_floats(m, (int)kvrows)) : NULL;
     int rc = 0;
-    for (int s = 0; s < n && rc == 0; s++)
-        rc = moe_model_embed(m, x + off[s] * H, seqs[s].ids, seqs[s].T - 1);
+    for (int s = 0; s < n && rc == 0; s++) {
+        int P = sr[s].P;
+        if (P > 0 && sr[s].lead) rc = moe_model_embed(m, x + sr[s].ctx * H, seqs[s].ids, P);
+        if (rc == 0) rc = moe_model_embed(m, x + sr[s].off * H, seqs[s].ids + P, seqs[s].T - 1 - P);
+    }
     for (int l = 0; l < L && rc == 0; l++) {
         rc = moe_layer_load(m, l);
-        for (int s = 0; s < n && rc == 0; s++)
-            rc = moe_layer_attention(m, l, x + off[s] * H, seqs[s].T - 1);
+        for (int s = 0; s < n && rc == 0; s++) {
+            int P = sr[s].P, Tn = seqs[s].T - 1 - P;
+            if (P == 0) {
+                rc = moe_layer_attention(m, l, x + sr[s].off * H, Tn);
+                continue;
+            }
+            /* the group's members follow their lead: the cache rows 0..P-1
+             * stay valid while each member overwrites rows P.. */
+            if (sr[s].lead) rc = moe_layer_attention_kv(m, l, x + sr[s].ctx * H, P, 0, kc, vc);
+            if (rc == 0) rc = moe_layer_attention_kv(m, l, x + sr[s].off * H, Tn, P, kc, vc);
+        }
         if (rc == 0) rc = moe_layer_mlp_input(m, l, xn, x, (int)tot);
         if (rc == 0) rc = moe_layer_mlp_run(m, l, y, xn, (int)tot, NULL, NULL);
         if (rc == 0) be->axpy(x, y, 1.0f, tot * H);
@@ -56,6 +91,8 @@ static int score_batch(moe_model *m, moe_eval_seq *seqs, int n, const moe_eval_o
     if (rc == 0) rc = moe_model_final_norm(m, x, x, (int)tot);
     moe_model_free(m, xn);
     moe_model_free(m, y);
+    if (kc) moe_model_free(m, kc);
+    if (vc) moe_model_free(m, vc);
     /* lm_head on the scored rows only, in chunks */
     size_t chunk = LOGIT_CHUNK_FLOATS / (size_t)V;
     if (chunk < 1) chunk = 1;
@@ -67,11 +104,11 @@ static int score_batch(moe_model *m, moe_eval_seq *seqs, int n, const moe_eval_o
         moe_eval_seq *q = &seqs[s];
         q->logprob = 0.0;
         q->greedy = 1;
-        /* row r (0-based input position) predicts ids[r + 1] */
+        /* row r (0-based input position, r >= P) predicts ids[r + 1] */
         for (int r0 = q->start - 1; r0 < q->T - 1 && rc == 0; r0 += (int)chunk) {
             int nr = q->T - 1 - r0;
             if ((size_t)nr > chunk) nr = (int)chunk;
-            rc = moe_model_lm_head(m, lg, x + (off[s] + (size_t)r0) * H, nr);
+            rc = moe_model_lm_head(m, lg, x + (sr[s].off + (size_t)(r0 - sr[s].P)) * H, nr);
             if (rc) break;
             if (!be->host_memory) be->download(hl, lg, sizeof(float) * (size_t)nr * V);
             if ((rc = moe_backend_status(be)) != 0) break; /* no scores from a failed device */
@@ -98,13 +135,23 @@ static int score_batch(moe_model *m, moe_eval_seq *seqs, int n, const moe_eval_o
     if (!be->host_memory) free(hl);
     moe_model_free(m, lg);
     moe_model_free(m, x);
-    free(off);
+    free(sr);
     return rc;
+}
+
+/* Sequence b continues the same context as a: the same first scored
+ * position and the same tokens before it, except the last context token
+ * (the cached prefix is ids[0 .. start-2]; the last context token is an
+ * input of every member, so that all scored rows belong to the members). */
+static int same_prefix(const moe_eval_seq *a, const moe_eval_seq *b) {
+    return a->start == b->start && a->start >= 2 &&
+           !memcmp(a->ids, b->ids, sizeof(int32_t) * (size_t)(a->start - 1));
 }
 
 int moe_eval_score(moe_model *m, moe_eval_seq *seqs, int n, const moe_eval_opts *o) {
     moe_eval_opts def = {0};
     if (!o) o = &def;
+    if (o->tokens_run) *o->tokens_run = 0;
     size_t budget = o->batch_tokens ? o->batch_tokens : DEFAULT_BATCH_TOKENS;
     uint64_t total = 0, done = 0;
     for (int s = 0; s < n; s++) {
@@ -117,31 +164,63 @@ int moe_eval_score(moe_model *m, moe_eval_seq *seqs, int n, const moe_eval_opts 
         seqs[s].greedy = 1;
         if (seqs[s].start < seqs[s].T) total += (uint64_t)(seqs[s].T - 1);
     }
+    /* the sequences with something to score, and their groups: consecutive
+     * ones sharing a context (prefix_cache) */
+    int *live = moe_malloc(sizeof(int) * (size_t)(n + 1)), nl = 0;
+    for (int s = 0; s < n; s++)
+        if (seqs[s].start < seqs[s].T) live[nl++] = s;
+    seq_rows *sr = moe_calloc((size_t)nl + 1, sizeof *sr);
+    int *gend = moe_malloc(sizeof(int) * (size_t)(nl + 1)); /* group of live[i]: [i, gend[i]) */
+    for (int i = 0; i < nl;) {
+        int e = i + 1;
+        if (!o->no_prefix_cache)
+            while (e < nl && same_prefix(&seqs[live[i]], &seqs[live[e]])) e++;
+        int P = e - i >= 2 ? seqs[live[i]].start - 1 : 0;
+        for (int j = i; j < e; j++) {
+            sr[j].P = P;
+            sr[j].lead = j == i;
+            gend[j] = e;
+        }
+        i = e;
+    }
     moe_eval_seq **batch = moe_malloc(sizeof(*batch) * (size_t)(n + 1));
     moe_eval_seq *tmp = moe_malloc(sizeof(*tmp) * (size_t)(n + 1));
-    int s = 0, rc = 0;
-    while (s < n && rc == 0) {
+    seq_rows *bsr = moe_malloc(sizeof(*bsr) * (size_t)(n + 1));
+    int i = 0, rc = 0;
+    while (i < nl && rc == 0) {
         int k = 0;
-        size_t tok = 0;
-        for (; s < n; s++) {
-            if (seqs[s].start >= seqs[s].T) continue; /* nothing to score */
-            size_t t = (size_t)(seqs[s].T - 1);
-            if (k > 0 && tok + t > budget) break;
-            batch[k] = &seqs[s];
-            tmp[k++] = seqs[s];
+        size_t tok = 0, ran = 0;
+        while (i < nl) { /* whole groups */
+            size_t t = 0, r = 0;
+            for (int j = i; j < gend[i]; j++) {
+                t += (size_t)(seqs[live[j]].T - 1);
+                r += (size_t)(seqs[live[j]].T - 1 - sr[j].P) + (sr[j].lead ? (size_t)sr[j].P : 0);
+            }
+            if (k > 0 && ran + r > budget) break;
+            for (int j = i; j < gend[i]; j++, k++) {
+                batch[k] = &seqs[live[j]];
+                tmp[k] = seqs[live[j]];
+                bsr[k] = sr[j];
+            }
             tok += t;
+            ran += r;
+            i = gend[i];
         }
-        if (k == 0) break;
-        rc = score_batch(m, tmp, k, o);
-        for (int i = 0; i < k && rc == 0; i++) {
-            batch[i]->logprob = tmp[i].logprob;
-            batch[i]->greedy = tmp[i].greedy;
+        rc = score_batch(m, tmp, bsr, k, o);
+        for (int j = 0; j < k && rc == 0; j++) {
+            batch[j]->logprob = tmp[j].logprob;
+            batch[j]->greedy = tmp[j].greedy;
         }
         done += tok;
+        if (o->tokens_run) *o->tokens_run += (int64_t)ran;
         if (o->progress && rc == 0) o->progress(o->progress_ctx, done, total);
     }
     free(batch);
     free(tmp);
+    free(bsr);
+    free(live);
+    free(sr);
+    free(gend);
     return rc;
 }
 
@@ -355,7 +434,10 @@ int moe_eval_task(moe_model *m, moe_tokenizer *tok, const moe_task *t, const moe
             uq[nu++] = q[k];
         }
     }
-    if (rc == 0) rc = moe_eval_score(m, uq, nu, o);
+    moe_eval_opts so = o ? *o : (moe_eval_opts){0};
+    so.tokens_run = &r->n_tokens_run;
+    if (rc == 0) rc = moe_eval_score(m, uq, nu, &so);
+    if (rc == 0 && o && o->tokens_run) *o->tokens_run = r->n_tokens_run;
     if (rc == 0) {
         double sum_acc = 0, sum_norm = 0, sum_ll = 0;
         double *tmp = moe_malloc(sizeof(double) * 64);

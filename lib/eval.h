@@ -13,6 +13,18 @@
  * result depends neither on the thread count nor on the batch size (the
  * engine's per-row results do not depend on the number of rows).
  *
+ * Prefix sharing (default; opts.no_prefix_cache = 1 turns it off).
+ * Consecutive sequences with the same start >= 2 and the same tokens
+ * ids[0 .. start-2] (the choices of one multiple-choice item, whose windows
+ * share the context tokens exactly) form a group: per layer, those
+ * start-1 context tokens run once, keeping their keys/values
+ * (moe_layer_attention_kv), and each sequence then runs only its positions
+ * start-1 .. T-2 over that cache.  A sequence that matches no neighbour
+ * (context tokens changed by a merge across the context/continuation
+ * boundary, different contexts as in partial scoring, truncated windows)
+ * runs whole.  On the CPU the log-likelihoods are bit-identical either way
+ * (kernels.h, attention_kv); on a device, equal within fp32 rounding.
+ *
  * ---- Perplexity (moe_eval_ppl) ----------------------------------------------
  * Each sample is a token sequence (the caller tokenizes: the original CD-MoE
  * runs the tokenizer with its special tokens, i.e. DeepSeek's BOS, and no
@@ -103,6 +115,8 @@ typedef struct {
     /* progress callback (may be NULL): tokens done of total */
     void (*progress)(void *ctx, uint64_t done, uint64_t total);
     void *progress_ctx;
+    int no_prefix_cache;  /* 1: run every sequence whole (no prefix sharing) */
+    int64_t *tokens_run;  /* out, may be NULL: tokens run through the layers */
 } moe_eval_opts;
 
 /* ---- scoring core ----------------------------------------------------------- */
@@ -177,6 +191,8 @@ typedef struct {
     double perplexity; /* LM tasks: exp(-mean loglik); NaN otherwise */
     int64_t n_seqs;    /* windows scored */
     int64_t n_tokens;  /* tokens fed */
+    int64_t n_tokens_run; /* tokens run through the layers: n_tokens less the shared
+                             contexts' repeats (prefix sharing) and duplicate windows */
     /* per item: offsets into the flat per-choice arrays */
     int *choice_off;   /* [n_items + 1] */
     double *loglik;    /* [total choices] */

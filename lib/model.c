@@ -484,10 +484,17 @@ moe_model *moe_model_open(const char *dir, const moe_model_opts *opts) {
     m->cfg = c;
     m->be = be;
     /* device backends: room for a whole layer's experts (the grouped GEMM wants
-     * them on the device anyway; DeepSeekMoE-16B: 1.1 GB in BF16) */
+     * them on the device anyway; DeepSeekMoE-16B: 1.1 GB in BF16): 8 GiB, or a
+     * quarter of the free device memory when that is less (at least 1 GiB) */
     m->cache_bytes = opts && opts->expert_cache_bytes ? opts->expert_cache_bytes
                      : be->host_memory                ? (size_t)1 << 30
                                                       : (size_t)8 << 30;
+    if (!(opts && opts->expert_cache_bytes) && !be->host_memory && be->mem_info) {
+        size_t fr = 0, tot = 0;
+        be->mem_info(&fr, &tot);
+        if (fr && fr / 4 < m->cache_bytes)
+            m->cache_bytes = fr / 4 > ((size_t)1 << 30) ? fr / 4 : (size_t)1 << 30;
+    }
     /* device memory is scarce: blocks of sizes that never come back (a dense
      * layer's, condensed candidates' fused weights) must not pile up */
     m->pool_cap = m->cache_bytes / 2;
@@ -1323,4 +1330,50 @@ int moe_model_forward(moe_model *m, moe_seq *seqs, int n, int start_layer, moe_r
     moe_model_free(m, y);
     free(off);
     return rc;
+}
+
+/* ---- attention over a KV cache (prefix sharing) ------------------------------ */
+
+size_t moe_model_kv_floats(const moe_model *m, int T) {
+    return (size_t)(T > 0 ? T : 0) * (size_t)m->cfg->num_kv_heads * (size_t)m->cfg->head_dim;
+}
+
+int moe_layer_attention_kv(moe_model *m, int l, float *x, int T, int pos0, float *kc, float *vc) {
+    if (ensure_loaded(m, l) < 0) return -1;
+    const moe_config *c = m->cfg;
+    if (T < 1 || pos0 < 0 || !kc || !vc) {
+        moe_error_set(MOE_ERR_DATA, "%s: attention over a cache: bad arguments (T %d, pos0 %d)",
+                      c->path, T, pos0);
+        return -1;
+    }
+    if (c->sliding_window > 0 && pos0 + T > c->sliding_window) {
+        moe_error_set(MOE_ERR_DATA, "%s: sequence of %d tokens is longer than sliding_window %d "
+                      "(not supported)", c->path, pos0 + T, c->sliding_window);
+        return -1;
+    }
+    const moe_backend *be = m->be;
+    layer_w *w = &m->lw[l];
+    int H = c->hidden_size, nh = c->num_heads, nkv = c->num_kv_heads, D = c->head_dim;
+    size_t t = (size_t)T, kvd = (size_t)nkv * D;
+    float *xn = scratch(m, S_XN, sizeof(float) * t * H);
+    float *q = scratch(m, S_Q, sizeof(float) * t * nh * D);
+    float *att = scratch(m, S_ATT, sizeof(float) * t * nh * D);
+    float *k = kc + (size_t)pos0 * kvd, *v = vc + (size_t)pos0 * kvd; /* this call's rows */
+    /* the same ops as moe_layer_attention, row for row */
+    be->rmsnorm(xn, x, w->in_norm, (float)c->rms_norm_eps, T, H);
+    be->matmul(q, xn, w->wq, w->bq, T, H, nh * D, 0);
+    be->matmul(k, xn, w->wk, w->bk, T, H, nkv * D, 0);
+    be->matmul(v, xn, w->wv, w->bv, T, H, nkv * D, 0);
+    if (c->qk_norm == MOE_QK_NORM_FULL) {
+        be->rmsnorm(q, q, w->qn, (float)c->rms_norm_eps, T, nh * D);
+        be->rmsnorm(k, k, w->kn, (float)c->rms_norm_eps, T, nkv * D);
+    } else if (c->qk_norm == MOE_QK_NORM_HEAD) {
+        be->rmsnorm(q, q, w->qn, (float)c->rms_norm_eps, T * nh, D);
+        be->rmsnorm(k, k, w->kn, (float)c->rms_norm_eps, T * nkv, D);
+    }
+    be->rope(q, (float)c->rope_theta, pos0, T, nh, D);
+    be->rope(k, (float)c->rope_theta, pos0, T, nkv, D);
+    be->attention_kv(att, q, kc, vc, (float)(1.0 / sqrt((double)D)), pos0, T, nh, nkv, D);
+    be->matmul(x, att, w->wo, NULL, T, nh * D, H, 1); /* x += att·Woᵀ */
+    return moe_backend_status(be);
 }

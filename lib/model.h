@@ -163,6 +163,25 @@ int moe_model_embed(moe_model *m,
                     int T);
 /* x += Attn_l(RMSNorm_in(x)) for ONE sequence of T tokens. */
 int moe_layer_attention(moe_model *m, int l, float *x /* [T, H] in/out */, int T);
+/* Prefix sharing (KV cache), one layer at a time.  kc and vc are backend
+ * buffers of moe_model_kv_floats(m, n) floats each, holding row by row the
+ * post-RoPE keys and values (after any q/k norm) of positions 0..n-1.
+ * moe_layer_attention_kv runs x += Attn_l(RMSNorm_in(x)) for T tokens at
+ * positions pos0..pos0+T-1 that continue the pos0 tokens whose K/V are in
+ * rows 0..pos0-1: it writes its own K/V to rows pos0..pos0+T-1 (later rows
+ * untouched) and attends over rows 0..pos0+T-1.  Layer-major use, for a
+ * context of P tokens and continuations c:
+ *     for l:  moe_layer_attention_kv(m, l, x_ctx, P, 0, kc, vc);
+ *             for c: moe_layer_attention_kv(m, l, x_c, T_c, P, kc, vc);
+ *             then the MLP on every row (context and continuations)
+ * (each continuation overwrites the previous one's rows; the cache needs
+ * P + max T_c rows and only lives for one layer).  On the CPU backends the
+ * result rows are bit-identical to moe_layer_attention on the concatenated
+ * sequence (kernels.h, attention_kv); on a device, equal within rounding.
+ * 0 or -1. */
+size_t moe_model_kv_floats(const moe_model *m, int n); /* n·num_kv_heads·head_dim */
+int moe_layer_attention_kv(moe_model *m, int l, float *x /* [T, H] in/out */, int T, int pos0,
+                           float *kc /* [>= pos0+T, nkv·D] */, float *vc /* same */);
 /* xn = RMSNorm_post_l(x) (the MLP input). */
 int moe_layer_mlp_input(moe_model *m, int l, float *xn /* [T, H] */, const float *x /* [T, H] */,
                         int T);

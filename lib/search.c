@@ -87,16 +87,27 @@ static int is_moe(const moe_config *c, int l) { return c->layers[l].kind == MOE_
 
 /* ---- layer residency ------------------------------------------------------------ */
 
-/* Keep every layer converted in memory between candidates when the model is
- * small (f32 copy under 2 GiB); otherwise stream: unload each layer after use.
- * o->stream_weights forces streaming (tests, benchmarks).
- * TODO(device residency): for a device backend (host_memory == 0) the
- * converted layers live in device memory, so the rule should compare with the
- * device's free memory; kernels.h has no call for it yet (branch gpuload is
- * changing kernels.h/model.c), so the host rule applies to every backend. */
+/* Free device memory, or 0 on host backends and when the backend cannot tell. */
+static size_t device_free(moe_model *m) {
+    const moe_backend *be = moe_model_backend(m);
+    size_t fr = 0, tot = 0;
+    if (!be->host_memory && be->mem_info) be->mem_info(&fr, &tot);
+    return fr;
+}
+
+/* Keep every layer converted in memory between candidates when it fits;
+ * otherwise stream: unload each layer after use.  Host: when the f32 copy is
+ * under 2 GiB.  Device: when the checkpoint's bytes (an upper bound of its
+ * BF16 weights) take at most a third of the free device memory, leaving the
+ * rest for activations, caches and the search budget (an H200 keeps a whole
+ * DeepSeekMoE-16B resident, a 24 GB card streams it).  o->stream_weights
+ * forces streaming (tests, benchmarks). */
 static int stream_weights(moe_model *m, const moe_search_opts *o) {
     if (o && o->stream_weights) return 1;
-    return moe_ckpt_bytes(moe_model_ckpt(m)) * 2 > ((uint64_t)2 << 30);
+    uint64_t bytes = moe_ckpt_bytes(moe_model_ckpt(m));
+    size_t fr = device_free(m);
+    if (fr) return bytes > fr / 3;
+    return bytes * 2 > ((uint64_t)2 << 30);
 }
 
 /* The search's view of the layers: which kind each MoE layer has (the model
@@ -727,9 +738,13 @@ static int lstream_cmp(const void *a, const void *b) {
 /* Budget for the candidates' activation buffers of the layer-major search. */
 static size_t search_budget(moe_model *m, const moe_search_opts *o) {
     if (o->mem_bytes) return o->mem_bytes;
-    /* TODO(device memory): a device backend should use its free memory;
-     * kernels.h has no call for it yet */
-    if (!moe_model_backend(m)->host_memory) return (size_t)4 << 30;
+    /* device: a quarter of its free memory (at least 256 MiB), or 4 GiB when
+     * the backend cannot tell */
+    if (!moe_model_backend(m)->host_memory) {
+        size_t fr = device_free(m);
+        if (!fr) return (size_t)4 << 30;
+        return fr / 4 > ((size_t)256 << 20) ? fr / 4 : (size_t)256 << 20;
+    }
     long pages = sysconf(_SC_PHYS_PAGES), psz = sysconf(_SC_PAGESIZE);
     size_t phys = pages > 0 && psz > 0 ? (size_t)pages * (size_t)psz : (size_t)8 << 30;
     size_t b = phys / 4;

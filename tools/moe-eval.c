@@ -42,6 +42,8 @@ static const char help[] =
     "      --add-bos       prepend BOS to task contexts (harness add_bos_token; default off)\n"
     "      --task-max-length N  task window (default: the model's max_position_embeddings)\n"
     "      --batch-tokens N  tokens per layer-major forward batch (default 4096; --dump 2048)\n"
+    "      --no-prefix-cache  run every choice whole (default: a multiple-choice item's\n"
+    "                      context runs once, its keys/values cached for the choices)\n"
     "      --bench         prefill tokens/s and weight memory (params, bytes, peak RSS)\n"
     "      --bench-tokens N  prompt length of the benchmark (default 256)\n"
     "      --bench-runs N  timed runs, the fastest is reported (default 3)\n"
@@ -52,7 +54,7 @@ static const char help[] =
 
 enum {
     OPT_PPL = 1, OPT_MAXLEN, OPT_TASK, OPT_TASKFMT, OPT_DELIM, OPT_LIMIT, OPT_ADDBOS,
-    OPT_TASKMAX, OPT_BATCH, OPT_BENCH, OPT_BTOK, OPT_BRUNS, OPT_JSON,
+    OPT_TASKMAX, OPT_BATCH, OPT_BENCH, OPT_BTOK, OPT_BRUNS, OPT_JSON, OPT_NOPREFIX,
 };
 
 #define MAX_TASKS 64
@@ -68,6 +70,7 @@ typedef struct {
     moe_ppl_result ppl;
     int ntasks;
     moe_task_result tr[MAX_TASKS];
+    double task_s[MAX_TASKS];
     int has_bench;
     double bench_s, tok_per_s, peak_rss_mb;
     int resident;
@@ -79,7 +82,7 @@ static struct {
     int nmodels;
     const char *ppl, *out, *dump;
     long max_length, limit, task_max, batch, btok, bruns;
-    int add_bos, bench, json;
+    int add_bos, bench, json, no_prefix;
     task_arg tasks[MAX_TASKS];
     int ntasks;
 } A = {.btok = 256, .bruns = 3};
@@ -305,7 +308,7 @@ static int eval_model(const char *dir, model_res *res) {
     moe_tokenizer *tok = NULL;
     int need_tok = A.ntasks > 0 || (A.ppl && !is_zstd(A.ppl));
     if (need_tok && !(tok = moe_tokenizer_open(dir))) goto fail;
-    moe_eval_opts eo = {.batch_tokens = (size_t)A.batch};
+    moe_eval_opts eo = {.batch_tokens = (size_t)A.batch, .no_prefix_cache = A.no_prefix};
     moe_progress prog;
     eo.progress = progress_cb;
     eo.progress_ctx = &prog;
@@ -325,7 +328,9 @@ static int eval_model(const char *dir, model_res *res) {
     moe_task_opts to = {.add_bos = A.add_bos, .max_length = (int)A.task_max};
     for (int i = 0; i < A.ntasks; i++) {
         moe_progress_start(&prog, tasks[i]->name, "tok", 0);
+        double t0 = moe_now();
         int rc = moe_eval_task(m, tok, tasks[i], &to, &eo, &res->tr[i]);
+        res->task_s[i] = moe_now() - t0;
         moe_progress_end(&prog);
         if (rc) goto fail_tok;
         res->ntasks = i + 1;
@@ -486,6 +491,9 @@ static void print_json(model_res *R, int n) {
             jkv("acc", r->tr[i].acc, 1);
             if (tasks[i]->has_acc_norm) jkv("acc_norm", r->tr[i].acc_norm, 1);
             if (tasks[i]->kind == MOE_TASK_LM) jkv("perplexity", r->tr[i].perplexity, 1);
+            printf(", \"tokens\": %lld, \"tokens_run\": %lld", (long long)r->tr[i].n_tokens,
+                   (long long)r->tr[i].n_tokens_run);
+            jkv("seconds", r->task_s[i], 1);
             printf("}");
         }
         printf("]");
@@ -636,6 +644,7 @@ int main(int argc, char **argv) {
         {"bench-tokens", required_argument, 0, OPT_BTOK},
         {"bench-runs", required_argument, 0, OPT_BRUNS},
         {"json", no_argument, 0, OPT_JSON},
+        {"no-prefix-cache", no_argument, 0, OPT_NOPREFIX},
         {"dump", required_argument, 0, 'd'},
         {"output", required_argument, 0, 'o'},
         MOE_CLI_COMMON_OPTIONS,
@@ -669,6 +678,7 @@ int main(int argc, char **argv) {
         case OPT_BTOK: A.btok = moe_cli_long("--bench-tokens", optarg, 1, 1L << 20); break;
         case OPT_BRUNS: A.bruns = moe_cli_long("--bench-runs", optarg, 1, 1000); break;
         case OPT_JSON: A.json = 1; break;
+        case OPT_NOPREFIX: A.no_prefix = 1; break;
         case 'd': A.dump = optarg; break;
         case 'o': A.out = optarg; break;
         case ':': moe_cli_usage("option '%s' needs a value", argv[optind - 1]);

@@ -294,6 +294,12 @@ static void *scratch_get(scratch &s, size_t n) {
 // MOE_CUDA_PRECISION=f32).  The model calls it between phases (after the
 // layers, at close), not per op, so the buffers are not reallocated per call;
 // freed pool memory goes back to the device too.
+static void cu_mem_info(size_t *free_bytes, size_t *total_bytes) {
+    *free_bytes = *total_bytes = 0;
+    if (g.failed) return;
+    CK(cudaMemGetInfo(free_bytes, total_bytes));
+}
+
 static scratch s_exg, s_egu, s_eh;
 static void cu_trim(void) {
     LIVE();
@@ -750,8 +756,9 @@ static size_t att_smem_bytes(int D) {
 }
 
 __global__ void __launch_bounds__(ATT_THREADS)
-    k_attention(float *out, const float *q, const float *k, const float *v, float scale, int T,
-                int nh, int nkv, int D) {
+    k_attention(float *out, const float *q, const float *k, const float *v, float scale, int P,
+                int T, int nh, int nkv, int D) {
+    // queries 0..T-1 sit at positions P..P+T-1; keys 0..P+T-1 (P cached ones first)
     extern __shared__ float sm[];
     const int KS = D + 1; // padded key rows: no bank conflicts in the score loop
     float *Qs = sm;                  // [BQ][D]
@@ -778,13 +785,13 @@ __global__ void __launch_bounds__(ATT_THREADS)
         Ls[tid] = 0.0f;
         Cs[tid] = 1.0f;
     }
-    const int qlast = min(q0 + ATT_BQ, T) - 1;
-    for (int k0 = 0; k0 <= qlast; k0 += ATT_BK) {
+    const int qlast = min(q0 + ATT_BQ, T) - 1, NK = P + T;
+    for (int k0 = 0; k0 <= P + qlast; k0 += ATT_BK) {
         __syncthreads(); // the previous tile is no longer read
         for (int e = tid; e < ATT_BK * D; e += ATT_THREADS) {
             int c = e / D, d = e % D, j = k0 + c;
             float kv = 0.0f, vv = 0.0f;
-            if (j < T) {
+            if (j < NK) {
                 kv = k[(size_t)j * ks + (size_t)kh * D + d];
                 vv = v[(size_t)j * ks + (size_t)kh * D + d];
             }
@@ -795,7 +802,7 @@ __global__ void __launch_bounds__(ATT_THREADS)
         for (int e = tid; e < ATT_BQ * ATT_BK; e += ATT_THREADS) {
             int r = e / ATT_BK, c = e % ATT_BK, i = q0 + r, j = k0 + c;
             float s = -INFINITY;
-            if (i < T && j <= i) {
+            if (i < T && j <= P + i) {
                 const float *qr = Qs + r * D, *kr = Ks + c * KS;
                 float acc = 0.0f;
                 for (int d = 0; d < D; d++) acc += qr[d] * kr[d];
@@ -840,10 +847,10 @@ __global__ void __launch_bounds__(ATT_THREADS)
     }
 }
 
-static void cu_attention(float *out, const float *q, const float *k, const float *v, float scale,
-                         int T, int nh, int nkv, int D) {
+static void cu_attention_kv(float *out, const float *q, const float *k, const float *v,
+                            float scale, int P, int T, int nh, int nkv, int D) {
     LIVE();
-    if (T <= 0 || nh <= 0 || D <= 0) return;
+    if (T <= 0 || nh <= 0 || D <= 0 || P < 0) return;
     size_t smem = att_smem_bytes(D);
     if (smem > g.att_smem) {
         if (smem > g.smem_optin) {
@@ -858,8 +865,13 @@ static void cu_attention(float *out, const float *q, const float *k, const float
         g.att_smem = smem;
     }
     dim3 grid((unsigned)((T + ATT_BQ - 1) / ATT_BQ), (unsigned)nh);
-    k_attention<<<grid, ATT_THREADS, smem, g.stream>>>(out, q, k, v, scale, T, nh, nkv, D);
+    k_attention<<<grid, ATT_THREADS, smem, g.stream>>>(out, q, k, v, scale, P, T, nh, nkv, D);
     CK_LAUNCH("k_attention");
+}
+
+static void cu_attention(float *out, const float *q, const float *k, const float *v, float scale,
+                         int T, int nh, int nkv, int D) {
+    cu_attention_kv(out, q, k, v, scale, 0, T, nh, nkv, D);
 }
 
 // ---- element-wise -----------------------------------------------------------------
@@ -1157,6 +1169,7 @@ static const moe_backend *fill_table(void) {
     b->rmsnorm = cu_rmsnorm;
     b->rope = cu_rope;
     b->attention = cu_attention;
+    b->attention_kv = cu_attention_kv;
     b->swiglu = cu_swiglu;
     b->axpy = cu_axpy;
     b->sigmoid_gate_add = cu_sigmoid_gate_add;
@@ -1173,6 +1186,7 @@ static const moe_backend *fill_table(void) {
     b->upload_wait = cu_upload_wait;
     b->upload_fence = cu_upload_fence;
     b->trim = cu_trim;
+    b->mem_info = cu_mem_info;
     b->name = "cuda";
     return b;
 }

@@ -68,3 +68,29 @@ b=$(ppl cuda) || fail "moe-eval cuda: $(cat "$TMP/err")"
 awk -v a="$a" -v b="$b" 'BEGIN { r = (a - b) / a; if (r < 0) r = -r; exit !(r < 1e-2) }' ||
     fail "perplexity cuda $b vs cpu $a"
 echo "ok moe-eval ppl cpu $a cuda $b"
+
+# multiple choice with prefix sharing on the device: the log-likelihoods agree
+# with the device's own whole-sequence path (within 1e-5) and with the CPU's
+# (within 1e-2, as the perplexity above)
+E=tests/fixtures/eval
+for dev in cpu "cuda" "cuda --no-prefix-cache"; do
+    # shellcheck disable=SC2086
+    MOE_CUDA_PRECISION=f32 moe-eval --quiet --device $dev --model $E/model --task $E/tiny_task.jsonl \
+        --task $E/formats/hellaswag/hellaswag_tiny.txt --no-provenance -o - 2>"$TMP/err" |
+        moe-dump --full --no-header --type task - >"$TMP/mc_$(echo $dev | tr -dc a-z)" ||
+        fail "moe-eval --device $dev --task: $(cat "$TMP/err")"
+done
+python3 - "$TMP/mc_cpu" "$TMP/mc_cuda" "$TMP/mc_cudanoprefixcache" <<'EOF' || fail "device prefix sharing"
+import json, struct, sys
+def ll(p):
+    out = []
+    for line in open(p):
+        d = json.loads(line)["loglik"]["data"]
+        out += d if isinstance(d, list) else []
+    return out
+a, b, c = (ll(p) for p in sys.argv[1:4])
+assert a and len(a) == len(b) == len(c), (len(a), len(b), len(c))
+for x, y, z in zip(a, b, c):
+    assert abs(x - y) <= 1e-2 * max(1, abs(x)) and abs(y - z) <= 1e-5 * max(1, abs(y)), (x, y, z)
+EOF
+echo "ok moe-eval tasks cuda (prefix sharing) vs cpu"

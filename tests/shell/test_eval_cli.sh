@@ -48,6 +48,27 @@ moe-dump --check "$TMP/a.zst" | grep -q "kinds \[eval\]" || fail "stream kind"
 moe-dump --type ppl "$TMP/a.zst" | grep -q '"ppl_token"' || fail "ppl record"
 moe-dump --type task "$TMP/a.zst" | grep -q '"task":"tiny_task"' || fail "task record"
 
+# 3b. prefix sharing (default) and --no-prefix-cache give the same bytes on every
+#     fixture task (also a short window, --task-max-length 24, where truncated
+#     windows fall back to whole sequences); the shared path runs fewer tokens
+for args in "" "--task-max-length 24"; do
+    set -- --task $FIX/tiny_task.jsonl --task $FIX/tiny_schema.jsonl --task $FIX/tiny_lm.jsonl \
+        --task $FIX/formats/piqa/valid.jsonl --task $FIX/formats/winogrande/dev.jsonl \
+        --task $FIX/formats/hellaswag/hellaswag_tiny.txt --task $FIX/formats/rte/dev.tsv $args
+    ev -m $M "$@" --no-provenance -o "$TMP/pc.zst" --json >"$TMP/pc.json" || fail "prefix cache ($args)"
+    ev -m $M "$@" --no-provenance -o "$TMP/np.zst" --json --no-prefix-cache >"$TMP/np.json" \
+        || fail "--no-prefix-cache ($args)"
+    cmp -s "$TMP/pc.zst" "$TMP/np.zst" || fail "prefix sharing changes the results ($args)"
+done
+python3 - "$TMP/pc.json" "$TMP/np.json" <<'EOF' || fail "tokens run with/without prefix sharing"
+import json, sys
+pc, np = (json.load(open(p))["models"][0]["tasks"] for p in sys.argv[1:3])
+for a, b in zip(pc, np):
+    assert a["tokens"] == b["tokens"] and a["tokens_run"] <= b["tokens_run"] <= b["tokens"], (a, b)
+t = {x["task"]: x for x in pc}
+assert t["tiny_task"]["tokens_run"] < t["tiny_task"]["tokens"], t["tiny_task"]
+EOF
+
 # 4. a checkpoint condensed through config.json: the reference's condensed perplexity,
 #    fewer parameters; two models side by side with --bench
 mkdir "$TMP/cond"

@@ -272,6 +272,40 @@ static void test_attention(void **state) {
     assert_int_equal(moe_cuda_status(), 0);
 }
 
+/* attention over a KV cache: T queries at positions P.. over P + T keys, against the
+ * CPU reference, and against the device's own whole-sequence attention (rows P..) */
+static void one_attention_kv(int P, int T, int nh, int nkv, int D) {
+    int N = P + T;
+    size_t nq = (size_t)T * nh * D, nqa = (size_t)N * nh * D, nk = (size_t)N * nkv * D;
+    float *q = rnd(nqa, 1.0f), *k = rnd(nk, 1.0f), *v = rnd(nk, 1.0f);
+    float *want = moe_malloc(sizeof(float) * nq);
+    float scale = 1.0f / sqrtf((float)D) * 2.0f;
+    const float *qn = q + (size_t)P * nh * D;
+    moe_backend_cpu_ref()->attention_kv(want, qn, k, v, scale, P, T, nh, nkv, D);
+    float *dq = dev(qn, sizeof(float) * nq), *dqa = dev(q, sizeof(float) * nqa),
+          *dk = dev(k, sizeof(float) * nk), *dv = dev(v, sizeof(float) * nk),
+          *dout = G->alloc(sizeof(float) * nq), *dall = G->alloc(sizeof(float) * nqa);
+    G->attention_kv(dout, dq, dk, dv, scale, P, T, nh, nkv, D);
+    float *got = host(dout, nq);
+    char what[96];
+    snprintf(what, sizeof what, "attention_kv P=%d T=%d nh=%d nkv=%d D=%d", P, T, nh, nkv, D);
+    check_close(what, got, want, nq, 1e-5);
+    G->attention(dall, dqa, dk, dv, scale, N, nh, nkv, D);
+    float *all = host(dall, nqa);
+    check_close(what, got, all + (size_t)P * nh * D, nq, 1e-5);
+    G->free(dq), G->free(dqa), G->free(dk), G->free(dv), G->free(dout), G->free(dall);
+    free(q), free(k), free(v), free(want), free(got), free(all);
+}
+
+static void test_attention_kv(void **state) {
+    (void)state;
+    one_attention_kv(40, 5, 6, 2, 40);
+    one_attention_kv(0, 17, 2, 1, 8);
+    one_attention_kv(33, 1, 4, 4, 128);
+    one_attention_kv(100, 37, 8, 2, 64);
+    assert_int_equal(moe_cuda_status(), 0);
+}
+
 /* ---- element-wise ----------------------------------------------------------------------- */
 
 static void test_elementwise(void **state) {
@@ -636,7 +670,8 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_matmul),       cmocka_unit_test(test_matmul_grouped),
         cmocka_unit_test(test_rmsnorm),      cmocka_unit_test(test_rope),
-        cmocka_unit_test(test_attention),    cmocka_unit_test(test_elementwise),
+        cmocka_unit_test(test_attention),    cmocka_unit_test(test_attention_kv),
+        cmocka_unit_test(test_elementwise),
         cmocka_unit_test(test_router),       cmocka_unit_test(test_gather_scatter),
         cmocka_unit_test(test_experts),      cmocka_unit_test(test_combine),
         cmocka_unit_test(test_softmax_rows), cmocka_unit_test(test_divergence),

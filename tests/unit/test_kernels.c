@@ -49,6 +49,46 @@ static void test_attention_vs_ref(void **state) {
     free(q), free(k), free(v), free(o1), free(o2);
 }
 
+/* attention_kv: cpu vs cpu-ref, and the row invariance kernels.h promises:
+ * T queries over P cached keys give the bits of the last T rows of the whole
+ * sequence's attention, and a prefix run alone gives its rows' bits. */
+static void one_attention_kv(int P, int T, int nh, int nkv, int D) {
+    const moe_backend *cpu = moe_backend_cpu(), *ref = moe_backend_cpu_ref();
+    int N = P + T;
+    size_t qd = (size_t)nh * D;
+    float *q = rand_vec((size_t)N * qd), *k = rand_vec((size_t)N * nkv * D);
+    float *v = rand_vec((size_t)N * nkv * D);
+    float *full = malloc(sizeof(float) * N * qd), *fref = malloc(sizeof(float) * N * qd);
+    float *o1 = malloc(sizeof(float) * T * qd), *o2 = malloc(sizeof(float) * T * qd);
+    float *pre = malloc(sizeof(float) * (P + 1) * qd);
+    cpu->attention(full, q, k, v, 0.3f, N, nh, nkv, D);
+    ref->attention(fref, q, k, v, 0.3f, N, nh, nkv, D);
+    cpu->attention_kv(o1, q + (size_t)P * qd, k, v, 0.3f, P, T, nh, nkv, D);
+    ref->attention_kv(o2, q + (size_t)P * qd, k, v, 0.3f, P, T, nh, nkv, D);
+    assert_true(tu_rel_err(full, fref, (size_t)N * qd) < 1e-6);
+    assert_true(tu_rel_err(o1, o2, (size_t)T * qd) < 1e-6);
+    /* bit-identical to the whole sequence's rows (both backends) */
+    assert_memory_equal(o1, full + (size_t)P * qd, sizeof(float) * T * qd);
+    assert_memory_equal(o2, fref + (size_t)P * qd, sizeof(float) * T * qd);
+    if (P > 0) { /* the prefix alone */
+        cpu->attention_kv(pre, q, k, v, 0.3f, 0, P, nh, nkv, D);
+        assert_memory_equal(pre, full, sizeof(float) * P * qd);
+        ref->attention_kv(pre, q, k, v, 0.3f, 0, P, nh, nkv, D);
+        assert_memory_equal(pre, fref, sizeof(float) * P * qd);
+    }
+    free(q), free(k), free(v), free(full), free(fref), free(o1), free(o2), free(pre);
+}
+
+static void test_attention_kv(void **state) {
+    (void)state;
+    one_attention_kv(0, 29, 6, 2, 16);
+    one_attention_kv(37, 5, 6, 2, 16);
+    one_attention_kv(64, 1, 4, 4, 32);
+    one_attention_kv(130, 70, 8, 2, 64);  /* blocks straddled, large GEMMs */
+    one_attention_kv(300, 3, 4, 1, 128);
+    one_attention_kv(1, 200, 2, 1, 8);
+}
+
 /* Same result bytes whatever the thread count (OpenMP and OpenBLAS). */
 static void test_thread_invariance(void **state) {
     (void)state;
@@ -364,6 +404,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_matmul_vs_ref),
         cmocka_unit_test(test_attention_vs_ref),
+        cmocka_unit_test(test_attention_kv),
         cmocka_unit_test(test_thread_invariance),
         cmocka_unit_test(test_batch_invariance),
         cmocka_unit_test(test_rmsnorm_rope_swiglu),

@@ -4,6 +4,7 @@
  * checkpoints, relative error < 1e-5; a perturbed reference must fail;
  * condensed layers; restart from a cached hidden state; the per-expert API
  * adds up to the routed MLP; 1 vs 2 threads byte-identical. */
+#include "eval.h"
 #include "kernels.h"
 #include "testmodel.h" /* FIX, NSEQ, ARCHS */
 
@@ -328,6 +329,49 @@ static void test_thread_invariance(void **state) {
     }
 }
 
+/* prefix sharing (moe_layer_attention_kv through moe_eval_score): choices that
+ * continue one context score the same bytes as the whole sequences, every
+ * architecture; groups of different sizes, a lone sequence, one-token
+ * continuations, and a batch budget that splits the groups across batches */
+static void test_prefix_cache(void **state) {
+    (void)state;
+    for (size_t a = 0; a < sizeof ARCHS / sizeof *ARCHS; a++) {
+        moe_model *m = open_fix(ARCHS[a], "bf16");
+        int V = moe_model_config(m)->vocab_size;
+        npy ids = load_fix(ARCHS[a], "bf16", "seq%d_ids.npy", 2);
+        int T = (int)ids.count, P = T / 2;
+        const int32_t *base = ids.data;
+        enum { NS = 7 };
+        int32_t *buf[NS];
+        moe_eval_seq q[2][NS];
+        int len[NS] = {T, T - 3, P + 2, T, T - 1, P + 1, T};
+        for (int i = 0; i < NS; i++) {
+            buf[i] = malloc(sizeof(int32_t) * (size_t)T);
+            for (int t = 0; t < len[i]; t++)
+                buf[i][t] = t < P ? base[t] : (int32_t)((base[t] + 7 * i + t) % V);
+            if (i == 3) buf[i][0] = (buf[i][0] + 1) % V; /* a different context: runs whole */
+            for (int k = 0; k < 2; k++) q[k][i] = (moe_eval_seq){buf[i], len[i], P, 0, 0};
+        }
+        q[0][6].start = q[1][6].start = 2; /* different start: runs whole */
+        moe_eval_opts on = {.batch_tokens = 40}, off = {.batch_tokens = 40, .no_prefix_cache = 1};
+        int64_t run_on = 0, run_off = 0;
+        on.tokens_run = &run_on;
+        off.tokens_run = &run_off;
+        assert_int_equal(moe_eval_score(m, q[0], NS, &on), 0);
+        assert_int_equal(moe_eval_score(m, q[1], NS, &off), 0);
+        for (int i = 0; i < NS; i++) {
+            if (memcmp(&q[0][i].logprob, &q[1][i].logprob, sizeof(double)))
+                fail_msg("%s: sequence %d: %.17g shared vs %.17g whole", ARCHS[a], i,
+                         q[0][i].logprob, q[1][i].logprob);
+            assert_int_equal(q[0][i].greedy, q[1][i].greedy);
+        }
+        assert_true(run_on < run_off);
+        for (int i = 0; i < NS; i++) free(buf[i]);
+        free(ids.data);
+        moe_model_close(m);
+    }
+}
+
 /* streaming experts in small groups (cache too small) gives the same bytes */
 static void test_expert_streaming(void **state) {
     (void)state;
@@ -534,6 +578,7 @@ int main(void) {
         cmocka_unit_test(test_restart),
         cmocka_unit_test(test_expert_api),
         cmocka_unit_test(test_thread_invariance),
+        cmocka_unit_test(test_prefix_cache),
         cmocka_unit_test(test_expert_streaming),
         cmocka_unit_test(test_bf16_weights),
         cmocka_unit_test(test_device_memory_paths),

@@ -166,6 +166,8 @@ WRAP(rmsnorm, (float *y, const float *x, const float *w, float eps, int T, int C
 WRAP(rope, (float *x, float th, int p0, int T, int nh, int D), (x, th, p0, T, nh, D))
 WRAP(attention, (float *o, const float *q, const float *k, const float *v, float s, int T, int nh, int nkv, int D),
      (o, q, k, v, s, T, nh, nkv, D))
+WRAP(attention_kv, (float *o, const float *q, const float *k, const float *v, float s, int P, int T, int nh, int nkv, int D),
+     (o, q, k, v, s, P, T, nh, nkv, D))
 WRAP(swiglu, (float *h, const float *gu, int T, int Im), (h, gu, T, Im))
 WRAP(axpy, (float *y, const float *x, float a, size_t n), (y, x, a, n))
 WRAP(sigmoid_gate_add, (float *y, const float *x, const float *z, int T, int C), (y, x, z, T, C))
@@ -215,6 +217,7 @@ static int setup(void **state) {
                         .free = e_free, .upload = e_upload, .download = e_download,
                         .copy = e_copy, .zero = e_zero, .sync = e_sync, .matmul = e_matmul,
                         .rmsnorm = e_rmsnorm, .rope = e_rope, .attention = e_attention,
+                        .attention_kv = e_attention_kv,
                         .swiglu = e_swiglu, .axpy = e_axpy, .sigmoid_gate_add = e_sigmoid_gate_add,
                         .router = e_router, .gather_rows = e_gather_rows,
                         .scatter_add_rows = e_scatter_add_rows, .experts = e_experts,

@@ -8,6 +8,7 @@
 
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "backend_cuda.h"
 #include "common.h"
@@ -71,7 +72,7 @@ static void check_table(const moe_backend *b) {
     assert_non_null(b->name);
     size_t first = offsetof(moe_backend, alloc);
     /* only function pointers from alloc to the end (update this test if not) */
-    assert_int_equal(offsetof(moe_backend, trim) + sizeof(any_fn), sizeof(moe_backend));
+    assert_int_equal(offsetof(moe_backend, mem_info) + sizeof(any_fn), sizeof(moe_backend));
     assert_int_equal((sizeof(moe_backend) - first) % sizeof(any_fn), 0);
     int bad = 0;
     for (size_t o = first; o < sizeof(moe_backend); o += sizeof(any_fn)) {
@@ -109,6 +110,17 @@ static void test_tables_complete(void **state) {
 }
 
 /* the grouped GEMM helper on the CPU: a loop of matmul, same bytes */
+/* mem_info on the CPU: MemTotal and MemAvailable, consistent with sysconf */
+static void test_cpu_mem_info(void **state) {
+    (void)state;
+    size_t fr = 0, tot = 0;
+    moe_backend_cpu()->mem_info(&fr, &tot);
+    long pages = sysconf(_SC_PHYS_PAGES), psz = sysconf(_SC_PAGESIZE);
+    size_t phys = (size_t)pages * (size_t)psz;
+    assert_true(tot > 0 && fr > 0 && fr <= tot);
+    assert_true(tot <= phys + ((size_t)64 << 20) && tot >= phys / 2); /* same memory, ~ */
+}
+
 static void test_matmul_grouped_cpu(void **state) {
     (void)state;
     const moe_backend *b = moe_backend_cpu();
@@ -139,6 +151,7 @@ int main(void) {
         cmocka_unit_test(test_default),
         cmocka_unit_test(test_cuda_unavailable),
         cmocka_unit_test(test_matmul_grouped_cpu),
+        cmocka_unit_test(test_cpu_mem_info),
         cmocka_unit_test(test_tables_complete),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
