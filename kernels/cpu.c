@@ -14,11 +14,15 @@
 #include <cblas.h>
 #include <math.h>
 #include <omp.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "common.h"
 #include "kernels.h"
@@ -171,8 +175,56 @@ static int row_tile(int T, int N) {
     return tr < 64 ? 64 : tr;
 }
 
-static void cpu_matmul(float *y, const float *x, const void *w, const float *bias, int T, int K,
-                       int N, int accumulate) {
+/* ---- BF16 weights ---------------------------------------------------------
+ * The "cpu-bf16" table (chosen by the model for BF16 checkpoints) takes its
+ * matmul/experts weights as BF16 and widens each weight tile to float32 just
+ * before the tile's sgemm, into a buffer of the calling thread that is reused
+ * call after call (so it stays in cache).  bf16 -> f32 is exact and the
+ * sgemm calls are the same (shapes, strides, x and y), so results are byte-
+ * identical to the "cpu" table's on the widened weights. */
+
+static void bf16_to_f32(float *dst, const void *src, size_t n) {
+    const unsigned char *s = src;
+    size_t i = 0;
+#if defined(__SSE2__)
+    const __m128i z = _mm_setzero_si128();
+    for (; i + 8 <= n; i += 8) {
+        __m128i v = _mm_loadu_si128((const __m128i *)(s + 2 * i)); /* may be unaligned */
+        _mm_storeu_si128((__m128i *)(dst + i), _mm_unpacklo_epi16(z, v));
+        _mm_storeu_si128((__m128i *)(dst + i + 4), _mm_unpackhi_epi16(z, v));
+    }
+#endif
+    for (; i < n; i++) {
+        uint16_t h;
+        memcpy(&h, s + 2 * i, 2);
+        dst[i] = moe_bf16_to_f32(h);
+    }
+}
+
+/* per-thread f32 buffers for widened weight tiles (grow only; 2 per thread:
+ * an expert's gate/up and down) */
+static __thread float *tls_wbuf[2];
+static __thread size_t tls_wcap[2];
+static float *wbuf(int i, size_t n) {
+    if (tls_wcap[i] < n) {
+        cpu_free(tls_wbuf[i]);
+        tls_wbuf[i] = cpu_alloc(n * sizeof(float));
+        tls_wcap[i] = n;
+    }
+    return tls_wbuf[i];
+}
+
+/* weight rows [n0, n0+nc) of a [N, K] weight in dtype wdt as f32: the weight
+ * itself (f32) or the thread's buffer (bf16) */
+static const float *wtile(const void *w, int wdt, int buf, size_t n0, size_t nc, size_t K) {
+    if (wdt == MOE_WT_F32) return (const float *)w + n0 * K;
+    float *b = wbuf(buf, nc * K);
+    bf16_to_f32(b, (const unsigned char *)w + 2 * n0 * K, nc * K);
+    return b;
+}
+
+static void matmul_dt(float *y, const float *x, const void *w, int wdt, const float *bias, int T,
+                      int K, int N, int accumulate) {
     if (T <= 0 || N <= 0) return;
     blas_single();
     if (K <= 0) {
@@ -182,16 +234,45 @@ static void cpu_matmul(float *y, const float *x, const void *w, const float *bia
         int nr = (T + TR - 1) / TR, nb = (N + GEMM_COLS - 1) / GEMM_COLS;
         /* small products run on one thread: a parallel region costs more than
          * they do (and a preempted worker stalls it on a busy machine) */
-#pragma omp parallel for schedule(dynamic, 1) if (nr * nb > 1 && (double)T * N * K > 2e6)
-        for (int i = 0; i < nr * nb; i++) {
-            int r = i / nb, b = i % nb;
-            int t0 = r * TR, tc = T - t0 < TR ? T - t0 : TR;
-            int n0 = b * GEMM_COLS, nc = N - n0 < GEMM_COLS ? N - n0 : GEMM_COLS;
-            sgemm_tile(y + (size_t)t0 * N + n0, N, x + (size_t)t0 * K,
-                       (const float *)w + (size_t)n0 * K, tc, K, nc, accumulate);
+#pragma omp parallel if (nr * nb > 1 && (double)T * N * K > 2e6)
+        {
+            int last = -1; /* column tile held widened in this thread's buffer */
+#pragma omp for schedule(dynamic, 1)
+            for (int i = 0; i < nr * nb; i++) {
+                /* f32: row tiles outermost (as ever); bf16: column tiles outermost,
+                 * so that a thread's next tile often reuses the widened W tile.
+                 * Tiles are independent: the order does not change results. */
+                int r = wdt == MOE_WT_F32 ? i / nb : i % nr;
+                int b = wdt == MOE_WT_F32 ? i % nb : i / nr;
+                int t0 = r * TR, tc = T - t0 < TR ? T - t0 : TR;
+                int n0 = b * GEMM_COLS, nc = N - n0 < GEMM_COLS ? N - n0 : GEMM_COLS;
+                const float *wt;
+                if (wdt == MOE_WT_F32 || b != last)
+                    wt = wtile(w, wdt, 0, (size_t)n0, (size_t)nc, (size_t)K);
+                else
+                    wt = tls_wbuf[0];
+                last = b;
+                sgemm_tile(y + (size_t)t0 * N + n0, N, x + (size_t)t0 * K, wt, tc, K, nc,
+                           accumulate);
+            }
         }
     }
     if (bias) add_bias(y, bias, T, N);
+}
+
+static void cpu_matmul(float *y, const float *x, const void *w, const float *bias, int T, int K,
+                       int N, int accumulate) {
+    matmul_dt(y, x, w, MOE_WT_F32, bias, T, K, N, accumulate);
+}
+
+static void cpu_matmul_bf16(float *y, const float *x, const void *w, const float *bias, int T,
+                            int K, int N, int accumulate) {
+    matmul_dt(y, x, w, MOE_WT_BF16, bias, T, K, N, accumulate);
+}
+
+static void cpu_matmul_f32(float *y, const float *x, const float *w, const float *bias, int T,
+                           int K, int N, int accumulate) {
+    matmul_dt(y, x, w, MOE_WT_F32, bias, T, K, N, accumulate);
 }
 
 static void ref_matmul(float *y, const float *x, const void *wv, const float *bias, int T, int K,
@@ -417,8 +498,9 @@ static void cpu_scatter_add_rows(float *dst, const float *src, const int32_t *ro
  * Whole-width GEMMs pack each expert's rows once per product instead of once
  * per column block, and the threads need no barrier between gate/up and down
  * (test_kernels.c: test_experts_invariance). */
-static void cpu_experts(float *out, const float *x, const int32_t *rows, const int32_t *off,
-                        const void *const *w_gu, const void *const *w_down, int E, int H, int Im) {
+static void experts_dt(float *out, const float *x, const int32_t *rows, const int32_t *off,
+                       const void *const *w_gu, const void *const *w_down, int wdt, int E, int H,
+                       int Im) {
     blas_single();
     if (off[E] <= 0) return;
     int *task = moe_malloc(sizeof(int) * ((size_t)E + 1)), nt = 0, maxr = 0;
@@ -449,7 +531,10 @@ static void cpu_experts(float *out, const float *x, const int32_t *rows, const i
             int e = task[j], r0 = off[e], nr = off[e + 1] - off[e];
             for (int r = 0; r < nr; r++)
                 memcpy(xg + (size_t)r * H, x + (size_t)rows[r0 + r] * H, sizeof(float) * H);
-            sgemm_tile(g, 2 * Im, xg, w_gu[e], nr, H, 2 * Im, 0);
+            /* bf16: the expert's weights widened whole (the GEMMs keep their full
+             * widths), into buffers of this thread reused expert after expert */
+            sgemm_tile(g, 2 * Im, xg, wtile(w_gu[e], wdt, 0, 0, 2 * (size_t)Im, (size_t)H), nr, H,
+                       2 * Im, 0);
             for (int r = 0; r < nr; r++) {
                 const float *gr = g + (size_t)r * 2 * Im, *ur = gr + Im;
                 float *hr = h + (size_t)r * Im;
@@ -458,7 +543,8 @@ static void cpu_experts(float *out, const float *x, const int32_t *rows, const i
                     hr[c] = (gr[c] * sg) * ur[c];
                 }
             }
-            sgemm_tile(out + (size_t)r0 * H, H, h, w_down[e], nr, Im, H, 0);
+            sgemm_tile(out + (size_t)r0 * H, H, h, wtile(w_down[e], wdt, 1, 0, (size_t)H, (size_t)Im),
+                       nr, Im, H, 0);
         }
         if (xg) {
             cpu_free(xg);
@@ -467,6 +553,17 @@ static void cpu_experts(float *out, const float *x, const int32_t *rows, const i
         }
     }
     free(task);
+}
+
+static void cpu_experts(float *out, const float *x, const int32_t *rows, const int32_t *off,
+                        const void *const *w_gu, const void *const *w_down, int E, int H, int Im) {
+    experts_dt(out, x, rows, off, w_gu, w_down, MOE_WT_F32, E, H, Im);
+}
+
+static void cpu_experts_bf16(float *out, const float *x, const int32_t *rows, const int32_t *off,
+                             const void *const *w_gu, const void *const *w_down, int E, int H,
+                             int Im) {
+    experts_dt(out, x, rows, off, w_gu, w_down, MOE_WT_BF16, E, H, Im);
 }
 
 /* Reference: per expert, per row, plain loops. */
@@ -626,6 +723,7 @@ static const moe_backend cpu_backend = {
     .mem_info = cpu_mem_info,
 };
 
+
 static const moe_backend cpu_ref_backend = {
     .name = "cpu-ref",
     .weight_dtype = MOE_WT_F32,
@@ -663,6 +761,22 @@ static const moe_backend cpu_ref_backend = {
 
 const moe_backend *moe_backend_cpu(void) { return &cpu_backend; }
 const moe_backend *moe_backend_cpu_ref(void) { return &cpu_ref_backend; }
+/* "cpu-bf16": the "cpu" table with the weight ops for BF16 (built from it, so
+ * that every other op stays the same as cpu's) */
+static moe_backend cpu_bf16_backend;
+static pthread_once_t cpu_bf16_once = PTHREAD_ONCE_INIT;
+static void cpu_bf16_init(void) {
+    cpu_bf16_backend = cpu_backend;
+    cpu_bf16_backend.name = "cpu-bf16";
+    cpu_bf16_backend.weight_dtype = MOE_WT_BF16;
+    cpu_bf16_backend.matmul = cpu_matmul_bf16;
+    cpu_bf16_backend.matmul_f32 = cpu_matmul_f32;
+    cpu_bf16_backend.experts = cpu_experts_bf16;
+}
+const moe_backend *moe_backend_cpu_bf16(void) {
+    pthread_once(&cpu_bf16_once, cpu_bf16_init);
+    return &cpu_bf16_backend;
+}
 
 /* kernels/select.c (the CUDA plugin's loader): NULL with an error when the
  * build has no CUDA or no usable GPU is present. */
@@ -671,8 +785,9 @@ const moe_backend *moe_backend_cuda(void);
 const moe_backend *moe_backend_get(const char *name) {
     if (!name || !strcmp(name, "cpu")) return &cpu_backend;
     if (!strcmp(name, "cpu-ref")) return &cpu_ref_backend;
+    if (!strcmp(name, "cpu-bf16")) return moe_backend_cpu_bf16();
     if (!strcmp(name, "cuda")) return moe_backend_cuda();
-    moe_error_set(MOE_ERR_DATA, "unknown device '%s' (expected cpu, cpu-ref or cuda)", name);
+    moe_error_set(MOE_ERR_DATA, "unknown device '%s' (expected cpu, cpu-ref, cpu-bf16 or cuda)", name);
     return NULL;
 }
 

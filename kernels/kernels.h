@@ -17,11 +17,22 @@
  *     of threads (no reduction is split across threads);
  *   - ops run in issue order; `sync` waits for everything issued (CPU: no-op).
  *
- * Weights: `matmul` takes its weight as `const void *` in the backend's
- * `weight_dtype` (CPU: MOE_WT_F32; a CUDA backend may ask for MOE_WT_BF16 and
- * accumulate in fp32).  The model converts checkpoint tensors to that dtype
- * with `moe_weight_convert` (below) before `upload`.  Biases and norm weights
- * are always float32.
+ * Weights: `matmul` and `experts` take their weights as `const void *` in the
+ * backend's `weight_dtype` (CPU "cpu": MOE_WT_F32; "cpu-bf16" and CUDA:
+ * MOE_WT_BF16, accumulated in fp32).  The model converts checkpoint tensors to
+ * that dtype with `moe_weight_convert` (below) before `upload`, or copies their
+ * bytes as they are when the dtypes agree.  Biases and norm weights are always
+ * float32.  A backend whose weight_dtype is not f32 may also offer
+ * `matmul_f32` (float32 weight): the model then keeps weights it builds in
+ * f32 (a condensed layer's fused down projection, scaled per expert) in f32.
+ *
+ * CPU and BF16 checkpoints: when the model picks the default backend (no
+ * moe_model_opts.backend) and it is "cpu", a checkpoint whose weights are all
+ * BF16 runs on "cpu-bf16" instead (env MOE_CPU_WEIGHTS=f32: stay on "cpu").
+ * It widens each weight tile (a GEMM_COLS-row block of W, or one expert's
+ * whole matrix) to f32 just before its sgemm, in a per-thread buffer, and
+ * makes the same sgemm calls as "cpu", so its results are byte-identical to
+ * "cpu"'s on the same checkpoint, at half the weight memory and traffic.
  *
  * For a GPU backend (kernels/cuda/): set host_memory = 0; the model then
  * stages every weight on the host in weight_dtype (checkpoint bytes copied as
@@ -73,7 +84,7 @@ enum {
 
 typedef struct moe_backend moe_backend;
 struct moe_backend {
-    const char *name;  /* "cpu", "cpu-ref", "cuda" */
+    const char *name;  /* "cpu", "cpu-ref", "cpu-bf16", "cuda" */
     int weight_dtype;  /* MOE_WT_* expected by matmul */
     int host_memory;   /* 1: backend pointers are host pointers (CPU); the model
                         * then reads weights straight into backend buffers */
@@ -95,6 +106,12 @@ struct moe_backend {
                    const void *w,     /* [N, K] in weight_dtype */
                    const float *bias, /* [N] or NULL */
                    int T, int K, int N, int accumulate);
+    /* optional (NULL: absent): matmul with a float32 weight whatever weight_dtype is */
+    void (*matmul_f32)(float *y,          /* [T, N] */
+                       const float *x,    /* [T, K] */
+                       const float *w,    /* [N, K] float32 */
+                       const float *bias, /* [N] or NULL */
+                       int T, int K, int N, int accumulate);
 
     /* ---- normalisation and position ------------------------------------- */
     /* y_t = w ⊙ (x_t / sqrt(mean_c x_tc² + eps)); y may alias x.
@@ -246,7 +263,8 @@ struct moe_backend {
  * and attention work and OpenBLAS for GEMM (see cpu.c on determinism). */
 const moe_backend *moe_backend_cpu(void);
 const moe_backend *moe_backend_cpu_ref(void); /* plain loops, for tests */
-/* "cpu", "cpu-ref" (and "cuda" when built with it); NULL + error if unknown. */
+const moe_backend *moe_backend_cpu_bf16(void); /* "cpu" with BF16 weights (see above) */
+/* "cpu", "cpu-ref", "cpu-bf16" (and "cuda" when built with it); NULL + error if unknown. */
 const moe_backend *moe_backend_get(const char *name);
 
 /* Host-side helpers shared by all backends ------------------------------- */

@@ -22,6 +22,7 @@ typedef struct {
     /* dense MLP, or the fused wide SwiGLU of a condensed layer */
     void *gu, *down;
     int I;
+    int down_f32; /* down is float32 whatever the weight dtype (condensed, see load_condensed) */
     /* routed MoE */
     void *router;
     void **e_gu, **e_down; /* [E], NULL entries when not cached */
@@ -47,6 +48,12 @@ typedef struct {
     size_t n;
 } blk;
 
+/* a weight borrowed from the checkpoint mapping (cpu-bf16): the tensor(s) it spans */
+typedef struct {
+    const void *p;
+    const moe_st_tensor *t[2];
+} brw;
+
 /* host staging ring of the device path (see stage_put) */
 #define STG_SLOTS 4
 #define STG_SLOT_BYTES m->stg_bytes
@@ -59,6 +66,9 @@ typedef struct {
 struct moe_model {
     blk *live, *pool;   /* blocks handed out by balloc; freed blocks kept for reuse */
     size_t nlive, caplive, npool, cappool, pool_bytes;
+    brw *brw;           /* weights that point into the checkpoint mapping */
+    size_t nbrw, capbrw;
+    int borrow;         /* host-memory backend with BF16 weights: borrow BF16 tensors */
     moe_ckpt *ck;
     const moe_config *cfg;
     const moe_backend *be;
@@ -111,11 +121,52 @@ static void *balloc(moe_model *m, size_t n) {
     return p;
 }
 
+/* Zero copy (cpu-bf16): a BF16 weight is used where it lies in the checkpoint
+ * mapping (the kernels widen it tile by tile, from any 2-byte address).  Its
+ * pages stay mapped until the weight is freed (bfree releases them) or its
+ * layer is unloaded, so a layer's weights cost no copy and no extra memory. */
+static int borrow_ok(const moe_model *m, const moe_st_tensor *t) {
+    return m->borrow && t && t->dtype == MOE_ST_BF16;
+}
+
+static void *borrow(moe_model *m, const void *p, const moe_st_tensor *t0, const moe_st_tensor *t1) {
+    if (m->borrow > 1) { /* map the pages now: cheaper than a fault per page in the ops */
+        moe_st_populate(t0);
+        if (t1) moe_st_populate(t1);
+    }
+#pragma omp critical(moe_model_blk)
+    {
+        if (m->nbrw == m->capbrw) {
+            m->capbrw = m->capbrw ? 2 * m->capbrw : 256;
+            m->brw = moe_realloc(m->brw, sizeof *m->brw * m->capbrw);
+        }
+        m->brw[m->nbrw++] = (brw){p, {t0, t1}};
+    }
+    return (void *)p;
+}
+
+static int is_borrowed(moe_model *m, const void *p) {
+    int r = 0;
+    if (!p || !m->nbrw) return 0;
+#pragma omp critical(moe_model_blk)
+    for (size_t i = 0; i < m->nbrw && !r; i++) r = m->brw[i].p == p;
+    return r;
+}
+
 static void bfree(moe_model *m, void *p) {
     if (!p) return;
     int found = 0, keep = 0;
+    brw b = {0};
 #pragma omp critical(moe_model_blk)
-    for (size_t i = m->nlive; i-- > 0;)
+    {
+    for (size_t i = m->nbrw; i-- > 0;)
+        if (m->brw[i].p == p) { /* borrowed: nothing to free, pages to release */
+            b = m->brw[i];
+            m->brw[i] = m->brw[--m->nbrw];
+            found = keep = 1;
+            break;
+        }
+    for (size_t i = m->nlive; !found && i-- > 0;)
         if (m->live[i].p == p) {
             size_t n = m->live[i].n;
             m->live[i] = m->live[--m->nlive];
@@ -127,6 +178,11 @@ static void bfree(moe_model *m, void *p) {
             }
             break;
         }
+    }
+    if (b.p) {
+        moe_st_release(b.t[0]);
+        if (b.t[1]) moe_st_release(b.t[1]);
+    }
     if (!keep) m->be->free(p); /* not pooled, or not from balloc */
     (void)found;
 }
@@ -179,6 +235,16 @@ static void *to_backend_w(moe_model *m, float *host, size_t n) {
         bfree(m, host);
     else
         free(host);
+    return d;
+}
+
+/* Host f32 (from host_f32) -> backend buffer of float32 whatever the weight
+ * dtype (takes ownership of host): weights for matmul_f32. */
+static float *to_backend_f32(moe_model *m, float *host, size_t n) {
+    if (m->be->host_memory) return host;
+    float *d = balloc(m, n * sizeof(float) + 4);
+    m->be->upload(d, host, n * sizeof(float));
+    free(host);
     return d;
 }
 
@@ -248,6 +314,10 @@ static void stage_put(moe_model *m, void *dst, const moe_st_tensor *t, size_t e0
         if ((be->weight_dtype == MOE_WT_BF16 && t->dtype == MOE_ST_BF16) ||
             (be->weight_dtype == MOE_WT_F32 && t->dtype == MOE_ST_F32)) {
             be->upload(dst, (const unsigned char *)t->data + e0 * ws, n * ws);
+            return;
+        }
+        if (be->host_memory) { /* converted in place */
+            fill_piece(m, dst, t, e0, n);
             return;
         }
         size_t chunk = STG_SLOT_BYTES / ws;
@@ -333,6 +403,7 @@ static void *load_mat(moe_model *m, int l, moe_tensor_kind k, int expert) {
     size_t n = tensor_numel(m, l, k);
     if (use_direct(m)) {
         const moe_st_tensor *t = moe_ckpt_get(m->ck, l, k, expert);
+        if (borrow_ok(m, t)) return borrow(m, t->data, t, NULL);
         return t ? direct_mat(m, t, 0, n) : NULL;
     }
     float *h = host_f32(m, n);
@@ -350,6 +421,10 @@ static void *load_gate_up(moe_model *m, int l, moe_tensor_kind kg, moe_tensor_ki
         const moe_st_tensor *tg = moe_ckpt_get(m->ck, l, kg, expert);
         const moe_st_tensor *tu = tg ? moe_ckpt_get(m->ck, l, ku, expert) : NULL;
         if (!tu) return NULL;
+        /* gate then up, adjacent in the file (as the writers order them): [2I, H] */
+        if (borrow_ok(m, tg) && borrow_ok(m, tu) &&
+            (const unsigned char *)tu->data == (const unsigned char *)tg->data + 2 * IH)
+            return borrow(m, tg->data, tg, tu);
         void *d = balloc(m, 2 * IH * wsz(m) + 4);
         stage_put(m, d, tg, 0, IH);
         stage_put(m, (unsigned char *)d + IH * wsz(m), tu, 0, IH);
@@ -393,6 +468,12 @@ moe_model *moe_model_open(const char *dir, const moe_model_opts *opts) {
     moe_ckpt *ck = moe_ckpt_open(dir);
     if (!ck) return NULL;
     const moe_config *c = moe_ckpt_config(ck);
+    /* the default CPU backend on a BF16 checkpoint: the table that computes
+     * from BF16 weights (same results, no f32 copy of the weights; kernels.h) */
+    const char *cw = getenv("MOE_CPU_WEIGHTS");
+    if (!(opts && opts->backend) && be == moe_backend_cpu() && moe_ckpt_dtype(ck) == MOE_ST_BF16 &&
+        !(cw && !strcmp(cw, "f32")))
+        be = moe_backend_cpu_bf16();
     if (c->clip_qkv > 0) {
         moe_error_set(MOE_ERR_DATA, "%s: clip_qkv %g is not supported", c->path, c->clip_qkv);
         moe_ckpt_close(ck);
@@ -419,11 +500,16 @@ moe_model *moe_model_open(const char *dir, const moe_model_opts *opts) {
     m->pool_cap = m->cache_bytes / 2;
     if (!be->host_memory && m->pool_cap > ((size_t)4 << 30)) m->pool_cap = (size_t)4 << 30;
     const char *old_path = getenv("MOE_STAGE_F32"); /* benchmarks: the f32 round trip */
-    m->direct = !be->host_memory && !(old_path && *old_path && strcmp(old_path, "0") != 0);
+    m->direct = !be->host_memory ? !(old_path && *old_path && strcmp(old_path, "0") != 0)
+                                 : be->weight_dtype != MOE_WT_F32; /* cpu-bf16 */
     m->stg_bytes = opts && opts->staging_bytes ? opts->staging_bytes : (size_t)64 << 20;
     if (m->stg_bytes < 256) m->stg_bytes = 256;
     m->stg_bytes &= ~(size_t)63;
-    m->async = m->direct && be->host_alloc && be->host_free && be->upload_async &&
+    const char *bw = getenv("MOE_CPU_BORROW"); /* benchmarks: 0 = copy the BF16 bytes */
+    m->borrow = be->host_memory && be->weight_dtype == MOE_WT_BF16 && !(bw && !strcmp(bw, "0"));
+    const char *pp = getenv("MOE_CPU_POPULATE");
+    if (m->borrow && !(pp && !strcmp(pp, "0"))) m->borrow = 2; /* populate borrowed pages */
+    m->async = m->direct && !be->host_memory && be->host_alloc && be->host_free && be->upload_async &&
                be->upload_wait && be->upload_fence;
     m->lw = moe_calloc((size_t)c->num_layers, sizeof *m->lw);
     m->ov = moe_calloc((size_t)c->num_layers, sizeof *m->ov);
@@ -454,6 +540,7 @@ void moe_model_close(moe_model *m) {
     for (size_t i = 0; i < m->nlive; i++) m->be->free(m->live[i].p); /* leaked by the caller */
     free(m->pool);
     free(m->live);
+    free(m->brw);
     free(m->lw);
     free(m->ov);
     moe_ckpt_close(m->ck);
@@ -547,6 +634,7 @@ void moe_layer_unload(moe_model *m, int l) {
     free(w->e_gu);
     free(w->e_down);
     memset(w, 0, sizeof *w);
+    if (m->borrow) moe_ckpt_release_layer(m->ck, l);
 }
 
 /* Fused condensed SwiGLU: kept experts (+ the shared MLP when ungated):
@@ -592,7 +680,15 @@ static int load_condensed(moe_model *m, int l, layer_w *w, int fuse_shared) {
         return -1;
     }
     w->gu = to_backend_w(m, gu, 2 * I * H);
-    w->down = to_backend_w(m, down, H * I);
+    /* the scaled down projection is not representable in a narrower weight
+     * dtype: kept f32 when the backend takes f32 weights too (cpu-bf16: same
+     * results as cpu); else rounded (a GPU) */
+    if (m->be->weight_dtype != MOE_WT_F32 && m->be->matmul_f32) {
+        w->down = to_backend_f32(m, down, H * I);
+        w->down_f32 = 1;
+    } else {
+        w->down = to_backend_w(m, down, H * I);
+    }
     return 0;
 }
 
@@ -623,8 +719,8 @@ static int convert_experts(moe_model *m, int l, int e0, int e1, void **gu, void 
                 snprintf(msg, sizeof msg, "%s", moe_error());
                 kind = moe_error_kind();
             }
-        } else {
-            release_expert_pages(m, l, e);
+        } else if (!is_borrowed(m, gu[e]) && !is_borrowed(m, down[e])) {
+            release_expert_pages(m, l, e); /* borrowed ones: when freed */
         }
     }
     if (failed) {
@@ -704,7 +800,7 @@ static int layer_load(moe_model *m, int l, int prefetch) {
         }
     }
 #undef REQ
-    moe_ckpt_release_layer(m->ck, l);
+    if (!m->borrow) moe_ckpt_release_layer(m->ck, l); /* borrow: at unload */
     /* layer-major callers load l+1 next: let the kernel read it ahead */
     if (l + 1 < c->num_layers) moe_ckpt_prefetch_layer(m->ck, l + 1);
     if (prefetch)
@@ -799,14 +895,17 @@ int moe_layer_mlp_input(moe_model *m, int l, float *xn, const float *x, int T) {
 
 /* y (+)= SwiGLU MLP with fused gate_up [2I,H] and down [H,I] */
 static void swiglu_mlp(moe_model *m, float *y, const float *x, const void *gu_w,
-                       const void *down_w, int T, int I, int accumulate) {
+                       const void *down_w, int down_f32, int T, int I, int accumulate) {
     const moe_backend *be = m->be;
     int H = m->cfg->hidden_size;
     float *gu = scratch(m, S_GU, sizeof(float) * (size_t)T * 2 * I);
     float *h = scratch(m, S_H, sizeof(float) * (size_t)T * I);
     be->matmul(gu, x, gu_w, NULL, T, H, 2 * I, 0);
     be->swiglu(h, gu, T, I);
-    be->matmul(y, h, down_w, NULL, T, I, H, accumulate);
+    if (down_f32)
+        be->matmul_f32(y, h, down_w, NULL, T, I, H, accumulate);
+    else
+        be->matmul(y, h, down_w, NULL, T, I, H, accumulate);
 }
 
 /* y += shared part (gated for qwen2_moe) */
@@ -815,7 +914,7 @@ static void add_shared(moe_model *m, layer_w *w, float *y, const float *xn, int 
     const moe_backend *be = m->be;
     int H = m->cfg->hidden_size;
     float *o = scratch(m, S_O, sizeof(float) * (size_t)T * H);
-    swiglu_mlp(m, o, xn, w->s_gu, w->s_down, T, w->Is, 0);
+    swiglu_mlp(m, o, xn, w->s_gu, w->s_down, 0, T, w->Is, 0);
     if (w->s_gate) {
         float *z = scratch(m, S_Z, sizeof(float) * (size_t)T);
         be->matmul(z, xn, w->s_gate, NULL, T, H, 1, 0);
@@ -882,7 +981,7 @@ static int expert_weights(moe_model *m, int l, int e, void **gu, void **down, in
         bfree(m, *gu);
         return -1;
     }
-    release_expert_pages(m, l, e);
+    if (!is_borrowed(m, *gu) && !is_borrowed(m, *down)) release_expert_pages(m, l, e);
     upload_ready(m);
     *tmp = 1;
     return 0;
@@ -987,11 +1086,11 @@ int moe_layer_mlp_run(moe_model *m, int l, float *y, const float *xn, int T, moe
     size_t TH = (size_t)T * m->cfg->hidden_size;
     switch (moe_model_layer_kind(m, l)) {
     case MOE_MLP_DENSE:
-        swiglu_mlp(m, y, xn, w->gu, w->down, T, w->I, 0);
+        swiglu_mlp(m, y, xn, w->gu, w->down, 0, T, w->I, 0);
         return moe_backend_status(m->be);
     case MOE_MLP_CONDENSED:
         if (w->I > 0)
-            swiglu_mlp(m, y, xn, w->gu, w->down, T, w->I, 0);
+            swiglu_mlp(m, y, xn, w->gu, w->down, w->down_f32, T, w->I, 0);
         else
             m->be->zero(y, TH * sizeof(float));
         add_shared(m, w, y, xn, T);
@@ -1026,7 +1125,7 @@ int moe_layer_expert(moe_model *m, int l, int e, float *y, const float *xn, int 
     void *gu, *down;
     int tmp;
     if (expert_weights(m, l, e, &gu, &down, &tmp) < 0) return -1;
-    swiglu_mlp(m, y, xn, gu, down, T, c->moe_intermediate_size, 0);
+    swiglu_mlp(m, y, xn, gu, down, 0, T, c->moe_intermediate_size, 0);
     if (tmp) {
         bfree(m, gu);
         bfree(m, down);
@@ -1083,7 +1182,12 @@ static int lm_head_rows(moe_model *m, const float *x, int T, float *const *rowds
     for (size_t r0 = 0; r0 < V; r0 += chunk) {
         size_t nr = V - r0 < chunk ? V - r0 : chunk;
         void *wb;
-        if (use_direct(m)) {
+        const unsigned char *src = (const unsigned char *)t->data + r0 * H * es;
+        int borrowed = 0;
+        if (use_direct(m) && borrow_ok(m, t)) {
+            wb = (void *)src; /* the mapping itself (released below) */
+            borrowed = 1;
+        } else if (use_direct(m)) {
             wb = direct_mat(m, t, r0 * H, nr * H);
             upload_ready(m);
         } else {
@@ -1092,7 +1196,7 @@ static int lm_head_rows(moe_model *m, const float *x, int T, float *const *rowds
             wb = to_backend_w(m, h, nr * H);
         }
         be->matmul(yc, x, wb, NULL, T, (int)H, (int)nr, 0);
-        bfree(m, wb);
+        if (!borrowed) bfree(m, wb);
         if (dst_host && !be->host_memory) {
             /* one transfer per chunk, not one per token: each download waits
              * for the device */

@@ -28,6 +28,17 @@
  * one layer's non-expert weights + the expert cache or group + activations.
  * Token-level results never depend on chunking, grouping or thread count.
  *
+ * CPU, BF16 checkpoints.  The default CPU backend becomes "cpu-bf16"
+ * (kernels.h): weights stay BF16 and are not even copied -- a layer's
+ * matrices point into the checkpoint mapping (gate|up fused when up follows
+ * gate in the file, as the writers order them; else a BF16 copy), the
+ * kernels widen them to f32 tile by tile in per-thread buffers, and the
+ * mapped pages are released when the weight is freed or its layer unloaded
+ * (so "converts" above costs nothing there).  Results are byte-identical to
+ * f32 weights; a condensed layer's fused down projection (scaled in f32)
+ * stays f32.  Environment, for benchmarks: MOE_CPU_WEIGHTS=f32 converts to
+ * f32 as before ("cpu"); MOE_CPU_BORROW=0 copies the BF16 bytes instead.
+ *
  * Device backends (host_memory 0; kernels/cuda/).  Weights are staged in the
  * backend's weight dtype, BF16 checkpoint bytes as they are (no f32 round
  * trip; MOE_STAGE_F32=1 in the environment restores the old f32 staging, for

@@ -582,6 +582,21 @@ void moe_st_prefetch(const moe_st_tensor *t)
     if (len) madvise(t->file->map + off, len, MADV_WILLNEED);
 }
 
+void moe_st_populate(const moe_st_tensor *t)
+{
+    uint64_t off, len;
+    if (!t || !t->nbytes) return;
+    page_range(t, &off, &len);
+    if (!len) return;
+#ifdef MADV_POPULATE_READ
+    if (madvise(t->file->map + off, len, MADV_POPULATE_READ) == 0) return;
+#endif
+    /* older kernels: touch one byte per page */
+    uint64_t pg = (uint64_t)sysconf(_SC_PAGESIZE);
+    const volatile unsigned char *p = (const volatile unsigned char *)t->file->map + off;
+    for (uint64_t i = 0; i < len; i += pg) (void)p[i];
+}
+
 void moe_st_release(const moe_st_tensor *t)
 {
     uint64_t off, len;

@@ -113,6 +113,9 @@ void moe_st_shape_str(int ndim, const int64_t *shape, char *buf, size_t size);
  * the page cache).  Never fails. */
 void moe_st_prefetch(const moe_st_tensor *t);
 void moe_st_release(const moe_st_tensor *t);
+/* Map this tensor's pages now (MADV_POPULATE_READ: one call instead of a page
+ * fault per page when the data are read; reads them from disk if needed). */
+void moe_st_populate(const moe_st_tensor *t);
 
 /* ---- writing ----------------------------------------------------------- */
 

@@ -306,6 +306,76 @@ static void test_experts_invariance(void **state) {
     moe_dispatch_free(&d);
 }
 
+/* "cpu-bf16": BF16 weights widened tile by tile give the same bytes as "cpu" on
+ * the widened weights: matmul (tiny padded products, several column tiles, a
+ * ragged last tile, a weight at an odd 2-byte address, accumulate, bias) and
+ * the grouped experts, 1 and 2 threads; matmul_f32 is "cpu"'s matmul. */
+static uint16_t *to_bf16(float *w, size_t n, int shift) { /* rounds w in place; +shift elements */
+    uint16_t *b = malloc((n + (size_t)shift) * sizeof(uint16_t));
+    for (size_t i = 0; i < n; i++) {
+        b[i + (size_t)shift] = moe_f32_to_bf16(w[i]);
+        w[i] = moe_bf16_to_f32(b[i + (size_t)shift]);
+    }
+    return b;
+}
+
+static void test_bf16_weights_exact(void **state) {
+    (void)state;
+    const moe_backend *cpu = moe_backend_cpu(), *bf = moe_backend_cpu_bf16();
+    assert_int_equal(bf->weight_dtype, MOE_WT_BF16);
+    const int shapes[][3] = {{1, 64, 3}, {7, 33, 65}, {300, 260, 1100}, {130, 128, 1024},
+                             {2, 700, 1}, {513, 96, 64}};
+    for (int th = 1; th <= 2; th++) {
+        moe_kernels_set_threads(th);
+        for (size_t i = 0; i < sizeof shapes / sizeof *shapes; i++) {
+            int T = shapes[i][0], K = shapes[i][1], N = shapes[i][2];
+            for (int shift = 0; shift <= 1; shift++) {
+                float *x = rand_vec((size_t)T * K), *w = rand_vec((size_t)N * K), *b = rand_vec(N);
+                uint16_t *wb = to_bf16(w, (size_t)N * K, shift);
+                float *y1 = rand_vec((size_t)T * N), *y2 = malloc(sizeof(float) * T * N);
+                float *y3 = malloc(sizeof(float) * T * N);
+                memcpy(y2, y1, sizeof(float) * T * N);
+                memcpy(y3, y1, sizeof(float) * T * N);
+                int acc = (int)(i + (size_t)shift) % 2;
+                cpu->matmul(y1, x, w, acc ? b : NULL, T, K, N, acc);
+                bf->matmul(y2, x, wb + shift, acc ? b : NULL, T, K, N, acc);
+                bf->matmul_f32(y3, x, w, acc ? b : NULL, T, K, N, acc);
+                assert_memory_equal(y1, y2, sizeof(float) * T * N);
+                assert_memory_equal(y1, y3, sizeof(float) * T * N);
+                free(x), free(w), free(b), free(wb), free(y1), free(y2), free(y3);
+            }
+        }
+        enum { T = 90, E = 5, K = 2, H = 256, Im = 330 };
+        int32_t idx[T * K];
+        float wt[T * K];
+        for (int t = 0; t < T; t++) {
+            idx[t * K] = (t * 7) % E;
+            idx[t * K + 1] = (t * 7 + 1 + t % 3) % E;
+            wt[t * K] = wt[t * K + 1] = 0.5f;
+        }
+        moe_dispatch d;
+        moe_dispatch_build(&d, idx, wt, T, E, K);
+        float *x = rand_vec((size_t)T * H), *wg[E], *wd[E];
+        uint16_t *bg[E], *bd[E];
+        const void *pg[E], *pd[E], *qg[E], *qd[E];
+        for (int e = 0; e < E; e++) {
+            pg[e] = wg[e] = rand_vec((size_t)2 * Im * H);
+            pd[e] = wd[e] = rand_vec((size_t)H * Im);
+            qg[e] = bg[e] = to_bf16(wg[e], (size_t)2 * Im * H, 0);
+            qd[e] = bd[e] = to_bf16(wd[e], (size_t)H * Im, 0);
+        }
+        size_t n = (size_t)T * K;
+        float *o1 = calloc(n * H, sizeof(float)), *o2 = calloc(n * H, sizeof(float));
+        cpu->experts(o1, x, d.tokens, d.off, pg, pd, E, H, Im);
+        bf->experts(o2, x, d.tokens, d.off, qg, qd, E, H, Im);
+        assert_memory_equal(o1, o2, sizeof(float) * n * H);
+        for (int e = 0; e < E; e++) free(wg[e]), free(wd[e]), free(bg[e]), free(bd[e]);
+        free(x), free(o1), free(o2);
+        moe_dispatch_free(&d);
+    }
+    moe_kernels_set_threads(0);
+}
+
 static void test_divergences(void **state) {
     (void)state;
     const moe_backend *cpu = moe_backend_cpu();
@@ -342,6 +412,7 @@ int main(void) {
         cmocka_unit_test(test_dispatch_gather_scatter),
         cmocka_unit_test(test_experts_combine),
         cmocka_unit_test(test_experts_invariance),
+        cmocka_unit_test(test_bf16_weights_exact),
         cmocka_unit_test(test_divergences),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

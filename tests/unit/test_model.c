@@ -402,6 +402,108 @@ static void test_expert_streaming(void **state) {
     }
 }
 
+/* BF16 checkpoints on the default CPU backend run on "cpu-bf16" (weights kept
+ * in BF16, widened to f32 tile by tile): the same bytes as "cpu" with f32
+ * weights, for every fixture, 1 and 2 threads, the sequences batched; a
+ * condensed layer (its fused down projection stays f32) and the per-expert
+ * API too.  F32 checkpoints, and MOE_CPU_WEIGHTS=f32, stay on "cpu". */
+typedef struct {
+    float *hid[NSEQ], *lg[NSEQ];
+    int n[NSEQ], nl[NSEQ];
+} fwd_bytes;
+
+static void fwd_run(moe_model *m, const char *arch, fwd_bytes *o) {
+    const moe_config *c = moe_model_config(m);
+    int L = c->num_layers, H = c->hidden_size, V = c->vocab_size;
+    npy ids[NSEQ];
+    moe_seq seqs[NSEQ];
+    for (int s = 0; s < NSEQ; s++) {
+        ids[s] = load_fix(arch, "bf16", "seq%d_ids.npy", s);
+        int T = (int)ids[s].count;
+        o->n[s] = (L + 1) * T * H;
+        o->nl[s] = T * V;
+        o->hid[s] = malloc(sizeof(float) * o->n[s]);
+        o->lg[s] = malloc(sizeof(float) * o->nl[s]);
+        seqs[s] = (moe_seq){ids[s].data, T, o->hid[s], o->lg[s]};
+    }
+    if (moe_model_forward(m, seqs, NSEQ, 0, NULL, NULL) < 0) fail_msg("%s", moe_error());
+    for (int s = 0; s < NSEQ; s++) free(ids[s].data);
+}
+
+static void fwd_same(fwd_bytes *a, fwd_bytes *b) {
+    for (int s = 0; s < NSEQ; s++) {
+        assert_memory_equal(a->hid[s], b->hid[s], sizeof(float) * a->n[s]);
+        assert_memory_equal(a->lg[s], b->lg[s], sizeof(float) * a->nl[s]);
+        free(a->hid[s]), free(a->lg[s]), free(b->hid[s]), free(b->lg[s]);
+    }
+}
+
+static void test_bf16_weights(void **state) {
+    (void)state;
+    moe_model_opts of32 = {.backend = moe_backend_cpu()};
+    for (size_t a = 0; a < sizeof ARCHS / sizeof *ARCHS; a++) {
+        char dir[256];
+        snprintf(dir, sizeof dir, "%s/%s-bf16", FIX, ARCHS[a]);
+        moe_model *mf = moe_model_open(dir, &of32), *mb = moe_model_open(dir, NULL);
+        assert_non_null(mf);
+        assert_non_null(mb);
+        assert_ptr_equal(moe_model_backend(mf), moe_backend_cpu());
+        assert_ptr_equal(moe_model_backend(mb), moe_backend_cpu_bf16());
+        fwd_bytes rf, rb;
+        for (int th = 1; th <= 2; th++) {
+            moe_kernels_set_threads(th);
+            fwd_run(mf, ARCHS[a], &rf);
+            fwd_run(mb, ARCHS[a], &rb);
+            fwd_same(&rf, &rb);
+        }
+        moe_kernels_set_threads(0);
+        /* per-expert API and the shared part on the last (MoE) layer */
+        const moe_config *c = moe_model_config(mf);
+        int H = c->hidden_size, l = c->num_layers - 1, T = 5;
+        float *xn = moe_model_alloc(mf, (size_t)T * H);
+        float *y1 = moe_model_alloc(mf, (size_t)T * H), *y2 = moe_model_alloc(mf, (size_t)T * H);
+        for (int i = 0; i < T * H; i++) xn[i] = (float)((i * 37) % 101 - 50) / 25.0f;
+        for (int e = 0; e < c->n_routed_experts; e += 3) {
+            assert_int_equal(moe_layer_expert(mf, l, e, y1, xn, T), 0);
+            assert_int_equal(moe_layer_expert(mb, l, e, y2, xn, T), 0);
+            assert_memory_equal(y1, y2, sizeof(float) * T * H);
+        }
+        assert_int_equal(moe_layer_shared(mf, l, y1, xn, T), 0);
+        assert_int_equal(moe_layer_shared(mb, l, y2, xn, T), 0);
+        assert_memory_equal(y1, y2, sizeof(float) * T * H);
+        moe_model_free(mf, xn), moe_model_free(mf, y1), moe_model_free(mf, y2);
+        /* a condensed layer (fixtures that have one) */
+        if (!strcmp(ARCHS[a], "deepseek") || !strcmp(ARCHS[a], "qwen2_moe")) {
+            int cl, n, ex[16];
+            float w[16];
+            read_condensed(ARCHS[a], "bf16", &cl, &n, ex, w);
+            assert_int_equal(moe_model_condense_layer(mf, cl, n, ex, w), 0);
+            assert_int_equal(moe_model_condense_layer(mb, cl, n, ex, w), 0);
+            for (int th = 1; th <= 2; th++) {
+                moe_kernels_set_threads(th);
+                fwd_run(mf, ARCHS[a], &rf);
+                fwd_run(mb, ARCHS[a], &rb);
+                fwd_same(&rf, &rb);
+            }
+            moe_kernels_set_threads(0);
+        }
+        moe_model_close(mf);
+        moe_model_close(mb);
+        /* f32 checkpoints stay f32; the environment can keep "cpu" */
+        snprintf(dir, sizeof dir, "%s/%s-f32", FIX, ARCHS[a]);
+        moe_model *m32 = moe_model_open(dir, NULL);
+        assert_ptr_equal(moe_model_backend(m32), moe_backend_cpu());
+        moe_model_close(m32);
+    }
+    char dir[256];
+    snprintf(dir, sizeof dir, "%s/olmoe-bf16", FIX);
+    setenv("MOE_CPU_WEIGHTS", "f32", 1);
+    moe_model *m = moe_model_open(dir, NULL);
+    unsetenv("MOE_CPU_WEIGHTS");
+    assert_ptr_equal(moe_model_backend(m), moe_backend_cpu());
+    moe_model_close(m);
+}
+
 /* A backend whose memory is "not host memory" (same ops, but the model must
  * upload weights and move activations through upload/download): exercises
  * the paths a GPU backend takes; results must be byte-identical. */
@@ -478,6 +580,7 @@ int main(void) {
         cmocka_unit_test(test_thread_invariance),
         cmocka_unit_test(test_prefix_cache),
         cmocka_unit_test(test_expert_streaming),
+        cmocka_unit_test(test_bf16_weights),
         cmocka_unit_test(test_device_memory_paths),
         cmocka_unit_test(test_bad_input),
     };
