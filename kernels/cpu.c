@@ -333,45 +333,6 @@ static void cpu_rope(float *x, float theta, int pos0, int T, int nh, int D) {
 
 /* ---- attention ---------------------------------------------------------- */
 
-/* Reference: one (head, query) at a time, plain loops. */
-static void ref_attention(float *out, const float *q, const float *k, const float *v, float scale,
-                          int T, int nh, int nkv, int D) {
-    int rep = nh / nkv;
-#pragma omp parallel
-    {
-        float *s = malloc(sizeof(float) * (size_t)(T > 0 ? T : 1));
-#pragma omp for schedule(dynamic, 4) collapse(2)
-        for (int h = 0; h < nh; h++) {
-            for (int i = 0; i < T; i++) {
-                int kh = h / rep;
-                const float *qi = q + ((size_t)i * nh + h) * D;
-                float mx = -INFINITY;
-                for (int j = 0; j <= i; j++) {
-                    const float *kj = k + ((size_t)j * nkv + kh) * D;
-                    float d = 0.0f;
-                    for (int c = 0; c < D; c++) d += qi[c] * kj[c];
-                    s[j] = d * scale;
-                    if (s[j] > mx) mx = s[j];
-                }
-                double sum = 0.0;
-                for (int j = 0; j <= i; j++) {
-                    s[j] = expf(s[j] - mx);
-                    sum += s[j];
-                }
-                float inv = (float)(1.0 / sum);
-                float *o = out + ((size_t)i * nh + h) * D;
-                for (int c = 0; c < D; c++) o[c] = 0.0f;
-                for (int j = 0; j <= i; j++) {
-                    float p = s[j] * inv;
-                    const float *vj = v + ((size_t)j * nkv + kh) * D;
-                    for (int c = 0; c < D; c++) o[c] += p * vj[c];
-                }
-            }
-        }
-        free(s);
-    }
-}
-
 static void cpu_attention_kv(float *out, const float *q, const float *k, const float *v,
                              float scale, int P, int T, int nh, int nkv, int D);
 /* the blocked, row-invariant kernel of attention_kv (appended below) with no cache */
@@ -687,6 +648,8 @@ static void cpu_divergence(double *d, const float *a, const float *b, int metric
 
 static void ref_attention_kv(float *out, const float *q, const float *k, const float *v,
                              float scale, int P, int T, int nh, int nkv, int D);
+static void ref_attention(float *out, const float *q, const float *k, const float *v, float scale,
+                          int T, int nh, int nkv, int D);
 
 static const moe_backend cpu_backend = {
     .name = "cpu",
@@ -868,7 +831,8 @@ void moe_dispatch_free(moe_dispatch *d) {
 
 /* ---- attention over a KV cache (attention_kv) ------------------------------
  *
- * Reference: ref_attention's loops with query t at position P + t. */
+ * Reference: one (head, query) at a time, plain loops; query t at position
+ * P + t sees keys 0..P+t. */
 static void ref_attention_kv(float *out, const float *q, const float *k, const float *v,
                              float scale, int P, int T, int nh, int nkv, int D) {
     int rep = nh / nkv, N = P + T;
@@ -905,6 +869,12 @@ static void ref_attention_kv(float *out, const float *q, const float *k, const f
         }
         free(s);
     }
+}
+
+/* Reference for the whole sequence: no cached keys. */
+static void ref_attention(float *out, const float *q, const float *k, const float *v, float scale,
+                          int T, int nh, int nkv, int D) {
+    ref_attention_kv(out, q, k, v, scale, 0, T, nh, nkv, D);
 }
 
 /* Optimised, row-invariant, heads spread over the threads.  Keys are taken

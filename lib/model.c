@@ -852,6 +852,32 @@ int moe_model_embed(moe_model *m, float *x, const int32_t *ids, int T) {
     return rc == 0 ? moe_backend_status(m->be) : rc;
 }
 
+/* The attention's input side for T tokens at positions pos0..: xn =
+ * RMSNorm_in(x); q, k, v projections (+ biases); qk-norm (whole or per head);
+ * RoPE on q and k. */
+static void qkv_project(moe_model *m, const layer_w *w, float *q /* [T, nh·D] */,
+                        float *k /* [T, nkv·D] */, float *v /* [T, nkv·D] */,
+                        float *xn /* [T, H] scratch */, const float *x /* [T, H] */, int T,
+                        int pos0) {
+    const moe_config *c = m->cfg;
+    const moe_backend *be = m->be;
+    int H = c->hidden_size, nh = c->num_heads, nkv = c->num_kv_heads, D = c->head_dim;
+    float eps = (float)c->rms_norm_eps;
+    be->rmsnorm(xn, x, w->in_norm, eps, T, H);
+    be->matmul(q, xn, w->wq, w->bq, T, H, nh * D, 0);
+    be->matmul(k, xn, w->wk, w->bk, T, H, nkv * D, 0);
+    be->matmul(v, xn, w->wv, w->bv, T, H, nkv * D, 0);
+    if (c->qk_norm == MOE_QK_NORM_FULL) {
+        be->rmsnorm(q, q, w->qn, eps, T, nh * D);
+        be->rmsnorm(k, k, w->kn, eps, T, nkv * D);
+    } else if (c->qk_norm == MOE_QK_NORM_HEAD) {
+        be->rmsnorm(q, q, w->qn, eps, T * nh, D);
+        be->rmsnorm(k, k, w->kn, eps, T * nkv, D);
+    }
+    be->rope(q, (float)c->rope_theta, pos0, T, nh, D);
+    be->rope(k, (float)c->rope_theta, pos0, T, nkv, D);
+}
+
 int moe_layer_attention(moe_model *m, int l, float *x, int T) {
     if (ensure_loaded(m, l) < 0) return -1;
     const moe_config *c = m->cfg;
@@ -869,19 +895,7 @@ int moe_layer_attention(moe_model *m, int l, float *x, int T) {
     float *k = scratch(m, S_K, sizeof(float) * t * nkv * D);
     float *v = scratch(m, S_V, sizeof(float) * t * nkv * D);
     float *att = scratch(m, S_ATT, sizeof(float) * t * nh * D);
-    be->rmsnorm(xn, x, w->in_norm, (float)c->rms_norm_eps, T, H);
-    be->matmul(q, xn, w->wq, w->bq, T, H, nh * D, 0);
-    be->matmul(k, xn, w->wk, w->bk, T, H, nkv * D, 0);
-    be->matmul(v, xn, w->wv, w->bv, T, H, nkv * D, 0);
-    if (c->qk_norm == MOE_QK_NORM_FULL) {
-        be->rmsnorm(q, q, w->qn, (float)c->rms_norm_eps, T, nh * D);
-        be->rmsnorm(k, k, w->kn, (float)c->rms_norm_eps, T, nkv * D);
-    } else if (c->qk_norm == MOE_QK_NORM_HEAD) {
-        be->rmsnorm(q, q, w->qn, (float)c->rms_norm_eps, T * nh, D);
-        be->rmsnorm(k, k, w->kn, (float)c->rms_norm_eps, T * nkv, D);
-    }
-    be->rope(q, (float)c->rope_theta, 0, T, nh, D);
-    be->rope(k, (float)c->rope_theta, 0, T, nkv, D);
+    qkv_project(m, w, q, k, v, xn, x, T, 0);
     be->attention(att, q, k, v, (float)(1.0 / sqrt((double)D)), T, nh, nkv, D);
     be->matmul(x, att, w->wo, NULL, T, nh * D, H, 1); /* x += att·Woᵀ */
     return moe_backend_status(be);
@@ -1359,20 +1373,7 @@ int moe_layer_attention_kv(moe_model *m, int l, float *x, int T, int pos0, float
     float *q = scratch(m, S_Q, sizeof(float) * t * nh * D);
     float *att = scratch(m, S_ATT, sizeof(float) * t * nh * D);
     float *k = kc + (size_t)pos0 * kvd, *v = vc + (size_t)pos0 * kvd; /* this call's rows */
-    /* the same ops as moe_layer_attention, row for row */
-    be->rmsnorm(xn, x, w->in_norm, (float)c->rms_norm_eps, T, H);
-    be->matmul(q, xn, w->wq, w->bq, T, H, nh * D, 0);
-    be->matmul(k, xn, w->wk, w->bk, T, H, nkv * D, 0);
-    be->matmul(v, xn, w->wv, w->bv, T, H, nkv * D, 0);
-    if (c->qk_norm == MOE_QK_NORM_FULL) {
-        be->rmsnorm(q, q, w->qn, (float)c->rms_norm_eps, T, nh * D);
-        be->rmsnorm(k, k, w->kn, (float)c->rms_norm_eps, T, nkv * D);
-    } else if (c->qk_norm == MOE_QK_NORM_HEAD) {
-        be->rmsnorm(q, q, w->qn, (float)c->rms_norm_eps, T * nh, D);
-        be->rmsnorm(k, k, w->kn, (float)c->rms_norm_eps, T * nkv, D);
-    }
-    be->rope(q, (float)c->rope_theta, pos0, T, nh, D);
-    be->rope(k, (float)c->rope_theta, pos0, T, nkv, D);
+    qkv_project(m, w, q, k, v, xn, x, T, pos0); /* as moe_layer_attention, row for row */
     be->attention_kv(att, q, kc, vc, (float)(1.0 / sqrt((double)D)), pos0, T, nh, nkv, D);
     be->matmul(x, att, w->wo, NULL, T, nh * D, H, 1); /* x += att·Woᵀ */
     return moe_backend_status(be);
