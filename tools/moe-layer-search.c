@@ -32,7 +32,7 @@ static const char help[] =
     "  --weight L:E=W     use W as the mean weight of expert E of decoder layer L\n"
     "                     (repeatable; e.g. for an expert calibration never routed to)\n"
     "  --mem-mib N        memory for the candidates' activations (default: a quarter\n"
-    "                     of the host's memory; 4096 on a GPU); fewer = more passes\n"
+    "                     of the host's or the GPU's free memory); fewer = more passes\n"
     "  --stream-weights   unload every layer after use even when the model fits in\n"
     "                     memory (as models over 1 GiB do; to measure that case)\n"
     "  --candidate-major  score one candidate after the other (the previous fast\n"
