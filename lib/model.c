@@ -264,6 +264,13 @@ static float *to_backend_f32(moe_model *m, float *host, size_t n) {
 
 static int use_direct(const moe_model *m) { return m->direct; }
 
+/* the checkpoint stores t in the backend's weight dtype: its bytes are the weight's */
+static int stored_as_weight(const moe_model *m, const moe_st_tensor *t) {
+    int wdt = m->be->weight_dtype;
+    return (wdt == MOE_WT_BF16 && t->dtype == MOE_ST_BF16) ||
+           (wdt == MOE_WT_F32 && t->dtype == MOE_ST_F32);
+}
+
 #define CONV_BLOCK 8192 /* elements converted through the f32 block on the stack */
 
 /* n elements [e0, e0+n) of checkpoint tensor t into host memory dst (weight dtype) */
@@ -271,8 +278,7 @@ static void fill_piece(const moe_model *m, void *dst, const moe_st_tensor *t, si
     int wdt = m->be->weight_dtype;
     size_t es = (size_t)moe_st_dtype_bits(t->dtype) / 8, ws = wsz(m);
     const unsigned char *src = (const unsigned char *)t->data + e0 * es;
-    int same = (wdt == MOE_WT_BF16 && t->dtype == MOE_ST_BF16) ||
-               (wdt == MOE_WT_F32 && t->dtype == MOE_ST_F32);
+    int same = stored_as_weight(m, t);
     size_t blk_el = ((size_t)1 << 20) / ws; /* 1 MiB of output per task */
     long nb = (long)((n + blk_el - 1) / blk_el);
 #pragma omp parallel for schedule(static) if (nb > 1)
@@ -311,8 +317,7 @@ static void stage_put(moe_model *m, void *dst, const moe_st_tensor *t, size_t e0
     const moe_backend *be = m->be;
     size_t ws = wsz(m);
     if (!m->async) {
-        if ((be->weight_dtype == MOE_WT_BF16 && t->dtype == MOE_ST_BF16) ||
-            (be->weight_dtype == MOE_WT_F32 && t->dtype == MOE_ST_F32)) {
+        if (stored_as_weight(m, t)) {
             be->upload(dst, (const unsigned char *)t->data + e0 * ws, n * ws);
             return;
         }

@@ -438,6 +438,18 @@ static void fwd_same(fwd_bytes *a, fwd_bytes *b) {
     }
 }
 
+/* the same forward bytes from both models, with 1 and with 2 threads */
+static void fwd_same_threads(moe_model *mf, moe_model *mb, const char *arch) {
+    fwd_bytes rf, rb;
+    for (int th = 1; th <= 2; th++) {
+        moe_kernels_set_threads(th);
+        fwd_run(mf, arch, &rf);
+        fwd_run(mb, arch, &rb);
+        fwd_same(&rf, &rb);
+    }
+    moe_kernels_set_threads(0);
+}
+
 static void test_bf16_weights(void **state) {
     (void)state;
     moe_model_opts of32 = {.backend = moe_backend_cpu()};
@@ -449,14 +461,7 @@ static void test_bf16_weights(void **state) {
         assert_non_null(mb);
         assert_ptr_equal(moe_model_backend(mf), moe_backend_cpu());
         assert_ptr_equal(moe_model_backend(mb), moe_backend_cpu_bf16());
-        fwd_bytes rf, rb;
-        for (int th = 1; th <= 2; th++) {
-            moe_kernels_set_threads(th);
-            fwd_run(mf, ARCHS[a], &rf);
-            fwd_run(mb, ARCHS[a], &rb);
-            fwd_same(&rf, &rb);
-        }
-        moe_kernels_set_threads(0);
+        fwd_same_threads(mf, mb, ARCHS[a]);
         /* per-expert API and the shared part on the last (MoE) layer */
         const moe_config *c = moe_model_config(mf);
         int H = c->hidden_size, l = c->num_layers - 1, T = 5;
@@ -479,13 +484,7 @@ static void test_bf16_weights(void **state) {
             read_condensed(ARCHS[a], "bf16", &cl, &n, ex, w);
             assert_int_equal(moe_model_condense_layer(mf, cl, n, ex, w), 0);
             assert_int_equal(moe_model_condense_layer(mb, cl, n, ex, w), 0);
-            for (int th = 1; th <= 2; th++) {
-                moe_kernels_set_threads(th);
-                fwd_run(mf, ARCHS[a], &rf);
-                fwd_run(mb, ARCHS[a], &rb);
-                fwd_same(&rf, &rb);
-            }
-            moe_kernels_set_threads(0);
+            fwd_same_threads(mf, mb, ARCHS[a]);
         }
         moe_model_close(mf);
         moe_model_close(mb);

@@ -249,20 +249,7 @@ static void run_model_opts(tm_run *out, const char *dir, const char *device, siz
         float w[2] = {0.6f, 0.4f};
         if (moe_model_condense_layer(m, 1, 2, ex, w) < 0) fail_msg("%s", moe_error());
     }
-    const moe_config *c = moe_model_config(m);
-    int L = c->num_layers, H = c->hidden_size, V = c->vocab_size;
-    memset(out, 0, sizeof *out);
-    out->L = L, out->H = H, out->V = V;
-    for (int i = 0; i < NSEQ; i++) {
-        char p[512];
-        snprintf(p, sizeof p, "%s/seq%d_ids.npy", dir, i);
-        int T = 0;
-        if (!(out->ids[i] = tm_read_ids(p, &T))) fail_msg("cannot read %s", p);
-        out->s[i] = (moe_seq){out->ids[i], T, malloc(sizeof(float) * (size_t)(L + 1) * T * H),
-                              malloc(sizeof(float) * (size_t)T * V)};
-    }
-    if (moe_model_forward(m, out->s, NSEQ, 0, tm_on_route, &out->r) < 0)
-        fail_msg("%s (%s): %s", dir, device, moe_error());
+    tm_forward(out, m, dir, device);
     moe_model_close(m);
     if (nq != 0) fail_msg("%s (%s): %zu copies still queued after close", dir, device, nq);
 }

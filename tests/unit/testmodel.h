@@ -70,11 +70,8 @@ typedef struct {
     int L, H, V;
 } tm_run;
 
-/* The fixture model in dir on device, its sequences as one batch. */
-static inline void tm_run_model(tm_run *out, const char *dir, const char *device) {
-    moe_model_opts o = {.device = device};
-    moe_model *m = moe_model_open(dir, &o);
-    if (!m) fail_msg("%s (%s): %s", dir, device, moe_error());
+/* The fixture sequences of dir through the open model m, as one batch. */
+static inline void tm_forward(tm_run *out, moe_model *m, const char *dir, const char *device) {
     const moe_config *c = moe_model_config(m);
     int L = c->num_layers, H = c->hidden_size, V = c->vocab_size;
     memset(out, 0, sizeof *out);
@@ -89,6 +86,14 @@ static inline void tm_run_model(tm_run *out, const char *dir, const char *device
     }
     if (moe_model_forward(m, out->s, NSEQ, 0, tm_on_route, &out->r) < 0)
         fail_msg("%s (%s): %s", dir, device, moe_error());
+}
+
+/* The fixture model in dir on device, its sequences as one batch. */
+static inline void tm_run_model(tm_run *out, const char *dir, const char *device) {
+    moe_model_opts o = {.device = device};
+    moe_model *m = moe_model_open(dir, &o);
+    if (!m) fail_msg("%s (%s): %s", dir, device, moe_error());
+    tm_forward(out, m, dir, device);
     if (moe_backend_status(moe_model_backend(m)) < 0) fail_msg("%s: %s", dir, moe_error());
     moe_model_close(m);
 }
