@@ -22,7 +22,14 @@ NVCC ?= nvcc
 BUILD := build
 BIN := bin
 
+# Build flags come from pkg-config when the Makefile is read, so on a fresh
+# machine they can only be right after `make deps` has installed the packages:
+# the entry points that install them first (test, demo, bench, ...) run deps
+# and then make themselves again in a new make that reads the flags afresh
+# (see "Entry points" below).  A build without the packages stops here with
+# the remedy instead of failing to link.
 PKGS := msgpack libzstd jansson oniguruma libutf8proc openblas
+PKG_OK := $(shell pkg-config --exists $(PKGS) 2>/dev/null && echo 1)
 PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 
@@ -85,8 +92,25 @@ GPU_BENCH := $(patsubst bench/%.c,$(BUILD)/bench/%,$(wildcard bench/gpu_*.c))
 MAN1 := $(wildcard man/man1/*.1)
 MAN5 := $(wildcard man/man5/*.5)
 
-.PHONY: all test test-unit test-shell test-gpu bench demo deps install clean check-deps
+.PHONY: all test test-unit test-shell test-gpu bench demo deps install clean
 all: $(TOOLS) $(CUDA_PLUGIN_BIN)
+
+# Entry points that install the Debian packages first.  `make test` on a
+# machine without them runs deps, then `make DEPS_DONE=1 test`: a second make
+# whose pkg-config flags see the installed packages (in one make they were
+# computed before deps ran, and the link failed on a fresh machine).
+DEPS_FIRST := test test-gpu test-cuda-emu bench demo
+ifneq ($(DEPS_DONE),1)
+$(DEPS_FIRST): deps
+	+@$(MAKE) --no-print-directory DEPS_DONE=1 $@
+endif
+# Any other goal that compiles needs the packages now.
+BUILD_GOALS := $(filter-out deps clean $(if $(filter 1,$(DEPS_DONE)),,$(DEPS_FIRST)),$(or $(MAKECMDGOALS),all))
+ifeq ($(PKG_OK)$(BUILD_GOALS),$(BUILD_GOALS))
+ifneq ($(BUILD_GOALS),)
+$(error build dependencies missing (pkg-config does not find: $(PKGS)); run `make deps` first (`make test` and `make demo` run it themselves))
+endif
+endif
 
 $(BUILD)/%.o: %.c
 	@mkdir -p $(dir $@)
@@ -171,6 +195,7 @@ ifeq ($(CUDA),emu)
 $(CUDA_PLUGIN): $(EMU_PLUGIN)
 	cp $< $@
 endif
+ifeq ($(DEPS_DONE),1)
 ifeq ($(CUDA),0)
 # no plugin loader in this build: the emulated tests need a CUDA=emu build
 test-cuda-emu:
@@ -179,6 +204,7 @@ else
 test-cuda-emu: all-tests cuda-emu
 	BIN=$(BIN) BUILD=$(BUILD) $(EMU_ENV) sh tests/run.sh --emu
 endif
+endif # DEPS_DONE
 
 # Benchmark drivers bench/*.c, built on demand by the bench scripts (the GPU
 # ones, bench/gpu_*.c, with all-tests so that CI compiles them; run by
@@ -199,21 +225,23 @@ deps:
 		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
-test: deps
-	$(MAKE) all-tests cuda-emu
-	BIN=$(BIN) BUILD=$(BUILD) $(EMU_ENV) sh tests/run.sh
-
 .PHONY: all-tests
 all-tests: $(TOOLS) $(CUDA_PLUGIN_BIN) $(CUDA_PLUGIN) $(TESTS) $(GPU_TESTS) $(GPU_BENCH)
+
+ifeq ($(DEPS_DONE),1) # the entry points proper (see DEPS_FIRST)
+test: all-tests cuda-emu
+	BIN=$(BIN) BUILD=$(BUILD) $(EMU_ENV) sh tests/run.sh
+
 
 test-gpu: all-tests
 	BIN=$(BIN) BUILD=$(BUILD) sh tests/run.sh --gpu
 
-bench: deps all
+bench: all
 	BIN=$(BIN) BUILD=$(BUILD) sh bench/run.sh
 
-demo: deps all
+demo: all
 	sh pipelines/cd-moe.sh
+endif # DEPS_DONE
 
 install: all
 	@[ "$(CUDA)" != emu ] || { echo "install: a CUDA=emu build is for tests only" >&2; exit 1; }
