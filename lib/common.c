@@ -34,9 +34,13 @@ void moe_error_clear(void) { error_msg[0] = 0; error_kind = 0; }
 
 /* ---- memory ------------------------------------------------------------- */
 
+/* Out of memory ends the tool with a one-line message and exit status 1,
+ * never an abort (a core dump and status 134 look like a crash); exit()
+ * runs the atexit handler that removes temporary outputs.  Callers that
+ * size an allocation from input check the size first and name the file. */
 static void out_of_memory(size_t n) {
-    fprintf(stderr, "out of memory (allocating %zu bytes)\n", n);
-    abort();
+    fprintf(stderr, "%s: out of memory (allocating %zu bytes)\n", program_invocation_short_name, n);
+    exit(MOE_EXIT_DATA);
 }
 
 void *moe_malloc(size_t n) {
@@ -47,7 +51,8 @@ void *moe_malloc(size_t n) {
 
 void *moe_calloc(size_t n, size_t size) {
     void *p = calloc(n ? n : 1, size ? size : 1);
-    if (!p) out_of_memory(n * size);
+    size_t bytes;
+    if (!p) out_of_memory(__builtin_mul_overflow(n, size, &bytes) ? SIZE_MAX : bytes);
     return p;
 }
 

@@ -33,8 +33,9 @@ const char *moe_error(void);   /* last message, "" if none */
 int moe_error_kind(void);      /* MOE_ERR_*, 0 if none */
 void moe_error_clear(void);
 
-/* Allocation that never returns NULL: out of memory aborts with a message
- * (there is nothing sensible a caller could do instead). */
+/* Allocation that never returns NULL: out of memory ends the tool with
+ * "TOOL: out of memory (allocating N bytes)" and exit status 1 (never an
+ * abort).  Sizes that come from input are checked before they get here. */
 void *moe_malloc(size_t n);
 void *moe_calloc(size_t n, size_t size);
 void *moe_realloc(void *p, size_t n);

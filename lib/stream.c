@@ -260,7 +260,7 @@ typedef struct {
     uint64_t objects;    /* complete top-level objects so far (0 = the header) */
 } size_guard;
 
-static uint64_t max_record_bytes(void) {
+uint64_t moe_stream_max_record(void) {
     static uint64_t cached;
     if (!cached) {
         const char *e = getenv("MOE_MAX_RECORD_MIB");
@@ -342,14 +342,14 @@ static int guard_scan(size_guard *g, const unsigned char *p, size_t n, const cha
             g->remaining--;
             guard_value(g, p[i++]);
         }
-        if (g->cost > max_record_bytes()) {
+        if (g->cost > moe_stream_max_record()) {
             char what[48];
             if (g->objects) snprintf(what, sizeof what, "record %llu", (unsigned long long)g->objects - 1);
             else snprintf(what, sizeof what, "the header");
             moe_error_set(MOE_ERR_DATA,
                           "%s: %s needs more than %llu MiB of memory (the limit for one record; "
                           "MOE_MAX_RECORD_MIB raises it)",
-                          name, what, (unsigned long long)(max_record_bytes() >> 20));
+                          name, what, (unsigned long long)(moe_stream_max_record() >> 20));
             return -1;
         }
         if (g->in_object && !g->remaining && !g->skip && !g->len_need) {
