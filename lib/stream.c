@@ -740,8 +740,7 @@ int moe_reader_check_model(moe_reader *r, const char *fingerprint, int force) {
 #define PACK_BUF (1 << 16)
 
 struct moe_writer {
-    char *name, *final_path, *tmp_path;
-    int fd;
+    moe_output out_file;      /* fd, name, and the temporary it is written under */
     ZSTD_CCtx *cctx;
     unsigned char *pending;   /* packed msgpack bytes waiting for compression */
     size_t npending;
@@ -752,15 +751,15 @@ struct moe_writer {
     int failed;
 };
 
-const char *moe_writer_name(const moe_writer *w) { return w->name; }
+const char *moe_writer_name(const moe_writer *w) { return w->out_file.name; }
 uint64_t moe_writer_count(const moe_writer *w) { return w->count; }
 
 static int write_all(moe_writer *w, const unsigned char *p, size_t n) {
     while (n) {
-        ssize_t k = write(w->fd, p, n);
+        ssize_t k = write(w->out_file.fd, p, n);
         if (k < 0 && errno == EINTR) continue;
         if (k < 0) {
-            if (!w->failed) moe_error_set(MOE_ERR_IO, "%s: write error: %s", w->name, strerror(errno));
+            if (!w->failed) moe_error_set(MOE_ERR_IO, "%s: write error: %s", w->out_file.name, strerror(errno));
             w->failed = 1;
             return -1;
         }
@@ -776,7 +775,7 @@ static int compress_pending(moe_writer *w, ZSTD_EndDirective mode) {
         ZSTD_outBuffer out = {w->out, w->out_cap, 0};
         size_t left = ZSTD_compressStream2(w->cctx, &out, &in, mode);
         if (ZSTD_isError(left)) {
-            if (!w->failed) moe_error_set(MOE_ERR_DATA, "%s: zstd: %s", w->name, ZSTD_getErrorName(left));
+            if (!w->failed) moe_error_set(MOE_ERR_DATA, "%s: zstd: %s", w->out_file.name, ZSTD_getErrorName(left));
             w->failed = 1;
             return -1;
         }
@@ -836,28 +835,21 @@ static void pack_header(moe_writer *w, const msgpack_object *up, const moe_prove
 
 moe_writer *moe_writer_open(const char *path, const msgpack_object *upstream, const moe_provenance *prov,
                             int no_provenance) {
-    int is_stdout = strcmp(path, "-") == 0;
-    if (is_stdout && isatty(1)) {
+    if (strcmp(path, "-") == 0 && isatty(1)) {
         moe_error_set(MOE_ERR_IO, "<stdout>: refusing to write a binary stream to a terminal "
                                   "(redirect it to a file or a pipe)");
         return NULL;
     }
     moe_writer *w = moe_calloc(1, sizeof *w);
-    w->name = moe_strdup(is_stdout ? "<stdout>" : path);
-    if (is_stdout) w->fd = 1;
-    else {
-        w->final_path = moe_strdup(path);
-        w->tmp_path = moe_tmp_path(path);
-        w->fd = open(w->tmp_path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-        if (w->fd < 0) {
-            moe_error_set(MOE_ERR_IO, "%s: cannot create: %s", path, strerror(errno));
-            free(w->tmp_path);
-            free(w->final_path);
-            free(w->name);
-            free(w);
-            return NULL;
-        }
-        moe_tmp_register(w->tmp_path);
+    if (moe_output_open(&w->out_file, path) < 0) {
+        free(w);
+        return NULL;
+    }
+    if (isatty(w->out_file.fd)) { /* -o /dev/tty: written directly, so refused here */
+        moe_error_set(MOE_ERR_IO, "%s: refusing to write a binary stream to a terminal", path);
+        moe_output_close(&w->out_file, 0);
+        free(w);
+        return NULL;
     }
     w->cctx = ZSTD_createCCtx();
     ZSTD_CCtx_setParameter(w->cctx, ZSTD_c_compressionLevel, 3);
@@ -887,9 +879,6 @@ static void writer_free(moe_writer *w) {
     ZSTD_freeCCtx(w->cctx);
     free(w->pending);
     free(w->out);
-    free(w->tmp_path);
-    free(w->final_path);
-    free(w->name);
     free(w);
 }
 
@@ -898,27 +887,13 @@ int moe_writer_close(moe_writer *w) {
     moe_pack_kv_str(&w->pk, "type", "end");
     moe_pack_kv_int(&w->pk, "records", (int64_t)w->count);
     int rc = w->failed ? -1 : compress_pending(w, ZSTD_e_end);
-    if (rc == 0 && w->tmp_path && fsync(w->fd) != 0 && errno != EINVAL) {
-        moe_error_set(MOE_ERR_IO, "%s: write error: %s", w->name, strerror(errno));
-        rc = -1;
-    }
-    if (w->tmp_path) {
-        if (close(w->fd) != 0 && rc == 0) {
-            moe_error_set(MOE_ERR_IO, "%s: write error: %s", w->name, strerror(errno));
-            rc = -1;
-        }
-        if (rc == 0) rc = moe_tmp_commit(w->tmp_path, w->final_path);
-        else moe_tmp_discard(w->tmp_path);
-    }
+    rc = moe_output_close(&w->out_file, rc == 0);
     writer_free(w);
     return rc;
 }
 
 void moe_writer_abort(moe_writer *w) {
     if (!w) return;
-    if (w->tmp_path) {
-        close(w->fd);
-        moe_tmp_discard(w->tmp_path);
-    }
+    moe_output_close(&w->out_file, 0);
     writer_free(w);
 }

@@ -129,9 +129,6 @@ int main(int argc, char **argv) {
             moe_cli_fail();
         }
     }
-    if (fflush(stdout) != 0 || ferror(stdout)) {
-        moe_error_set(MOE_ERR_IO, "<stdout>: write error");
-        moe_cli_fail();
-    }
+    moe_cli_flush_stdout();
     return 0;
 }
