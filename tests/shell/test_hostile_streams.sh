@@ -47,6 +47,13 @@ $PY $S hostile bomb "$TMP/b200.zst" 200 || fail "python writer"
 moe-dump --check "$TMP/m.zst" | grep -q ": ok, 1 records" || fail "merge did not join the duplicates"
 MOE_MAX_RECORD_MIB=100 expect_fail 1 "b200.zst: record 0 needs more than 100 MiB" moe-dump --check "$TMP/b200.zst"
 
+# with the limit raised past what memory allows, an allocation fails: still
+# a message naming the stream and exit 1, never an abort (status 134)
+for cmd in "moe-dump --check" "moe-merge" "moe-calib --quiet --model $M"; do
+    MOE_MAX_RECORD_MIB=4096 expect_fail 1 "bomb.zst: out of memory|out of memory" \
+        sh -c "ulimit -v 600000; exec $cmd \"\$0\" >/dev/null" "$TMP/bomb.zst"
+done
+
 # moe-eval --dump checks each record against the limit before allocating it
 # (a huge vocabulary once asked for 34 GB and aborted): 1100 tokens of logits
 # over 256 ids are 1.1 MB, over a 1 MiB limit
