@@ -27,7 +27,8 @@ static int contains(msgpack_object *list, uint32_t n, const msgpack_object *o) {
 
 /* Build the merged header in a zone: union of kinds and provenance entries. */
 static msgpack_object merged_header(moe_reader **in, int n, msgpack_zone *z) {
-    uint32_t nk = 0, np = 0, capk = 0, capp = 0;
+    uint32_t nk = 0, np = 0;
+    size_t capk = 0, capp = 0; /* summed over inputs: may pass 2^32 */
     for (int i = 0; i < n; i++) {
         const msgpack_object *h = moe_reader_header(in[i]);
         const msgpack_object *k = moe_map_get(h, "kinds"), *p = moe_map_get(h, "provenance");

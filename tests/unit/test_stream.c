@@ -336,6 +336,48 @@ static void test_array_size_overflow(void **state) {
     moe_reader_close(r);
 }
 
+/* A record that declares more memory than the record limit (1024 MiB by
+ * default) is refused as soon as the declaration is read, before msgpack-c
+ * allocates or buffers it: a huge list, map, bin, str or ext, and one whose
+ * many small declarations add up. */
+static void test_record_size_limit(void **state) {
+    (void)state;
+    static const unsigned char big[][6] = {
+        {0xdd, 0x10, 0, 0, 0},       /* list of 2^28 elements: 6 GiB of msgpack_object */
+        {0xdf, 0x04, 0, 0, 0},       /* map of 2^26 pairs */
+        {0xc6, 0x40, 0, 0, 1},       /* bin of 1 GiB + 1 */
+        {0xdb, 0xff, 0xff, 0xff, 0xff}, /* str of 4 GiB */
+        {0xc9, 0x40, 0, 0, 0},       /* ext of 1 GiB */
+    };
+    const char *p = tu_path("big");
+    for (size_t i = 0; i < sizeof big / sizeof *big; i++) {
+        msgpack_sbuffer sb;
+        msgpack_packer pk;
+        pack_to(&sb, &pk);
+        pack_header(&pk, MOE_STREAM_FORMAT, 1);
+        msgpack_pack_map(&pk, 2);
+        moe_pack_kv_str(&pk, "type", "x");
+        moe_pack_str(&pk, "v");
+        msgpack_sbuffer_write(&sb, (const char *)big[i], 5);
+        write_zstd(p, sb.data, sb.size);
+        msgpack_sbuffer_destroy(&sb);
+        expect_bad(p, "record 0 needs more than 1024 MiB of memory");
+    }
+    /* 2^16 lists of 2^11 elements each: 2^27 elements, 3 GiB once allocated */
+    msgpack_sbuffer sb;
+    msgpack_packer pk;
+    pack_to(&sb, &pk);
+    pack_header(&pk, MOE_STREAM_FORMAT, 1);
+    msgpack_pack_map(&pk, 2);
+    moe_pack_kv_str(&pk, "type", "x");
+    moe_pack_str(&pk, "v");
+    msgpack_pack_array(&pk, 1 << 16);
+    for (int i = 0; i < 1 << 16; i++) msgpack_sbuffer_write(&sb, "\xdc\x08\x00", 3);
+    write_zstd(p, sb.data, sb.size);
+    msgpack_sbuffer_destroy(&sb);
+    expect_bad(p, "record 0 needs more than 1024 MiB of memory");
+}
+
 static void test_record_problems(void **state) {
     (void)state;
     msgpack_sbuffer sb;
@@ -476,6 +518,7 @@ int main(void) {
         cmocka_unit_test(test_wrong_format_and_version),
         cmocka_unit_test(test_record_problems),
         cmocka_unit_test(test_array_size_overflow),
+        cmocka_unit_test(test_record_size_limit),
         cmocka_unit_test(test_accessor_errors),
         cmocka_unit_test(test_abort_leaves_nothing),
         cmocka_unit_test(test_write_error_reported),
