@@ -228,6 +228,13 @@ void moe_tmp_cleanup_all(void) {
 /* Follow symbolic links by hand (realpath needs the target to exist; a
  * dangling link names the file to create). */
 char *moe_output_target(const char *path, int *direct) {
+    /* The kernel's view first: /dev/stdout and /proc/self/fd/N are links
+     * whose text ("pipe:[123]") is no path, but they open fine. */
+    struct stat kst;
+    if (stat(path, &kst) == 0 && !S_ISREG(kst.st_mode) && !S_ISDIR(kst.st_mode)) {
+        *direct = 1;
+        return moe_strdup(path);
+    }
     char *p = moe_strdup(path);
     *direct = 0;
     for (int hops = 0;; hops++) {
@@ -274,12 +281,17 @@ int moe_output_open(moe_output *o, const char *path) {
     int direct;
     char *target = moe_output_target(path, &direct);
     if (!target) return -1;
+    struct stat st;
+    int existed = !direct && stat(target, &st) == 0;
+    if (existed && S_ISDIR(st.st_mode)) {
+        moe_error_set(MOE_ERR_IO, "%s: is a directory", path);
+        free(target);
+        return -1;
+    }
     if (direct) {
         o->fd = open(target, O_WRONLY | O_CLOEXEC);
         free(target);
     } else {
-        struct stat st;
-        int existed = stat(target, &st) == 0;
         o->final_path = target;
         o->tmp_path = moe_tmp_path(target);
         o->fd = open(o->tmp_path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);

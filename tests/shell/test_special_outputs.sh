@@ -88,6 +88,13 @@ echo "$WRITERS" | while IFS='|' read -r name cmd; do
     no_leftovers "$TMP/sub" "$name"
 done || exit 1
 
+# /dev/stdout is a link whose text ("pipe:[N]") is no path: written in place
+moe-merge --no-provenance -o /dev/stdout "$TMP/calib" "$TMP/rank" | cat >"$TMP/viastdout" || fail "-o /dev/stdout"
+cmp -s "$TMP/viastdout" "$TMP/ref.merge" || fail "-o /dev/stdout: other bytes"
+# a directory is refused before any work
+mkdir "$TMP/adir"
+expect_fail 3 "adir: is a directory" moe-merge -o "$TMP/adir" "$TMP/calib"
+
 # ---- checkpoint directories --------------------------------------------------
 DIRW='
 condense|moe-condense --model $M --layers 1 --experts 2 -o "$OUT" $TMP/plan
