@@ -279,6 +279,26 @@ static void test_wrong_format_and_version(void **state) {
     expect_bad(p, "not supported");
 }
 
+/* A stream of one record {"type": TYPE, KEY: RAW} (RAW: packed msgpack). */
+static void write_one_record(const char *p, const char *type, const char *key, const void *raw, size_t n) {
+    msgpack_sbuffer sb;
+    msgpack_packer pk;
+    pack_to(&sb, &pk);
+    pack_header(&pk, MOE_STREAM_FORMAT, 1);
+    msgpack_pack_map(&pk, 2);
+    moe_pack_kv_str(&pk, "type", type);
+    moe_pack_str(&pk, key);
+    msgpack_sbuffer_write(&sb, raw, n);
+    pack_end(&pk, 1);
+    write_zstd(p, sb.data, sb.size);
+    msgpack_sbuffer_destroy(&sb);
+}
+
+static void expect_too_big(const void *raw, size_t n) {
+    write_one_record(tu_path("big"), "x", "v", raw, n);
+    expect_bad(tu_path("big"), "record 0 needs more than 1024 MiB of memory");
+}
+
 /* A typed array whose byte size wraps around 2^64: shape [2^40, 2^22] of
  * i32 is 2^64 bytes, which a wrapping product takes for 0 (issue 14). */
 static void pack_wrapping_array(msgpack_packer *pk, const char *dtype, int64_t d0, int64_t d1) {
@@ -319,13 +339,8 @@ static void test_array_size_overflow(void **state) {
     msgpack_packer pk;
     const char *p = tu_path("wrap");
     pack_to(&sb, &pk);
-    pack_header(&pk, MOE_STREAM_FORMAT, 1);
-    msgpack_pack_map(&pk, 2);
-    moe_pack_kv_str(&pk, "type", "tokens");
-    moe_pack_str(&pk, "ids");
     pack_wrapping_array(&pk, "i32", (int64_t)1 << 40, (int64_t)1 << 22);
-    pack_end(&pk, 1);
-    write_zstd(p, sb.data, sb.size);
+    write_one_record(p, "tokens", "ids", sb.data, sb.size);
     msgpack_sbuffer_destroy(&sb);
     moe_reader *r = moe_reader_open(p);
     assert_non_null(r);
@@ -349,33 +364,14 @@ static void test_record_size_limit(void **state) {
         {0xdb, 0xff, 0xff, 0xff, 0xff}, /* str of 4 GiB */
         {0xc9, 0x40, 0, 0, 0},       /* ext of 1 GiB */
     };
-    const char *p = tu_path("big");
-    for (size_t i = 0; i < sizeof big / sizeof *big; i++) {
-        msgpack_sbuffer sb;
-        msgpack_packer pk;
-        pack_to(&sb, &pk);
-        pack_header(&pk, MOE_STREAM_FORMAT, 1);
-        msgpack_pack_map(&pk, 2);
-        moe_pack_kv_str(&pk, "type", "x");
-        moe_pack_str(&pk, "v");
-        msgpack_sbuffer_write(&sb, (const char *)big[i], 5);
-        write_zstd(p, sb.data, sb.size);
-        msgpack_sbuffer_destroy(&sb);
-        expect_bad(p, "record 0 needs more than 1024 MiB of memory");
-    }
-    /* 2^16 lists of 2^11 elements each: 2^27 elements, 3 GiB once allocated */
-    msgpack_sbuffer sb;
-    msgpack_packer pk;
-    pack_to(&sb, &pk);
-    pack_header(&pk, MOE_STREAM_FORMAT, 1);
-    msgpack_pack_map(&pk, 2);
-    moe_pack_kv_str(&pk, "type", "x");
-    moe_pack_str(&pk, "v");
-    msgpack_pack_array(&pk, 1 << 16);
-    for (int i = 0; i < 1 << 16; i++) msgpack_sbuffer_write(&sb, "\xdc\x08\x00", 3);
-    write_zstd(p, sb.data, sb.size);
-    msgpack_sbuffer_destroy(&sb);
-    expect_bad(p, "record 0 needs more than 1024 MiB of memory");
+    for (size_t i = 0; i < sizeof big / sizeof *big; i++) expect_too_big(big[i], 5);
+    /* a list of 2^16 lists of 2^11 elements each: 2^27 elements, 3 GiB once allocated */
+    size_t n = 5 + 3 * ((size_t)1 << 16);
+    unsigned char *raw = malloc(n);
+    memcpy(raw, "\xdd\x00\x01\x00\x00", 5);
+    for (size_t i = 5; i < n; i += 3) memcpy(raw + i, "\xdc\x08\x00", 3);
+    expect_too_big(raw, n);
+    free(raw);
 }
 
 static void test_record_problems(void **state) {
