@@ -473,9 +473,13 @@ static int rm_rf(const char *p) { return nftw(p, rm_cb, 16, FTW_DEPTH | FTW_PHYS
 
 moe_ckpt_writer *moe_ckpt_writer_open(const char *dir, uint64_t shard_bytes, int force)
 {
-    /* -o a symlink: the link stays, the directory it names is replaced */
+    /* -o a symlink: the link stays, the directory it names is replaced.
+     * "out/" names "out" (its temporary goes beside it, not inside). */
+    char *given = moe_strdup(dir);
+    for (size_t n = strlen(given); n > 1 && given[n - 1] == '/'; n--) given[n - 1] = 0;
     int special;
-    char *target = moe_output_target(dir, &special);
+    char *target = moe_output_target(given, &special);
+    free(given);
     if (!target) return NULL;
     struct stat st;
     if (stat(target, &st) == 0) {
@@ -494,7 +498,7 @@ moe_ckpt_writer *moe_ckpt_writer_open(const char *dir, uint64_t shard_bytes, int
     w->dir = target;
     w->shard_bytes = shard_bytes;
     w->force = force;
-    w->tmp = moe_tmp_path(dir);
+    w->tmp = moe_tmp_path(w->dir);
     if (mkdir(w->tmp, 0777) < 0) {
         moe_error_set(MOE_ERR_IO, "%s: cannot create directory: %s", w->tmp, strerror(errno));
         free(w->tmp);

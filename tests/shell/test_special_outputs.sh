@@ -128,6 +128,13 @@ echo "$DIRW" | while IFS='|' read -r name cmd; do
     [ "$(ls -A "$TMP/ck")" = "$(printf 'link\nreal')" ] || fail "$name: left behind: $(ls -A "$TMP/ck")"
 done || exit 1
 
+# "DIR/" names DIR (its temporary used to be looked for inside it)
+moe-init --arch olmoe --seed 1 -o "$TMP/slash/" >/dev/null || fail "moe-init -o DIR/"
+[ -f "$TMP/slash/config.json" ] || fail "moe-init -o DIR/: no checkpoint"
+moe-init --arch olmoe --seed 1 -o "$TMP/ck/link/" --force >/dev/null || fail "moe-init -o LINK/ --force"
+[ -L "$TMP/ck/link" ] && [ -f "$TMP/ck/real/config.json" ] || fail "moe-init -o LINK/"
+no_leftovers "$TMP" "-o DIR/"
+
 # ---- standard output ------------------------------------------------------------
 if [ $have_dev = 1 ]; then
     rm -rf "$TMP/cfull"
