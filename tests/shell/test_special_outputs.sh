@@ -135,6 +135,49 @@ moe-init --arch olmoe --seed 1 -o "$TMP/ck/link/" --force >/dev/null || fail "mo
 [ -L "$TMP/ck/link" ] && [ -f "$TMP/ck/real/config.json" ] || fail "moe-init -o LINK/"
 no_leftovers "$TMP" "-o DIR/"
 
+# ---- replacing a checkpoint where directories cannot be exchanged ----------
+# A shim makes renameat2 fail as on a file system without RENAME_EXCHANGE,
+# and (with SHIM_TERM) sends SIGTERM right after the old checkpoint is moved
+# aside: it must then sit under a name that no later run sweeps away (it used
+# to be a temporary name, deleted by the next run as stale).
+if command -v cc >/dev/null 2>&1 && ! ldd "$(command -v moe-init)" 2>/dev/null | grep -q libasan; then
+    cat >"$TMP/shim.c" <<'CEOF'
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+int renameat2(int a, const char *from, int b, const char *to, unsigned flags) {
+    (void)a, (void)from, (void)b, (void)to, (void)flags;
+    errno = EINVAL;
+    return -1;
+}
+int rename(const char *from, const char *to) {
+    int (*real)(const char *, const char *) = (int (*)(const char *, const char *))dlsym(RTLD_NEXT, "rename");
+    int rc = real(from, to);
+    if (rc == 0 && getenv("SHIM_TERM") && strstr(to, ".old.")) raise(SIGTERM);
+    return rc;
+}
+CEOF
+    cc -shared -fPIC -o "$TMP/shim.so" "$TMP/shim.c" -ldl || fail "building the rename shim"
+    mkdir "$TMP/rp"
+    moe-init --arch olmoe --seed 1 -o "$TMP/rp/ck" >/dev/null || fail "moe-init"
+    moe-init --arch olmoe --seed 2 -o "$TMP/seed2" >/dev/null || fail "moe-init"
+    LD_PRELOAD="$TMP/shim.so" moe-init --arch olmoe --seed 2 -o "$TMP/rp/ck" --force >/dev/null \
+        || fail "replacing without RENAME_EXCHANGE"
+    cmp -s "$TMP/rp/ck/model.safetensors" "$TMP/seed2/model.safetensors" || fail "not replaced"
+    [ "$(ls -A "$TMP/rp")" = ck ] || fail "replacing without exchange left: $(ls -A "$TMP/rp")"
+    LD_PRELOAD="$TMP/shim.so" SHIM_TERM=1 moe-init --arch olmoe --seed 3 -o "$TMP/rp/ck" --force >/dev/null 2>&1
+    [ $? -eq 143 ] || fail "the shim did not stop moe-init"
+    old=$(ls -A "$TMP/rp" | grep '^\.ck\.old\.') || fail "old checkpoint not kept aside: $(ls -A "$TMP/rp")"
+    moe-init --arch olmoe --seed 4 -o "$TMP/rp/ck" >/dev/null || fail "the next run"
+    cmp -s "$TMP/rp/$old/model.safetensors" "$TMP/seed2/model.safetensors" \
+        || fail "the next run removed the old checkpoint left at $old"
+else
+    echo "note: no cc (or a sanitizer build): replacement without RENAME_EXCHANGE not tested"
+fi
+
 # ---- standard output ------------------------------------------------------------
 if [ $have_dev = 1 ]; then
     rm -rf "$TMP/cfull"
