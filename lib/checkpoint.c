@@ -5,6 +5,7 @@
 #include "sha256.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <ftw.h>
 #include <jansson.h>
 #include <stdio.h>
@@ -472,22 +473,32 @@ static int rm_rf(const char *p) { return nftw(p, rm_cb, 16, FTW_DEPTH | FTW_PHYS
 
 moe_ckpt_writer *moe_ckpt_writer_open(const char *dir, uint64_t shard_bytes, int force)
 {
+    /* -o a symlink: the link stays, the directory it names is replaced.
+     * "out/" names "out" (its temporary goes beside it, not inside). */
+    char *given = moe_strdup(dir);
+    for (size_t n = strlen(given); n > 1 && given[n - 1] == '/'; n--) given[n - 1] = 0;
+    int special;
+    char *target = moe_output_target(given, &special);
+    free(given);
+    if (!target) return NULL;
     struct stat st;
-    if (lstat(dir, &st) == 0) {
+    if (stat(target, &st) == 0) {
         if (!force) {
             moe_error_set(MOE_ERR_IO, "%s: exists (use --force to replace it)", dir);
+            free(target);
             return NULL;
         }
         if (!S_ISDIR(st.st_mode)) {
             moe_error_set(MOE_ERR_IO, "%s: exists and is not a directory", dir);
+            free(target);
             return NULL;
         }
     }
     moe_ckpt_writer *w = moe_calloc(1, sizeof *w);
-    w->dir = moe_strdup(dir);
+    w->dir = target;
     w->shard_bytes = shard_bytes;
     w->force = force;
-    w->tmp = moe_tmp_path(dir);
+    w->tmp = moe_tmp_path(w->dir);
     if (mkdir(w->tmp, 0777) < 0) {
         moe_error_set(MOE_ERR_IO, "%s: cannot create directory: %s", w->tmp, strerror(errno));
         free(w->tmp);
@@ -568,6 +579,52 @@ static int cmp_decl_name(const void *a, const void *b)
     return strcmp((*(const decl *const *)a)->name, (*(const decl *const *)b)->name);
 }
 
+/* Replace an existing checkpoint so that its name always holds a whole one:
+ * swap the new directory and the old one in one step (RENAME_EXCHANGE), then
+ * remove the old one from the temporary name.  A signal at any point leaves
+ * the old or the new checkpoint under the name, never neither.  Where the
+ * file system cannot exchange, the old one is first moved to
+ * ".NAME.old.PID", a name no sweep of stale temporaries ever deletes, and
+ * moved back if the new one cannot take its place. */
+static int move_into_place(moe_ckpt_writer *w)
+{
+    struct stat st;
+    if (lstat(w->dir, &st) != 0) return moe_tmp_commit(w->tmp, w->dir);
+    if (!w->force) {
+        moe_error_set(MOE_ERR_IO, "%s: exists (use --force to replace it)", w->dir);
+        return -1;
+    }
+    if (renameat2(AT_FDCWD, w->tmp, AT_FDCWD, w->dir, RENAME_EXCHANGE) == 0) {
+        rm_rf(w->tmp); /* the old checkpoint, now under the temporary name */
+        moe_tmp_discard(w->tmp);
+        return 0;
+    }
+    if (errno != EINVAL && errno != ENOSYS && errno != ENOTSUP) {
+        moe_error_set(MOE_ERR_IO, "%s: cannot replace: %s", w->dir, strerror(errno));
+        return -1;
+    }
+    const char *slash = strrchr(w->dir, '/');
+    size_t dirlen = slash ? (size_t)(slash - w->dir + 1) : 0;
+    size_t n = strlen(w->dir) + 48;
+    char *old = moe_malloc(n);
+    snprintf(old, n, "%.*s.%s.old.%ld", (int)dirlen, w->dir, w->dir + dirlen, (long)getpid());
+    int rc = -1;
+    if (rename(w->dir, old) < 0) {
+        moe_error_set(MOE_ERR_IO, "%s: cannot move the old directory aside: %s", w->dir, strerror(errno));
+    } else if (moe_tmp_commit(w->tmp, w->dir) < 0) {
+        if (rename(old, w->dir) < 0) { /* leave it where it is; the message says so */
+            char msg[1024];
+            snprintf(msg, sizeof msg, "%s (old directory left at %s)", moe_error(), old);
+            moe_error_set(MOE_ERR_IO, "%s", msg);
+        }
+    } else {
+        rm_rf(old);
+        rc = 0;
+    }
+    free(old);
+    return rc;
+}
+
 int moe_ckpt_writer_close(moe_ckpt_writer *w)
 {
     /* shard assignment in declaration order */
@@ -624,36 +681,7 @@ int moe_ckpt_writer_close(moe_ckpt_writer *w)
         free(s);
         if (r < 0) goto out;
     }
-    /* move into place, replacing an old directory only now */
-    char *old = NULL;
-    struct stat st;
-    if (lstat(w->dir, &st) == 0) {
-        if (!w->force) {
-            moe_error_set(MOE_ERR_IO, "%s: exists (use --force to replace it)", w->dir);
-            goto out;
-        }
-        old = moe_tmp_path(w->dir);
-        if (rename(w->dir, old) < 0) {
-            moe_error_set(MOE_ERR_IO, "%s: cannot move the old directory aside: %s", w->dir, strerror(errno));
-            free(old);
-            goto out;
-        }
-    }
-    if (moe_tmp_commit(w->tmp, w->dir) < 0) {
-        if (old) {
-            if (rename(old, w->dir) < 0) { /* leave it where it is; the message says so */
-                char msg[1024];
-                snprintf(msg, sizeof msg, "%s (old directory left at %s)", moe_error(), old);
-                moe_error_set(MOE_ERR_IO, "%s", msg);
-            }
-            free(old);
-        }
-        goto out;
-    }
-    if (old) {
-        rm_rf(old);
-        free(old);
-    }
+    if (move_into_place(w) < 0) goto out;
     rc = 0;
 out:
     for (int s = 0; s < nshards; s++) free(fnames[s]);

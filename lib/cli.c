@@ -102,6 +102,14 @@ void moe_cli_fail(void) {
     exit(kind == MOE_ERR_IO ? MOE_EXIT_IO : kind == MOE_ERR_DEVICE ? MOE_EXIT_DEVICE : MOE_EXIT_DATA);
 }
 
+void moe_cli_flush_stdout(void) {
+    errno = 0;
+    if (fflush(stdout) != 0 || ferror(stdout)) {
+        moe_error_set(MOE_ERR_IO, "<stdout>: write error: %s", strerror(errno ? errno : EIO));
+        moe_cli_fail();
+    }
+}
+
 void moe_cli_warn(const char *fmt, ...) {
     va_list ap;
     fprintf(stderr, "%s: warning: ", tool_name);

@@ -49,6 +49,9 @@ int moe_cli_handle(int opt, const char *arg);
 _Noreturn void moe_cli_usage(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 /* "tool: <moe_error()>" on stderr, exit with the code for its kind. */
 _Noreturn void moe_cli_fail(void);
+/* Flush standard output; on a write error (a full disk, /dev/full) fail
+ * with "<stdout>: write error: REASON" and exit 3. */
+void moe_cli_flush_stdout(void);
 /* Warning line on stderr ("tool: warning: ..."), silenced by nothing. */
 void moe_cli_warn(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 /* Parse helpers for option values; bad values are usage errors. */

@@ -34,9 +34,13 @@ void moe_error_clear(void) { error_msg[0] = 0; error_kind = 0; }
 
 /* ---- memory ------------------------------------------------------------- */
 
+/* Out of memory ends the tool with a one-line message and exit status 1,
+ * never an abort (a core dump and status 134 look like a crash); exit()
+ * runs the atexit handler that removes temporary outputs.  Callers that
+ * size an allocation from input check the size first and name the file. */
 static void out_of_memory(size_t n) {
-    fprintf(stderr, "out of memory (allocating %zu bytes)\n", n);
-    abort();
+    fprintf(stderr, "%s: out of memory (allocating %zu bytes)\n", program_invocation_short_name, n);
+    exit(MOE_EXIT_DATA);
 }
 
 void *moe_malloc(size_t n) {
@@ -47,7 +51,8 @@ void *moe_malloc(size_t n) {
 
 void *moe_calloc(size_t n, size_t size) {
     void *p = calloc(n ? n : 1, size ? size : 1);
-    if (!p) out_of_memory(n * size);
+    size_t bytes;
+    if (!p) out_of_memory(__builtin_mul_overflow(n, size, &bytes) ? SIZE_MAX : bytes);
     return p;
 }
 
@@ -216,6 +221,126 @@ void moe_tmp_cleanup_all(void) {
         const char *p = tmp_paths[i];
         if (p) remove_path(p);
     }
+}
+
+/* ---- outputs ------------------------------------------------------------ */
+
+/* Follow symbolic links by hand (realpath needs the target to exist; a
+ * dangling link names the file to create). */
+char *moe_output_target(const char *path, int *direct) {
+    /* The kernel's view first: /dev/stdout and /proc/self/fd/N are links
+     * whose text ("pipe:[123]") is no path, but they open fine. */
+    struct stat kst;
+    if (stat(path, &kst) == 0 && !S_ISREG(kst.st_mode) && !S_ISDIR(kst.st_mode)) {
+        *direct = 1;
+        return moe_strdup(path);
+    }
+    char *p = moe_strdup(path);
+    *direct = 0;
+    for (int hops = 0;; hops++) {
+        struct stat st;
+        if (lstat(p, &st) != 0) {
+            if (errno == ENOENT) return p; /* a new file */
+            moe_error_set(MOE_ERR_IO, "%s: %s", path, strerror(errno));
+            free(p);
+            return NULL;
+        }
+        if (!S_ISLNK(st.st_mode)) {
+            *direct = !S_ISREG(st.st_mode) && !S_ISDIR(st.st_mode);
+            return p;
+        }
+        char link[4096];
+        ssize_t n = hops < 40 ? readlink(p, link, sizeof link - 1) : -1;
+        if (n < 0) {
+            moe_error_set(MOE_ERR_IO, "%s: %s", path, hops < 40 ? strerror(errno) : strerror(ELOOP));
+            free(p);
+            return NULL;
+        }
+        link[n] = 0;
+        const char *slash = strrchr(p, '/');
+        char *next;
+        if (link[0] == '/' || !slash) next = moe_strdup(link);
+        else { /* relative to the link's directory */
+            size_t dirlen = (size_t)(slash - p + 1);
+            next = moe_malloc(dirlen + (size_t)n + 1);
+            memcpy(next, p, dirlen);
+            memcpy(next + dirlen, link, (size_t)n + 1);
+        }
+        free(p);
+        p = next;
+    }
+}
+
+int moe_output_open(moe_output *o, const char *path) {
+    memset(o, 0, sizeof *o);
+    if (strcmp(path, "-") == 0) {
+        o->fd = 1;
+        o->name = moe_strdup("<stdout>");
+        return 0;
+    }
+    int direct;
+    char *target = moe_output_target(path, &direct);
+    if (!target) return -1;
+    struct stat st;
+    int existed = !direct && stat(target, &st) == 0;
+    if (existed && S_ISDIR(st.st_mode)) {
+        moe_error_set(MOE_ERR_IO, "%s: is a directory", path);
+        free(target);
+        return -1;
+    }
+    if (direct) {
+        o->fd = open(target, O_WRONLY | O_CLOEXEC);
+        free(target);
+    } else {
+        o->final_path = target;
+        o->tmp_path = moe_tmp_path(target);
+        o->fd = open(o->tmp_path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+        if (o->fd >= 0) {
+            moe_tmp_register(o->tmp_path);
+            if (existed) fchmod(o->fd, st.st_mode & 07777); /* the replaced file's permissions */
+        }
+    }
+    if (o->fd < 0) {
+        moe_error_set(MOE_ERR_IO, "%s: cannot write: %s", path, strerror(errno));
+        free(o->tmp_path);
+        free(o->final_path);
+        memset(o, 0, sizeof *o);
+        return -1;
+    }
+    o->name = moe_strdup(path);
+    return 0;
+}
+
+FILE *moe_output_stdio(moe_output *o) {
+    if (!o->fp) o->fp = o->fd == 1 ? stdout : fdopen(o->fd, "w");
+    if (!o->fp) moe_error_set(MOE_ERR_IO, "%s: %s", o->name, strerror(errno));
+    return o->fp;
+}
+
+int moe_output_close(moe_output *o, int ok) {
+    int rc = ok ? 0 : -1;
+    if (o->fp && (fflush(o->fp) != 0 || ferror(o->fp)) && rc == 0) {
+        moe_error_set(MOE_ERR_IO, "%s: write error: %s", o->name, strerror(errno));
+        rc = -1;
+    }
+    /* fsync a file before it replaces the old one; a pipe or device cannot */
+    if (rc == 0 && o->tmp_path && fsync(o->fd) != 0 && errno != EINVAL) {
+        moe_error_set(MOE_ERR_IO, "%s: write error: %s", o->name, strerror(errno));
+        rc = -1;
+    }
+    if (o->fd != 1 && (o->fp ? fclose(o->fp) : close(o->fd)) != 0 && rc == 0) {
+        moe_error_set(MOE_ERR_IO, "%s: write error: %s", o->name, strerror(errno));
+        rc = -1;
+    }
+    if (o->tmp_path) {
+        if (rc == 0) rc = moe_tmp_commit(o->tmp_path, o->final_path);
+        else moe_tmp_discard(o->tmp_path);
+    }
+    free(o->tmp_path);
+    free(o->final_path);
+    free(o->name);
+    memset(o, 0, sizeof *o);
+    return rc;
 }
 
 /* ---- progress ----------------------------------------------------------- */

@@ -33,8 +33,9 @@ const char *moe_error(void);   /* last message, "" if none */
 int moe_error_kind(void);      /* MOE_ERR_*, 0 if none */
 void moe_error_clear(void);
 
-/* Allocation that never returns NULL: out of memory aborts with a message
- * (there is nothing sensible a caller could do instead). */
+/* Allocation that never returns NULL: out of memory ends the tool with
+ * "TOOL: out of memory (allocating N bytes)" and exit status 1 (never an
+ * abort).  Sizes that come from input are checked before they get here. */
 void *moe_malloc(size_t n);
 void *moe_calloc(size_t n, size_t size);
 void *moe_realloc(void *p, size_t n);
@@ -56,6 +57,32 @@ void moe_tmp_register(const char *tmp_path);    /* file or directory */
 int moe_tmp_commit(const char *tmp_path, const char *final_path);
 void moe_tmp_discard(const char *tmp_path);     /* remove now and unregister */
 void moe_tmp_cleanup_all(void);                 /* called at exit and on signals */
+
+/* Where an output named on the command line really goes.  Symbolic links
+ * are followed to the file they name (which may not exist yet), so that the
+ * link stays and its target is replaced.  *direct is set when that target
+ * exists and is not a regular file or directory -- a FIFO, /dev/null, a
+ * terminal: such a target is written in place (as cp does), never renamed
+ * over.  Returns the resolved path (malloc'd), or NULL with an I/O error. */
+char *moe_output_target(const char *path, int *direct);
+
+/* An output file being written: a regular file under a temporary name beside
+ * its final one (renamed by moe_output_close), or a special file written
+ * directly (see moe_output_target), or standard output for "-". */
+typedef struct {
+    int fd;
+    char *name;       /* for messages: the path as given, or "<stdout>" */
+    char *final_path; /* the resolved target, when written under tmp_path */
+    char *tmp_path;   /* NULL when written directly */
+    FILE *fp;         /* set by moe_output_stdio */
+} moe_output;
+/* 0, or -1 with an I/O error naming the file. */
+int moe_output_open(moe_output *o, const char *path);
+/* The output as a stdio stream (stdout for "-"); NULL with an error. */
+FILE *moe_output_stdio(moe_output *o);
+/* With ok: flush (the stdio stream too) to disk, close and rename into place; 0 or -1 (error set,
+ * the temporary removed).  Without ok: discard, return -1.  Frees o's strings. */
+int moe_output_close(moe_output *o, int ok);
 
 /* Progress on stderr, only when stderr is a terminal and not quiet:
  * "label: done/total unit (rate/s, ETA mm:ss)", redrawn at most ~5 times/s. */

@@ -43,6 +43,7 @@ typedef struct {
     pending *p;
     int n, cap;
     size_t tokens;
+    uint64_t bytes; /* of the dump arrays the batch will produce */
 } batch;
 
 static int flush(moe_model *m, batch *b, moe_writer *w, const moe_dump_opts *o) {
@@ -92,7 +93,21 @@ static int flush(moe_model *m, batch *b, moe_writer *w, const moe_dump_opts *o) 
     free(seqs);
     b->n = 0;
     b->tokens = 0;
+    b->bytes = 0;
     return rc;
+}
+
+/* Bytes of one sequence's dump arrays (hidden states, logits), or
+ * UINT64_MAX when that does not fit in 64 bits. */
+static uint64_t dump_bytes(const moe_config *c, const moe_dump_opts *o, int T) {
+    uint64_t hidden = 0, logits = 0, total;
+    if (o->hidden && (__builtin_mul_overflow((uint64_t)(c->num_layers + 1) * (uint64_t)T,
+                                             (uint64_t)c->hidden_size * sizeof(float), &hidden)))
+        return UINT64_MAX;
+    if (o->logits &&
+        __builtin_mul_overflow((uint64_t)T, (uint64_t)c->vocab_size * sizeof(float), &logits))
+        return UINT64_MAX;
+    return __builtin_add_overflow(hidden, logits, &total) ? UINT64_MAX : total;
 }
 
 int moe_eval_dump(moe_model *m, moe_reader *r, moe_writer *w, const moe_dump_opts *o) {
@@ -119,6 +134,18 @@ int moe_eval_dump(moe_model *m, moe_reader *r, moe_writer *w, const moe_dump_opt
         }
         int T = (int)ids.count;
         if (o->max_length > 0 && T > o->max_length) T = o->max_length;
+        /* One record per sequence: refuse one that no reader would accept
+         * (and that would need that much memory here) before allocating. */
+        uint64_t bytes = dump_bytes(moe_model_config(m), o, T);
+        if (bytes > moe_stream_max_record()) {
+            moe_error_set(MOE_ERR_DATA,
+                          "%s: record %llu: the dump of its %d tokens would be %.1f GiB, more than "
+                          "the %llu MiB a stream record may hold (use --max-length, or set "
+                          "MOE_MAX_RECORD_MIB)",
+                          moe_reader_name(r), (unsigned long long)moe_reader_index(r), T,
+                          bytes / 1073741824.0, (unsigned long long)(moe_stream_max_record() >> 20));
+            goto fail;
+        }
         pending p = {0};
         p.index = index;
         p.T = T;
@@ -136,7 +163,9 @@ int moe_eval_dump(moe_model *m, moe_reader *r, moe_writer *w, const moe_dump_opt
         p.rec_bytes = moe_malloc(sb.size);
         memcpy(p.rec_bytes, sb.data, sb.size);
         p.rec_len = sb.size;
-        if (b.n && b.tokens + (size_t)T > limit && flush(m, &b, w, o) < 0) {
+        /* a batch's dump arrays stay within one record limit too */
+        if (b.n && (b.tokens + (size_t)T > limit || b.bytes + bytes > moe_stream_max_record()) &&
+            flush(m, &b, w, o) < 0) {
             free(p.ids);
             free(p.rec_bytes);
             goto fail;
@@ -147,6 +176,7 @@ int moe_eval_dump(moe_model *m, moe_reader *r, moe_writer *w, const moe_dump_opt
         }
         b.p[b.n++] = p;
         b.tokens += (size_t)T;
+        b.bytes += bytes;
     }
     if (nr < 0 || flush(m, &b, w, o) < 0) goto fail;
     rc = 0;

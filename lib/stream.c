@@ -103,12 +103,21 @@ int moe_array_parse(const msgpack_object *o, moe_array *a, const char *what) {
             return -1;
         }
         a->shape[i] = v;
-        if (v && a->count > INT64_MAX / v) {
+        if (__builtin_mul_overflow(a->count, v, &a->count)) {
             moe_error_set(MOE_ERR_DATA, "%s: shape too large", what);
             return -1;
         }
-        a->count *= v;
     }
+    /* Readers index elements with int: a typed array holds at most 2^31-1
+     * elements (checked before the byte size is computed). */
+    if (a->count > INT32_MAX) {
+        moe_error_set(MOE_ERR_DATA, "%s: shape too large (%lld elements; at most 2^31-1)", what,
+                      (long long)a->count);
+        return -1;
+    }
+    /* With at most 2^31-1 elements of at most 8 bytes the byte size cannot
+     * wrap (it once did: shape [2^40, 2^22] of i32 is 2^64 bytes, taken for 0,
+     * and every conversion then wrote past its buffer). */
     size_t need = (size_t)a->count * dtypes[d].size;
     if (data->via.bin.size != need) {
         char shp[160] = "";
@@ -228,8 +237,132 @@ void moe_pack_kv_array(msgpack_packer *pk, const char *key, moe_dtype dt, int nd
 #define IN_CHUNK (1 << 17)
 #define OUT_CHUNK (1 << 18)
 
+/* ---- record size guard ----------------------------------------------------- *
+ * msgpack-c buffers a whole top-level object (a record) before returning it,
+ * and allocates an array's or map's element table as soon as it reads the
+ * size in its header.  A few kilobytes of zstd can declare gigabytes either
+ * way (a bin of a gigabyte of zeros, an array of 2^30 elements), so the
+ * reader scans the decompressed bytes before msgpack-c sees them and refuses
+ * an object whose declared memory (payload bytes, plus one msgpack_object per
+ * declared element) exceeds the record limit.  The scan keeps only counters:
+ * items still owed to the current top-level object, and the progress through
+ * a length field or a payload. */
+#define DEFAULT_MAX_RECORD_MIB 1024
+
+typedef struct {
+    uint64_t remaining;  /* items the current top-level object still owes */
+    uint64_t skip;       /* payload bytes to pass over */
+    uint64_t len;        /* length field being assembled */
+    int len_need;        /* its bytes still to come (0: none pending) */
+    int len_kind;        /* what the length counts: 'p' payload, 'a' array, 'm' map, 'e' ext */
+    int in_object;
+    uint64_t cost;       /* declared memory of the current object */
+    uint64_t objects;    /* complete top-level objects so far (0 = the header) */
+} size_guard;
+
+uint64_t moe_stream_max_record(void) {
+    static uint64_t cached;
+    if (!cached) {
+        const char *e = getenv("MOE_MAX_RECORD_MIB");
+        char *end;
+        unsigned long long mib = e ? strtoull(e, &end, 10) : 0;
+        if (!e || end == e || *end || mib == 0 || mib > (1ull << 24)) mib = DEFAULT_MAX_RECORD_MIB;
+        cached = (uint64_t)mib << 20;
+    }
+    return cached;
+}
+
+/* A length field (big-endian, `n` bytes) counting `kind` follows. */
+static void guard_expect_len(size_guard *g, int n, int kind) {
+    g->len_need = n;
+    g->len = 0;
+    g->len_kind = kind;
+}
+
+static void guard_apply_len(size_guard *g) {
+    uint64_t n = g->len;
+    switch (g->len_kind) {
+    case 'p': g->skip = n; g->cost += n; break;
+    case 'e': g->skip = n + 1; g->cost += n + 1; break; /* ext: a type byte, then the payload */
+    case 'a': g->remaining += n; g->cost += n * sizeof(msgpack_object); break;
+    case 'm': g->remaining += 2 * n; g->cost += n * sizeof(msgpack_object_kv); break;
+    }
+}
+
+/* The header byte of one msgpack value. */
+static void guard_value(size_guard *g, unsigned c) {
+    static const unsigned char fixed_size[16] = {/* 0xc0..0xcf */ 0, 0, 0, 0, 0, 0, 0, 0,
+                                                 0, 0, 4, 8, 1, 2, 4, 8};
+    if (c <= 0x7f || c >= 0xe0) return;                         /* fixint */
+    if (c <= 0x8f) { guard_expect_len(g, 0, 'm'); g->len = c & 0x0f; guard_apply_len(g); return; }
+    if (c <= 0x9f) { guard_expect_len(g, 0, 'a'); g->len = c & 0x0f; guard_apply_len(g); return; }
+    if (c <= 0xbf) { g->skip = c & 0x1f; g->cost += g->skip; return; } /* fixstr */
+    switch (c) {
+    case 0xc4: case 0xd9: guard_expect_len(g, 1, 'p'); return;  /* bin8, str8 */
+    case 0xc5: case 0xda: guard_expect_len(g, 2, 'p'); return;
+    case 0xc6: case 0xdb: guard_expect_len(g, 4, 'p'); return;
+    case 0xc7: guard_expect_len(g, 1, 'e'); return;
+    case 0xc8: guard_expect_len(g, 2, 'e'); return;
+    case 0xc9: guard_expect_len(g, 4, 'e'); return;
+    case 0xd0: g->skip = 1; return;
+    case 0xd1: g->skip = 2; return;
+    case 0xd2: g->skip = 4; return;
+    case 0xd3: g->skip = 8; return;
+    case 0xd4: g->skip = 2; return;                              /* fixext: type + 1..16 */
+    case 0xd5: g->skip = 3; return;
+    case 0xd6: g->skip = 5; return;
+    case 0xd7: g->skip = 9; return;
+    case 0xd8: g->skip = 17; return;
+    case 0xdc: guard_expect_len(g, 2, 'a'); return;
+    case 0xdd: guard_expect_len(g, 4, 'a'); return;
+    case 0xde: guard_expect_len(g, 2, 'm'); return;
+    case 0xdf: guard_expect_len(g, 4, 'm'); return;
+    default: g->skip = c <= 0xcf ? fixed_size[c - 0xc0] : 0; /* nil, bool, float, uint; 0xc1 is
+                                                                 msgpack-c's to reject */
+    }
+}
+
+/* Scan decompressed bytes; -1 (error set) when an object grows too large. */
+static int guard_scan(size_guard *g, const unsigned char *p, size_t n, const char *name) {
+    size_t i = 0;
+    while (i < n) {
+        if (g->skip) {
+            size_t k = g->skip < n - i ? (size_t)g->skip : n - i;
+            g->skip -= k;
+            i += k;
+        } else if (g->len_need) {
+            g->len = g->len << 8 | p[i++];
+            if (--g->len_need == 0) guard_apply_len(g);
+        } else {
+            if (!g->in_object) {
+                g->in_object = 1;
+                g->remaining = 1;
+                g->cost = sizeof(msgpack_object);
+            }
+            g->remaining--;
+            guard_value(g, p[i++]);
+        }
+        if (g->cost > moe_stream_max_record()) {
+            char what[48];
+            if (g->objects) snprintf(what, sizeof what, "record %llu", (unsigned long long)g->objects - 1);
+            else snprintf(what, sizeof what, "the header");
+            moe_error_set(MOE_ERR_DATA,
+                          "%s: %s needs more than %llu MiB of memory (the limit for one record; "
+                          "MOE_MAX_RECORD_MIB raises it)",
+                          name, what, (unsigned long long)(moe_stream_max_record() >> 20));
+            return -1;
+        }
+        if (g->in_object && !g->remaining && !g->skip && !g->len_need) {
+            g->in_object = 0;
+            g->objects++;
+        }
+    }
+    return 0;
+}
+
 struct moe_reader {
     char *name;          /* as shown in messages */
+    size_guard guard;
     int fd, owns_fd;
     ZSTD_DCtx *dctx;
     unsigned char *in;
@@ -289,6 +422,7 @@ static int decompress_more(moe_reader *r) {
             return -1;
         }
         r->frame_left = ret;
+        if (guard_scan(&r->guard, out.dst, out.pos, r->name) < 0) return -1;
         msgpack_unpacker_buffer_consumed(&r->up, out.pos);
         if (out.pos > 0) return 1;
     }
@@ -606,8 +740,7 @@ int moe_reader_check_model(moe_reader *r, const char *fingerprint, int force) {
 #define PACK_BUF (1 << 16)
 
 struct moe_writer {
-    char *name, *final_path, *tmp_path;
-    int fd;
+    moe_output out_file;      /* fd, name, and the temporary it is written under */
     ZSTD_CCtx *cctx;
     unsigned char *pending;   /* packed msgpack bytes waiting for compression */
     size_t npending;
@@ -618,15 +751,15 @@ struct moe_writer {
     int failed;
 };
 
-const char *moe_writer_name(const moe_writer *w) { return w->name; }
+const char *moe_writer_name(const moe_writer *w) { return w->out_file.name; }
 uint64_t moe_writer_count(const moe_writer *w) { return w->count; }
 
 static int write_all(moe_writer *w, const unsigned char *p, size_t n) {
     while (n) {
-        ssize_t k = write(w->fd, p, n);
+        ssize_t k = write(w->out_file.fd, p, n);
         if (k < 0 && errno == EINTR) continue;
         if (k < 0) {
-            if (!w->failed) moe_error_set(MOE_ERR_IO, "%s: write error: %s", w->name, strerror(errno));
+            if (!w->failed) moe_error_set(MOE_ERR_IO, "%s: write error: %s", w->out_file.name, strerror(errno));
             w->failed = 1;
             return -1;
         }
@@ -642,7 +775,7 @@ static int compress_pending(moe_writer *w, ZSTD_EndDirective mode) {
         ZSTD_outBuffer out = {w->out, w->out_cap, 0};
         size_t left = ZSTD_compressStream2(w->cctx, &out, &in, mode);
         if (ZSTD_isError(left)) {
-            if (!w->failed) moe_error_set(MOE_ERR_DATA, "%s: zstd: %s", w->name, ZSTD_getErrorName(left));
+            if (!w->failed) moe_error_set(MOE_ERR_DATA, "%s: zstd: %s", w->out_file.name, ZSTD_getErrorName(left));
             w->failed = 1;
             return -1;
         }
@@ -702,28 +835,21 @@ static void pack_header(moe_writer *w, const msgpack_object *up, const moe_prove
 
 moe_writer *moe_writer_open(const char *path, const msgpack_object *upstream, const moe_provenance *prov,
                             int no_provenance) {
-    int is_stdout = strcmp(path, "-") == 0;
-    if (is_stdout && isatty(1)) {
+    if (strcmp(path, "-") == 0 && isatty(1)) {
         moe_error_set(MOE_ERR_IO, "<stdout>: refusing to write a binary stream to a terminal "
                                   "(redirect it to a file or a pipe)");
         return NULL;
     }
     moe_writer *w = moe_calloc(1, sizeof *w);
-    w->name = moe_strdup(is_stdout ? "<stdout>" : path);
-    if (is_stdout) w->fd = 1;
-    else {
-        w->final_path = moe_strdup(path);
-        w->tmp_path = moe_tmp_path(path);
-        w->fd = open(w->tmp_path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-        if (w->fd < 0) {
-            moe_error_set(MOE_ERR_IO, "%s: cannot create: %s", path, strerror(errno));
-            free(w->tmp_path);
-            free(w->final_path);
-            free(w->name);
-            free(w);
-            return NULL;
-        }
-        moe_tmp_register(w->tmp_path);
+    if (moe_output_open(&w->out_file, path) < 0) {
+        free(w);
+        return NULL;
+    }
+    if (isatty(w->out_file.fd)) { /* -o /dev/tty: written directly, so refused here */
+        moe_error_set(MOE_ERR_IO, "%s: refusing to write a binary stream to a terminal", path);
+        moe_output_close(&w->out_file, 0);
+        free(w);
+        return NULL;
     }
     w->cctx = ZSTD_createCCtx();
     ZSTD_CCtx_setParameter(w->cctx, ZSTD_c_compressionLevel, 3);
@@ -753,9 +879,6 @@ static void writer_free(moe_writer *w) {
     ZSTD_freeCCtx(w->cctx);
     free(w->pending);
     free(w->out);
-    free(w->tmp_path);
-    free(w->final_path);
-    free(w->name);
     free(w);
 }
 
@@ -764,27 +887,13 @@ int moe_writer_close(moe_writer *w) {
     moe_pack_kv_str(&w->pk, "type", "end");
     moe_pack_kv_int(&w->pk, "records", (int64_t)w->count);
     int rc = w->failed ? -1 : compress_pending(w, ZSTD_e_end);
-    if (rc == 0 && w->tmp_path && fsync(w->fd) != 0 && errno != EINVAL) {
-        moe_error_set(MOE_ERR_IO, "%s: write error: %s", w->name, strerror(errno));
-        rc = -1;
-    }
-    if (w->tmp_path) {
-        if (close(w->fd) != 0 && rc == 0) {
-            moe_error_set(MOE_ERR_IO, "%s: write error: %s", w->name, strerror(errno));
-            rc = -1;
-        }
-        if (rc == 0) rc = moe_tmp_commit(w->tmp_path, w->final_path);
-        else moe_tmp_discard(w->tmp_path);
-    }
+    rc = moe_output_close(&w->out_file, rc == 0);
     writer_free(w);
     return rc;
 }
 
 void moe_writer_abort(moe_writer *w) {
     if (!w) return;
-    if (w->tmp_path) {
-        close(w->fd);
-        moe_tmp_discard(w->tmp_path);
-    }
+    moe_output_close(&w->out_file, 0);
     writer_free(w);
 }

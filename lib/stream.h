@@ -78,6 +78,10 @@ typedef struct moe_reader moe_reader;
 moe_reader *moe_reader_open(const char *path);
 const char *moe_reader_name(const moe_reader *r);        /* for messages */
 const msgpack_object *moe_reader_header(const moe_reader *r);
+/* The most memory one record may declare (MOE_MAX_RECORD_MIB, default 1024
+ * MiB): readers refuse larger ones, and writers of large records check
+ * against it so that what they write can be read back. */
+uint64_t moe_stream_max_record(void);
 /* Next record: 1 and *rec set (valid until the next call), 0 at the end
  * record (count verified, nothing after it), -1 on error. */
 int moe_reader_next(moe_reader *r, const msgpack_object **rec);

@@ -119,5 +119,6 @@ int main(int argc, char **argv) {
     free(layers);
     free(experts);
     free(weights);
-    return fflush(stdout) == 0 ? 0 : MOE_EXIT_IO;
+    moe_cli_flush_stdout();
+    return 0;
 }

@@ -14,7 +14,7 @@ static const char help[] =
     "\n"
     "  --full          print every value of typed arrays and bin data\n"
     "  --preview N     values shown in a typed-array summary (default 8)\n"
-    "  --header        print only the header\n"
+    "  --header        print only the header (after verifying the whole stream)\n"
     "  --type TYPE     print only records of this type (repeatable)\n"
     "  --no-header     do not print the header line\n"
     "  --check         verify the stream(s) without printing records; one line per\n"
@@ -61,24 +61,26 @@ static int dump_one(const char *path, const dump_opts *o) {
         moe_reader_close(r);
         return rc;
     }
-    if (!o->no_header && !o->check) {
+    /* --header prints after the whole stream is verified, so that a damaged
+     * stream prints nothing and fails; records print as they are read. */
+    int print_header = !o->no_header && !o->check, print_records = !o->check && !o->header_only;
+    if (print_header && print_records) {
         moe_json_object(stdout, moe_reader_header(r), &o->json);
         putchar('\n');
     }
-    int rc = 0;
-    if (!o->header_only) {
-        const msgpack_object *rec;
-        while ((rc = moe_reader_next(r, &rec)) > 0) {
-            if (o->check || !wanted(o, rec)) continue;
-            moe_json_object(stdout, rec, &o->json);
-            putchar('\n');
-        }
-        if (rc == 0 && o->check) {
-            printf("%s: ok, %llu records, kinds ", moe_reader_name(r),
-                   (unsigned long long)moe_reader_count(r));
-        }
+    const msgpack_object *rec;
+    int rc;
+    while ((rc = moe_reader_next(r, &rec)) > 0) {
+        if (!print_records || !wanted(o, rec)) continue;
+        moe_json_object(stdout, rec, &o->json);
+        putchar('\n');
+    }
+    if (rc == 0 && print_header && !print_records) {
+        moe_json_object(stdout, moe_reader_header(r), &o->json);
+        putchar('\n');
     }
     if (rc == 0 && o->check) {
+        printf("%s: ok, %llu records, kinds ", moe_reader_name(r), (unsigned long long)moe_reader_count(r));
         print_kinds(moe_reader_header(r));
         putchar('\n');
     }
@@ -127,9 +129,6 @@ int main(int argc, char **argv) {
             moe_cli_fail();
         }
     }
-    if (fflush(stdout) != 0 || ferror(stdout)) {
-        moe_error_set(MOE_ERR_IO, "<stdout>: write error");
-        moe_cli_fail();
-    }
+    moe_cli_flush_stdout();
     return 0;
 }

@@ -2,6 +2,7 @@
  * kinds and provenance united.  Used to join shards of work that was spread
  * over machines (e.g. moe-expert-rank --layers on disjoint layer sets). */
 #include "cli.h"
+#include "sha256.h"
 #include "stream.h"
 
 #include <stdlib.h>
@@ -26,7 +27,8 @@ static int contains(msgpack_object *list, uint32_t n, const msgpack_object *o) {
 
 /* Build the merged header in a zone: union of kinds and provenance entries. */
 static msgpack_object merged_header(moe_reader **in, int n, msgpack_zone *z) {
-    uint32_t nk = 0, np = 0, capk = 0, capp = 0;
+    uint32_t nk = 0, np = 0;
+    size_t capk = 0, capp = 0; /* summed over inputs: may pass 2^32 */
     for (int i = 0; i < n; i++) {
         const msgpack_object *h = moe_reader_header(in[i]);
         const msgpack_object *k = moe_map_get(h, "kinds"), *p = moe_map_get(h, "provenance");
@@ -69,85 +71,55 @@ static int check_models(moe_reader **in, int n, int force) {
     return rc;
 }
 
-/* Records already written, for skipping exact duplicates: a hash set of deep
- * copies, so that merging shards of a large dump stays linear in its size. */
+/* Records already written, for skipping exact duplicates: a hash set of the
+ * SHA-256 of each record's packed bytes.  Only 32 bytes per record are kept,
+ * so merging shards of a large dump stays linear in time and small in memory
+ * (a deep copy of every record once made a 1 GiB record cost 3 GB). */
 typedef struct {
-    msgpack_zone zone;
-    msgpack_object *seen; /* open addressing, cap a power of two */
-    uint64_t *hash;       /* 0 = empty slot */
+    unsigned char (*digest)[32]; /* open addressing, cap a power of two */
+    unsigned char *used;
     size_t n, cap;
 } seen_set;
 
-/* FNV-1a over a value's type and contents, consistent with
- * msgpack_object_equal: equal objects hash alike (0.0 and -0.0 included). */
-static uint64_t fnv(uint64_t h, const void *p, size_t n) {
-    const unsigned char *b = p;
-    for (size_t i = 0; i < n; i++) h = (h ^ b[i]) * 0x100000001b3ull;
-    return h;
-}
-static uint64_t object_hash(uint64_t h, const msgpack_object *o) {
-    h = fnv(h, &o->type, sizeof o->type);
-    switch (o->type) {
-    case MSGPACK_OBJECT_BOOLEAN: return fnv(h, &o->via.boolean, sizeof o->via.boolean);
-    case MSGPACK_OBJECT_POSITIVE_INTEGER: return fnv(h, &o->via.u64, sizeof o->via.u64);
-    case MSGPACK_OBJECT_NEGATIVE_INTEGER: return fnv(h, &o->via.i64, sizeof o->via.i64);
-    case MSGPACK_OBJECT_FLOAT32:
-    case MSGPACK_OBJECT_FLOAT64: {
-        double d = o->via.f64 == 0 ? 0.0 : o->via.f64;
-        return fnv(h, &d, sizeof d);
-    }
-    case MSGPACK_OBJECT_STR: return fnv(h, o->via.str.ptr, o->via.str.size);
-    case MSGPACK_OBJECT_BIN: return fnv(h, o->via.bin.ptr, o->via.bin.size);
-    case MSGPACK_OBJECT_EXT:
-        h = fnv(h, &o->via.ext.type, sizeof o->via.ext.type);
-        return fnv(h, o->via.ext.ptr, o->via.ext.size);
-    case MSGPACK_OBJECT_ARRAY:
-        for (uint32_t i = 0; i < o->via.array.size; i++) h = object_hash(h, &o->via.array.ptr[i]);
-        return fnv(h, &o->via.array.size, sizeof o->via.array.size);
-    case MSGPACK_OBJECT_MAP:
-        for (uint32_t i = 0; i < o->via.map.size; i++) {
-            h = object_hash(h, &o->via.map.ptr[i].key);
-            h = object_hash(h, &o->via.map.ptr[i].val);
-        }
-        return fnv(h, &o->via.map.size, sizeof o->via.map.size);
-    default: return h;
-    }
+static int hash_sink(void *data, const char *buf, size_t len) {
+    moe_sha256_update(data, buf, len);
+    return 0;
 }
 
-static void seen_insert(seen_set *s, const msgpack_object *o, uint64_t h) {
-    size_t i = h & (s->cap - 1);
-    while (s->hash[i]) i = (i + 1) & (s->cap - 1);
-    s->hash[i] = h;
-    s->seen[i] = *o;
+static size_t slot_of(const unsigned char d[32], size_t cap) {
+    uint64_t h;
+    memcpy(&h, d, sizeof h);
+    return (size_t)h & (cap - 1);
+}
+
+static void seen_insert(seen_set *s, const unsigned char d[32]) {
+    size_t i = slot_of(d, s->cap);
+    while (s->used[i]) i = (i + 1) & (s->cap - 1);
+    s->used[i] = 1;
+    memcpy(s->digest[i], d, 32);
 }
 
 static int seen_before(seen_set *s, const msgpack_object *rec) {
-    uint64_t h = object_hash(0xcbf29ce484222325ull, rec) | 1; /* never 0 */
-    for (size_t i = s->cap ? h & (s->cap - 1) : 0; s->cap && s->hash[i]; i = (i + 1) & (s->cap - 1))
-        if (s->hash[i] == h && msgpack_object_equal(s->seen[i], *rec)) return 1;
+    moe_sha256 sha;
+    moe_sha256_init(&sha);
+    msgpack_packer pk;
+    msgpack_packer_init(&pk, &sha, hash_sink);
+    msgpack_pack_object(&pk, *rec);
+    unsigned char d[32];
+    moe_sha256_final(&sha, d);
+    for (size_t i = s->cap ? slot_of(d, s->cap) : 0; s->cap && s->used[i]; i = (i + 1) & (s->cap - 1))
+        if (memcmp(s->digest[i], d, 32) == 0) return 1;
     if (2 * (s->n + 1) > s->cap) { /* keep the load under 1/2 */
         seen_set old = *s;
         s->cap = old.cap ? 2 * old.cap : 64;
-        s->seen = moe_calloc(s->cap, sizeof *s->seen);
-        s->hash = moe_calloc(s->cap, sizeof *s->hash);
+        s->digest = moe_calloc(s->cap, sizeof *s->digest);
+        s->used = moe_calloc(s->cap, 1);
         for (size_t i = 0; i < old.cap; i++)
-            if (old.hash[i]) seen_insert(s, &old.seen[i], old.hash[i]);
-        free(old.seen);
-        free(old.hash);
+            if (old.used[i]) seen_insert(s, old.digest[i]);
+        free(old.digest);
+        free(old.used);
     }
-    /* deep copy into our zone: the reader's record memory is reused */
-    msgpack_sbuffer sb;
-    msgpack_sbuffer_init(&sb);
-    msgpack_packer pk;
-    msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
-    msgpack_pack_object(&pk, *rec);
-    char *copy = msgpack_zone_malloc(&s->zone, sb.size);
-    memcpy(copy, sb.data, sb.size);
-    size_t off = 0;
-    msgpack_object o;
-    msgpack_unpack(copy, sb.size, &off, &s->zone, &o);
-    msgpack_sbuffer_destroy(&sb);
-    seen_insert(s, &o, h);
+    seen_insert(s, d);
     s->n++;
     return 0;
 }
@@ -176,7 +148,6 @@ int main(int argc, char **argv) {
     moe_writer *w = moe_writer_open(out, &hdr, &prov, moe_cli.no_provenance);
     if (!w) moe_cli_fail();
     seen_set seen = {0};
-    msgpack_zone_init(&seen.zone, 1 << 16);
     for (int i = 0; i < n; i++) {
         const msgpack_object *rec;
         int rc;
@@ -189,10 +160,9 @@ int main(int argc, char **argv) {
         moe_reader_close(in[i]);
     }
     if (moe_writer_close(w) < 0) moe_cli_fail();
-    msgpack_zone_destroy(&seen.zone);
     msgpack_zone_destroy(&z);
-    free(seen.seen);
-    free(seen.hash);
+    free(seen.digest);
+    free(seen.used);
     free(in);
     return 0;
 }

@@ -260,18 +260,12 @@ static int decode(const opts_t *o, moe_tokenizer *t)
         moe_reader_close(r);
         return -1;
     }
-    FILE *out = stdout;
-    char *tmp = NULL;
-    if (strcmp(o->output, "-")) {
-        tmp = moe_tmp_path(o->output);
-        moe_tmp_register(tmp);
-        if (!(out = fopen(tmp, "w"))) {
-            moe_error_set(MOE_ERR_IO, "%s: %s", o->output, strerror(errno));
-            moe_tmp_discard(tmp);
-            free(tmp);
-            moe_reader_close(r);
-            return -1;
-        }
+    moe_output of;
+    FILE *out = NULL;
+    if (moe_output_open(&of, o->output) < 0 || !(out = moe_output_stdio(&of))) {
+        if (of.name) moe_output_close(&of, 0);
+        moe_reader_close(r);
+        return -1;
     }
     const msgpack_object *rec;
     int rc;
@@ -305,19 +299,7 @@ static int decode(const opts_t *o, moe_tokenizer *t)
     }
     free(buf);
     moe_reader_close(r);
-    if (fflush(out) != 0 || ferror(out)) {
-        if (rc >= 0) moe_error_set(MOE_ERR_IO, "%s: write error", tmp ? o->output : "<stdout>");
-        rc = -1;
-    }
-    if (tmp) {
-        if (fclose(out) != 0 && rc >= 0) {
-            moe_error_set(MOE_ERR_IO, "%s: write error", o->output);
-            rc = -1;
-        }
-        if (rc >= 0) rc = moe_tmp_commit(tmp, o->output) < 0 ? -1 : 0;
-        else moe_tmp_discard(tmp);
-        free(tmp);
-    }
+    rc = moe_output_close(&of, rc >= 0);
     return rc < 0 ? -1 : 0;
 }
 

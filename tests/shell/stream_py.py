@@ -4,6 +4,12 @@ as moe-stream(5) tells users to.  Used by test_stream_interop.sh.
   stream_py.py write OUT        write a sample stream (every dtype, nesting)
   stream_py.py read IN          read a stream, check the sample's values, print a summary
   stream_py.py bad KIND OUT     write a deliberately broken stream
+  stream_py.py hostile KIND OUT [MIB]
+                                write a stream made to hurt a reader: 'wrap' (a token
+                                record whose i32 shape [2^40, 2^22] is 2^64 bytes, with
+                                no data), 'bomb' (a token record of MIB MiB of zeros:
+                                a few KB of zstd), 'arraybomb' (a list declaring MIB Mi
+                                elements, then as many zero bytes)
 """
 import struct
 import sys
@@ -75,6 +81,33 @@ def bad(kind, path):
         raise SystemExit("unknown kind " + kind)
 
 
+def hostile(kind, path, mib=0):
+    header = {"format": "moe-stream", "version": 1, "kinds": ["tokens"], "provenance": []}
+    n = mib << 20
+    if kind == "wrap":
+        ids = {"dtype": "i32", "shape": [2**40, 2**22], "data": b""}
+        write(path, [{"type": "tokens", "index": 0, "ids": ids}], header=header)
+        return
+    # The large part is streamed through the compressor, never held whole.
+    if kind == "bomb":
+        head = (b"\x83" + msgpack.packb("type") + msgpack.packb("tokens") + msgpack.packb("index") +
+                msgpack.packb(0) + msgpack.packb("ids") + b"\x83" + msgpack.packb("dtype") +
+                msgpack.packb("u8") + msgpack.packb("shape") + msgpack.packb([n]) +
+                msgpack.packb("data") + b"\xc6" + struct.pack(">I", n))
+    elif kind == "arraybomb":
+        head = (b"\x82" + msgpack.packb("type") + msgpack.packb("x") + msgpack.packb("v") +
+                b"\xdd" + struct.pack(">I", n))
+    else:
+        raise SystemExit("unknown kind " + kind)
+    with open(path, "wb") as f:
+        with zstandard.ZstdCompressor(write_checksum=True).stream_writer(f) as z:
+            z.write(msgpack.packb(header) + head)
+            zeros = bytes(1 << 20)
+            for _ in range(mib):
+                z.write(zeros)
+            z.write(msgpack.packb({"type": "end", "records": 1}))
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "write":
         write(sys.argv[2], sample_records())
@@ -82,3 +115,5 @@ if __name__ == "__main__":
         read(sys.argv[2])
     elif sys.argv[1] == "bad":
         bad(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "hostile":
+        hostile(sys.argv[2], sys.argv[3], int(sys.argv[4]) if len(sys.argv) > 4 else 0)

@@ -35,6 +35,12 @@ cmp -s "$TMP/first_b" "$TMP/tb1" || fail "merged records out of input order"
 # truncation at the tool level
 head -c 20 "$TMP/m2.msgpack.zst" >"$TMP/trunc"
 expect_fail 1 "trunc: truncated stream" moe-dump "$TMP/trunc"
+# --header verifies the whole stream as every mode does (issue 14: a stream
+# cut to half passed --header and --check --header with exit 0)
+head -c $(( $(wc -c <"$TMP/tab") / 2 )) "$TMP/tab" >"$TMP/half"
+expect_fail 1 "half: truncated stream" moe-dump --header "$TMP/half"
+expect_fail 1 "half: truncated stream" moe-dump --check --header "$TMP/half"
+moe-dump --check --header "$TMP/tab" | grep -q "ok, 6000 records" || fail "--check --header"
 
 # a terminal as the output of a binary stream is refused
 if command -v script >/dev/null 2>&1; then

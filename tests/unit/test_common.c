@@ -122,11 +122,71 @@ static void test_sigterm_removes_tree(void **state) {
     close(pfd[0]), close(pfd[1]);
 }
 
+/* moe_output_target: links followed relative to their own directory, a
+ * dangling link names the file to create, a FIFO is written directly, a
+ * loop is an error. */
+static void test_output_target(void **state) {
+    (void)state;
+    char dir[1024], p[1100];
+    snprintf(dir, sizeof dir, "%s", tu_path("out"));
+    assert_int_equal(mkdir(dir, 0755), 0);
+    snprintf(p, sizeof p, "%s/sub", dir), assert_int_equal(mkdir(p, 0755), 0);
+    snprintf(p, sizeof p, "%s/real", dir), touch(p);
+    snprintf(p, sizeof p, "%s/sub/l1", dir), assert_int_equal(symlink("../real", p), 0);
+    snprintf(p, sizeof p, "%s/l2", dir), assert_int_equal(symlink("sub/l1", p), 0);
+    int direct = -1;
+    char *t = moe_output_target(p, &direct);
+    char want[1200];
+    snprintf(want, sizeof want, "%s/sub/../real", dir);
+    assert_string_equal(t, want);
+    assert_int_equal(direct, 0);
+    free(t);
+    snprintf(p, sizeof p, "%s/dangling", dir), assert_int_equal(symlink("new", p), 0);
+    t = moe_output_target(p, &direct);
+    snprintf(want, sizeof want, "%s/new", dir);
+    assert_string_equal(t, want);
+    free(t);
+    snprintf(p, sizeof p, "%s/fifo", dir), assert_int_equal(mkfifo(p, 0644), 0);
+    t = moe_output_target(p, &direct);
+    assert_string_equal(t, p);
+    assert_int_equal(direct, 1);
+    free(t);
+    snprintf(p, sizeof p, "%s/loop", dir), assert_int_equal(symlink("loop", p), 0);
+    moe_error_clear();
+    assert_null(moe_output_target(p, &direct));
+    assert_non_null(strstr(moe_error(), "symbolic links"));
+    assert_int_equal(moe_error_kind(), MOE_ERR_IO);
+
+    /* writing through the two links replaces `real`, keeps the links */
+    snprintf(p, sizeof p, "%s/l2", dir);
+    moe_output o;
+    assert_int_equal(moe_output_open(&o, p), 0);
+    assert_int_equal(write(o.fd, "new!", 4), 4);
+    assert_int_equal(moe_output_close(&o, 1), 0);
+    struct stat st;
+    assert_int_equal(lstat(p, &st), 0);
+    assert_true(S_ISLNK(st.st_mode));
+    snprintf(p, sizeof p, "%s/real", dir);
+    size_t n;
+    char *got = tu_read_file(p, &n);
+    assert_int_equal(n, 4);
+    assert_memory_equal(got, "new!", 4);
+    free(got);
+    /* a discarded output leaves the old file */
+    assert_int_equal(moe_output_open(&o, p), 0);
+    assert_int_equal(write(o.fd, "x", 1), 1);
+    assert_int_equal(moe_output_close(&o, 0), -1);
+    got = tu_read_file(p, &n);
+    assert_int_equal(n, 4);
+    free(got);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_cleanup_removes_tree),
         cmocka_unit_test(test_discard_file_and_missing),
         cmocka_unit_test(test_sigterm_removes_tree),
+        cmocka_unit_test(test_output_target),
     };
     return cmocka_run_group_tests(tests, tu_setup_dir, tu_teardown_dir);
 }

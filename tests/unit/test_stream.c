@@ -279,6 +279,101 @@ static void test_wrong_format_and_version(void **state) {
     expect_bad(p, "not supported");
 }
 
+/* A stream of one record {"type": TYPE, KEY: RAW} (RAW: packed msgpack). */
+static void write_one_record(const char *p, const char *type, const char *key, const void *raw, size_t n) {
+    msgpack_sbuffer sb;
+    msgpack_packer pk;
+    pack_to(&sb, &pk);
+    pack_header(&pk, MOE_STREAM_FORMAT, 1);
+    msgpack_pack_map(&pk, 2);
+    moe_pack_kv_str(&pk, "type", type);
+    moe_pack_str(&pk, key);
+    msgpack_sbuffer_write(&sb, raw, n);
+    pack_end(&pk, 1);
+    write_zstd(p, sb.data, sb.size);
+    msgpack_sbuffer_destroy(&sb);
+}
+
+static void expect_too_big(const void *raw, size_t n) {
+    write_one_record(tu_path("big"), "x", "v", raw, n);
+    expect_bad(tu_path("big"), "record 0 needs more than 1024 MiB of memory");
+}
+
+/* A typed array whose byte size wraps around 2^64: shape [2^40, 2^22] of
+ * i32 is 2^64 bytes, which a wrapping product takes for 0 (issue 14). */
+static void pack_wrapping_array(msgpack_packer *pk, const char *dtype, int64_t d0, int64_t d1) {
+    msgpack_pack_map(pk, 3);
+    moe_pack_kv_str(pk, "dtype", dtype);
+    moe_pack_str(pk, "shape");
+    msgpack_pack_array(pk, 2);
+    msgpack_pack_int64(pk, d0);
+    msgpack_pack_int64(pk, d1);
+    moe_pack_str(pk, "data");
+    msgpack_pack_bin(pk, 0);
+}
+
+static void test_array_size_overflow(void **state) {
+    (void)state;
+    static const struct { const char *dtype; int64_t d0, d1; } cases[] = {
+        {"i32", (int64_t)1 << 40, (int64_t)1 << 22}, /* 2^62 elements * 4 = 2^64 */
+        {"f64", (int64_t)1 << 40, (int64_t)1 << 21}, /* 2^61 * 8 */
+        {"u8", (int64_t)1 << 40, (int64_t)1 << 40},  /* 2^80 elements */
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        msgpack_sbuffer sb;
+        msgpack_packer pk;
+        pack_to(&sb, &pk);
+        pack_wrapping_array(&pk, cases[i].dtype, cases[i].d0, cases[i].d1);
+        msgpack_unpacked u;
+        msgpack_unpacked_init(&u);
+        assert_int_equal(msgpack_unpack_next(&u, sb.data, sb.size, NULL), MSGPACK_UNPACK_SUCCESS);
+        moe_array a;
+        moe_error_clear();
+        assert_int_equal(moe_array_parse(&u.data, &a, "arr"), -1);
+        assert_non_null(strstr(moe_error(), "shape too large"));
+        msgpack_unpacked_destroy(&u);
+        msgpack_sbuffer_destroy(&sb);
+    }
+    /* and the reader refuses the record, so no tool passes it on */
+    msgpack_sbuffer sb;
+    msgpack_packer pk;
+    const char *p = tu_path("wrap");
+    pack_to(&sb, &pk);
+    pack_wrapping_array(&pk, "i32", (int64_t)1 << 40, (int64_t)1 << 22);
+    write_one_record(p, "tokens", "ids", sb.data, sb.size);
+    msgpack_sbuffer_destroy(&sb);
+    moe_reader *r = moe_reader_open(p);
+    assert_non_null(r);
+    const msgpack_object *rec;
+    assert_int_equal(moe_reader_next(r, &rec), -1);
+    assert_non_null(strstr(moe_error(), "shape too large"));
+    assert_non_null(strstr(moe_error(), p));
+    moe_reader_close(r);
+}
+
+/* A record that declares more memory than the record limit (1024 MiB by
+ * default) is refused as soon as the declaration is read, before msgpack-c
+ * allocates or buffers it: a huge list, map, bin, str or ext, and one whose
+ * many small declarations add up. */
+static void test_record_size_limit(void **state) {
+    (void)state;
+    static const unsigned char big[][6] = {
+        {0xdd, 0x10, 0, 0, 0},       /* list of 2^28 elements: 6 GiB of msgpack_object */
+        {0xdf, 0x04, 0, 0, 0},       /* map of 2^26 pairs */
+        {0xc6, 0x40, 0, 0, 1},       /* bin of 1 GiB + 1 */
+        {0xdb, 0xff, 0xff, 0xff, 0xff}, /* str of 4 GiB */
+        {0xc9, 0x40, 0, 0, 0},       /* ext of 1 GiB */
+    };
+    for (size_t i = 0; i < sizeof big / sizeof *big; i++) expect_too_big(big[i], 5);
+    /* a list of 2^16 lists of 2^11 elements each: 2^27 elements, 3 GiB once allocated */
+    size_t n = 5 + 3 * ((size_t)1 << 16);
+    unsigned char *raw = malloc(n);
+    memcpy(raw, "\xdd\x00\x01\x00\x00", 5);
+    for (size_t i = 5; i < n; i += 3) memcpy(raw + i, "\xdc\x08\x00", 3);
+    expect_too_big(raw, n);
+    free(raw);
+}
+
 static void test_record_problems(void **state) {
     (void)state;
     msgpack_sbuffer sb;
@@ -418,6 +513,8 @@ int main(void) {
         cmocka_unit_test(test_zstd_of_non_msgpack),
         cmocka_unit_test(test_wrong_format_and_version),
         cmocka_unit_test(test_record_problems),
+        cmocka_unit_test(test_array_size_overflow),
+        cmocka_unit_test(test_record_size_limit),
         cmocka_unit_test(test_accessor_errors),
         cmocka_unit_test(test_abort_leaves_nothing),
         cmocka_unit_test(test_write_error_reported),
