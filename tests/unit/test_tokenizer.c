@@ -234,7 +234,7 @@ static void test_synth_split(void **state) { (void)state; synth("split"); }
 static uint64_t rng = 0x9E3779B97F4A7C15ull;
 static uint64_t rnd(void) { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; return rng; }
 
-/* The byte-level tokenizer moe-init writes (lib/bytetok.c) round-trips any
+/* The byte-level tokenizer moe-init writes (lib/tokenizer/bytetok.c) round-trips any
  * byte string, valid UTF-8 or not. */
 static void test_byte_level_roundtrip(void **state)
 {
