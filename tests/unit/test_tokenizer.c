@@ -365,6 +365,68 @@ static void test_bad_files(void **state)
     moe_tokenizer_close(t);
 }
 
+/* tokenizer.json with the given added_tokens (ids as text) after a model
+ * vocabulary a, b, c (ids 0..2, or `vocab` when given). */
+static moe_tokenizer *open_with_added(const char *added, const char *vocab)
+{
+    char text[2048];
+    snprintf(text, sizeof text,
+             "{\"added_tokens\": [%s], \"model\": {\"type\": \"BPE\", \"vocab\": %s, \"merges\": []},"
+             " \"post_processor\": null}", added, vocab ? vocab : "{\"a\": 0, \"b\": 1, \"c\": 2}");
+    write_file("tokenizer.json", text);
+    return moe_tokenizer_open(tu_dir);
+}
+
+#define ADDED(content, id) "{\"content\": \"" content "\", \"id\": " id ", \"special\": true}"
+
+/* Token ids must fit the vocabulary the file declares: V model tokens have
+ * ids 0..V-1, and each added token the id tokenizers gives it (its model id,
+ * or the next free one).  An id of 2^31 once made the id table double
+ * forever, 2^27 cost 3.3 GB. */
+static void test_token_ids_bounded(void **state)
+{
+    (void)state;
+    const char *refused[][3] = {
+        {ADDED("<x>", "2147483648"), NULL, "has id 2147483648, but the next free id"},
+        {ADDED("<x>", "134217728"), NULL, "has id 134217728, but the next free id"},
+        {ADDED("<x>", "9223372036854775807"), NULL, "the next free id (after the vocabulary"},
+        {ADDED("<x>", "1"), NULL, "'<x>' has id 1, but the next free id"},
+        {ADDED("a", "2"), NULL, "'a' has id 2, but the model vocabulary gives it id 0"},
+        {ADDED("<x>", "3") ", " ADDED("<x>", "4"), NULL, "it was listed before with id 3"},
+        {ADDED("<x>", "4"), NULL, "has id 4, but the next free id (after the vocabulary and the added "
+                                  "tokens before it) is 3"},
+        {"", "{\"a\": 0, \"b\": 134217728}", "model.vocab: token 'b' has id 134217728, beyond the 2 tokens"},
+        {"", "{\"a\": 0, \"b\": 2147483648}", "model.vocab: bad entry"},
+    };
+    for (size_t i = 0; i < sizeof refused / sizeof *refused; i++) {
+        assert_null(open_with_added(refused[i][0], refused[i][1]));
+        if (!strstr(moe_error(), refused[i][2]) || !strstr(moe_error(), "tokenizer.json"))
+            fail_msg("case %zu: '%s' lacks '%s'", i, moe_error(), refused[i][2]);
+    }
+    /* what tokenizers accepts: the ids it gives, a repeated token, an empty one
+     * (no id), an added token that is a vocabulary token */
+    moe_tokenizer *t = open_with_added(ADDED("", "3") ", " ADDED("<x>", "3") ", " ADDED("<x>", "3") ", "
+                                       ADDED("b", "1") ", " ADDED("<y>", "4"), NULL);
+    if (!t) fprintf(stderr, "%s\n", moe_error());
+    assert_non_null(t);
+    assert_int_equal(moe_tokenizer_vocab_size(t), 5);
+    assert_int_equal(moe_tokenizer_token_id(t, "<y>"), 4);
+    int32_t *ids;
+    size_t n;
+    assert_int_equal(moe_tokenizer_encode(t, "a<x>b<y>", 8, 0, &ids, &n), 0);
+    assert_int_equal(n, 4);
+    assert_int_equal(ids[1], 3);
+    assert_int_equal(ids[3], 4);
+    free(ids);
+    moe_tokenizer_close(t);
+    /* a post-processor id must be a token */
+    write_file("tokenizer.json", "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0}, \"merges\": []},"
+                                 " \"post_processor\": {\"type\": \"RobertaProcessing\", \"cls\": [\"a\", 0],"
+                                 " \"sep\": [\"z\", 4294967296]}}");
+    assert_null(moe_tokenizer_open(tu_dir));
+    assert_non_null(strstr(moe_error(), "post_processor: special token id -1 is not in the vocabulary"));
+}
+
 /* tokenizer_config.json decides BOS/EOS for Llama/Gemma/GPT-NeoX classes. */
 static void test_config(void **state)
 {
@@ -413,6 +475,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_byte_level_roundtrip, tu_setup_dir, tu_teardown_dir),
         cmocka_unit_test_setup_teardown(test_bad_files, tu_setup_dir, tu_teardown_dir),
         cmocka_unit_test_setup_teardown(test_config, tu_setup_dir, tu_teardown_dir),
+        cmocka_unit_test_setup_teardown(test_token_ids_bounded, tu_setup_dir, tu_teardown_dir),
         cmocka_unit_test(test_golden_gpt2),
         cmocka_unit_test(test_golden_qwen3),
         cmocka_unit_test(test_golden_deepseek_v3),
