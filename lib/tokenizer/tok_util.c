@@ -1,7 +1,6 @@
 /* tok_util.c - buffers, hash maps, regexes and UTF-8 helpers of the tokenizer. */
 #include <stdlib.h>
 #include <string.h>
-#include <utf8proc.h>
 #include "common.h"
 #include "tok_internal.h"
 
@@ -194,6 +193,10 @@ int tk_regex_compile(tk_regex *r, const char *pat, size_t len, int is_literal, c
         }
         pat = esc.p ? esc.p : "";
         len = esc.n;
+    } else {   /* the general categories of `tokenizers`' Unicode version */
+        tk_regex_expand_props(pat, len, &esc);
+        pat = esc.p ? esc.p : "";
+        len = esc.n;
     }
     OnigErrorInfo einfo;
     int rc = onig_new(&r->re, (const OnigUChar *)pat, (const OnigUChar *)pat + len,
@@ -263,11 +266,12 @@ int tk_utf8_encode(int32_t cp, char *out)
     return 4;
 }
 
+/* The Rust char predicates, on the Unicode version of `tokenizers` (tk_gc). */
 int tk_is_numeric(int32_t cp)
 {
     if (cp < 0x80) return cp >= '0' && cp <= '9';
-    utf8proc_category_t c = utf8proc_category(cp);
-    return c == UTF8PROC_CATEGORY_ND || c == UTF8PROC_CATEGORY_NL || c == UTF8PROC_CATEGORY_NO;
+    int c = tk_gc(cp);
+    return c == TK_GC_ND || c == TK_GC_NL || c == TK_GC_NO;
 }
 
 int tk_is_whitespace(int32_t cp)
@@ -282,9 +286,8 @@ int tk_is_alnum(int32_t cp)
 {
     if (cp < 0x80)
         return (cp >= '0' && cp <= '9') || (cp >= 'a' && cp <= 'z') || (cp >= 'A' && cp <= 'Z');
-    utf8proc_category_t c = utf8proc_category(cp);
-    return (c >= UTF8PROC_CATEGORY_LU && c <= UTF8PROC_CATEGORY_LO) ||
-           c == UTF8PROC_CATEGORY_ND || c == UTF8PROC_CATEGORY_NL || c == UTF8PROC_CATEGORY_NO;
+    int c = tk_gc(cp);
+    return (c >= TK_GC_LU && c <= TK_GC_LO) || c == TK_GC_ND || c == TK_GC_NL || c == TK_GC_NO;
 }
 
 size_t moe_utf8_check(const char *s, size_t len)
