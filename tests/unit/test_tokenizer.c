@@ -230,6 +230,12 @@ static void synth(const char *name)
 static void test_synth_llama(void **state) { (void)state; synth("llama"); }
 static void test_synth_meta(void **state) { (void)state; synth("meta"); }
 static void test_synth_split(void **state) { (void)state; synth("split"); }
+/* the Unicode normal forms as tokenizers computes them (Unicode 9.0 tables),
+ * on adversarial texts: marks and decompositions of every Unicode version */
+static void test_synth_nfc(void **state) { (void)state; synth("nfc"); }
+static void test_synth_nfd(void **state) { (void)state; synth("nfd"); }
+static void test_synth_nfkc(void **state) { (void)state; synth("nfkc"); }
+static void test_synth_nfkd(void **state) { (void)state; synth("nfkd"); }
 
 static uint64_t rng = 0x9E3779B97F4A7C15ull;
 static uint64_t rnd(void) { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; return rng; }
@@ -472,6 +478,10 @@ int main(void)
         cmocka_unit_test(test_synth_llama),
         cmocka_unit_test(test_synth_meta),
         cmocka_unit_test(test_synth_split),
+        cmocka_unit_test(test_synth_nfc),
+        cmocka_unit_test(test_synth_nfd),
+        cmocka_unit_test(test_synth_nfkc),
+        cmocka_unit_test(test_synth_nfkd),
         cmocka_unit_test_setup_teardown(test_byte_level_roundtrip, tu_setup_dir, tu_teardown_dir),
         cmocka_unit_test_setup_teardown(test_bad_files, tu_setup_dir, tu_teardown_dir),
         cmocka_unit_test_setup_teardown(test_config, tu_setup_dir, tu_teardown_dir),
