@@ -1,7 +1,9 @@
 /* test_tokenizer.c - the tokenizer against golden ids made with Hugging Face
- * `tokenizers` (tests/ref/make_tokenizer_golden.py) on the real tokenizer.json
- * files in $CDMOE_SHARED, llama.cpp's HF-made test vectors, and the minimal
- * byte-level tokenizer (which needs no shared files). */
+ * `tokenizers` (tests/ref/make_tokenizer_golden.py, also with --unicode for
+ * adversarial Unicode texts) on the real tokenizer.json files in
+ * $CDMOE_SHARED, llama.cpp's HF-made test vectors, our synthetic tokenizers
+ * (tests/ref/make_tokenizer_synth.py) and the minimal byte-level tokenizer
+ * (these need no shared files). */
 #include <unistd.h>
 #include <jansson.h>
 
@@ -65,16 +67,19 @@ static int ids_equal(const int32_t *a, size_t n, const json_t *want, const char 
     return ok;
 }
 
-static void golden_model(const char *name)
+/* set: "" for our stress texts (texts.jsonl, golden-NAME.jsonl), "unicode-"
+ * for the adversarial Unicode texts (unicode-texts.jsonl, golden-unicode-NAME.jsonl). */
+static void golden_model(const char *name, const char *set)
 {
     const char *dir = model_dir(name);
     if (!dir) skip();
     moe_tokenizer *t = moe_tokenizer_open(dir);
     if (!t) fprintf(stderr, "%s\n", moe_error());
     assert_non_null(t);
-    char gp[256];
-    snprintf(gp, sizeof gp, FIX "/golden-%s.jsonl", name);
-    json_t *texts = load_jsonl(FIX "/texts.jsonl"), *gold = load_jsonl(gp);
+    char gp[256], tp[256];
+    snprintf(gp, sizeof gp, FIX "/golden-%s%s.jsonl", set, name);
+    snprintf(tp, sizeof tp, FIX "/%stexts.jsonl", set);
+    json_t *texts = load_jsonl(tp), *gold = load_jsonl(gp);
     assert_int_equal(json_array_size(texts), json_array_size(gold));
     int bad = 0, rt = 0;
     for (size_t i = 0; i < json_array_size(texts); i++) {
@@ -115,16 +120,23 @@ static void golden_model(const char *name)
             free(ids);
         }
     }
-    printf("%s: %zu texts, %d round trips checked, %d mismatches\n", name, json_array_size(texts), rt, bad);
+    printf("%s%s: %zu texts, %d round trips checked, %d mismatches\n", set, name, json_array_size(texts), rt,
+           bad);
     assert_int_equal(bad, 0);
     json_decref(texts);
     json_decref(gold);
     moe_tokenizer_close(t);
 }
 
-static void test_golden_gpt2(void **state) { (void)state; golden_model("gpt2"); }
-static void test_golden_qwen3(void **state) { (void)state; golden_model("qwen3"); }
-static void test_golden_deepseek_v3(void **state) { (void)state; golden_model("deepseek-v3"); }
+static void test_golden_gpt2(void **state) { (void)state; golden_model("gpt2", ""); }
+static void test_golden_qwen3(void **state) { (void)state; golden_model("qwen3", ""); }
+static void test_golden_deepseek_v3(void **state) { (void)state; golden_model("deepseek-v3", ""); }
+/* letters, digits and marks of Unicode 15 and 16 in the split regexes
+ * (tokenizers: Unicode 16.0), marks and decompositions of every Unicode
+ * version in NFC (qwen3: tokenizers' Unicode 9.0 tables) */
+static void test_unicode_gpt2(void **state) { (void)state; golden_model("gpt2", "unicode-"); }
+static void test_unicode_qwen3(void **state) { (void)state; golden_model("qwen3", "unicode-"); }
+static void test_unicode_deepseek_v3(void **state) { (void)state; golden_model("deepseek-v3", "unicode-"); }
 
 /* llama.cpp's vectors: *.inp = tests separated by "\n__ggml_vocab_test__\n",
  * *.out = one line of HF ids (no special tokens) per test. */
@@ -489,6 +501,9 @@ int main(void)
         cmocka_unit_test(test_golden_gpt2),
         cmocka_unit_test(test_golden_qwen3),
         cmocka_unit_test(test_golden_deepseek_v3),
+        cmocka_unit_test(test_unicode_gpt2),
+        cmocka_unit_test(test_unicode_qwen3),
+        cmocka_unit_test(test_unicode_deepseek_v3),
         cmocka_unit_test(test_llamacpp_gpt2),
         cmocka_unit_test(test_llamacpp_qwen2),
         cmocka_unit_test(test_llamacpp_r1qwen),
