@@ -72,6 +72,12 @@ extern const size_t tk_gc_nranges;
 extern const tk_cp_range tk_norm_inert_ranges[];
 extern const size_t tk_norm_inert_nranges;
 extern const char tk_unicode_regex_version[], tk_unicode_norm_version[];
+typedef struct { int32_t cp, lower[2]; } tk_lower_entry;   /* lower[1] 0: one code point */
+extern const tk_lower_entry tk_lower_map[];
+extern const size_t tk_lower_n;
+/* The lowercase of cp as the Lowercase normalizer of `tokenizers` gives it
+ * (Rust's char::to_lowercase): 1 or 2 code points into out, their count. */
+int tk_lowercase(int32_t cp, int32_t out[2]);
 /* General category of cp (TK_GC_*), -1 if unassigned or a surrogate. */
 int tk_gc(int32_t cp);
 /* Whether normalization leaves cp as it is in `tokenizers` although the

@@ -68,8 +68,11 @@ static int nrm_one(const tk_norm *nm, const char *s, size_t n, tk_buf *out)
             int32_t cp;
             int l = tk_utf8_decode((const unsigned char *)s + i, n - i, &cp);
             if (l < 0) l = 1, cp = 0xFFFD;
-            char u[4];
-            tk_buf_put(out, u, (size_t)tk_utf8_encode(utf8proc_tolower(cp), u));
+            int32_t lower[2];
+            for (int k = 0, nl = tk_lowercase(cp, lower); k < nl; k++) {
+                char u[4];
+                tk_buf_put(out, u, (size_t)tk_utf8_encode(lower[k], u));
+            }
             i += (size_t)l;
         }
         return 0;

@@ -2,7 +2,8 @@
  * libraries differ: general categories for the split regexes (Unicode 16.0,
  * the Oniguruma bundled in `tokenizers`; the system's may know only 14.0, so
  * that a letter added in 15.0 is not \p{L} and "'s" after it splits
- * otherwise) and the code points its normalizers (Unicode 9.0) do not know. */
+ * otherwise), the code points its normalizers (Unicode 9.0) do not know,
+ * and its lowercase mapping (Rust's, with U+0130 -> "i\u0307"). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -32,6 +33,23 @@ int tk_norm_inert(int32_t cp)
         else return 1;
     }
     return 0;
+}
+
+int tk_lowercase(int32_t cp, int32_t out[2])
+{
+    size_t lo = 0, hi = tk_lower_n;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (cp < tk_lower_map[mid].cp) hi = mid;
+        else if (cp > tk_lower_map[mid].cp) lo = mid + 1;
+        else {
+            out[0] = tk_lower_map[mid].lower[0];
+            out[1] = tk_lower_map[mid].lower[1];
+            return out[1] ? 2 : 1;
+        }
+    }
+    out[0] = cp;
+    return 1;
 }
 
 /* ---- \p{...} in regexes ---------------------------------------------------- */

@@ -4,7 +4,7 @@
 unk/fuse_unk, subword prefix/suffix, every Split behaviour and invert, Digits, NFKC/NFD,
 Lowercase, Strip, lstrip/rstrip/single_word added tokens, TemplateProcessing with BOS+EOS,
 RobertaProcessing; and one byte-level tokenizer per Unicode normal form (synth-nfc, -nfd, -nfkc,
--nfkd), its golden texts extended by adversarial Unicode texts (needs unicodedata2==16.0.0).  Trained with `tokenizers` on our stress texts (texts.jsonl, made by
+-nfkd) and Lowercase (synth-lower), its golden texts extended by adversarial Unicode texts (needs unicodedata2==16.0.0).  Trained with `tokenizers` on our stress texts (texts.jsonl, made by
 make_tokenizer_golden.py) and written with their golden vectors to
 tests/fixtures/tokenizer/synth-<name>/{tokenizer.json,golden.jsonl}.  No shared files needed.
 """
@@ -77,8 +77,8 @@ def unicode_texts(n=80, seed=16):
 
 
 def normal_form(form):
-    """Byte-level BPE behind one Unicode normalizer (NFC, NFD, NFKC, NFKD): the ids show the
-    normalized text byte for byte, and the GPT-2 split regex sees it."""
+    """Byte-level BPE behind one Unicode normalizer (NFC, NFD, NFKC, NFKD, Lowercase): the ids
+    show the normalized text byte for byte, and the GPT-2 split regex sees it."""
     def build():
         tok = Tokenizer(models.BPE())
         tok.normalizer = getattr(normalizers, form)()
@@ -93,7 +93,8 @@ def normal_form(form):
 # Marks tokenizers does not reorder (added in Unicode 10, 12, 14), a compatibility character
 # it keeps (13), a composition it does not make (13), letters it splits as letters (15, 16).
 EDGE_CASES = ["e\u1DF6\u0301\u0316", "\u0E81\u0EBA\u0E39\u0334", "a\u0898\u0316", "7\U0001FBF7 \U0001FBF7",
-              "\U00011935\U00011930 \U00011938", "\u1C89's \U00011F04'S \U0001E4D0'll", "\U00031350's 12"]
+              "\U00011935\U00011930 \U00011938", "\u1C89's \U00011F04'S \U0001E4D0'll", "\U00031350's 12",
+              "\u0130stanbul \u0130I\u0307 \u1C89\uA7CB\uA7DC\U00010D50 \u03A3\u039F\u03A3 \u1E9E \u2126"]
 
 
 def finish(name, tok, tr, template, specials, byte_tokens, more_texts=()):
@@ -128,7 +129,8 @@ def finish(name, tok, tr, template, specials, byte_tokens, more_texts=()):
 
 
 BUILDERS = {"llama": llama, "meta": meta, "split": split, "nfc": normal_form("NFC"),
-            "nfd": normal_form("NFD"), "nfkc": normal_form("NFKC"), "nfkd": normal_form("NFKD")}
+            "nfd": normal_form("NFD"), "nfkc": normal_form("NFKC"), "nfkd": normal_form("NFKD"),
+            "lower": normal_form("Lowercase")}
 
 
 def main():

@@ -20,7 +20,7 @@ fuzz() { # model dir
     "$PY" tests/ref/tokenizer_fuzz.py "$BIN" "$1" 1500 2026 || fail "$1: random texts differ from tokenizers"
     "$PY" tests/ref/tokenizer_fuzz.py --unicode "$BIN" "$1" 1000 2027 || fail "$1: Unicode texts differ from tokenizers"
 }
-for f in nfc nfkc; do fuzz tests/fixtures/tokenizer/synth-$f; done
+for f in nfc nfkc lower; do fuzz tests/fixtures/tokenizer/synth-$f; done
 "$BIN/moe-init" --arch qwen3_moe --seed 3 --vocab 700 -o "$TMP/mi" >/dev/null || fail "moe-init"
 fuzz "$TMP/mi"
 [ -d "$S/data/tokenizers" ] || { echo "note: $S/data/tokenizers absent: real tokenizers not compared"; exit 0; }

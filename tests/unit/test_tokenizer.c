@@ -248,6 +248,8 @@ static void test_synth_nfc(void **state) { (void)state; synth("nfc"); }
 static void test_synth_nfd(void **state) { (void)state; synth("nfd"); }
 static void test_synth_nfkc(void **state) { (void)state; synth("nfkc"); }
 static void test_synth_nfkd(void **state) { (void)state; synth("nfkd"); }
+/* Lowercase as Rust's char::to_lowercase (Unicode 16.0, U+0130 -> "i\u0307") */
+static void test_synth_lower(void **state) { (void)state; synth("lower"); }
 
 static uint64_t rng = 0x9E3779B97F4A7C15ull;
 static uint64_t rnd(void) { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; return rng; }
@@ -494,6 +496,7 @@ int main(void)
         cmocka_unit_test(test_synth_nfd),
         cmocka_unit_test(test_synth_nfkc),
         cmocka_unit_test(test_synth_nfkd),
+        cmocka_unit_test(test_synth_lower),
         cmocka_unit_test_setup_teardown(test_byte_level_roundtrip, tu_setup_dir, tu_teardown_dir),
         cmocka_unit_test_setup_teardown(test_bad_files, tu_setup_dir, tu_teardown_dir),
         cmocka_unit_test_setup_teardown(test_config, tu_setup_dir, tu_teardown_dir),
