@@ -54,7 +54,7 @@ int tk_utf8_decode(const unsigned char *s, size_t n, int32_t *cp);
 int tk_utf8_encode(int32_t cp, char *out);
 int tk_is_numeric(int32_t cp);      /* Rust char::is_numeric: Nd, Nl, No */
 int tk_is_whitespace(int32_t cp);   /* Rust char::is_whitespace */
-int tk_is_alnum(int32_t cp);        /* Rust char::is_alphanumeric */
+int tk_is_word_char(int32_t cp);    /* the Rust regex crate's \w (single_word) */
 
 /* ---- Unicode data of `tokenizers` (tok_unicode.c, tok_unicode_data.c) ----
  * The system's Oniguruma and utf8proc know other Unicode versions than the

@@ -777,7 +777,7 @@ static int32_t next_char(const char *s, size_t n, size_t i, int *len)
     return *len > 0 ? cp : -1;
 }
 
-static int is_word_char(int32_t cp) { return cp >= 0 && (tk_is_alnum(cp) || cp == '_'); }
+static int is_word_char(int32_t cp) { return cp >= 0 && tk_is_word_char(cp); }
 
 /* Leftmost-longest added token in s[from..n): 1 and the match (stripped
  * bounds in *mb, *me), or 0. */

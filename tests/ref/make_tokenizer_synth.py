@@ -94,7 +94,10 @@ def normal_form(form):
 # it keeps (13), a composition it does not make (13), letters it splits as letters (15, 16).
 EDGE_CASES = ["e\u1DF6\u0301\u0316", "\u0E81\u0EBA\u0E39\u0334", "a\u0898\u0316", "7\U0001FBF7 \U0001FBF7",
               "\U00011935\U00011930 \U00011938", "\u1C89's \U00011F04'S \U0001E4D0'll", "\U00031350's 12",
-              "\u0130stanbul \u0130I\u0307 \u1C89\uA7CB\uA7DC\U00010D50 \u03A3\u039F\u03A3 \u1E9E \u2126"]
+              "\u0130stanbul \u0130I\u0307 \u1C89\uA7CB\uA7DC\U00010D50 \u03A3\u039F\u03A3 \u1E9E \u2126",
+              # where a single_word token may match: the Rust regex crate's \\w
+              "word\u0301 \u0301word word\u200d \u24b6word word\u00b2 \u00bdword word\u203f \u216bword",
+              "word\U0001F130 \u0e31word word\u0903 \u00aaword word\u2070 x\u02b0word \u3007word word\uff3f"]
 
 
 def finish(name, tok, tr, template, specials, byte_tokens, more_texts=()):
