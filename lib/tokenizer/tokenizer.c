@@ -1,5 +1,6 @@
 /* tokenizer.c - load tokenizer.json (+ tokenizer_config.json), encode, decode. */
 #include <errno.h>
+#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -28,6 +29,13 @@ static int32_t json_id(const json_t *x)
 {
     json_int_t v = json_integer_value(x);
     return json_is_integer(x) && v >= 0 && v <= INT32_MAX ? (int32_t)v : -1;
+}
+
+/* A count given as a JSON number, clamped to [0, INT_MAX] (not wrapped). */
+static int json_count(const json_t *x)
+{
+    json_int_t v = json_integer_value(x);
+    return v < 0 ? 0 : v > INT_MAX ? INT_MAX : (int)v;
 }
 
 static char *dupn(const char *s, size_t n)
@@ -215,8 +223,8 @@ static int add_dec(moe_tokenizer *t, const json_t *o)
         d.type = DEC_STRIP;
         d.content = moe_strdup(c ? c : " ");
         d.clen = strlen(d.content);
-        d.start = (int)json_integer_value(json_object_get(o, "start"));
-        d.stop = (int)json_integer_value(json_object_get(o, "stop"));
+        d.start = json_count(json_object_get(o, "start"));
+        d.stop = json_count(json_object_get(o, "stop"));
     } else if (!strcmp(ty, "Metaspace")) {
         d.type = DEC_METASPACE;
         if (metaspace_repl(o, d.repl, &d.repl_len) < 0) {

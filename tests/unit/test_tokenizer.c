@@ -445,6 +445,17 @@ static void test_token_ids_bounded(void **state)
                                  " \"sep\": [\"z\", 4294967296]}}");
     assert_null(moe_tokenizer_open(tu_dir));
     assert_non_null(strstr(moe_error(), "post_processor: special token id -1 is not in the vocabulary"));
+    /* a Strip decoder's count beyond int is clamped, not wrapped (2^32 + 1 was 1) */
+    write_file("tokenizer.json", "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"   a\": 0}, \"merges\": []},"
+                                 " \"decoder\": {\"type\": \"Strip\", \"content\": \" \", \"start\": 4294967297,"
+                                 " \"stop\": 0}}");
+    t = moe_tokenizer_open(tu_dir);
+    assert_non_null(t);
+    char *dec;
+    assert_int_equal(moe_tokenizer_decode(t, (int32_t[]){0}, 1, 0, &dec, NULL), 0);
+    assert_string_equal(dec, "a");
+    free(dec);
+    moe_tokenizer_close(t);
 }
 
 /* tokenizer_config.json decides BOS/EOS for Llama/Gemma/GPT-NeoX classes. */
