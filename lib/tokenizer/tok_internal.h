@@ -54,7 +54,6 @@ int tk_utf8_decode(const unsigned char *s, size_t n, int32_t *cp);
 int tk_utf8_encode(int32_t cp, char *out);
 int tk_is_numeric(int32_t cp);      /* Rust char::is_numeric: Nd, Nl, No */
 int tk_is_whitespace(int32_t cp);   /* Rust char::is_whitespace */
-int tk_is_word_char(int32_t cp);    /* the Rust regex crate's \w (single_word) */
 
 /* ---- Unicode data of `tokenizers` (tok_unicode.c, tok_unicode_data.c) ----
  * The system's Oniguruma and utf8proc know other Unicode versions than the
@@ -83,8 +82,14 @@ int tk_gc(int32_t cp);
 /* Whether normalization leaves cp as it is in `tokenizers` although the
  * system's utf8proc would not (assigned after Unicode 9.0). */
 int tk_norm_inert(int32_t cp);
-/* pat with every general-category property (\p{L}, \P{Nd}, \p{^Letter}, ...)
- * written as an explicit class of Unicode 16.0 ranges, into out. */
+/* A word character of the Rust regex crate's \w, which decides where a
+ * single_word added token may match: Alphabetic (letters, letter numbers,
+ * Other_Alphabetic), marks, decimal digits, connector punctuation, the
+ * joiners U+200C and U+200D (Unicode 16.0). */
+int tk_is_word_char(int32_t cp);
+/* pat with every general-category property (\p{L}, \P{Nd}, \p{^Letter}, ...),
+ * \d and \w (\D, \W) written as explicit classes of Unicode 16.0 ranges,
+ * into out. */
 void tk_regex_expand_props(const char *pat, size_t len, tk_buf *out);
 
 /* ---- normalizers, pre-tokenizers, decoders --------------------------- */

@@ -103,27 +103,75 @@ static uint32_t gc_mask(const char *s, size_t n)
     return 0;
 }
 
-/* [ranges] (or [^ranges]) of the categories in mask, adjacent ranges joined.
- * A bracket expression is a class on its own and a member inside another
- * class (Oniguruma's Ruby syntax nests classes), so it can stand wherever
- * \p{..} stood. */
-static void put_class(tk_buf *out, uint32_t mask, int negate)
+/* Other_Alphabetic code points that are not marks (PropList.txt): circled
+ * and squared Latin letters.  Word characters for Oniguruma and Rust alike. */
+static const tk_cp_range alpha_symbols[] = {
+    {0x24B6, 0x24E9}, {0x1F130, 0x1F149}, {0x1F150, 0x1F169}, {0x1F170, 0x1F189},
+};
+/* Oniguruma's \w also holds these Latin-1 numbers (superscripts, fractions). */
+static const tk_cp_range latin1_word_numbers[] = {{0xB2, 0xB3}, {0xB9, 0xB9}, {0xBC, 0xBE}};
+#define NELEM(a) (sizeof (a) / sizeof *(a))
+#define GC_WORD (GC_L | GC_M | GC(ND) | GC(NL) | GC(PC))
+
+int tk_is_word_char(int32_t cp)
 {
+    if (cp < 0x80)
+        return (cp >= '0' && cp <= '9') || (cp >= 'a' && cp <= 'z') || (cp >= 'A' && cp <= 'Z') || cp == '_';
+    int c = tk_gc(cp);
+    if (c >= 0 && (GC_WORD & (1u << c))) return 1;
+    if (cp == 0x200C || cp == 0x200D) return 1;   /* Join_Control */
+    for (size_t i = 0; i < NELEM(alpha_symbols); i++)
+        if (cp >= alpha_symbols[i].lo && cp <= alpha_symbols[i].hi) return 1;
+    return 0;
+}
+
+static int range_cmp(const void *x, const void *y)
+{
+    const tk_cp_range *a = x, *b = y;
+    return a->lo < b->lo ? -1 : a->lo > b->lo;
+}
+
+/* [ranges] (or [^ranges]) of the categories in mask and the extra ranges,
+ * adjacent ranges joined.  A bracket expression is a class on its own and a
+ * member inside another class (Oniguruma's Ruby syntax nests classes), so it
+ * can stand wherever \p{..}, \d or \w stood. */
+static void put_class(tk_buf *out, uint32_t mask, const tk_cp_range *const extras[], const size_t nextras[],
+                      int nsets, int negate)
+{
+    size_t n = 0, cap = tk_gc_nranges;
+    for (int k = 0; k < nsets; k++) cap += nextras[k];
+    tk_cp_range *r = moe_malloc(cap * sizeof *r);
+    for (size_t i = 0; i < tk_gc_nranges; i++)
+        if (mask & (1u << tk_gc_ranges[i].gc)) r[n++] = (tk_cp_range){tk_gc_ranges[i].lo, tk_gc_ranges[i].hi};
+    for (int k = 0; k < nsets; k++)
+        for (size_t i = 0; i < nextras[k]; i++) r[n++] = extras[k][i];
+    qsort(r, n, sizeof *r, range_cmp);
     tk_buf_put(out, negate ? "[^" : "[", negate ? 2 : 1);
-    int32_t lo = -1, hi = -2;
     char item[40];
-    for (size_t i = 0; i <= tk_gc_nranges; i++) {
-        const tk_gc_range *r = i < tk_gc_nranges ? &tk_gc_ranges[i] : NULL;
-        if (r && !(mask & (1u << r->gc))) continue;
-        if (r && r->lo == hi + 1) { hi = r->hi; continue; }
-        if (lo >= 0) {
-            int len = lo == hi ? snprintf(item, sizeof item, "\\x{%X}", (unsigned)lo)
-                               : snprintf(item, sizeof item, "\\x{%X}-\\x{%X}", (unsigned)lo, (unsigned)hi);
-            tk_buf_put(out, item, (size_t)len);
-        }
-        if (r) { lo = r->lo; hi = r->hi; }
+    for (size_t i = 0; i < n;) {
+        int32_t lo = r[i].lo, hi = r[i].hi;
+        for (i++; i < n && r[i].lo <= hi + 1; i++)
+            if (r[i].hi > hi) hi = r[i].hi;
+        int len = lo == hi ? snprintf(item, sizeof item, "\\x{%X}", (unsigned)lo)
+                           : snprintf(item, sizeof item, "\\x{%X}-\\x{%X}", (unsigned)lo, (unsigned)hi);
+        tk_buf_put(out, item, (size_t)len);
     }
     tk_buf_putc(out, ']');
+    free(r);
+}
+
+/* \d and \w (negated: \D, \W) as Oniguruma defines them for Unicode:
+ * decimal digits; letters, marks, decimal and letter numbers, connector
+ * punctuation, the alphabetic symbols and Latin-1 numbers above. */
+static int put_escape_class(tk_buf *out, char e)
+{
+    static const tk_cp_range *const word_extras[] = {alpha_symbols, latin1_word_numbers};
+    static const size_t word_nextras[] = {NELEM(alpha_symbols), NELEM(latin1_word_numbers)};
+    switch (e) {
+    case 'd': case 'D': put_class(out, GC(ND), NULL, NULL, 0, e == 'D'); return 1;
+    case 'w': case 'W': put_class(out, GC_WORD, word_extras, word_nextras, 2, e == 'W'); return 1;
+    }
+    return 0;
 }
 
 void tk_regex_expand_props(const char *pat, size_t len, tk_buf *out)
@@ -141,12 +189,12 @@ void tk_regex_expand_props(const char *pat, size_t len, tk_buf *out)
             if (name < close && *name == '^') { negate = !negate; name++; }
             uint32_t mask = gc_mask(name, (size_t)(close - name));
             if (mask) {
-                put_class(out, mask, negate);
+                put_class(out, mask, NULL, NULL, 0, negate);
                 i = (size_t)(close - pat) + 1;
                 continue;
             }
         }
-        tk_buf_put(out, pat + i, 2);   /* any other escape, "\\\\" included, as it is */
+        if (!put_escape_class(out, e)) tk_buf_put(out, pat + i, 2);   /* other escapes as they are */
         i += 2;
     }
 }

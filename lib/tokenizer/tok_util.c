@@ -282,20 +282,6 @@ int tk_is_whitespace(int32_t cp)
            cp == 0x205F || cp == 0x3000;
 }
 
-/* A word character of the Rust regex crate's \w, which decides where a
- * single_word added token may match: Alphabetic, marks, decimal digits,
- * connector punctuation, the joiners U+200C and U+200D.  Alphabetic is the
- * letters, letter numbers and Other_Alphabetic, whose members outside the
- * marks are the circled and squared Latin letters (PropList.txt). */
-int tk_is_word_char(int32_t cp)
-{
-    if (cp < 0x80)
-        return (cp >= '0' && cp <= '9') || (cp >= 'a' && cp <= 'z') || (cp >= 'A' && cp <= 'Z') || cp == '_';
-    int c = tk_gc(cp);
-    if ((c >= TK_GC_LU && c <= TK_GC_ME) || c == TK_GC_ND || c == TK_GC_NL || c == TK_GC_PC) return 1;
-    return cp == 0x200C || cp == 0x200D || (cp >= 0x24B6 && cp <= 0x24E9) || (cp >= 0x1F130 && cp <= 0x1F149) ||
-           (cp >= 0x1F150 && cp <= 0x1F169) || (cp >= 0x1F170 && cp <= 0x1F189);
-}
 
 size_t moe_utf8_check(const char *s, size_t len)
 {

@@ -11,6 +11,7 @@
 #include "bytetok.h"
 #include "testutil.h"
 #include "tokenizer.h"
+#include "tok_internal.h"
 
 #define FIX "tests/fixtures/tokenizer"
 
@@ -385,6 +386,44 @@ static void test_bad_files(void **state)
     moe_tokenizer_close(t);
 }
 
+/* Regexes see the general categories, \d and \w of Unicode 16.0, as the
+ * Oniguruma bundled in tokenizers does (the system's may know only 14.0):
+ * letters, digits and numbers added in Unicode 15 and 16 included. */
+static void test_regex_unicode16(void **state)
+{
+    (void)state;
+    static const struct { const char *pat; int32_t cp; int match; } cases[] = {
+        {"\\p{L}", 0x1C89, 1},            /* CYRILLIC CAPITAL LETTER TJE, 16.0 */
+        {"\\p{Lu}", 0xA7CB, 1},           /* LATIN CAPITAL LETTER RAMS HORN, 16.0 */
+        {"\\p{Letter}", 0x11F04, 1},      /* KAWI LETTER A, 15.0 */
+        {"\\P{L}", 0x1C89, 0}, {"\\p{^L}", 0x1C89, 0}, {"\\P{^L}", 0x1C89, 1},
+        {"[^\\r\\n\\p{L}\\p{N}]", 0x1C89, 0}, {"[^\\r\\n\\p{L}\\p{N}]", '!', 1},
+        {"\\p{N}", 0x1D2C0, 1},           /* KAKTOVIK NUMERAL ZERO, 15.0 */
+        {"\\d", 0x11F50, 1}, {"\\D", 0x11F50, 0}, {"[\\d]", 0x11F50, 1},   /* KAWI DIGIT ZERO */
+        {"\\w", 0x1C89, 1}, {"\\w", 0xB2, 1}, {"\\w", 0x24B6, 1}, {"\\w", '!', 0},
+        {"\\W", 0x1C89, 0}, {"[^\\W]", 0x1C89, 1},
+        {"\\p{M}", 0x0897, 1},            /* ARABIC PEPET, 16.0 */
+        {"\\p{S}", 0x1CC00, 1},           /* UP-POINTING GO-KART, 16.0 */
+        {"\\p{L}", 0x0378, 0},            /* unassigned */
+        {"\\p{Han}", 0x4E00, 1},          /* scripts are Oniguruma's */
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        tk_regex re;
+        assert_int_equal(tk_regex_compile(&re, cases[i].pat, strlen(cases[i].pat), 0, "test"), 0);
+        char u[4];
+        size_t n = (size_t)tk_utf8_encode(cases[i].cp, u), b, e;
+        int m = tk_regex_find(&re, u, n, 0, &b, &e) && b == 0 && e == n;
+        if (m != cases[i].match) fail_msg("%s on U+%04X: %d", cases[i].pat, (unsigned)cases[i].cp, m);
+        tk_regex_free(&re);
+    }
+    /* an escaped backslash stays one: \\p{L} is the text "\p{L}" */
+    tk_regex re;
+    assert_int_equal(tk_regex_compile(&re, "\\\\p{L}", 6, 0, "test"), 0);
+    size_t b, e;
+    assert_true(tk_regex_find(&re, "x\\p{L}", 6, 0, &b, &e) && b == 1 && e == 6);
+    tk_regex_free(&re);
+}
+
 /* tokenizer.json with the given added_tokens (ids as text) after a model
  * vocabulary a, b, c (ids 0..2, or `vocab` when given). */
 static moe_tokenizer *open_with_added(const char *added, const char *vocab)
@@ -512,6 +551,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_bad_files, tu_setup_dir, tu_teardown_dir),
         cmocka_unit_test_setup_teardown(test_config, tu_setup_dir, tu_teardown_dir),
         cmocka_unit_test_setup_teardown(test_token_ids_bounded, tu_setup_dir, tu_teardown_dir),
+        cmocka_unit_test(test_regex_unicode16),
         cmocka_unit_test(test_golden_gpt2),
         cmocka_unit_test(test_golden_qwen3),
         cmocka_unit_test(test_golden_deepseek_v3),
