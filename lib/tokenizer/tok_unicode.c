@@ -10,29 +10,30 @@
 #include "common.h"
 #include "tok_internal.h"
 
-int tk_gc(int32_t cp)
+/* Index of the range holding cp in a sorted array of n structs of `size`
+ * bytes that begin with int32_t lo, hi; -1 if none. */
+static long find_range(const void *base, size_t n, size_t size, int32_t cp)
 {
-    size_t lo = 0, hi = tk_gc_nranges;
+    size_t lo = 0, hi = n;
     while (lo < hi) {
         size_t mid = lo + (hi - lo) / 2;
-        if (cp < tk_gc_ranges[mid].lo) hi = mid;
-        else if (cp > tk_gc_ranges[mid].hi) lo = mid + 1;
-        else return tk_gc_ranges[mid].gc;
+        const int32_t *r = (const int32_t *)((const char *)base + mid * size);
+        if (cp < r[0]) hi = mid;
+        else if (cp > r[1]) lo = mid + 1;
+        else return (long)mid;
     }
     return -1;
 }
 
+int tk_gc(int32_t cp)
+{
+    long i = find_range(tk_gc_ranges, tk_gc_nranges, sizeof *tk_gc_ranges, cp);
+    return i < 0 ? -1 : tk_gc_ranges[i].gc;
+}
+
 int tk_norm_inert(int32_t cp)
 {
-    size_t lo = 0, hi = tk_norm_inert_nranges;
-    if (cp < tk_norm_inert_ranges[0].lo) return 0;
-    while (lo < hi) {
-        size_t mid = lo + (hi - lo) / 2;
-        if (cp < tk_norm_inert_ranges[mid].lo) hi = mid;
-        else if (cp > tk_norm_inert_ranges[mid].hi) lo = mid + 1;
-        else return 1;
-    }
-    return 0;
+    return find_range(tk_norm_inert_ranges, tk_norm_inert_nranges, sizeof *tk_norm_inert_ranges, cp) >= 0;
 }
 
 int tk_lowercase(int32_t cp, int32_t out[2])
