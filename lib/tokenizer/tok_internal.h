@@ -41,8 +41,12 @@ const tk_merge *tk_merge_get(const tk_mergemap *m, int32_t a, int32_t b);
 
 /* ---- regex patterns ---------------------------------------------------- */
 typedef struct { OnigRegex re; OnigRegion *region; } tk_regex;
-/* Compile a regex (is_literal: the string is matched literally). */
-int tk_regex_compile(tk_regex *r, const char *pat, size_t len, int is_literal, const char *what);
+/* Compile a regex (is_literal: the string is matched literally).  A pattern's
+ * Unicode classes are written out (tk_regex_expand_props), ~10 KB for a \p{L}:
+ * *room (when not NULL) is what the tokenizer's patterns may still take once
+ * written out, so that a small file cannot make gigabytes of them. */
+int tk_regex_compile(tk_regex *r, const char *pat, size_t len, int is_literal, size_t *room, const char *what);
+#define TK_REGEX_ROOM ((size_t)16 << 20)
 void tk_regex_free(tk_regex *r);
 /* Next match in s[0..n) at or after `from`: 1 and [*b,*e), or 0. */
 int tk_regex_find(tk_regex *r, const char *s, size_t n, size_t from, size_t *b, size_t *e);
@@ -89,8 +93,8 @@ int tk_norm_inert(int32_t cp);
 int tk_is_word_char(int32_t cp);
 /* pat with every general-category property (\p{L}, \P{Nd}, \p{^Letter}, ...),
  * \d and \w (\D, \W) written as explicit classes of Unicode 16.0 ranges,
- * into out. */
-void tk_regex_expand_props(const char *pat, size_t len, tk_buf *out);
+ * into out; -1 (out incomplete) once that would take over `limit` bytes. */
+int tk_regex_expand_props(const char *pat, size_t len, size_t limit, tk_buf *out);
 
 /* ---- normalizers, pre-tokenizers, decoders --------------------------- */
 enum { NRM_NFC, NRM_NFD, NRM_NFKC, NRM_NFKD, NRM_LOWER, NRM_PREPEND, NRM_REPLACE, NRM_STRIP };
@@ -138,6 +142,7 @@ typedef struct {
 /* ---- the tokenizer ------------------------------------------------------ */
 struct moe_tokenizer {
     char *path;                   /* tokenizer.json, for messages */
+    size_t regex_room;            /* see tk_regex_compile */
     int is_clone;                 /* shares everything but the state below, norm and pre */
     /* model */
     tk_strmap vocab;              /* token -> id (model vocabulary) */

@@ -175,11 +175,12 @@ static int put_escape_class(tk_buf *out, char e)
     return 0;
 }
 
-void tk_regex_expand_props(const char *pat, size_t len, tk_buf *out)
+int tk_regex_expand_props(const char *pat, size_t len, size_t limit, tk_buf *out)
 {
     out->n = 0;
     size_t i = 0;
     while (i < len) {
+        if (out->n > limit) return -1;
         if (pat[i] != '\\' || i + 1 >= len) { tk_buf_putc(out, pat[i++]); continue; }
         char e = pat[i + 1];
         const char *close = (e == 'p' || e == 'P') && i + 2 < len && pat[i + 2] == '{'
@@ -198,4 +199,5 @@ void tk_regex_expand_props(const char *pat, size_t len, tk_buf *out)
         if (!put_escape_class(out, e)) tk_buf_put(out, pat + i, 2);   /* other escapes as they are */
         i += 2;
     }
+    return out->n > limit ? -1 : 0;
 }

@@ -1,4 +1,5 @@
 /* tok_util.c - buffers, hash maps, regexes and UTF-8 helpers of the tokenizer. */
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include "common.h"
@@ -166,7 +167,7 @@ const tk_merge *tk_merge_get(const tk_mergemap *m, int32_t a, int32_t b)
 
 static int onig_ready;
 
-int tk_regex_compile(tk_regex *r, const char *pat, size_t len, int is_literal, const char *what)
+int tk_regex_compile(tk_regex *r, const char *pat, size_t len, int is_literal, size_t *room, const char *what)
 {
     if (!onig_ready) {
         OnigEncoding enc[1] = {ONIG_ENCODING_UTF8};
@@ -174,6 +175,7 @@ int tk_regex_compile(tk_regex *r, const char *pat, size_t len, int is_literal, c
         onig_ready = 1;
     }
     tk_buf esc = {0};
+    int too_large = 0;
     if (is_literal) {   /* escape every non-alphanumeric ASCII character */
         for (size_t i = 0; i < len; i++) {
             unsigned char c = (unsigned char)pat[i];
@@ -194,10 +196,19 @@ int tk_regex_compile(tk_regex *r, const char *pat, size_t len, int is_literal, c
         pat = esc.p ? esc.p : "";
         len = esc.n;
     } else {   /* the general categories of `tokenizers`' Unicode version */
-        tk_regex_expand_props(pat, len, &esc);
+        too_large = tk_regex_expand_props(pat, len, room ? *room : SIZE_MAX, &esc) < 0;
         pat = esc.p ? esc.p : "";
         len = esc.n;
     }
+    if (too_large || (room && len > *room)) {
+        moe_error_set(MOE_ERR_DATA, "%s: regex too large: its Unicode classes written out, the patterns "
+                      "would take over %zu MiB", what, TK_REGEX_ROOM >> 20);
+        free(esc.p);
+        r->re = NULL;
+        r->region = NULL;
+        return -1;
+    }
+    if (room) *room -= len;
     OnigErrorInfo einfo;
     int rc = onig_new(&r->re, (const OnigUChar *)pat, (const OnigUChar *)pat + len,
                       ONIG_OPTION_NONE, ONIG_ENCODING_UTF8, ONIG_SYNTAX_RUBY, &einfo);

@@ -47,14 +47,14 @@ static char *dupn(const char *s, size_t n)
 }
 
 /* pattern {"String": s} or {"Regex": r} */
-static int parse_pattern(const json_t *o, tk_regex *r, const char *what)
+static int parse_pattern(moe_tokenizer *t, const json_t *o, tk_regex *r, const char *what)
 {
     json_t *p = json_object_get(o, "pattern");
     json_t *s = json_object_get(p, "String"), *re = json_object_get(p, "Regex");
     if (json_is_string(s))
-        return tk_regex_compile(r, json_string_value(s), json_string_length(s), 1, what);
+        return tk_regex_compile(r, json_string_value(s), json_string_length(s), 1, &t->regex_room, what);
     if (json_is_string(re))
-        return tk_regex_compile(r, json_string_value(re), json_string_length(re), 0, what);
+        return tk_regex_compile(r, json_string_value(re), json_string_length(re), 0, &t->regex_room, what);
     moe_error_set(MOE_ERR_DATA, "%s: pattern is neither String nor Regex", what);
     return -1;
 }
@@ -111,7 +111,7 @@ static int add_norm(moe_tokenizer *t, const json_t *o)
         nm.slen = strlen(nm.str);
         char what[600];
         snprintf(what, sizeof what, "%s: normalizer Replace", t->path);
-        if (parse_pattern(o, &nm.pat, what) < 0) { free(nm.str); return -1; }
+        if (parse_pattern(t, o, &nm.pat, what) < 0) { free(nm.str); return -1; }
     } else if (!strcmp(ty, "Strip")) {
         nm.type = NRM_STRIP;
         nm.left = jbool(o, "strip_left", 1);
@@ -159,13 +159,13 @@ static int add_pretok(moe_tokenizer *t, const json_t *o)
         }
         pt.invert = jbool(o, "invert", 0);
         snprintf(what, sizeof what, "%s: pre_tokenizer Split", t->path);
-        if (parse_pattern(o, &pt.pat, what) < 0) return -1;
+        if (parse_pattern(t, o, &pt.pat, what) < 0) return -1;
     } else if (!strcmp(ty, "ByteLevel")) {
         pt.type = PT_BYTELEVEL;
         pt.add_prefix_space = jbool(o, "add_prefix_space", 1);
         pt.use_regex = jbool(o, "use_regex", 1);
         snprintf(what, sizeof what, "%s: ByteLevel regex", t->path);
-        if (pt.use_regex && tk_regex_compile(&pt.pat, GPT2_REGEX, strlen(GPT2_REGEX), 0, what) < 0)
+        if (pt.use_regex && tk_regex_compile(&pt.pat, GPT2_REGEX, strlen(GPT2_REGEX), 0, &t->regex_room, what) < 0)
             return -1;
         t->byte_level = 1;
     } else if (!strcmp(ty, "Digits")) {
@@ -649,6 +649,7 @@ moe_tokenizer *moe_tokenizer_open(const char *path)
     }
     moe_tokenizer *t = moe_calloc(1, sizeof *t);
     t->path = json_path;
+    t->regex_room = TK_REGEX_ROOM;
     size_t tlen = 0, span[4];
     char *text = moe_read_file(json_path, &tlen), *light = NULL;
     if (!text) goto fail;

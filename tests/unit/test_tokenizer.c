@@ -409,7 +409,7 @@ static void test_regex_unicode16(void **state)
     };
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
         tk_regex re;
-        assert_int_equal(tk_regex_compile(&re, cases[i].pat, strlen(cases[i].pat), 0, "test"), 0);
+        assert_int_equal(tk_regex_compile(&re, cases[i].pat, strlen(cases[i].pat), 0, NULL, "test"), 0);
         char u[4];
         size_t n = (size_t)tk_utf8_encode(cases[i].cp, u), b, e;
         int m = tk_regex_find(&re, u, n, 0, &b, &e) && b == 0 && e == n;
@@ -418,10 +418,55 @@ static void test_regex_unicode16(void **state)
     }
     /* an escaped backslash stays one: \\p{L} is the text "\p{L}" */
     tk_regex re;
-    assert_int_equal(tk_regex_compile(&re, "\\\\p{L}", 6, 0, "test"), 0);
+    assert_int_equal(tk_regex_compile(&re, "\\\\p{L}", 6, 0, NULL, "test"), 0);
     size_t b, e;
     assert_true(tk_regex_find(&re, "x\\p{L}", 6, 0, &b, &e) && b == 1 && e == 6);
     tk_regex_free(&re);
+}
+
+/* A Split pre-tokenizer whose regex is `n` alternatives \p{L}. */
+static void put_split(tk_buf *b, int n)
+{
+    const char *head = "{\"type\": \"Split\", \"behavior\": \"Isolated\", \"pattern\": {\"Regex\": \"";
+    tk_buf_put(b, head, strlen(head));
+    for (int i = 0; i < n; i++) {
+        const char *alt = i ? "|\\\\p{L}" : "\\\\p{L}";
+        tk_buf_put(b, alt, strlen(alt));
+    }
+    tk_buf_put(b, "\"}}", 3);
+}
+
+/* Written out, a \p{L} takes ~10 KB: a small file of them must not make
+ * gigabytes of patterns (and seconds of compiling); 16 MiB per tokenizer. */
+static void test_regex_room(void **state)
+{
+    (void)state;
+    for (int many_splits = 0; many_splits < 2; many_splits++) {
+        tk_buf b = {0};
+        const char *head = "{\"model\": {\"type\": \"BPE\", \"vocab\": {}, \"merges\": []},"
+                           " \"pre_tokenizer\": {\"type\": \"Sequence\", \"pretokenizers\": [";
+        tk_buf_put(&b, head, strlen(head));
+        for (int k = 0; k < (many_splits ? 17 : 1); k++) {
+            if (k) tk_buf_put(&b, ", ", 2);
+            put_split(&b, many_splits ? 100 : 2000);   /* ~1 MiB each, or 20 MiB */
+        }
+        tk_buf_put(&b, "]}}", 4);   /* with its NUL */
+        write_file("tokenizer.json", b.p);
+        free(b.p);
+        assert_null(moe_tokenizer_open(tu_dir));
+        if (!strstr(moe_error(), "regex too large") || !strstr(moe_error(), "tokenizer.json"))
+            fail_msg("%s", moe_error());
+    }
+    tk_buf b = {0};   /* one such regex fits */
+    const char *head = "{\"model\": {\"type\": \"BPE\", \"vocab\": {}, \"merges\": []}, \"pre_tokenizer\": ";
+    tk_buf_put(&b, head, strlen(head));
+    put_split(&b, 100);
+    tk_buf_put(&b, "}", 2);   /* with its NUL */
+    write_file("tokenizer.json", b.p);
+    free(b.p);
+    moe_tokenizer *t = moe_tokenizer_open(tu_dir);
+    assert_non_null(t);
+    moe_tokenizer_close(t);
 }
 
 /* tokenizer.json with the given added_tokens (ids as text) after a model
@@ -552,6 +597,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_config, tu_setup_dir, tu_teardown_dir),
         cmocka_unit_test_setup_teardown(test_token_ids_bounded, tu_setup_dir, tu_teardown_dir),
         cmocka_unit_test(test_regex_unicode16),
+        cmocka_unit_test_setup_teardown(test_regex_room, tu_setup_dir, tu_teardown_dir),
         cmocka_unit_test(test_golden_gpt2),
         cmocka_unit_test(test_golden_qwen3),
         cmocka_unit_test(test_golden_deepseek_v3),
