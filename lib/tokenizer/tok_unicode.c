@@ -38,6 +38,10 @@ int tk_norm_inert(int32_t cp)
 
 int tk_lowercase(int32_t cp, int32_t out[2])
 {
+    if (cp < 0x80) {
+        out[0] = cp >= 'A' && cp <= 'Z' ? cp + ('a' - 'A') : cp;
+        return 1;
+    }
     size_t lo = 0, hi = tk_lower_n;
     while (lo < hi) {
         size_t mid = lo + (hi - lo) / 2;
@@ -53,7 +57,7 @@ int tk_lowercase(int32_t cp, int32_t out[2])
     return 1;
 }
 
-/* ---- \p{...} in regexes ---------------------------------------------------- */
+/* ---- \p{...}, \d, \w in regexes -------------------------------------------- */
 
 #define GC(x) (1u << TK_GC_##x)
 #define GC_L (GC(LU) | GC(LL) | GC(LT) | GC(LM) | GC(LO))
