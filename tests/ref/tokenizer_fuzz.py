@@ -13,6 +13,8 @@ digits and marks added in Unicode 15 and 16 next to "'s" and friends, combining 
 Unicode version in every order, characters with compatibility or canonical decompositions and
 their decomposed forms.  `tokenizers` 0.23 splits with Unicode 16.0 categories and normalizes
 with Unicode 9.0 tables.  Needs the PyPI package unicodedata2 (16.0.0) for the Unicode 16 data.
+"Added after" means after Python's own unicodedata (14.0 for Python 3.11, which made the committed
+golden texts): another Python draws other texts from the same seed.
 """
 import io
 import json
