@@ -11,7 +11,7 @@
 #   make install PREFIX=/usr/local
 #
 # Sources are found by pattern, so new files need no Makefile edit:
-#   lib/*.c kernels/*.c          -> build/libcdmoe.a
+#   lib/*.c lib/tokenizer/*.c kernels/*.c -> build/libcdmoe.a
 #   kernels/cuda/*.cu            -> build/libcdmoe_cuda.so (plugin, when CUDA=1)
 #   tools/moe-*.c                -> bin/moe-*
 #   tests/unit/test_*.c          -> build/tests/test_* (cmocka)
@@ -35,7 +35,7 @@ PKG_LIBS := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 
 OPT ?= -O2
 CFLAGS ?= $(OPT) -g
-CFLAGS += -std=gnu11 -Wall -Wextra -fopenmp -fno-fast-math -MMD -MP -Ilib -Ikernels $(PKG_CFLAGS)
+CFLAGS += -std=gnu11 -Wall -Wextra -fopenmp -fno-fast-math -MMD -MP -Ilib -Ilib/tokenizer -Ikernels $(PKG_CFLAGS)
 LDLIBS += $(PKG_LIBS) -lm -lpthread
 LDFLAGS += -fopenmp
 ifeq ($(WERROR),1)
@@ -78,7 +78,7 @@ CUDA_PLUGIN :=
 CUDA_PLUGIN_BIN :=
 endif
 
-LIB_SRC := $(wildcard lib/*.c) $(wildcard kernels/*.c)
+LIB_SRC := $(wildcard lib/*.c) $(wildcard lib/tokenizer/*.c) $(wildcard kernels/*.c)
 LIB_OBJ := $(LIB_SRC:%.c=$(BUILD)/%.o)
 CU_OBJ := $(CU_SRC:%.cu=$(BUILD)/%.cu.o)
 LIBA := $(BUILD)/libcdmoe.a

@@ -11,6 +11,10 @@ tokenizer_config.json, else tokenizer.json's own); trunc: that tokenizer with
 enable_truncation(max_length=N); decoded: decode(ids, skip_special_tokens=False).
 
 Usage: make_tokenizer_golden.py [SHARED_DIR]   (default $CDMOE_SHARED or ../shared)
+       make_tokenizer_golden.py --unicode [SHARED_DIR]
+--unicode writes only tests/fixtures/tokenizer/unicode-texts.jsonl (adversarial texts at the
+edges of the Unicode data, tokenizer_fuzz.unicode_text; needs unicodedata2==16.0.0) and
+golden-unicode-<model>.jsonl for them.
 The tokenizer.json files are read from SHARED_DIR/data/tokenizers/<model>/ and never copied.
 deepseek-llm (the DeepSeekMoE tokenizer) exists there only as llama.cpp's vocabulary GGUF: its
 tokenizer.json is rebuilt in a temporary directory by gguf_to_tokenizer_json.py, which is checked
@@ -119,14 +123,39 @@ def golden(model_dir, texts, out_path):
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
 
-def main():
-    shared = sys.argv[1] if len(sys.argv) > 1 else os.environ.get(
-        "CDMOE_SHARED", os.path.join(HERE, "..", "..", "..", "shared"))
-    os.makedirs(OUT, exist_ok=True)
-    texts = stress_texts()
-    with open(os.path.join(OUT, "texts.jsonl"), "w", encoding="utf-8") as f:
+def write_texts(path, texts):
+    with open(path, "w", encoding="utf-8") as f:
         for s in texts:
             f.write(json.dumps({"text": s}, ensure_ascii=False) + "\n")
+
+
+def main_unicode(shared, n=120, seed=2026):
+    import random
+    sys.path.insert(0, HERE)
+    import tokenizer_fuzz
+    if tokenizer_fuzz.UCD.unidata_version != "16.0.0":
+        raise SystemExit("--unicode needs the PyPI package unicodedata2==16.0.0")
+    r = random.Random(seed)
+    texts = [tokenizer_fuzz.unicode_text(r) for _ in range(n)]
+    write_texts(os.path.join(OUT, "unicode-texts.jsonl"), texts)
+    for m in MODELS:
+        d = os.path.join(shared, "data", "tokenizers", m)
+        golden(d, texts, os.path.join(OUT, "golden-unicode-%s.jsonl" % m))
+        print("wrote golden-unicode-%s.jsonl (tokenizers %s)" % (m, tokenizers.__version__))
+
+
+def main():
+    args = sys.argv[1:]
+    unicode_only = bool(args) and args[0] == "--unicode"
+    if unicode_only:
+        args = args[1:]
+    shared = args[0] if args else os.environ.get(
+        "CDMOE_SHARED", os.path.join(HERE, "..", "..", "..", "shared"))
+    os.makedirs(OUT, exist_ok=True)
+    if unicode_only:
+        return main_unicode(shared)
+    texts = stress_texts()
+    write_texts(os.path.join(OUT, "texts.jsonl"), texts)
     for m in MODELS:
         d = os.path.join(shared, "data", "tokenizers", m)
         golden(d, texts, os.path.join(OUT, "golden-%s.jsonl" % m))

@@ -1,12 +1,20 @@
 #!/usr/bin/env python3
 """Compare moe-tokenize with Hugging Face `tokenizers` on random and real text.
 
-  tokenizer_fuzz.py BIN MODEL_DIR [N_RANDOM] [SEED] [CORPUS...]
+  tokenizer_fuzz.py [--unicode] BIN MODEL_DIR [N_RANDOM] [SEED] [CORPUS...]
 
 Generates N_RANDOM random texts (seeded) that mix the character classes the split regexes
 care about, adds the lines of each CORPUS file, tokenizes them with `moe-tokenize --no-special`
 and with tokenizers.Tokenizer.from_file(MODEL_DIR/tokenizer.json).encode(add_special_tokens=False),
 compares the ids and decode(ids) (skip_special_tokens=False), and prints the differences.  Exit 0 if all agree, 1 otherwise.
+
+--unicode: adversarial texts at the edges of the Unicode data instead (unicode_text): letters,
+digits and marks added in Unicode 15 and 16 next to "'s" and friends, combining marks of every
+Unicode version in every order, characters with compatibility or canonical decompositions and
+their decomposed forms.  `tokenizers` 0.23 splits with Unicode 16.0 categories and normalizes
+with Unicode 9.0 tables.  Needs the PyPI package unicodedata2 (16.0.0) for the Unicode 16 data.
+"Added after" means after Python's own unicodedata (14.0 for Python 3.11, which made the committed
+golden texts): another Python draws other texts from the same seed.
 """
 import io
 import json
@@ -42,11 +50,67 @@ SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<｜begin▁of▁sent
            "<｜end▁of▁sentence｜>", "<think>", "</think>", "<|endoftext"]
 
 
+try:   # the Unicode version of `tokenizers`' regexes (16.0), when installed
+    import unicodedata2 as UCD
+except ImportError:
+    UCD = unicodedata
+
+
 def assigned(c):
-    """Assigned in Python's Unicode data (14.0 for Python 3.11).  Code points assigned later
-    are left out: the system Oniguruma (6.9.8: Unicode 14) and utf8proc lack them, while the
-    Oniguruma bundled in `tokenizers` knows Unicode 16."""
-    return unicodedata.category(c) not in ("Cn", "Cs")
+    """Assigned in the Unicode data at hand (UCD)."""
+    return UCD.category(c) not in ("Cn", "Cs")
+
+
+_POOLS16 = None
+
+
+def unicode_pools():
+    """Code point pools for unicode_text, from UCD (computed once)."""
+    global _POOLS16
+    if _POOLS16 is None:
+        new_ln, marks, compat, canon = [], [], [], []
+        for cp in range(0x110000):
+            c = chr(cp)
+            cat = UCD.category(c)
+            if cat in ("Cn", "Cs", "Co"):
+                continue
+            if cat[0] in "LNMPS" and unicodedata.category(c) == "Cn":
+                new_ln.append(c)          # assigned after Python's own data (14.0)
+            if UCD.combining(c):
+                marks.append(c)
+            d = UCD.decomposition(c)
+            if d.startswith("<"):
+                compat.append(c)
+            elif d:
+                canon.append(c)
+        _POOLS16 = (new_ln, marks, compat, canon)
+    return _POOLS16
+
+
+def unicode_text(r):
+    """One adversarial text (see the module doc)."""
+    new_ln, marks, compat, canon = unicode_pools()
+    out = []
+    for _ in range(r.randint(1, 8)):
+        k = r.random()
+        if k < 0.3 and new_ln:
+            out.append("".join(r.choice(new_ln) for _ in range(r.randint(1, 3))))
+            out.append(r.choice(["'s", "'S", "'ll", "'d", "'t", " ", "1", "12", "!", "a", "", "'s ", "\n"]))
+        elif k < 0.55 and marks:
+            base = r.choice(["a", "e", "ᄀ", "ก", "क", " ", "", "'", "1", r.choice(new_ln or ["a"])])
+            ms = [r.choice(marks) for _ in range(r.randint(1, 4))]
+            ms += r.sample(["\u0301", "\u0316", "\u0334", "\u0345", "\u05B0"], r.randint(0, 2))
+            r.shuffle(ms)
+            out.append(base + "".join(ms))
+        elif k < 0.7 and compat:
+            out.append("".join(r.choice(compat) for _ in range(r.randint(1, 3))))
+        elif k < 0.85 and canon:
+            c = r.choice(canon)
+            out.append(c if r.random() < 0.5 else UCD.normalize("NFD", c))
+        else:
+            pool = r.choice(POOLS)
+            out.append("".join(r.choice(pool) for _ in range(r.randint(1, 6))))
+    return "".join(out)
 
 
 def rand_text(r):
@@ -81,12 +145,20 @@ def read_stream(data):
 
 
 def main():
-    bindir, model = sys.argv[1], sys.argv[2]
-    n = int(sys.argv[3]) if len(sys.argv) > 3 else 300
-    seed = int(sys.argv[4]) if len(sys.argv) > 4 else 1
+    args = sys.argv[1:]
+    gen = rand_text
+    if args and args[0] == "--unicode":
+        if UCD is unicodedata or UCD.unidata_version != "16.0.0":
+            print("SKIP: --unicode needs the PyPI package unicodedata2==16.0.0")
+            return 77
+        gen = unicode_text
+        args = args[1:]
+    bindir, model = args[0], args[1]
+    n = int(args[2]) if len(args) > 2 else 300
+    seed = int(args[3]) if len(args) > 3 else 1
     r = random.Random(seed)
-    texts = [rand_text(r) for _ in range(n)]
-    for c in sys.argv[5:]:
+    texts = [gen(r) for _ in range(n)]
+    for c in args[4:]:
         with open(c, encoding="utf-8") as f:
             texts += [l.rstrip("\n") for l in f]
     tok = tokenizers.Tokenizer.from_file(os.path.join(model, "tokenizer.json"))

@@ -67,6 +67,13 @@ printf '[1, 99999]\n' > "$TMP/bad7.jsonl"
 expect_fail 1 "bad7.jsonl:1: element 1 is not a token id" moe-tokenize --model $M --ids -o "$TMP/x.zst" "$TMP/bad7.jsonl"
 printf '{"model": {"type": "Unigram", "vocab": []}}' > "$TMP/tokenizer.json"
 expect_fail 1 "unsupported model type 'Unigram'" moe-tokenize --model "$TMP" -o "$TMP/x.zst" "$TMP/in.jsonl"
+# token ids beyond the vocabulary the file declares (2^31 made the id table double forever)
+printf '{"added_tokens": [{"content": "<x>", "id": 2147483648, "special": true}], "model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}}' > "$TMP/tokenizer.json"
+expect_fail 1 "tokenizer.json: added_tokens\[0\] '<x>' has id 2147483648, but the next free id .* is 1" \
+    timeout 20 moe-tokenize --model "$TMP" -o "$TMP/x.zst" "$TMP/in.jsonl"
+printf '{"model": {"type": "BPE", "vocab": {"a": 0, "b": 134217728}, "merges": []}}' > "$TMP/tokenizer.json"
+expect_fail 1 "tokenizer.json: model.vocab: token 'b' has id 134217728, beyond the 2 tokens" \
+    timeout 20 moe-tokenize --model "$TMP" -o "$TMP/x.zst" "$TMP/in.jsonl"
 expect_fail 1 "max length 1 is below the 2 special tokens" moe-tokenize --model $M --max-length 1 -o "$TMP/x.zst" "$TMP/in.jsonl"
 expect_fail 1 "not a moe-stream" moe-tokenize --model $M --decode "$TMP/dump"
 [ ! -e "$TMP/x.zst" ] || fail "a failed run left its output behind"

@@ -1,7 +1,9 @@
 /* test_tokenizer.c - the tokenizer against golden ids made with Hugging Face
- * `tokenizers` (tests/ref/make_tokenizer_golden.py) on the real tokenizer.json
- * files in $CDMOE_SHARED, llama.cpp's HF-made test vectors, and the minimal
- * byte-level tokenizer (which needs no shared files). */
+ * `tokenizers` (tests/ref/make_tokenizer_golden.py, also with --unicode for
+ * adversarial Unicode texts) on the real tokenizer.json files in
+ * $CDMOE_SHARED, llama.cpp's HF-made test vectors, our synthetic tokenizers
+ * (tests/ref/make_tokenizer_synth.py) and the minimal byte-level tokenizer
+ * (these need no shared files). */
 #include <unistd.h>
 #include <jansson.h>
 
@@ -9,6 +11,7 @@
 #include "bytetok.h"
 #include "testutil.h"
 #include "tokenizer.h"
+#include "tok_internal.h"
 
 #define FIX "tests/fixtures/tokenizer"
 
@@ -65,16 +68,19 @@ static int ids_equal(const int32_t *a, size_t n, const json_t *want, const char 
     return ok;
 }
 
-static void golden_model(const char *name)
+/* set: "" for our stress texts (texts.jsonl, golden-NAME.jsonl), "unicode-"
+ * for the adversarial Unicode texts (unicode-texts.jsonl, golden-unicode-NAME.jsonl). */
+static void golden_model(const char *name, const char *set)
 {
     const char *dir = model_dir(name);
     if (!dir) skip();
     moe_tokenizer *t = moe_tokenizer_open(dir);
     if (!t) fprintf(stderr, "%s\n", moe_error());
     assert_non_null(t);
-    char gp[256];
-    snprintf(gp, sizeof gp, FIX "/golden-%s.jsonl", name);
-    json_t *texts = load_jsonl(FIX "/texts.jsonl"), *gold = load_jsonl(gp);
+    char gp[256], tp[256];
+    snprintf(gp, sizeof gp, FIX "/golden-%s%s.jsonl", set, name);
+    snprintf(tp, sizeof tp, FIX "/%stexts.jsonl", set);
+    json_t *texts = load_jsonl(tp), *gold = load_jsonl(gp);
     assert_int_equal(json_array_size(texts), json_array_size(gold));
     int bad = 0, rt = 0;
     for (size_t i = 0; i < json_array_size(texts); i++) {
@@ -115,16 +121,23 @@ static void golden_model(const char *name)
             free(ids);
         }
     }
-    printf("%s: %zu texts, %d round trips checked, %d mismatches\n", name, json_array_size(texts), rt, bad);
+    printf("%s%s: %zu texts, %d round trips checked, %d mismatches\n", set, name, json_array_size(texts), rt,
+           bad);
     assert_int_equal(bad, 0);
     json_decref(texts);
     json_decref(gold);
     moe_tokenizer_close(t);
 }
 
-static void test_golden_gpt2(void **state) { (void)state; golden_model("gpt2"); }
-static void test_golden_qwen3(void **state) { (void)state; golden_model("qwen3"); }
-static void test_golden_deepseek_v3(void **state) { (void)state; golden_model("deepseek-v3"); }
+static void test_golden_gpt2(void **state) { (void)state; golden_model("gpt2", ""); }
+static void test_golden_qwen3(void **state) { (void)state; golden_model("qwen3", ""); }
+static void test_golden_deepseek_v3(void **state) { (void)state; golden_model("deepseek-v3", ""); }
+/* letters, digits and marks of Unicode 15 and 16 in the split regexes
+ * (tokenizers: Unicode 16.0), marks and decompositions of every Unicode
+ * version in NFC (qwen3: tokenizers' Unicode 9.0 tables) */
+static void test_unicode_gpt2(void **state) { (void)state; golden_model("gpt2", "unicode-"); }
+static void test_unicode_qwen3(void **state) { (void)state; golden_model("qwen3", "unicode-"); }
+static void test_unicode_deepseek_v3(void **state) { (void)state; golden_model("deepseek-v3", "unicode-"); }
 
 /* llama.cpp's vectors: *.inp = tests separated by "\n__ggml_vocab_test__\n",
  * *.out = one line of HF ids (no special tokens) per test. */
@@ -230,11 +243,19 @@ static void synth(const char *name)
 static void test_synth_llama(void **state) { (void)state; synth("llama"); }
 static void test_synth_meta(void **state) { (void)state; synth("meta"); }
 static void test_synth_split(void **state) { (void)state; synth("split"); }
+/* the Unicode normal forms as tokenizers computes them (Unicode 9.0 tables),
+ * on adversarial texts: marks and decompositions of every Unicode version */
+static void test_synth_nfc(void **state) { (void)state; synth("nfc"); }
+static void test_synth_nfd(void **state) { (void)state; synth("nfd"); }
+static void test_synth_nfkc(void **state) { (void)state; synth("nfkc"); }
+static void test_synth_nfkd(void **state) { (void)state; synth("nfkd"); }
+/* Lowercase as Rust's char::to_lowercase (Unicode 16.0, U+0130 -> "i\u0307") */
+static void test_synth_lower(void **state) { (void)state; synth("lower"); }
 
 static uint64_t rng = 0x9E3779B97F4A7C15ull;
 static uint64_t rnd(void) { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; return rng; }
 
-/* The byte-level tokenizer moe-init writes (lib/bytetok.c) round-trips any
+/* The byte-level tokenizer moe-init writes (lib/tokenizer/bytetok.c) round-trips any
  * byte string, valid UTF-8 or not. */
 static void test_byte_level_roundtrip(void **state)
 {
@@ -365,6 +386,162 @@ static void test_bad_files(void **state)
     moe_tokenizer_close(t);
 }
 
+/* Regexes see the general categories, \d and \w of Unicode 16.0, as the
+ * Oniguruma bundled in tokenizers does (the system's may know only 14.0):
+ * letters, digits and numbers added in Unicode 15 and 16 included. */
+static void test_regex_unicode16(void **state)
+{
+    (void)state;
+    static const struct { const char *pat; int32_t cp; int match; } cases[] = {
+        {"\\p{L}", 0x1C89, 1},            /* CYRILLIC CAPITAL LETTER TJE, 16.0 */
+        {"\\p{Lu}", 0xA7CB, 1},           /* LATIN CAPITAL LETTER RAMS HORN, 16.0 */
+        {"\\p{Letter}", 0x11F04, 1},      /* KAWI LETTER A, 15.0 */
+        {"\\P{L}", 0x1C89, 0}, {"\\p{^L}", 0x1C89, 0}, {"\\P{^L}", 0x1C89, 1},
+        {"[^\\r\\n\\p{L}\\p{N}]", 0x1C89, 0}, {"[^\\r\\n\\p{L}\\p{N}]", '!', 1},
+        {"\\p{N}", 0x1D2C0, 1},           /* KAKTOVIK NUMERAL ZERO, 15.0 */
+        {"\\d", 0x11F50, 1}, {"\\D", 0x11F50, 0}, {"[\\d]", 0x11F50, 1},   /* KAWI DIGIT ZERO */
+        {"\\w", 0x1C89, 1}, {"\\w", 0xB2, 1}, {"\\w", 0x24B6, 1}, {"\\w", '!', 0},
+        {"\\W", 0x1C89, 0}, {"[^\\W]", 0x1C89, 1},
+        {"\\p{M}", 0x0897, 1},            /* ARABIC PEPET, 16.0 */
+        {"\\p{S}", 0x1CC00, 1},           /* UP-POINTING GO-KART, 16.0 */
+        {"\\p{L}", 0x0378, 0},            /* unassigned */
+        {"\\p{Han}", 0x4E00, 1},          /* scripts are Oniguruma's */
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        tk_regex re;
+        assert_int_equal(tk_regex_compile(&re, cases[i].pat, strlen(cases[i].pat), 0, NULL, "test"), 0);
+        char u[4];
+        size_t n = (size_t)tk_utf8_encode(cases[i].cp, u), b, e;
+        int m = tk_regex_find(&re, u, n, 0, &b, &e) && b == 0 && e == n;
+        if (m != cases[i].match) fail_msg("%s on U+%04X: %d", cases[i].pat, (unsigned)cases[i].cp, m);
+        tk_regex_free(&re);
+    }
+    /* an escaped backslash stays one: \\p{L} is the text "\p{L}" */
+    tk_regex re;
+    assert_int_equal(tk_regex_compile(&re, "\\\\p{L}", 6, 0, NULL, "test"), 0);
+    size_t b, e;
+    assert_true(tk_regex_find(&re, "x\\p{L}", 6, 0, &b, &e) && b == 1 && e == 6);
+    tk_regex_free(&re);
+}
+
+/* A Split pre-tokenizer whose regex is `n` alternatives \p{L}. */
+static void put_split(tk_buf *b, int n)
+{
+    const char *head = "{\"type\": \"Split\", \"behavior\": \"Isolated\", \"pattern\": {\"Regex\": \"";
+    tk_buf_put(b, head, strlen(head));
+    for (int i = 0; i < n; i++) {
+        const char *alt = i ? "|\\\\p{L}" : "\\\\p{L}";
+        tk_buf_put(b, alt, strlen(alt));
+    }
+    tk_buf_put(b, "\"}}", 3);
+}
+
+/* Written out, a \p{L} takes ~10 KB: a small file of them must not make
+ * gigabytes of patterns (and seconds of compiling); 16 MiB per tokenizer. */
+static void test_regex_room(void **state)
+{
+    (void)state;
+    for (int many_splits = 0; many_splits < 2; many_splits++) {
+        tk_buf b = {0};
+        const char *head = "{\"model\": {\"type\": \"BPE\", \"vocab\": {}, \"merges\": []},"
+                           " \"pre_tokenizer\": {\"type\": \"Sequence\", \"pretokenizers\": [";
+        tk_buf_put(&b, head, strlen(head));
+        for (int k = 0; k < (many_splits ? 17 : 1); k++) {
+            if (k) tk_buf_put(&b, ", ", 2);
+            put_split(&b, many_splits ? 100 : 2000);   /* ~1 MiB each, or 20 MiB */
+        }
+        tk_buf_put(&b, "]}}", 4);   /* with its NUL */
+        write_file("tokenizer.json", b.p);
+        free(b.p);
+        assert_null(moe_tokenizer_open(tu_dir));
+        if (!strstr(moe_error(), "regex too large") || !strstr(moe_error(), "tokenizer.json"))
+            fail_msg("%s", moe_error());
+    }
+    tk_buf b = {0};   /* one such regex fits */
+    const char *head = "{\"model\": {\"type\": \"BPE\", \"vocab\": {}, \"merges\": []}, \"pre_tokenizer\": ";
+    tk_buf_put(&b, head, strlen(head));
+    put_split(&b, 100);
+    tk_buf_put(&b, "}", 2);   /* with its NUL */
+    write_file("tokenizer.json", b.p);
+    free(b.p);
+    moe_tokenizer *t = moe_tokenizer_open(tu_dir);
+    assert_non_null(t);
+    moe_tokenizer_close(t);
+}
+
+/* tokenizer.json with the given added_tokens (ids as text) after a model
+ * vocabulary a, b, c (ids 0..2, or `vocab` when given). */
+static moe_tokenizer *open_with_added(const char *added, const char *vocab)
+{
+    char text[2048];
+    snprintf(text, sizeof text,
+             "{\"added_tokens\": [%s], \"model\": {\"type\": \"BPE\", \"vocab\": %s, \"merges\": []},"
+             " \"post_processor\": null}", added, vocab ? vocab : "{\"a\": 0, \"b\": 1, \"c\": 2}");
+    write_file("tokenizer.json", text);
+    return moe_tokenizer_open(tu_dir);
+}
+
+#define ADDED(content, id) "{\"content\": \"" content "\", \"id\": " id ", \"special\": true}"
+
+/* Token ids must fit the vocabulary the file declares: V model tokens have
+ * ids 0..V-1, and each added token the id tokenizers gives it (its model id,
+ * or the next free one).  An id of 2^31 once made the id table double
+ * forever, 2^27 cost 3.3 GB. */
+static void test_token_ids_bounded(void **state)
+{
+    (void)state;
+    const char *refused[][3] = {
+        {ADDED("<x>", "2147483648"), NULL, "has id 2147483648, but the next free id"},
+        {ADDED("<x>", "134217728"), NULL, "has id 134217728, but the next free id"},
+        {ADDED("<x>", "9223372036854775807"), NULL, "the next free id (after the vocabulary"},
+        {ADDED("<x>", "1"), NULL, "'<x>' has id 1, but the next free id"},
+        {ADDED("a", "2"), NULL, "'a' has id 2, but the model vocabulary gives it id 0"},
+        {ADDED("<x>", "3") ", " ADDED("<x>", "4"), NULL, "it was listed before with id 3"},
+        {ADDED("<x>", "4"), NULL, "has id 4, but the next free id (after the vocabulary and the added "
+                                  "tokens before it) is 3"},
+        {"", "{\"a\": 0, \"b\": 134217728}", "model.vocab: token 'b' has id 134217728, beyond the 2 tokens"},
+        {"", "{\"a\": 0, \"b\": 2147483648}", "model.vocab: bad entry"},
+    };
+    for (size_t i = 0; i < sizeof refused / sizeof *refused; i++) {
+        assert_null(open_with_added(refused[i][0], refused[i][1]));
+        if (!strstr(moe_error(), refused[i][2]) || !strstr(moe_error(), "tokenizer.json"))
+            fail_msg("case %zu: '%s' lacks '%s'", i, moe_error(), refused[i][2]);
+    }
+    /* what tokenizers accepts: the ids it gives, a repeated token, an empty one
+     * (no id), an added token that is a vocabulary token */
+    moe_tokenizer *t = open_with_added(ADDED("", "3") ", " ADDED("<x>", "3") ", " ADDED("<x>", "3") ", "
+                                       ADDED("b", "1") ", " ADDED("<y>", "4"), NULL);
+    if (!t) fprintf(stderr, "%s\n", moe_error());
+    assert_non_null(t);
+    assert_int_equal(moe_tokenizer_vocab_size(t), 5);
+    assert_int_equal(moe_tokenizer_token_id(t, "<y>"), 4);
+    int32_t *ids;
+    size_t n;
+    assert_int_equal(moe_tokenizer_encode(t, "a<x>b<y>", 8, 0, &ids, &n), 0);
+    assert_int_equal(n, 4);
+    assert_int_equal(ids[1], 3);
+    assert_int_equal(ids[3], 4);
+    free(ids);
+    moe_tokenizer_close(t);
+    /* a post-processor id must be a token */
+    write_file("tokenizer.json", "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0}, \"merges\": []},"
+                                 " \"post_processor\": {\"type\": \"RobertaProcessing\", \"cls\": [\"a\", 0],"
+                                 " \"sep\": [\"z\", 4294967296]}}");
+    assert_null(moe_tokenizer_open(tu_dir));
+    assert_non_null(strstr(moe_error(), "post_processor: special token id -1 is not in the vocabulary"));
+    /* a Strip decoder's count beyond int is clamped, not wrapped (2^32 + 1 was 1) */
+    write_file("tokenizer.json", "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"   a\": 0}, \"merges\": []},"
+                                 " \"decoder\": {\"type\": \"Strip\", \"content\": \" \", \"start\": 4294967297,"
+                                 " \"stop\": 0}}");
+    t = moe_tokenizer_open(tu_dir);
+    assert_non_null(t);
+    char *dec;
+    assert_int_equal(moe_tokenizer_decode(t, (int32_t[]){0}, 1, 0, &dec, NULL), 0);
+    assert_string_equal(dec, "a");
+    free(dec);
+    moe_tokenizer_close(t);
+}
+
 /* tokenizer_config.json decides BOS/EOS for Llama/Gemma/GPT-NeoX classes. */
 static void test_config(void **state)
 {
@@ -410,12 +587,23 @@ int main(void)
         cmocka_unit_test(test_synth_llama),
         cmocka_unit_test(test_synth_meta),
         cmocka_unit_test(test_synth_split),
+        cmocka_unit_test(test_synth_nfc),
+        cmocka_unit_test(test_synth_nfd),
+        cmocka_unit_test(test_synth_nfkc),
+        cmocka_unit_test(test_synth_nfkd),
+        cmocka_unit_test(test_synth_lower),
         cmocka_unit_test_setup_teardown(test_byte_level_roundtrip, tu_setup_dir, tu_teardown_dir),
         cmocka_unit_test_setup_teardown(test_bad_files, tu_setup_dir, tu_teardown_dir),
         cmocka_unit_test_setup_teardown(test_config, tu_setup_dir, tu_teardown_dir),
+        cmocka_unit_test_setup_teardown(test_token_ids_bounded, tu_setup_dir, tu_teardown_dir),
+        cmocka_unit_test(test_regex_unicode16),
+        cmocka_unit_test_setup_teardown(test_regex_room, tu_setup_dir, tu_teardown_dir),
         cmocka_unit_test(test_golden_gpt2),
         cmocka_unit_test(test_golden_qwen3),
         cmocka_unit_test(test_golden_deepseek_v3),
+        cmocka_unit_test(test_unicode_gpt2),
+        cmocka_unit_test(test_unicode_qwen3),
+        cmocka_unit_test(test_unicode_deepseek_v3),
         cmocka_unit_test(test_llamacpp_gpt2),
         cmocka_unit_test(test_llamacpp_qwen2),
         cmocka_unit_test(test_llamacpp_r1qwen),

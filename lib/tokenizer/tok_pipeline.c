@@ -8,38 +8,71 @@
 
 /* ---- normalizers ------------------------------------------------------ */
 
+/* utf8proc's normal form of s[0..n), appended to out. */
+static int utf8proc_append(int flags, const char *s, size_t n, tk_buf *out)
+{
+    if (!n) return 0;
+    utf8proc_uint8_t *dst = NULL;
+    utf8proc_ssize_t r = utf8proc_map((const utf8proc_uint8_t *)s, (utf8proc_ssize_t)n, &dst,
+                                      (utf8proc_option_t)flags);
+    if (r < 0) {
+        moe_error_set(MOE_ERR_DATA, "normalizer: %s", utf8proc_errmsg(r));
+        return -1;
+    }
+    tk_buf_put(out, dst, (size_t)r);
+    free(dst);
+    return 0;
+}
+
+/* A Unicode normal form as `tokenizers` computes it, with the tables of
+ * Unicode 9.0: a code point assigned later is a starter that neither
+ * decomposes nor composes there, so the text is cut at each one that
+ * utf8proc would treat otherwise (tk_norm_inert), the pieces normalized by
+ * utf8proc and the code point copied as it is.  (The cut changes nothing
+ * else: no reordering or composition crosses such a starter.) */
+static int nrm_unicode(int type, const char *s, size_t n, tk_buf *out)
+{
+    if (type == NRM_NFC) {   /* below U+0300 every string is NFC */
+        size_t i = 0;
+        while (i < n && (unsigned char)s[i] < 0xCC) i++;
+        if (i == n) { tk_buf_put(out, s, n); return 0; }
+    }
+    int fl = UTF8PROC_STABLE;
+    fl |= (type == NRM_NFC || type == NRM_NFKC) ? UTF8PROC_COMPOSE : UTF8PROC_DECOMPOSE;
+    if (type == NRM_NFKC || type == NRM_NFKD) fl |= UTF8PROC_COMPAT;
+    size_t start = 0, i = 0;
+    while (i < n) {
+        if ((unsigned char)s[i] < 0xDF) { i++; continue; }   /* the first inert code point is U+07FD */
+        int32_t cp;
+        int l = tk_utf8_decode((const unsigned char *)s + i, n - i, &cp);
+        if (l < 0) { i++; continue; }   /* utf8proc reports it */
+        if (tk_norm_inert(cp)) {
+            if (utf8proc_append(fl, s + start, i - start, out) < 0) return -1;
+            tk_buf_put(out, s + i, (size_t)l);
+            start = i + (size_t)l;
+        }
+        i += (size_t)l;
+    }
+    return utf8proc_append(fl, s + start, n - start, out);
+}
+
 static int nrm_one(const tk_norm *nm, const char *s, size_t n, tk_buf *out)
 {
     out->n = 0;
     switch (nm->type) {
-    case NRM_NFC: case NRM_NFD: case NRM_NFKC: case NRM_NFKD: {
-        if (nm->type == NRM_NFC) {   /* below U+0300 every string is NFC */
-            size_t i = 0;
-            while (i < n && (unsigned char)s[i] < 0xCC) i++;
-            if (i == n) { tk_buf_put(out, s, n); return 0; }
-        }
-        int fl = UTF8PROC_STABLE;
-        fl |= (nm->type == NRM_NFC || nm->type == NRM_NFKC) ? UTF8PROC_COMPOSE : UTF8PROC_DECOMPOSE;
-        if (nm->type == NRM_NFKC || nm->type == NRM_NFKD) fl |= UTF8PROC_COMPAT;
-        utf8proc_uint8_t *dst = NULL;
-        utf8proc_ssize_t r = utf8proc_map((const utf8proc_uint8_t *)s, (utf8proc_ssize_t)n, &dst,
-                                          (utf8proc_option_t)fl);
-        if (r < 0) {
-            moe_error_set(MOE_ERR_DATA, "normalizer: %s", utf8proc_errmsg(r));
-            return -1;
-        }
-        tk_buf_put(out, dst, (size_t)r);
-        free(dst);
-        return 0;
-    }
+    case NRM_NFC: case NRM_NFD: case NRM_NFKC: case NRM_NFKD:
+        return nrm_unicode(nm->type, s, n, out);
     case NRM_LOWER: {
         size_t i = 0;
         while (i < n) {
             int32_t cp;
             int l = tk_utf8_decode((const unsigned char *)s + i, n - i, &cp);
             if (l < 0) l = 1, cp = 0xFFFD;
-            char u[4];
-            tk_buf_put(out, u, (size_t)tk_utf8_encode(utf8proc_tolower(cp), u));
+            int32_t lower[2];
+            for (int k = 0, nl = tk_lowercase(cp, lower); k < nl; k++) {
+                char u[4];
+                tk_buf_put(out, u, (size_t)tk_utf8_encode(lower[k], u));
+            }
             i += (size_t)l;
         }
         return 0;

@@ -1,5 +1,6 @@
 /* tokenizer.c - load tokenizer.json (+ tokenizer_config.json), encode, decode. */
 #include <errno.h>
+#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -23,6 +24,20 @@ static int jbool(const json_t *o, const char *key, int dflt)
     return json_is_boolean(v) ? json_is_true(v) : dflt;
 }
 
+/* A token id given as a JSON number: -1 unless an integer in [0, 2^31). */
+static int32_t json_id(const json_t *x)
+{
+    json_int_t v = json_integer_value(x);
+    return json_is_integer(x) && v >= 0 && v <= INT32_MAX ? (int32_t)v : -1;
+}
+
+/* A count given as a JSON number, clamped to [0, INT_MAX] (not wrapped). */
+static int json_count(const json_t *x)
+{
+    json_int_t v = json_integer_value(x);
+    return v < 0 ? 0 : v > INT_MAX ? INT_MAX : (int)v;
+}
+
 static char *dupn(const char *s, size_t n)
 {
     char *p = moe_malloc(n + 1);
@@ -32,14 +47,14 @@ static char *dupn(const char *s, size_t n)
 }
 
 /* pattern {"String": s} or {"Regex": r} */
-static int parse_pattern(const json_t *o, tk_regex *r, const char *what)
+static int parse_pattern(moe_tokenizer *t, const json_t *o, tk_regex *r, const char *what)
 {
     json_t *p = json_object_get(o, "pattern");
     json_t *s = json_object_get(p, "String"), *re = json_object_get(p, "Regex");
     if (json_is_string(s))
-        return tk_regex_compile(r, json_string_value(s), json_string_length(s), 1, what);
+        return tk_regex_compile(r, json_string_value(s), json_string_length(s), 1, &t->regex_room, what);
     if (json_is_string(re))
-        return tk_regex_compile(r, json_string_value(re), json_string_length(re), 0, what);
+        return tk_regex_compile(r, json_string_value(re), json_string_length(re), 0, &t->regex_room, what);
     moe_error_set(MOE_ERR_DATA, "%s: pattern is neither String nor Regex", what);
     return -1;
 }
@@ -96,7 +111,7 @@ static int add_norm(moe_tokenizer *t, const json_t *o)
         nm.slen = strlen(nm.str);
         char what[600];
         snprintf(what, sizeof what, "%s: normalizer Replace", t->path);
-        if (parse_pattern(o, &nm.pat, what) < 0) { free(nm.str); return -1; }
+        if (parse_pattern(t, o, &nm.pat, what) < 0) { free(nm.str); return -1; }
     } else if (!strcmp(ty, "Strip")) {
         nm.type = NRM_STRIP;
         nm.left = jbool(o, "strip_left", 1);
@@ -144,13 +159,13 @@ static int add_pretok(moe_tokenizer *t, const json_t *o)
         }
         pt.invert = jbool(o, "invert", 0);
         snprintf(what, sizeof what, "%s: pre_tokenizer Split", t->path);
-        if (parse_pattern(o, &pt.pat, what) < 0) return -1;
+        if (parse_pattern(t, o, &pt.pat, what) < 0) return -1;
     } else if (!strcmp(ty, "ByteLevel")) {
         pt.type = PT_BYTELEVEL;
         pt.add_prefix_space = jbool(o, "add_prefix_space", 1);
         pt.use_regex = jbool(o, "use_regex", 1);
         snprintf(what, sizeof what, "%s: ByteLevel regex", t->path);
-        if (pt.use_regex && tk_regex_compile(&pt.pat, GPT2_REGEX, strlen(GPT2_REGEX), 0, what) < 0)
+        if (pt.use_regex && tk_regex_compile(&pt.pat, GPT2_REGEX, strlen(GPT2_REGEX), 0, &t->regex_room, what) < 0)
             return -1;
         t->byte_level = 1;
     } else if (!strcmp(ty, "Digits")) {
@@ -208,8 +223,8 @@ static int add_dec(moe_tokenizer *t, const json_t *o)
         d.type = DEC_STRIP;
         d.content = moe_strdup(c ? c : " ");
         d.clen = strlen(d.content);
-        d.start = (int)json_integer_value(json_object_get(o, "start"));
-        d.stop = (int)json_integer_value(json_object_get(o, "stop"));
+        d.start = json_count(json_object_get(o, "start"));
+        d.stop = json_count(json_object_get(o, "stop"));
     } else if (!strcmp(ty, "Metaspace")) {
         d.type = DEC_METASPACE;
         if (metaspace_repl(o, d.repl, &d.repl_len) < 0) {
@@ -242,7 +257,7 @@ static int template_ids(moe_tokenizer *t, const json_t *specials, const char *na
     }
     size_t i;
     json_t *x;
-    json_array_foreach(ids, i, x) ids_add(v, n, (int32_t)json_integer_value(x));
+    json_array_foreach(ids, i, x) ids_add(v, n, json_id(x));
     return 0;
 }
 
@@ -280,8 +295,8 @@ static int add_post(moe_tokenizer *t, const json_t *o)
     }
     if (!strcmp(ty, "RobertaProcessing") || !strcmp(ty, "BertProcessing")) {
         json_t *cls = json_object_get(o, "cls"), *sep = json_object_get(o, "sep");
-        ids_add(&t->prefix, &t->nprefix, (int32_t)json_integer_value(json_array_get(cls, 1)));
-        ids_add(&t->suffix, &t->nsuffix, (int32_t)json_integer_value(json_array_get(sep, 1)));
+        ids_add(&t->prefix, &t->nprefix, json_id(json_array_get(cls, 1)));
+        ids_add(&t->suffix, &t->nsuffix, json_id(json_array_get(sep, 1)));
         return 0;
     }
     moe_error_set(MOE_ERR_DATA, "%s: unsupported post_processor type '%s'", t->path, ty);
@@ -311,7 +326,27 @@ static void set_id_str(moe_tokenizer *t, int32_t id, const char *s, size_t n)
 static void vocab_add(moe_tokenizer *t, const char *key, size_t kl, int32_t id)
 {
     tk_strmap_put(&t->vocab, key, kl, id);
-    set_id_str(t, id, key, kl);
+}
+
+/* The id -> token table of the model vocabulary, once it is read.  A
+ * vocabulary of V tokens has the ids 0..V-1: a larger id is refused, as it
+ * would grow the table without bound (an id of 2^27 once cost 3.3 GB). */
+static int vocab_index(moe_tokenizer *t)
+{
+    size_t nv = t->vocab.n;
+    for (size_t i = 0; i < nv; i++) {
+        const struct tk_ent *en = &t->vocab.ent[i];
+        if ((size_t)en->val >= nv) {
+            moe_error_set(MOE_ERR_DATA, "%s: model.vocab: token '%.*s' has id %d, beyond the %zu tokens of the vocabulary",
+                          t->path, (int)(en->len > 60 ? 60 : en->len), t->vocab.pool.p + en->off, (int)en->val, nv);
+            return -1;
+        }
+    }
+    for (size_t i = 0; i < nv; i++) {
+        const struct tk_ent *en = &t->vocab.ent[i];
+        set_id_str(t, en->val, t->vocab.pool.p + en->off, en->len);
+    }
+    return 0;
 }
 
 /* One merge: "a b" (is_string) or the pair (a, b).  Rank = position among the
@@ -377,6 +412,7 @@ static int load_model(moe_tokenizer *t, const json_t *m, const char *text, const
             vocab_add(t, key, strlen(key), (int32_t)id);
         }
     }
+    if (vocab_index(t) < 0) return -1;
     const char *cp = jstr(m, "continuing_subword_prefix"), *eow = jstr(m, "end_of_word_suffix");
     t->cont_prefix = moe_strdup(cp ? cp : "");
     t->cp_len = strlen(t->cont_prefix);
@@ -431,19 +467,68 @@ static void addset_finish(tk_addset *s)
     }
 }
 
+/* The id tokenizers gives an added token, whatever id the file declares: its
+ * id in the model vocabulary if it is there, else the next id after the
+ * vocabulary and the added tokens before it (tokenizers' AddedVocabulary;
+ * `largest` is the largest id given so far, -1 before the first). */
+static int32_t added_id_hf(const moe_tokenizer *t, const char *c, size_t cl, int32_t largest)
+{
+    int32_t in_vocab = tk_strmap_get(&t->vocab, c, cl);
+    if (in_vocab >= 0) return in_vocab;
+    int32_t nv = (int32_t)t->vocab.n;
+    return largest < 0 || (largest < nv && nv > 0) ? nv : largest + 1;
+}
+
+/* The added token's declared id must be the one tokenizers gives it (see
+ * added_id_hf): ids then stay below the vocabulary size plus the number of
+ * added tokens, and the file means what tokenizers reads in it.  A token
+ * listed again (same content) is skipped, as tokenizers does, if it repeats
+ * its id.  *id: the id, or -1 for a token to skip. */
+static int added_id(moe_tokenizer *t, tk_strmap *seen, size_t i, const char *c, json_int_t declared,
+                    int32_t *largest, int32_t *id)
+{
+    size_t cl = strlen(c);
+    int32_t before = tk_strmap_get(seen, c, cl);
+    int32_t want = before >= 0 ? before : added_id_hf(t, c, cl, *largest);
+    if (declared != want) {
+        moe_error_set(MOE_ERR_DATA, "%s: added_tokens[%zu] '%.60s' has id %lld, but %s %d", t->path, i, c,
+                      (long long)declared,
+                      before >= 0 ? "it was listed before with id"
+                      : tk_strmap_get(&t->vocab, c, cl) >= 0 ? "the model vocabulary gives it id"
+                      : "the next free id (after the vocabulary and the added tokens before it) is",
+                      (int)want);
+        return -1;
+    }
+    *id = before >= 0 ? -1 : want;
+    if (before < 0) {
+        tk_strmap_put(seen, c, cl, want);
+        if (want > *largest) *largest = want;
+    }
+    return 0;
+}
+
 static int load_added(moe_tokenizer *t, const json_t *arr)
 {
     size_t i;
     json_t *o;
+    tk_strmap seen = {0};
+    int32_t largest = -1;
     json_array_foreach(arr, i, o) {
         const char *c = jstr(o, "content");
         json_t *idv = json_object_get(o, "id");
         if (!c || !json_is_integer(idv) || json_integer_value(idv) < 0) {
             moe_error_set(MOE_ERR_DATA, "%s: added_tokens[%zu] lacks content or id", t->path, i);
+            tk_strmap_free(&seen);
             return -1;
         }
-        int32_t id = (int32_t)json_integer_value(idv);
         size_t cl = strlen(c);
+        if (!cl) continue;   /* tokenizers gives an empty token no id */
+        int32_t id;
+        if (added_id(t, &seen, i, c, json_integer_value(idv), &largest, &id) < 0) {
+            tk_strmap_free(&seen);
+            return -1;
+        }
+        if (id < 0) continue;
         set_id_str(t, id, c, cl);
         tk_added a = {0};
         a.id = id;
@@ -453,7 +538,6 @@ static int load_added(moe_tokenizer *t, const json_t *arr)
         a.rstrip = jbool(o, "rstrip", 0);
         a.single_word = jbool(o, "single_word", 0);
         t->is_special[id] = (unsigned char)a.special;
-        if (!cl) continue;
         tk_addset *set = a.normalized ? &t->added_norm : &t->added_raw;
         a.orig = dupn(c, cl);
         a.olen = cl;
@@ -461,7 +545,11 @@ static int load_added(moe_tokenizer *t, const json_t *arr)
             /* tokenizers matches (and decodes) a normalized added token by its
              * normalized content */
             tk_buf nb = {0};
-            if (tk_normalize(t, c, cl, &nb) < 0) { free(a.orig); return -1; }
+            if (tk_normalize(t, c, cl, &nb) < 0) {
+                free(a.orig);
+                tk_strmap_free(&seen);
+                return -1;
+            }
             a.content = nb.p ? nb.p : moe_strdup("");
             a.len = nb.n;
             if (!a.len) { free(a.content); free(a.orig); continue; }
@@ -473,8 +561,27 @@ static int load_added(moe_tokenizer *t, const json_t *arr)
         set->tok = moe_realloc(set->tok, (set->n + 1) * sizeof *set->tok);
         set->tok[set->n++] = a;
     }
+    tk_strmap_free(&seen);
     addset_finish(&t->added_raw);
     addset_finish(&t->added_norm);
+    return 0;
+}
+
+/* The ids the post-processor adds must be tokens of the vocabulary (the file
+ * gives them as numbers, apart from the tokens). */
+static int check_post_ids(const moe_tokenizer *t)
+{
+    const int32_t *lists[2] = {t->prefix, t->suffix};
+    size_t counts[2] = {t->nprefix, t->nsuffix};
+    for (int k = 0; k < 2; k++)
+        for (size_t i = 0; i < counts[k]; i++) {
+            int32_t id = lists[k][i];
+            if (id < 0 || (size_t)id >= t->nids || !t->id_str[id]) {
+                moe_error_set(MOE_ERR_DATA, "%s: post_processor: special token id %d is not in the vocabulary",
+                              t->path, (int)id);
+                return -1;
+            }
+        }
     return 0;
 }
 
@@ -542,6 +649,7 @@ moe_tokenizer *moe_tokenizer_open(const char *path)
     }
     moe_tokenizer *t = moe_calloc(1, sizeof *t);
     t->path = json_path;
+    t->regex_room = TK_REGEX_ROOM;
     size_t tlen = 0, span[4];
     char *text = moe_read_file(json_path, &tlen), *light = NULL;
     if (!text) goto fail;
@@ -568,7 +676,7 @@ moe_tokenizer *moe_tokenizer_open(const char *path)
     free(text);
     if (bad ||
         load_added(t, json_object_get(j, "added_tokens")) < 0 ||
-        add_post(t, json_object_get(j, "post_processor")) < 0 ||
+        add_post(t, json_object_get(j, "post_processor")) < 0 || check_post_ids(t) < 0 ||
         add_dec(t, json_object_get(j, "decoder")) < 0 ||
         load_config(t, cfg_path) < 0) {
         json_decref(j);
@@ -678,7 +786,7 @@ static int32_t next_char(const char *s, size_t n, size_t i, int *len)
     return *len > 0 ? cp : -1;
 }
 
-static int is_word_char(int32_t cp) { return cp >= 0 && (tk_is_alnum(cp) || cp == '_'); }
+static int is_word_char(int32_t cp) { return cp >= 0 && tk_is_word_char(cp); }
 
 /* Leftmost-longest added token in s[from..n): 1 and the match (stripped
  * bounds in *mb, *me), or 0. */

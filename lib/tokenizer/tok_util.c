@@ -1,7 +1,7 @@
 /* tok_util.c - buffers, hash maps, regexes and UTF-8 helpers of the tokenizer. */
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <utf8proc.h>
 #include "common.h"
 #include "tok_internal.h"
 
@@ -167,7 +167,7 @@ const tk_merge *tk_merge_get(const tk_mergemap *m, int32_t a, int32_t b)
 
 static int onig_ready;
 
-int tk_regex_compile(tk_regex *r, const char *pat, size_t len, int is_literal, const char *what)
+int tk_regex_compile(tk_regex *r, const char *pat, size_t len, int is_literal, size_t *room, const char *what)
 {
     if (!onig_ready) {
         OnigEncoding enc[1] = {ONIG_ENCODING_UTF8};
@@ -175,6 +175,7 @@ int tk_regex_compile(tk_regex *r, const char *pat, size_t len, int is_literal, c
         onig_ready = 1;
     }
     tk_buf esc = {0};
+    int too_large = 0;
     if (is_literal) {   /* escape every non-alphanumeric ASCII character */
         for (size_t i = 0; i < len; i++) {
             unsigned char c = (unsigned char)pat[i];
@@ -194,7 +195,20 @@ int tk_regex_compile(tk_regex *r, const char *pat, size_t len, int is_literal, c
         }
         pat = esc.p ? esc.p : "";
         len = esc.n;
+    } else {   /* the general categories of `tokenizers`' Unicode version */
+        too_large = tk_regex_expand_props(pat, len, room ? *room : SIZE_MAX, &esc) < 0;
+        pat = esc.p ? esc.p : "";
+        len = esc.n;
     }
+    if (too_large || (room && len > *room)) {
+        moe_error_set(MOE_ERR_DATA, "%s: regex too large: its Unicode classes written out, the patterns "
+                      "would take over %zu MiB", what, TK_REGEX_ROOM >> 20);
+        free(esc.p);
+        r->re = NULL;
+        r->region = NULL;
+        return -1;
+    }
+    if (room) *room -= len;
     OnigErrorInfo einfo;
     int rc = onig_new(&r->re, (const OnigUChar *)pat, (const OnigUChar *)pat + len,
                       ONIG_OPTION_NONE, ONIG_ENCODING_UTF8, ONIG_SYNTAX_RUBY, &einfo);
@@ -263,11 +277,12 @@ int tk_utf8_encode(int32_t cp, char *out)
     return 4;
 }
 
+/* The Rust char predicates, on the Unicode version of `tokenizers` (tk_gc). */
 int tk_is_numeric(int32_t cp)
 {
     if (cp < 0x80) return cp >= '0' && cp <= '9';
-    utf8proc_category_t c = utf8proc_category(cp);
-    return c == UTF8PROC_CATEGORY_ND || c == UTF8PROC_CATEGORY_NL || c == UTF8PROC_CATEGORY_NO;
+    int c = tk_gc(cp);
+    return c == TK_GC_ND || c == TK_GC_NL || c == TK_GC_NO;
 }
 
 int tk_is_whitespace(int32_t cp)
@@ -278,14 +293,6 @@ int tk_is_whitespace(int32_t cp)
            cp == 0x205F || cp == 0x3000;
 }
 
-int tk_is_alnum(int32_t cp)
-{
-    if (cp < 0x80)
-        return (cp >= '0' && cp <= '9') || (cp >= 'a' && cp <= 'z') || (cp >= 'A' && cp <= 'Z');
-    utf8proc_category_t c = utf8proc_category(cp);
-    return (c >= UTF8PROC_CATEGORY_LU && c <= UTF8PROC_CATEGORY_LO) ||
-           c == UTF8PROC_CATEGORY_ND || c == UTF8PROC_CATEGORY_NL || c == UTF8PROC_CATEGORY_NO;
-}
 
 size_t moe_utf8_check(const char *s, size_t len)
 {
