@@ -156,34 +156,29 @@ static void seqs_free(seqs_t *s) {
     memset(s, 0, sizeof *s);
 }
 
-static int read_token_stream(const char *path, seqs_t *s, long limit) {
+/* The token stream at path, made with the tokenizer of model dir. */
+static int read_token_stream(const char *path, const char *dir, seqs_t *s, long limit) {
+    moe_tokens_check check;
+    if (moe_tokens_check_init(&check, dir, moe_cli.force) < 0) return -1;
     moe_reader *r = moe_reader_open(path);
     if (!r) return -1;
-    if (moe_reader_require_kind(r, "tokens", "make one with moe-tokenize") < 0) {
+    if (moe_reader_require_kind(r, MOE_REC_TOKENS, "make one with moe-tokenize") < 0) {
         moe_reader_close(r);
         return -1;
     }
     const msgpack_object *rec;
     int rc;
     while ((rc = moe_reader_next(r, &rec)) > 0) {
-        if (!moe_record_is(rec, "tokens")) continue;
+        if (!moe_record_is(rec, MOE_REC_TOKENS)) continue;
         if (limit > 0 && s->n >= limit) continue;
-        moe_array a;
-        if (moe_record_array(r, rec, "ids", &a) < 0) {
+        moe_tokens tk;
+        if (moe_tokens_read(r, rec, &check, &tk) < 0) {
             rc = -1;
             break;
         }
-        int32_t *ids = moe_malloc(sizeof(int32_t) * (size_t)(a.count + 1));
-        if (moe_array_to_i32(&a, ids) < 0) {
-            free(ids);
-            moe_error_set(MOE_ERR_DATA, "%s: record %llu: ids out of int32 range",
-                          moe_reader_name(r), (unsigned long long)moe_reader_index(r));
-            rc = -1;
-            break;
-        }
-        int T = (int)a.count;
+        int T = (int)tk.n;
         if (A.max_length > 0 && T > A.max_length) T = (int)A.max_length;
-        seqs_add(s, ids, T);
+        seqs_add(s, tk.ids, T);
     }
     moe_reader_close(r);
     return rc < 0 ? -1 : 0;
@@ -314,7 +309,7 @@ static int eval_model(const char *dir, model_res *res) {
     eo.progress_ctx = &prog;
     if (A.ppl) {
         seqs_t s = {0};
-        int rc = is_zstd(A.ppl) ? read_token_stream(A.ppl, &s, A.limit)
+        int rc = is_zstd(A.ppl) ? read_token_stream(A.ppl, dir, &s, A.limit)
                                 : read_text_jsonl(A.ppl, tok, A.max_length, &s, A.limit);
         if (rc == 0) {
             moe_progress_start(&prog, "perplexity", "tok", 0);
@@ -599,7 +594,8 @@ static int known_format(const char *f) {
 /* ---- dump (lib/evaldump) -------------------------------------------------------- */
 
 static int run_dump(int argc, char **argv) {
-    moe_dump_opts d = {.max_length = (int)A.max_length, .batch_tokens = (size_t)A.batch};
+    moe_tokens_check check;
+    moe_dump_opts d = {.max_length = (int)A.max_length, .batch_tokens = (size_t)A.batch, .tokenizer = &check};
     if (moe_dump_parse_what(A.dump, &d) < 0) moe_cli_usage("%s", moe_error());
     if (argc - optind > 1) moe_cli_usage("one TOKENS stream at most");
     const char *in = optind < argc ? argv[optind] : "-";
@@ -610,6 +606,7 @@ static int run_dump(int argc, char **argv) {
     if (!r) moe_cli_fail();
     if (moe_reader_require_kind(r, "tokens", "make one with moe-tokenize") < 0) moe_cli_fail();
     if (moe_reader_check_model(r, moe_model_fingerprint(m), moe_cli.force) < 0) moe_cli_fail();
+    if (moe_tokens_check_init(&check, A.models[0], moe_cli.force) < 0) moe_cli_fail();
     moe_provenance prov = {.tool = "moe-eval", .argc = argc, .argv = argv,
                            .model = moe_model_fingerprint(m), .kind = "dump"};
     moe_writer *w = moe_writer_open(A.out ? A.out : "-", moe_reader_header(r), &prov,
