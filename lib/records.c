@@ -574,3 +574,77 @@ int moe_dump_write(moe_writer *w, int64_t index, int T, const float *hidden, int
     }
     return 0;
 }
+
+/* ---- evaluation results ------------------------------------------------------------ */
+
+static int write_ppl(moe_writer *w, int k, const moe_ppl_result *p) {
+    msgpack_packer *pk = moe_writer_record(w, "ppl", 9);
+    if (!pk) return -1;
+    moe_pack_kv_int(pk, "model_index", k);
+    moe_pack_kv_double(pk, "ppl", p->ppl);
+    moe_pack_kv_double(pk, "ppl_token", p->ppl_token);
+    moe_pack_kv_double(pk, "mean_nll", p->mean_nll);
+    moe_pack_kv_double(pk, "token_nll", p->token_nll);
+    moe_pack_kv_int(pk, "samples", p->n_samples);
+    moe_pack_kv_int(pk, "tokens", p->n_tokens);
+    int64_t sh[1] = {p->n};
+    moe_pack_kv_array(pk, "sample_nll", MOE_DT_F64, 1, sh, p->sample_nll);
+    moe_pack_kv_array(pk, "sample_tokens", MOE_DT_I32, 1, sh, p->sample_tokens);
+    return 0;
+}
+
+static int write_task(moe_writer *w, int k, const moe_task *task, const moe_task_result *t) {
+    int lm = task->kind == MOE_TASK_LM, nn = task->has_acc_norm;
+    msgpack_packer *pk = moe_writer_record(w, "task", 8 + nn + lm);
+    if (!pk) return -1;
+    moe_pack_kv_int(pk, "model_index", k);
+    moe_pack_kv_str(pk, "task", task->name);
+    moe_pack_kv_str(pk, "format", task->format);
+    moe_pack_kv_int(pk, "items", t->n_items);
+    moe_pack_kv_double(pk, "acc", t->acc);
+    if (nn) moe_pack_kv_double(pk, "acc_norm", t->acc_norm);
+    if (lm) moe_pack_kv_double(pk, "perplexity", t->perplexity);
+    int64_t sc[1] = {t->choice_off[t->n_items]}, si[1] = {t->n_items + 1}, sp[1] = {t->n_items};
+    moe_pack_kv_array(pk, "loglik", MOE_DT_F64, 1, sc, t->loglik);
+    moe_pack_kv_array(pk, "choice_offsets", MOE_DT_I32, 1, si, t->choice_off);
+    moe_pack_kv_array(pk, "pred", MOE_DT_I32, 1, sp, t->pred);
+    return 0;
+}
+
+static int write_bench(moe_writer *w, int k, const moe_eval_record *e) {
+    msgpack_packer *pk = moe_writer_record(w, "bench", 7);
+    if (!pk) return -1;
+    moe_pack_kv_int(pk, "model_index", k);
+    moe_pack_kv_int(pk, "tokens", e->bench_tokens);
+    moe_pack_kv_int(pk, "runs", e->bench_runs);
+    moe_pack_kv_double(pk, "seconds", e->bench_s);
+    moe_pack_kv_double(pk, "tokens_per_s", e->tok_per_s);
+    moe_pack_kv_double(pk, "peak_rss_mib", e->peak_rss_mib);
+    moe_pack_kv_str(pk, "weights", e->resident ? "resident" : "streamed");
+    return 0;
+}
+
+int moe_eval_write(moe_writer *w, int k, const moe_eval_record *e) {
+    msgpack_packer *pk = moe_writer_record(w, "model", 5);
+    if (!pk) return -1;
+    moe_pack_kv_int(pk, "model_index", k);
+    moe_pack_kv_str(pk, "dir", e->dir);
+    moe_pack_kv_str(pk, "fingerprint", e->fingerprint);
+    moe_pack_kv_int(pk, "params", (int64_t)e->params);
+    moe_pack_kv_int(pk, "bytes", (int64_t)e->bytes);
+    if (e->ppl && write_ppl(w, k, e->ppl) < 0) return -1;
+    for (int i = 0; i < e->ntasks; i++)
+        if (write_task(w, k, e->tasks[i], &e->task[i]) < 0) return -1;
+    if (e->has_bench && write_bench(w, k, e) < 0) return -1;
+    return 0;
+}
+
+int moe_eval_compare_write(moe_writer *w, const moe_eval_record *dense, const moe_eval_record *condensed,
+                           int bench) {
+    msgpack_packer *pk = moe_writer_record(w, "compare", 2 + (bench ? 1 : 0));
+    if (!pk) return -1;
+    moe_pack_kv_double(pk, "memory_ratio_params", (double)condensed->params / (double)dense->params);
+    moe_pack_kv_double(pk, "memory_ratio_bytes", (double)condensed->bytes / (double)dense->bytes);
+    if (bench) moe_pack_kv_double(pk, "speedup", dense->bench_s / condensed->bench_s);
+    return 0;
+}

@@ -9,6 +9,8 @@
  *                              condensed layer was scored with
  *   work     the search tools  counts of the work done
  *   dump     moe-eval --dump   hidden states / logits per sample
+ *   model, ppl, task, bench, compare
+ *            moe-eval -o       evaluation results per model (model_index)
  *
  * The keys are documented in moe-stream(5) and the writing tools' man
  * pages.  Readers accept streams written before a key was added (a plan
@@ -22,6 +24,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "eval.h"
 #include "stream.h"
 
 #define MOE_REC_TOKENS "tokens"
@@ -153,5 +156,27 @@ int moe_plan_write(moe_writer *w, const moe_plan *p);
  *  "logits":f32[T,V] (logits != NULL)} */
 int moe_dump_write(moe_writer *w, int64_t index, int T, const float *hidden, int L1, int H,
                    const float *logits, int V);
+
+/* ---- evaluation results (moe-eval -o) -------------------------------------------- */
+
+/* What moe-eval measured of one model (the records' keys, see moe-eval(1)). */
+typedef struct {
+    const char *dir, *fingerprint;
+    uint64_t params, bytes;
+    const moe_ppl_result *ppl;        /* NULL: no perplexity */
+    int ntasks;
+    moe_task *const *tasks;           /* [ntasks] */
+    const moe_task_result *task;      /* [ntasks] */
+    int has_bench;
+    long bench_tokens, bench_runs;
+    double bench_s, tok_per_s, peak_rss_mib;
+    int resident;
+} moe_eval_record;
+
+/* The records of model k: "model", then "ppl", "task"s and "bench" as measured. */
+int moe_eval_write(moe_writer *w, int k, const moe_eval_record *e);
+/* The "compare" record of two models (speedup only when both were benchmarked). */
+int moe_eval_compare_write(moe_writer *w, const moe_eval_record *dense, const moe_eval_record *condensed,
+                           int bench);
 
 #endif
