@@ -185,7 +185,7 @@ int moe_tokens_read(moe_reader *r, const msgpack_object *rec, moe_tokens_check *
         return -1;
     }
     if (check && a.count == 0) {
-        moe_error_set(MOE_ERR_DATA, REC_FMT ": sample %lld has no tokens", REC_ARGS(r), (long long)out->index);
+        moe_error_set(MOE_ERR_DATA, REC_FMT ": the sample has no tokens", REC_ARGS(r));
         return -1;
     }
     if (check && check_tokenizer(r, rec, check) < 0) return -1;
