@@ -2,157 +2,126 @@
 #include "cdmoe_export.h"
 #include "common.h"
 #include "jsonout.h"
+#include "records.h"
 
 #include <stdlib.h>
 #include <string.h>
 
 typedef struct {
-    int layer, ordinal, E;
-    double *sum, *mean;
-    int64_t *count;
-} calib_rec;
-
-typedef struct {
-    int layer, n;
-    int32_t *experts;
-} rank_rec;
-
-typedef struct {
-    calib_rec *calib;
-    int ncalib;
-    rank_rec *rank;
-    int nrank;
-    int32_t *order;
-    int norder;
+    moe_calib calib;
+    moe_ranking ranking;
+    moe_plan plan;
 } collected;
 
-static int read_f64(const moe_array *a, double *dst) {
-    float *tmp = moe_malloc(sizeof(float) * (size_t)(a->count ? a->count : 1));
-    if (a->dtype == MOE_DT_F64) memcpy(dst, a->data, sizeof(double) * (size_t)a->count);
-    else {
-        moe_array_to_f32(a, tmp);
-        for (int64_t i = 0; i < a->count; i++) dst[i] = tmp[i];
-    }
-    free(tmp);
-    return 0;
-}
-
-static int collect_calib(moe_reader *r, const msgpack_object *rec, collected *c) {
-    int64_t layer, ord;
-    moe_array s, n, m;
-    if (moe_record_int(r, rec, "layer", &layer) < 0 || moe_record_int(r, rec, "moe_ordinal", &ord) < 0 ||
-        moe_record_array(r, rec, "sum", &s) < 0 || moe_record_array(r, rec, "count", &n) < 0 ||
-        moe_record_array(r, rec, "mean", &m) < 0)
-        return -1;
-    if (n.count != s.count || m.count != s.count) {
-        moe_error_set(MOE_ERR_DATA, "%s: record %llu (calib): sum, count and mean differ in length",
-                      moe_reader_name(r), (unsigned long long)moe_reader_index(r));
-        return -1;
-    }
-    c->calib = moe_realloc(c->calib, sizeof *c->calib * (size_t)(c->ncalib + 1));
-    calib_rec *k = &c->calib[c->ncalib++];
-    k->layer = (int)layer;
-    k->ordinal = (int)ord;
-    k->E = (int)s.count;
-    k->sum = moe_malloc(sizeof(double) * (size_t)(k->E + 1));
-    k->mean = moe_malloc(sizeof(double) * (size_t)(k->E + 1));
-    k->count = moe_malloc(sizeof(int64_t) * (size_t)(k->E + 1));
-    read_f64(&s, k->sum);
-    read_f64(&m, k->mean);
-    double *cd = moe_malloc(sizeof(double) * (size_t)(k->E + 1));
-    if (n.dtype == MOE_DT_I64) memcpy(k->count, n.data, sizeof(int64_t) * (size_t)k->E);
-    else {
-        read_f64(&n, cd);
-        for (int e = 0; e < k->E; e++) k->count[e] = (int64_t)cd[e];
-    }
-    free(cd);
-    return 0;
-}
-
-static int collect_i32(moe_reader *r, const msgpack_object *rec, const char *key, int32_t **out, int *n) {
-    moe_array a;
-    if (moe_record_array(r, rec, key, &a) < 0) return -1;
-    *out = moe_malloc(sizeof(int32_t) * (size_t)(a.count + 1));
-    *n = (int)a.count;
-    return moe_array_to_i32(&a, *out);
-}
-
-static int collect(moe_reader *r, collected *c) {
-    const msgpack_object *rec;
-    int rc;
-    while ((rc = moe_reader_next(r, &rec)) > 0) {
-        if (moe_record_is(rec, "calib")) {
-            if (collect_calib(r, rec, c) < 0) return -1;
-        } else if (moe_record_is(rec, "ranking")) {
-            int64_t layer;
-            c->rank = moe_realloc(c->rank, sizeof *c->rank * (size_t)(c->nrank + 1));
-            rank_rec *k = &c->rank[c->nrank];
-            if (moe_record_int(r, rec, "layer", &layer) < 0 || collect_i32(r, rec, "experts", &k->experts, &k->n) < 0)
-                return -1;
-            k->layer = (int)layer;
-            c->nrank++;
-        } else if (moe_record_is(rec, "plan")) {
-            free(c->order);
-            if (collect_i32(r, rec, "order", &c->order, &c->norder) < 0) return -1;
-        }
-    }
-    return rc;
-}
-
 static int ordinal_of(const collected *c, int layer, moe_reader *r) {
-    for (int i = 0; i < c->ncalib; i++)
-        if (c->calib[i].layer == layer) return c->calib[i].ordinal;
+    if (layer >= 0 && layer < c->calib.L && c->calib.layers[layer].present) {
+        int o = c->calib.layers[layer].moe_ordinal;
+        if (o >= 0) return o;
+        moe_error_set(MOE_ERR_DATA, "%s: the calib record for decoder layer %d has no 'moe_ordinal'",
+                      moe_reader_name(r), layer);
+        return -1;
+    }
     moe_error_set(MOE_ERR_DATA, "%s: no calib record for decoder layer %d (the original's MoE-layer numbering "
                   "comes from moe-calib's records)", moe_reader_name(r), layer);
     return -1;
 }
 
-static int cmp_calib(const void *a, const void *b) {
-    return ((const calib_rec *)a)->ordinal - ((const calib_rec *)b)->ordinal;
+/* The calib layers in MoE-ordinal order (the original's key order). */
+static int sorted_calib(const collected *c, int *layers, moe_reader *r) {
+    int n = 0;
+    for (int l = 0; l < c->calib.L; l++)
+        if (c->calib.layers[l].present) {
+            if (ordinal_of(c, l, r) < 0) return -1;
+            layers[n++] = l;
+        }
+    for (int i = 1; i < n; i++) /* insertion sort: a few dozen layers; equal ordinals keep layer order */
+        for (int j = i; j > 0 && c->calib.layers[layers[j - 1]].moe_ordinal > c->calib.layers[layers[j]].moe_ordinal; j--) {
+            int t = layers[j];
+            layers[j] = layers[j - 1];
+            layers[j - 1] = t;
+        }
+    return n;
+}
+
+static int write_weights(const collected *c, FILE *out, moe_reader *r) {
+    int *layers = moe_malloc(sizeof(int) * (size_t)(c->calib.L + 1));
+    int n = sorted_calib(c, layers, r);
+    if (n < 0) {
+        free(layers);
+        return -1;
+    }
+    fputs("{", out);
+    int first = 1;
+    for (int i = 0; i < n; i++) {
+        const moe_calib_layer *cl = &c->calib.layers[layers[i]];
+        for (int e = 0; e < c->calib.E; e++) {
+            if (cl->count[e] <= 0) continue; /* the original omits unrouted experts */
+            fprintf(out, "%s\n    \"%d-%d\": [", first ? "" : ",", cl->moe_ordinal, e);
+            moe_json_number(out, cl->sum[e], 0);
+            fprintf(out, ", %lld, ", (long long)cl->count[e]);
+            moe_json_number(out, cl->mean[e], 0);
+            fputs("]", out);
+            first = 0;
+        }
+    }
+    fputs("\n}\n", out);
+    free(layers);
+    return 0;
+}
+
+static int write_experts(const collected *c, FILE *out, moe_reader *r) {
+    fputs("{", out);
+    int first = 1;
+    for (int l = 0; l < c->ranking.L; l++) {
+        const moe_rank_layer *rl = &c->ranking.layers[l];
+        if (!rl->present) continue;
+        int o = ordinal_of(c, l, r);
+        if (o < 0) return -1;
+        fprintf(out, "%s\n    \"%d\": [", first ? "" : ",", o);
+        for (int j = 0; j < rl->n; j++) fprintf(out, "%s%d", j ? ", " : "", rl->experts[j]);
+        fputs("]", out);
+        first = 0;
+    }
+    fputs("\n}\n", out);
+    return 0;
+}
+
+static int write_order(const collected *c, FILE *out, moe_reader *r) {
+    fputs("[", out);
+    for (int i = 0; i < c->plan.n; i++) {
+        int o = ordinal_of(c, c->plan.order[i], r);
+        if (o < 0) return -1;
+        fprintf(out, "%s%d", i ? ", " : "", o);
+    }
+    fputs("]\n", out);
+    return 0;
+}
+
+static int any_ranking(const moe_ranking *rk) {
+    for (int l = 0; l < rk->L; l++)
+        if (rk->layers[l].present) return 1;
+    return 0;
+}
+
+static int any_calib(const moe_calib *c) {
+    for (int l = 0; l < c->L; l++)
+        if (c->layers[l].present) return 1;
+    return 0;
 }
 
 static int write_json(const collected *c, const char *what, FILE *out, moe_reader *r) {
     if (strcmp(what, "weights") == 0) {
-        if (!c->ncalib) goto missing;
-        qsort(c->calib, (size_t)c->ncalib, sizeof *c->calib, cmp_calib);
-        fputs("{", out);
-        int first = 1;
-        for (int i = 0; i < c->ncalib; i++)
-            for (int e = 0; e < c->calib[i].E; e++) {
-                if (c->calib[i].count[e] <= 0) continue; /* the original omits unrouted experts */
-                fprintf(out, "%s\n    \"%d-%d\": [", first ? "" : ",", c->calib[i].ordinal, e);
-                moe_json_number(out, c->calib[i].sum[e], 0);
-                fprintf(out, ", %lld, ", (long long)c->calib[i].count[e]);
-                moe_json_number(out, c->calib[i].mean[e], 0);
-                fputs("]", out);
-                first = 0;
-            }
-        fputs("\n}\n", out);
+        if (!any_calib(&c->calib)) goto missing;
+        return write_weights(c, out, r);
     } else if (strcmp(what, "experts") == 0) {
-        if (!c->nrank) goto missing;
-        fputs("{", out);
-        for (int i = 0; i < c->nrank; i++) {
-            int o = ordinal_of(c, c->rank[i].layer, r);
-            if (o < 0) return -1;
-            fprintf(out, "%s\n    \"%d\": [", i ? "," : "", o);
-            for (int j = 0; j < c->rank[i].n; j++) fprintf(out, "%s%d", j ? ", " : "", c->rank[i].experts[j]);
-            fputs("]", out);
-        }
-        fputs("\n}\n", out);
+        if (!any_ranking(&c->ranking)) goto missing;
+        return write_experts(c, out, r);
     } else if (strcmp(what, "order") == 0) {
-        if (!c->order) goto missing;
-        fputs("[", out);
-        for (int i = 0; i < c->norder; i++) {
-            int o = ordinal_of(c, c->order[i], r);
-            if (o < 0) return -1;
-            fprintf(out, "%s%d", i ? ", " : "", o);
-        }
-        fputs("]\n", out);
-    } else {
-        moe_error_set(MOE_ERR_DATA, "unknown CD-MoE file '%s' (weights, experts or order)", what);
-        return -1;
+        if (!c->plan.present) goto missing;
+        return write_order(c, out, r);
     }
-    return 0;
+    moe_error_set(MOE_ERR_DATA, "unknown CD-MoE file '%s' (weights, experts or order)", what);
+    return -1;
 missing:
     moe_error_set(MOE_ERR_DATA, "%s: no %s records for the %s file (run %s first)", moe_reader_name(r),
                   !strcmp(what, "weights") ? "calib" : !strcmp(what, "experts") ? "ranking" : "plan", what,
@@ -162,17 +131,12 @@ missing:
 }
 
 int moe_cdmoe_export(moe_reader *r, const char *what, FILE *out) {
-    collected c = {0};
-    int rc = collect(r, &c);
+    collected c;
+    moe_records_opts o = {0, 0, NULL}; /* no model: the records give the sizes */
+    int rc = moe_records_collect(r, NULL, &o, NULL, &c.calib, &c.ranking, &c.plan);
     if (rc == 0) rc = write_json(&c, what, out, r);
-    for (int i = 0; i < c.ncalib; i++) {
-        free(c.calib[i].sum);
-        free(c.calib[i].mean);
-        free(c.calib[i].count);
-    }
-    for (int i = 0; i < c.nrank; i++) free(c.rank[i].experts);
-    free(c.calib);
-    free(c.rank);
-    free(c.order);
+    moe_calib_free(&c.calib);
+    moe_ranking_free(&c.ranking);
+    moe_plan_free(&c.plan);
     return rc;
 }

@@ -2,8 +2,10 @@
  * the original CD-MoE's JSON files. */
 #include "cplan.h"
 #include "common.h"
+#include "records.h"
 
 #include <jansson.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -28,6 +30,7 @@ void moe_cplan_free(moe_cplan *p) {
     free(p->mean);
     free(p->has_mean);
     free(p->order);
+    free(p->order_weights);
     free(p);
 }
 
@@ -89,83 +92,57 @@ static int set_order(moe_cplan *p, const moe_config *cfg, int n, const int *laye
 
 /* ---- streams ------------------------------------------------------------- */
 
-static int read_i32_array(moe_reader *r, const msgpack_object *rec, const char *key, int32_t **out, int *n) {
-    moe_array a;
-    if (moe_record_array(r, rec, key, &a) < 0) return -1;
-    *out = moe_malloc((size_t)(a.count ? a.count : 1) * sizeof **out);
-    if (moe_array_to_i32(&a, *out) < 0) {
-        char msg[512];
-        snprintf(msg, sizeof msg, "%s", moe_error());
-        moe_error_set(MOE_ERR_DATA, "%s: record %llu: key '%s': %s", moe_reader_name(r),
-                      (unsigned long long)moe_reader_index(r), key, msg);
-        free(*out);
-        return -1;
+/* Mean weights from the calib records: those the searches use. */
+static int take_calib(moe_cplan *p, const moe_config *cfg, const moe_calib *c, const char *where) {
+    for (int l = 0; l < c->L; l++) {
+        const moe_calib_layer *cl = &c->layers[l];
+        if (!cl->present) continue;
+        if (!is_moe(cfg, l)) {
+            moe_error_set(MOE_ERR_DATA, "%s: calib record for layer %d, not a MoE layer of this model", where, l);
+            return -1;
+        }
+        for (int e = 0; e < p->n_experts; e++) {
+            size_t i = (size_t)l * p->n_experts + e;
+            p->has_mean[i] = cl->count[e] > 0 && isfinite(cl->mean[e]);
+            p->mean[i] = p->has_mean[i] ? cl->mean[e] : 0;
+        }
     }
-    *n = (int)a.count;
     return 0;
 }
 
-static int read_calib(moe_cplan *p, const moe_config *cfg, moe_reader *r, const msgpack_object *rec) {
-    int64_t layer;
-    moe_array sum, count;
-    if (moe_record_int(r, rec, "layer", &layer) < 0 || moe_record_array(r, rec, "sum", &sum) < 0 ||
-        moe_record_array(r, rec, "count", &count) < 0)
-        return -1;
-    if (layer < 0 || layer >= p->num_layers || !is_moe(cfg, (int)layer) || sum.count != p->n_experts ||
-        count.count != p->n_experts) {
-        moe_error_set(MOE_ERR_DATA, "%s: record %llu (calib): layer %lld with %lld experts does not match the "
-                      "model (%d experts per MoE layer)", moe_reader_name(r),
-                      (unsigned long long)moe_reader_index(r), (long long)layer, (long long)sum.count, p->n_experts);
-        return -1;
+static int take_ranking(moe_cplan *p, const moe_config *cfg, const moe_ranking *rk, const char *where) {
+    for (int l = 0; l < rk->L; l++)
+        if (rk->layers[l].present && set_ranking(p, cfg, l, rk->layers[l].n, rk->layers[l].experts, where) < 0)
+            return -1;
+    return 0;
+}
+
+static int take_plan(moe_cplan *p, const moe_config *cfg, const moe_plan *plan, const char *where) {
+    if (set_order(p, cfg, plan->n, plan->order, plan->k, where) < 0) return -1;
+    free(p->order_weights);
+    p->order_weights = NULL;
+    if (plan->weights) {
+        size_t n = (size_t)plan->n * (size_t)plan->k;
+        p->order_weights = moe_malloc(sizeof(float) * (n + 1));
+        memcpy(p->order_weights, plan->weights, sizeof(float) * n);
     }
-    float *s = moe_malloc((size_t)p->n_experts * sizeof *s), *c = moe_malloc((size_t)p->n_experts * sizeof *c);
-    /* sums may be f64 for precision: read them directly when they are */
-    double *sd = moe_malloc((size_t)p->n_experts * sizeof *sd);
-    if (sum.dtype == MOE_DT_F64) memcpy(sd, sum.data, (size_t)p->n_experts * sizeof *sd);
-    else {
-        moe_array_to_f32(&sum, s);
-        for (int e = 0; e < p->n_experts; e++) sd[e] = s[e];
-    }
-    moe_array_to_f32(&count, c);
-    for (int e = 0; e < p->n_experts; e++) {
-        size_t i = (size_t)layer * p->n_experts + e;
-        p->has_mean[i] = c[e] > 0;
-        p->mean[i] = c[e] > 0 ? sd[e] / c[e] : 0;
-    }
-    free(s);
-    free(c);
-    free(sd);
     return 0;
 }
 
 int moe_cplan_read_stream(moe_cplan *p, const moe_config *cfg, moe_reader *r) {
-    const msgpack_object *rec;
-    int rc;
     char where[300];
     snprintf(where, sizeof where, "%s", moe_reader_name(r));
-    while ((rc = moe_reader_next(r, &rec)) > 0) {
-        if (moe_record_is(rec, "calib")) {
-            if (read_calib(p, cfg, r, rec) < 0) return -1;
-        } else if (moe_record_is(rec, "ranking")) {
-            int64_t layer;
-            int32_t *ex;
-            int n;
-            if (moe_record_int(r, rec, "layer", &layer) < 0 || read_i32_array(r, rec, "experts", &ex, &n) < 0)
-                return -1;
-            int bad = set_ranking(p, cfg, (int)layer, n, ex, where);
-            free(ex);
-            if (bad) return -1;
-        } else if (moe_record_is(rec, "plan")) {
-            int64_t k;
-            int32_t *layers;
-            int n;
-            if (moe_record_int(r, rec, "experts", &k) < 0 || read_i32_array(r, rec, "order", &layers, &n) < 0)
-                return -1;
-            int bad = set_order(p, cfg, n, layers, (int)k, where);
-            free(layers);
-            if (bad) return -1;
-        }
-    }
+    moe_records_opts o = {cfg->num_layers, cfg->n_routed_experts, NULL};
+    moe_calib calib;
+    moe_ranking ranking;
+    moe_plan plan;
+    int rc = moe_records_collect(r, NULL, &o, NULL, &calib, &ranking, &plan);
+    if (rc == 0) rc = take_calib(p, cfg, &calib, where);
+    if (rc == 0) rc = take_ranking(p, cfg, &ranking, where);
+    if (rc == 0 && plan.present) rc = take_plan(p, cfg, &plan, where);
+    moe_calib_free(&calib);
+    moe_ranking_free(&ranking);
+    moe_plan_free(&plan);
     return rc;
 }
 
@@ -300,6 +277,8 @@ static int read_cdmoe_order(moe_cplan *p, const moe_config *cfg, const char *pat
         for (int i = 0; i < n && rc == 0; i++)
             if ((layers[i] = ordinal_layer(cfg, layers[i], path, "the order")) < 0) rc = -1;
         if (rc == 0) rc = set_order(p, cfg, n, layers, -1, path);
+        free(p->order_weights); /* weights come with a plan's own order only */
+        p->order_weights = NULL;
     }
     free(layers);
 out:
@@ -339,12 +318,16 @@ int moe_cplan_select(const moe_cplan *p, int n_layers, int k, int *layers, int *
         for (int j = 0; j < k; j++) {
             int e = p->ranked[l][j];
             size_t idx = (size_t)l * p->n_experts + e;
+            experts[i * k + j] = e;
+            if (p->order_weights && j < p->order_experts) { /* what the search scored */
+                weights[i * k + j] = p->order_weights[(size_t)i * p->order_experts + j];
+                continue;
+            }
             if (!p->has_mean[idx]) {
                 moe_error_set(MOE_ERR_DATA, "layer %d: expert %d has no mean routing weight (calibration never "
                               "routed a token to it, or no calibration statistics were given)", l, e);
                 return -1;
             }
-            experts[i * k + j] = e;
             weights[i * k + j] = (float)p->mean[idx];
         }
     }

@@ -1,4 +1,4 @@
-/* plan.h - what moe-condense needs to know: per MoE layer the experts'
+/* cplan.h - what moe-condense needs to know: per MoE layer the experts'
  * mean routing weights and their greedy ranking, and the greedy order of
  * layers to condense.
  *
@@ -33,6 +33,11 @@ typedef struct moe_cplan {
     int *order;
     int n_order;
     int order_experts;
+    /* the weights the search scored the order with: [n_order * order_experts],
+     * row i for order[i]'s first order_experts ranked experts (they include
+     * --weight overrides); NULL when not known (JSON files, older plans):
+     * then the calib means are used */
+    float *order_weights;
 } moe_cplan;
 
 moe_cplan *moe_cplan_new(const moe_config *cfg);
@@ -42,9 +47,8 @@ void moe_cplan_free(moe_cplan *p);
 int moe_cplan_moe_layer(const moe_config *cfg, int ordinal);
 int moe_cplan_ordinal(const moe_config *cfg, int layer);
 
-/* Add what a stream holds (records of types "calib": layer, sum, count;
- * "ranking": layer, experts; "plan": experts (K), order; others are
- * ignored).  Reads the stream to its end. */
+/* Add what a stream holds (its calib, ranking and plan records, read by
+ * lib/records.c; others are ignored).  Reads the stream to its end. */
 int moe_cplan_read_stream(moe_cplan *p, const moe_config *cfg, moe_reader *r);
 /* Add what the original's JSON files hold; any path may be NULL. */
 int moe_cplan_read_cdmoe(moe_cplan *p, const moe_config *cfg, const char *weights_json,

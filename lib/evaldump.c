@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "common.h"
+#include "records.h"
 
 int moe_dump_parse_what(const char *s, moe_dump_opts *o) {
     o->hidden = o->logits = 0;
@@ -69,20 +70,9 @@ static int flush(moe_model *m, batch *b, moe_writer *w, const moe_dump_opts *o) 
         msgpack_unpacked_destroy(&u);
         if (rc < 0) break;
         int T = seqs[i].T;
-        msgpack_packer *pk = moe_writer_record(w, "dump", 1 + o->hidden + o->logits);
-        if (!pk) {
-            rc = -1;
+        if ((rc = moe_dump_write(w, b->p[i].index, T, o->hidden ? seqs[i].hidden : NULL, L + 1, H,
+                                 o->logits ? seqs[i].logits : NULL, V)) < 0)
             break;
-        }
-        moe_pack_kv_int(pk, "index", b->p[i].index);
-        if (o->hidden) {
-            int64_t sh[3] = {L + 1, T, H};
-            moe_pack_kv_array(pk, "hidden", MOE_DT_F32, 3, sh, seqs[i].hidden);
-        }
-        if (o->logits) {
-            int64_t sh[2] = {T, V};
-            moe_pack_kv_array(pk, "logits", MOE_DT_F32, 2, sh, seqs[i].logits);
-        }
     }
     for (int i = 0; i < b->n; i++) {
         free(seqs[i].hidden);
@@ -118,21 +108,19 @@ int moe_eval_dump(moe_model *m, moe_reader *r, moe_writer *w, const moe_dump_opt
     msgpack_sbuffer sb;
     msgpack_sbuffer_init(&sb);
     while ((nr = moe_reader_next(r, &rec)) > 0) {
-        if (!moe_record_is(rec, "tokens")) {
+        if (!moe_record_is(rec, MOE_REC_TOKENS)) {
             /* other records keep their place: flush what comes before them */
             if (flush(m, &b, w, o) < 0 || moe_writer_copy(w, rec) < 0) goto fail;
             continue;
         }
-        int64_t index;
-        moe_array ids;
-        if (moe_record_int(r, rec, "index", &index) < 0 || moe_record_array(r, rec, "ids", &ids) < 0)
-            goto fail;
-        if (ids.ndim != 1 || ids.count < 1) {
-            moe_error_set(MOE_ERR_DATA, "%s: record %llu: 'ids' must be a non-empty 1-d array",
-                          moe_reader_name(r), (unsigned long long)moe_reader_index(r));
+        moe_tokens_check none = {{0}, 0, 0};
+        moe_tokens tk;
+        if (moe_tokens_read(r, rec, o->tokenizer ? o->tokenizer : &none, &tk) < 0) goto fail;
+        if (tk.index < 0 && moe_record_int(r, rec, "index", &tk.index) < 0) { /* says what is missing */
+            free(tk.ids);
             goto fail;
         }
-        int T = (int)ids.count;
+        int T = (int)tk.n;
         if (o->max_length > 0 && T > o->max_length) T = o->max_length;
         /* One record per sequence: refuse one that no reader would accept
          * (and that would need that much memory here) before allocating. */
@@ -147,15 +135,9 @@ int moe_eval_dump(moe_model *m, moe_reader *r, moe_writer *w, const moe_dump_opt
             goto fail;
         }
         pending p = {0};
-        p.index = index;
+        p.index = tk.index;
         p.T = T;
-        p.ids = moe_malloc(sizeof(int32_t) * (size_t)ids.count);
-        if (moe_array_to_i32(&ids, p.ids) < 0) {
-            moe_error_set(MOE_ERR_DATA, "%s: record %llu: 'ids': values out of int32 range",
-                          moe_reader_name(r), (unsigned long long)moe_reader_index(r));
-            free(p.ids);
-            goto fail;
-        }
+        p.ids = tk.ids;
         msgpack_sbuffer_clear(&sb);
         msgpack_packer pk;
         msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);

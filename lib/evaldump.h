@@ -13,12 +13,15 @@
 #define MOE_EVALDUMP_H
 
 #include "model.h"
+#include "records.h"
 #include "stream.h"
 
 typedef struct {
     int hidden, logits;  /* what to dump */
     int max_length;      /* truncate sequences to this many tokens (0 = no limit) */
     size_t batch_tokens; /* tokens per layer-major batch (0 = 2048) */
+    moe_tokens_check *tokenizer; /* the model's tokenizer, which the tokens must come
+                                    from (NULL: not checked) */
 } moe_dump_opts;
 
 /* Parse "hidden,logits" (any non-empty subset) into o; 0 or -1 with error. */

@@ -239,6 +239,15 @@ static int layer_weights(const moe_calib *calib, const moe_search_opts *o, int l
     return 0;
 }
 
+/* The plan records the weights each layer of the order was condensed with
+ * (ws[l]: k weights per MoE layer), so that moe-condense writes what was scored. */
+static void plan_weights(moe_plan *p, float *const *ws) {
+    p->present = 1;
+    p->weights = moe_malloc(sizeof(float) * ((size_t)p->n * (size_t)p->k + 1));
+    for (int i = 0; i < p->n; i++)
+        memcpy(p->weights + (size_t)i * p->k, ws[p->order[i]], sizeof(float) * (size_t)p->k);
+}
+
 static void rank_layer_alloc(moe_rank_layer *rl, int K, int E, const int *routed) {
     rl->present = 1;
     rl->n = 0;
@@ -1007,6 +1016,7 @@ int moe_layer_search_run(moe_model *m, const moe_seqs *s, const moe_calib *calib
     moe_progress_end(&progress);
     /* the order is the best beam's set */
     if (rc == 0 && out->n > 0) memcpy(out->order, beams[0].set, sizeof(int) * (size_t)out->n);
+    if (rc == 0) plan_weights(out, ws);
     restore_all(&lt);
     if (work) work->layer_loads += lt.loads;
     lt_free(&lt);

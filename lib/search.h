@@ -63,67 +63,8 @@
 #include <stdint.h>
 
 #include "model.h"
+#include "records.h"
 #include "stream.h"
-
-/* Record types and keys (see moe-calib(1), moe-expert-rank(1), moe-layer-search(1)). */
-#define MOE_REC_TOKENS "tokens"   /* {"index": i, "ids": i32[T]} from moe-tokenize */
-#define MOE_REC_CALIB "calib"
-#define MOE_REC_RANKING "ranking"
-#define MOE_REC_PLAN "plan"
-
-/* ---- token sequences ------------------------------------------------------ */
-
-typedef struct {
-    int n;
-    int32_t **ids; /* [n][len[i]] */
-    int *len;
-    int64_t *sample;
-} moe_seqs;
-
-void moe_seqs_free(moe_seqs *s);
-
-/* ---- results ---------------------------------------------------------------- */
-
-typedef struct {
-    int present;
-    int64_t tokens;
-    double *sum;     /* [E] */
-    int64_t *count;  /* [E] */
-    double *mean;    /* [E]; NaN where count == 0 (never routed) */
-    double entropy;  /* mean over tokens of the routing entropy, nats */
-    double *load;    /* [E] */
-} moe_calib_layer;
-
-typedef struct {
-    int L, E, K;               /* decoder layers, routed experts, top-k */
-    moe_calib_layer *layers;   /* [L]; present only for MoE layers */
-} moe_calib;
-
-typedef struct {
-    int present;
-    int n;              /* experts picked */
-    int *experts;       /* [n] in pick order */
-    double *scores;     /* [n] score after each pick */
-    double *cand;       /* [n * E] every candidate's score per pick; NaN = not a candidate */
-    int n_unrouted;
-    int *unrouted;      /* experts left out: never routed in calibration */
-} moe_rank_layer;
-
-typedef struct {
-    int L, E;
-    int metric, max_length;
-    moe_rank_layer *layers; /* [L] */
-} moe_ranking;
-
-typedef struct {
-    int k;              /* routed experts kept per condensed layer */
-    int n;              /* layers in the order */
-    int *order;         /* [n] decoder-layer indices, greedy order */
-    double *scores;     /* [n] score after each step */
-    int L;
-    double *cand;       /* [n * L] candidates' scores per step (beam 1); NaN = not a candidate */
-    int beam, metric, max_length;
-} moe_plan;
 
 /* Work done, reported in provenance/stderr. */
 typedef struct {
@@ -167,19 +108,6 @@ typedef struct {
     int n_weights;
 } moe_search_opts;
 
-/* metric names "js", "kl", "mse", "cosine" <-> MOE_DIV_*; -1 if unknown */
-int moe_metric_from_name(const char *s);
-const char *moe_metric_name(int metric);
-
-/* ---- reading a stream's inputs ---------------------------------------------- */
-
-/* Read every record of r, copying each to w (if not NULL), collecting the
- * token sequences, calib and ranking records it finds (any of seqs, calib,
- * ranking may be NULL: those records are only copied).  L, E: the model's
- * layer and expert counts (checked against the records).  0 or -1. */
-int moe_search_collect(moe_reader *r, moe_writer *w, int L, int E, moe_seqs *seqs,
-                       moe_calib *calib, moe_ranking *ranking);
-
 /* ---- the algorithms ------------------------------------------------------------- */
 
 /* batch_tokens: run the sequences in groups of at most this many tokens (a
@@ -193,15 +121,9 @@ int moe_layer_search_run(moe_model *m, const moe_seqs *s, const moe_calib *calib
                          const moe_ranking *ranking, const moe_search_opts *o, moe_plan *out,
                          moe_search_work *work);
 
-/* ---- records ---------------------------------------------------------------------- */
-
-int moe_calib_write(moe_writer *w, const moe_calib *c);
-int moe_ranking_write(moe_writer *w, const moe_ranking *r);
-int moe_plan_write(moe_writer *w, const moe_plan *p);
-
 /* One line describing the work done ("12 layer-tokens, ... , 1.2 GFLOP, 0.3 s"). */
 void moe_search_work_str(const moe_search_work *w, char *buf, size_t n);
-/* A "work" record: the counts of w (no timings, so outputs stay byte-stable). */
+/* A "work" record (written by lib/records.c): the counts of w (no timings, so outputs stay byte-stable). */
 int moe_search_work_write(moe_writer *w, const char *tool, const moe_search_work *work);
 
 /* Parse "L:E=W" (decoder layer, expert, weight); -1 on bad syntax. */
@@ -209,9 +131,5 @@ int moe_parse_weight(const char *s, moe_weight_override *w);
 
 /* Parse "1,3,5-9" into decoder-layer indices (malloc'd, *n set); -1 on bad syntax. */
 int moe_parse_layer_list(const char *s, int **out, int *n);
-
-void moe_calib_free(moe_calib *c);
-void moe_ranking_free(moe_ranking *r);
-void moe_plan_free(moe_plan *p);
 
 #endif

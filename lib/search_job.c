@@ -12,7 +12,7 @@ int moe_search_job_model(moe_search_job *j, const char *dir, const moe_model_opt
     if (threads) moe_kernels_set_threads(threads);
     if (!(j->model = moe_model_open(dir, mo))) return -1;
     j->cfg = moe_model_config(j->model);
-    return 0;
+    return moe_tokens_check_init(&j->tokenizer, dir, 0);
 }
 
 static const struct {
@@ -36,9 +36,10 @@ int moe_search_job_open(moe_search_job *j, const char *in, const char *out, int 
     moe_provenance prov = {j->tool, j->argc, j->argv, fp, j->kind};
     if (!(j->out = moe_writer_open(out, moe_reader_header(j->in), &prov, no_provenance))) return -1;
     int want = j->need | j->collect;
-    if (moe_search_collect(j->in, j->out, j->cfg->num_layers, j->cfg->n_routed_experts, &j->seqs,
-                           (want & MOE_SEARCH_IN_CALIB) ? &j->calib : NULL,
-                           (want & MOE_SEARCH_IN_RANKING) ? &j->ranking : NULL) < 0) {
+    j->tokenizer.force = force;
+    moe_records_opts ro = {j->cfg->num_layers, j->cfg->n_routed_experts, &j->tokenizer};
+    if (moe_records_collect(j->in, j->out, &ro, &j->seqs, (want & MOE_SEARCH_IN_CALIB) ? &j->calib : NULL,
+                            (want & MOE_SEARCH_IN_RANKING) ? &j->ranking : NULL, NULL) < 0) {
         moe_search_job_abort(j);
         return -1;
     }

@@ -39,6 +39,7 @@ typedef struct {
     moe_calib calib;       /* zero unless collected */
     moe_ranking ranking;   /* zero unless collected */
     moe_search_work work;  /* for the algorithm to count into */
+    moe_tokens_check tokenizer; /* the model's tokenizer, which the tokens must come from */
 } moe_search_job;
 
 /* Set the worker threads (0: leave as they are) and open the model in dir.
@@ -50,7 +51,9 @@ int moe_search_job_model(moe_search_job *j, const char *dir, const moe_model_opt
  * provenance (force: a warning only), open the output stream `out` ("-" =
  * stdout) with the tool's provenance entry (none with no_provenance), then
  * read every input record, copying it to the output and collecting the
- * token sequences and the records of j->need | j->collect.  0 or -1 (the
+ * token sequences (made with the model's tokenizer, if the stream says
+ * which: force makes a mismatch a warning) and the records of
+ * j->need | j->collect.  0 or -1 (the
  * output, if opened, is removed). */
 int moe_search_job_open(moe_search_job *j, const char *in, const char *out, int force,
                         int no_provenance);

@@ -156,34 +156,29 @@ static void seqs_free(seqs_t *s) {
     memset(s, 0, sizeof *s);
 }
 
-static int read_token_stream(const char *path, seqs_t *s, long limit) {
+/* The token stream at path, made with the tokenizer of model dir. */
+static int read_token_stream(const char *path, const char *dir, seqs_t *s, long limit) {
+    moe_tokens_check check;
+    if (moe_tokens_check_init(&check, dir, moe_cli.force) < 0) return -1;
     moe_reader *r = moe_reader_open(path);
     if (!r) return -1;
-    if (moe_reader_require_kind(r, "tokens", "make one with moe-tokenize") < 0) {
+    if (moe_reader_require_kind(r, MOE_REC_TOKENS, "make one with moe-tokenize") < 0) {
         moe_reader_close(r);
         return -1;
     }
     const msgpack_object *rec;
     int rc;
     while ((rc = moe_reader_next(r, &rec)) > 0) {
-        if (!moe_record_is(rec, "tokens")) continue;
+        if (!moe_record_is(rec, MOE_REC_TOKENS)) continue;
         if (limit > 0 && s->n >= limit) continue;
-        moe_array a;
-        if (moe_record_array(r, rec, "ids", &a) < 0) {
+        moe_tokens tk;
+        if (moe_tokens_read(r, rec, &check, &tk) < 0) {
             rc = -1;
             break;
         }
-        int32_t *ids = moe_malloc(sizeof(int32_t) * (size_t)(a.count + 1));
-        if (moe_array_to_i32(&a, ids) < 0) {
-            free(ids);
-            moe_error_set(MOE_ERR_DATA, "%s: record %llu: ids out of int32 range",
-                          moe_reader_name(r), (unsigned long long)moe_reader_index(r));
-            rc = -1;
-            break;
-        }
-        int T = (int)a.count;
+        int T = (int)tk.n;
         if (A.max_length > 0 && T > A.max_length) T = (int)A.max_length;
-        seqs_add(s, ids, T);
+        seqs_add(s, tk.ids, T);
     }
     moe_reader_close(r);
     return rc < 0 ? -1 : 0;
@@ -314,7 +309,7 @@ static int eval_model(const char *dir, model_res *res) {
     eo.progress_ctx = &prog;
     if (A.ppl) {
         seqs_t s = {0};
-        int rc = is_zstd(A.ppl) ? read_token_stream(A.ppl, &s, A.limit)
+        int rc = is_zstd(A.ppl) ? read_token_stream(A.ppl, dir, &s, A.limit)
                                 : read_text_jsonl(A.ppl, tok, A.max_length, &s, A.limit);
         if (rc == 0) {
             moe_progress_start(&prog, "perplexity", "tok", 0);
@@ -527,64 +522,32 @@ static void print_json(model_res *R, int n) {
 
 /* ---- output: stream ------------------------------------------------------------ */
 
+/* model k's results as the records module wants them */
+static moe_eval_record eval_record(const model_res *r) {
+    moe_eval_record e = {.dir = r->dir, .fingerprint = r->fingerprint, .params = r->params, .bytes = r->bytes,
+                         .ppl = r->has_ppl ? &r->ppl : NULL, .ntasks = r->ntasks, .tasks = tasks, .task = r->tr,
+                         .has_bench = r->has_bench, .bench_tokens = A.btok, .bench_runs = A.bruns,
+                         .bench_s = r->bench_s, .tok_per_s = r->tok_per_s, .peak_rss_mib = r->peak_rss_mb,
+                         .resident = r->resident};
+    return e;
+}
+
 static int write_stream(model_res *R, int n, int argc, char **argv) {
     moe_provenance prov = {"moe-eval", argc, argv, R[0].fingerprint, "eval"};
     moe_writer *w = moe_writer_open(A.out, NULL, &prov, moe_cli.no_provenance);
     if (!w) return -1;
-    for (int k = 0; k < n; k++) {
-        model_res *r = &R[k];
-        msgpack_packer *pk = moe_writer_record(w, "model", 5);
-        moe_pack_kv_int(pk, "model_index", k);
-        moe_pack_kv_str(pk, "dir", r->dir);
-        moe_pack_kv_str(pk, "fingerprint", r->fingerprint);
-        moe_pack_kv_int(pk, "params", (int64_t)r->params);
-        moe_pack_kv_int(pk, "bytes", (int64_t)r->bytes);
-        if (r->has_ppl) {
-            pk = moe_writer_record(w, "ppl", 9);
-            moe_pack_kv_int(pk, "model_index", k);
-            moe_pack_kv_double(pk, "ppl", r->ppl.ppl);
-            moe_pack_kv_double(pk, "ppl_token", r->ppl.ppl_token);
-            moe_pack_kv_double(pk, "mean_nll", r->ppl.mean_nll);
-            moe_pack_kv_double(pk, "token_nll", r->ppl.token_nll);
-            moe_pack_kv_int(pk, "samples", r->ppl.n_samples);
-            moe_pack_kv_int(pk, "tokens", r->ppl.n_tokens);
-            int64_t sh[1] = {r->ppl.n};
-            moe_pack_kv_array(pk, "sample_nll", MOE_DT_F64, 1, sh, r->ppl.sample_nll);
-            moe_pack_kv_array(pk, "sample_tokens", MOE_DT_I32, 1, sh, r->ppl.sample_tokens);
-        }
-        for (int i = 0; i < r->ntasks; i++) {
-            moe_task_result *t = &r->tr[i];
-            int lm = tasks[i]->kind == MOE_TASK_LM, nn = tasks[i]->has_acc_norm;
-            pk = moe_writer_record(w, "task", 8 + nn + lm);
-            moe_pack_kv_int(pk, "model_index", k);
-            moe_pack_kv_str(pk, "task", tasks[i]->name);
-            moe_pack_kv_str(pk, "format", tasks[i]->format);
-            moe_pack_kv_int(pk, "items", t->n_items);
-            moe_pack_kv_double(pk, "acc", t->acc);
-            if (nn) moe_pack_kv_double(pk, "acc_norm", t->acc_norm);
-            if (lm) moe_pack_kv_double(pk, "perplexity", t->perplexity);
-            int64_t sc[1] = {t->choice_off[t->n_items]}, si[1] = {t->n_items + 1},
-                    sp[1] = {t->n_items};
-            moe_pack_kv_array(pk, "loglik", MOE_DT_F64, 1, sc, t->loglik);
-            moe_pack_kv_array(pk, "choice_offsets", MOE_DT_I32, 1, si, t->choice_off);
-            moe_pack_kv_array(pk, "pred", MOE_DT_I32, 1, sp, t->pred);
-        }
-        if (r->has_bench) {
-            pk = moe_writer_record(w, "bench", 7);
-            moe_pack_kv_int(pk, "model_index", k);
-            moe_pack_kv_int(pk, "tokens", A.btok);
-            moe_pack_kv_int(pk, "runs", A.bruns);
-            moe_pack_kv_double(pk, "seconds", r->bench_s);
-            moe_pack_kv_double(pk, "tokens_per_s", r->tok_per_s);
-            moe_pack_kv_double(pk, "peak_rss_mib", r->peak_rss_mb);
-            moe_pack_kv_str(pk, "weights", r->resident ? "resident" : "streamed");
-        }
+    int rc = 0;
+    for (int k = 0; k < n && rc == 0; k++) {
+        moe_eval_record e = eval_record(&R[k]);
+        rc = moe_eval_write(w, k, &e);
     }
-    if (n == 2) {
-        msgpack_packer *pk = moe_writer_record(w, "compare", 2 + (A.bench ? 1 : 0));
-        moe_pack_kv_double(pk, "memory_ratio_params", (double)R[1].params / (double)R[0].params);
-        moe_pack_kv_double(pk, "memory_ratio_bytes", (double)R[1].bytes / (double)R[0].bytes);
-        if (A.bench) moe_pack_kv_double(pk, "speedup", R[0].bench_s / R[1].bench_s);
+    if (rc == 0 && n == 2) {
+        moe_eval_record d = eval_record(&R[0]), c = eval_record(&R[1]);
+        rc = moe_eval_compare_write(w, &d, &c, A.bench);
+    }
+    if (rc < 0) {
+        moe_writer_abort(w);
+        return -1;
     }
     return moe_writer_close(w);
 }
@@ -599,7 +562,8 @@ static int known_format(const char *f) {
 /* ---- dump (lib/evaldump) -------------------------------------------------------- */
 
 static int run_dump(int argc, char **argv) {
-    moe_dump_opts d = {.max_length = (int)A.max_length, .batch_tokens = (size_t)A.batch};
+    moe_tokens_check check;
+    moe_dump_opts d = {.max_length = (int)A.max_length, .batch_tokens = (size_t)A.batch, .tokenizer = &check};
     if (moe_dump_parse_what(A.dump, &d) < 0) moe_cli_usage("%s", moe_error());
     if (argc - optind > 1) moe_cli_usage("one TOKENS stream at most");
     const char *in = optind < argc ? argv[optind] : "-";
@@ -610,6 +574,7 @@ static int run_dump(int argc, char **argv) {
     if (!r) moe_cli_fail();
     if (moe_reader_require_kind(r, "tokens", "make one with moe-tokenize") < 0) moe_cli_fail();
     if (moe_reader_check_model(r, moe_model_fingerprint(m), moe_cli.force) < 0) moe_cli_fail();
+    if (moe_tokens_check_init(&check, A.models[0], moe_cli.force) < 0) moe_cli_fail();
     moe_provenance prov = {.tool = "moe-eval", .argc = argc, .argv = argv,
                            .model = moe_model_fingerprint(m), .kind = "dump"};
     moe_writer *w = moe_writer_open(A.out ? A.out : "-", moe_reader_header(r), &prov,

@@ -2,6 +2,7 @@
  * tokenizer.json, token for token as the `tokenizers` library. */
 #include "cli.h"
 #include "jsonout.h"
+#include "records.h"
 #include "stream.h"
 #include "tokenizer.h"
 
@@ -17,7 +18,8 @@ static const char help[] =
     "       moe-tokenize --model DIR --decode [TOKENS|-] > TEXT.jsonl\n"
     "Tokenize JSON Lines (one sample per line, text in --field) with the model's\n"
     "tokenizer.json (+ tokenizer_config.json) into a moe-stream of kind \"tokens\":\n"
-    "one record {\"type\":\"tokens\",\"index\":i,\"ids\":i32[n]} per sample.\n"
+    "one record {\"type\":\"tokens\",\"index\":i,\"ids\":i32[n],\"tokenizer\":FP} per sample\n"
+    "(FP: SHA-256 of tokenizer.json; none with --ids).\n"
     "\n"
     "  -m, --model DIR       model directory with tokenizer.json (or the file itself)\n"
     "  -f, --field NAME      JSON field holding the text (default: text)\n"
@@ -184,6 +186,12 @@ static int tokenize(const opts_t *o, moe_tokenizer *t, int argc, char **argv)
     const char *name = display(o->input);
     FILE *in = open_input(o->input);
     if (!in) return -1;
+    /* the tokens name the tokenizer that made them (not ids made elsewhere: --ids) */
+    char fingerprint[65];
+    if (moe_tokenizer_fingerprint(o->model, fingerprint) < 0) {
+        if (in != stdin) fclose(in);
+        return -1;
+    }
     moe_provenance prov = {.tool = "moe-tokenize", .argc = argc, .argv = argv, .kind = "tokens"};
     moe_writer *w = moe_writer_open(o->output, NULL, &prov, moe_cli.no_provenance);
     if (!w) { if (in != stdin) fclose(in); return -1; }
@@ -231,10 +239,7 @@ static int tokenize(const opts_t *o, moe_tokenizer *t, int argc, char **argv)
                 rc = -1;
             }
             if (rc == 0 && !it->skip) {
-                msgpack_packer *pk = moe_writer_record(w, "tokens", 2);
-                moe_pack_kv_int(pk, "index", (int64_t)index++);
-                int64_t shape[1] = {(int64_t)it->n};
-                moe_pack_kv_array(pk, "ids", MOE_DT_I32, 1, shape, it->ids);
+                rc = moe_tokens_write(w, (int64_t)index++, it->ids, it->n, o->ids ? NULL : fingerprint);
             }
             free(it->line); free(it->ids); free(it->err);
         }
@@ -269,22 +274,21 @@ static int decode(const opts_t *o, moe_tokenizer *t)
     }
     const msgpack_object *rec;
     int rc;
-    int32_t *buf = NULL;
-    size_t cap = 0;
     while ((rc = moe_reader_next(r, &rec)) > 0) {
-        if (!moe_record_is(rec, "tokens")) continue;
-        int64_t index;
-        moe_array a;
-        if (moe_record_int(r, rec, "index", &index) < 0 || moe_record_array(r, rec, "ids", &a) < 0) { rc = -1; break; }
-        if ((size_t)a.count > cap) {
-            cap = (size_t)a.count;
-            buf = moe_realloc(buf, cap * sizeof *buf);
+        if (!moe_record_is(rec, MOE_REC_TOKENS)) continue;
+        moe_tokens tk;
+        if (moe_tokens_read(r, rec, NULL, &tk) < 0) { rc = -1; break; }
+        int64_t index = tk.index;
+        if (index < 0 && moe_record_int(r, rec, "index", &index) < 0) { /* says what is missing */
+            free(tk.ids);
+            rc = -1;
+            break;
         }
-        if (a.count && moe_array_to_i32(&a, buf) < 0) { rc = -1; break; }
         char *text;
         size_t tl;
-        if (moe_tokenizer_decode(t, buf, (size_t)a.count, o->skip_special ? MOE_TOK_SKIP_SPECIAL : 0, &text,
-                                 &tl) < 0) {
+        int bad = moe_tokenizer_decode(t, tk.ids, tk.n, o->skip_special ? MOE_TOK_SKIP_SPECIAL : 0, &text, &tl);
+        free(tk.ids);
+        if (bad < 0) {
             char *msg = moe_strdup(moe_error());
             moe_error_set(MOE_ERR_DATA, "%s: record %llu: %s", moe_reader_name(r),
                           (unsigned long long)moe_reader_index(r), msg);
@@ -297,7 +301,6 @@ static int decode(const opts_t *o, moe_tokenizer *t)
         fputs("}\n", out);
         free(text);
     }
-    free(buf);
     moe_reader_close(r);
     rc = moe_output_close(&of, rc >= 0);
     return rc < 0 ? -1 : 0;
