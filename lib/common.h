@@ -33,6 +33,15 @@ const char *moe_error(void);   /* last message, "" if none */
 int moe_error_kind(void);      /* MOE_ERR_*, 0 if none */
 void moe_error_clear(void);
 
+/* The program's name ("moe-calib"; set by moe_cli_init, "moe" until then):
+ * the prefix of every line the library writes to stderr. */
+void moe_set_program_name(const char *name);
+const char *moe_program_name(void);
+
+/* A warning: "PROGRAM: warning: message" on stderr, silenced by nothing
+ * (the one way the library and the tools warn). */
+void moe_warn(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
 /* Allocation that never returns NULL: out of memory aborts with a message
  * (there is nothing sensible a caller could do instead). */
 void *moe_malloc(size_t n);

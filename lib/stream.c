@@ -592,7 +592,7 @@ int moe_reader_check_model(moe_reader *r, const char *fingerprint, int force) {
         snprintf(msg, sizeof msg, "%s: stream was made by %.*s with model %.*s, but this model is %s", r->name,
                  tl, tp, (int)m->via.str.size, m->via.str.ptr, fingerprint);
         if (force) {
-            fprintf(stderr, "warning: %s (continuing: --force)\n", msg);
+            moe_warn("%s (continuing: --force)", msg);
             return 0;
         }
         moe_error_set(MOE_ERR_DATA, "%s; use --force to override", msg);

@@ -169,7 +169,9 @@ static uint64_t parse_size(const char *opt, const char *s)
 
 int main(int argc, char **argv)
 {
-    moe_cli_init("moe-init", help, argc, argv);
+    const unsigned takes = MOE_CLI_TAKES_THREADS | MOE_CLI_TAKES_SEED | MOE_CLI_TAKES_FORCE |
+                      MOE_CLI_TAKES_QUIET;
+    moe_cli_init("moe-init", help, takes, argc, argv);
     const char *arch_name = NULL, *config = NULL, *out = NULL, *dtype = "bf16";
     long v[0x200];
     int set[0x200] = {0};
@@ -208,7 +210,6 @@ int main(int argc, char **argv)
             if (!moe_cli_handle(opt, optarg)) moe_cli_usage("unexpected option");
         }
     }
-    if (moe_cli.threads > 0) omp_set_num_threads(moe_cli.threads);
     if (optind < argc) moe_cli_usage("unexpected argument '%s'", argv[optind]);
     if (!out) moe_cli_usage("no output directory (-o DIR)");
     if (!arch_name && !config) moe_cli_usage("--arch ARCH or --config FILE is required");
