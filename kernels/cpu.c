@@ -29,8 +29,6 @@
 
 /* ---- threads ----------------------------------------------------------- */
 
-static int g_threads = 0;
-
 /* OpenBLAS always runs single-threaded inside our OpenMP threads: mixing its
  * own thread pool with OpenMP's makes both spin for the same cores (a 5-8x
  * slowdown measured on 2 cores), and a partitioning of our own keeps results
@@ -45,13 +43,11 @@ static void blas_single(void) {
 
 void moe_kernels_set_threads(int n) {
     if (n <= 0) n = omp_get_num_procs();
-    g_threads = n;
     omp_set_num_threads(n);
     openblas_set_num_threads(1);
     g_blas_single = 1;
 }
 
-int moe_kernels_threads(void) { return g_threads > 0 ? g_threads : omp_get_max_threads(); }
 
 /* ---- memory ------------------------------------------------------------- */
 

@@ -271,7 +271,6 @@ const moe_backend *moe_backend_get(const char *name);
 
 /* Threads used by OpenMP regions and OpenBLAS (0 = all cores). */
 void moe_kernels_set_threads(int n);
-int moe_kernels_threads(void);
 
 /* Convert n float32 values to a weight dtype (host memory). */
 void moe_weight_convert(void *dst, int weight_dtype, const float *src, size_t n);

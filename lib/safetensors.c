@@ -516,7 +516,6 @@ void moe_st_close(moe_st_file *f)
 }
 
 const char *moe_st_path(const moe_st_file *f) { return f->path; }
-uint64_t moe_st_file_size(const moe_st_file *f) { return f->size; }
 int moe_st_count(const moe_st_file *f) { return f->n; }
 
 const moe_st_tensor *moe_st_tensor_at(const moe_st_file *f, int i)

@@ -82,7 +82,6 @@ typedef struct moe_st_file moe_st_file;
 moe_st_file *moe_st_open(const char *path);
 void moe_st_close(moe_st_file *f);
 const char *moe_st_path(const moe_st_file *f);
-uint64_t moe_st_file_size(const moe_st_file *f);
 /* Tensors, sorted by name. */
 int moe_st_count(const moe_st_file *f);
 const moe_st_tensor *moe_st_tensor_at(const moe_st_file *f, int i);

@@ -523,16 +523,6 @@ int moe_record_int(moe_reader *r, const msgpack_object *rec, const char *key, in
     return 0;
 }
 
-int moe_record_double(moe_reader *r, const msgpack_object *rec, const char *key, double *out) {
-    const msgpack_object *v = record_key(r, rec, key);
-    if (!v) return -1;
-    int64_t i;
-    if (v->type == MSGPACK_OBJECT_FLOAT32 || v->type == MSGPACK_OBJECT_FLOAT64) *out = v->via.f64;
-    else if (obj_int(v, &i) == 0) *out = (double)i;
-    else return bad_key(r, rec, key, "a number");
-    return 0;
-}
-
 int moe_record_str(moe_reader *r, const msgpack_object *rec, const char *key, const char **s, size_t *len) {
     const msgpack_object *v = record_key(r, rec, key);
     if (!v) return -1;
@@ -617,9 +607,6 @@ struct moe_writer {
     uint64_t count;
     int failed;
 };
-
-const char *moe_writer_name(const moe_writer *w) { return w->name; }
-uint64_t moe_writer_count(const moe_writer *w) { return w->count; }
 
 static int write_all(moe_writer *w, const unsigned char *p, size_t n) {
     while (n) {

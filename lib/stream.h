@@ -92,7 +92,6 @@ void moe_reader_close(moe_reader *r);
  * they set an error naming the stream, the record index and the key, and
  * return -1. */
 int moe_record_int(moe_reader *r, const msgpack_object *rec, const char *key, int64_t *out);
-int moe_record_double(moe_reader *r, const msgpack_object *rec, const char *key, double *out);
 int moe_record_array(moe_reader *r, const msgpack_object *rec, const char *key, moe_array *out);
 /* Returns a pointer into the record (not NUL-terminated) and its length. */
 int moe_record_str(moe_reader *r, const msgpack_object *rec, const char *key,
@@ -126,13 +125,11 @@ typedef struct {
  * no_provenance, only the kinds are written (for byte-stable fixtures). */
 moe_writer *moe_writer_open(const char *path, const msgpack_object *upstream,
                             const moe_provenance *prov, int no_provenance);
-const char *moe_writer_name(const moe_writer *w);
 /* Start a record of `type` with `nkeys` more key/value pairs to follow,
  * packed by the caller into the returned packer. */
 msgpack_packer *moe_writer_record(moe_writer *w, const char *type, uint32_t nkeys);
 /* Pass a record through unchanged. */
 int moe_writer_copy(moe_writer *w, const msgpack_object *rec);
-uint64_t moe_writer_count(const moe_writer *w);
 /* Write the end record, finish compression, flush, rename into place.
  * Returns 0, or -1 with an error (and the temporary file removed). */
 int moe_writer_close(moe_writer *w);
