@@ -94,9 +94,9 @@ for a in qwen2_moe qwen3_moe olmoe mixtral; do
 done
 moe-init --arch qwen3_moe --seed 5 --dtype f32 --shard-size 200K --heads 8 --kv-heads 4 --head-dim 16 \
     -o "$TMP/hf_q3_sharded" || fail "moe-init qwen3 sharded"
+rc=0
 $PY tests/shell/init_hf_check.py "$TMP"/hf_qwen2_moe "$TMP"/hf_qwen3_moe "$TMP"/hf_olmoe "$TMP"/hf_mixtral \
-    "$TMP"/hf_q3_sharded >"$TMP/py.log" 2>&1
-rc=$?
-grep -v -e 'it/s' -e '^$' "$TMP/py.log"
+    "$TMP"/hf_q3_sharded >"$TMP/py.log" 2>&1 || rc=$?
+grep -v -e 'it/s' -e '^$' "$TMP/py.log" || true
 [ $rc -eq 0 ] || fail "transformers could not load a moe-init checkpoint"
 echo "moe-init ok"
