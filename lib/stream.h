@@ -13,16 +13,12 @@
 #include <msgpack.h>
 #include <stdint.h>
 
+#include "dtype.h" /* typed arrays: f32, f64, f16, bf16, i8, u8, i32, u32, i64 */
+
 #define MOE_STREAM_FORMAT "moe-stream"
 #define MOE_STREAM_VERSION 1
 
 /* ---- typed arrays ------------------------------------------------------ */
-
-typedef enum {
-    MOE_DT_F32, MOE_DT_F64, MOE_DT_F16, MOE_DT_BF16,
-    MOE_DT_I8, MOE_DT_U8, MOE_DT_I32, MOE_DT_U32, MOE_DT_I64,
-    MOE_DT_COUNT
-} moe_dtype;
 
 #define MOE_MAX_DIMS 8
 
@@ -37,10 +33,6 @@ typedef struct {
     const void *data;
     size_t nbytes;
 } moe_array;
-
-const char *moe_dtype_name(moe_dtype dt);            /* "f32", "bf16", ... */
-int moe_dtype_from_name(const char *s, size_t len);  /* -1 if unknown */
-size_t moe_dtype_size(moe_dtype dt);
 
 /* Parse a typed-array object; on failure sets an error prefixed with `what`
  * (e.g. "calib.msgpack.zst: record 4: key 'ids'") and returns -1. */

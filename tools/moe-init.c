@@ -104,7 +104,7 @@ static uint64_t fnv1a64(const char *s)
 typedef struct {
     uint64_t key;    /* splitmix64 state before output 0 */
     double mean, std;
-    moe_st_dtype dt;
+    moe_dtype dt;
     moe_progress *prog;
 } init_ctx;
 
@@ -124,8 +124,8 @@ static inline void normal_pair(uint64_t key, uint64_t j, double *z0, double *z1)
 static inline void put(const init_ctx *c, void *out, uint64_t i, double z)
 {
     float v = (float)(c->mean + c->std * z);
-    if (c->dt == MOE_ST_F32) ((float *)out)[i] = v;
-    else moe_st_f32_to_bf16(&v, (uint16_t *)out + i, 1);
+    if (c->dt == MOE_DT_F32) ((float *)out)[i] = v;
+    else ((uint16_t *)out)[i] = moe_f32_to_bf16(v);
 }
 
 static int fill(void *vctx, const char *name, uint64_t start, uint64_t n, void *out)
@@ -146,7 +146,7 @@ static int fill(void *vctx, const char *name, uint64_t start, uint64_t n, void *
             if (e + 1 >= start && e + 1 < start + n) put(c, out, e + 1 - start, z1);
         }
     }
-    moe_progress_add(c->prog, n * (c->dt == MOE_ST_F32 ? 4 : 2));
+    moe_progress_add(c->prog, n * (c->dt == MOE_DT_F32 ? 4 : 2));
     return 0;
 }
 
@@ -282,7 +282,7 @@ int main(int argc, char **argv)
     if (n < 0) moe_cli_fail();
     moe_ckpt_writer *w = moe_ckpt_writer_open(out, shard, moe_cli.force);
     if (!w) moe_cli_fail();
-    moe_st_dtype dt = strcmp(dtype, "f32") ? MOE_ST_BF16 : MOE_ST_F32;
+    moe_dtype dt = strcmp(dtype, "f32") ? MOE_DT_BF16 : MOE_DT_F32;
     init_ctx *ctx = moe_calloc((size_t)n, sizeof *ctx);
     moe_progress prog;
     uint64_t total = 0;
@@ -308,7 +308,7 @@ int main(int argc, char **argv)
         }
         uint64_t numel = 1;
         for (int d = 0; d < r->ndim; d++) numel *= (uint64_t)r->shape[d];
-        total += numel * (dt == MOE_ST_F32 ? 4 : 2);
+        total += numel * (dt == MOE_DT_F32 ? 4 : 2);
         if (moe_ckpt_writer_add(w, r->name, dt, r->ndim, r->shape, NULL, fill, x) < 0) {
             moe_ckpt_writer_abort(w);
             moe_cli_fail();
