@@ -84,7 +84,7 @@ enum {
 typedef struct moe_backend moe_backend;
 struct moe_backend {
     const char *name;  /* "cpu", "cpu-ref", "cpu-bf16", "cuda" */
-    int weight_dtype;  /* MOE_WT_* expected by matmul */
+    int weight_dtype;  /* MOE_DT_F32 or MOE_DT_BF16 (lib/dtype.h), expected by matmul */
     int host_memory;   /* 1: backend pointers are host pointers (CPU); the model
                         * then reads weights straight into backend buffers */
 
