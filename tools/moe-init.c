@@ -204,6 +204,102 @@ static uint64_t parse_size(const char *opt, const char *s)
     return (uint64_t)(v * mul);
 }
 
+/* The config: --config's, or --arch's tiny default, with the size options
+ * applied (moe_config_override) and the byte-level tokenizer's ids. */
+static moe_config *make_config(const char *arch_name, const char *config, const moe_config_overrides *ov)
+{
+    moe_config *c;
+    if (config) {
+        c = moe_config_load(config);
+        if (!c) moe_cli_fail();
+        if (arch_name && strcmp(arch_name, c->arch->model_type))
+            moe_cli_usage("--arch %s does not match model_type '%s' of %s", arch_name, c->arch->model_type,
+                          config);
+    } else {
+        const moe_arch *a = moe_arch_find(arch_name);
+        if (!a) moe_cli_usage("--arch: unknown architecture '%s' (supported: %s)", arch_name, moe_arch_list());
+        c = moe_config_new(a);
+        if (moe_config_finish(c) < 0) moe_cli_fail();
+    }
+    check_overrides(c->arch, ov);
+    int vocab = ov->vocab_size != MOE_CONFIG_KEEP ? ov->vocab_size : c->vocab_size;
+    if (vocab < 257) moe_cli_usage("--vocab %d: at least 257 ids are needed for the byte-level tokenizer", vocab);
+    int rc = moe_config_override(c, ov);
+    if (rc == MOE_CONFIG_BAD_SIZES)
+        moe_cli_usage("--hidden %d is not a multiple of --heads %d", c->hidden_size, c->num_heads);
+    if (rc < 0) moe_cli_fail();
+    int ntok = moe_bytetok_size(c->vocab_size);
+    c->bos_token_id = c->eos_token_id = ntok - 1;
+    c->pad_token_id = -1;
+    return c;
+}
+
+/* Standard deviations of the values: weights, norms (around 1), biases. */
+typedef struct {
+    double std, norm_std, bias_std;
+} init_stds;
+
+/* Where tensor r's values come from (mean, deviation, seed). */
+static void tensor_ctx(init_ctx *x, const moe_tensor_ref *r, const init_stds *sd, uint64_t seedkey)
+{
+    x->key = seedkey ^ fnv1a64(r->name);
+    switch (r->kind) {
+    case MOE_T_INPUT_NORM: case MOE_T_POST_NORM: case MOE_T_FINAL_NORM: case MOE_T_Q_NORM: case MOE_T_K_NORM:
+        x->mean = 1.0;
+        x->std = sd->norm_std;
+        break;
+    case MOE_T_Q_BIAS: case MOE_T_K_BIAS: case MOE_T_V_BIAS:
+        x->mean = 0;
+        x->std = sd->bias_std;
+        break;
+    default:
+        x->mean = 0;
+        x->std = sd->std;
+    }
+}
+
+/* Write the checkpoint of config c to directory out. */
+static void write_model(const moe_config *c, const char *out, uint64_t shard, moe_dtype dt, const init_stds *sd)
+{
+    moe_tensor_ref *refs;
+    int n = moe_config_tensor_list(c, &refs);
+    if (n < 0) moe_cli_fail();
+    moe_ckpt_writer *w = moe_ckpt_writer_open(out, shard, moe_cli.force);
+    if (!w) moe_cli_fail();
+    init_ctx *ctx = moe_calloc((size_t)n, sizeof *ctx);
+    moe_progress prog;
+    uint64_t total = 0;
+    uint64_t seedkey = mix64(moe_cli.seed + GAMMA);
+    for (int i = 0; i < n; i++) {
+        const moe_tensor_ref *r = &refs[i];
+        init_ctx *x = &ctx[i];
+        tensor_ctx(x, r, sd, seedkey);
+        x->dt = dt;
+        x->prog = &prog;
+        uint64_t numel = 1;
+        for (int d = 0; d < r->ndim; d++) numel *= (uint64_t)r->shape[d];
+        total += numel * (dt == MOE_DT_F32 ? 4 : 2);
+        if (moe_ckpt_writer_add(w, r->name, dt, r->ndim, r->shape, NULL, fill, x) < 0) {
+            moe_ckpt_writer_abort(w);
+            moe_cli_fail();
+        }
+    }
+    char *cj = moe_config_to_json(c, c->dtype);
+    if (moe_ckpt_writer_text(w, "config.json", cj) < 0 ||
+        moe_bytetok_write(moe_ckpt_writer_tmpdir(w), c->vocab_size, c->max_position_embeddings) < 0) {
+        free(cj);
+        moe_ckpt_writer_abort(w);
+        moe_cli_fail();
+    }
+    free(cj);
+    moe_progress_start(&prog, "moe-init", "B", total);
+    int rc = moe_ckpt_writer_close(w);
+    moe_progress_end(&prog);
+    free(ctx);
+    free(refs);
+    if (rc < 0) moe_cli_fail();
+}
+
 int main(int argc, char **argv)
 {
     const unsigned takes = MOE_CLI_TAKES_THREADS | MOE_CLI_TAKES_SEED | MOE_CLI_TAKES_FORCE |
@@ -251,83 +347,11 @@ int main(int argc, char **argv)
     if (!arch_name && !config) moe_cli_usage("--arch ARCH or --config FILE is required");
     if (!(std >= 0) || !(norm_std >= 0) || !(bias_std >= 0)) moe_cli_usage("standard deviations must be >= 0");
 
-    moe_config *c;
-    if (config) {
-        c = moe_config_load(config);
-        if (!c) moe_cli_fail();
-        if (arch_name && strcmp(arch_name, c->arch->model_type))
-            moe_cli_usage("--arch %s does not match model_type '%s' of %s", arch_name, c->arch->model_type,
-                          config);
-    } else {
-        const moe_arch *a = moe_arch_find(arch_name);
-        if (!a) moe_cli_usage("--arch: unknown architecture '%s' (supported: %s)", arch_name, moe_arch_list());
-        c = moe_config_new(a);
-        if (moe_config_finish(c) < 0) moe_cli_fail();
-    }
-    check_overrides(c->arch, &ov);
-    int vocab = ov.vocab_size != MOE_CONFIG_KEEP ? ov.vocab_size : c->vocab_size;
-    if (vocab < 257) moe_cli_usage("--vocab %d: at least 257 ids are needed for the byte-level tokenizer", vocab);
-    int rc = moe_config_override(c, &ov);
-    if (rc == MOE_CONFIG_BAD_SIZES)
-        moe_cli_usage("--hidden %d is not a multiple of --heads %d", c->hidden_size, c->num_heads);
-    if (rc < 0) moe_cli_fail();
-    int ntok = moe_bytetok_size(c->vocab_size);
-    c->bos_token_id = c->eos_token_id = ntok - 1;
-    c->pad_token_id = -1;
+    moe_config *c = make_config(arch_name, config, &ov);
     free(c->dtype);
     c->dtype = moe_strdup(strcmp(dtype, "f32") ? "bfloat16" : "float32");
-
-    moe_tensor_ref *refs;
-    int n = moe_config_tensor_list(c, &refs);
-    if (n < 0) moe_cli_fail();
-    moe_ckpt_writer *w = moe_ckpt_writer_open(out, shard, moe_cli.force);
-    if (!w) moe_cli_fail();
-    moe_dtype dt = strcmp(dtype, "f32") ? MOE_DT_BF16 : MOE_DT_F32;
-    init_ctx *ctx = moe_calloc((size_t)n, sizeof *ctx);
-    moe_progress prog;
-    uint64_t total = 0;
-    uint64_t seedkey = mix64(moe_cli.seed + GAMMA);
-    for (int i = 0; i < n; i++) {
-        const moe_tensor_ref *r = &refs[i];
-        init_ctx *x = &ctx[i];
-        x->key = seedkey ^ fnv1a64(r->name);
-        x->dt = dt;
-        x->prog = &prog;
-        switch (r->kind) {
-        case MOE_T_INPUT_NORM: case MOE_T_POST_NORM: case MOE_T_FINAL_NORM: case MOE_T_Q_NORM: case MOE_T_K_NORM:
-            x->mean = 1.0;
-            x->std = norm_std;
-            break;
-        case MOE_T_Q_BIAS: case MOE_T_K_BIAS: case MOE_T_V_BIAS:
-            x->mean = 0;
-            x->std = bias_std;
-            break;
-        default:
-            x->mean = 0;
-            x->std = std;
-        }
-        uint64_t numel = 1;
-        for (int d = 0; d < r->ndim; d++) numel *= (uint64_t)r->shape[d];
-        total += numel * (dt == MOE_DT_F32 ? 4 : 2);
-        if (moe_ckpt_writer_add(w, r->name, dt, r->ndim, r->shape, NULL, fill, x) < 0) {
-            moe_ckpt_writer_abort(w);
-            moe_cli_fail();
-        }
-    }
-    char *cj = moe_config_to_json(c, c->dtype);
-    if (moe_ckpt_writer_text(w, "config.json", cj) < 0 ||
-        moe_bytetok_write(moe_ckpt_writer_tmpdir(w), c->vocab_size, c->max_position_embeddings) < 0) {
-        free(cj);
-        moe_ckpt_writer_abort(w);
-        moe_cli_fail();
-    }
-    free(cj);
-    moe_progress_start(&prog, "moe-init", "B", total);
-    rc = moe_ckpt_writer_close(w);
-    moe_progress_end(&prog);
-    free(ctx);
-    free(refs);
+    init_stds sd = {std, norm_std, bias_std};
+    write_model(c, out, shard, strcmp(dtype, "f32") ? MOE_DT_BF16 : MOE_DT_F32, &sd);
     moe_config_free(c);
-    if (rc < 0) moe_cli_fail();
     return 0;
 }
