@@ -122,7 +122,7 @@ static void layer_loop(const weights *w, bufs *b, float *y, const float *xn) {
 
 static void *wbf16(size_t n, uint64_t seed, float scale) {
     void *p = B->alloc(n * 2);
-    moe_cuda_fill_random(p, MOE_WT_BF16, n, seed, scale);
+    moe_cuda_fill_random(p, MOE_DT_BF16, n, seed, scale);
     return p;
 }
 
@@ -203,7 +203,7 @@ int main(int argc, char **argv) {
     float *xn = B->alloc(sizeof(float) * (size_t)T * H);
     float *y1 = B->alloc(sizeof(float) * (size_t)T * H), *y2 = B->alloc(sizeof(float) * (size_t)T * H);
     float *y3 = B->alloc(sizeof(float) * (size_t)T * H);
-    moe_cuda_fill_random(xn, MOE_WT_F32, (size_t)T * H, 42, 1.0f);
+    moe_cuda_fill_random(xn, MOE_DT_F32, (size_t)T * H, 42, 1.0f);
 
     /* warm-up, then timed runs */
     layer_grouped(&w, &b, y1, xn);

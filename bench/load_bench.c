@@ -72,7 +72,7 @@ int main(int argc, char **argv) {
     dev = *moe_backend_cpu();
     dev.name = "cpu-as-device";
     dev.host_memory = 0;
-    dev.weight_dtype = MOE_WT_BF16;
+    dev.weight_dtype = MOE_DT_BF16;
     /* Both models stay open: as in a layer-major pass, the blocks freed by an
      * unload are reused by the next load (the model's pool) and the staging
      * ring is allocated once; the first load of each (page faults of fresh

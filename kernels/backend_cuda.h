@@ -18,7 +18,7 @@
  * next checked call; MOE_CUDA_SYNC=1 in the environment synchronises after
  * every op so that the message names the op that failed.
  *
- * Precision.  Weights are BF16 on the device (weight_dtype MOE_WT_BF16).
+ * Precision.  Weights are BF16 on the device (weight_dtype MOE_DT_BF16).
  * matmul rounds the f32 activations to BF16 (one small kernel) and runs
  * cublasGemmEx with BF16 A/B, FP32 C and CUBLAS_COMPUTE_32F: full tensor-core
  * rate, FP32 accumulation, and the activation rounding is the same as a BF16
@@ -124,7 +124,7 @@ void moe_cuda_mem_reset_peak(void);
 double moe_cuda_gemm_tflops(int M, int N, int K, int f32_out, int iters);
 
 /* Benchmark helper: uniform random values in [-scale, scale) (dtype
- * MOE_WT_F32 or MOE_WT_BF16), device memory, deterministic in seed. */
+ * MOE_DT_F32 or MOE_DT_BF16), device memory, deterministic in seed. */
 void moe_cuda_fill_random(void *d, int dtype, size_t n, uint64_t seed, float scale);
 
 /* Name of the device in use ("NVIDIA H200, sm_90, 132 SMs, 139.8 GiB"). */

@@ -29,8 +29,6 @@
 
 /* ---- threads ----------------------------------------------------------- */
 
-static int g_threads = 0;
-
 /* OpenBLAS always runs single-threaded inside our OpenMP threads: mixing its
  * own thread pool with OpenMP's makes both spin for the same cores (a 5-8x
  * slowdown measured on 2 cores), and a partitioning of our own keeps results
@@ -45,13 +43,11 @@ static void blas_single(void) {
 
 void moe_kernels_set_threads(int n) {
     if (n <= 0) n = omp_get_num_procs();
-    g_threads = n;
     omp_set_num_threads(n);
     openblas_set_num_threads(1);
     g_blas_single = 1;
 }
 
-int moe_kernels_threads(void) { return g_threads > 0 ? g_threads : omp_get_max_threads(); }
 
 /* ---- memory ------------------------------------------------------------- */
 
@@ -217,7 +213,7 @@ static float *wbuf(int i, size_t n) {
 /* weight rows [n0, n0+nc) of a [N, K] weight in dtype wdt as f32: the weight
  * itself (f32) or the thread's buffer (bf16) */
 static const float *wtile(const void *w, int wdt, int buf, size_t n0, size_t nc, size_t K) {
-    if (wdt == MOE_WT_F32) return (const float *)w + n0 * K;
+    if (wdt == MOE_DT_F32) return (const float *)w + n0 * K;
     float *b = wbuf(buf, nc * K);
     bf16_to_f32(b, (const unsigned char *)w + 2 * n0 * K, nc * K);
     return b;
@@ -242,12 +238,12 @@ static void matmul_dt(float *y, const float *x, const void *w, int wdt, const fl
                 /* f32: row tiles outermost (as ever); bf16: column tiles outermost,
                  * so that a thread's next tile often reuses the widened W tile.
                  * Tiles are independent: the order does not change results. */
-                int r = wdt == MOE_WT_F32 ? i / nb : i % nr;
-                int b = wdt == MOE_WT_F32 ? i % nb : i / nr;
+                int r = wdt == MOE_DT_F32 ? i / nb : i % nr;
+                int b = wdt == MOE_DT_F32 ? i % nb : i / nr;
                 int t0 = r * TR, tc = T - t0 < TR ? T - t0 : TR;
                 int n0 = b * GEMM_COLS, nc = N - n0 < GEMM_COLS ? N - n0 : GEMM_COLS;
                 const float *wt;
-                if (wdt == MOE_WT_F32 || b != last)
+                if (wdt == MOE_DT_F32 || b != last)
                     wt = wtile(w, wdt, 0, (size_t)n0, (size_t)nc, (size_t)K);
                 else
                     wt = tls_wbuf[0];
@@ -262,17 +258,17 @@ static void matmul_dt(float *y, const float *x, const void *w, int wdt, const fl
 
 static void cpu_matmul(float *y, const float *x, const void *w, const float *bias, int T, int K,
                        int N, int accumulate) {
-    matmul_dt(y, x, w, MOE_WT_F32, bias, T, K, N, accumulate);
+    matmul_dt(y, x, w, MOE_DT_F32, bias, T, K, N, accumulate);
 }
 
 static void cpu_matmul_bf16(float *y, const float *x, const void *w, const float *bias, int T,
                             int K, int N, int accumulate) {
-    matmul_dt(y, x, w, MOE_WT_BF16, bias, T, K, N, accumulate);
+    matmul_dt(y, x, w, MOE_DT_BF16, bias, T, K, N, accumulate);
 }
 
 static void cpu_matmul_f32(float *y, const float *x, const float *w, const float *bias, int T,
                            int K, int N, int accumulate) {
-    matmul_dt(y, x, w, MOE_WT_F32, bias, T, K, N, accumulate);
+    matmul_dt(y, x, w, MOE_DT_F32, bias, T, K, N, accumulate);
 }
 
 static void ref_matmul(float *y, const float *x, const void *wv, const float *bias, int T, int K,
@@ -518,13 +514,13 @@ static void experts_dt(float *out, const float *x, const int32_t *rows, const in
 
 static void cpu_experts(float *out, const float *x, const int32_t *rows, const int32_t *off,
                         const void *const *w_gu, const void *const *w_down, int E, int H, int Im) {
-    experts_dt(out, x, rows, off, w_gu, w_down, MOE_WT_F32, E, H, Im);
+    experts_dt(out, x, rows, off, w_gu, w_down, MOE_DT_F32, E, H, Im);
 }
 
 static void cpu_experts_bf16(float *out, const float *x, const int32_t *rows, const int32_t *off,
                              const void *const *w_gu, const void *const *w_down, int E, int H,
                              int Im) {
-    experts_dt(out, x, rows, off, w_gu, w_down, MOE_WT_BF16, E, H, Im);
+    experts_dt(out, x, rows, off, w_gu, w_down, MOE_DT_BF16, E, H, Im);
 }
 
 /* Reference: per expert, per row, plain loops. */
@@ -653,7 +649,7 @@ static void ref_attention(float *out, const float *q, const float *k, const floa
 
 static const moe_backend cpu_backend = {
     .name = "cpu",
-    .weight_dtype = MOE_WT_F32,
+    .weight_dtype = MOE_DT_F32,
     .host_memory = 1,
     .alloc = cpu_alloc,
     .free = cpu_free,
@@ -689,7 +685,7 @@ static const moe_backend cpu_backend = {
 
 static const moe_backend cpu_ref_backend = {
     .name = "cpu-ref",
-    .weight_dtype = MOE_WT_F32,
+    .weight_dtype = MOE_DT_F32,
     .host_memory = 1,
     .alloc = cpu_alloc,
     .free = cpu_free,
@@ -731,7 +727,7 @@ static pthread_once_t cpu_bf16_once = PTHREAD_ONCE_INIT;
 static void cpu_bf16_init(void) {
     cpu_bf16_backend = cpu_backend;
     cpu_bf16_backend.name = "cpu-bf16";
-    cpu_bf16_backend.weight_dtype = MOE_WT_BF16;
+    cpu_bf16_backend.weight_dtype = MOE_DT_BF16;
     cpu_bf16_backend.matmul = cpu_matmul_bf16;
     cpu_bf16_backend.matmul_f32 = cpu_matmul_f32;
     cpu_bf16_backend.experts = cpu_experts_bf16;
@@ -755,17 +751,6 @@ const moe_backend *moe_backend_get(const char *name) {
 }
 
 /* ---- host helpers --------------------------------------------------------- */
-
-size_t moe_weight_size(int dt) { return dt == MOE_WT_BF16 ? 2 : 4; }
-
-void moe_weight_convert(void *dst, int dt, const float *src, size_t n) {
-    if (dt == MOE_WT_F32) {
-        if (dst != src) memmove(dst, src, n * sizeof(float));
-        return;
-    }
-    uint16_t *d = dst;
-    for (size_t i = 0; i < n; i++) d[i] = moe_f32_to_bf16(src[i]);
-}
 
 void moe_dispatch_build(moe_dispatch *d, const int32_t *idx, const float *wt, int T, int E, int K) {
     d->E = E;

@@ -18,9 +18,9 @@
  *   - ops run in issue order; `sync` waits for everything issued (CPU: no-op).
  *
  * Weights: `matmul` and `experts` take their weights as `const void *` in the
- * backend's `weight_dtype` (CPU "cpu": MOE_WT_F32; "cpu-bf16" and CUDA:
- * MOE_WT_BF16, accumulated in fp32).  The model converts checkpoint tensors to
- * that dtype with `moe_weight_convert` (below) before `upload`, or copies their
+ * backend's `weight_dtype` (CPU "cpu": MOE_DT_F32; "cpu-bf16" and CUDA:
+ * MOE_DT_BF16, accumulated in fp32).  The model converts checkpoint tensors to
+ * that dtype with `moe_dtype_from_f32` (lib/dtype.h) before `upload`, or copies their
  * bytes as they are when the dtypes agree.  Biases and norm weights are always
  * float32.  A backend whose weight_dtype is not f32 may also offer
  * `matmul_f32` (float32 weight): the model then keeps weights it builds in
@@ -59,8 +59,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* weight storage dtypes a backend can ask for */
-enum { MOE_WT_F32 = 0, MOE_WT_BF16 = 1 };
+#include "dtype.h" /* the weight storage dtypes a backend can ask for: MOE_DT_F32, MOE_DT_BF16 */
 
 /* router modes */
 enum {
@@ -85,7 +84,7 @@ enum {
 typedef struct moe_backend moe_backend;
 struct moe_backend {
     const char *name;  /* "cpu", "cpu-ref", "cpu-bf16", "cuda" */
-    int weight_dtype;  /* MOE_WT_* expected by matmul */
+    int weight_dtype;  /* MOE_DT_F32 or MOE_DT_BF16 (lib/dtype.h), expected by matmul */
     int host_memory;   /* 1: backend pointers are host pointers (CPU); the model
                         * then reads weights straight into backend buffers */
 
@@ -271,11 +270,7 @@ const moe_backend *moe_backend_get(const char *name);
 
 /* Threads used by OpenMP regions and OpenBLAS (0 = all cores). */
 void moe_kernels_set_threads(int n);
-int moe_kernels_threads(void);
 
-/* Convert n float32 values to a weight dtype (host memory). */
-void moe_weight_convert(void *dst, int weight_dtype, const float *src, size_t n);
-size_t moe_weight_size(int weight_dtype); /* bytes per element */
 
 /* Grouping of routed tokens per expert (host memory).  From idx/wt [T, K]
  * builds, for every expert e, the list of tokens routed to it in ascending
@@ -291,20 +286,5 @@ typedef struct {
 } moe_dispatch;
 void moe_dispatch_build(moe_dispatch *d, const int32_t *idx, const float *wt, int T, int E, int K);
 void moe_dispatch_free(moe_dispatch *d);
-
-/* bf16/f16 helpers (exact conversions) */
-static inline float moe_bf16_to_f32(uint16_t h) {
-    union { uint32_t u; float f; } v;
-    v.u = (uint32_t)h << 16;
-    return v.f;
-}
-/* round to nearest even; NaN stays NaN */
-static inline uint16_t moe_f32_to_bf16(float f) {
-    union { uint32_t u; float f; } v;
-    v.f = f;
-    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40);
-    v.u += 0x7fffu + ((v.u >> 16) & 1u);
-    return (uint16_t)(v.u >> 16);
-}
 
 #endif

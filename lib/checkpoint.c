@@ -219,7 +219,7 @@ static int fingerprint(moe_ckpt *m, const char *cfg_path)
     for (size_t i = 0; i < n; i++) {
         const moe_st_tensor *t = tab_find(m, names[i])->t;
         char line[512];
-        int k = snprintf(line, sizeof line, "\n%s\n", moe_st_dtype_name(t->dtype));
+        int k = snprintf(line, sizeof line, "\n%s\n", moe_dtype_st_name(t->dtype));
         moe_sha256_update(&s, t->name, strlen(t->name));
         moe_sha256_update(&s, line, (size_t)k);
         for (int d = 0; d < t->ndim; d++) {
@@ -333,9 +333,9 @@ moe_ckpt *moe_ckpt_open(const char *dir)
             free(cfg_path);
             goto fail;
         }
-        if (!moe_st_dtype_is_float(t->dtype)) {
+        if (!moe_dtype_is_float(t->dtype)) {
             moe_error_set(MOE_ERR_DATA, "%s: tensor %s: dtype %s, expected F32, F16 or BF16",
-                          moe_st_path(t->file), t->name, moe_st_dtype_name(t->dtype));
+                          moe_st_path(t->file), t->name, moe_dtype_st_name(t->dtype));
             free(cfg_path);
             goto fail;
         }
@@ -446,7 +446,7 @@ void moe_ckpt_release_all(const moe_ckpt *m)
 
 typedef struct {
     char *name;
-    moe_st_dtype dt;
+    moe_dtype dt;
     int ndim;
     int64_t shape[MOE_ST_MAX_DIMS];
     uint64_t nbytes;
@@ -530,10 +530,10 @@ int moe_ckpt_writer_text(moe_ckpt_writer *w, const char *filename, const char *t
     return rc;
 }
 
-int moe_ckpt_writer_add(moe_ckpt_writer *w, const char *name, moe_st_dtype dt, int ndim, const int64_t *shape,
+int moe_ckpt_writer_add(moe_ckpt_writer *w, const char *name, moe_dtype dt, int ndim, const int64_t *shape,
                         const void *data, moe_st_fill_fn fill, void *ctx)
 {
-    if (ndim < 0 || ndim > MOE_ST_MAX_DIMS || (unsigned)dt >= MOE_ST_DTYPE_COUNT) {
+    if (ndim < 0 || ndim > MOE_ST_MAX_DIMS || (unsigned)dt >= MOE_DT_COUNT) {
         moe_error_set(MOE_ERR_DATA, "%s: tensor %s: bad declaration", w->dir, name);
         return -1;
     }
@@ -546,7 +546,7 @@ int moe_ckpt_writer_add(moe_ckpt_writer *w, const char *name, moe_st_dtype dt, i
     d->name = moe_strdup(name);
     d->dt = dt;
     d->ndim = ndim;
-    uint64_t bits = (uint64_t)moe_st_dtype_bits(dt);
+    uint64_t bits = (uint64_t)moe_dtype_bits(dt);
     for (int i = 0; i < ndim; i++) {
         d->shape[i] = shape[i];
         bits *= (uint64_t)shape[i];

@@ -54,7 +54,7 @@ const char *moe_ckpt_dir(const moe_ckpt *m);
 const char *moe_ckpt_fingerprint(const moe_ckpt *m); /* 64 hex chars */
 /* Total bytes of tensor payload across all files. */
 uint64_t moe_ckpt_bytes(const moe_ckpt *m);
-/* The common dtype of the weights (e.g. MOE_ST_BF16), or -1 if mixed. */
+/* The common dtype of the weights (e.g. MOE_DT_BF16), or -1 if mixed. */
 int moe_ckpt_dtype(const moe_ckpt *m);
 
 /* Extra tensors (present in the files but not implied by the config). */
@@ -101,7 +101,7 @@ const char *moe_ckpt_writer_tmpdir(const moe_ckpt_writer *w);
 int moe_ckpt_writer_text(moe_ckpt_writer *w, const char *filename, const char *text);
 /* Declare a tensor, as moe_st_writer_add.  Shard assignment follows the
  * order of declaration. */
-int moe_ckpt_writer_add(moe_ckpt_writer *w, const char *name, moe_st_dtype dt, int ndim,
+int moe_ckpt_writer_add(moe_ckpt_writer *w, const char *name, moe_dtype dt, int ndim,
                         const int64_t *shape, const void *data, moe_st_fill_fn fill, void *ctx);
 /* Write the shard files (model.safetensors, or model-00001-of-0000N.safetensors
  * + model.safetensors.index.json with metadata.total_size and a sorted

@@ -2,6 +2,7 @@
 #define _GNU_SOURCE
 #include "cli.h"
 #include "device.h"
+#include "kernels.h"
 
 #include <errno.h>
 #include <signal.h>
@@ -10,21 +11,46 @@
 #include <string.h>
 
 moe_cli_common moe_cli;
-static const char *tool_name = "moe";
 static const char *tool_help = "";
+static unsigned tool_takes;
 static char **tool_argv;
 
-const char moe_cli_common_help[] =
-    "Common options:\n"
-    "  --threads N        worker threads (default: all cores; results do not depend on it)\n"
-    "  --device cpu|cuda  compute device (default: cuda when available)\n"
-    "  --seed N           random seed (default 0)\n"
-    "  --force            overwrite outputs / accept a stream made with another model\n"
-    "  --no-provenance    do not append this command to the stream header\n"
-    "  --quiet            no progress on stderr\n"
-    "  --help             show this help and exit\n"
-    "  --version          show the version and exit\n"
-    "\nExit status: 0 success, 1 bad data, 2 usage error, 3 I/O error, 4 device error.\n";
+/* The common options, each with the MOE_CLI_TAKES_* bit a tool declares to
+ * take it (0: every tool) and its line of --help. */
+static const struct {
+    int opt;
+    unsigned bit;
+    const char *name, *help;
+} common_opts[] = {
+    {MOE_OPT_THREADS, MOE_CLI_TAKES_THREADS, "--threads",
+     "  --threads N        worker threads (default: all cores; results do not depend on it)\n"},
+    {MOE_OPT_DEVICE, MOE_CLI_TAKES_DEVICE, "--device",
+     "  --device cpu|cuda  compute device (default: cuda when available)\n"},
+    {MOE_OPT_SEED, MOE_CLI_TAKES_SEED, "--seed", "  --seed N           random seed (default 0)\n"},
+    {MOE_OPT_FORCE, MOE_CLI_TAKES_FORCE, "--force",
+     "  --force            overwrite outputs / accept a stream made with another model\n"},
+    {MOE_OPT_NO_PROVENANCE, MOE_CLI_TAKES_NO_PROVENANCE, "--no-provenance",
+     "  --no-provenance    do not append this command to the stream header\n"},
+    {MOE_OPT_QUIET, MOE_CLI_TAKES_QUIET, "--quiet", "  --quiet            no progress on stderr\n"},
+    {MOE_OPT_HELP, 0, "--help", "  --help             show this help and exit\n"},
+    {MOE_OPT_VERSION, 0, "--version", "  --version          show the version and exit\n"},
+};
+#define N_COMMON_OPTS (sizeof common_opts / sizeof *common_opts)
+
+static void print_help(void) {
+    fputs(tool_help, stdout);
+    fputs("\nCommon options:\n", stdout);
+    for (size_t i = 0; i < N_COMMON_OPTS; i++)
+        if (!common_opts[i].bit || (tool_takes & common_opts[i].bit)) fputs(common_opts[i].help, stdout);
+    fputs("\nExit status: 0 success, 1 bad data, 2 usage error, 3 I/O error, 4 device error.\n", stdout);
+}
+
+/* A common option the tool did not declare is a usage error. */
+static void check_taken(int opt) {
+    for (size_t i = 0; i < N_COMMON_OPTS; i++)
+        if (common_opts[i].opt == opt && common_opts[i].bit && !(tool_takes & common_opts[i].bit))
+            moe_cli_usage("option '%s' is not used by %s", common_opts[i].name, moe_program_name());
+}
 
 static void on_signal(int sig) {
     moe_tmp_cleanup_all();
@@ -34,12 +60,13 @@ static void on_signal(int sig) {
 
 static void at_exit(void) { moe_tmp_cleanup_all(); }
 
-void moe_cli_init(const char *name, const char *help, int argc, char **argv) {
+void moe_cli_init(const char *name, const char *help, unsigned takes, int argc, char **argv) {
     (void)argc;
     tool_argv = argv;
     opterr = 0; /* we report unknown options ourselves, in one line */
-    tool_name = name;
+    moe_set_program_name(name);
     tool_help = help;
+    tool_takes = takes;
     atexit(at_exit);
     /* SIGPIPE: die quietly like cat(1) does (no "broken pipe" noise), but
      * remove half-written temporary outputs first. */
@@ -47,21 +74,23 @@ void moe_cli_init(const char *name, const char *help, int argc, char **argv) {
     for (size_t i = 0; i < sizeof sigs / sizeof *sigs; i++) signal(sigs[i], on_signal);
 }
 
-const char *moe_cli_name(void) { return tool_name; }
-
 int moe_cli_handle(int opt, const char *arg) {
+    check_taken(opt);
     switch (opt) {
     case MOE_OPT_HELP:
-        fputs(tool_help, stdout);
-        fputs("\n", stdout);
-        fputs(moe_cli_common_help, stdout);
+        print_help();
         exit(fflush(stdout) == 0 ? 0 : MOE_EXIT_IO);
     case MOE_OPT_VERSION:
-        printf("%s (cdmoe) %s\nbackends: cpu%s\n", tool_name, MOE_VERSION,
+        printf("%s (cdmoe) %s\nbackends: cpu%s\n", moe_program_name(), MOE_VERSION,
                moe_device_cuda_built() ? ", cuda" : "");
         exit(0);
     case MOE_OPT_QUIET: moe_quiet = 1; return 1;
-    case MOE_OPT_THREADS: moe_cli.threads = (int)moe_cli_long("--threads", arg, 1, 4096); return 1;
+    case MOE_OPT_THREADS:
+        /* the one place the thread count is applied: OpenMP (every parallel
+         * loop of the library and the tools) and the kernels' BLAS policy */
+        moe_cli.threads = (int)moe_cli_long("--threads", arg, 1, 4096);
+        moe_kernels_set_threads(moe_cli.threads);
+        return 1;
     case MOE_OPT_DEVICE:
         if (strcmp(arg, "cpu") != 0 && strcmp(arg, "cuda") != 0)
             moe_cli_usage("--device: expected cpu or cuda, got '%s'", arg);
@@ -87,17 +116,17 @@ int moe_cli_handle(int opt, const char *arg) {
 
 void moe_cli_usage(const char *fmt, ...) {
     va_list ap;
-    fprintf(stderr, "%s: ", tool_name);
+    fprintf(stderr, "%s: ", moe_program_name());
     va_start(ap, fmt);
     vfprintf(stderr, fmt, ap);
     va_end(ap);
-    fprintf(stderr, "\nTry '%s --help' for more information.\n", tool_name);
+    fprintf(stderr, "\nTry '%s --help' for more information.\n", moe_program_name());
     exit(MOE_EXIT_USAGE);
 }
 
 void moe_cli_fail(void) {
     const char *msg = moe_error();
-    fprintf(stderr, "%s: %s\n", tool_name, *msg ? msg : "failed");
+    fprintf(stderr, "%s: %s\n", moe_program_name(), *msg ? msg : "failed");
     int kind = moe_error_kind();
     exit(kind == MOE_ERR_IO ? MOE_EXIT_IO : kind == MOE_ERR_DEVICE ? MOE_EXIT_DEVICE : MOE_EXIT_DATA);
 }
@@ -108,15 +137,6 @@ void moe_cli_flush_stdout(void) {
         moe_error_set(MOE_ERR_IO, "<stdout>: write error: %s", strerror(errno ? errno : EIO));
         moe_cli_fail();
     }
-}
-
-void moe_cli_warn(const char *fmt, ...) {
-    va_list ap;
-    fprintf(stderr, "%s: warning: ", tool_name);
-    va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
-    va_end(ap);
-    fputc('\n', stderr);
 }
 
 long moe_cli_long(const char *opt, const char *arg, long min, long max) {

@@ -32,6 +32,22 @@ const char *moe_error(void) { return error_msg; }
 int moe_error_kind(void) { return error_kind; }
 void moe_error_clear(void) { error_msg[0] = 0; error_kind = 0; }
 
+/* ---- program name and warnings -------------------------------------------- */
+
+static const char *program_name = "moe";
+
+void moe_set_program_name(const char *name) { program_name = name; }
+const char *moe_program_name(void) { return program_name; }
+
+void moe_warn(const char *fmt, ...) {
+    va_list ap;
+    fprintf(stderr, "%s: warning: ", program_name);
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputc('\n', stderr);
+}
+
 /* ---- memory ------------------------------------------------------------- */
 
 /* Out of memory ends the tool with a one-line message and exit status 1,
@@ -39,7 +55,7 @@ void moe_error_clear(void) { error_msg[0] = 0; error_kind = 0; }
  * runs the atexit handler that removes temporary outputs.  Callers that
  * size an allocation from input check the size first and name the file. */
 static void out_of_memory(size_t n) {
-    fprintf(stderr, "%s: out of memory (allocating %zu bytes)\n", program_invocation_short_name, n);
+    fprintf(stderr, "%s: out of memory (allocating %zu bytes)\n", program_name, n);
     exit(MOE_EXIT_DATA);
 }
 
@@ -148,7 +164,7 @@ void moe_tmp_register(const char *tmp_path) {
             tmp_count_hint = 1;
             return;
         }
-    fprintf(stderr, "too many temporary outputs open\n");
+    fprintf(stderr, "%s: too many temporary outputs open\n", program_name);
     abort();
 }
 

@@ -33,8 +33,17 @@ const char *moe_error(void);   /* last message, "" if none */
 int moe_error_kind(void);      /* MOE_ERR_*, 0 if none */
 void moe_error_clear(void);
 
+/* The program's name ("moe-calib"; set by moe_cli_init, "moe" until then):
+ * the prefix of every line the library writes to stderr. */
+void moe_set_program_name(const char *name);
+const char *moe_program_name(void);
+
+/* A warning: "PROGRAM: warning: message" on stderr, silenced by nothing
+ * (the one way the library and the tools warn). */
+void moe_warn(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
 /* Allocation that never returns NULL: out of memory ends the tool with
- * "TOOL: out of memory (allocating N bytes)" and exit status 1 (never an
+ * "PROGRAM: out of memory (allocating N bytes)" and exit status 1 (never an
  * abort).  Sizes that come from input are checked before they get here. */
 void *moe_malloc(size_t n);
 void *moe_calloc(size_t n, size_t size);

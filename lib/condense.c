@@ -15,7 +15,7 @@
 static int copy_fill(void *ctx, const char *name, uint64_t start, uint64_t n, void *out) {
     (void)name;
     const moe_st_tensor *t = ctx;
-    size_t esize = (size_t)moe_st_dtype_bits(t->dtype) / 8;
+    size_t esize = (size_t)moe_dtype_bits(t->dtype) / 8;
     memcpy(out, (const char *)t->data + start * esize, n * esize);
     if ((start + n) * esize == t->nbytes) moe_st_release(t);
     return 0;

@@ -977,3 +977,86 @@ fail:
     *out = NULL;
     return -1;
 }
+
+/* ---- overrides (moe-init) -------------------------------------------------- */
+
+void moe_config_overrides_init(moe_config_overrides *o)
+{
+    int *f = (int *)o;
+    for (size_t i = 0; i < sizeof *o / sizeof(int); i++) f[i] = MOE_CONFIG_KEEP;
+}
+
+static void keep_or_set(int *field, int value)
+{
+    if (value != MOE_CONFIG_KEEP) *field = value;
+}
+
+/* The overrides of the attention shape, with what follows from them. */
+static int override_attention(moe_config *c, const moe_config_overrides *o)
+{
+    int head_dim_derived = c->head_dim * c->num_heads == c->hidden_size;
+    keep_or_set(&c->hidden_size, o->hidden_size);
+    keep_or_set(&c->num_heads, o->num_heads);
+    if (o->num_kv_heads != MOE_CONFIG_KEEP) c->num_kv_heads = o->num_kv_heads;
+    else if (o->num_heads != MOE_CONFIG_KEEP && c->num_kv_heads > c->num_heads) c->num_kv_heads = c->num_heads;
+    if (o->head_dim != MOE_CONFIG_KEEP) c->head_dim = o->head_dim;
+    else if ((o->hidden_size != MOE_CONFIG_KEEP || o->num_heads != MOE_CONFIG_KEEP) && head_dim_derived) {
+        if (c->hidden_size % c->num_heads) {
+            moe_error_set(MOE_ERR_DATA, "hidden_size %d is not a multiple of num_attention_heads %d",
+                          c->hidden_size, c->num_heads);
+            return MOE_CONFIG_BAD_SIZES;
+        }
+        c->head_dim = c->hidden_size / c->num_heads;
+    }
+    return 0;
+}
+
+/* The overrides of the MLPs (those the architecture has fields for). */
+static void override_mlp(moe_config *c, const moe_config_overrides *o)
+{
+    const moe_arch *a = c->arch;
+    keep_or_set(&c->n_routed_experts, o->n_routed_experts);
+    keep_or_set(&c->top_k, o->top_k);
+    keep_or_set(&c->moe_intermediate_size, o->moe_intermediate_size);
+    if (o->intermediate_size != MOE_CONFIG_KEEP) {
+        c->intermediate_size = o->intermediate_size;
+        if (!a->key_moe_inter) c->moe_intermediate_size = c->intermediate_size;
+    }
+    if (o->shared_experts != MOE_CONFIG_KEEP) {
+        if (a->shared == MOE_SHARED_COUNT) c->n_shared_experts = o->shared_experts;
+        if (a->shared == MOE_SHARED_SIZE) c->shared_intermediate_size = o->shared_experts * c->moe_intermediate_size;
+    }
+    if (a->shared == MOE_SHARED_SIZE) keep_or_set(&c->shared_intermediate_size, o->shared_intermediate_size);
+    if (a->layer_rule == MOE_LAYERS_DEEPSEEK) keep_or_set(&c->first_k_dense_replace, o->first_k_dense_replace);
+    if (a->layer_rule == MOE_LAYERS_QWEN) keep_or_set(&c->decoder_sparse_step, o->decoder_sparse_step);
+    keep_or_set(&c->norm_topk_prob, o->norm_topk_prob);
+}
+
+int moe_config_override(moe_config *c, const moe_config_overrides *o)
+{
+    /* the condensed layers, taken out of c->layers (which finish rebuilds) */
+    int n_old = c->num_layers;
+    moe_layer_mlp *condensed = moe_calloc((size_t)n_old, sizeof *condensed);
+    for (int l = 0; l < n_old; l++) {
+        condensed[l] = c->layers[l];
+        c->layers[l].experts = NULL;
+        c->layers[l].weights = NULL;
+    }
+    keep_or_set(&c->num_layers, o->num_layers);
+    int rc = override_attention(c, o);
+    if (rc == 0) {
+        override_mlp(c, o);
+        keep_or_set(&c->vocab_size, o->vocab_size);
+        keep_or_set(&c->max_position_embeddings, o->max_position_embeddings);
+        rc = moe_config_finish(c);
+    }
+    for (int l = 0; l < n_old; l++) {
+        const moe_layer_mlp *m = &condensed[l];
+        if (rc == 0 && m->kind == MOE_MLP_CONDENSED && l < c->num_layers)
+            rc = moe_config_condense(c, l, m->n_kept, m->experts, m->weights);
+        free(m->experts);
+        free(m->weights);
+    }
+    free(condensed);
+    return rc;
+}

@@ -207,6 +207,32 @@ int moe_config_finish(moe_config *c);
 int moe_config_condense(moe_config *c, int layer, int n, const int *experts,
                         const float *weights);
 
+/* Sizes and flags to change in a config (moe-init's options); a field of
+ * MOE_CONFIG_KEEP keeps the config's value.  moe_config_overrides_init()
+ * sets every field so. */
+#define MOE_CONFIG_KEEP (-1)
+typedef struct {
+    int hidden_size, num_layers, num_heads, num_kv_heads, head_dim;
+    int n_routed_experts, top_k, moe_intermediate_size, intermediate_size;
+    int shared_experts;           /* deepseek: n_shared_experts; qwen2_moe: the shared MLP is
+                                     this many times moe_intermediate_size wide */
+    int shared_intermediate_size; /* qwen2_moe */
+    int first_k_dense_replace;    /* deepseek */
+    int decoder_sparse_step;      /* qwen2_moe, qwen3_moe */
+    int norm_topk_prob, vocab_size, max_position_embeddings;
+} moe_config_overrides;
+void moe_config_overrides_init(moe_config_overrides *o);
+/* Apply the overrides to a finished config, with what follows from them:
+ * num_key_value_heads capped at a smaller num_attention_heads, head_dim
+ * hidden/heads where it was that before, the experts' width for olmoe and
+ * mixtral that of the dense MLP; then moe_config_finish(), and the config's
+ * condensed layers condensed again where they still exist.  An override the
+ * architecture has no field for (shared experts for olmoe, first_k_dense_
+ * replace for qwen...) is ignored: the caller refuses it.  0, or -1 with an
+ * error (MOE_CONFIG_BAD_SIZES: hidden_size not a multiple of the heads where
+ * head_dim follows from them; else moe_config_finish's). */
+#define MOE_CONFIG_BAD_SIZES (-2)
+int moe_config_override(moe_config *c, const moe_config_overrides *o);
 /* config.json text as Hugging Face writes it for this architecture (all the
  * fields transformers, or deepseek's remote code, needs to build the model),
  * plus "condensed_layers" when any.  `dtype` is "bfloat16" / "float32".

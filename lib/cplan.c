@@ -305,8 +305,8 @@ int moe_cplan_select(const moe_cplan *p, int n_layers, int k, int *layers, int *
         return -1;
     }
     if (p->order_experts >= 0 && p->order_experts != k)
-        fprintf(stderr, "warning: the layer order was searched with %d experts per layer, condensing with %d\n",
-                p->order_experts, k);
+        moe_warn("the layer order was searched with %d experts per layer, condensing with %d",
+                 p->order_experts, k);
     for (int i = 0; i < n_layers; i++) {
         int l = p->order[i];
         layers[i] = l;

@@ -126,7 +126,7 @@ static void *balloc(moe_model *m, size_t n) {
  * pages stay mapped until the weight is freed (bfree releases them) or its
  * layer is unloaded, so a layer's weights cost no copy and no extra memory. */
 static int borrow_ok(const moe_model *m, const moe_st_tensor *t) {
-    return m->borrow && t && t->dtype == MOE_ST_BF16;
+    return m->borrow && t && t->dtype == MOE_DT_BF16;
 }
 
 static void *borrow(moe_model *m, const void *p, const moe_st_tensor *t0, const moe_st_tensor *t1) {
@@ -217,16 +217,16 @@ float *moe_model_alloc(moe_model *m, size_t nfloats) {
 
 void moe_model_free(moe_model *m, void *p) { bfree(m, p); }
 
-static size_t wsz(const moe_model *m) { return moe_weight_size(m->be->weight_dtype); }
+static size_t wsz(const moe_model *m) { return moe_dtype_size(m->be->weight_dtype); }
 
 /* Host f32 -> backend buffer of weight dtype (takes ownership of host). */
 static void *to_backend_w(moe_model *m, float *host, size_t n) {
     const moe_backend *be = m->be;
-    if (be->host_memory && be->weight_dtype == MOE_WT_F32) return host; /* alloc'd by be */
+    if (be->host_memory && be->weight_dtype == MOE_DT_F32) return host; /* alloc'd by be */
     void *tmp = host;
-    if (be->weight_dtype != MOE_WT_F32) {
+    if (be->weight_dtype != MOE_DT_F32) {
         tmp = moe_malloc(n * wsz(m) + 1);
-        moe_weight_convert(tmp, be->weight_dtype, host, n);
+        moe_dtype_from_f32(be->weight_dtype, host, tmp, n);
     }
     void *d = balloc(m, n * wsz(m) + 4);
     be->upload(d, tmp, n * wsz(m));
@@ -255,7 +255,7 @@ static float *to_backend_f32(moe_model *m, float *host, size_t n) {
  * written; a slot is written again only after upload_wait on its last
  * ticket.  BF16 checkpoint -> BF16 weights is a plain copy of the bytes;
  * other dtypes are converted through a small f32 block per thread, with the
- * same roundings as moe_ckpt_read_f32 + moe_weight_convert (so results do not
+ * same roundings as moe_ckpt_read_f32 + moe_dtype_from_f32 (so results do not
  * change).  Pieces of more than 1 MiB are filled by all threads.  The ops
  * may read the weights only after upload_ready() (upload_fence), which the
  * model issues before the first op of a layer or of a temporary weight.
@@ -267,8 +267,8 @@ static int use_direct(const moe_model *m) { return m->direct; }
 /* the checkpoint stores t in the backend's weight dtype: its bytes are the weight's */
 static int stored_as_weight(const moe_model *m, const moe_st_tensor *t) {
     int wdt = m->be->weight_dtype;
-    return (wdt == MOE_WT_BF16 && t->dtype == MOE_ST_BF16) ||
-           (wdt == MOE_WT_F32 && t->dtype == MOE_ST_F32);
+    return (wdt == MOE_DT_BF16 && t->dtype == MOE_DT_BF16) ||
+           (wdt == MOE_DT_F32 && t->dtype == MOE_DT_F32);
 }
 
 #define CONV_BLOCK 8192 /* elements converted through the f32 block on the stack */
@@ -276,7 +276,7 @@ static int stored_as_weight(const moe_model *m, const moe_st_tensor *t) {
 /* n elements [e0, e0+n) of checkpoint tensor t into host memory dst (weight dtype) */
 static void fill_piece(const moe_model *m, void *dst, const moe_st_tensor *t, size_t e0, size_t n) {
     int wdt = m->be->weight_dtype;
-    size_t es = (size_t)moe_st_dtype_bits(t->dtype) / 8, ws = wsz(m);
+    size_t es = (size_t)moe_dtype_bits(t->dtype) / 8, ws = wsz(m);
     const unsigned char *src = (const unsigned char *)t->data + e0 * es;
     int same = stored_as_weight(m, t);
     size_t blk_el = ((size_t)1 << 20) / ws; /* 1 MiB of output per task */
@@ -291,8 +291,8 @@ static void fill_piece(const moe_model *m, void *dst, const moe_st_tensor *t, si
         float tmp[CONV_BLOCK];
         for (size_t i = i0; i < i1; i += CONV_BLOCK) {
             size_t k = i1 - i < CONV_BLOCK ? i1 - i : CONV_BLOCK;
-            moe_st_convert_f32(t->dtype, src + i * es, tmp, k);
-            moe_weight_convert((unsigned char *)dst + i * ws, wdt, tmp, k);
+            moe_dtype_to_f32(t->dtype, src + i * es, tmp, k);
+            moe_dtype_from_f32(wdt, tmp, (unsigned char *)dst + i * ws, k);
         }
     }
 }
@@ -476,7 +476,7 @@ moe_model *moe_model_open(const char *dir, const moe_model_opts *opts) {
     /* the default CPU backend on a BF16 checkpoint: the table that computes
      * from BF16 weights (same results, no f32 copy of the weights; kernels.h) */
     const char *cw = getenv("MOE_CPU_WEIGHTS");
-    if (!(opts && opts->backend) && be == moe_backend_cpu() && moe_ckpt_dtype(ck) == MOE_ST_BF16 &&
+    if (!(opts && opts->backend) && be == moe_backend_cpu() && moe_ckpt_dtype(ck) == MOE_DT_BF16 &&
         !(cw && !strcmp(cw, "f32")))
         be = moe_backend_cpu_bf16();
     if (c->clip_qkv > 0) {
@@ -506,12 +506,12 @@ moe_model *moe_model_open(const char *dir, const moe_model_opts *opts) {
     if (!be->host_memory && m->pool_cap > ((size_t)4 << 30)) m->pool_cap = (size_t)4 << 30;
     const char *old_path = getenv("MOE_STAGE_F32"); /* benchmarks: the f32 round trip */
     m->direct = !be->host_memory ? !(old_path && *old_path && strcmp(old_path, "0") != 0)
-                                 : be->weight_dtype != MOE_WT_F32; /* cpu-bf16 */
+                                 : be->weight_dtype != MOE_DT_F32; /* cpu-bf16 */
     m->stg_bytes = opts && opts->staging_bytes ? opts->staging_bytes : (size_t)64 << 20;
     if (m->stg_bytes < 256) m->stg_bytes = 256;
     m->stg_bytes &= ~(size_t)63;
     const char *bw = getenv("MOE_CPU_BORROW"); /* benchmarks: 0 = copy the BF16 bytes */
-    m->borrow = be->host_memory && be->weight_dtype == MOE_WT_BF16 && !(bw && !strcmp(bw, "0"));
+    m->borrow = be->host_memory && be->weight_dtype == MOE_DT_BF16 && !(bw && !strcmp(bw, "0"));
     const char *pp = getenv("MOE_CPU_POPULATE");
     if (m->borrow && !(pp && !strcmp(pp, "0"))) m->borrow = 2; /* populate borrowed pages */
     m->async = m->direct && !be->host_memory && be->host_alloc && be->host_free && be->upload_async &&
@@ -688,7 +688,7 @@ static int load_condensed(moe_model *m, int l, layer_w *w, int fuse_shared) {
     /* the scaled down projection is not representable in a narrower weight
      * dtype: kept f32 when the backend takes f32 weights too (cpu-bf16: same
      * results as cpu); else rounded (a GPU) */
-    if (m->be->weight_dtype != MOE_WT_F32 && m->be->matmul_f32) {
+    if (m->be->weight_dtype != MOE_DT_F32 && m->be->matmul_f32) {
         w->down = to_backend_f32(m, down, H * I);
         w->down_f32 = 1;
     } else {
@@ -837,7 +837,7 @@ int moe_model_embed(moe_model *m, float *x, const int32_t *ids, int T) {
     size_t H = (size_t)c->hidden_size;
     const moe_st_tensor *t = moe_ckpt_get(m->ck, -1, MOE_T_EMBED, -1);
     if (!t) return -1;
-    size_t es = (size_t)moe_st_dtype_bits(t->dtype) / 8;
+    size_t es = (size_t)moe_dtype_bits(t->dtype) / 8;
     float *h = m->be->host_memory ? x : moe_malloc(sizeof(float) * H * (size_t)T + 1);
     int rc = 0;
     for (int i = 0; i < T; i++) {
@@ -847,7 +847,7 @@ int moe_model_embed(moe_model *m, float *x, const int32_t *ids, int T) {
             rc = -1;
             break;
         }
-        moe_st_convert_f32(t->dtype, (const char *)t->data + (size_t)ids[i] * H * es, h + i * H, H);
+        moe_dtype_to_f32(t->dtype, (const char *)t->data + (size_t)ids[i] * H * es, h + i * H, H);
     }
     if (!m->be->host_memory) {
         if (rc == 0) m->be->upload(x, h, sizeof(float) * H * (size_t)T);
@@ -1193,7 +1193,7 @@ static int lm_head_rows(moe_model *m, const float *x, int T, float *const *rowds
     const moe_st_tensor *t = moe_ckpt_get(m->ck, -1, MOE_T_LM_HEAD, -1);
     if (!t) return -1;
     size_t H = (size_t)c->hidden_size, V = (size_t)c->vocab_size;
-    size_t es = (size_t)moe_st_dtype_bits(t->dtype) / 8;
+    size_t es = (size_t)moe_dtype_bits(t->dtype) / 8;
     size_t chunk = ((size_t)64 << 20) / (H * sizeof(float));
     if (chunk < 256) chunk = 256;
     if (chunk > V) chunk = V;
@@ -1211,7 +1211,7 @@ static int lm_head_rows(moe_model *m, const float *x, int T, float *const *rowds
             upload_ready(m);
         } else {
             float *h = host_f32(m, nr * H);
-            moe_st_convert_f32(t->dtype, (const char *)t->data + r0 * H * es, h, nr * H);
+            moe_dtype_to_f32(t->dtype, (const char *)t->data + r0 * H * es, h, nr * H);
             wb = to_backend_w(m, h, nr * H);
         }
         be->matmul(yc, x, wb, NULL, T, (int)H, (int)nr, 0);

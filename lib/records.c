@@ -163,7 +163,7 @@ static int check_tokenizer(moe_reader *r, const msgpack_object *rec, moe_tokens_
     snprintf(msg, sizeof msg, REC_FMT ": tokens were made with tokenizer %s, but this model's tokenizer.json is %s",
              REC_ARGS(r), have, c->want);
     if (c->force) {
-        if (!c->warned) fprintf(stderr, "warning: %s (continuing: --force)\n", msg);
+        if (!c->warned) moe_warn("%s (continuing: --force)", msg);
         c->warned = 1;
         return 0;
     }

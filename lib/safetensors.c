@@ -10,51 +10,7 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
-#if defined(__SSE2__)
-#include <emmintrin.h>
-#endif
 
-/* ---- dtypes --------------------------------------------------------------- */
-
-static const struct {
-    const char *name;
-    int bits;
-} dtypes[MOE_ST_DTYPE_COUNT] = {
-    [MOE_ST_BOOL] = {"BOOL", 8},         [MOE_ST_F4] = {"F4", 4},
-    [MOE_ST_F6_E2M3] = {"F6_E2M3", 6},   [MOE_ST_F6_E3M2] = {"F6_E3M2", 6},
-    [MOE_ST_U8] = {"U8", 8},             [MOE_ST_I8] = {"I8", 8},
-    [MOE_ST_F8_E5M2] = {"F8_E5M2", 8},   [MOE_ST_F8_E4M3] = {"F8_E4M3", 8},
-    [MOE_ST_F8_E8M0] = {"F8_E8M0", 8},   [MOE_ST_F8_E4M3FNUZ] = {"F8_E4M3FNUZ", 8},
-    [MOE_ST_F8_E5M2FNUZ] = {"F8_E5M2FNUZ", 8},
-    [MOE_ST_I16] = {"I16", 16},          [MOE_ST_U16] = {"U16", 16},
-    [MOE_ST_F16] = {"F16", 16},          [MOE_ST_BF16] = {"BF16", 16},
-    [MOE_ST_I32] = {"I32", 32},          [MOE_ST_U32] = {"U32", 32},
-    [MOE_ST_F32] = {"F32", 32},          [MOE_ST_C64] = {"C64", 64},
-    [MOE_ST_F64] = {"F64", 64},          [MOE_ST_I64] = {"I64", 64},
-    [MOE_ST_U64] = {"U64", 64},
-};
-
-const char *moe_st_dtype_name(moe_st_dtype dt)
-{
-    return (unsigned)dt < MOE_ST_DTYPE_COUNT ? dtypes[dt].name : "?";
-}
-
-int moe_st_dtype_parse(const char *s)
-{
-    for (int i = 0; i < MOE_ST_DTYPE_COUNT; i++)
-        if (!strcmp(s, dtypes[i].name)) return i;
-    return -1;
-}
-
-int moe_st_dtype_bits(moe_st_dtype dt)
-{
-    return (unsigned)dt < MOE_ST_DTYPE_COUNT ? dtypes[dt].bits : 0;
-}
-
-int moe_st_dtype_is_float(moe_st_dtype dt)
-{
-    return dt == MOE_ST_F32 || dt == MOE_ST_F16 || dt == MOE_ST_BF16 || dt == MOE_ST_F64;
-}
 
 /* ---- page cache --------------------------------------------------------------
  * Released tensors always leave this process's resident set (MADV_DONTNEED).
@@ -68,159 +24,6 @@ static int drop_cache_for(uint64_t size)
     long pages = sysconf(_SC_PHYS_PAGES), psz = sysconf(_SC_PAGESIZE);
     if (pages <= 0 || psz <= 0) return 1;
     return size > (uint64_t)pages * (uint64_t)psz / 8;
-}
-
-/* ---- conversions ------------------------------------------------------------ */
-
-static inline float bf16_to_f32(uint16_t h)
-{
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline float f16_to_f32(uint16_t h)
-{
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, u;
-    if (exp == 0) {
-        if (man == 0) {
-            u = sign;
-        } else { /* subnormal: normalise */
-            int e = -1;
-            do {
-                e++;
-                man <<= 1;
-            } while (!(man & 0x400));
-            u = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3ff) << 13);
-        }
-    } else if (exp == 31) {
-        u = sign | 0x7f800000u | (man << 13);
-    } else {
-        u = sign | ((exp + 127 - 15) << 23) | (man << 13);
-    }
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-/* Big conversions (a layer's weights, far larger than the caches) write with
- * non-temporal stores where SSE2 exists: the destination lines are not read
- * first, which halves the time of a bf16 -> f32 conversion of a layer. */
-#define STREAM_MIN ((size_t)1 << 18)
-#define STREAM_CHUNK ((size_t)1 << 16)
-
-static void bf16_stream(const unsigned char *s, float *dst, size_t n)
-{
-    size_t i = 0;
-#if defined(__SSE2__)
-    for (; i < n && ((uintptr_t)(dst + i) & 15); i++) {
-        uint16_t h;
-        memcpy(&h, s + 2 * i, 2);
-        dst[i] = bf16_to_f32(h);
-    }
-    const __m128i z = _mm_setzero_si128();
-    for (; i + 8 <= n; i += 8) { /* 8 bf16 -> 8 f32: each in the high half of its word */
-        __m128i v = _mm_loadu_si128((const __m128i *)(s + 2 * i));
-        _mm_stream_si128((__m128i *)(dst + i), _mm_unpacklo_epi16(z, v));
-        _mm_stream_si128((__m128i *)(dst + i + 4), _mm_unpackhi_epi16(z, v));
-    }
-#endif
-    for (; i < n; i++) {
-        uint16_t h;
-        memcpy(&h, s + 2 * i, 2);
-        dst[i] = bf16_to_f32(h);
-    }
-#if defined(__SSE2__)
-    _mm_sfence(); /* order the streamed stores before anyone reads them */
-#endif
-}
-
-int moe_st_convert_f32(moe_st_dtype dt, const void *src, float *dst, size_t n)
-{
-    const unsigned char *s = src;
-    switch (dt) {
-    case MOE_ST_F32:
-        memcpy(dst, src, n * 4);
-        return 0;
-    case MOE_ST_BF16:
-        if (n >= STREAM_MIN) {
-            size_t nc = (n + STREAM_CHUNK - 1) / STREAM_CHUNK;
-#pragma omp parallel for schedule(static) if (n > (1u << 20))
-            for (size_t c = 0; c < nc; c++) {
-                size_t i0 = c * STREAM_CHUNK, m = n - i0 < STREAM_CHUNK ? n - i0 : STREAM_CHUNK;
-                bf16_stream(s + 2 * i0, dst + i0, m);
-            }
-            return 0;
-        }
-        for (size_t i = 0; i < n; i++) {
-            uint16_t h;
-            memcpy(&h, s + 2 * i, 2);
-            dst[i] = bf16_to_f32(h);
-        }
-        return 0;
-    case MOE_ST_F16:
-#pragma omp parallel for schedule(static) if (n > (1u << 20))
-        for (size_t i = 0; i < n; i++) {
-            uint16_t h;
-            memcpy(&h, s + 2 * i, 2);
-            dst[i] = f16_to_f32(h);
-        }
-        return 0;
-    case MOE_ST_F64:
-        for (size_t i = 0; i < n; i++) {
-            double d;
-            memcpy(&d, s + 8 * i, 8);
-            dst[i] = (float)d;
-        }
-        return 0;
-    default:
-        return -1;
-    }
-}
-
-void moe_st_f32_to_bf16(const float *src, uint16_t *dst, size_t n)
-{
-    for (size_t i = 0; i < n; i++) {
-        uint32_t u;
-        memcpy(&u, &src[i], 4);
-        if ((u & 0x7fffffffu) > 0x7f800000u) { /* NaN: keep it quiet NaN */
-            dst[i] = (uint16_t)((u >> 16) | 0x40);
-            continue;
-        }
-        u += 0x7fffu + ((u >> 16) & 1); /* round to nearest even */
-        dst[i] = (uint16_t)(u >> 16);
-    }
-}
-
-void moe_st_f32_to_f16(const float *src, uint16_t *dst, size_t n)
-{
-    for (size_t i = 0; i < n; i++) {
-        uint32_t u;
-        memcpy(&u, &src[i], 4);
-        uint32_t sign = (u >> 16) & 0x8000, ax = u & 0x7fffffffu;
-        uint16_t h;
-        if (ax > 0x7f800000u) {
-            h = (uint16_t)(sign | 0x7e00);
-        } else if (ax >= 0x477ff000u) { /* rounds to >= 65520: inf */
-            h = (uint16_t)(sign | 0x7c00);
-        } else if (ax < 0x38800000u) { /* below the smallest normal half */
-            /* subnormal half: value = ax_float / 2^-24, rounded to nearest even */
-            float f;
-            memcpy(&f, &ax, 4);
-            float q = f * 16777216.0f; /* 2^24, exact */
-            uint32_t m = (uint32_t)q;
-            float r = q - (float)m;
-            if (r > 0.5f || (r == 0.5f && (m & 1))) m++;
-            h = (uint16_t)(sign | m);
-        } else {
-            uint32_t e = (ax >> 23) - 127 + 15, man = ax & 0x7fffff;
-            uint32_t hv = (e << 10) | (man >> 13), rest = man & 0x1fff;
-            if (rest > 0x1000 || (rest == 0x1000 && (hv & 1))) hv++;
-            h = (uint16_t)(sign | hv);
-        }
-        dst[i] = h;
-    }
 }
 
 void moe_st_shape_str(int ndim, const int64_t *shape, char *buf, size_t size)
@@ -337,7 +140,7 @@ static int parse_header(moe_st_file *f, const char *json, size_t len)
             moe_error_set(MOE_ERR_DATA, "%s: tensor %s: missing or non-string dtype", P, key);
             goto out;
         }
-        int dt = moe_st_dtype_parse(json_string_value(jd));
+        int dt = moe_dtype_from_st_name(json_string_value(jd));
         if (dt < 0) {
             moe_error_set(MOE_ERR_DATA, "%s: tensor %s: unknown dtype '%s'", P, key,
                           json_string_value(jd));
@@ -355,7 +158,7 @@ static int parse_header(moe_st_file *f, const char *json, size_t len)
         }
         t->ndim = (int)json_array_size(js);
         /* element count with overflow check (bits product must fit 2^62) */
-        unsigned __int128 bits = (unsigned __int128)moe_st_dtype_bits(t->dtype);
+        unsigned __int128 bits = (unsigned __int128)moe_dtype_bits(t->dtype);
         uint64_t numel = 1;
         for (int d = 0; d < t->ndim; d++) {
             uint64_t s;
@@ -375,7 +178,7 @@ static int parse_header(moe_st_file *f, const char *json, size_t len)
         t->numel = (int64_t)numel;
         if (bits % 8) {
             moe_error_set(MOE_ERR_DATA, "%s: tensor %s: %s shape is not a whole number of bytes",
-                          P, key, moe_st_dtype_name(t->dtype));
+                          P, key, moe_dtype_st_name(t->dtype));
             goto out;
         }
         uint64_t want = (uint64_t)(bits / 8), b0, b1;
@@ -402,7 +205,7 @@ static int parse_header(moe_st_file *f, const char *json, size_t len)
             moe_st_shape_str(t->ndim, t->shape, sh, sizeof sh);
             moe_error_set(MOE_ERR_DATA,
                           "%s: tensor %s: data_offsets span %llu bytes but %s %s needs %llu", P,
-                          key, (unsigned long long)(b1 - b0), moe_st_dtype_name(t->dtype), sh,
+                          key, (unsigned long long)(b1 - b0), moe_dtype_st_name(t->dtype), sh,
                           (unsigned long long)want);
             goto out;
         }
@@ -516,7 +319,6 @@ void moe_st_close(moe_st_file *f)
 }
 
 const char *moe_st_path(const moe_st_file *f) { return f->path; }
-uint64_t moe_st_file_size(const moe_st_file *f) { return f->size; }
 int moe_st_count(const moe_st_file *f) { return f->n; }
 
 const moe_st_tensor *moe_st_tensor_at(const moe_st_file *f, int i)
@@ -545,9 +347,9 @@ const char *moe_st_metadata(const moe_st_file *f, const char *key)
 
 int moe_st_read_f32(const moe_st_tensor *t, float *dst)
 {
-    if (moe_st_convert_f32(t->dtype, t->data, dst, (size_t)t->numel) < 0) {
+    if (moe_dtype_to_f32(t->dtype, t->data, dst, (size_t)t->numel) < 0) {
         moe_error_set(MOE_ERR_DATA, "%s: tensor %s: dtype %s is not a float type", t->file->path,
-                      t->name, moe_st_dtype_name(t->dtype));
+                      t->name, moe_dtype_st_name(t->dtype));
         return -1;
     }
     return 0;
@@ -611,7 +413,7 @@ void moe_st_release(const moe_st_tensor *t)
 
 typedef struct {
     char *name;
-    moe_st_dtype dtype;
+    moe_dtype dtype;
     int ndim;
     int64_t shape[MOE_ST_MAX_DIMS];
     uint64_t nbytes, begin;
@@ -638,10 +440,10 @@ moe_st_writer *moe_st_writer_open(const char *path)
 
 uint64_t moe_st_writer_bytes(const moe_st_writer *w) { return w->bytes; }
 
-int moe_st_writer_add(moe_st_writer *w, const char *name, moe_st_dtype dt, int ndim,
+int moe_st_writer_add(moe_st_writer *w, const char *name, moe_dtype dt, int ndim,
                       const int64_t *shape, const void *data, moe_st_fill_fn fill, void *ctx)
 {
-    if ((unsigned)dt >= MOE_ST_DTYPE_COUNT || ndim < 0 || ndim > MOE_ST_MAX_DIMS ||
+    if ((unsigned)dt >= MOE_DT_COUNT || ndim < 0 || ndim > MOE_ST_MAX_DIMS ||
         (!data && !fill) || !strcmp(name, "__metadata__")) {
         moe_error_set(MOE_ERR_DATA, "%s: tensor %s: bad tensor declaration", w->path, name);
         return -1;
@@ -651,12 +453,12 @@ int moe_st_writer_add(moe_st_writer *w, const char *name, moe_st_dtype dt, int n
             moe_error_set(MOE_ERR_DATA, "%s: tensor %s declared twice", w->path, name);
             return -1;
         }
-    if (fill && moe_st_dtype_bits(dt) % 8) {
+    if (fill && moe_dtype_bits(dt) % 8) {
         moe_error_set(MOE_ERR_DATA, "%s: tensor %s: a fill callback needs a whole-byte dtype",
                       w->path, name);
         return -1;
     }
-    unsigned __int128 bits = (unsigned)moe_st_dtype_bits(dt);
+    unsigned __int128 bits = (unsigned)moe_dtype_bits(dt);
     for (int d = 0; d < ndim; d++) {
         if (shape[d] < 0) {
             moe_error_set(MOE_ERR_DATA, "%s: tensor %s: negative dimension", w->path, name);
@@ -804,7 +606,7 @@ int moe_st_writer_close(moe_st_writer *w)
         sb_str(&h, ",");
         sb_json_str(&h, t->name);
         sb_str(&h, ":{\"dtype\":\"");
-        sb_str(&h, moe_st_dtype_name(t->dtype));
+        sb_str(&h, moe_dtype_st_name(t->dtype));
         sb_str(&h, "\",\"shape\":[");
         for (int d = 0; d < t->ndim; d++) sb_printf(&h, d ? ",%llu" : "%llu", (unsigned long long)t->shape[d]);
         sb_str(&h, "],\"data_offsets\":[");
@@ -833,7 +635,7 @@ int moe_st_writer_close(moe_st_writer *w)
             if (write_all(fp, t->data, t->nbytes, w->path)) goto fail;
             continue;
         }
-        size_t es = (size_t)moe_st_dtype_bits(t->dtype) / 8;
+        size_t es = (size_t)moe_dtype_bits(t->dtype) / 8;
         uint64_t numel = es ? t->nbytes / es : 0, per = FILL_CHUNK / (es ? es : 1);
         if (!buf) buf = moe_malloc(FILL_CHUNK);
         for (uint64_t s = 0; s < numel; s += per) {

@@ -40,23 +40,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* safetensors dtypes, in the reference enum order (the writer sorts by this
- * order, descending).  Distinct from moe_dtype of stream.h. */
-typedef enum {
-    MOE_ST_BOOL, MOE_ST_F4, MOE_ST_F6_E2M3, MOE_ST_F6_E3M2,
-    MOE_ST_U8, MOE_ST_I8, MOE_ST_F8_E5M2, MOE_ST_F8_E4M3, MOE_ST_F8_E8M0,
-    MOE_ST_F8_E4M3FNUZ, MOE_ST_F8_E5M2FNUZ,
-    MOE_ST_I16, MOE_ST_U16, MOE_ST_F16, MOE_ST_BF16,
-    MOE_ST_I32, MOE_ST_U32, MOE_ST_F32,
-    MOE_ST_C64, MOE_ST_F64, MOE_ST_I64, MOE_ST_U64,
-    MOE_ST_DTYPE_COUNT
-} moe_st_dtype;
-
-const char *moe_st_dtype_name(moe_st_dtype dt);        /* "BF16", ... */
-int moe_st_dtype_parse(const char *s);                  /* -1 if unknown */
-int moe_st_dtype_bits(moe_st_dtype dt);                 /* 4, 6, 8, ... 64 */
-/* 1 for F32, F16, BF16, F64 (the dtypes moe_st_to_f32 converts). */
-int moe_st_dtype_is_float(moe_st_dtype dt);
+#include "dtype.h"
 
 #define MOE_ST_MAX_DIMS 8
 #define MOE_ST_MAX_HEADER 100000000ULL
@@ -66,7 +50,7 @@ struct moe_st_file;
 /* One tensor of an open file.  Valid until moe_st_close(file). */
 typedef struct moe_st_tensor {
     const char *name;
-    moe_st_dtype dtype;
+    moe_dtype dtype;
     int ndim;                        /* 0 = scalar */
     int64_t shape[MOE_ST_MAX_DIMS];
     int64_t numel;                   /* product of shape (1 for a scalar) */
@@ -82,7 +66,6 @@ typedef struct moe_st_file moe_st_file;
 moe_st_file *moe_st_open(const char *path);
 void moe_st_close(moe_st_file *f);
 const char *moe_st_path(const moe_st_file *f);
-uint64_t moe_st_file_size(const moe_st_file *f);
 /* Tensors, sorted by name. */
 int moe_st_count(const moe_st_file *f);
 const moe_st_tensor *moe_st_tensor_at(const moe_st_file *f, int i);
@@ -90,13 +73,6 @@ const moe_st_tensor *moe_st_tensor_at(const moe_st_file *f, int i);
 const moe_st_tensor *moe_st_find(const moe_st_file *f, const char *name);
 /* A "__metadata__" value, NULL if absent. */
 const char *moe_st_metadata(const moe_st_file *f, const char *key);
-
-/* Convert `n` elements of dtype `dt` at `src` (maybe unaligned) to float32.
- * Returns -1 (no error set) if dt is not F32/F16/BF16/F64. */
-int moe_st_convert_f32(moe_st_dtype dt, const void *src, float *dst, size_t n);
-/* Convert n float32 to BF16 (round to nearest even, NaN kept NaN) / F16. */
-void moe_st_f32_to_bf16(const float *src, uint16_t *dst, size_t n);
-void moe_st_f32_to_f16(const float *src, uint16_t *dst, size_t n);
 
 /* Read a whole tensor as float32 into `dst` (t->numel floats).
  * Error "FILE: tensor NAME: dtype I32 is not a float type" otherwise. */
@@ -135,7 +111,7 @@ moe_st_writer *moe_st_writer_open(const char *path);
  * stay valid until close) or `fill` + `ctx` (called during close).  The name
  * and shape are copied.  Duplicate names and sub-byte dtypes with `fill` are
  * errors.  Returns 0 or -1. */
-int moe_st_writer_add(moe_st_writer *w, const char *name, moe_st_dtype dt, int ndim,
+int moe_st_writer_add(moe_st_writer *w, const char *name, moe_dtype dt, int ndim,
                       const int64_t *shape, const void *data, moe_st_fill_fn fill, void *ctx);
 /* Add a "__metadata__" entry ("format":"pt" is always written). */
 int moe_st_writer_meta(moe_st_writer *w, const char *key, const char *value);

@@ -4,12 +4,10 @@
 #include "backend_cuda.h"
 
 #include "common.h"
-#include "kernels.h"
 
 #include <stdlib.h>
 
-int moe_search_job_model(moe_search_job *j, const char *dir, const moe_model_opts *mo, int threads) {
-    if (threads) moe_kernels_set_threads(threads);
+int moe_search_job_model(moe_search_job *j, const char *dir, const moe_model_opts *mo) {
     if (!(j->model = moe_model_open(dir, mo))) return -1;
     j->cfg = moe_model_config(j->model);
     return moe_tokens_check_init(&j->tokenizer, dir, 0);

@@ -6,7 +6,7 @@
  * provenance entry, and the "work" record that closes it.
  *
  *   moe_search_job j = {.tool = "moe-calib", .kind = MOE_REC_CALIB, .argc = argc, .argv = argv};
- *   moe_search_job_model(&j, dir, &model_opts, threads);   (check options against j.cfg)
+ *   moe_search_job_model(&j, dir, &model_opts);   (check options against j.cfg)
  *   moe_search_job_open(&j, in, out, force, no_provenance);
  *   ... the algorithm on j.model, j.seqs, j.calib, j.ranking, counting into
  *       j.work; its records written to j.out ...
@@ -42,9 +42,9 @@ typedef struct {
     moe_tokens_check tokenizer; /* the model's tokenizer, which the tokens must come from */
 } moe_search_job;
 
-/* Set the worker threads (0: leave as they are) and open the model in dir.
+/* Open the model in dir (the worker threads are the caller's: --threads).
  * 0 or -1. */
-int moe_search_job_model(moe_search_job *j, const char *dir, const moe_model_opts *mo, int threads);
+int moe_search_job_model(moe_search_job *j, const char *dir, const moe_model_opts *mo);
 
 /* Open the input stream `in` ("-" = stdin), require its token records and
  * the kinds in j->need, check the model's fingerprint against its

@@ -16,22 +16,6 @@
 #error "moe-stream typed arrays are little-endian; this host is not"
 #endif
 
-/* ---- dtypes ------------------------------------------------------------- */
-
-static const struct { const char *name; size_t size; } dtypes[MOE_DT_COUNT] = {
-    [MOE_DT_F32] = {"f32", 4}, [MOE_DT_F64] = {"f64", 8}, [MOE_DT_F16] = {"f16", 2},
-    [MOE_DT_BF16] = {"bf16", 2}, [MOE_DT_I8] = {"i8", 1}, [MOE_DT_U8] = {"u8", 1},
-    [MOE_DT_I32] = {"i32", 4}, [MOE_DT_U32] = {"u32", 4}, [MOE_DT_I64] = {"i64", 8},
-};
-
-const char *moe_dtype_name(moe_dtype dt) { return dt < MOE_DT_COUNT ? dtypes[dt].name : "?"; }
-size_t moe_dtype_size(moe_dtype dt) { return dt < MOE_DT_COUNT ? dtypes[dt].size : 0; }
-
-int moe_dtype_from_name(const char *s, size_t len) {
-    for (int i = 0; i < MOE_DT_COUNT; i++)
-        if (strlen(dtypes[i].name) == len && memcmp(dtypes[i].name, s, len) == 0) return i;
-    return -1;
-}
 
 /* ---- msgpack object helpers --------------------------------------------- */
 
@@ -118,34 +102,19 @@ int moe_array_parse(const msgpack_object *o, moe_array *a, const char *what) {
     /* With at most 2^31-1 elements of at most 8 bytes the byte size cannot
      * wrap (it once did: shape [2^40, 2^22] of i32 is 2^64 bytes, taken for 0,
      * and every conversion then wrote past its buffer). */
-    size_t need = (size_t)a->count * dtypes[d].size;
+    size_t need = (size_t)a->count * moe_dtype_size(d);
     if (data->via.bin.size != need) {
         char shp[160] = "";
         size_t n = 0;
         for (int i = 0; i < a->ndim && n < sizeof shp - 24; i++)
             n += snprintf(shp + n, sizeof shp - n, "%s%lld", i ? "," : "", (long long)a->shape[i]);
         moe_error_set(MOE_ERR_DATA, "%s: data is %u bytes but shape [%s] of %s needs %zu",
-                      what, data->via.bin.size, shp, dtypes[d].name, need);
+                      what, data->via.bin.size, shp, moe_dtype_name(d), need);
         return -1;
     }
     a->data = data->via.bin.ptr;
     a->nbytes = need;
     return 0;
-}
-
-static float half_to_f32(uint16_t h) {
-    uint32_t sign = (uint32_t)(h >> 15) << 31, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
-    if (exp == 0) {
-        if (man == 0) bits = sign;
-        else { /* subnormal: value = man * 2^-24 */
-            float f = ldexpf((float)man, -24);
-            return sign ? -f : f;
-        }
-    } else if (exp == 31) bits = sign | 0x7f800000u | (man << 13);
-    else bits = sign | ((exp + 112) << 23) | (man << 13);
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
 }
 
 void moe_array_to_f32(const moe_array *a, float *dst) {
@@ -154,8 +123,8 @@ void moe_array_to_f32(const moe_array *a, float *dst) {
         switch (a->dtype) {
         case MOE_DT_F32: memcpy(&dst[i], p + 4 * i, 4); break;
         case MOE_DT_F64: { double d; memcpy(&d, p + 8 * i, 8); dst[i] = (float)d; break; }
-        case MOE_DT_F16: { uint16_t h; memcpy(&h, p + 2 * i, 2); dst[i] = half_to_f32(h); break; }
-        case MOE_DT_BF16: { uint16_t h; memcpy(&h, p + 2 * i, 2); uint32_t b = (uint32_t)h << 16; memcpy(&dst[i], &b, 4); break; }
+        case MOE_DT_F16: { uint16_t h; memcpy(&h, p + 2 * i, 2); dst[i] = moe_f16_to_f32(h); break; }
+        case MOE_DT_BF16: { uint16_t h; memcpy(&h, p + 2 * i, 2); dst[i] = moe_bf16_to_f32(h); break; }
         case MOE_DT_I8: dst[i] = (float)(int8_t)p[i]; break;
         case MOE_DT_U8: dst[i] = (float)p[i]; break;
         case MOE_DT_I32: { int32_t v; memcpy(&v, p + 4 * i, 4); dst[i] = (float)v; break; }
@@ -201,7 +170,7 @@ void moe_pack_array(msgpack_packer *pk, moe_dtype dt, int ndim, const int64_t *s
     size_t count = 1;
     msgpack_pack_map(pk, 3);
     moe_pack_str(pk, "dtype");
-    moe_pack_str(pk, dtypes[dt].name);
+    moe_pack_str(pk, moe_dtype_name(dt));
     moe_pack_str(pk, "shape");
     msgpack_pack_array(pk, ndim);
     for (int i = 0; i < ndim; i++) {
@@ -209,7 +178,7 @@ void moe_pack_array(msgpack_packer *pk, moe_dtype dt, int ndim, const int64_t *s
         count *= (size_t)shape[i];
     }
     moe_pack_str(pk, "data");
-    size_t n = count * dtypes[dt].size;
+    size_t n = count * moe_dtype_size(dt);
     msgpack_pack_bin(pk, n);
     msgpack_pack_bin_body(pk, data, n);
 }
@@ -657,16 +626,6 @@ int moe_record_int(moe_reader *r, const msgpack_object *rec, const char *key, in
     return 0;
 }
 
-int moe_record_double(moe_reader *r, const msgpack_object *rec, const char *key, double *out) {
-    const msgpack_object *v = record_key(r, rec, key);
-    if (!v) return -1;
-    int64_t i;
-    if (v->type == MSGPACK_OBJECT_FLOAT32 || v->type == MSGPACK_OBJECT_FLOAT64) *out = v->via.f64;
-    else if (obj_int(v, &i) == 0) *out = (double)i;
-    else return bad_key(r, rec, key, "a number");
-    return 0;
-}
-
 int moe_record_str(moe_reader *r, const msgpack_object *rec, const char *key, const char **s, size_t *len) {
     const msgpack_object *v = record_key(r, rec, key);
     if (!v) return -1;
@@ -726,7 +685,7 @@ int moe_reader_check_model(moe_reader *r, const char *fingerprint, int force) {
         snprintf(msg, sizeof msg, "%s: stream was made by %.*s with model %.*s, but this model is %s", r->name,
                  tl, tp, (int)m->via.str.size, m->via.str.ptr, fingerprint);
         if (force) {
-            fprintf(stderr, "warning: %s (continuing: --force)\n", msg);
+            moe_warn("%s (continuing: --force)", msg);
             return 0;
         }
         moe_error_set(MOE_ERR_DATA, "%s; use --force to override", msg);
@@ -750,9 +709,6 @@ struct moe_writer {
     uint64_t count;
     int failed;
 };
-
-const char *moe_writer_name(const moe_writer *w) { return w->out_file.name; }
-uint64_t moe_writer_count(const moe_writer *w) { return w->count; }
 
 static int write_all(moe_writer *w, const unsigned char *p, size_t n) {
     while (n) {

@@ -13,16 +13,12 @@
 #include <msgpack.h>
 #include <stdint.h>
 
+#include "dtype.h" /* typed arrays: f32, f64, f16, bf16, i8, u8, i32, u32, i64 */
+
 #define MOE_STREAM_FORMAT "moe-stream"
 #define MOE_STREAM_VERSION 1
 
 /* ---- typed arrays ------------------------------------------------------ */
-
-typedef enum {
-    MOE_DT_F32, MOE_DT_F64, MOE_DT_F16, MOE_DT_BF16,
-    MOE_DT_I8, MOE_DT_U8, MOE_DT_I32, MOE_DT_U32, MOE_DT_I64,
-    MOE_DT_COUNT
-} moe_dtype;
 
 #define MOE_MAX_DIMS 8
 
@@ -37,10 +33,6 @@ typedef struct {
     const void *data;
     size_t nbytes;
 } moe_array;
-
-const char *moe_dtype_name(moe_dtype dt);            /* "f32", "bf16", ... */
-int moe_dtype_from_name(const char *s, size_t len);  /* -1 if unknown */
-size_t moe_dtype_size(moe_dtype dt);
 
 /* Parse a typed-array object; on failure sets an error prefixed with `what`
  * (e.g. "calib.msgpack.zst: record 4: key 'ids'") and returns -1. */
@@ -96,7 +88,6 @@ void moe_reader_close(moe_reader *r);
  * they set an error naming the stream, the record index and the key, and
  * return -1. */
 int moe_record_int(moe_reader *r, const msgpack_object *rec, const char *key, int64_t *out);
-int moe_record_double(moe_reader *r, const msgpack_object *rec, const char *key, double *out);
 int moe_record_array(moe_reader *r, const msgpack_object *rec, const char *key, moe_array *out);
 /* Returns a pointer into the record (not NUL-terminated) and its length. */
 int moe_record_str(moe_reader *r, const msgpack_object *rec, const char *key,
@@ -130,13 +121,11 @@ typedef struct {
  * no_provenance, only the kinds are written (for byte-stable fixtures). */
 moe_writer *moe_writer_open(const char *path, const msgpack_object *upstream,
                             const moe_provenance *prov, int no_provenance);
-const char *moe_writer_name(const moe_writer *w);
 /* Start a record of `type` with `nkeys` more key/value pairs to follow,
  * packed by the caller into the returned packer. */
 msgpack_packer *moe_writer_record(moe_writer *w, const char *type, uint32_t nkeys);
 /* Pass a record through unchanged. */
 int moe_writer_copy(moe_writer *w, const msgpack_object *rec);
-uint64_t moe_writer_count(const moe_writer *w);
 /* Write the end record, finish compression, flush, rename into place.
  * Returns 0, or -1 with an error (and the temporary file removed). */
 int moe_writer_close(moe_writer *w);

@@ -27,7 +27,9 @@ static const char help[] =
 enum { OPT_MODEL = 1, OPT_MAXLEN, OPT_BATCH };
 
 int main(int argc, char **argv) {
-    moe_cli_init("moe-calib", help, argc, argv);
+    const unsigned takes = MOE_CLI_TAKES_THREADS | MOE_CLI_TAKES_DEVICE | MOE_CLI_TAKES_FORCE |
+                      MOE_CLI_TAKES_NO_PROVENANCE | MOE_CLI_TAKES_QUIET;
+    moe_cli_init("moe-calib", help, takes, argc, argv);
     static const struct option opts[] = {{"model", required_argument, 0, OPT_MODEL},
                                          {"max-length", required_argument, 0, OPT_MAXLEN},
                                          {"batch-tokens", required_argument, 0, OPT_BATCH},
@@ -53,7 +55,7 @@ int main(int argc, char **argv) {
 
     moe_search_job j = {.tool = "moe-calib", .kind = MOE_REC_CALIB, .argc = argc, .argv = argv};
     moe_model_opts mo = {.device = moe_cli.device};
-    if (moe_search_job_model(&j, model, &mo, moe_cli.threads) < 0 ||
+    if (moe_search_job_model(&j, model, &mo) < 0 ||
         moe_search_job_open(&j, in, out, moe_cli.force, moe_cli.no_provenance) < 0)
         moe_cli_fail();
     moe_calib cal;

@@ -55,7 +55,7 @@ static void print_report(const moe_condense_report *r, int n_layers, int k, cons
 }
 
 int main(int argc, char **argv) {
-    moe_cli_init("moe-condense", help, argc, argv);
+    moe_cli_init("moe-condense", help, MOE_CLI_TAKES_FORCE, argc, argv);
     static const struct option opts[] = {
         {"model", required_argument, 0, OPT_MODEL},     {"layers", required_argument, 0, OPT_LAYERS},
         {"experts", required_argument, 0, OPT_EXPERTS}, {"output", required_argument, 0, 'o'},

@@ -89,7 +89,7 @@ static int dump_one(const char *path, const dump_opts *o) {
 }
 
 int main(int argc, char **argv) {
-    moe_cli_init("moe-dump", help, argc, argv);
+    moe_cli_init("moe-dump", help, 0, argc, argv);
     static const struct option opts[] = {
         {"full", no_argument, 0, OPT_FULL},       {"preview", required_argument, 0, OPT_PREVIEW},
         {"header", no_argument, 0, OPT_HEADER},   {"type", required_argument, 0, OPT_TYPE},

@@ -1,22 +1,21 @@
 /* moe-eval - perplexity, multiple-choice tasks (lm-evaluation-harness style),
  * prefill benchmark, and forward dumps (hidden states, logits). */
 #define _GNU_SOURCE
+#include "bench.h"
 #include "cli.h"
 #include "eval.h"
 #include "evaldump.h"
+#include "host.h"
+#include "jsonl.h"
 #include "jsonout.h"
 #include "model.h"
 #include "stream.h"
 #include "tokenizer.h"
 
-#include <errno.h>
-#include <jansson.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/resource.h>
-#include <unistd.h>
 
 static const char help[] =
     "Usage: moe-eval --model DIR [--model DIR2] [--ppl TEXT.jsonl|TOKENS] [--task FILE]...\n"
@@ -63,6 +62,20 @@ typedef struct {
     const char *path, *format, *delim;
 } task_arg;
 
+/* The command line, and the tasks it names once loaded. */
+typedef struct {
+    const char *models[2];
+    int nmodels;
+    const char *ppl, *out, *dump;
+    const char *ppl_name; /* for messages: "<stdin>" when --ppl - was spooled */
+    long max_length, limit, task_max, batch;
+    int add_bos, bench, json, no_prefix;
+    moe_bench_opts bench_opts;
+    task_arg task_args[MAX_TASKS];
+    int ntasks;
+    moe_task *tasks[MAX_TASKS];
+} eval_args;
+
 typedef struct {
     const char *dir;
     char fingerprint[80];
@@ -72,22 +85,9 @@ typedef struct {
     moe_task_result tr[MAX_TASKS];
     double task_s[MAX_TASKS];
     int has_bench;
-    double bench_s, tok_per_s, peak_rss_mb;
-    int resident;
+    moe_bench_result bench;
     uint64_t params, bytes;
 } model_res;
-
-static struct {
-    const char *models[2];
-    int nmodels;
-    const char *ppl, *out, *dump;
-    long max_length, limit, task_max, batch, btok, bruns;
-    int add_bos, bench, json, no_prefix;
-    task_arg tasks[MAX_TASKS];
-    int ntasks;
-} A = {.btok = 256, .bruns = 3};
-
-static moe_task *tasks[MAX_TASKS];
 
 /* ---- progress --------------------------------------------------------------- */
 
@@ -95,31 +95,6 @@ static void progress_cb(void *ctx, uint64_t done, uint64_t total) {
     moe_progress *p = ctx;
     if (p->total != total) p->total = total;
     moe_progress_add(p, done - p->done);
-}
-
-/* ---- peak RSS ------------------------------------------------------------- */
-
-static void rss_reset(void) {
-    FILE *f = fopen("/proc/self/clear_refs", "w");
-    if (f) {
-        fputs("5", f);
-        fclose(f);
-    }
-}
-
-static double rss_peak_mb(void) {
-    FILE *f = fopen("/proc/self/status", "r");
-    char line[256];
-    double kb = -1;
-    while (f && fgets(line, sizeof line, f))
-        if (!strncmp(line, "VmHWM:", 6)) kb = atof(line + 6);
-    if (f) fclose(f);
-    if (kb < 0) {
-        struct rusage ru;
-        getrusage(RUSAGE_SELF, &ru);
-        kb = (double)ru.ru_maxrss;
-    }
-    return kb / 1024.0;
 }
 
 /* ---- perplexity input -------------------------------------------------------- */
@@ -157,7 +132,7 @@ static void seqs_free(seqs_t *s) {
 }
 
 /* The token stream at path, made with the tokenizer of model dir. */
-static int read_token_stream(const char *path, const char *dir, seqs_t *s, long limit) {
+static int read_token_stream(const char *path, const char *dir, long max_length, long limit, seqs_t *s) {
     moe_tokens_check check;
     if (moe_tokens_check_init(&check, dir, moe_cli.force) < 0) return -1;
     moe_reader *r = moe_reader_open(path);
@@ -177,122 +152,53 @@ static int read_token_stream(const char *path, const char *dir, seqs_t *s, long 
             break;
         }
         int T = (int)tk.n;
-        if (A.max_length > 0 && T > A.max_length) T = (int)A.max_length;
+        if (max_length > 0 && T > max_length) T = (int)max_length;
         seqs_add(s, tk.ids, T);
     }
     moe_reader_close(r);
     return rc < 0 ? -1 : 0;
 }
 
-static int read_text_jsonl(const char *path, moe_tokenizer *tok, long max_length, seqs_t *s,
-                           long limit) {
-    FILE *f = strcmp(path, "-") ? fopen(path, "r") : stdin;
-    if (!f) {
-        moe_error_set(MOE_ERR_IO, "%s: %s", path, strerror(errno));
-        return -1;
-    }
-    char *line = NULL;
-    size_t cap = 0;
-    ssize_t len;
-    int lineno = 0, rc = 0;
-    while ((len = getline(&line, &cap, f)) >= 0) {
-        lineno++;
+/* name: the input as messages call it */
+static int read_text_jsonl(const char *path, const char *name, moe_tokenizer *tok, long max_length,
+                           long limit, seqs_t *s) {
+    moe_jsonl *r = moe_jsonl_open(path);
+    if (!r) return -1;
+    const char *line;
+    size_t len;
+    int rc;
+    while ((rc = moe_jsonl_next(r, &line, &len)) > 0) {
         if (limit > 0 && s->n >= limit) break;
-        char *p = line;
-        while (*p == ' ' || *p == '\t' || *p == '\r' || *p == '\n') p++;
-        if (!*p) continue;
-        json_error_t jerr;
-        json_t *o = json_loads(p, 0, &jerr);
-        json_t *t = json_is_object(o) ? json_object_get(o, "turns") : NULL;
-        const char *text = NULL;
-        size_t tl = 0;
-        if (json_is_array(t) && json_is_string(json_array_get(t, 0))) t = json_array_get(t, 0);
-        else t = json_is_object(o) ? json_object_get(o, "text") : NULL;
-        if (json_is_string(t)) {
-            text = json_string_value(t);
-            tl = json_string_length(t);
-        }
-        if (!text) {
-            moe_error_set(MOE_ERR_DATA, "%s: line %d: %s", path, lineno,
-                          !o ? jerr.text : "no string \"text\" (or \"turns\"[0])");
-            json_decref(o);
-            rc = -1;
-            break;
-        }
+        if (moe_jsonl_blank(line, len)) continue;
+        uint64_t lineno = moe_jsonl_lineno(r);
+        json_t *o;
+        const char *text;
+        size_t tl;
         int32_t *ids = NULL;
         size_t n = 0;
-        if (moe_tokenizer_encode_trunc(tok, text, tl, 1, max_length > 0 ? (size_t)max_length : 0,
-                                       &ids, &n) < 0) {
-            moe_error_set(moe_error_kind(), "%s: line %d: %s", path, lineno, moe_error());
-            json_decref(o);
+        if (moe_jsonl_text(name, lineno, line, len, "text", 1, &o, &text, &tl) < 0) rc = -1;
+        else if (moe_tokenizer_encode_trunc(tok, text, tl, 1, max_length > 0 ? (size_t)max_length : 0, &ids,
+                                            &n) < 0) {
+            moe_jsonl_error_at(name, lineno);
             rc = -1;
-            break;
         }
         json_decref(o);
+        if (rc < 0) break;
         seqs_add(s, ids, (int)n);
     }
-    free(line);
-    if (f != stdin) fclose(f);
-    return rc;
+    moe_jsonl_close(r);
+    return rc < 0 ? -1 : 0;
 }
 
-/* ---- benchmark -------------------------------------------------------------- */
-
-static int cmp_d(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
-
-static int run_bench(moe_model *m, model_res *res, const moe_eval_opts *eo) {
-    const moe_config *c = moe_model_config(m);
-    int T = (int)A.btok;
-    int32_t *ids = moe_malloc(sizeof(int32_t) * (size_t)(T + 1));
-    uint64_t x = moe_cli.seed * 0x9E3779B97F4A7C15ull + 0x2545F4914F6CDD1Dull;
-    for (int i = 0; i <= T; i++) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        ids[i] = (int32_t)(x % (uint64_t)c->vocab_size);
-    }
-    rss_reset();
-    /* keep every layer resident when they fit comfortably (the timing is then
-     * compute, as on a GPU holding the model); otherwise stream */
-    double f32_bytes = (double)res->params * 4.0;
-    long pages = sysconf(_SC_PHYS_PAGES), psz = sysconf(_SC_PAGESIZE);
-    double ram = pages > 0 && psz > 0 ? (double)pages * (double)psz : 0;
-    res->resident = ram == 0 || f32_bytes < 0.4 * ram;
-    moe_eval_opts o = *eo;
-    o.progress = NULL;
-    o.keep_loaded = res->resident;
-    o.batch_tokens = (size_t)T + 1;
-    int rc = 0;
-    if (res->resident)
-        for (int l = 0; l < c->num_layers && rc == 0; l++) rc = moe_layer_load(m, l);
-    moe_eval_seq q = {.ids = ids, .T = T + 1, .start = T};
-    if (rc == 0) rc = moe_eval_score(m, &q, 1, &o); /* warm-up */
-    int runs = (int)A.bruns;
-    double *t = moe_malloc(sizeof(double) * (size_t)runs);
-    for (int i = 0; i < runs && rc == 0; i++) {
-        double t0 = moe_now();
-        rc = moe_eval_score(m, &q, 1, &o);
-        t[i] = moe_now() - t0;
-    }
-    if (rc == 0) {
-        qsort(t, (size_t)runs, sizeof(double), cmp_d);
-        res->bench_s = t[0]; /* best of the runs: the least disturbed by other load */
-        res->tok_per_s = T / res->bench_s;
-        res->peak_rss_mb = rss_peak_mb();
-        res->has_bench = 1;
-    }
-    for (int l = 0; l < c->num_layers; l++) moe_layer_unload(m, l);
-    free(t);
-    free(ids);
-    return rc;
+/* The --ppl sequences: a token stream, or JSON Lines tokenized with tok. */
+static int read_ppl_input(const eval_args *a, const char *dir, moe_tokenizer *tok, seqs_t *s) {
+    return is_zstd(a->ppl) ? read_token_stream(a->ppl, dir, a->max_length, a->limit, s)
+                           : read_text_jsonl(a->ppl, a->ppl_name, tok, a->max_length, a->limit, s);
 }
 
 /* ---- one model ----------------------------------------------------------------- */
 
-static int eval_model(const char *dir, model_res *res) {
+static int eval_model(const eval_args *a, const char *dir, model_res *res) {
     memset(res, 0, sizeof *res);
     res->dir = dir;
     moe_model_opts mo = {.device = moe_cli.device};
@@ -301,16 +207,15 @@ static int eval_model(const char *dir, model_res *res) {
     snprintf(res->fingerprint, sizeof res->fingerprint, "%s", moe_model_fingerprint(m));
     if (moe_eval_model_size(m, &res->params, &res->bytes) < 0) goto fail;
     moe_tokenizer *tok = NULL;
-    int need_tok = A.ntasks > 0 || (A.ppl && !is_zstd(A.ppl));
+    int need_tok = a->ntasks > 0 || (a->ppl && !is_zstd(a->ppl));
     if (need_tok && !(tok = moe_tokenizer_open(dir))) goto fail;
-    moe_eval_opts eo = {.batch_tokens = (size_t)A.batch, .no_prefix_cache = A.no_prefix};
+    moe_eval_opts eo = {.batch_tokens = (size_t)a->batch, .no_prefix_cache = a->no_prefix};
     moe_progress prog;
     eo.progress = progress_cb;
     eo.progress_ctx = &prog;
-    if (A.ppl) {
+    if (a->ppl) {
         seqs_t s = {0};
-        int rc = is_zstd(A.ppl) ? read_token_stream(A.ppl, dir, &s, A.limit)
-                                : read_text_jsonl(A.ppl, tok, A.max_length, &s, A.limit);
+        int rc = read_ppl_input(a, dir, tok, &s);
         if (rc == 0) {
             moe_progress_start(&prog, "perplexity", "tok", 0);
             rc = moe_eval_ppl(m, (const int32_t *const *)s.ids, s.T, s.n, &eo, &res->ppl);
@@ -320,17 +225,20 @@ static int eval_model(const char *dir, model_res *res) {
         if (rc) goto fail_tok;
         res->has_ppl = 1;
     }
-    moe_task_opts to = {.add_bos = A.add_bos, .max_length = (int)A.task_max};
-    for (int i = 0; i < A.ntasks; i++) {
-        moe_progress_start(&prog, tasks[i]->name, "tok", 0);
+    moe_task_opts to = {.add_bos = a->add_bos, .max_length = (int)a->task_max};
+    for (int i = 0; i < a->ntasks; i++) {
+        moe_progress_start(&prog, a->tasks[i]->name, "tok", 0);
         double t0 = moe_now();
-        int rc = moe_eval_task(m, tok, tasks[i], &to, &eo, &res->tr[i]);
+        int rc = moe_eval_task(m, tok, a->tasks[i], &to, &eo, &res->tr[i]);
         res->task_s[i] = moe_now() - t0;
         moe_progress_end(&prog);
         if (rc) goto fail_tok;
         res->ntasks = i + 1;
     }
-    if (A.bench && run_bench(m, res, &eo) < 0) goto fail_tok;
+    if (a->bench) {
+        if (moe_bench_prefill(m, res->params, &a->bench_opts, &eo, &res->bench) < 0) goto fail_tok;
+        res->has_bench = 1;
+    }
     moe_tokenizer_close(tok);
     moe_model_close(m);
     return 0;
@@ -373,7 +281,7 @@ static void cell(double v, const char *fmt) {
     }
 }
 
-static void print_table(model_res *R, int n) {
+static void print_table(const eval_args *a, const model_res *R, int n) {
     printf("%-28s", "model");
     for (int k = 0; k < n; k++) printf(" %14s", k == 0 ? (n > 1 ? "model 1" : "value") : "model 2");
     printf("\n");
@@ -394,26 +302,26 @@ static void print_table(model_res *R, int n) {
         if (R[0].ppl.n_skipped) printf("  (%lld samples under 2 tokens skipped)\n",
                                        (long long)R[0].ppl.n_skipped);
     }
-    for (int i = 0; i < A.ntasks; i++) {
+    for (int i = 0; i < a->ntasks; i++) {
         char lab[64];
-        snprintf(lab, sizeof lab, "%s acc (n=%d)", tasks[i]->name, tasks[i]->n_items);
+        snprintf(lab, sizeof lab, "%s acc (n=%d)", a->tasks[i]->name, a->tasks[i]->n_items);
         printf("%-28s", lab);
         for (int k = 0; k < n; k++) cell(R[k].tr[i].acc, "%.4f");
         printf("\n");
-        if (tasks[i]->has_acc_norm) {
-            snprintf(lab, sizeof lab, "%s acc_norm", tasks[i]->name);
+        if (a->tasks[i]->has_acc_norm) {
+            snprintf(lab, sizeof lab, "%s acc_norm", a->tasks[i]->name);
             printf("%-28s", lab);
             for (int k = 0; k < n; k++) cell(R[k].tr[i].acc_norm, "%.4f");
             printf("\n");
         }
-        if (tasks[i]->kind == MOE_TASK_LM) {
-            snprintf(lab, sizeof lab, "%s perplexity", tasks[i]->name);
+        if (a->tasks[i]->kind == MOE_TASK_LM) {
+            snprintf(lab, sizeof lab, "%s perplexity", a->tasks[i]->name);
             printf("%-28s", lab);
             for (int k = 0; k < n; k++) cell(R[k].tr[i].perplexity, "%.4f");
             printf("\n");
         }
     }
-    if (A.ntasks > 1) {
+    if (a->ntasks > 1) {
         double a[2], an[2];
         for (int k = 0; k < n; k++) averages(&R[k], &a[k], &an[k]);
         printf("%-28s", "average acc");
@@ -427,15 +335,15 @@ static void print_table(model_res *R, int n) {
     printf("\n%-28s", "weight bytes");
     for (int k = 0; k < n; k++) cell((double)R[k].bytes, "%.0f");
     printf("\n");
-    if (A.bench) {
+    if (a->bench) {
         printf("%-28s", "prefill tokens/s");
-        for (int k = 0; k < n; k++) cell(R[k].tok_per_s, "%.1f");
+        for (int k = 0; k < n; k++) cell(R[k].bench.tok_per_s, "%.1f");
         printf("\n%-28s", "prefill seconds (best)");
-        for (int k = 0; k < n; k++) cell(R[k].bench_s, "%.4f");
+        for (int k = 0; k < n; k++) cell(R[k].bench.seconds, "%.4f");
         printf("\n%-28s", "peak RSS MiB (bench)");
-        for (int k = 0; k < n; k++) cell(R[k].peak_rss_mb, "%.1f");
+        for (int k = 0; k < n; k++) cell(R[k].bench.peak_rss_mib, "%.1f");
         printf("\n%-28s", "weights");
-        for (int k = 0; k < n; k++) printf(" %14s", R[k].resident ? "resident" : "streamed");
+        for (int k = 0; k < n; k++) printf(" %14s", R[k].bench.resident ? "resident" : "streamed");
         printf("\n");
     }
     if (n == 2) {
@@ -444,9 +352,9 @@ static void print_table(model_res *R, int n) {
         printf("\n%-28s", "memory ratio (bytes)");
         cell((double)R[1].bytes / (double)R[0].bytes, "%.4f");
         printf("\n");
-        if (A.bench) {
+        if (a->bench) {
             printf("%-28s", "speedup (model 2 vs 1)");
-            cell(R[0].bench_s / R[1].bench_s, "%.3f");
+            cell(R[0].bench.seconds / R[1].bench.seconds, "%.3f");
             printf("\n");
         }
     }
@@ -459,10 +367,10 @@ static void jkv(const char *k, double v, int comma) {
     moe_json_number(stdout, v, 0);
 }
 
-static void print_json(model_res *R, int n) {
+static void print_json(const eval_args *a, const model_res *R, int n) {
     printf("{\"models\": [");
     for (int k = 0; k < n; k++) {
-        model_res *r = &R[k];
+        const model_res *r = &R[k];
         printf("%s{\"dir\": ", k ? ", " : "");
         moe_json_string(stdout, r->dir, strlen(r->dir));
         printf(", \"fingerprint\": \"%s\"", r->fingerprint);
@@ -481,11 +389,11 @@ static void print_json(model_res *R, int n) {
         printf(", \"tasks\": [");
         for (int i = 0; i < r->ntasks; i++) {
             printf("%s{\"task\": ", i ? ", " : "");
-            moe_json_string(stdout, tasks[i]->name, strlen(tasks[i]->name));
-            printf(", \"format\": \"%s\", \"items\": %d", tasks[i]->format, tasks[i]->n_items);
+            moe_json_string(stdout, a->tasks[i]->name, strlen(a->tasks[i]->name));
+            printf(", \"format\": \"%s\", \"items\": %d", a->tasks[i]->format, a->tasks[i]->n_items);
             jkv("acc", r->tr[i].acc, 1);
-            if (tasks[i]->has_acc_norm) jkv("acc_norm", r->tr[i].acc_norm, 1);
-            if (tasks[i]->kind == MOE_TASK_LM) jkv("perplexity", r->tr[i].perplexity, 1);
+            if (a->tasks[i]->has_acc_norm) jkv("acc_norm", r->tr[i].acc_norm, 1);
+            if (a->tasks[i]->kind == MOE_TASK_LM) jkv("perplexity", r->tr[i].perplexity, 1);
             printf(", \"tokens\": %lld, \"tokens_run\": %lld", (long long)r->tr[i].n_tokens,
                    (long long)r->tr[i].n_tokens_run);
             jkv("seconds", r->task_s[i], 1);
@@ -501,11 +409,11 @@ static void print_json(model_res *R, int n) {
             printf("}");
         }
         if (r->has_bench) {
-            printf(", \"bench\": {\"tokens\": %ld, \"runs\": %ld", A.btok, A.bruns);
-            jkv("seconds", r->bench_s, 1);
-            jkv("tokens_per_s", r->tok_per_s, 1);
-            jkv("peak_rss_mib", r->peak_rss_mb, 1);
-            printf(", \"weights\": \"%s\"}", r->resident ? "resident" : "streamed");
+            printf(", \"bench\": {\"tokens\": %d, \"runs\": %d", a->bench_opts.tokens, a->bench_opts.runs);
+            jkv("seconds", r->bench.seconds, 1);
+            jkv("tokens_per_s", r->bench.tok_per_s, 1);
+            jkv("peak_rss_mib", r->bench.peak_rss_mib, 1);
+            printf(", \"weights\": \"%s\"}", r->bench.resident ? "resident" : "streamed");
         }
         printf("}");
     }
@@ -514,7 +422,7 @@ static void print_json(model_res *R, int n) {
         printf(", \"compare\": {");
         jkv("memory_ratio_params", (double)R[1].params / (double)R[0].params, 0);
         jkv("memory_ratio_bytes", (double)R[1].bytes / (double)R[0].bytes, 1);
-        if (A.bench) jkv("speedup", R[0].bench_s / R[1].bench_s, 1);
+        if (a->bench) jkv("speedup", R[0].bench.seconds / R[1].bench.seconds, 1);
         printf("}");
     }
     printf("}\n");
@@ -523,27 +431,28 @@ static void print_json(model_res *R, int n) {
 /* ---- output: stream ------------------------------------------------------------ */
 
 /* model k's results as the records module wants them */
-static moe_eval_record eval_record(const model_res *r) {
+static moe_eval_record eval_record(const eval_args *a, const model_res *r) {
     moe_eval_record e = {.dir = r->dir, .fingerprint = r->fingerprint, .params = r->params, .bytes = r->bytes,
-                         .ppl = r->has_ppl ? &r->ppl : NULL, .ntasks = r->ntasks, .tasks = tasks, .task = r->tr,
-                         .has_bench = r->has_bench, .bench_tokens = A.btok, .bench_runs = A.bruns,
-                         .bench_s = r->bench_s, .tok_per_s = r->tok_per_s, .peak_rss_mib = r->peak_rss_mb,
-                         .resident = r->resident};
+                         .ppl = r->has_ppl ? &r->ppl : NULL, .ntasks = r->ntasks, .tasks = a->tasks,
+                         .task = r->tr, .has_bench = r->has_bench, .bench_tokens = a->bench_opts.tokens,
+                         .bench_runs = a->bench_opts.runs, .bench_s = r->bench.seconds,
+                         .tok_per_s = r->bench.tok_per_s, .peak_rss_mib = r->bench.peak_rss_mib,
+                         .resident = r->bench.resident};
     return e;
 }
 
-static int write_stream(model_res *R, int n, int argc, char **argv) {
+static int write_stream(const eval_args *a, const model_res *R, int n, int argc, char **argv) {
     moe_provenance prov = {"moe-eval", argc, argv, R[0].fingerprint, "eval"};
-    moe_writer *w = moe_writer_open(A.out, NULL, &prov, moe_cli.no_provenance);
+    moe_writer *w = moe_writer_open(a->out, NULL, &prov, moe_cli.no_provenance);
     if (!w) return -1;
     int rc = 0;
     for (int k = 0; k < n && rc == 0; k++) {
-        moe_eval_record e = eval_record(&R[k]);
+        moe_eval_record e = eval_record(a, &R[k]);
         rc = moe_eval_write(w, k, &e);
     }
     if (rc == 0 && n == 2) {
-        moe_eval_record d = eval_record(&R[0]), c = eval_record(&R[1]);
-        rc = moe_eval_compare_write(w, &d, &c, A.bench);
+        moe_eval_record d = eval_record(a, &R[0]), c = eval_record(a, &R[1]);
+        rc = moe_eval_compare_write(w, &d, &c, a->bench);
     }
     if (rc < 0) {
         moe_writer_abort(w);
@@ -561,23 +470,23 @@ static int known_format(const char *f) {
 
 /* ---- dump (lib/evaldump) -------------------------------------------------------- */
 
-static int run_dump(int argc, char **argv) {
+static int run_dump(const eval_args *a, int argc, char **argv) {
     moe_tokens_check check;
-    moe_dump_opts d = {.max_length = (int)A.max_length, .batch_tokens = (size_t)A.batch, .tokenizer = &check};
-    if (moe_dump_parse_what(A.dump, &d) < 0) moe_cli_usage("%s", moe_error());
+    moe_dump_opts d = {.max_length = (int)a->max_length, .batch_tokens = (size_t)a->batch, .tokenizer = &check};
+    if (moe_dump_parse_what(a->dump, &d) < 0) moe_cli_usage("%s", moe_error());
     if (argc - optind > 1) moe_cli_usage("one TOKENS stream at most");
     const char *in = optind < argc ? argv[optind] : "-";
     moe_model_opts mo = {.device = moe_cli.device};
-    moe_model *m = moe_model_open(A.models[0], &mo);
+    moe_model *m = moe_model_open(a->models[0], &mo);
     if (!m) moe_cli_fail();
     moe_reader *r = moe_reader_open(in);
     if (!r) moe_cli_fail();
     if (moe_reader_require_kind(r, "tokens", "make one with moe-tokenize") < 0) moe_cli_fail();
     if (moe_reader_check_model(r, moe_model_fingerprint(m), moe_cli.force) < 0) moe_cli_fail();
-    if (moe_tokens_check_init(&check, A.models[0], moe_cli.force) < 0) moe_cli_fail();
+    if (moe_tokens_check_init(&check, a->models[0], moe_cli.force) < 0) moe_cli_fail();
     moe_provenance prov = {.tool = "moe-eval", .argc = argc, .argv = argv,
                            .model = moe_model_fingerprint(m), .kind = "dump"};
-    moe_writer *w = moe_writer_open(A.out ? A.out : "-", moe_reader_header(r), &prov,
+    moe_writer *w = moe_writer_open(a->out ? a->out : "-", moe_reader_header(r), &prov,
                                     moe_cli.no_provenance);
     if (!w) moe_cli_fail();
     if (moe_eval_dump(m, r, w, &d) < 0) {
@@ -590,10 +499,9 @@ static int run_dump(int argc, char **argv) {
     return 0;
 }
 
-/* ---- main ------------------------------------------------------------------ */
+/* ---- command line ------------------------------------------------------------ */
 
-int main(int argc, char **argv) {
-    moe_cli_init("moe-eval", help, argc, argv);
+static void parse_args(int argc, char **argv, eval_args *a) {
     static const struct option opts[] = {
         {"model", required_argument, 0, 'm'},
         {"ppl", required_argument, 0, OPT_PPL},
@@ -620,14 +528,14 @@ int main(int argc, char **argv) {
         if (moe_cli_handle(c, optarg)) continue;
         switch (c) {
         case 'm':
-            if (A.nmodels == 2) moe_cli_usage("--model: at most two models");
-            A.models[A.nmodels++] = optarg;
+            if (a->nmodels == 2) moe_cli_usage("--model: at most two models");
+            a->models[a->nmodels++] = optarg;
             break;
-        case OPT_PPL: A.ppl = optarg; break;
-        case OPT_MAXLEN: A.max_length = moe_cli_long("--max-length", optarg, 0, 1L << 30); break;
+        case OPT_PPL: a->ppl = a->ppl_name = optarg; break;
+        case OPT_MAXLEN: a->max_length = moe_cli_long("--max-length", optarg, 0, 1L << 30); break;
         case OPT_TASK:
-            if (A.ntasks == MAX_TASKS) moe_cli_usage("--task: at most %d", MAX_TASKS);
-            A.tasks[A.ntasks++] = (task_arg){optarg, cur_fmt, cur_delim};
+            if (a->ntasks == MAX_TASKS) moe_cli_usage("--task: at most %d", MAX_TASKS);
+            a->task_args[a->ntasks++] = (task_arg){optarg, cur_fmt, cur_delim};
             break;
         case OPT_TASKFMT:
             cur_fmt = strcmp(optarg, "auto") ? optarg : NULL;
@@ -635,86 +543,83 @@ int main(int argc, char **argv) {
                 moe_cli_usage("--task-format: '%s' unknown (auto, %s)", optarg, moe_task_formats());
             break;
         case OPT_DELIM: cur_delim = optarg; break;
-        case OPT_LIMIT: A.limit = moe_cli_long("--limit", optarg, 1, 1L << 40); break;
-        case OPT_ADDBOS: A.add_bos = 1; break;
-        case OPT_TASKMAX: A.task_max = moe_cli_long("--task-max-length", optarg, 1, 1L << 30); break;
-        case OPT_BATCH: A.batch = moe_cli_long("--batch-tokens", optarg, 1, 1L << 30); break;
-        case OPT_BENCH: A.bench = 1; break;
-        case OPT_BTOK: A.btok = moe_cli_long("--bench-tokens", optarg, 1, 1L << 20); break;
-        case OPT_BRUNS: A.bruns = moe_cli_long("--bench-runs", optarg, 1, 1000); break;
-        case OPT_JSON: A.json = 1; break;
-        case OPT_NOPREFIX: A.no_prefix = 1; break;
-        case 'd': A.dump = optarg; break;
-        case 'o': A.out = optarg; break;
+        case OPT_LIMIT: a->limit = moe_cli_long("--limit", optarg, 1, 1L << 40); break;
+        case OPT_ADDBOS: a->add_bos = 1; break;
+        case OPT_TASKMAX: a->task_max = moe_cli_long("--task-max-length", optarg, 1, 1L << 30); break;
+        case OPT_BATCH: a->batch = moe_cli_long("--batch-tokens", optarg, 1, 1L << 30); break;
+        case OPT_BENCH: a->bench = 1; break;
+        case OPT_BTOK: a->bench_opts.tokens = (int)moe_cli_long("--bench-tokens", optarg, 1, 1L << 20); break;
+        case OPT_BRUNS: a->bench_opts.runs = (int)moe_cli_long("--bench-runs", optarg, 1, 1000); break;
+        case OPT_JSON: a->json = 1; break;
+        case OPT_NOPREFIX: a->no_prefix = 1; break;
+        case 'd': a->dump = optarg; break;
+        case 'o': a->out = optarg; break;
         case ':': moe_cli_usage("option '%s' needs a value", argv[optind - 1]);
         default: moe_cli_usage("unknown option '%s'", argv[optind - 1]);
         }
     }
-    if (A.nmodels == 0) moe_cli_usage("--model DIR is required");
-    moe_model_set_threads(moe_cli.threads);
-    if (A.dump) {
-        if (A.ppl || A.ntasks || A.bench || A.nmodels > 1)
-            moe_cli_usage("--dump runs alone (one --model, a token stream)");
-        return run_dump(argc, argv);
-    }
+    a->bench_opts.seed = moe_cli.seed;
+    if (a->nmodels == 0) moe_cli_usage("--model DIR is required");
+    if (a->dump && (a->ppl || a->ntasks || a->bench || a->nmodels > 1))
+        moe_cli_usage("--dump runs alone (one --model, a token stream)");
+    if (a->dump) return;
     if (optind < argc) moe_cli_usage("unexpected argument '%s'", argv[optind]);
-    if (!A.ppl && !A.ntasks && !A.bench)
+    if (!a->ppl && !a->ntasks && !a->bench)
         moe_cli_usage("nothing to do: give --ppl, --task, --bench or --dump");
-    for (int i = 0; i < A.ntasks; i++)
-        if (!(tasks[i] = moe_task_load(A.tasks[i].path, A.tasks[i].format, A.tasks[i].delim,
-                                       A.limit)))
-            moe_cli_fail();
-    /* --ppl -: spool standard input to a temporary file (sniffed for a token
-       stream, and read once per model) */
-    char *spool = NULL;
-    if (A.ppl && !strcmp(A.ppl, "-")) {
-        const char *dir = getenv("TMPDIR");
-        char *base = NULL;
-        if (asprintf(&base, "%s/moe-eval-stdin", dir && *dir ? dir : "/tmp") < 0) base = NULL;
-        spool = moe_tmp_path(base ? base : "/tmp/moe-eval-stdin");
-        free(base);
-        moe_tmp_register(spool);
-        FILE *f = fopen(spool, "wb");
-        if (!f) {
-            moe_error_set(MOE_ERR_IO, "%s: %s", spool, strerror(errno));
-            moe_cli_fail();
-        }
-        char buf[1 << 16];
-        size_t n;
-        while ((n = fread(buf, 1, sizeof buf, stdin)) > 0)
-            if (fwrite(buf, 1, n, f) != n) break;
-        if (ferror(stdin) || fclose(f) != 0) {
-            moe_error_set(MOE_ERR_IO, "<stdin>: cannot spool to %s", spool);
-            moe_cli_fail();
-        }
-        A.ppl = spool;
-    }
-    /* two files with the same task name: the later ones get "/format" */
-    for (int i = 0; i < A.ntasks; i++)
+}
+
+/* Load the task files; two with the same task name: the later ones get
+ * "/format".  0 or -1. */
+static int load_tasks(eval_args *a) {
+    for (int i = 0; i < a->ntasks; i++) {
+        const task_arg *t = &a->task_args[i];
+        if (!(a->tasks[i] = moe_task_load(t->path, t->format, t->delim, a->limit))) return -1;
         for (int j = 0; j < i; j++)
-            if (!strcmp(tasks[i]->name, tasks[j]->name)) {
+            if (!strcmp(a->tasks[i]->name, a->tasks[j]->name)) {
                 char *n = NULL;
-                if (asprintf(&n, "%s/%s", tasks[i]->name, tasks[i]->format) < 0) n = NULL;
+                if (asprintf(&n, "%s/%s", a->tasks[i]->name, a->tasks[i]->format) < 0) n = NULL;
                 if (n) {
-                    free(tasks[i]->name);
-                    tasks[i]->name = n;
+                    free(a->tasks[i]->name);
+                    a->tasks[i]->name = n;
                 }
                 break;
             }
-    static model_res R[2];
-    for (int k = 0; k < A.nmodels; k++)
-        if (eval_model(A.models[k], &R[k]) < 0) moe_cli_fail();
-    if (A.out && write_stream(R, A.nmodels, argc, argv) < 0) moe_cli_fail();
-    if (!A.out || strcmp(A.out, "-")) {
-        if (A.json) print_json(R, A.nmodels);
-        else print_table(R, A.nmodels);
+    }
+    return 0;
+}
+
+/* ---- main ------------------------------------------------------------------ */
+
+int main(int argc, char **argv) {
+    const unsigned takes = MOE_CLI_TAKES_THREADS | MOE_CLI_TAKES_DEVICE | MOE_CLI_TAKES_SEED |
+                           MOE_CLI_TAKES_FORCE | MOE_CLI_TAKES_NO_PROVENANCE | MOE_CLI_TAKES_QUIET;
+    moe_cli_init("moe-eval", help, takes, argc, argv);
+    eval_args a = {.bench_opts = {.tokens = 256, .runs = 3}};
+    parse_args(argc, argv, &a);
+    if (a.dump) return run_dump(&a, argc, argv);
+    if (load_tasks(&a) < 0) moe_cli_fail();
+    /* --ppl -: standard input spooled to a temporary file (sniffed for a
+       token stream, and read once per model) */
+    char *spool = NULL;
+    if (a.ppl && !strcmp(a.ppl, "-")) {
+        if (!(spool = moe_spool_stdin("moe-eval-stdin"))) moe_cli_fail();
+        a.ppl = spool;
+        a.ppl_name = "<stdin>";
+    }
+    model_res R[2];
+    for (int k = 0; k < a.nmodels; k++)
+        if (eval_model(&a, a.models[k], &R[k]) < 0) moe_cli_fail();
+    if (a.out && write_stream(&a, R, a.nmodels, argc, argv) < 0) moe_cli_fail();
+    if (!a.out || strcmp(a.out, "-")) {
+        if (a.json) print_json(&a, R, a.nmodels);
+        else print_table(&a, R, a.nmodels);
     }
     if (spool) {
         moe_tmp_discard(spool);
         free(spool);
     }
-    for (int k = 0; k < A.nmodels; k++) free_res(&R[k]);
-    for (int i = 0; i < A.ntasks; i++) moe_task_free(tasks[i]);
+    for (int k = 0; k < a.nmodels; k++) free_res(&R[k]);
+    for (int i = 0; i < a.ntasks; i++) moe_task_free(a.tasks[i]);
     if (fflush(stdout) != 0 || ferror(stdout)) {
         moe_error_set(MOE_ERR_IO, "<stdout>: write error");
         moe_cli_fail();

@@ -40,7 +40,9 @@ static const char help[] =
 enum { OPT_WEIGHT = 100, OPT_MODEL = 1, OPT_MAXEXP, OPT_METRIC, OPT_LAYERS, OPT_MAXLEN, OPT_MEM, OPT_NAIVE };
 
 int main(int argc, char **argv) {
-    moe_cli_init("moe-expert-rank", help, argc, argv);
+    const unsigned takes = MOE_CLI_TAKES_THREADS | MOE_CLI_TAKES_DEVICE | MOE_CLI_TAKES_FORCE |
+                      MOE_CLI_TAKES_NO_PROVENANCE | MOE_CLI_TAKES_QUIET;
+    moe_cli_init("moe-expert-rank", help, takes, argc, argv);
     static const struct option opts[] = {{"model", required_argument, 0, OPT_MODEL},
                                          {"max-experts", required_argument, 0, OPT_MAXEXP},
                                          {"metric", required_argument, 0, OPT_METRIC},
@@ -100,7 +102,7 @@ int main(int argc, char **argv) {
      * converting them again in the layer's MLP call (per chunk of tokens) and in
      * every expert evaluation */
     moe_model_opts mo = {.device = moe_cli.device, .expert_cache_bytes = (size_t)-1};
-    if (moe_search_job_model(&j, model, &mo, moe_cli.threads) < 0) moe_cli_fail();
+    if (moe_search_job_model(&j, model, &mo) < 0) moe_cli_fail();
     if (o.max_experts < 0) o.max_experts = j.cfg->top_k;
     if (o.max_experts > j.cfg->n_routed_experts)
         moe_cli_usage("--max-experts %d: the model has %d routed experts per layer", o.max_experts,
@@ -115,11 +117,10 @@ int main(int argc, char **argv) {
     for (int l = 0; l < rk.L; l++) {
         const moe_rank_layer *rl = &rk.layers[l];
         if (rl->present && rl->n_unrouted)
-            moe_cli_warn("layer %d: %d experts never routed in calibration, left out of the "
-                         "candidates", l, rl->n_unrouted);
+            moe_warn("layer %d: %d experts never routed in calibration, left out of the "
+                     "candidates", l, rl->n_unrouted);
         if (rl->present && rl->n < o.max_experts)
-            moe_cli_warn("layer %d: only %d experts ranked (--max-experts %d)", l, rl->n,
-                         o.max_experts);
+            moe_warn("layer %d: only %d experts ranked (--max-experts %d)", l, rl->n, o.max_experts);
     }
     if (!moe_quiet) {
         char buf[256];

@@ -104,7 +104,7 @@ static uint64_t fnv1a64(const char *s)
 typedef struct {
     uint64_t key;    /* splitmix64 state before output 0 */
     double mean, std;
-    moe_st_dtype dt;
+    moe_dtype dt;
     moe_progress *prog;
 } init_ctx;
 
@@ -124,8 +124,8 @@ static inline void normal_pair(uint64_t key, uint64_t j, double *z0, double *z1)
 static inline void put(const init_ctx *c, void *out, uint64_t i, double z)
 {
     float v = (float)(c->mean + c->std * z);
-    if (c->dt == MOE_ST_F32) ((float *)out)[i] = v;
-    else moe_st_f32_to_bf16(&v, (uint16_t *)out + i, 1);
+    if (c->dt == MOE_DT_F32) ((float *)out)[i] = v;
+    else ((uint16_t *)out)[i] = moe_f32_to_bf16(v);
 }
 
 static int fill(void *vctx, const char *name, uint64_t start, uint64_t n, void *out)
@@ -146,8 +146,45 @@ static int fill(void *vctx, const char *name, uint64_t start, uint64_t n, void *
             if (e + 1 >= start && e + 1 < start + n) put(c, out, e + 1 - start, z1);
         }
     }
-    moe_progress_add(c->prog, n * (c->dt == MOE_ST_F32 ? 4 : 2));
+    moe_progress_add(c->prog, n * (c->dt == MOE_DT_F32 ? 4 : 2));
     return 0;
+}
+
+/* The field of the overrides that option opt sets (NULL: not a size). */
+static int *override_field(moe_config_overrides *o, int opt)
+{
+    switch (opt) {
+    case O_HIDDEN: return &o->hidden_size;
+    case O_LAYERS: return &o->num_layers;
+    case O_HEADS: return &o->num_heads;
+    case O_KV: return &o->num_kv_heads;
+    case O_HEADDIM: return &o->head_dim;
+    case O_EXPERTS: return &o->n_routed_experts;
+    case O_TOPK: return &o->top_k;
+    case O_SHARED: return &o->shared_experts;
+    case O_SHARED_I: return &o->shared_intermediate_size;
+    case O_MOE_I: return &o->moe_intermediate_size;
+    case O_I: return &o->intermediate_size;
+    case O_FIRST_DENSE: return &o->first_k_dense_replace;
+    case O_SPARSE: return &o->decoder_sparse_step;
+    case O_NORMTOPK: return &o->norm_topk_prob;
+    case O_VOCAB: return &o->vocab_size;
+    case O_MAXPOS: return &o->max_position_embeddings;
+    default: return NULL;
+    }
+}
+
+/* Overrides the architecture has no field for are usage errors. */
+static void check_overrides(const moe_arch *a, const moe_config_overrides *o)
+{
+    if (a->shared == MOE_SHARED_NONE && o->shared_experts > 0)
+        moe_cli_usage("--shared: %s has no shared experts", a->model_type);
+    if (o->shared_intermediate_size != MOE_CONFIG_KEEP && a->shared != MOE_SHARED_SIZE)
+        moe_cli_usage("--shared-intermediate is for qwen2_moe only");
+    if (o->first_k_dense_replace != MOE_CONFIG_KEEP && a->layer_rule != MOE_LAYERS_DEEPSEEK)
+        moe_cli_usage("--first-dense is for deepseek only");
+    if (o->decoder_sparse_step != MOE_CONFIG_KEEP && a->layer_rule != MOE_LAYERS_QWEN)
+        moe_cli_usage("--sparse-step is for qwen2_moe/qwen3_moe only");
 }
 
 static uint64_t parse_size(const char *opt, const char *s)
@@ -167,53 +204,10 @@ static uint64_t parse_size(const char *opt, const char *s)
     return (uint64_t)(v * mul);
 }
 
-int main(int argc, char **argv)
+/* The config: --config's, or --arch's tiny default, with the size options
+ * applied (moe_config_override) and the byte-level tokenizer's ids. */
+static moe_config *make_config(const char *arch_name, const char *config, const moe_config_overrides *ov)
 {
-    moe_cli_init("moe-init", help, argc, argv);
-    const char *arch_name = NULL, *config = NULL, *out = NULL, *dtype = "bf16";
-    long v[0x200];
-    int set[0x200] = {0};
-    double std = 0.02, norm_std = 0, bias_std = 0;
-    uint64_t shard = 5000000000ULL;
-    int opt;
-    while ((opt = getopt_long(argc, argv, ":a:c:o:", opts, NULL)) != -1) {
-        switch (opt) {
-        case 'a': arch_name = optarg; break;
-        case 'c': config = optarg; break;
-        case 'o': out = optarg; break;
-        case O_DTYPE:
-            if (strcmp(optarg, "bf16") && strcmp(optarg, "f32"))
-                moe_cli_usage("--dtype: expected bf16 or f32, got '%s'", optarg);
-            dtype = optarg;
-            break;
-        case O_STD: std = moe_cli_double("--std", optarg); break;
-        case O_NORMSTD: norm_std = moe_cli_double("--norm-std", optarg); break;
-        case O_BIASSTD: bias_std = moe_cli_double("--bias-std", optarg); break;
-        case O_SHARD: shard = parse_size("--shard-size", optarg); break;
-        case O_NORMTOPK: v[opt] = moe_cli_long("--norm-topk", optarg, 0, 1); set[opt] = 1; break;
-        case O_HIDDEN: case O_LAYERS: case O_HEADS: case O_KV: case O_HEADDIM: case O_EXPERTS:
-        case O_TOPK: case O_SHARED: case O_SHARED_I: case O_MOE_I: case O_I: case O_FIRST_DENSE:
-        case O_SPARSE: case O_VOCAB: case O_MAXPOS: {
-            const char *nm = "size";
-            for (const struct option *o = opts; o->name; o++)
-                if (o->val == opt) nm = o->name;
-            long lo = (opt == O_SHARED || opt == O_SHARED_I || opt == O_FIRST_DENSE) ? 0 : 1;
-            char oname[64];
-            snprintf(oname, sizeof oname, "--%s", nm);
-            v[opt] = moe_cli_long(oname, optarg, lo, 1L << 30);
-            set[opt] = 1;
-            break;
-        }
-        default:
-            if (!moe_cli_handle(opt, optarg)) moe_cli_usage("unexpected option");
-        }
-    }
-    if (moe_cli.threads > 0) omp_set_num_threads(moe_cli.threads);
-    if (optind < argc) moe_cli_usage("unexpected argument '%s'", argv[optind]);
-    if (!out) moe_cli_usage("no output directory (-o DIR)");
-    if (!arch_name && !config) moe_cli_usage("--arch ARCH or --config FILE is required");
-    if (!(std >= 0) || !(norm_std >= 0) || !(bias_std >= 0)) moe_cli_usage("standard deviations must be >= 0");
-
     moe_config *c;
     if (config) {
         c = moe_config_load(config);
@@ -227,74 +221,51 @@ int main(int argc, char **argv)
         c = moe_config_new(a);
         if (moe_config_finish(c) < 0) moe_cli_fail();
     }
-    const moe_arch *a = c->arch;
-    /* remember condensed layers of --config, re-applied after the overrides */
-    int nl0 = c->num_layers;
-    moe_layer_mlp *cond = moe_calloc((size_t)nl0, sizeof *cond);
-    for (int l = 0; l < nl0; l++) cond[l] = c->layers[l];
-    int old_hd_default = c->head_dim * c->num_heads == c->hidden_size;
-    if (set[O_HIDDEN]) c->hidden_size = (int)v[O_HIDDEN];
-    if (set[O_LAYERS]) c->num_layers = (int)v[O_LAYERS];
-    if (set[O_HEADS]) c->num_heads = (int)v[O_HEADS];
-    if (set[O_KV]) c->num_kv_heads = (int)v[O_KV];
-    else if (set[O_HEADS] && c->num_kv_heads > c->num_heads) c->num_kv_heads = c->num_heads;
-    if (set[O_HEADDIM]) c->head_dim = (int)v[O_HEADDIM];
-    else if ((set[O_HIDDEN] || set[O_HEADS]) && old_hd_default) {
-        if (c->hidden_size % c->num_heads) moe_cli_usage("--hidden %d is not a multiple of --heads %d",
-                                                         c->hidden_size, c->num_heads);
-        c->head_dim = c->hidden_size / c->num_heads;
-    }
-    if (set[O_EXPERTS]) c->n_routed_experts = (int)v[O_EXPERTS];
-    if (set[O_TOPK]) c->top_k = (int)v[O_TOPK];
-    if (set[O_MOE_I]) c->moe_intermediate_size = (int)v[O_MOE_I];
-    if (set[O_I]) {
-        c->intermediate_size = (int)v[O_I];
-        if (!a->key_moe_inter) c->moe_intermediate_size = c->intermediate_size;
-    }
-    if (set[O_SHARED]) {
-        if (a->shared == MOE_SHARED_NONE && v[O_SHARED] > 0)
-            moe_cli_usage("--shared: %s has no shared experts", a->model_type);
-        if (a->shared == MOE_SHARED_COUNT) c->n_shared_experts = (int)v[O_SHARED];
-        if (a->shared == MOE_SHARED_SIZE) c->shared_intermediate_size = (int)v[O_SHARED] * c->moe_intermediate_size;
-    }
-    if (set[O_SHARED_I]) {
-        if (a->shared != MOE_SHARED_SIZE) moe_cli_usage("--shared-intermediate is for qwen2_moe only");
-        c->shared_intermediate_size = (int)v[O_SHARED_I];
-    }
-    if (set[O_FIRST_DENSE]) {
-        if (a->layer_rule != MOE_LAYERS_DEEPSEEK) moe_cli_usage("--first-dense is for deepseek only");
-        c->first_k_dense_replace = (int)v[O_FIRST_DENSE];
-    }
-    if (set[O_SPARSE]) {
-        if (a->layer_rule != MOE_LAYERS_QWEN) moe_cli_usage("--sparse-step is for qwen2_moe/qwen3_moe only");
-        c->decoder_sparse_step = (int)v[O_SPARSE];
-    }
-    if (set[O_NORMTOPK]) c->norm_topk_prob = (int)v[O_NORMTOPK];
-    if (set[O_VOCAB]) c->vocab_size = (int)v[O_VOCAB];
-    if (set[O_MAXPOS]) c->max_position_embeddings = (int)v[O_MAXPOS];
-    if (c->vocab_size < 257) moe_cli_usage("--vocab %d: at least 257 ids are needed for the byte-level tokenizer",
-                                           c->vocab_size);
-    if (moe_config_finish(c) < 0) moe_cli_fail();
-    for (int l = 0; l < nl0; l++) {
-        if (cond[l].kind == MOE_MLP_CONDENSED && l < c->num_layers &&
-            moe_config_condense(c, l, cond[l].n_kept, cond[l].experts, cond[l].weights) < 0)
-            moe_cli_fail();
-        free(cond[l].experts);
-        free(cond[l].weights);
-    }
-    free(cond);
+    check_overrides(c->arch, ov);
+    int vocab = ov->vocab_size != MOE_CONFIG_KEEP ? ov->vocab_size : c->vocab_size;
+    if (vocab < 257) moe_cli_usage("--vocab %d: at least 257 ids are needed for the byte-level tokenizer", vocab);
+    int rc = moe_config_override(c, ov);
+    if (rc == MOE_CONFIG_BAD_SIZES)
+        moe_cli_usage("--hidden %d is not a multiple of --heads %d", c->hidden_size, c->num_heads);
+    if (rc < 0) moe_cli_fail();
     int ntok = moe_bytetok_size(c->vocab_size);
     c->bos_token_id = c->eos_token_id = ntok - 1;
     c->pad_token_id = -1;
-    free(c->dtype);
-    c->dtype = moe_strdup(strcmp(dtype, "f32") ? "bfloat16" : "float32");
+    return c;
+}
 
+/* Standard deviations of the values: weights, norms (around 1), biases. */
+typedef struct {
+    double std, norm_std, bias_std;
+} init_stds;
+
+/* Where tensor r's values come from (mean, deviation, seed). */
+static void tensor_ctx(init_ctx *x, const moe_tensor_ref *r, const init_stds *sd, uint64_t seedkey)
+{
+    x->key = seedkey ^ fnv1a64(r->name);
+    switch (r->kind) {
+    case MOE_T_INPUT_NORM: case MOE_T_POST_NORM: case MOE_T_FINAL_NORM: case MOE_T_Q_NORM: case MOE_T_K_NORM:
+        x->mean = 1.0;
+        x->std = sd->norm_std;
+        break;
+    case MOE_T_Q_BIAS: case MOE_T_K_BIAS: case MOE_T_V_BIAS:
+        x->mean = 0;
+        x->std = sd->bias_std;
+        break;
+    default:
+        x->mean = 0;
+        x->std = sd->std;
+    }
+}
+
+/* Write the checkpoint of config c to directory out. */
+static void write_model(const moe_config *c, const char *out, uint64_t shard, moe_dtype dt, const init_stds *sd)
+{
     moe_tensor_ref *refs;
     int n = moe_config_tensor_list(c, &refs);
     if (n < 0) moe_cli_fail();
     moe_ckpt_writer *w = moe_ckpt_writer_open(out, shard, moe_cli.force);
     if (!w) moe_cli_fail();
-    moe_st_dtype dt = strcmp(dtype, "f32") ? MOE_ST_BF16 : MOE_ST_F32;
     init_ctx *ctx = moe_calloc((size_t)n, sizeof *ctx);
     moe_progress prog;
     uint64_t total = 0;
@@ -302,25 +273,12 @@ int main(int argc, char **argv)
     for (int i = 0; i < n; i++) {
         const moe_tensor_ref *r = &refs[i];
         init_ctx *x = &ctx[i];
-        x->key = seedkey ^ fnv1a64(r->name);
+        tensor_ctx(x, r, sd, seedkey);
         x->dt = dt;
         x->prog = &prog;
-        switch (r->kind) {
-        case MOE_T_INPUT_NORM: case MOE_T_POST_NORM: case MOE_T_FINAL_NORM: case MOE_T_Q_NORM: case MOE_T_K_NORM:
-            x->mean = 1.0;
-            x->std = norm_std;
-            break;
-        case MOE_T_Q_BIAS: case MOE_T_K_BIAS: case MOE_T_V_BIAS:
-            x->mean = 0;
-            x->std = bias_std;
-            break;
-        default:
-            x->mean = 0;
-            x->std = std;
-        }
         uint64_t numel = 1;
         for (int d = 0; d < r->ndim; d++) numel *= (uint64_t)r->shape[d];
-        total += numel * (dt == MOE_ST_F32 ? 4 : 2);
+        total += numel * (dt == MOE_DT_F32 ? 4 : 2);
         if (moe_ckpt_writer_add(w, r->name, dt, r->ndim, r->shape, NULL, fill, x) < 0) {
             moe_ckpt_writer_abort(w);
             moe_cli_fail();
@@ -339,7 +297,61 @@ int main(int argc, char **argv)
     moe_progress_end(&prog);
     free(ctx);
     free(refs);
-    moe_config_free(c);
     if (rc < 0) moe_cli_fail();
+}
+
+int main(int argc, char **argv)
+{
+    const unsigned takes = MOE_CLI_TAKES_THREADS | MOE_CLI_TAKES_SEED | MOE_CLI_TAKES_FORCE |
+                      MOE_CLI_TAKES_QUIET;
+    moe_cli_init("moe-init", help, takes, argc, argv);
+    const char *arch_name = NULL, *config = NULL, *out = NULL, *dtype = "bf16";
+    moe_config_overrides ov;
+    moe_config_overrides_init(&ov);
+    double std = 0.02, norm_std = 0, bias_std = 0;
+    uint64_t shard = 5000000000ULL;
+    int opt;
+    while ((opt = getopt_long(argc, argv, ":a:c:o:", opts, NULL)) != -1) {
+        switch (opt) {
+        case 'a': arch_name = optarg; break;
+        case 'c': config = optarg; break;
+        case 'o': out = optarg; break;
+        case O_DTYPE:
+            if (strcmp(optarg, "bf16") && strcmp(optarg, "f32"))
+                moe_cli_usage("--dtype: expected bf16 or f32, got '%s'", optarg);
+            dtype = optarg;
+            break;
+        case O_STD: std = moe_cli_double("--std", optarg); break;
+        case O_NORMSTD: norm_std = moe_cli_double("--norm-std", optarg); break;
+        case O_BIASSTD: bias_std = moe_cli_double("--bias-std", optarg); break;
+        case O_SHARD: shard = parse_size("--shard-size", optarg); break;
+        case O_NORMTOPK: ov.norm_topk_prob = (int)moe_cli_long("--norm-topk", optarg, 0, 1); break;
+        case O_HIDDEN: case O_LAYERS: case O_HEADS: case O_KV: case O_HEADDIM: case O_EXPERTS:
+        case O_TOPK: case O_SHARED: case O_SHARED_I: case O_MOE_I: case O_I: case O_FIRST_DENSE:
+        case O_SPARSE: case O_VOCAB: case O_MAXPOS: {
+            const char *nm = "size";
+            for (const struct option *o = opts; o->name; o++)
+                if (o->val == opt) nm = o->name;
+            long lo = (opt == O_SHARED || opt == O_SHARED_I || opt == O_FIRST_DENSE) ? 0 : 1;
+            char oname[64];
+            snprintf(oname, sizeof oname, "--%s", nm);
+            *override_field(&ov, opt) = (int)moe_cli_long(oname, optarg, lo, 1L << 30);
+            break;
+        }
+        default:
+            if (!moe_cli_handle(opt, optarg)) moe_cli_usage("unexpected option");
+        }
+    }
+    if (optind < argc) moe_cli_usage("unexpected argument '%s'", argv[optind]);
+    if (!out) moe_cli_usage("no output directory (-o DIR)");
+    if (!arch_name && !config) moe_cli_usage("--arch ARCH or --config FILE is required");
+    if (!(std >= 0) || !(norm_std >= 0) || !(bias_std >= 0)) moe_cli_usage("standard deviations must be >= 0");
+
+    moe_config *c = make_config(arch_name, config, &ov);
+    free(c->dtype);
+    c->dtype = moe_strdup(strcmp(dtype, "f32") ? "bfloat16" : "float32");
+    init_stds sd = {std, norm_std, bias_std};
+    write_model(c, out, shard, strcmp(dtype, "f32") ? MOE_DT_BF16 : MOE_DT_F32, &sd);
+    moe_config_free(c);
     return 0;
 }

@@ -45,7 +45,9 @@ enum { OPT_WEIGHT = 100, OPT_MODEL = 1, OPT_EXPERTS, OPT_LAYERS, OPT_BEAM, OPT_M
        OPT_MEM, OPT_STREAM, OPT_CMAJOR };
 
 int main(int argc, char **argv) {
-    moe_cli_init("moe-layer-search", help, argc, argv);
+    const unsigned takes = MOE_CLI_TAKES_THREADS | MOE_CLI_TAKES_DEVICE | MOE_CLI_TAKES_FORCE |
+                      MOE_CLI_TAKES_NO_PROVENANCE | MOE_CLI_TAKES_QUIET;
+    moe_cli_init("moe-layer-search", help, takes, argc, argv);
     static const struct option opts[] = {{"model", required_argument, 0, OPT_MODEL},
                                          {"experts", required_argument, 0, OPT_EXPERTS},
                                          {"layers", required_argument, 0, OPT_LAYERS},
@@ -107,7 +109,7 @@ int main(int argc, char **argv) {
      * f32, e.g. 2.2 GB for DeepSeekMoE-16B) instead of converting them again
      * in every MLP call (each candidate, each chunk of tokens) */
     moe_model_opts mo = {.device = moe_cli.device, .expert_cache_bytes = (size_t)-1};
-    if (moe_search_job_model(&j, model, &mo, moe_cli.threads) < 0) moe_cli_fail();
+    if (moe_search_job_model(&j, model, &mo) < 0) moe_cli_fail();
     if (o.k > j.cfg->n_routed_experts)
         moe_cli_usage("--experts %d: the model has %d routed experts per layer", o.k,
                       j.cfg->n_routed_experts);

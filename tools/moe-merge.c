@@ -125,7 +125,7 @@ static int seen_before(seen_set *s, const msgpack_object *rec) {
 }
 
 int main(int argc, char **argv) {
-    moe_cli_init("moe-merge", help, argc, argv);
+    moe_cli_init("moe-merge", help, MOE_CLI_TAKES_FORCE | MOE_CLI_TAKES_NO_PROVENANCE, argc, argv);
     static const struct option opts[] = {{"output", required_argument, 0, 'o'}, MOE_CLI_COMMON_OPTIONS, {0, 0, 0, 0}};
     const char *out = "-";
     int c;

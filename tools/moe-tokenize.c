@@ -1,6 +1,7 @@
 /* moe-tokenize - text to token ids (and back) with a model's Hugging Face
  * tokenizer.json, token for token as the `tokenizers` library. */
 #include "cli.h"
+#include "jsonl.h"
 #include "jsonout.h"
 #include "records.h"
 #include "stream.h"
@@ -10,8 +11,6 @@
 #include <omp.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
-#include <jansson.h>
 
 static const char help[] =
     "Usage: moe-tokenize --model DIR [OPTIONS] [INPUT|-] > TOKENS.msgpack.zst\n"
@@ -42,16 +41,6 @@ typedef struct {
     int no_special, lines, ids, decode, skip_special;
 } opts_t;
 
-static const char *display(const char *path) { return strcmp(path, "-") ? path : "<stdin>"; }
-
-static FILE *open_input(const char *path)
-{
-    if (!strcmp(path, "-")) return stdin;
-    FILE *f = fopen(path, "rb");
-    if (!f) moe_error_set(MOE_ERR_IO, "%s: %s", path, strerror(errno));
-    return f;
-}
-
 /* Parse one --ids line: a JSON list of ints, or an object with field = list. */
 static int parse_ids(const char *name, uint64_t lineno, const char *line, size_t len, const opts_t *o,
                      size_t vocab, int32_t **ids, size_t *n)
@@ -59,14 +48,13 @@ static int parse_ids(const char *name, uint64_t lineno, const char *line, size_t
     json_error_t err;
     json_t *j = json_loadb(line, len, 0, &err), *a = j;
     if (!j) {
-        moe_error_set(MOE_ERR_DATA, "%s:%llu: not JSON: %s", name, (unsigned long long)lineno, err.text);
+        moe_jsonl_error(name, lineno, "not JSON: %s", err.text);
         return -1;
     }
     if (json_is_object(j)) a = json_object_get(j, o->field);
     if (!json_is_array(a)) {
-        moe_error_set(MOE_ERR_DATA, "%s:%llu: expected a JSON list of token ids%s%s", name,
-                      (unsigned long long)lineno, json_is_object(j) ? " in field " : "",
-                      json_is_object(j) ? o->field : "");
+        moe_jsonl_error(name, lineno, "expected a JSON list of token ids%s%s",
+                        json_is_object(j) ? " in field " : "", json_is_object(j) ? o->field : "");
         json_decref(j);
         return -1;
     }
@@ -76,8 +64,7 @@ static int parse_ids(const char *name, uint64_t lineno, const char *line, size_t
         json_t *v = json_array_get(a, i);
         json_int_t x = json_integer_value(v);
         if (!json_is_integer(v) || x < 0 || (size_t)x >= vocab) {
-            moe_error_set(MOE_ERR_DATA, "%s:%llu: element %zu is not a token id in [0, %zu)", name,
-                          (unsigned long long)lineno, i, vocab);
+            moe_jsonl_error(name, lineno, "element %zu is not a token id in [0, %zu)", i, vocab);
             free(*ids);
             *ids = NULL;
             json_decref(j);
@@ -89,46 +76,6 @@ static int parse_ids(const char *name, uint64_t lineno, const char *line, size_t
     if (o->max_length > 0 && *n > (size_t)o->max_length) *n = (size_t)o->max_length;
     json_decref(j);
     return 0;
-}
-
-/* The text of one JSON Lines sample (pointer into *j, which the caller frees). */
-static int parse_text(const char *name, uint64_t lineno, const char *line, size_t len, const char *field,
-                      json_t **j, const char **s, size_t *sl)
-{
-    json_error_t err;
-    *j = json_loadb(line, len, JSON_ALLOW_NUL, &err);
-    if (!*j) {
-        moe_error_set(MOE_ERR_DATA, "%s:%llu: not JSON: %s", name, (unsigned long long)lineno, err.text);
-        return -1;
-    }
-    if (!json_is_object(*j)) {
-        moe_error_set(MOE_ERR_DATA, "%s:%llu: not a JSON object", name, (unsigned long long)lineno);
-        return -1;
-    }
-    json_t *v = json_object_get(*j, field);
-    if (!json_is_string(v)) {
-        moe_error_set(MOE_ERR_DATA, "%s:%llu: %s field '%s'", name, (unsigned long long)lineno,
-                      v ? "not a string:" : "missing", field);
-        return -1;
-    }
-    *s = json_string_value(v);
-    *sl = json_string_length(v);
-    return 0;
-}
-
-/* Prefix the current error with FILE:LINE. */
-static void at_line(const char *name, uint64_t lineno)
-{
-    char *msg = moe_strdup(moe_error());
-    moe_error_set(MOE_ERR_DATA, "%s:%llu: %s", name, (unsigned long long)lineno, msg);
-    free(msg);
-}
-
-static int blank(const char *s, size_t n)
-{
-    for (size_t i = 0; i < n; i++)
-        if (s[i] != ' ' && s[i] != '\t' && s[i] != '\r') return 0;
-    return 1;
 }
 
 /* One input line and what becomes of it. */
@@ -151,15 +98,14 @@ static void process(const opts_t *o, moe_tokenizer *t, const char *name, size_t 
         if (n && line[n - 1] == '\r') n--;
         size_t ok = moe_utf8_check(line, n);
         if (ok != n) {
-            moe_error_set(MOE_ERR_DATA, "%s:%llu: invalid UTF-8 at byte %zu", name,
-                          (unsigned long long)it->lineno, ok);
+            moe_jsonl_error(name, it->lineno, "invalid UTF-8 at byte %zu", ok);
             rc = -1;
         } else if (moe_tokenizer_encode_trunc(t, line, n, !o->no_special, (size_t)o->max_length, &it->ids,
                                               &it->n) < 0) {
-            at_line(name, it->lineno);
+            moe_jsonl_error_at(name, it->lineno);
             rc = -1;
         }
-    } else if (blank(line, n)) {
+    } else if (moe_jsonl_blank(line, n)) {
         it->skip = 1;
     } else if (o->ids) {
         rc = parse_ids(name, it->lineno, line, n, o, vocab, &it->ids, &it->n);
@@ -167,10 +113,10 @@ static void process(const opts_t *o, moe_tokenizer *t, const char *name, size_t 
         json_t *j = NULL;
         const char *s;
         size_t sl;
-        rc = parse_text(name, it->lineno, line, n, o->field, &j, &s, &sl);
+        rc = moe_jsonl_text(name, it->lineno, line, n, o->field, 0, &j, &s, &sl);
         if (rc == 0 && moe_tokenizer_encode_trunc(t, s, sl, !o->no_special, (size_t)o->max_length, &it->ids,
                                                   &it->n) < 0) {
-            at_line(name, it->lineno);
+            moe_jsonl_error_at(name, it->lineno);
             rc = -1;
         }
         if (j) json_decref(j);
@@ -183,53 +129,48 @@ static void process(const opts_t *o, moe_tokenizer *t, const char *name, size_t 
 
 static int tokenize(const opts_t *o, moe_tokenizer *t, int argc, char **argv)
 {
-    const char *name = display(o->input);
-    FILE *in = open_input(o->input);
+    moe_jsonl *in = moe_jsonl_open(o->input);
     if (!in) return -1;
+    const char *name = moe_jsonl_name(in);
     /* the tokens name the tokenizer that made them (not ids made elsewhere: --ids) */
     char fingerprint[65];
     if (moe_tokenizer_fingerprint(o->model, fingerprint) < 0) {
-        if (in != stdin) fclose(in);
+        moe_jsonl_close(in);
         return -1;
     }
     moe_provenance prov = {.tool = "moe-tokenize", .argc = argc, .argv = argv, .kind = "tokens"};
     moe_writer *w = moe_writer_open(o->output, NULL, &prov, moe_cli.no_provenance);
-    if (!w) { if (in != stdin) fclose(in); return -1; }
-    /* one tokenizer per thread; the ids do not depend on the thread count */
-    int nt = moe_cli.threads > 0 ? moe_cli.threads : omp_get_max_threads();
+    if (!w) { moe_jsonl_close(in); return -1; }
+    /* one tokenizer per thread (--threads, applied by moe_cli_handle); the
+     * ids do not depend on the thread count */
+    int nt = omp_get_max_threads();
     if (nt < 1) nt = 1;
     moe_tokenizer **tk = moe_malloc((size_t)nt * sizeof *tk);
     tk[0] = t;
     for (int i = 1; i < nt; i++) tk[i] = moe_tokenizer_clone(t);
-    struct stat st;
     moe_progress pr;
-    moe_progress_start(&pr, "moe-tokenize", "bytes", (in != stdin && !fstat(fileno(in), &st)) ? (uint64_t)st.st_size : 0);
+    moe_progress_start(&pr, "moe-tokenize", "bytes", moe_jsonl_size(in));
     item *batch = moe_calloc(BATCH_LINES, sizeof *batch);
-    char *line = NULL;
-    size_t cap = 0, vocab = moe_tokenizer_vocab_size(t);
-    uint64_t lineno = 0, index = 0;
-    int rc = 0, eof = 0;
-    while (rc == 0 && !eof) {
-        size_t nb = 0, bytes = 0;
-        ssize_t len;
-        errno = 0;
-        while (nb < BATCH_LINES && bytes < BATCH_BYTES && (len = getline(&line, &cap, in)) >= 0) {
+    size_t vocab = moe_tokenizer_vocab_size(t);
+    uint64_t index = 0;
+    int rc = 0, more = 1;
+    while (rc == 0 && more > 0) {
+        size_t nb = 0;
+        uint64_t start = moe_jsonl_offset(in);
+        const char *line;
+        size_t len;
+        while (nb < BATCH_LINES && moe_jsonl_offset(in) - start < BATCH_BYTES &&
+               (more = moe_jsonl_next(in, &line, &len)) > 0) {
             item *it = &batch[nb++];
             memset(it, 0, sizeof *it);
-            it->lineno = ++lineno;
-            it->len = (size_t)len;
-            if (it->len && line[it->len - 1] == '\n') it->len--;
-            it->line = moe_malloc(it->len + 1);
-            memcpy(it->line, line, it->len);
-            it->line[it->len] = 0;
-            bytes += (size_t)len;
+            it->lineno = moe_jsonl_lineno(in);
+            it->len = len;
+            it->line = moe_malloc(len + 1);
+            memcpy(it->line, line, len);
+            it->line[len] = 0;
         }
-        if (nb < BATCH_LINES && bytes < BATCH_BYTES) eof = 1;
-        if (eof && ferror(in)) {
-            moe_error_set(MOE_ERR_IO, "%s: read error: %s", name, strerror(errno));
-            rc = -1;
-        }
-        moe_progress_add(&pr, bytes);
+        if (more < 0) rc = -1;
+        moe_progress_add(&pr, moe_jsonl_offset(in) - start);
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 4) if (nt > 1 && nb > 1)
         for (size_t i = 0; i < nb; i++) process(o, tk[omp_get_thread_num()], name, vocab, &batch[i]);
         for (size_t i = 0; i < nb; i++) {
@@ -246,10 +187,9 @@ static int tokenize(const opts_t *o, moe_tokenizer *t, int argc, char **argv)
     }
     moe_progress_end(&pr);
     free(batch);
-    free(line);
     for (int i = 1; i < nt; i++) moe_tokenizer_close(tk[i]);
     free(tk);
-    if (in != stdin) fclose(in);
+    moe_jsonl_close(in);
     if (rc < 0) {
         moe_writer_abort(w);
         return -1;
@@ -308,7 +248,8 @@ static int decode(const opts_t *o, moe_tokenizer *t)
 
 int main(int argc, char **argv)
 {
-    moe_cli_init("moe-tokenize", help, argc, argv);
+    const unsigned takes = MOE_CLI_TAKES_THREADS | MOE_CLI_TAKES_NO_PROVENANCE | MOE_CLI_TAKES_QUIET;
+    moe_cli_init("moe-tokenize", help, takes, argc, argv);
     static const struct option lopts[] = {
         {"model", required_argument, 0, 'm'},     {"field", required_argument, 0, 'f'},
         {"max-length", required_argument, 0, 'n'}, {"no-special", no_argument, 0, OPT_NO_SPECIAL},

@@ -1156,7 +1156,7 @@ static moe_backend g_backend;
 static const moe_backend *fill_table(void) {
     moe_backend *b = &g_backend;
     if (b->name) return b;
-    b->weight_dtype = MOE_WT_BF16;
+    b->weight_dtype = MOE_DT_BF16;
     b->host_memory = 0;
     b->alloc = cu_alloc;
     b->free = cu_free;
@@ -1362,7 +1362,7 @@ __global__ void k_fill_bf16s(__nv_bfloat16 *d, size_t n, uint64_t seed, float sc
 static void pl_fill_random(void *d, int dtype, size_t n, uint64_t seed, float scale) {
     LIVE();
     if (!n) return;
-    if (dtype == MOE_WT_BF16)
+    if (dtype == MOE_DT_BF16)
         k_fill_bf16s<<<nblocks(n, 256), 256, 0, g.stream>>>((__nv_bfloat16 *)d, n, seed, scale);
     else
         k_fill_f32<<<nblocks(n, 256), 256, 0, g.stream>>>((float *)d, n, seed, scale);

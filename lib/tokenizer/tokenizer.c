@@ -958,13 +958,6 @@ int32_t moe_tokenizer_token_id(const moe_tokenizer *t, const char *token)
     return tk_strmap_get(&t->vocab, token, n);
 }
 
-const char *moe_tokenizer_id_token(const moe_tokenizer *t, int32_t id, size_t *len)
-{
-    if (id < 0 || (size_t)id >= t->nids || !t->id_str[id]) return NULL;
-    if (len) *len = t->id_len[id];
-    return t->id_str[id];
-}
-
 size_t moe_tokenizer_num_special(const moe_tokenizer *t, int add_special)
 {
     return add_special ? t->nprefix + t->nsuffix : 0;

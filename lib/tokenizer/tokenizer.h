@@ -61,8 +61,6 @@ int moe_tokenizer_decode(const moe_tokenizer *t, const int32_t *ids, size_t n, i
 size_t moe_tokenizer_vocab_size(const moe_tokenizer *t);
 /* Id of a token string (vocabulary or added token), -1 if none. */
 int32_t moe_tokenizer_token_id(const moe_tokenizer *t, const char *token);
-/* Token string of an id (not NUL-terminated; *len set), NULL if none. */
-const char *moe_tokenizer_id_token(const moe_tokenizer *t, int32_t id, size_t *len);
 /* How many ids the post-processor adds to one sequence (0 if add_special=0). */
 size_t moe_tokenizer_num_special(const moe_tokenizer *t, int add_special);
 

@@ -11,9 +11,9 @@ FX=tests/fixtures/search
 [ -x "$BIN/moe-calib" ] || skip "moe-calib not built"
 
 # a GPU, or skip (exit 4 naming the reason)
+rc=0
 moe-calib --quiet --device cuda --model "$FX/models/deepseek-l5" "$FX/deepseek-l5/tokens.msgpack.zst" \
-    >"$TMP/probe" 2>"$TMP/err"
-rc=$?
+    >"$TMP/probe" 2>"$TMP/err" || rc=$?
 if [ $rc -eq 4 ] && grep -q "no usable CUDA device\|no CUDA backend" "$TMP/err"; then
     skip "no CUDA device ($(cat "$TMP/err"))"
 fi

@@ -1,6 +1,9 @@
 # tests/shell/lib.sh - helpers for shell tests (sourced).
 # A test exits 0 (pass), 77 (skip: say why) or anything else (fail).
-set -u
+# Fail fast: a command that fails outside a condition (if, while, ||, &&, !)
+# ends the test with its status, so no step's failure goes unnoticed; a
+# command expected to fail goes through expect_fail or a condition.
+set -eu
 : "${BIN:=bin}"
 PATH="$BIN:$PATH"
 TMP=$(mktemp -d /tmp/cdmoe-shell.XXXXXX)
@@ -13,8 +16,8 @@ skip() { echo "SKIP: $*"; exit 77; }
 # (grep -E) on stderr as a single line, and nothing on stdout.
 expect_fail() {
     code=$1 pattern=$2; shift 2
-    "$@" >"$TMP/.expect-out" 2>"$TMP/.expect-err"
-    rc=$?
+    rc=0
+    "$@" >"$TMP/.expect-out" 2>"$TMP/.expect-err" || rc=$?
     [ $rc -eq "$code" ] || fail "'$*' exited $rc, expected $code; stderr: $(cat "$TMP/.expect-err")"
     grep -Eq -- "$pattern" "$TMP/.expect-err" || fail "'$*' stderr lacks /$pattern/: $(cat "$TMP/.expect-err")"
     [ "$(wc -l <"$TMP/.expect-err")" -le 2 ] || fail "'$*' printed more than one error line: $(cat "$TMP/.expect-err")"

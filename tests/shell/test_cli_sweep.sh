@@ -12,4 +12,42 @@ for t in "$BIN"/moe-*; do
     n=$((n+1))
 done
 [ $n -gt 0 ] || fail "no tools found in $BIN"
+
+# The common options each tool takes (those it acts on): --help and the man
+# page list exactly these; any other is a usage error naming it, e.g.
+# moe-dump --seed 9 (moe-dump draws no random numbers).
+takes() {
+    case $1 in
+    moe-tokenize) echo "threads no-provenance quiet" ;;
+    moe-calib|moe-expert-rank|moe-layer-search) echo "threads device force no-provenance quiet" ;;
+    moe-condense) echo "force" ;;
+    moe-eval) echo "threads device seed force no-provenance quiet" ;;
+    moe-init) echo "threads seed force quiet" ;;
+    moe-dump) echo "" ;;
+    moe-merge) echo "force no-provenance" ;;
+    *) fail "$1: not in the table of common options" ;;
+    esac
+}
+value() { case $1 in threads) echo 2 ;; device) echo cpu ;; seed) echo 9 ;; esac; }
+for t in "$BIN"/moe-*; do
+    name=$(basename "$t")
+    taken=$(takes "$name")
+    "$t" --help >"$TMP/help" || fail "$name --help"
+    for opt in threads device seed force no-provenance quiet; do
+        man_has=0; help_has=0
+        grep -q -- "--$opt\b" "$TMP/help" && help_has=1
+        # the man page as text: without font escapes and roff's backslashes
+        sed -e 's/\\f[BIRP]//g' -e 's/\\//g' "man/man1/$name.1" | grep -q -- "--$opt\b" && man_has=1
+        case " $taken " in
+        *" $opt "*)
+            [ $help_has = 1 ] || fail "$name --help does not list --$opt, which it takes"
+            [ $man_has = 1 ] || fail "man page of $name does not list --$opt, which it takes" ;;
+        *)
+            [ $help_has = 0 ] || fail "$name --help lists --$opt, which it does not take"
+            [ $man_has = 0 ] || fail "man page of $name lists --$opt, which it does not take"
+            v=$(value $opt)
+            expect_fail 2 "^$name: option '--$opt' is not used by $name\$" "$t" --$opt ${v:+"$v"} --help ;;
+        esac
+    done
+done
 echo "$n tools checked"

@@ -6,8 +6,8 @@
 d=tests/fixtures/models/mixtral-bf16
 [ -x "$BIN/moe-eval" ] || skip "moe-eval not built"
 expect_fail 2 "--device: expected cpu or cuda" moe-eval --device tpu -m "$d" -d logits /dev/null
-moe-eval --device cuda -m "$d" -d logits /dev/null -o "$TMP/o" >"$TMP/out" 2>"$TMP/err"
-rc=$?
+rc=0
+moe-eval --device cuda -m "$d" -d logits /dev/null -o "$TMP/o" >"$TMP/out" 2>"$TMP/err" || rc=$?
 if [ $rc -eq 4 ]; then
     grep -q "cuda" "$TMP/err" || fail "exit 4 without naming cuda: $(cat "$TMP/err")"
     [ "$(wc -l <"$TMP/err")" -eq 1 ] || fail "more than one error line: $(cat "$TMP/err")"

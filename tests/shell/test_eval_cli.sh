@@ -158,5 +158,11 @@ expect_fail 3 "nonexistent" moe-eval -m $M --task "$TMP/nonexistent.jsonl"
 printf '{"query": "q", "choices": ["a"], "gold": 5}\n' >"$TMP/bad.jsonl"
 expect_fail 1 "bad.jsonl: line 1: gold 5 out of range" moe-eval -m $M --task "$TMP/bad.jsonl"
 printf '{"txt": "x"}\n' >"$TMP/badppl.jsonl"
-expect_fail 1 "badppl.jsonl: line 1: no string" moe-eval -m $M --ppl "$TMP/badppl.jsonl"
+expect_fail 1 "badppl.jsonl: line 1: missing field 'text'\$" moe-eval -m $M --ppl "$TMP/badppl.jsonl"
+# the same JSON Lines reader and messages as moe-tokenize; standard input is
+# named as such, not as the temporary file it is spooled to
+printf '{"text": "a"}\n\n[1]\n' >"$TMP/badppl2.jsonl"
+expect_fail 1 "^moe-eval: <stdin>: line 3: not a JSON object\$" moe-eval -m $M --ppl - <"$TMP/badppl2.jsonl"
+printf '{"text": "a"}\n{"text": \n' >"$TMP/badppl3.jsonl"
+expect_fail 1 "^moe-eval: [^ ]*badppl3.jsonl: line 2: not JSON: " moe-eval -m $M --ppl "$TMP/badppl3.jsonl"
 exit 0

@@ -89,6 +89,9 @@ printf '\204\246format\252moe-stream\247version\001\245kinds\220\252provenance\2
 expect_fail 1 "'tokens' is needed" moe-calib --model $model "$TMP/empty.zst"
 # a stream made with another model is refused (and accepted with --force)
 expect_fail 1 "but this model is .*use --force" moe-expert-rank --model $FX/models/qwen2_moe-l5 "$TMP/calib"
-moe-expert-rank --quiet --force --model $FX/models/qwen2_moe-l5 --max-length 16 "$TMP/calib" >/dev/null 2>&1 \
-    && fail "a calib of another model's layers was accepted"
+moe-expert-rank --quiet --force --model $FX/models/qwen2_moe-l5 --max-length 16 "$TMP/calib" >/dev/null \
+    2>"$TMP/force.err" && fail "a calib of another model's layers was accepted"
+# the library's warning carries the tool's name, as every line on stderr does
+grep -q "^moe-expert-rank: warning: .*but this model is .*(continuing: --force)$" "$TMP/force.err" \
+    || fail "--force warning not prefixed with the tool's name: $(cat "$TMP/force.err")"
 echo "ok tools"

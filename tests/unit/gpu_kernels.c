@@ -51,7 +51,7 @@ static float *host(const float *d, size_t n) {
 }
 static void *dev_bf16(const float *w, size_t n) { /* weight as the model uploads it */
     uint16_t *t = moe_malloc(2 * (n ? n : 1));
-    moe_weight_convert(t, MOE_WT_BF16, w, n);
+    moe_dtype_from_f32(MOE_DT_BF16, w, t, n);
     void *d = dev(t, 2 * n);
     free(t);
     return d;

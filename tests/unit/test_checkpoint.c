@@ -46,12 +46,12 @@ static char *write_model(const moe_config *c, const char *name, uint64_t shard, 
         if (skip && !strcmp(r[i].name, skip)) continue;
         int64_t sh[2] = {r[i].shape[0], r[i].shape[1]};
         if (bad && !strcmp(r[i].name, bad)) sh[0] += 1;
-        assert_int_equal(moe_ckpt_writer_add(w, r[i].name, MOE_ST_F32, r[i].ndim, sh, NULL, fill_val,
+        assert_int_equal(moe_ckpt_writer_add(w, r[i].name, MOE_DT_F32, r[i].ndim, sh, NULL, fill_val,
                                              (void *)(intptr_t)i), 0);
     }
     if (extra) {
         int64_t s[1] = {4};
-        moe_ckpt_writer_add(w, "model.rotary_emb.inv_freq", MOE_ST_F32, 1, s, NULL, fill_val, (void *)1);
+        moe_ckpt_writer_add(w, "model.rotary_emb.inv_freq", MOE_DT_F32, 1, s, NULL, fill_val, (void *)1);
     }
     free(r);
     char *js = moe_config_to_json(c, "float32");
@@ -77,7 +77,7 @@ static void test_roundtrip(void **state)
         if (!m) fail_msg("%s", moe_error());
         const moe_config *mc = moe_ckpt_config(m);
         assert_int_equal(mc->arch->id, a);
-        assert_int_equal(moe_ckpt_dtype(m), MOE_ST_F32);
+        assert_int_equal(moe_ckpt_dtype(m), MOE_DT_F32);
         assert_int_equal(moe_ckpt_n_extra(m), 0);
         assert_int_equal(strlen(moe_ckpt_fingerprint(m)), 64);
         moe_tensor_ref *r;
@@ -267,7 +267,7 @@ static void test_hf_saved(void **state)
         moe_ckpt *m = moe_ckpt_open(dir);
         if (!m) fail_msg("%s", moe_error());
         assert_int_equal(moe_ckpt_n_extra(m), 0);
-        assert_int_equal(moe_ckpt_dtype(m), i == 4 ? MOE_ST_BF16 : MOE_ST_F32);
+        assert_int_equal(moe_ckpt_dtype(m), i == 4 ? MOE_DT_BF16 : MOE_DT_F32);
         snprintf(sums, sizeof sums, "%s/sums.txt", dir);
         FILE *fp = fopen(sums, "r");
         assert_non_null(fp);

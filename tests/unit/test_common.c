@@ -95,7 +95,7 @@ static void test_sigterm_removes_tree(void **state) {
     assert_true(pid >= 0);
     if (pid == 0) {
         char *argv[] = {"test_common", NULL};
-        moe_cli_init("test_common", "", 1, argv);
+        moe_cli_init("test_common", "", 0, 1, argv);
         make_tree(out, keep);
         moe_tmp_register(out);
         pthread_t th;

@@ -322,7 +322,7 @@ static uint16_t *to_bf16(float *w, size_t n, int shift) { /* rounds w in place; 
 static void test_bf16_weights_exact(void **state) {
     (void)state;
     const moe_backend *cpu = moe_backend_cpu(), *bf = moe_backend_cpu_bf16();
-    assert_int_equal(bf->weight_dtype, MOE_WT_BF16);
+    assert_int_equal(bf->weight_dtype, MOE_DT_BF16);
     const int shapes[][3] = {{1, 64, 3}, {7, 33, 65}, {300, 260, 1100}, {130, 128, 1024},
                              {2, 700, 1}, {513, 96, 64}};
     for (int th = 1; th <= 2; th++) {

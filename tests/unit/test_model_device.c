@@ -213,7 +213,7 @@ static int setup(void **state) {
     arena = mmap(NULL, ARENA_BYTES, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (arena == MAP_FAILED) return -1;
     cpu = moe_backend_cpu();
-    emu = (moe_backend){.name = "cuda-emu", .weight_dtype = MOE_WT_BF16, .alloc = e_alloc,
+    emu = (moe_backend){.name = "cuda-emu", .weight_dtype = MOE_DT_BF16, .alloc = e_alloc,
                         .free = e_free, .upload = e_upload, .download = e_download,
                         .copy = e_copy, .zero = e_zero, .sync = e_sync, .matmul = e_matmul,
                         .rmsnorm = e_rmsnorm, .rope = e_rope, .attention = e_attention,

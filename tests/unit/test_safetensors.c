@@ -58,7 +58,7 @@ static void test_good_file(void **state)
     assert_null(moe_st_metadata(f, "nope"));
     const moe_st_tensor *b = moe_st_find(f, "b");
     assert_non_null(b);
-    assert_int_equal(b->dtype, MOE_ST_BF16);
+    assert_int_equal(b->dtype, MOE_DT_BF16);
     assert_int_equal(b->ndim, 2);
     assert_int_equal(b->numel, 4);
     assert_int_equal(b->nbytes, 8);
@@ -143,32 +143,32 @@ static void test_convert(void **state)
     for (uint32_t h = 0; h < 65536; h++) {
         uint16_t x = (uint16_t)h, y;
         float f;
-        moe_st_convert_f32(MOE_ST_F16, &x, &f, 1);
+        moe_dtype_to_f32(MOE_DT_F16, &x, &f, 1);
         if (isnan(f)) continue;
-        moe_st_f32_to_f16(&f, &y, 1);
+        moe_dtype_from_f32(MOE_DT_F16, &f, &y, 1);
         if (x != y) fail_msg("f16 0x%04x -> %g -> 0x%04x", x, f, y);
     }
     uint16_t one = 0x3c00, mhalf = 0xb800, tiny = 0x0001;
     float f;
-    moe_st_convert_f32(MOE_ST_F16, &one, &f, 1);
+    moe_dtype_to_f32(MOE_DT_F16, &one, &f, 1);
     assert_true(f == 1.0f);
-    moe_st_convert_f32(MOE_ST_F16, &mhalf, &f, 1);
+    moe_dtype_to_f32(MOE_DT_F16, &mhalf, &f, 1);
     assert_true(f == -0.5f);
-    moe_st_convert_f32(MOE_ST_F16, &tiny, &f, 1);
+    moe_dtype_to_f32(MOE_DT_F16, &tiny, &f, 1);
     assert_true(f == ldexpf(1.0f, -24));
     /* bf16: round to nearest even */
     float in[4] = {1.0f, 1.00390625f /* 1 + 2^-8: tie -> even (1.0) */, 1.01171875f /* 1+3*2^-8: tie -> up */,
                    -2.5f};
     uint16_t out[4];
-    moe_st_f32_to_bf16(in, out, 4);
+    moe_dtype_from_f32(MOE_DT_BF16, in, out, 4);
     assert_int_equal(out[0], 0x3f80);
     assert_int_equal(out[1], 0x3f80);
     assert_int_equal(out[2], 0x3f82);
     assert_int_equal(out[3], 0xc020);
     float back[4];
-    moe_st_convert_f32(MOE_ST_BF16, out, back, 4);
+    moe_dtype_to_f32(MOE_DT_BF16, out, back, 4);
     assert_true(back[3] == -2.5f);
-    assert_int_equal(moe_st_convert_f32(MOE_ST_I32, out, back, 1), -1);
+    assert_int_equal(moe_dtype_to_f32(MOE_DT_I32, out, back, 1), -1);
     /* big conversions (streamed, in chunks, threads): every value, odd source
      * and destination alignments, odd length */
     size_t n = ((size_t)1 << 18) + 12345;
@@ -178,7 +178,7 @@ static void test_convert(void **state)
         uint16_t h = (uint16_t)(i * 40503u);
         memcpy(src + 1 + 2 * i, &h, 2);
     }
-    assert_int_equal(moe_st_convert_f32(MOE_ST_BF16, src + 1, dst + 1, n), 0);
+    assert_int_equal(moe_dtype_to_f32(MOE_DT_BF16, src + 1, dst + 1, n), 0);
     for (size_t i = 0; i < n; i++) {
         uint32_t u = (uint32_t)(uint16_t)(i * 40503u) << 16, v;
         memcpy(&v, dst + 1 + i, 4);
@@ -211,10 +211,10 @@ static void write_sample(const char *path)
     static double f64[2] = {1.5, -2.25};
     moe_st_writer *w = moe_st_writer_open(path);
     int64_t s3[1] = {3}, big[2] = {1000, 1500}, s2[1] = {2};
-    assert_int_equal(moe_st_writer_add(w, "z.bf16", MOE_ST_BF16, 1, s3, bf, NULL, NULL), 0);
-    assert_int_equal(moe_st_writer_add(w, "a.big", MOE_ST_F32, 2, big, NULL, fill_iota, NULL), 0);
-    assert_int_equal(moe_st_writer_add(w, "m.f64", MOE_ST_F64, 1, s2, f64, NULL, NULL), 0);
-    assert_int_equal(moe_st_writer_add(w, "m.f64", MOE_ST_F64, 1, s2, f64, NULL, NULL), -1); /* duplicate */
+    assert_int_equal(moe_st_writer_add(w, "z.bf16", MOE_DT_BF16, 1, s3, bf, NULL, NULL), 0);
+    assert_int_equal(moe_st_writer_add(w, "a.big", MOE_DT_F32, 2, big, NULL, fill_iota, NULL), 0);
+    assert_int_equal(moe_st_writer_add(w, "m.f64", MOE_DT_F64, 1, s2, f64, NULL, NULL), 0);
+    assert_int_equal(moe_st_writer_add(w, "m.f64", MOE_DT_F64, 1, s2, f64, NULL, NULL), -1); /* duplicate */
     assert_int_equal(moe_st_writer_meta(w, "note", "x\"y"), 0);
     assert_int_equal(moe_st_writer_bytes(w), 6 + 6000000 + 16);
     if (moe_st_writer_close(w) < 0) fail_msg("%s", moe_error());
@@ -264,7 +264,7 @@ static void test_writer(void **state)
     const char *p3 = tu_path("w3.safetensors");
     moe_st_writer *w = moe_st_writer_open(p3);
     int64_t s[1] = {10};
-    moe_st_writer_add(w, "t", MOE_ST_F32, 1, s, NULL, fill_fail, NULL);
+    moe_st_writer_add(w, "t", MOE_DT_F32, 1, s, NULL, fill_fail, NULL);
     assert_int_equal(moe_st_writer_close(w), -1);
     assert_non_null(strstr(moe_error(), "fill failed for t"));
     struct stat st;
@@ -273,7 +273,7 @@ static void test_writer(void **state)
 
     /* unwritable place: I/O error naming the file */
     w = moe_st_writer_open("/nonexistent-dir/x.safetensors");
-    moe_st_writer_add(w, "t", MOE_ST_F32, 1, s, NULL, fill_iota, NULL);
+    moe_st_writer_add(w, "t", MOE_DT_F32, 1, s, NULL, fill_iota, NULL);
     assert_int_equal(moe_st_writer_close(w), -1);
     assert_int_equal(moe_error_kind(), MOE_ERR_IO);
     assert_non_null(strstr(moe_error(), "/nonexistent-dir/"));

@@ -10,7 +10,8 @@
 
 static void open_model(moe_search_job *j) {
     moe_model_opts mo = {.device = "cpu"};
-    if (moe_search_job_model(j, MODEL, &mo, 1) < 0) fail_msg("%s", moe_error());
+    moe_model_set_threads(1);
+    if (moe_search_job_model(j, MODEL, &mo) < 0) fail_msg("%s", moe_error());
     assert_non_null(j->model);
     assert_int_equal(j->cfg->num_layers, moe_model_config(j->model)->num_layers);
 }

@@ -94,7 +94,7 @@ static void test_tables_complete(void **state) {
     check_table(moe_backend_cpu());
     check_table(moe_backend_cpu_ref());
     check_table(moe_backend_cpu_bf16());
-    assert_int_equal(moe_backend_cpu_bf16()->weight_dtype, MOE_WT_BF16);
+    assert_int_equal(moe_backend_cpu_bf16()->weight_dtype, MOE_DT_BF16);
     assert_ptr_equal(moe_backend_get("cpu-bf16"), moe_backend_cpu_bf16());
     moe_error_clear();
     const moe_backend *cu = moe_cuda_backend_table();
@@ -102,7 +102,7 @@ static void test_tables_complete(void **state) {
         if (!cu) print_error("CUDA plugin: %s\n", moe_error());
         assert_non_null(cu); /* the plugin was built and must load, GPU or not */
         assert_string_equal(cu->name, "cuda");
-        assert_int_equal(cu->weight_dtype, MOE_WT_BF16);
+        assert_int_equal(cu->weight_dtype, MOE_DT_BF16);
         check_table(cu);
     } else {
         assert_null(cu);
