@@ -168,8 +168,10 @@ CEOF
         || fail "replacing without RENAME_EXCHANGE"
     cmp -s "$TMP/rp/ck/model.safetensors" "$TMP/seed2/model.safetensors" || fail "not replaced"
     [ "$(ls -A "$TMP/rp")" = ck ] || fail "replacing without exchange left: $(ls -A "$TMP/rp")"
-    LD_PRELOAD="$TMP/shim.so" SHIM_TERM=1 moe-init --arch olmoe --seed 3 -o "$TMP/rp/ck" --force >/dev/null 2>&1
-    [ $? -eq 143 ] || fail "the shim did not stop moe-init"
+    rc=0
+    LD_PRELOAD="$TMP/shim.so" SHIM_TERM=1 moe-init --arch olmoe --seed 3 -o "$TMP/rp/ck" --force >/dev/null 2>&1 \
+        || rc=$?
+    [ $rc -eq 143 ] || fail "the shim did not stop moe-init (exit $rc)"
     old=$(ls -A "$TMP/rp" | grep '^\.ck\.old\.') || fail "old checkpoint not kept aside: $(ls -A "$TMP/rp")"
     moe-init --arch olmoe --seed 4 -o "$TMP/rp/ck" >/dev/null || fail "the next run"
     cmp -s "$TMP/rp/$old/model.safetensors" "$TMP/seed2/model.safetensors" \
@@ -181,14 +183,15 @@ fi
 # ---- standard output ------------------------------------------------------------
 if [ $have_dev = 1 ]; then
     rm -rf "$TMP/cfull"
-    moe-condense --model $M --layers 1 --experts 2 -o "$TMP/cfull" "$TMP/plan" >"$TMP/dev/full" 2>"$TMP/err"
-    rc=$?
+    rc=0
+    moe-condense --model $M --layers 1 --experts 2 -o "$TMP/cfull" "$TMP/plan" >"$TMP/dev/full" 2>"$TMP/err" \
+        || rc=$?
     [ $rc -eq 3 ] || fail "moe-condense >/dev/full exited $rc"
     grep -q "^moe-condense: <stdout>: write error: No space left on device" "$TMP/err" \
         || fail "moe-condense >/dev/full: $(cat "$TMP/err")"
     for cmd in "moe-dump $TOK" "moe-calib --quiet --model $M $TOK" "moe-tokenize --model $TK $TEXTS"; do
-        $cmd >"$TMP/dev/full" 2>"$TMP/err"
-        rc=$?
+        rc=0
+        $cmd >"$TMP/dev/full" 2>"$TMP/err" || rc=$?
         [ $rc -eq 3 ] && grep -q "<stdout>: write error" "$TMP/err" || fail "$cmd >/dev/full: exit $rc: $(cat "$TMP/err")"
     done
 fi
