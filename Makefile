@@ -78,7 +78,7 @@ CUDA_PLUGIN :=
 CUDA_PLUGIN_BIN :=
 endif
 
-LIB_SRC := $(wildcard lib/*.c) $(wildcard kernels/*.c)
+LIB_SRC := $(wildcard lib/*.c) $(wildcard lib/model/*.c) $(wildcard kernels/*.c)
 LIB_OBJ := $(LIB_SRC:%.c=$(BUILD)/%.o)
 CU_OBJ := $(CU_SRC:%.cu=$(BUILD)/%.cu.o)
 LIBA := $(BUILD)/libcdmoe.a

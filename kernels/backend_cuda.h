@@ -68,17 +68,17 @@ const moe_backend *moe_backend_cuda(void);
  * every op is set.  Do not call its ops before moe_backend_cuda(). */
 const moe_backend *moe_cuda_backend_table(void);
 
-/* Backend for --device NAME: "cpu", "cpu-ref", "cuda", or NULL/"" for the
- * default: $MOE_DEVICE when set (tests/run.sh sets cpu, so that the suite's
+/* moe_backend_select() and moe_backend_status() are declared in kernels.h
+ * (the library asks the table, not this header).  Backend for --device NAME:
+ * "cpu", "cpu-ref", "cuda", or NULL/"" for the default:
+ * $MOE_DEVICE when set (tests/run.sh sets cpu, so that the suite's
  * golden outputs hold on GPU machines too), else cuda when built with CUDA
  * and a device is visible, else cpu.  The default probes the CUDA driver
  * (libcuda.so.1) first and loads the CUDA plugin only when it sees a device.
  * An explicit "cuda" that is unavailable gives NULL + MOE_ERR_DEVICE (exit
  * code 4); an unknown name NULL + MOE_ERR_DATA.  Never falls back silently. */
-const moe_backend *moe_backend_select(const char *device);
 
-/* 0, or -1 with the sticky device error set again (see above).  CPU: 0. */
-int moe_backend_status(const moe_backend *b);
+/* The CUDA backend's status (the table's `status` op). */
 int moe_cuda_status(void);
 
 enum { MOE_CUDA_PREC_BF16 = 0, MOE_CUDA_PREC_F32 = 1 };

@@ -32,8 +32,8 @@
 extern "C" {
 #endif
 
-#define MOE_CUDA_PLUGIN_ABI 4 /* 2: kernels.h's asynchronous upload ops and trim; 3: mem_info;
-                               * 4: matmul_f32 */
+#define MOE_CUDA_PLUGIN_ABI 5 /* 2: kernels.h's asynchronous upload ops and trim; 3: mem_info;
+                               * 4: matmul_f32; 5: mem_used, status */
 #define MOE_CUDA_PLUGIN_NAME "libcdmoe_cuda.so"
 #define MOE_CUDA_PLUGIN_SYMBOL "moe_cuda_plugin_open"
 

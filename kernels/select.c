@@ -254,10 +254,7 @@ const moe_backend *moe_backend_select(const char *device) {
 #endif
 }
 
-int moe_backend_status(const moe_backend *b) {
-    if (b && b->name && !strcmp(b->name, "cuda")) return moe_cuda_status();
-    return 0;
-}
+int moe_backend_status(const moe_backend *b) { return b && b->status ? b->status() : 0; }
 
 void moe_backend_matmul_grouped(const moe_backend *b, float *y, const float *x,
                                 const void *const *w, const int32_t *off, int G, int K, int N,

@@ -1,7 +1,6 @@
 /* eval.c - perplexity and harness-style multiple-choice scoring (see eval.h). */
 #define _GNU_SOURCE
 #include "eval.h"
-#include "backend_cuda.h"
 #include "common.h"
 
 #include <math.h>
@@ -38,61 +37,103 @@ typedef struct {
     size_t off;    /* row of input position P */
 } seq_rows;
 
+/* A layer-major batch of scored sequences: seq_rows per sequence and the
+ * runs of tokens (a group's context once, then each member's own tokens)
+ * as the moe_batch whose rows they are. */
+typedef struct {
+    moe_model *m;
+    moe_eval_seq *seqs;
+    seq_rows *sr;
+    int n;
+    moe_batch b;
+    float *kc, *vc; /* KV cache of a shared context (NULL when none) */
+} eval_batch;
+
+static void eval_batch_init(eval_batch *e, moe_model *m, moe_eval_seq *seqs, const seq_rows *sr0,
+                            int n) {
+    e->m = m;
+    e->seqs = seqs;
+    e->n = n;
+    e->sr = moe_malloc(sizeof(seq_rows) * (size_t)(n + 1));
+    const int32_t **ids = moe_malloc(sizeof *ids * (size_t)(2 * n + 1));
+    int *T = moe_malloc(sizeof(int) * (size_t)(2 * n + 1));
+    int nr = 0;
+    size_t tot = 0, kvrows = 0;
+    for (int s = 0; s < n; s++) {
+        seq_rows *r = &e->sr[s];
+        *r = sr0[s];
+        if (r->P > 0 && r->lead) {
+            r->ctx = tot;
+            ids[nr] = seqs[s].ids;
+            T[nr++] = r->P;
+            tot += (size_t)r->P;
+        } else if (r->P > 0) {
+            r->ctx = e->sr[s - 1].ctx;
+        }
+        r->off = tot;
+        ids[nr] = seqs[s].ids + r->P;
+        T[nr++] = seqs[s].T - 1 - r->P;
+        tot += (size_t)(seqs[s].T - 1 - r->P);
+        if (r->P > 0 && (size_t)(seqs[s].T - 1) > kvrows) kvrows = (size_t)(seqs[s].T - 1);
+    }
+    moe_batch_init(&e->b, nr, ids, T, 0);
+    free(ids);
+    free(T);
+    e->kc = kvrows ? moe_model_alloc(m, moe_model_kv_floats(m, (int)kvrows)) : NULL;
+    e->vc = kvrows ? moe_model_alloc(m, moe_model_kv_floats(m, (int)kvrows)) : NULL;
+}
+
+static void eval_batch_free_kv(eval_batch *e) {
+    if (e->kc) moe_model_free(e->m, e->kc);
+    if (e->vc) moe_model_free(e->m, e->vc);
+    e->kc = e->vc = NULL;
+}
+
+static void eval_batch_free(eval_batch *e) {
+    eval_batch_free_kv(e);
+    moe_batch_free(&e->b);
+    free(e->sr);
+}
+
+/* The attention of layer l on the batch: a whole sequence alone; a group's
+ * context once, then its members over the context's cached K/V (the cache
+ * rows 0..P-1 stay valid while each member overwrites rows P..). */
+static int eval_attention(void *ctx, int l, float *x) {
+    eval_batch *e = ctx;
+    size_t H = (size_t)moe_model_config(e->m)->hidden_size;
+    int rc = 0;
+    for (int s = 0; s < e->n && rc == 0; s++) {
+        const seq_rows *r = &e->sr[s];
+        int P = r->P, Tn = e->seqs[s].T - 1 - P;
+        if (P == 0) {
+            rc = moe_layer_attention(e->m, l, x + r->off * H, Tn);
+            continue;
+        }
+        if (r->lead) rc = moe_layer_attention_kv(e->m, l, x + r->ctx * H, P, 0, e->kc, e->vc);
+        if (rc == 0) rc = moe_layer_attention_kv(e->m, l, x + r->off * H, Tn, P, e->kc, e->vc);
+    }
+    return rc;
+}
+
 /* One layer-major batch seqs[0..n-1] (each with something to score). */
-static int score_batch(moe_model *m, moe_eval_seq *seqs, const seq_rows *sr0, int n,
-                       const moe_eval_opts *o) {
+static int score_batch(moe_model *m, moe_eval_seq *seqs, const seq_rows *sr0, int n) {
     const moe_config *c = moe_model_config(m);
     const moe_backend *be = moe_model_backend(m);
     int L = c->num_layers, H = c->hidden_size, V = c->vocab_size;
-    seq_rows *sr = moe_malloc(sizeof(seq_rows) * (size_t)(n + 1));
-    size_t tot = 0, kvrows = 0;
-    for (int s = 0; s < n; s++) {
-        sr[s] = sr0[s];
-        if (sr[s].P > 0 && sr[s].lead) {
-            sr[s].ctx = tot;
-            tot += (size_t)sr[s].P;
-        } else if (sr[s].P > 0) {
-            sr[s].ctx = sr[s - 1].ctx;
-        }
-        sr[s].off = tot;
-        tot += (size_t)(seqs[s].T - 1 - sr[s].P);
-        if (sr[s].P > 0 && (size_t)(seqs[s].T - 1) > kvrows) kvrows = (size_t)(seqs[s].T - 1);
-    }
-    float *x = moe_model_alloc(m, tot * H), *xn = moe_model_alloc(m, tot * H);
-    float *y = moe_model_alloc(m, tot * H);
-    float *kc = kvrows ? moe_model_alloc(m, moe_model_kv_floats(m, (int)kvrows)) : NULL;
-    float *vc = kvrows ? moe_model_alloc(m, moe_model_kv_floats(m, (int)kvrows)) : NULL;
-    int rc = 0;
-    for (int s = 0; s < n && rc == 0; s++) {
-        int P = sr[s].P;
-        if (P > 0 && sr[s].lead) rc = moe_model_embed(m, x + sr[s].ctx * H, seqs[s].ids, P);
-        if (rc == 0) rc = moe_model_embed(m, x + sr[s].off * H, seqs[s].ids + P, seqs[s].T - 1 - P);
-    }
-    for (int l = 0; l < L && rc == 0; l++) {
-        rc = moe_layer_load(m, l);
-        for (int s = 0; s < n && rc == 0; s++) {
-            int P = sr[s].P, Tn = seqs[s].T - 1 - P;
-            if (P == 0) {
-                rc = moe_layer_attention(m, l, x + sr[s].off * H, Tn);
-                continue;
-            }
-            /* the group's members follow their lead: the cache rows 0..P-1
-             * stay valid while each member overwrites rows P.. */
-            if (sr[s].lead) rc = moe_layer_attention_kv(m, l, x + sr[s].ctx * H, P, 0, kc, vc);
-            if (rc == 0) rc = moe_layer_attention_kv(m, l, x + sr[s].off * H, Tn, P, kc, vc);
-        }
-        if (rc == 0) rc = moe_layer_mlp_input(m, l, xn, x, (int)tot);
-        if (rc == 0) rc = moe_layer_mlp_run(m, l, y, xn, (int)tot, NULL, NULL);
-        if (rc == 0) be->axpy(x, y, 1.0f, tot * H);
-        if (rc == 0) rc = moe_backend_status(be);
-        if (!o->keep_loaded) moe_layer_unload(m, l);
-        if (rc == 0 && l + 1 < L) rc = moe_layer_prefetch(m, l + 1); /* device: overlap */
-    }
+    eval_batch e;
+    eval_batch_init(&e, m, seqs, sr0, n);
+    const seq_rows *sr = e.sr;
+    size_t tot = e.b.tot;
+    float *x = moe_model_alloc(m, tot * H);
+    int rc = moe_batch_embed(m, &e.b, x);
+    /* layers loaded before (moe-eval --bench preloads them) stay loaded */
+    moe_residency res;
+    moe_residency_init(&res, m, 0);
+    moe_run_hooks h = {.ctx = &e, .attention = eval_attention};
+    if (rc == 0) rc = moe_run_layers(m, &e.b, 0, L, x, NULL, NULL, &res, &h);
+    moe_residency_free(&res);
     if (rc == 0) rc = moe_model_final_norm(m, x, x, (int)tot);
-    moe_model_free(m, xn);
-    moe_model_free(m, y);
-    if (kc) moe_model_free(m, kc);
-    if (vc) moe_model_free(m, vc);
+    eval_batch_free_kv(&e);
     /* lm_head on the scored rows only, in chunks */
     size_t chunk = LOGIT_CHUNK_FLOATS / (size_t)V;
     if (chunk < 1) chunk = 1;
@@ -135,7 +176,7 @@ static int score_batch(moe_model *m, moe_eval_seq *seqs, const seq_rows *sr0, in
     if (!be->host_memory) free(hl);
     moe_model_free(m, lg);
     moe_model_free(m, x);
-    free(sr);
+    eval_batch_free(&e);
     return rc;
 }
 
@@ -206,7 +247,7 @@ int moe_eval_score(moe_model *m, moe_eval_seq *seqs, int n, const moe_eval_opts 
             ran += r;
             i = gend[i];
         }
-        rc = score_batch(m, tmp, bsr, k, o);
+        rc = score_batch(m, tmp, bsr, k);
         for (int j = 0; j < k && rc == 0; j++) {
             batch[j]->logprob = tmp[j].logprob;
             batch[j]->greedy = tmp[j].greedy;

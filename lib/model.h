@@ -105,7 +105,25 @@ typedef struct {
                                   8 GiB on device backends); (size_t)-1 = always */
     size_t staging_bytes;      /* device backends: bytes of each of the 4 host staging
                                   buffers of the weight uploads; 0 = 64 MiB */
+    /* How weights are held, for benchmarks and tests (0 = the default; results
+     * are the same bytes either way).  Set from the environment by
+     * moe_model_opts_from_env() only. */
+    int cpu_f32_weights;       /* CPU, BF16 checkpoint: convert weights to f32 ("cpu")
+                                  instead of computing from BF16 ("cpu-bf16") */
+    int cpu_copy_bf16;         /* cpu-bf16: copy the BF16 bytes instead of pointing into
+                                  the checkpoint mapping */
+    int cpu_no_populate;       /* cpu-bf16: fault the borrowed pages in as the ops read
+                                  them instead of mapping them at load */
+    int stage_f32;             /* device backends: stage weights through f32 (the old
+                                  round trip) instead of in the weight dtype */
 } moe_model_opts;
+
+/* The one place the library reads the environment for model options (the
+ * tools call it; README.md, "Environment", documents the variables):
+ * MOE_CPU_WEIGHTS=f32 sets cpu_f32_weights, MOE_CPU_BORROW=0 cpu_copy_bf16,
+ * MOE_CPU_POPULATE=0 cpu_no_populate, MOE_STAGE_F32=1 stage_f32.  Fields
+ * already set are kept. */
+void moe_model_opts_from_env(moe_model_opts *o);
 
 /* Router observer: called by moe_layer_mlp for routed-MoE layers, with the
  * top-k expert ids and weights exactly as the model uses them (after any
@@ -212,6 +230,87 @@ int moe_model_final_norm(moe_model *m, float *y /* [T, H] */, const float *x /* 
 /* logits = x·W_lmᵀ, x already final-normed. */
 int moe_model_lm_head(moe_model *m, float *logits /* [T, V] backend */,
                       const float *x /* [T, H] */, int T);
+
+/* ---- layer-major runs over a batch of sequences (lib/model/run.c) ------------ */
+
+/* Sequences of a layer-major run, their tokens concatenated: sequence s
+ * has T[s] tokens at rows off[s] .. off[s] + T[s] - 1 of a [tot, H]
+ * activation buffer.  Per-token ops run on all tot rows at once;
+ * attention runs per sequence. */
+typedef struct {
+    int n;
+    const int32_t **ids; /* [n] token ids (host) */
+    int *T;              /* [n] */
+    size_t *off;         /* [n + 1] */
+    size_t tot;
+    int *seq;            /* [tot] sequence of each row */
+} moe_batch;
+/* ids[i][0 .. T[i]-1], truncated to max_len tokens when max_len > 0. */
+void moe_batch_init(moe_batch *b, int n, const int32_t *const *ids, const int *T, int max_len);
+void moe_batch_free(moe_batch *b);
+/* x_0 of every sequence (x: [b->tot, H] backend). */
+int moe_batch_embed(moe_model *m, const moe_batch *b, float *x);
+
+/* Residency of the layers over layer-major passes, one rule for all
+ * callers: a pass loads each layer it runs (its current kind) unless it is
+ * loaded, and after use unloads the layers it loaded itself unless keep is
+ * set; layers loaded before are left as they are (a caller that preloads
+ * every layer keeps them).  keep = moe_model_fits(m): the whole model stays
+ * in memory when it fits (see there).  loads counts the layers the passes
+ * loaded (a prefetch included). */
+typedef struct {
+    moe_model *m;
+    int keep;
+    char *ours;     /* [L] loaded by these passes */
+    uint64_t loads;
+} moe_residency;
+void moe_residency_init(moe_residency *r, moe_model *m, int keep);
+/* unloads the layers it loaded unless keep */
+void moe_residency_free(moe_residency *r);
+/* layer l ready for use: loaded (and counted) if needed; 0 or -1 */
+int moe_residency_use(moe_residency *r, int l);
+/* done with layer l for this pass: unloaded if ours and not keep */
+void moe_residency_done(moe_residency *r, int l);
+/* layer l wanted next: prefetched (device backends) if not loaded */
+int moe_residency_prefetch(moe_residency *r, int l);
+/* The residency policy: 1 when every layer of the model fits in memory
+ * with room to spare.  Host backends: when the checkpoint's weights in f32
+ * stay under 2 GiB.  Device backends: when the checkpoint's bytes (an upper
+ * bound of its BF16 weights) take at most a third of the free device memory,
+ * leaving the rest for activations, caches and budgets (an H200 keeps a
+ * whole DeepSeekMoE-16B resident, a 24 GB card streams it). */
+int moe_model_fits(moe_model *m);
+/* 1 when layer l's weights are loaded (or being prefetched). */
+int moe_layer_loaded(const moe_model *m, int l);
+
+/* What a layer-major run does around each layer's computation; every
+ * member may be NULL. */
+typedef struct {
+    void *ctx;
+    /* before layer l (x: its input) */
+    int (*before)(void *ctx, int l, float *x);
+    /* replaces the attention of each sequence (eval's shared contexts) */
+    int (*attention)(void *ctx, int l, float *x);
+    /* after the MLP, before x += y (xn: its input, y: its output) */
+    int (*mlp_out)(void *ctx, int l, const float *x, const float *xn, const float *y);
+    /* after layer l (x: its output) */
+    int (*after)(void *ctx, int l, float *x);
+    moe_router_fn router; /* sees the routing of routed-MoE layers */
+    void *router_ctx;
+} moe_run_hooks;
+
+/* Decoder layers [from, to) of batch b on x ([b->tot, H] backend, in
+ * place), layer-major: each layer loaded once (r), its attention per
+ * sequence, its MLP on every row; layer l+1 is prefetched while l runs.
+ * xn, y: [b->tot, H] scratch of the caller, or NULL (allocated here).
+ * h may be NULL.  0 or -1. */
+int moe_run_layers(moe_model *m, const moe_batch *b, int from, int to, float *x, float *xn,
+                   float *y, moe_residency *r, const moe_run_hooks *h);
+/* One decoder layer l of it (loaded by the caller), every sequence: the
+ * body of moe_run_layers, for callers that run several batches through a
+ * layer while it is loaded (the layer search's candidate streams). */
+int moe_run_layer(moe_model *m, const moe_batch *b, int l, float *x, float *xn, float *y,
+                  const moe_run_hooks *h);
 
 /* ---- whole-model convenience ----------------------------------------------- */
 

@@ -268,7 +268,6 @@ static int run_bench(moe_model *m, model_res *res, const moe_eval_opts *eo) {
     res->resident = ram == 0 || f32_bytes < 0.4 * ram;
     moe_eval_opts o = *eo;
     o.progress = NULL;
-    o.keep_loaded = res->resident;
     o.batch_tokens = (size_t)T + 1;
     int rc = 0;
     if (res->resident)
@@ -301,6 +300,7 @@ static int eval_model(const char *dir, model_res *res) {
     memset(res, 0, sizeof *res);
     res->dir = dir;
     moe_model_opts mo = {.device = moe_cli.device};
+    moe_model_opts_from_env(&mo);
     moe_model *m = moe_model_open(dir, &mo);
     if (!m) return -1;
     snprintf(res->fingerprint, sizeof res->fingerprint, "%s", moe_model_fingerprint(m));
@@ -604,6 +604,7 @@ static int run_dump(int argc, char **argv) {
     if (argc - optind > 1) moe_cli_usage("one TOKENS stream at most");
     const char *in = optind < argc ? argv[optind] : "-";
     moe_model_opts mo = {.device = moe_cli.device};
+    moe_model_opts_from_env(&mo);
     moe_model *m = moe_model_open(A.models[0], &mo);
     if (!m) moe_cli_fail();
     moe_reader *r = moe_reader_open(in);

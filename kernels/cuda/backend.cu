@@ -1150,6 +1150,17 @@ static void cu_divergence(double *d, const float *a, const float *b, int metric,
 
 static moe_backend g_backend;
 
+static void cu_mem_used(size_t *live, size_t *peak) {
+    *live = g.live;
+    *peak = g.peak;
+}
+
+static int pl_status(void) {
+    if (!g.failed) return 0;
+    report(g.msg);
+    return -1;
+}
+
 // The op table.  Filled without touching the device, so that a check can
 // see every entry set (moe_cuda_backend_table); the ops themselves need
 // moe_backend_cuda() to have succeeded.
@@ -1187,6 +1198,8 @@ static const moe_backend *fill_table(void) {
     b->upload_fence = cu_upload_fence;
     b->trim = cu_trim;
     b->mem_info = cu_mem_info;
+    b->mem_used = cu_mem_used;
+    b->status = pl_status;
     b->name = "cuda";
     return b;
 }
@@ -1261,12 +1274,6 @@ static const moe_backend *pl_backend(void) {
         return NULL;
     }
     return &g_backend;
-}
-
-static int pl_status(void) {
-    if (!g.failed) return 0;
-    report(g.msg);
-    return -1;
 }
 
 static void pl_set_grouped(int on) { g.grouped_ok = on ? -1 : 0; }

@@ -496,11 +496,20 @@ static void test_bf16_weights(void **state) {
     }
     char dir[256];
     snprintf(dir, sizeof dir, "%s/olmoe-bf16", FIX);
-    setenv("MOE_CPU_WEIGHTS", "f32", 1);
-    moe_model *m = moe_model_open(dir, NULL);
-    unsetenv("MOE_CPU_WEIGHTS");
+    moe_model_opts o = {.cpu_f32_weights = 1};
+    moe_model *m = moe_model_open(dir, &o);
     assert_ptr_equal(moe_model_backend(m), moe_backend_cpu());
     moe_model_close(m);
+    /* the environment reaches it through moe_model_opts_from_env only */
+    setenv("MOE_CPU_WEIGHTS", "f32", 1);
+    m = moe_model_open(dir, NULL);
+    assert_ptr_equal(moe_model_backend(m), moe_backend_cpu_bf16());
+    moe_model_close(m);
+    moe_model_opts e = {0};
+    moe_model_opts_from_env(&e);
+    unsetenv("MOE_CPU_WEIGHTS");
+    assert_int_equal(e.cpu_f32_weights, 1);
+    assert_int_equal(e.cpu_copy_bf16 + e.cpu_no_populate + e.stage_f32, 0);
 }
 
 /* A backend whose memory is "not host memory" (same ops, but the model must
