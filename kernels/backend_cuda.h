@@ -15,8 +15,8 @@
  * moe_cli_fail().  Out of GPU memory in `alloc` is such an error too
  * ("cuda: out of device memory allocating N MiB (free F of T MiB)").
  * Kernel launches are asynchronous, so an illegal access is reported by the
- * next checked call; MOE_CUDA_SYNC=1 in the environment synchronises after
- * every op so that the message names the op that failed.
+ * next checked call; moe_device_opts.sync_each_op (MOE_CUDA_SYNC=1)
+ * synchronises after every op so that the message names the op that failed.
  *
  * Precision.  Weights are BF16 on the device (weight_dtype MOE_WT_BF16).
  * matmul rounds the f32 activations to BF16 (one small kernel) and runs
@@ -44,8 +44,10 @@
  * Per-row results may depend on how many rows share a GEMM (cuBLAS picks
  * kernels by shape), unlike the padded CPU GEMM.
  *
- * Environment: MOE_CUDA_DEVICE=N picks the device (default 0);
- * MOE_CUDA_SYNC=1 as above; MOE_CUDA_PRECISION=f32 as the function. */
+ * Settings: moe_backend_configure (kernels.h: which device, sync after
+ * every op as above, f32 GEMMs as moe_cuda_set_precision); the tools take
+ * them from MOE_CUDA_DEVICE, MOE_CUDA_SYNC and MOE_CUDA_PRECISION through
+ * moe_model_opts_from_env (README.md, "Environment"). */
 #ifndef MOE_BACKEND_CUDA_H
 #define MOE_BACKEND_CUDA_H
 

@@ -281,6 +281,18 @@ const moe_backend *moe_backend_get(const char *name);
  * NULL/"" for the default ($MOE_DEVICE when set, else cuda when built with
  * CUDA and a device is visible, else cpu); see backend_cuda.h. */
 const moe_backend *moe_backend_select(const char *device);
+/* Settings of a device backend (CUDA).  moe_backend_configure applies the
+ * non-zero ones: device_index before the backend is first initialised
+ * (later: ignored), the others at once.  moe_model_open applies its
+ * options' (moe_model_opts.dev); the tools set them from the environment
+ * (moe_model_opts_from_env: MOE_CUDA_DEVICE, MOE_CUDA_SYNC,
+ * MOE_CUDA_PRECISION). */
+typedef struct {
+    int device_index; /* which GPU (0: the first) */
+    int sync_each_op; /* synchronise after every op, so that a device error names its op */
+    int f32_compute;  /* GEMMs in f32 without TF32 instead of BF16 (parity checks; slow) */
+} moe_device_opts;
+void moe_backend_configure(const moe_device_opts *o);
 /* 0, or -1 with the sticky device error set again (b->status; 0 when NULL). */
 int moe_backend_status(const moe_backend *b);
 /* 1: b computes in device memory (its pointers are not host pointers). */

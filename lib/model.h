@@ -116,13 +116,17 @@ typedef struct {
                                   them instead of mapping them at load */
     int stage_f32;             /* device backends: stage weights through f32 (the old
                                   round trip) instead of in the weight dtype */
+    moe_device_opts dev;       /* device backend settings (kernels.h), applied before the
+                                  backend is selected; zeros leave them as they are */
 } moe_model_opts;
 
 /* The one place the library reads the environment for model options (the
  * tools call it; README.md, "Environment", documents the variables):
  * MOE_CPU_WEIGHTS=f32 sets cpu_f32_weights, MOE_CPU_BORROW=0 cpu_copy_bf16,
- * MOE_CPU_POPULATE=0 cpu_no_populate, MOE_STAGE_F32=1 stage_f32.  Fields
- * already set are kept. */
+ * MOE_CPU_POPULATE=0 cpu_no_populate, MOE_STAGE_F32=1 stage_f32,
+ * MOE_CUDA_DEVICE=N dev.device_index, MOE_CUDA_SYNC=1 dev.sync_each_op,
+ * MOE_CUDA_PRECISION=f32 dev.f32_compute.  Fields already set are kept.
+ * ($MOE_DEVICE, the default --device, is moe_backend_select's.) */
 void moe_model_opts_from_env(moe_model_opts *o);
 
 /* Router observer: called by moe_layer_mlp for routed-MoE layers, with the

@@ -45,7 +45,7 @@ static struct {
     int init;        // 0 = not tried, 1 = ready, -1 = failed (error kept in msg)
     int failed;      // sticky device error
     int device;
-    int sync_each;   // MOE_CUDA_SYNC=1
+    int sync_each;   // moe_device_opts.sync_each_op
     int precision;   // MOE_CUDA_PREC_*
     int grouped_ok;  // cublasGemmGroupedBatchedEx accepted BF16 -> F32 (1), refused (0), untried (-1)
     cudaStream_t stream;
@@ -1208,12 +1208,6 @@ static int init_once(void) {
     if (g.init) return g.init;
     g.init = -1;
     g_sizes = new std::unordered_map<void *, size_t>();
-    const char *env = getenv("MOE_CUDA_SYNC");
-    g.sync_each = env && *env && strcmp(env, "0") != 0;
-    env = getenv("MOE_CUDA_PRECISION");
-    if (env && !strcmp(env, "f32")) g.precision = MOE_CUDA_PREC_F32;
-    env = getenv("MOE_CUDA_DEVICE");
-    g.device = env && *env ? atoi(env) : 0;
 
     int n = 0;
     cudaError_t e = cudaGetDeviceCount(&n);
@@ -1225,7 +1219,7 @@ static int init_once(void) {
         return -1;
     }
     if (g.device < 0 || g.device >= n) {
-        snprintf(g.msg, sizeof g.msg, "cuda: MOE_CUDA_DEVICE=%d but only %d device(s) visible",
+        snprintf(g.msg, sizeof g.msg, "cuda: device %d asked for (MOE_CUDA_DEVICE) but only %d device(s) visible",
                  g.device, n);
         report(g.msg);
         return -1;
@@ -1280,6 +1274,13 @@ static void pl_set_grouped(int on) { g.grouped_ok = on ? -1 : 0; }
 
 static void pl_set_precision(int prec) {
     g.precision = prec == MOE_CUDA_PREC_F32 ? MOE_CUDA_PREC_F32 : MOE_CUDA_PREC_BF16;
+}
+
+// moe_backend_configure: the device only before initialisation
+static void pl_configure(const moe_device_opts *o) {
+    if (o->device_index && g.init == 0) g.device = o->device_index;
+    if (o->sync_each_op) g.sync_each = 1;
+    if (o->f32_compute) g.precision = MOE_CUDA_PREC_F32;
 }
 
 static void pl_mem_stats(moe_cuda_mem *m) {
@@ -1387,6 +1388,7 @@ moe_cuda_plugin_open(int abi, moe_cuda_error_fn err) {
         moe_cuda_probe,      fill_table,              pl_backend,          pl_status,
         pl_set_precision,    pl_set_grouped,          pl_matmul_grouped,   pl_mem_stats,
         pl_mem_reset_peak,   pl_gemm_tflops,          pl_fill_random,      pl_device_name,
+        pl_configure,
     };
     if (abi != MOE_CUDA_PLUGIN_ABI) return NULL;
     g_err = err;

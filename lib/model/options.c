@@ -17,4 +17,8 @@ void moe_model_opts_from_env(moe_model_opts *o) {
     o->cpu_copy_bf16 |= env_flag("MOE_CPU_BORROW", "0");
     o->cpu_no_populate |= env_flag("MOE_CPU_POPULATE", "0");
     o->stage_f32 |= env_flag("MOE_STAGE_F32", NULL);
+    const char *dev = getenv("MOE_CUDA_DEVICE");
+    if (!o->dev.device_index && dev && *dev) o->dev.device_index = atoi(dev);
+    o->dev.sync_each_op |= env_flag("MOE_CUDA_SYNC", NULL);
+    o->dev.f32_compute |= env_flag("MOE_CUDA_PRECISION", "f32");
 }

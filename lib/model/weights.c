@@ -376,6 +376,7 @@ static void weight_path(moe_model *m, const moe_model_opts *opts) {
 }
 
 moe_model *moe_model_open(const char *dir, const moe_model_opts *opts) {
+    if (opts && !opts->backend) moe_backend_configure(&opts->dev);
     const moe_backend *be =
         opts && opts->backend ? opts->backend : moe_backend_select(opts ? opts->device : NULL);
     if (!be) return NULL;

@@ -512,6 +512,40 @@ static void test_bf16_weights(void **state) {
     assert_int_equal(e.cpu_copy_bf16 + e.cpu_no_populate + e.stage_f32, 0);
 }
 
+/* The weight-holding options (moe_model_opts; MOE_* variables read only by
+ * moe_model_opts_from_env): copied BF16 bytes and unpopulated borrowed pages
+ * compute the same bytes as the default borrowed, populated weights. */
+static void test_weight_options(void **state) {
+    (void)state;
+    char dir[256];
+    snprintf(dir, sizeof dir, "%s/deepseek-bf16", FIX);
+    moe_model_opts copy = {.cpu_copy_bf16 = 1}, nopop = {.cpu_no_populate = 1};
+    moe_model *m = moe_model_open(dir, NULL), *mc = moe_model_open(dir, &copy);
+    moe_model *mp = moe_model_open(dir, &nopop);
+    assert_non_null(m), assert_non_null(mc), assert_non_null(mp);
+    fwd_same_threads(m, mc, "deepseek"); /* copied BF16 bytes */
+    fwd_same_threads(m, mp, "deepseek"); /* pages not populated */
+    moe_model_close(m), moe_model_close(mc), moe_model_close(mp);
+    /* every variable, and nothing read when unset */
+    static const char *vars[][2] = {{"MOE_CPU_WEIGHTS", "f32"}, {"MOE_CPU_BORROW", "0"},
+                                    {"MOE_CPU_POPULATE", "0"},  {"MOE_STAGE_F32", "1"},
+                                    {"MOE_CUDA_DEVICE", "3"},   {"MOE_CUDA_SYNC", "1"},
+                                    {"MOE_CUDA_PRECISION", "f32"}};
+    moe_model_opts none = {0};
+    moe_model_opts_from_env(&none);
+    assert_int_equal(none.cpu_f32_weights + none.cpu_copy_bf16 + none.cpu_no_populate +
+                         none.stage_f32 + none.dev.device_index + none.dev.sync_each_op +
+                         none.dev.f32_compute,
+                     0);
+    for (size_t i = 0; i < sizeof vars / sizeof *vars; i++) setenv(vars[i][0], vars[i][1], 1);
+    moe_model_opts all = {0};
+    moe_model_opts_from_env(&all);
+    for (size_t i = 0; i < sizeof vars / sizeof *vars; i++) unsetenv(vars[i][0]);
+    assert_true(all.cpu_f32_weights && all.cpu_copy_bf16 && all.cpu_no_populate && all.stage_f32);
+    assert_int_equal(all.dev.device_index, 3);
+    assert_true(all.dev.sync_each_op && all.dev.f32_compute);
+}
+
 /* A backend whose memory is "not host memory" (same ops, but the model must
  * upload weights and move activations through upload/download): exercises
  * the paths a GPU backend takes; results must be byte-identical. */
@@ -589,6 +623,7 @@ int main(void) {
         cmocka_unit_test(test_prefix_cache),
         cmocka_unit_test(test_expert_streaming),
         cmocka_unit_test(test_bf16_weights),
+        cmocka_unit_test(test_weight_options),
         cmocka_unit_test(test_device_memory_paths),
         cmocka_unit_test(test_bad_input),
     };
