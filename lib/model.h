@@ -4,8 +4,13 @@
  *   x_0 = embed(ids)
  *   for l: x = x + Attn_l(RMSNorm_in(x))                  moe_layer_attention
  *          xn = RMSNorm_post(x)                            moe_layer_mlp_input
- *          x = x + MLP_l(xn)                               moe_layer_mlp
- *   out = RMSNorm_final(x_L); logits = out·W_lmᵀ           moe_final_norm, moe_lm_head
+ *          x = x + MLP_l(xn)                               moe_layer_mlp_run
+ *   out = RMSNorm_final(x_L); logits = out·W_lmᵀ           moe_model_final_norm, moe_model_lm_head
+ *
+ * Files (lib/model/, see internal.h): forward.c computes those pieces,
+ * weights.c holds the weights (residency), run.c runs a batch of sequences
+ * layer-major (moe_run_layers) under one residency rule, options.c reads
+ * the environment for the tools.
  *
  * MLP_l is the layer's kind: dense SwiGLU, routed MoE (router + experts +
  * shared experts, qwen2_moe's sigmoid-gated shared expert), or condensed (a
@@ -36,18 +41,19 @@
  * mapped pages are released when the weight is freed or its layer unloaded
  * (so "converts" above costs nothing there).  Results are byte-identical to
  * f32 weights; a condensed layer's fused down projection (scaled in f32)
- * stays f32.  Environment, for benchmarks: MOE_CPU_WEIGHTS=f32 converts to
- * f32 as before ("cpu"); MOE_CPU_BORROW=0 copies the BF16 bytes instead.
+ * stays f32.  For benchmarks: opts.cpu_f32_weights converts to f32 as before
+ * ("cpu"); opts.cpu_copy_bf16 copies the BF16 bytes instead.
  *
  * Device backends (host_memory 0; kernels/cuda/).  Weights are staged in the
  * backend's weight dtype, BF16 checkpoint bytes as they are (no f32 round
- * trip; MOE_STAGE_F32=1 in the environment restores the old f32 staging, for
- * benchmarks), through a ring of 4 x 64 MiB pinned host buffers and copies
- * that run asynchronously (kernels.h, upload_async); the condensed layers'
+ * trip; opts.stage_f32 restores the old f32 staging, for benchmarks),
+ * through the backend's staging ring of 4 x 64 MiB pinned host buffers and
+ * copies that run asynchronously (kernels.h, moe_stager); the condensed layers'
  * fused weights (columns scaled in f32) keep the f32 path.  The default
  * expert cache is 8 GiB there, so a whole layer's experts are uploaded once
- * per layer, not per token chunk.  moe_model_forward (and the search tools'
- * layer loops) prefetch layer l+1 while layer l runs, after unloading l.
+ * per layer, not per token chunk.  The layer-major runner (moe_run_layers:
+ * the forward, the searches, the evaluation) prefetches layer l+1 while
+ * layer l runs, after unloading l.
  * Peak device memory, DeepSeekMoE-16B shapes (H 2048, 64 experts x 1408,
  * 2 shared, top-6, 16 heads, vocab 102400), 25 600 tokens, streaming:
  *   weights: one MoE layer in BF16 1.18 GB (experts 64 x 3 x 1408 x 2048 x 2 B
