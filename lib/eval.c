@@ -388,26 +388,11 @@ static int argmax_np(const double *v, int n) {
     return b;
 }
 
-int moe_eval_task(moe_model *m, moe_tokenizer *tok, const moe_task *t, const moe_task_opts *to,
-                  const moe_eval_opts *o, moe_task_result *r) {
-    const moe_config *c = moe_model_config(m);
-    moe_task_opts dto = {0};
-    if (!to) to = &dto;
-    memset(r, 0, sizeof *r);
-    r->n_items = t->n_items;
-    r->choice_off = moe_malloc(sizeof(int) * (size_t)(t->n_items + 1));
-    int nc = 0;
-    for (int i = 0; i < t->n_items; i++) {
-        r->choice_off[i] = nc;
-        nc += t->items[i].n;
-    }
-    r->choice_off[t->n_items] = nc;
-    r->loglik = moe_calloc((size_t)nc + 1, sizeof(double));
-    r->greedy = moe_calloc((size_t)nc + 1, sizeof(int));
-    r->pred = moe_calloc((size_t)t->n_items + 1, sizeof(int));
-    r->pred_norm = moe_calloc((size_t)t->n_items + 1, sizeof(int));
-    int32_t **ids = moe_calloc((size_t)nc + 1, sizeof(int32_t *));
-    moe_eval_seq *q = moe_calloc((size_t)nc + 1, sizeof *q);
+/* Window k of each choice: its tokens (ids[k], owned), the scored sequence
+ * q[k] (the last tokens that fit max_length + 1, scoring the continuation). */
+static int task_windows(moe_tokenizer *tok, const moe_config *c, const moe_task *t,
+                        const moe_task_opts *to, int32_t **ids, moe_eval_seq *q,
+                        moe_task_result *r) {
     size_t maxlen = to->max_length > 0 ? (size_t)to->max_length
                                        : (size_t)(c->max_position_embeddings > 0
                                                       ? c->max_position_embeddings
@@ -458,13 +443,16 @@ int moe_eval_task(moe_model *m, moe_tokenizer *tok, const moe_task *t, const moe
             r->n_tokens += q[k].T - 1;
         }
     }
-    /* identical windows are scored once */
-    int *dup = moe_malloc(sizeof(int) * ((size_t)nc + 1));
-    moe_eval_seq *uq = moe_calloc((size_t)nc + 1, sizeof *uq);
+    return rc;
+}
+
+/* Identical windows are scored once: uq[0..nu) the distinct ones (looking
+ * back a little), dup[k] the one of window k.  Returns nu. */
+static int distinct_windows(const moe_eval_seq *q, int nc, int *dup, moe_eval_seq *uq) {
     int nu = 0;
-    for (int k = 0; k < nc && rc == 0; k++) {
+    for (int k = 0; k < nc; k++) {
         dup[k] = -1;
-        for (int u = nu - 1; u >= 0 && u >= nu - 64; u--) /* look back a little */
+        for (int u = nu - 1; u >= 0 && u >= nu - 64; u--)
             if (uq[u].T == q[k].T && uq[u].start == q[k].start &&
                 !memcmp(uq[u].ids, q[k].ids, sizeof(int32_t) * (size_t)q[k].T)) {
                 dup[k] = u;
@@ -475,43 +463,74 @@ int moe_eval_task(moe_model *m, moe_tokenizer *tok, const moe_task *t, const moe
             uq[nu++] = q[k];
         }
     }
+    return nu;
+}
+
+/* Per-choice scores from the distinct windows, predictions and the task's
+ * accuracy / perplexity. */
+static void task_scores(const moe_task *t, const moe_eval_seq *uq, const int *dup,
+                        moe_task_result *r) {
+    double sum_acc = 0, sum_norm = 0, sum_ll = 0;
+    double *tmp = moe_malloc(sizeof(double) * 64);
+    int tcap = 64;
+    for (int i = 0; i < t->n_items; i++) {
+        const moe_task_item *it = &t->items[i];
+        int b = r->choice_off[i];
+        for (int j = 0; j < it->n; j++) {
+            r->loglik[b + j] = uq[dup[b + j]].logprob;
+            r->greedy[b + j] = uq[dup[b + j]].greedy;
+        }
+        if (t->kind == MOE_TASK_LM) {
+            sum_acc += r->greedy[b];
+            sum_ll += r->loglik[b];
+            r->pred[i] = r->pred_norm[i] = 0;
+            continue;
+        }
+        if (it->n > tcap) {
+            tcap = it->n;
+            tmp = moe_realloc(tmp, sizeof(double) * (size_t)tcap);
+        }
+        r->pred[i] = argmax_np(r->loglik + b, it->n);
+        for (int j = 0; j < it->n; j++) tmp[j] = r->loglik[b + j] / (double)it->norm_len[j];
+        r->pred_norm[i] = argmax_np(tmp, it->n);
+        sum_acc += r->pred[i] == it->gold;
+        sum_norm += r->pred_norm[i] == it->gold;
+    }
+    free(tmp);
+    double ni = t->n_items > 0 ? (double)t->n_items : NAN;
+    r->acc = sum_acc / ni;
+    r->acc_norm = t->has_acc_norm ? sum_norm / ni : NAN;
+    r->perplexity = t->kind == MOE_TASK_LM ? exp(-sum_ll / ni) : NAN;
+}
+
+int moe_eval_task(moe_model *m, moe_tokenizer *tok, const moe_task *t, const moe_task_opts *to,
+                  const moe_eval_opts *o, moe_task_result *r) {
+    moe_task_opts dto = {0};
+    if (!to) to = &dto;
+    memset(r, 0, sizeof *r);
+    r->n_items = t->n_items;
+    r->choice_off = moe_malloc(sizeof(int) * (size_t)(t->n_items + 1));
+    int nc = 0;
+    for (int i = 0; i < t->n_items; i++) {
+        r->choice_off[i] = nc;
+        nc += t->items[i].n;
+    }
+    r->choice_off[t->n_items] = nc;
+    r->loglik = moe_calloc((size_t)nc + 1, sizeof(double));
+    r->greedy = moe_calloc((size_t)nc + 1, sizeof(int));
+    r->pred = moe_calloc((size_t)t->n_items + 1, sizeof(int));
+    r->pred_norm = moe_calloc((size_t)t->n_items + 1, sizeof(int));
+    int32_t **ids = moe_calloc((size_t)nc + 1, sizeof(int32_t *));
+    moe_eval_seq *q = moe_calloc((size_t)nc + 1, sizeof *q);
+    int rc = task_windows(tok, moe_model_config(m), t, to, ids, q, r);
+    int *dup = moe_malloc(sizeof(int) * ((size_t)nc + 1));
+    moe_eval_seq *uq = moe_calloc((size_t)nc + 1, sizeof *uq);
+    int nu = rc == 0 ? distinct_windows(q, nc, dup, uq) : 0;
     moe_eval_opts so = o ? *o : (moe_eval_opts){0};
     so.tokens_run = &r->n_tokens_run;
     if (rc == 0) rc = moe_eval_score(m, uq, nu, &so);
     if (rc == 0 && o && o->tokens_run) *o->tokens_run = r->n_tokens_run;
-    if (rc == 0) {
-        double sum_acc = 0, sum_norm = 0, sum_ll = 0;
-        double *tmp = moe_malloc(sizeof(double) * 64);
-        int tcap = 64;
-        for (int i = 0; i < t->n_items; i++) {
-            const moe_task_item *it = &t->items[i];
-            int b = r->choice_off[i];
-            for (int j = 0; j < it->n; j++) {
-                r->loglik[b + j] = uq[dup[b + j]].logprob;
-                r->greedy[b + j] = uq[dup[b + j]].greedy;
-            }
-            if (t->kind == MOE_TASK_LM) {
-                sum_acc += r->greedy[b];
-                sum_ll += r->loglik[b];
-                r->pred[i] = r->pred_norm[i] = 0;
-                continue;
-            }
-            if (it->n > tcap) {
-                tcap = it->n;
-                tmp = moe_realloc(tmp, sizeof(double) * (size_t)tcap);
-            }
-            r->pred[i] = argmax_np(r->loglik + b, it->n);
-            for (int j = 0; j < it->n; j++) tmp[j] = r->loglik[b + j] / (double)it->norm_len[j];
-            r->pred_norm[i] = argmax_np(tmp, it->n);
-            sum_acc += r->pred[i] == it->gold;
-            sum_norm += r->pred_norm[i] == it->gold;
-        }
-        free(tmp);
-        double ni = t->n_items > 0 ? (double)t->n_items : NAN;
-        r->acc = sum_acc / ni;
-        r->acc_norm = t->has_acc_norm ? sum_norm / ni : NAN;
-        r->perplexity = t->kind == MOE_TASK_LM ? exp(-sum_ll / ni) : NAN;
-    }
+    if (rc == 0) task_scores(t, uq, dup, r);
     for (int k = 0; k < nc; k++) free(ids[k]);
     free(ids);
     free(q);
