@@ -512,6 +512,44 @@ static void test_bf16_weights(void **state) {
     assert_int_equal(e.cpu_copy_bf16 + e.cpu_no_populate + e.stage_f32, 0);
 }
 
+/* The one residency rule (model.h): a pass loads what is not loaded and
+ * unloads, after use, only what it loaded, unless keep; loads are counted. */
+static void test_residency(void **state) {
+    (void)state;
+    char dir[256];
+    snprintf(dir, sizeof dir, "%s/deepseek-f32", FIX);
+    moe_model *m = moe_model_open(dir, NULL);
+    assert_non_null(m);
+    assert_int_equal(moe_model_config(m)->num_layers >= 3, 1);
+    assert_int_equal(moe_layer_load(m, 0), 0); /* the caller's */
+    moe_residency r;
+    moe_residency_init(&r, m, 0);
+    assert_int_equal(moe_residency_use(&r, 0), 0);
+    assert_int_equal(moe_residency_use(&r, 1), 0);
+    assert_int_equal(moe_residency_prefetch(&r, 2), 0); /* the CPU loads at use */
+    assert_false(moe_layer_loaded(m, 2));
+    assert_int_equal((int)r.loads, 1);
+    moe_residency_done(&r, 0);
+    moe_residency_done(&r, 1);
+    assert_true(moe_layer_loaded(m, 0));
+    assert_false(moe_layer_loaded(m, 1));
+    assert_int_equal(moe_residency_use(&r, 2), 0);
+    moe_residency_free(&r); /* unloads what it loaded (after an error) */
+    assert_false(moe_layer_loaded(m, 2));
+    assert_true(moe_layer_loaded(m, 0));
+    moe_residency_init(&r, m, 1);                          /* keep */
+    assert_int_equal(moe_residency_use(&r, 1), 0);
+    moe_residency_done(&r, 1);
+    moe_residency_free(&r);
+    assert_true(moe_layer_loaded(m, 1));
+    assert_int_equal((int)r.loads, 1);
+    moe_error_clear();
+    moe_residency_init(&r, m, 0);
+    assert_int_equal(moe_residency_use(&r, 99), -1); /* out of range: an error */
+    moe_residency_free(&r);
+    moe_model_close(m);
+}
+
 /* The weight-holding options (moe_model_opts; MOE_* variables read only by
  * moe_model_opts_from_env): copied BF16 bytes and unpopulated borrowed pages
  * compute the same bytes as the default borrowed, populated weights. */
@@ -624,6 +662,7 @@ int main(void) {
         cmocka_unit_test(test_expert_streaming),
         cmocka_unit_test(test_bf16_weights),
         cmocka_unit_test(test_weight_options),
+        cmocka_unit_test(test_residency),
         cmocka_unit_test(test_device_memory_paths),
         cmocka_unit_test(test_bad_input),
     };
