@@ -11,7 +11,7 @@
 #   make install PREFIX=/usr/local
 #
 # Sources are found by pattern, so new files need no Makefile edit:
-#   lib/*.c kernels/*.c          -> build/libcdmoe.a
+#   lib/*.c lib/model/*.c kernels/*.c -> build/libcdmoe.a
 #   kernels/cuda/*.cu            -> build/libcdmoe_cuda.so (plugin, when CUDA=1)
 #   tools/moe-*.c                -> bin/moe-*
 #   tests/unit/test_*.c          -> build/tests/test_* (cmocka)

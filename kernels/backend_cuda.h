@@ -1,4 +1,4 @@
-/* backend_cuda.h - the CUDA backend (kernels/cuda/backend.cu), run-time device
+/* backend_cuda.h - the CUDA backend (kernels/cuda/), run-time device
  * selection (kernels/select.c) and the CUDA-only extras around the common
  * interface of kernels.h.  The backend itself is a plugin,
  * libcdmoe_cuda.so, loaded on first use (kernels/cuda_plugin.h); these
@@ -98,7 +98,7 @@ void moe_cuda_set_precision(int prec);
 void moe_cuda_matmul_grouped(float *y, const float *x, const void *const *w, const int32_t *off,
                              int G, int K, int N, int accumulate);
 
-/* The same for any backend, usable by lib/model.c today without a change to
+/* The same for any backend, usable by the model (lib/model/) without a change to
  * kernels.h: the CUDA backend's grouped GEMM, else a loop of b->matmul over
  * the non-empty groups (same results as calling matmul per expert). */
 void moe_backend_matmul_grouped(const moe_backend *b, float *y, const float *x,

@@ -1,6 +1,6 @@
 /* kernels.h - the compute interface: one table of function pointers per backend.
  *
- * lib/model.c builds the forward pass only from these operations, so a backend
+ * lib/model/ builds the forward pass only from these operations, so a backend
  * (kernels/cpu.c now, kernels/cuda/ next) is selected at run time by handing
  * the model a different `moe_backend`.  Conventions (llm.c style):
  *

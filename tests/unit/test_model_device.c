@@ -1,6 +1,6 @@
 /* test_model_device.c - the model's device path without a GPU.
  *
- * lib/model.c takes another path for a backend whose memory is not host
+ * lib/model/ takes another path for a backend whose memory is not host
  * memory (host_memory 0: weights converted and uploaded, activations
  * downloaded) and whose weights are BF16, as with CUDA.  Here that path runs
  * on an emulated device: CPU ops on memory in one arena that is PROT_NONE
