@@ -11,7 +11,7 @@
 #   make install PREFIX=/usr/local
 #
 # Sources are found by pattern, so new files need no Makefile edit:
-#   lib/*.c lib/tokenizer/*.c kernels/*.c -> build/libcdmoe.a
+#   lib/*.c lib/model/*.c lib/tokenizer/*.c kernels/*.c -> build/libcdmoe.a
 #   kernels/cuda/*.cu            -> build/libcdmoe_cuda.so (plugin, when CUDA=1)
 #   tools/moe-*.c                -> bin/moe-*
 #   tests/unit/test_*.c          -> build/tests/test_* (cmocka)
@@ -78,7 +78,7 @@ CUDA_PLUGIN :=
 CUDA_PLUGIN_BIN :=
 endif
 
-LIB_SRC := $(wildcard lib/*.c) $(wildcard lib/tokenizer/*.c) $(wildcard kernels/*.c)
+LIB_SRC := $(wildcard lib/*.c) $(wildcard lib/model/*.c) $(wildcard lib/tokenizer/*.c) $(wildcard kernels/*.c)
 LIB_OBJ := $(LIB_SRC:%.c=$(BUILD)/%.o)
 CU_OBJ := $(CU_SRC:%.cu=$(BUILD)/%.cu.o)
 LIBA := $(BUILD)/libcdmoe.a

@@ -20,7 +20,9 @@
 static int forward(const char *dir, const char *idsf, int nseq, int T) {
     moe_model_set_threads(0);
     double t0 = moe_now();
-    moe_model *m = moe_model_open(dir, NULL);
+    moe_model_opts mo = {0};
+    moe_model_opts_from_env(&mo); /* MOE_CPU_WEIGHTS=f32 (bench/forward.sh) */
+    moe_model *m = moe_model_open(dir, &mo);
     double t_open = moe_now() - t0;
     if (!m) {
         fprintf(stderr, "forward_bench: %s\n", moe_error());

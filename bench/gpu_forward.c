@@ -82,6 +82,7 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "tokens")) {
         if (!out) return 2;
         moe_model_opts o = {.device = "cpu"};
+        moe_model_opts_from_env(&o);
         moe_model *m = moe_model_open(model, &o);
         if (!m) return die("tokens");
         int V = moe_model_config(m)->vocab_size;
@@ -109,6 +110,7 @@ int main(int argc, char **argv) {
         return 77;
     }
     moe_model_opts o = {.device = "cuda"};
+    moe_model_opts_from_env(&o);
     moe_model *m = moe_model_open(model, &o);
     if (!m) return die("forward");
     const moe_config *cf = moe_model_config(m);
@@ -133,6 +135,7 @@ int main(int argc, char **argv) {
         float *lg[2];
         for (int d = 0; d < 2; d++) {
             moe_model_opts od = {.device = d ? "cpu" : "cuda"};
+            moe_model_opts_from_env(&od);
             moe_model *md = moe_model_open(model, &od);
             if (!md) return die("check");
             lg[d] = malloc(sizeof(float) * (size_t)check * V);

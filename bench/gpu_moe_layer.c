@@ -8,9 +8,9 @@
  *   grouped: one gather of all T·K routed rows (sorted by expert), one
  *            grouped GEMM for gate+up, one SwiGLU, one grouped GEMM for down,
  *            then one scatter-add per expert (ascending id: deterministic);
- *   loop:    what lib/model.c does through kernels.h today: per expert
+ *   loop:    what lib/model/forward.c does through kernels.h today: per expert
  *            gather, GEMM, SwiGLU, GEMM, scatter-add;
- *   experts: what lib/model.c does now: the backend's `experts` op (gather
+ *   experts: what lib/model/forward.c does now: the backend's `experts` op (gather
  *            to BF16, grouped gate/up GEMM, SwiGLU to BF16, grouped down
  *            GEMM) and its `combine` op (weighted sum per token, k order).
  * Both include the router GEMM, routing, the host-side dispatch and the

@@ -40,6 +40,7 @@ static moe_model *open_variant(const char *dir, int old_path, moe_backend *be) {
     else
         unsetenv("MOE_STAGE_F32");
     moe_model_opts o = {.backend = be, .expert_cache_bytes = (size_t)-1};
+    moe_model_opts_from_env(&o); /* MOE_STAGE_F32=1 (bench/load.sh) */
     moe_model *m = moe_model_open(dir, &o);
     unsetenv("MOE_STAGE_F32");
     if (!m) {

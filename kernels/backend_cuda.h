@@ -1,4 +1,4 @@
-/* backend_cuda.h - the CUDA backend (kernels/cuda/backend.cu), run-time device
+/* backend_cuda.h - the CUDA backend (kernels/cuda/), run-time device
  * selection (kernels/select.c) and the CUDA-only extras around the common
  * interface of kernels.h.  The backend itself is a plugin,
  * libcdmoe_cuda.so, loaded on first use (kernels/cuda_plugin.h); these
@@ -15,8 +15,8 @@
  * moe_cli_fail().  Out of GPU memory in `alloc` is such an error too
  * ("cuda: out of device memory allocating N MiB (free F of T MiB)").
  * Kernel launches are asynchronous, so an illegal access is reported by the
- * next checked call; MOE_CUDA_SYNC=1 in the environment synchronises after
- * every op so that the message names the op that failed.
+ * next checked call; moe_device_opts.sync_each_op (MOE_CUDA_SYNC=1)
+ * synchronises after every op so that the message names the op that failed.
  *
  * Precision.  Weights are BF16 on the device (weight_dtype MOE_DT_BF16).
  * matmul rounds the f32 activations to BF16 (one small kernel) and runs
@@ -44,8 +44,10 @@
  * Per-row results may depend on how many rows share a GEMM (cuBLAS picks
  * kernels by shape), unlike the padded CPU GEMM.
  *
- * Environment: MOE_CUDA_DEVICE=N picks the device (default 0);
- * MOE_CUDA_SYNC=1 as above; MOE_CUDA_PRECISION=f32 as the function. */
+ * Settings: moe_backend_configure (kernels.h: which device, sync after
+ * every op as above, f32 GEMMs as moe_cuda_set_precision); the tools take
+ * them from MOE_CUDA_DEVICE, MOE_CUDA_SYNC and MOE_CUDA_PRECISION through
+ * moe_model_opts_from_env (README.md, "Environment"). */
 #ifndef MOE_BACKEND_CUDA_H
 #define MOE_BACKEND_CUDA_H
 
@@ -68,17 +70,17 @@ const moe_backend *moe_backend_cuda(void);
  * every op is set.  Do not call its ops before moe_backend_cuda(). */
 const moe_backend *moe_cuda_backend_table(void);
 
-/* Backend for --device NAME: "cpu", "cpu-ref", "cuda", or NULL/"" for the
- * default: $MOE_DEVICE when set (tests/run.sh sets cpu, so that the suite's
+/* moe_backend_select() and moe_backend_status() are declared in kernels.h
+ * (the library asks the table, not this header).  Backend for --device NAME:
+ * "cpu", "cpu-ref", "cuda", or NULL/"" for the default:
+ * $MOE_DEVICE when set (tests/run.sh sets cpu, so that the suite's
  * golden outputs hold on GPU machines too), else cuda when built with CUDA
  * and a device is visible, else cpu.  The default probes the CUDA driver
  * (libcuda.so.1) first and loads the CUDA plugin only when it sees a device.
  * An explicit "cuda" that is unavailable gives NULL + MOE_ERR_DEVICE (exit
  * code 4); an unknown name NULL + MOE_ERR_DATA.  Never falls back silently. */
-const moe_backend *moe_backend_select(const char *device);
 
-/* 0, or -1 with the sticky device error set again (see above).  CPU: 0. */
-int moe_backend_status(const moe_backend *b);
+/* The CUDA backend's status (the table's `status` op). */
 int moe_cuda_status(void);
 
 enum { MOE_CUDA_PREC_BF16 = 0, MOE_CUDA_PREC_F32 = 1 };
@@ -96,7 +98,7 @@ void moe_cuda_set_precision(int prec);
 void moe_cuda_matmul_grouped(float *y, const float *x, const void *const *w, const int32_t *off,
                              int G, int K, int N, int accumulate);
 
-/* The same for any backend, usable by lib/model.c today without a change to
+/* The same for any backend, usable by the model (lib/model/) without a change to
  * kernels.h: the CUDA backend's grouped GEMM, else a loop of b->matmul over
  * the non-empty groups (same results as calling matmul per expert). */
 void moe_backend_matmul_grouped(const moe_backend *b, float *y, const float *x,

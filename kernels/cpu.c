@@ -80,6 +80,10 @@ static void cpu_sync(void) {}
 /* asynchronous uploads on the CPU: done at once */
 static void *cpu_host_alloc(size_t n) { return moe_malloc(n ? n : 1); }
 
+/* host memory is not tracked per backend; a CPU op never fails */
+static void cpu_mem_used(size_t *live, size_t *peak) { *live = *peak = 0; }
+static int cpu_status(void) { return 0; }
+
 /* MemAvailable (what can be allocated without swapping, page cache counted
  * as reclaimable) and MemTotal; sysconf's figures when /proc is absent. */
 static void cpu_mem_info(size_t *free_bytes, size_t *total_bytes) {
@@ -680,6 +684,8 @@ static const moe_backend cpu_backend = {
     .upload_fence = cpu_nop,
     .trim = cpu_nop,
     .mem_info = cpu_mem_info,
+    .mem_used = cpu_mem_used,
+    .status = cpu_status,
 };
 
 
@@ -716,6 +722,8 @@ static const moe_backend cpu_ref_backend = {
     .upload_fence = cpu_nop,
     .trim = cpu_nop,
     .mem_info = cpu_mem_info,
+    .mem_used = cpu_mem_used,
+    .status = cpu_status,
 };
 
 const moe_backend *moe_backend_cpu(void) { return &cpu_backend; }

@@ -32,8 +32,8 @@
 extern "C" {
 #endif
 
-#define MOE_CUDA_PLUGIN_ABI 4 /* 2: kernels.h's asynchronous upload ops and trim; 3: mem_info;
-                               * 4: matmul_f32 */
+#define MOE_CUDA_PLUGIN_ABI 5 /* 2: kernels.h's asynchronous upload ops and trim; 3: mem_info;
+                               * 4: matmul_f32; 5: mem_used, status, configure */
 #define MOE_CUDA_PLUGIN_NAME "libcdmoe_cuda.so"
 #define MOE_CUDA_PLUGIN_SYMBOL "moe_cuda_plugin_open"
 
@@ -58,6 +58,8 @@ typedef struct {
     double (*gemm_tflops)(int M, int N, int K, int f32_out, int iters);
     void (*fill_random)(void *d, int dtype, size_t n, uint64_t seed, float scale);
     const char *(*device_name)(void);
+    /* moe_backend_configure (kernels.h); called once at load and on each call */
+    void (*configure)(const moe_device_opts *o);
 } moe_cuda_plugin;
 
 /* error callback: kind MOE_ERR_*, one line */

@@ -1,6 +1,6 @@
 /* kernels.h - the compute interface: one table of function pointers per backend.
  *
- * lib/model.c builds the forward pass only from these operations, so a backend
+ * lib/model/ builds the forward pass only from these operations, so a backend
  * (kernels/cpu.c now, kernels/cuda/ next) is selected at run time by handing
  * the model a different `moe_backend`.  Conventions (llm.c style):
  *
@@ -256,6 +256,17 @@ struct moe_backend {
      * stay resident) to the device at hand.  0, 0 when unknown; a table may
      * leave it NULL (= unknown). */
     void (*mem_info)(size_t *free_bytes, size_t *total_bytes);
+    /* Bytes allocated through this backend's alloc now and at most since
+     * the start (scratch included; GPU backends, reported by the search
+     * tools).  NULL: not tracked (CPU). */
+    void (*mem_used)(size_t *live_bytes, size_t *peak_bytes);
+
+    /* ---- errors ----------------------------------------------------------- */
+    /* 0, or -1 with the backend's sticky device error set again (see
+     * backend_cuda.h: an op cannot fail, so a device error is recorded and
+     * every later op becomes a no-op).  NULL: the backend never fails (CPU).
+     * Call moe_backend_status(), which handles NULL. */
+    int (*status)(void);
 };
 
 /* Backends.  The CPU ones are static tables; they use OpenMP for element-wise
@@ -265,6 +276,46 @@ const moe_backend *moe_backend_cpu_ref(void); /* plain loops, for tests */
 const moe_backend *moe_backend_cpu_bf16(void); /* "cpu" with BF16 weights (see above) */
 /* "cpu", "cpu-ref", "cpu-bf16" (and "cuda" when built with it); NULL + error if unknown. */
 const moe_backend *moe_backend_get(const char *name);
+/* Backend for --device NAME (kernels/select.c): "cpu", "cpu-ref", "cuda", or
+ * NULL/"" for the default ($MOE_DEVICE when set, else cuda when built with
+ * CUDA and a device is visible, else cpu); see backend_cuda.h. */
+const moe_backend *moe_backend_select(const char *device);
+/* Settings of a device backend (CUDA).  moe_backend_configure applies the
+ * non-zero ones: device_index before the backend is first initialised
+ * (later: ignored), the others at once.  moe_model_open applies its
+ * options' (moe_model_opts.dev); the tools set them from the environment
+ * (moe_model_opts_from_env: MOE_CUDA_DEVICE, MOE_CUDA_SYNC,
+ * MOE_CUDA_PRECISION). */
+typedef struct {
+    int device_index; /* which GPU (0: the first) */
+    int sync_each_op; /* synchronise after every op, so that a device error names its op */
+    int f32_compute;  /* GEMMs in f32 without TF32 instead of BF16 (parity checks; slow) */
+} moe_device_opts;
+void moe_backend_configure(const moe_device_opts *o);
+/* 0, or -1 with the sticky device error set again (b->status; 0 when NULL). */
+int moe_backend_status(const moe_backend *b);
+/* 1: b computes in device memory (its pointers are not host pointers). */
+static inline int moe_backend_is_device(const moe_backend *b) { return !b->host_memory; }
+
+/* Weight staging (kernels/staging.c): uploads of weights through a ring of
+ * 4 host buffers of slot_bytes each (0 = 64 MiB; host_alloc'd: pinned on
+ * CUDA) and upload_async, so that filling a buffer, its copy and the ops
+ * overlap; a backend without the asynchronous ops (or a host-memory one)
+ * gets synchronous uploads.  moe_stager_put(s, dst, n, es, raw, fill, ctx)
+ * writes n elements of es bytes to backend memory dst: raw, when not NULL,
+ * already holds them as they go (a plain copy on the synchronous path);
+ * otherwise, and always on the asynchronous path, fill(ctx, h, i, k) writes
+ * elements i..i+k-1 into host memory h.  The ops may read dst only after
+ * moe_stager_ready(s) (upload_fence); moe_stager_pending(s) says whether
+ * copies were queued since.  moe_stager_free waits for every copy. */
+typedef struct moe_stager moe_stager;
+typedef void (*moe_stage_fill)(void *ctx, void *dst, size_t i, size_t k);
+moe_stager *moe_stager_new(const moe_backend *be, size_t slot_bytes);
+void moe_stager_free(moe_stager *s);
+void moe_stager_put(moe_stager *s, void *dst, size_t n, size_t es, const void *raw,
+                    moe_stage_fill fill, void *ctx);
+void moe_stager_ready(moe_stager *s);
+int moe_stager_pending(const moe_stager *s);
 
 /* Host-side helpers shared by all backends ------------------------------- */
 

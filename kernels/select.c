@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 static const moe_cuda_plugin *g_pl;
+static moe_device_opts g_dev_opts; /* moe_backend_configure's, for a plugin loaded later */
 static int g_pl_tried;
 static char g_pl_msg[1024];
 
@@ -51,6 +52,7 @@ static int plugin_try(const char *path, int must_exist) {
         return -1;
     }
     g_pl = p;
+    g_pl->configure(&g_dev_opts);
     return 1;
 }
 
@@ -146,6 +148,12 @@ const moe_backend *moe_cuda_backend_table(void) {
     return p ? p->table() : NULL;
 }
 int moe_cuda_status(void) { return g_pl ? g_pl->status() : 0; }
+void moe_backend_configure(const moe_device_opts *o) {
+    if (o->device_index) g_dev_opts.device_index = o->device_index;
+    if (o->sync_each_op) g_dev_opts.sync_each_op = o->sync_each_op;
+    if (o->f32_compute) g_dev_opts.f32_compute = o->f32_compute;
+    if (g_pl) g_pl->configure(o);
+}
 void moe_cuda_set_precision(int prec) {
     if (plugin()) g_pl->set_precision(prec);
 }
@@ -185,6 +193,7 @@ const moe_backend *moe_backend_cuda(void) {
 }
 const moe_backend *moe_cuda_backend_table(void) { return NULL; }
 int moe_cuda_status(void) { return 0; }
+void moe_backend_configure(const moe_device_opts *o) { (void)o; }
 void moe_cuda_set_precision(int prec) { (void)prec; }
 void moe_cuda_set_grouped(int on) { (void)on; }
 void moe_cuda_matmul_grouped(float *y, const float *x, const void *const *w, const int32_t *off,
@@ -254,10 +263,7 @@ const moe_backend *moe_backend_select(const char *device) {
 #endif
 }
 
-int moe_backend_status(const moe_backend *b) {
-    if (b && b->name && !strcmp(b->name, "cuda")) return moe_cuda_status();
-    return 0;
-}
+int moe_backend_status(const moe_backend *b) { return b && b->status ? b->status() : 0; }
 
 void moe_backend_matmul_grouped(const moe_backend *b, float *y, const float *x,
                                 const void *const *w, const int32_t *off, int G, int K, int N,

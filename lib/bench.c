@@ -35,7 +35,6 @@ int moe_bench_prefill(moe_model *m, uint64_t params, const moe_bench_opts *bo, c
     r->resident = ram == 0 || (double)params * 4.0 < 0.4 * ram;
     moe_eval_opts o = *eo;
     o.progress = NULL;
-    o.keep_loaded = r->resident;
     o.batch_tokens = (size_t)T + 1;
     int rc = 0;
     if (r->resident)

@@ -1,7 +1,6 @@
 /* eval.c - perplexity and harness-style multiple-choice scoring (see eval.h). */
 #define _GNU_SOURCE
 #include "eval.h"
-#include "backend_cuda.h"
 #include "common.h"
 
 #include <math.h>
@@ -38,61 +37,103 @@ typedef struct {
     size_t off;    /* row of input position P */
 } seq_rows;
 
+/* A layer-major batch of scored sequences: seq_rows per sequence and the
+ * runs of tokens (a group's context once, then each member's own tokens)
+ * as the moe_batch whose rows they are. */
+typedef struct {
+    moe_model *m;
+    moe_eval_seq *seqs;
+    seq_rows *sr;
+    int n;
+    moe_batch b;
+    float *kc, *vc; /* KV cache of a shared context (NULL when none) */
+} eval_batch;
+
+static void eval_batch_init(eval_batch *e, moe_model *m, moe_eval_seq *seqs, const seq_rows *sr0,
+                            int n) {
+    e->m = m;
+    e->seqs = seqs;
+    e->n = n;
+    e->sr = moe_malloc(sizeof(seq_rows) * (size_t)(n + 1));
+    const int32_t **ids = moe_malloc(sizeof *ids * (size_t)(2 * n + 1));
+    int *T = moe_malloc(sizeof(int) * (size_t)(2 * n + 1));
+    int nr = 0;
+    size_t tot = 0, kvrows = 0;
+    for (int s = 0; s < n; s++) {
+        seq_rows *r = &e->sr[s];
+        *r = sr0[s];
+        if (r->P > 0 && r->lead) {
+            r->ctx = tot;
+            ids[nr] = seqs[s].ids;
+            T[nr++] = r->P;
+            tot += (size_t)r->P;
+        } else if (r->P > 0) {
+            r->ctx = e->sr[s - 1].ctx;
+        }
+        r->off = tot;
+        ids[nr] = seqs[s].ids + r->P;
+        T[nr++] = seqs[s].T - 1 - r->P;
+        tot += (size_t)(seqs[s].T - 1 - r->P);
+        if (r->P > 0 && (size_t)(seqs[s].T - 1) > kvrows) kvrows = (size_t)(seqs[s].T - 1);
+    }
+    moe_batch_init(&e->b, nr, ids, T, 0);
+    free(ids);
+    free(T);
+    e->kc = kvrows ? moe_model_alloc(m, moe_model_kv_floats(m, (int)kvrows)) : NULL;
+    e->vc = kvrows ? moe_model_alloc(m, moe_model_kv_floats(m, (int)kvrows)) : NULL;
+}
+
+static void eval_batch_free_kv(eval_batch *e) {
+    if (e->kc) moe_model_free(e->m, e->kc);
+    if (e->vc) moe_model_free(e->m, e->vc);
+    e->kc = e->vc = NULL;
+}
+
+static void eval_batch_free(eval_batch *e) {
+    eval_batch_free_kv(e);
+    moe_batch_free(&e->b);
+    free(e->sr);
+}
+
+/* The attention of layer l on the batch: a whole sequence alone; a group's
+ * context once, then its members over the context's cached K/V (the cache
+ * rows 0..P-1 stay valid while each member overwrites rows P..). */
+static int eval_attention(void *ctx, int l, float *x) {
+    eval_batch *e = ctx;
+    size_t H = (size_t)moe_model_config(e->m)->hidden_size;
+    int rc = 0;
+    for (int s = 0; s < e->n && rc == 0; s++) {
+        const seq_rows *r = &e->sr[s];
+        int P = r->P, Tn = e->seqs[s].T - 1 - P;
+        if (P == 0) {
+            rc = moe_layer_attention(e->m, l, x + r->off * H, Tn);
+            continue;
+        }
+        if (r->lead) rc = moe_layer_attention_kv(e->m, l, x + r->ctx * H, P, 0, e->kc, e->vc);
+        if (rc == 0) rc = moe_layer_attention_kv(e->m, l, x + r->off * H, Tn, P, e->kc, e->vc);
+    }
+    return rc;
+}
+
 /* One layer-major batch seqs[0..n-1] (each with something to score). */
-static int score_batch(moe_model *m, moe_eval_seq *seqs, const seq_rows *sr0, int n,
-                       const moe_eval_opts *o) {
+static int score_batch(moe_model *m, moe_eval_seq *seqs, const seq_rows *sr0, int n) {
     const moe_config *c = moe_model_config(m);
     const moe_backend *be = moe_model_backend(m);
     int L = c->num_layers, H = c->hidden_size, V = c->vocab_size;
-    seq_rows *sr = moe_malloc(sizeof(seq_rows) * (size_t)(n + 1));
-    size_t tot = 0, kvrows = 0;
-    for (int s = 0; s < n; s++) {
-        sr[s] = sr0[s];
-        if (sr[s].P > 0 && sr[s].lead) {
-            sr[s].ctx = tot;
-            tot += (size_t)sr[s].P;
-        } else if (sr[s].P > 0) {
-            sr[s].ctx = sr[s - 1].ctx;
-        }
-        sr[s].off = tot;
-        tot += (size_t)(seqs[s].T - 1 - sr[s].P);
-        if (sr[s].P > 0 && (size_t)(seqs[s].T - 1) > kvrows) kvrows = (size_t)(seqs[s].T - 1);
-    }
-    float *x = moe_model_alloc(m, tot * H), *xn = moe_model_alloc(m, tot * H);
-    float *y = moe_model_alloc(m, tot * H);
-    float *kc = kvrows ? moe_model_alloc(m, moe_model_kv_floats(m, (int)kvrows)) : NULL;
-    float *vc = kvrows ? moe_model_alloc(m, moe_model_kv_floats(m, (int)kvrows)) : NULL;
-    int rc = 0;
-    for (int s = 0; s < n && rc == 0; s++) {
-        int P = sr[s].P;
-        if (P > 0 && sr[s].lead) rc = moe_model_embed(m, x + sr[s].ctx * H, seqs[s].ids, P);
-        if (rc == 0) rc = moe_model_embed(m, x + sr[s].off * H, seqs[s].ids + P, seqs[s].T - 1 - P);
-    }
-    for (int l = 0; l < L && rc == 0; l++) {
-        rc = moe_layer_load(m, l);
-        for (int s = 0; s < n && rc == 0; s++) {
-            int P = sr[s].P, Tn = seqs[s].T - 1 - P;
-            if (P == 0) {
-                rc = moe_layer_attention(m, l, x + sr[s].off * H, Tn);
-                continue;
-            }
-            /* the group's members follow their lead: the cache rows 0..P-1
-             * stay valid while each member overwrites rows P.. */
-            if (sr[s].lead) rc = moe_layer_attention_kv(m, l, x + sr[s].ctx * H, P, 0, kc, vc);
-            if (rc == 0) rc = moe_layer_attention_kv(m, l, x + sr[s].off * H, Tn, P, kc, vc);
-        }
-        if (rc == 0) rc = moe_layer_mlp_input(m, l, xn, x, (int)tot);
-        if (rc == 0) rc = moe_layer_mlp_run(m, l, y, xn, (int)tot, NULL, NULL);
-        if (rc == 0) be->axpy(x, y, 1.0f, tot * H);
-        if (rc == 0) rc = moe_backend_status(be);
-        if (!o->keep_loaded) moe_layer_unload(m, l);
-        if (rc == 0 && l + 1 < L) rc = moe_layer_prefetch(m, l + 1); /* device: overlap */
-    }
+    eval_batch e;
+    eval_batch_init(&e, m, seqs, sr0, n);
+    const seq_rows *sr = e.sr;
+    size_t tot = e.b.tot;
+    float *x = moe_model_alloc(m, tot * H);
+    int rc = moe_batch_embed(m, &e.b, x);
+    /* layers loaded before (moe-eval --bench preloads them) stay loaded */
+    moe_residency res;
+    moe_residency_init(&res, m, 0);
+    moe_run_hooks h = {.ctx = &e, .attention = eval_attention};
+    if (rc == 0) rc = moe_run_layers(m, &e.b, 0, L, x, NULL, NULL, &res, &h);
+    moe_residency_free(&res);
     if (rc == 0) rc = moe_model_final_norm(m, x, x, (int)tot);
-    moe_model_free(m, xn);
-    moe_model_free(m, y);
-    if (kc) moe_model_free(m, kc);
-    if (vc) moe_model_free(m, vc);
+    eval_batch_free_kv(&e);
     /* lm_head on the scored rows only, in chunks */
     size_t chunk = LOGIT_CHUNK_FLOATS / (size_t)V;
     if (chunk < 1) chunk = 1;
@@ -135,7 +176,7 @@ static int score_batch(moe_model *m, moe_eval_seq *seqs, const seq_rows *sr0, in
     if (!be->host_memory) free(hl);
     moe_model_free(m, lg);
     moe_model_free(m, x);
-    free(sr);
+    eval_batch_free(&e);
     return rc;
 }
 
@@ -206,7 +247,7 @@ int moe_eval_score(moe_model *m, moe_eval_seq *seqs, int n, const moe_eval_opts 
             ran += r;
             i = gend[i];
         }
-        rc = score_batch(m, tmp, bsr, k, o);
+        rc = score_batch(m, tmp, bsr, k);
         for (int j = 0; j < k && rc == 0; j++) {
             batch[j]->logprob = tmp[j].logprob;
             batch[j]->greedy = tmp[j].greedy;
@@ -347,26 +388,11 @@ static int argmax_np(const double *v, int n) {
     return b;
 }
 
-int moe_eval_task(moe_model *m, moe_tokenizer *tok, const moe_task *t, const moe_task_opts *to,
-                  const moe_eval_opts *o, moe_task_result *r) {
-    const moe_config *c = moe_model_config(m);
-    moe_task_opts dto = {0};
-    if (!to) to = &dto;
-    memset(r, 0, sizeof *r);
-    r->n_items = t->n_items;
-    r->choice_off = moe_malloc(sizeof(int) * (size_t)(t->n_items + 1));
-    int nc = 0;
-    for (int i = 0; i < t->n_items; i++) {
-        r->choice_off[i] = nc;
-        nc += t->items[i].n;
-    }
-    r->choice_off[t->n_items] = nc;
-    r->loglik = moe_calloc((size_t)nc + 1, sizeof(double));
-    r->greedy = moe_calloc((size_t)nc + 1, sizeof(int));
-    r->pred = moe_calloc((size_t)t->n_items + 1, sizeof(int));
-    r->pred_norm = moe_calloc((size_t)t->n_items + 1, sizeof(int));
-    int32_t **ids = moe_calloc((size_t)nc + 1, sizeof(int32_t *));
-    moe_eval_seq *q = moe_calloc((size_t)nc + 1, sizeof *q);
+/* Window k of each choice: its tokens (ids[k], owned), the scored sequence
+ * q[k] (the last tokens that fit max_length + 1, scoring the continuation). */
+static int task_windows(moe_tokenizer *tok, const moe_config *c, const moe_task *t,
+                        const moe_task_opts *to, int32_t **ids, moe_eval_seq *q,
+                        moe_task_result *r) {
     size_t maxlen = to->max_length > 0 ? (size_t)to->max_length
                                        : (size_t)(c->max_position_embeddings > 0
                                                       ? c->max_position_embeddings
@@ -417,13 +443,16 @@ int moe_eval_task(moe_model *m, moe_tokenizer *tok, const moe_task *t, const moe
             r->n_tokens += q[k].T - 1;
         }
     }
-    /* identical windows are scored once */
-    int *dup = moe_malloc(sizeof(int) * ((size_t)nc + 1));
-    moe_eval_seq *uq = moe_calloc((size_t)nc + 1, sizeof *uq);
+    return rc;
+}
+
+/* Identical windows are scored once: uq[0..nu) the distinct ones (looking
+ * back a little), dup[k] the one of window k.  Returns nu. */
+static int distinct_windows(const moe_eval_seq *q, int nc, int *dup, moe_eval_seq *uq) {
     int nu = 0;
-    for (int k = 0; k < nc && rc == 0; k++) {
+    for (int k = 0; k < nc; k++) {
         dup[k] = -1;
-        for (int u = nu - 1; u >= 0 && u >= nu - 64; u--) /* look back a little */
+        for (int u = nu - 1; u >= 0 && u >= nu - 64; u--)
             if (uq[u].T == q[k].T && uq[u].start == q[k].start &&
                 !memcmp(uq[u].ids, q[k].ids, sizeof(int32_t) * (size_t)q[k].T)) {
                 dup[k] = u;
@@ -434,43 +463,74 @@ int moe_eval_task(moe_model *m, moe_tokenizer *tok, const moe_task *t, const moe
             uq[nu++] = q[k];
         }
     }
+    return nu;
+}
+
+/* Per-choice scores from the distinct windows, predictions and the task's
+ * accuracy / perplexity. */
+static void task_scores(const moe_task *t, const moe_eval_seq *uq, const int *dup,
+                        moe_task_result *r) {
+    double sum_acc = 0, sum_norm = 0, sum_ll = 0;
+    double *tmp = moe_malloc(sizeof(double) * 64);
+    int tcap = 64;
+    for (int i = 0; i < t->n_items; i++) {
+        const moe_task_item *it = &t->items[i];
+        int b = r->choice_off[i];
+        for (int j = 0; j < it->n; j++) {
+            r->loglik[b + j] = uq[dup[b + j]].logprob;
+            r->greedy[b + j] = uq[dup[b + j]].greedy;
+        }
+        if (t->kind == MOE_TASK_LM) {
+            sum_acc += r->greedy[b];
+            sum_ll += r->loglik[b];
+            r->pred[i] = r->pred_norm[i] = 0;
+            continue;
+        }
+        if (it->n > tcap) {
+            tcap = it->n;
+            tmp = moe_realloc(tmp, sizeof(double) * (size_t)tcap);
+        }
+        r->pred[i] = argmax_np(r->loglik + b, it->n);
+        for (int j = 0; j < it->n; j++) tmp[j] = r->loglik[b + j] / (double)it->norm_len[j];
+        r->pred_norm[i] = argmax_np(tmp, it->n);
+        sum_acc += r->pred[i] == it->gold;
+        sum_norm += r->pred_norm[i] == it->gold;
+    }
+    free(tmp);
+    double ni = t->n_items > 0 ? (double)t->n_items : NAN;
+    r->acc = sum_acc / ni;
+    r->acc_norm = t->has_acc_norm ? sum_norm / ni : NAN;
+    r->perplexity = t->kind == MOE_TASK_LM ? exp(-sum_ll / ni) : NAN;
+}
+
+int moe_eval_task(moe_model *m, moe_tokenizer *tok, const moe_task *t, const moe_task_opts *to,
+                  const moe_eval_opts *o, moe_task_result *r) {
+    moe_task_opts dto = {0};
+    if (!to) to = &dto;
+    memset(r, 0, sizeof *r);
+    r->n_items = t->n_items;
+    r->choice_off = moe_malloc(sizeof(int) * (size_t)(t->n_items + 1));
+    int nc = 0;
+    for (int i = 0; i < t->n_items; i++) {
+        r->choice_off[i] = nc;
+        nc += t->items[i].n;
+    }
+    r->choice_off[t->n_items] = nc;
+    r->loglik = moe_calloc((size_t)nc + 1, sizeof(double));
+    r->greedy = moe_calloc((size_t)nc + 1, sizeof(int));
+    r->pred = moe_calloc((size_t)t->n_items + 1, sizeof(int));
+    r->pred_norm = moe_calloc((size_t)t->n_items + 1, sizeof(int));
+    int32_t **ids = moe_calloc((size_t)nc + 1, sizeof(int32_t *));
+    moe_eval_seq *q = moe_calloc((size_t)nc + 1, sizeof *q);
+    int rc = task_windows(tok, moe_model_config(m), t, to, ids, q, r);
+    int *dup = moe_malloc(sizeof(int) * ((size_t)nc + 1));
+    moe_eval_seq *uq = moe_calloc((size_t)nc + 1, sizeof *uq);
+    int nu = rc == 0 ? distinct_windows(q, nc, dup, uq) : 0;
     moe_eval_opts so = o ? *o : (moe_eval_opts){0};
     so.tokens_run = &r->n_tokens_run;
     if (rc == 0) rc = moe_eval_score(m, uq, nu, &so);
     if (rc == 0 && o && o->tokens_run) *o->tokens_run = r->n_tokens_run;
-    if (rc == 0) {
-        double sum_acc = 0, sum_norm = 0, sum_ll = 0;
-        double *tmp = moe_malloc(sizeof(double) * 64);
-        int tcap = 64;
-        for (int i = 0; i < t->n_items; i++) {
-            const moe_task_item *it = &t->items[i];
-            int b = r->choice_off[i];
-            for (int j = 0; j < it->n; j++) {
-                r->loglik[b + j] = uq[dup[b + j]].logprob;
-                r->greedy[b + j] = uq[dup[b + j]].greedy;
-            }
-            if (t->kind == MOE_TASK_LM) {
-                sum_acc += r->greedy[b];
-                sum_ll += r->loglik[b];
-                r->pred[i] = r->pred_norm[i] = 0;
-                continue;
-            }
-            if (it->n > tcap) {
-                tcap = it->n;
-                tmp = moe_realloc(tmp, sizeof(double) * (size_t)tcap);
-            }
-            r->pred[i] = argmax_np(r->loglik + b, it->n);
-            for (int j = 0; j < it->n; j++) tmp[j] = r->loglik[b + j] / (double)it->norm_len[j];
-            r->pred_norm[i] = argmax_np(tmp, it->n);
-            sum_acc += r->pred[i] == it->gold;
-            sum_norm += r->pred_norm[i] == it->gold;
-        }
-        free(tmp);
-        double ni = t->n_items > 0 ? (double)t->n_items : NAN;
-        r->acc = sum_acc / ni;
-        r->acc_norm = t->has_acc_norm ? sum_norm / ni : NAN;
-        r->perplexity = t->kind == MOE_TASK_LM ? exp(-sum_ll / ni) : NAN;
-    }
+    if (rc == 0) task_scores(t, uq, dup, r);
     for (int k = 0; k < nc; k++) free(ids[k]);
     free(ids);
     free(q);

@@ -111,7 +111,6 @@
 
 typedef struct {
     size_t batch_tokens;  /* tokens per layer-major batch; 0 = 4096 */
-    int keep_loaded;      /* 1: leave layers loaded (preloaded for --bench) */
     /* progress callback (may be NULL): tokens done of total */
     void (*progress)(void *ctx, uint64_t done, uint64_t total);
     void *progress_ctx;

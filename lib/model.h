@@ -4,8 +4,13 @@
  *   x_0 = embed(ids)
  *   for l: x = x + Attn_l(RMSNorm_in(x))                  moe_layer_attention
  *          xn = RMSNorm_post(x)                            moe_layer_mlp_input
- *          x = x + MLP_l(xn)                               moe_layer_mlp
- *   out = RMSNorm_final(x_L); logits = out·W_lmᵀ           moe_final_norm, moe_lm_head
+ *          x = x + MLP_l(xn)                               moe_layer_mlp_run
+ *   out = RMSNorm_final(x_L); logits = out·W_lmᵀ           moe_model_final_norm, moe_model_lm_head
+ *
+ * Files (lib/model/, see internal.h): forward.c computes those pieces,
+ * weights.c holds the weights (residency), run.c runs a batch of sequences
+ * layer-major (moe_run_layers) under one residency rule, options.c reads
+ * the environment for the tools.
  *
  * MLP_l is the layer's kind: dense SwiGLU, routed MoE (router + experts +
  * shared experts, qwen2_moe's sigmoid-gated shared expert), or condensed (a
@@ -36,18 +41,19 @@
  * mapped pages are released when the weight is freed or its layer unloaded
  * (so "converts" above costs nothing there).  Results are byte-identical to
  * f32 weights; a condensed layer's fused down projection (scaled in f32)
- * stays f32.  Environment, for benchmarks: MOE_CPU_WEIGHTS=f32 converts to
- * f32 as before ("cpu"); MOE_CPU_BORROW=0 copies the BF16 bytes instead.
+ * stays f32.  For benchmarks: opts.cpu_f32_weights converts to f32 as before
+ * ("cpu"); opts.cpu_copy_bf16 copies the BF16 bytes instead.
  *
  * Device backends (host_memory 0; kernels/cuda/).  Weights are staged in the
  * backend's weight dtype, BF16 checkpoint bytes as they are (no f32 round
- * trip; MOE_STAGE_F32=1 in the environment restores the old f32 staging, for
- * benchmarks), through a ring of 4 x 64 MiB pinned host buffers and copies
- * that run asynchronously (kernels.h, upload_async); the condensed layers'
+ * trip; opts.stage_f32 restores the old f32 staging, for benchmarks),
+ * through the backend's staging ring of 4 x 64 MiB pinned host buffers and
+ * copies that run asynchronously (kernels.h, moe_stager); the condensed layers'
  * fused weights (columns scaled in f32) keep the f32 path.  The default
  * expert cache is 8 GiB there, so a whole layer's experts are uploaded once
- * per layer, not per token chunk.  moe_model_forward (and the search tools'
- * layer loops) prefetch layer l+1 while layer l runs, after unloading l.
+ * per layer, not per token chunk.  The layer-major runner (moe_run_layers:
+ * the forward, the searches, the evaluation) prefetches layer l+1 while
+ * layer l runs, after unloading l.
  * Peak device memory, DeepSeekMoE-16B shapes (H 2048, 64 experts x 1408,
  * 2 shared, top-6, 16 heads, vocab 102400), 25 600 tokens, streaming:
  *   weights: one MoE layer in BF16 1.18 GB (experts 64 x 3 x 1408 x 2048 x 2 B
@@ -105,7 +111,29 @@ typedef struct {
                                   8 GiB on device backends); (size_t)-1 = always */
     size_t staging_bytes;      /* device backends: bytes of each of the 4 host staging
                                   buffers of the weight uploads; 0 = 64 MiB */
+    /* How weights are held, for benchmarks and tests (0 = the default; results
+     * are the same bytes either way).  Set from the environment by
+     * moe_model_opts_from_env() only. */
+    int cpu_f32_weights;       /* CPU, BF16 checkpoint: convert weights to f32 ("cpu")
+                                  instead of computing from BF16 ("cpu-bf16") */
+    int cpu_copy_bf16;         /* cpu-bf16: copy the BF16 bytes instead of pointing into
+                                  the checkpoint mapping */
+    int cpu_no_populate;       /* cpu-bf16: fault the borrowed pages in as the ops read
+                                  them instead of mapping them at load */
+    int stage_f32;             /* device backends: stage weights through f32 (the old
+                                  round trip) instead of in the weight dtype */
+    moe_device_opts dev;       /* device backend settings (kernels.h), applied before the
+                                  backend is selected; zeros leave them as they are */
 } moe_model_opts;
+
+/* The one place the library reads the environment for model options (the
+ * tools call it; README.md, "Environment", documents the variables):
+ * MOE_CPU_WEIGHTS=f32 sets cpu_f32_weights, MOE_CPU_BORROW=0 cpu_copy_bf16,
+ * MOE_CPU_POPULATE=0 cpu_no_populate, MOE_STAGE_F32=1 stage_f32,
+ * MOE_CUDA_DEVICE=N dev.device_index, MOE_CUDA_SYNC=1 dev.sync_each_op,
+ * MOE_CUDA_PRECISION=f32 dev.f32_compute.  Fields already set are kept.
+ * ($MOE_DEVICE, the default --device, is moe_backend_select's.) */
+void moe_model_opts_from_env(moe_model_opts *o);
 
 /* Router observer: called by moe_layer_mlp for routed-MoE layers, with the
  * top-k expert ids and weights exactly as the model uses them (after any
@@ -212,6 +240,87 @@ int moe_model_final_norm(moe_model *m, float *y /* [T, H] */, const float *x /* 
 /* logits = x·W_lmᵀ, x already final-normed. */
 int moe_model_lm_head(moe_model *m, float *logits /* [T, V] backend */,
                       const float *x /* [T, H] */, int T);
+
+/* ---- layer-major runs over a batch of sequences (lib/model/run.c) ------------ */
+
+/* Sequences of a layer-major run, their tokens concatenated: sequence s
+ * has T[s] tokens at rows off[s] .. off[s] + T[s] - 1 of a [tot, H]
+ * activation buffer.  Per-token ops run on all tot rows at once;
+ * attention runs per sequence. */
+typedef struct {
+    int n;
+    const int32_t **ids; /* [n] token ids (host) */
+    int *T;              /* [n] */
+    size_t *off;         /* [n + 1] */
+    size_t tot;
+    int *seq;            /* [tot] sequence of each row */
+} moe_batch;
+/* ids[i][0 .. T[i]-1], truncated to max_len tokens when max_len > 0. */
+void moe_batch_init(moe_batch *b, int n, const int32_t *const *ids, const int *T, int max_len);
+void moe_batch_free(moe_batch *b);
+/* x_0 of every sequence (x: [b->tot, H] backend). */
+int moe_batch_embed(moe_model *m, const moe_batch *b, float *x);
+
+/* Residency of the layers over layer-major passes, one rule for all
+ * callers: a pass loads each layer it runs (its current kind) unless it is
+ * loaded, and after use unloads the layers it loaded itself unless keep is
+ * set; layers loaded before are left as they are (a caller that preloads
+ * every layer keeps them).  keep = moe_model_fits(m): the whole model stays
+ * in memory when it fits (see there).  loads counts the layers the passes
+ * loaded (a prefetch included). */
+typedef struct {
+    moe_model *m;
+    int keep;
+    char *ours;     /* [L] loaded by these passes */
+    uint64_t loads;
+} moe_residency;
+void moe_residency_init(moe_residency *r, moe_model *m, int keep);
+/* unloads the layers it loaded unless keep */
+void moe_residency_free(moe_residency *r);
+/* layer l ready for use: loaded (and counted) if needed; 0 or -1 */
+int moe_residency_use(moe_residency *r, int l);
+/* done with layer l for this pass: unloaded if ours and not keep */
+void moe_residency_done(moe_residency *r, int l);
+/* layer l wanted next: prefetched (device backends) if not loaded */
+int moe_residency_prefetch(moe_residency *r, int l);
+/* The residency policy: 1 when every layer of the model fits in memory
+ * with room to spare.  Host backends: when the checkpoint's weights in f32
+ * stay under 2 GiB.  Device backends: when the checkpoint's bytes (an upper
+ * bound of its BF16 weights) take at most a third of the free device memory,
+ * leaving the rest for activations, caches and budgets (an H200 keeps a
+ * whole DeepSeekMoE-16B resident, a 24 GB card streams it). */
+int moe_model_fits(moe_model *m);
+/* 1 when layer l's weights are loaded (or being prefetched). */
+int moe_layer_loaded(const moe_model *m, int l);
+
+/* What a layer-major run does around each layer's computation; every
+ * member may be NULL. */
+typedef struct {
+    void *ctx;
+    /* before layer l (x: its input) */
+    int (*before)(void *ctx, int l, float *x);
+    /* replaces the attention of each sequence (eval's shared contexts) */
+    int (*attention)(void *ctx, int l, float *x);
+    /* after the MLP, before x += y (xn: its input, y: its output) */
+    int (*mlp_out)(void *ctx, int l, const float *x, const float *xn, const float *y);
+    /* after layer l (x: its output) */
+    int (*after)(void *ctx, int l, float *x);
+    moe_router_fn router; /* sees the routing of routed-MoE layers */
+    void *router_ctx;
+} moe_run_hooks;
+
+/* Decoder layers [from, to) of batch b on x ([b->tot, H] backend, in
+ * place), layer-major: each layer loaded once (r), its attention per
+ * sequence, its MLP on every row; layer l+1 is prefetched while l runs.
+ * xn, y: [b->tot, H] scratch of the caller, or NULL (allocated here).
+ * h may be NULL.  0 or -1. */
+int moe_run_layers(moe_model *m, const moe_batch *b, int from, int to, float *x, float *xn,
+                   float *y, moe_residency *r, const moe_run_hooks *h);
+/* One decoder layer l of it (loaded by the caller), every sequence: the
+ * body of moe_run_layers, for callers that run several batches through a
+ * layer while it is loaded (the layer search's candidate streams). */
+int moe_run_layer(moe_model *m, const moe_batch *b, int l, float *x, float *xn, float *y,
+                  const moe_run_hooks *h);
 
 /* ---- whole-model convenience ----------------------------------------------- */
 

@@ -8,53 +8,27 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "backend_cuda.h"
 #include "common.h"
 
-/* ---- sequences, truncated and concatenated ------------------------------------ */
+/* ---- sequences, truncated and concatenated ------------------------------------
+ * A search's token sequences are a moe_batch (model.h): truncated to
+ * max_length, concatenated, seq[] the sequence of each token. */
 
-typedef struct {
-    int n;
-    moe_seq *seq;   /* ids, T (truncated); hidden/logits unused */
-    size_t *off;    /* [n+1] token offsets in the concatenation */
-    size_t tot;
-    int *owner;     /* [tot] sequence of each token */
-} seqset;
-
-static void seqset_init(seqset *ss, const moe_seqs *s, int max_length) {
-    ss->n = s->n;
-    ss->seq = moe_calloc((size_t)s->n + 1, sizeof *ss->seq);
-    ss->off = moe_malloc(sizeof(size_t) * (size_t)(s->n + 1));
-    ss->tot = 0;
-    for (int i = 0; i < s->n; i++) {
-        ss->seq[i].ids = s->ids[i];
-        ss->seq[i].T = max_length > 0 && s->len[i] > max_length ? max_length : s->len[i];
-        ss->off[i] = ss->tot;
-        ss->tot += (size_t)ss->seq[i].T;
-    }
-    ss->off[s->n] = ss->tot;
-    ss->owner = moe_malloc(sizeof(int) * (ss->tot + 1));
-    for (int i = 0; i < s->n; i++)
-        for (size_t t = ss->off[i]; t < ss->off[i + 1]; t++) ss->owner[t] = i;
-}
-
-static void seqset_free(seqset *ss) {
-    free(ss->seq);
-    free(ss->off);
-    free(ss->owner);
+static void batch_of(moe_batch *ss, const moe_seqs *s, int max_length) {
+    moe_batch_init(ss, s->n, (const int32_t *const *)s->ids, s->len, max_length);
 }
 
 /* Per-sequence sums of per-token divergences -> the original's score:
  * mean over the tokens of a sequence, then mean over sequences. */
-static double score_of(const seqset *ss, const double *acc) {
+static double score_of(const moe_batch *ss, const double *acc) {
     double s = 0.0;
-    for (int i = 0; i < ss->n; i++) s += acc[i] / (double)ss->seq[i].T;
+    for (int i = 0; i < ss->n; i++) s += acc[i] / (double)ss->T[i];
     return s / ss->n;
 }
 
 /* acc[owner] += d over tokens [t0, t0+nt) */
-static void accumulate(const seqset *ss, double *acc, const double *d, size_t t0, size_t nt) {
-    for (size_t t = 0; t < nt; t++) acc[ss->owner[t0 + t]] += d[t];
+static void accumulate(const moe_batch *ss, double *acc, const double *d, size_t t0, size_t nt) {
+    for (size_t t = 0; t < nt; t++) acc[ss->seq[t0 + t]] += d[t];
 }
 
 /* ---- work accounting ------------------------------------------------------------- */
@@ -95,42 +69,27 @@ static size_t device_free(moe_model *m) {
     return fr;
 }
 
-/* Keep every layer converted in memory between candidates when it fits;
- * otherwise stream: unload each layer after use.  Host: when the f32 copy is
- * under 2 GiB.  Device: when the checkpoint's bytes (an upper bound of its
- * BF16 weights) take at most a third of the free device memory, leaving the
- * rest for activations, caches and the search budget (an H200 keeps a whole
- * DeepSeekMoE-16B resident, a 24 GB card streams it).  o->stream_weights
- * forces streaming (tests, benchmarks). */
-static int stream_weights(moe_model *m, const moe_search_opts *o) {
-    if (o && o->stream_weights) return 1;
-    uint64_t bytes = moe_ckpt_bytes(moe_model_ckpt(m));
-    size_t fr = device_free(m);
-    if (fr) return bytes > fr / 3;
-    return bytes * 2 > ((uint64_t)2 << 30);
-}
-
 /* The search's view of the layers: which kind each MoE layer has (the model
- * unloads a layer whose kind changes) and which are loaded, to count loads. */
+ * unloads a layer whose kind changes) and their residency (model.h: the
+ * whole model stays loaded between passes when moe_model_fits(); else each
+ * layer is unloaded after use; o->stream_weights forces streaming, for tests
+ * and benchmarks). */
 typedef struct {
     moe_model *m;
     const moe_config *c;
-    int stream;
-    char *loaded;      /* [L] loaded as far as the search knows */
-    uint64_t loads;    /* moe_layer_load calls that converted a layer */
+    moe_residency r;
     int *const *ex;    /* condensed form of each MoE layer (layer search) */
     float *const *ws;
     const int *kk;
 } layers_t;
 
-static void lt_init(layers_t *lt, moe_model *m, int stream) {
+static void lt_init(layers_t *lt, moe_model *m, const moe_search_opts *o) {
     memset(lt, 0, sizeof *lt);
     lt->m = m;
     lt->c = moe_model_config(m);
-    lt->stream = stream;
-    lt->loaded = moe_calloc((size_t)lt->c->num_layers + 1, 1);
     /* a known state: nothing loaded (a no-op for a freshly opened model) */
     for (int l = 0; l < lt->c->num_layers; l++) moe_layer_unload(m, l);
+    moe_residency_init(&lt->r, m, !(o && o->stream_weights) && moe_model_fits(m));
 }
 
 static int lt_is_condensed(const layers_t *lt, int l) {
@@ -140,39 +99,27 @@ static int lt_is_condensed(const layers_t *lt, int l) {
 /* Give MoE layer l its condensed form (condensed = 1) or its checkpoint kind. */
 static int lt_kind(layers_t *lt, int l, int condensed) {
     if (!is_moe(lt->c, l) || condensed == lt_is_condensed(lt, l)) return 0;
-    lt->loaded[l] = 0;
     if (condensed) return moe_model_condense_layer(lt->m, l, lt->kk[l], lt->ex[l], lt->ws[l]);
     moe_model_restore_layer(lt->m, l);
     return 0;
 }
 
-/* Load layer l (its current kind) unless it is loaded. */
-static int lt_load(layers_t *lt, int l) {
-    if (lt->loaded[l]) return 0;
-    if (moe_layer_load(lt->m, l) < 0) return -1;
-    lt->loaded[l] = 1;
-    lt->loads++;
-    return 0;
+/* the work record's layer loads; the residency ends */
+static void lt_free(layers_t *lt, moe_search_work *work) {
+    if (work) work->layer_loads += lt->r.loads;
+    moe_residency_free(&lt->r);
 }
 
-/* Done with layer l for now: unload it when streaming. */
-static void lt_done(layers_t *lt, int l) {
-    if (!lt->stream) return;
-    moe_layer_unload(lt->m, l);
-    lt->loaded[l] = 0;
-}
+/* each layer's input into cache[l] (run_layers) */
+typedef struct {
+    const moe_backend *be;
+    float **cache;
+    size_t TH;
+} cache_ctx;
 
-static void lt_free(layers_t *lt) { free(lt->loaded); }
-
-/* Decoder layer l on the concatenated tokens X (in place), layer loaded. */
-static int run_layer(moe_model *m, const seqset *ss, int l, float *X, float *xn, float *y) {
-    const moe_config *c = moe_model_config(m);
-    int H = c->hidden_size;
-    for (int s = 0; s < ss->n; s++)
-        if (moe_layer_attention(m, l, X + ss->off[s] * H, ss->seq[s].T) < 0) return -1;
-    if (moe_layer_mlp_input(m, l, xn, X, (int)ss->tot) < 0) return -1;
-    if (moe_layer_mlp_run(m, l, y, xn, (int)ss->tot, NULL, NULL) < 0) return -1;
-    moe_model_backend(m)->axpy(X, y, 1.0f, ss->tot * (size_t)H);
+static int cache_input(void *ctx, int l, float *x) {
+    cache_ctx *cc = ctx;
+    cc->be->copy(cc->cache[l], x, cc->TH * sizeof(float));
     return 0;
 }
 
@@ -180,32 +127,21 @@ static int run_layer(moe_model *m, const seqset *ss, int l, float *X, float *xn,
  * concatenated tokens X (in place); when cache is not NULL, cache[l] receives
  * the input of layer l for l >= from (cache[L] the final-normed output).
  * Ends with the final norm applied to X. */
-static int run_layers(layers_t *lt, const seqset *ss, int from, float *X, float **cache,
+static int run_layers(layers_t *lt, const moe_batch *ss, int from, float *X, float **cache,
                       float *xn, float *y) {
     moe_model *m = lt->m;
     const moe_config *c = lt->c;
-    const moe_backend *be = moe_model_backend(m);
     size_t TH = ss->tot * (size_t)c->hidden_size;
-    for (int l = from; l < c->num_layers; l++) {
-        if (cache) be->copy(cache[l], X, TH * sizeof(float));
-        if (lt_load(lt, l) < 0 || run_layer(m, ss, l, X, xn, y) < 0) return -1;
-        lt_done(lt, l);
-        if (l + 1 < c->num_layers && moe_layer_prefetch(m, l + 1) < 0) return -1; /* device: overlap */
-    }
+    cache_ctx cc = {moe_model_backend(m), cache, TH};
+    moe_run_hooks h = {.ctx = &cc, .before = cache ? cache_input : NULL};
+    if (moe_run_layers(m, ss, from, c->num_layers, X, xn, y, &lt->r, &h) < 0) return -1;
     if (moe_model_final_norm(m, X, X, (int)ss->tot) < 0) return -1;
-    if (cache) be->copy(cache[c->num_layers], X, TH * sizeof(float));
-    return 0;
-}
-
-static int embed_all(moe_model *m, const seqset *ss, float *X) {
-    int H = moe_model_config(m)->hidden_size;
-    for (int s = 0; s < ss->n; s++)
-        if (moe_model_embed(m, X + ss->off[s] * H, ss->seq[s].ids, ss->seq[s].T) < 0) return -1;
+    if (cache) cc.be->copy(cache[c->num_layers], X, TH * sizeof(float));
     return 0;
 }
 
 /* Divergence of candidate vs target over all tokens, per-sequence sums into acc. */
-static void diverge(const moe_backend *be, const seqset *ss, int metric, const float *tgt,
+static void diverge(const moe_backend *be, const moe_batch *ss, int metric, const float *tgt,
                     const float *cand, size_t t0, size_t nt, int H, double *d, double *acc) {
     be->divergence(d, tgt, cand, metric, (int)nt, H);
     accumulate(ss, acc, d, t0, nt);
@@ -282,12 +218,19 @@ typedef struct {
     moe_model *m;
     const moe_config *c;
     const moe_backend *be;
-    const seqset *ss;
+    const moe_batch *ss;
     const moe_search_opts *o;
     moe_search_work *work;
     float *xn, *tgt, *base, *p, *cb, *eo; /* [tot, H] each (eo: chunk scratch) */
     float **cache;                          /* [E] expert outputs, all tokens, or NULL */
     double *d;                              /* [tot] */
+    /* the pass (rank_at_layer) */
+    const moe_calib *calib;
+    const int *sel;
+    float *w;
+    int *routed;
+    moe_ranking *out;
+    moe_progress progress;
 } rank_ctx;
 
 static int rank_layer_fast(rank_ctx *x, int l, const float *w, const int *routed,
@@ -389,7 +332,34 @@ fail:
     return -1;
 }
 
-static int rank_fast(moe_model *m, const seqset *ss, const moe_calib *calib,
+/* The ranking's part of the pass at layer l, after its MLP (x: the layer's
+ * input, xn: the MLP's input, y: its output): a selected layer's target
+ * (its original output), base (residual + shared part) and ranking. */
+static int rank_at_layer(void *ctx, int l, const float *X, const float *xn, const float *y) {
+    rank_ctx *x = ctx;
+    const moe_config *c = x->c;
+    const moe_backend *be = x->be;
+    size_t tot = x->ss->tot, TH = tot * (size_t)c->hidden_size;
+    int rc = 0;
+    (void)xn; /* x->xn */
+    if (x->work) {
+        x->work->layer_tokens += tot;
+        x->work->flops += layer_flops(c, l) * (double)tot;
+    }
+    if (x->sel[l]) {
+        be->copy(x->tgt, X, TH * sizeof(float));
+        be->axpy(x->tgt, y, 1.0f, TH);
+        if (l == c->num_layers - 1) moe_model_final_norm(x->m, x->tgt, x->tgt, (int)tot);
+        rc = moe_layer_shared(x->m, l, x->base, x->xn, (int)tot);
+        if (rc == 0) be->axpy(x->base, X, 1.0f, TH);
+        if (rc == 0) rc = layer_weights(x->calib, x->o, l, c->n_routed_experts, x->w, x->routed);
+        if (rc == 0) rc = rank_layer_fast(x, l, x->w, x->routed, &x->out->layers[l]);
+    }
+    moe_progress_add(&x->progress, 1);
+    return rc;
+}
+
+static int rank_fast(moe_model *m, const moe_batch *ss, const moe_calib *calib,
                      const moe_search_opts *o, const int *sel, moe_ranking *out,
                      moe_search_work *work) {
     const moe_config *c = moe_model_config(m);
@@ -411,37 +381,19 @@ static int rank_fast(moe_model *m, const seqset *ss, const moe_calib *calib,
     float *w = moe_malloc(sizeof(float) * (size_t)E);
     int *routed = moe_malloc(sizeof(int) * (size_t)E);
     layers_t lt;
-    lt_init(&lt, m, stream_weights(m, o));
-    int rc = embed_all(m, ss, X);
-    moe_progress progress;
-    moe_progress_start(&progress, "moe-expert-rank", "layers", (uint64_t)last_sel + 1);
+    lt_init(&lt, m, o);
+    int rc = moe_batch_embed(m, ss, X);
+    x.calib = calib;
+    x.sel = sel;
+    x.w = w;
+    x.routed = routed;
+    x.out = out;
+    moe_progress_start(&x.progress, "moe-expert-rank", "layers", (uint64_t)last_sel + 1);
     /* one pass, each layer loaded once (its experts: see rank_layer_fast) */
-    for (int l = 0; l <= last_sel && rc == 0; l++, moe_progress_add(&progress, 1)) {
-        rc = lt_load(&lt, l);
-        for (int s = 0; s < ss->n && rc == 0; s++)
-            rc = moe_layer_attention(m, l, X + ss->off[s] * H, ss->seq[s].T);
-        if (rc == 0) rc = moe_layer_mlp_input(m, l, x.xn, X, (int)ss->tot);
-        if (rc == 0) rc = moe_layer_mlp_run(m, l, y, x.xn, (int)ss->tot, NULL, NULL);
-        if (work) {
-            work->layer_tokens += ss->tot;
-            work->flops += layer_flops(c, l) * (double)ss->tot;
-        }
-        if (rc == 0 && sel[l]) {
-            be->copy(x.tgt, X, TH * sizeof(float));
-            be->axpy(x.tgt, y, 1.0f, TH);
-            if (l == L - 1) moe_model_final_norm(m, x.tgt, x.tgt, (int)ss->tot);
-            rc = moe_layer_shared(m, l, x.base, x.xn, (int)ss->tot);
-            if (rc == 0) be->axpy(x.base, X, 1.0f, TH);
-            if (rc == 0) rc = layer_weights(calib, o, l, E, w, routed);
-            if (rc == 0) rc = rank_layer_fast(&x, l, w, routed, &out->layers[l]);
-        }
-        if (rc == 0) be->axpy(X, y, 1.0f, TH);
-        lt_done(&lt, l);
-        if (rc == 0 && l < last_sel) rc = moe_layer_prefetch(m, l + 1); /* device: overlap */
-    }
-    moe_progress_end(&progress);
-    if (work) work->layer_loads += lt.loads;
-    lt_free(&lt);
+    moe_run_hooks h = {.ctx = &x, .mlp_out = rank_at_layer};
+    if (rc == 0) rc = moe_run_layers(m, ss, 0, last_sel + 1, X, x.xn, y, &lt.r, &h);
+    moe_progress_end(&x.progress);
+    lt_free(&lt, work);
     moe_model_free(m, X);
     moe_model_free(m, y);
     moe_model_free(m, x.xn);
@@ -463,14 +415,15 @@ typedef struct {
     float *hid;
 } fullrun;
 
-static void fullrun_init(fullrun *f, const seqset *ss, int L, int H) {
+static void fullrun_init(fullrun *f, const moe_batch *ss, int L, int H) {
     f->seq = moe_calloc((size_t)ss->n + 1, sizeof *f->seq);
     f->hid = moe_malloc(sizeof(float) * (size_t)(L + 1) * ss->tot * H + 1);
     size_t o = 0;
     for (int s = 0; s < ss->n; s++) {
-        f->seq[s] = ss->seq[s];
+        f->seq[s].ids = ss->ids[s];
+        f->seq[s].T = ss->T[s];
         f->seq[s].hidden = f->hid + o;
-        o += (size_t)(L + 1) * ss->seq[s].T * H;
+        o += (size_t)(L + 1) * ss->T[s] * H;
     }
 }
 
@@ -485,12 +438,12 @@ static float *hid_of(const fullrun *f, int s, int i, int H) {
 }
 
 /* Score hidden_states[i] of run b against run a (host memory). */
-static double score_runs(const moe_backend *be, const seqset *ss, const fullrun *a,
+static double score_runs(const moe_backend *be, const moe_batch *ss, const fullrun *a,
                          const fullrun *b, int i, int H, int metric, moe_search_work *work) {
     double *acc = moe_calloc((size_t)ss->n, sizeof(double));
     double *d = moe_malloc(sizeof(double) * (ss->tot + 1));
     for (int s = 0; s < ss->n; s++) {
-        int T = ss->seq[s].T;
+        int T = ss->T[s];
         be->divergence(d, hid_of(a, s, i, H), hid_of(b, s, i, H), metric, T, H);
         for (int t = 0; t < T; t++) acc[s] += d[t];
         if (work) work->div_tokens += (uint64_t)T;
@@ -501,12 +454,12 @@ static double score_runs(const moe_backend *be, const seqset *ss, const fullrun 
     return r;
 }
 
-static int forward_full(moe_model *m, const seqset *ss, fullrun *f, moe_search_work *work) {
+static int forward_full(moe_model *m, const moe_batch *ss, fullrun *f, moe_search_work *work) {
     count_layers(work, moe_model_config(m), 0, ss->tot);
     return moe_model_forward(m, f->seq, ss->n, 0, NULL, NULL);
 }
 
-static int rank_naive(moe_model *m, const seqset *ss, const moe_calib *calib,
+static int rank_naive(moe_model *m, const moe_batch *ss, const moe_calib *calib,
                       const moe_search_opts *o, const int *sel, moe_ranking *out,
                       moe_search_work *work) {
     const moe_config *c = moe_model_config(m);
@@ -610,11 +563,11 @@ int moe_rank_run(moe_model *m, const moe_seqs *s, const moe_calib *calib,
     out->metric = o->metric;
     out->max_length = o->max_length;
     out->layers = moe_calloc((size_t)L, sizeof *out->layers);
-    seqset ss;
-    seqset_init(&ss, s, o->max_length);
+    moe_batch ss;
+    batch_of(&ss, s, o->max_length);
     int rc = o->naive ? rank_naive(m, &ss, calib, o, sel, out, work)
                       : rank_fast(m, &ss, calib, o, sel, out, work);
-    seqset_free(&ss);
+    moe_batch_free(&ss);
     free(sel);
     if (rc == 0) rc = moe_backend_status(moe_model_backend(m)); /* scores came from the device */
     if (work) work->seconds += moe_now() - t0;
@@ -684,7 +637,7 @@ static int stream_kind(const layers_t *lt, const beam_t *beams, const lstream *s
  * layout, so its values are those of the candidate-major loop bit for bit.
  * Base streams first at the end: at step 0 the original model's output
  * (tgt_out) is what the candidates are scored against. */
-static int layer_pass(layers_t *lt, const seqset *ss, beam_t *beams, lstream *S, int n,
+static int layer_pass(layers_t *lt, const moe_batch *ss, beam_t *beams, lstream *S, int n,
                       float *tgt, int tgt_out, int metric, trial_t *trials, float *xn, float *y,
                       double *acc, double *d) {
     moe_model *m = lt->m;
@@ -706,20 +659,20 @@ static int layer_pass(layers_t *lt, const seqset *ss, beam_t *beams, lstream *S,
         }
         /* the kind already loaded first; otherwise condensed first, so that
          * the checkpoint kind (most streams' next pass) stays when not streaming */
-        int first = is_moe(c, l) && lt->loaded[l] ? lt_is_condensed(lt, l) : 1;
+        int first = is_moe(c, l) && moe_layer_loaded(m, l) ? lt_is_condensed(lt, l) : 1;
         for (int g = 0; g < 2; g++) {
             int kind = g == 0 ? first : !first, any = 0;
             for (int i = 0; i < n && !any; i++)
                 any = S[i].start <= l && stream_kind(lt, beams, &S[i], l) == kind;
             if (!any) continue;
-            if (lt_kind(lt, l, kind) < 0 || lt_load(lt, l) < 0) return -1;
+            if (lt_kind(lt, l, kind) < 0 || moe_residency_use(&lt->r, l) < 0) return -1;
             for (int i = 0; i < n; i++) {
                 if (S[i].start > l || stream_kind(lt, beams, &S[i], l) != kind) continue;
                 float *X = S[i].cand < 0 ? beams[S[i].beam].cache[l + 1] : S[i].X;
-                if (run_layer(m, ss, l, X, xn, y) < 0) return -1;
+                if (moe_run_layer(m, ss, l, X, xn, y, NULL) < 0) return -1;
             }
         }
-        lt_done(lt, l);
+        moe_residency_done(&lt->r, l);
     }
     for (int i = 0; i < n; i++) {
         if (S[i].cand >= 0) continue;
@@ -766,7 +719,7 @@ static size_t search_budget(moe_model *m, const moe_search_opts *o) {
  * whose buffers fit the budget; one pass over the layers per batch (the
  * base streams in the first).  Loads per pass: for each layer from the
  * batch's first start, one per kind needed there. */
-static int layer_major_step(layers_t *lt, const seqset *ss, beam_t *beams, int nbeams,
+static int layer_major_step(layers_t *lt, const moe_batch *ss, beam_t *beams, int nbeams,
                             trial_t *trials, int nt, size_t budget, float *tgt, int step,
                             int metric, float *xn, float *y, double *acc, double *d) {
     moe_model *m = lt->m;
@@ -800,40 +753,170 @@ static int layer_major_step(layers_t *lt, const seqset *ss, beam_t *beams, int n
     return rc;
 }
 
-int moe_layer_search_run(moe_model *m, const moe_seqs *s, const moe_calib *calib,
-                         const moe_ranking *ranking, const moe_search_opts *o, moe_plan *out,
-                         moe_search_work *work) {
-    const moe_config *c = moe_model_config(m);
-    const moe_backend *be = moe_model_backend(m);
-    int L = c->num_layers, H = c->hidden_size, E = c->n_routed_experts, k = o->k;
-    double t0 = moe_now();
-    memset(out, 0, sizeof *out);
-    if (s->n == 0) {
-        moe_error_set(MOE_ERR_DATA, "no token sequences in the input (a 'tokens' stream is needed)");
-        return -1;
+/* ---- layer search: the strategies and the beam ------------------------------------------------
+ * One search's state, shared by its three strategies: layer-major (the
+ * default), candidate-major (the previous fast loop, kept as the reference
+ * the tests compare it with: --candidate-major) and naive (the original). */
+typedef struct {
+    moe_model *m;
+    const moe_config *c;
+    const moe_backend *be;
+    const moe_search_opts *o;
+    moe_search_work *work;
+    moe_plan *out;
+    moe_batch ss;
+    layers_t lt;
+    int L, H, N, B, nmoe;
+    int *moel;          /* [nmoe] the MoE layers */
+    int **ex, *kk;      /* [L] condensed form of each MoE layer: first k ranked experts */
+    float **ws;         /*     and their mean weights */
+    size_t TH, budget;
+    float *X, *xn, *y, *tgt;
+    double *acc, *d;
+    fullrun orig, cand; /* naive */
+    beam_t *beams, *nb;
+    int nbeams;
+    trial_t *trials;
+    moe_progress progress;
+} lsearch;
+
+/* A strategy: how the search starts (the original output, the first beam's
+ * cache), how one greedy step scores every candidate of every beam into
+ * S->trials (returns their number), and how a chosen beam's cache is
+ * completed from its new layer cl on (fast strategies only). */
+typedef struct {
+    int (*start)(lsearch *S);
+    int (*step)(lsearch *S, int step, int *nt);
+    int (*extend)(lsearch *S, beam_t *nb, const beam_t *p, int cl);
+} search_strategy;
+
+static void beam_cache_alloc(lsearch *S, beam_t *b) {
+    b->cache = moe_calloc((size_t)S->L + 1, sizeof(float *));
+    for (int l = 0; l <= S->L; l++) b->cache[l] = moe_model_alloc(S->m, S->TH);
+}
+
+static void beam_free(lsearch *S, beam_t *b) {
+    free(b->set);
+    if (b->cache) {
+        for (int l = 0; l <= S->L; l++) moe_model_free(S->m, b->cache[l]);
+        free(b->cache);
     }
-    if (k < 0 || k > E) {
-        moe_error_set(MOE_ERR_DATA, "--experts %d: the model has %d routed experts per layer", k, E);
-        return -1;
+    memset(b, 0, sizeof *b);
+}
+
+/* the candidates of this step in the scoring order: beam, then layer */
+static int list_trials(lsearch *S) {
+    int nt = 0;
+    for (int b = 0; b < S->nbeams; b++)
+        for (int i = 0; i < S->nmoe; i++)
+            if (!in_set(&S->beams[b], S->moel[i]))
+                S->trials[nt++] = (trial_t){b, S->moel[i], NAN, (size_t)nt};
+    return nt;
+}
+
+/* -- layer-major: a step's candidates in passes over the layers (layer_major_step) */
+
+static int start_layer_major(lsearch *S) {
+    beam_cache_alloc(S, &S->beams[0]);
+    int rc = moe_batch_embed(S->m, &S->ss, S->beams[0].cache[0]);
+    S->beams[0].pending = 0; /* step 0's first pass computes the original model */
+    count_layers(S->work, S->c, 0, S->ss.tot);
+    return rc;
+}
+
+static int step_layer_major(lsearch *S, int step, int *nt) {
+    *nt = list_trials(S);
+    if (*nt == 0) return 0;
+    return layer_major_step(&S->lt, &S->ss, S->beams, S->nbeams, S->trials, *nt, S->budget,
+                            S->tgt, step, S->o->metric, S->xn, S->y, S->acc, S->d);
+}
+
+static int extend_layer_major(lsearch *S, beam_t *nb, const beam_t *p, int cl) {
+    (void)p;
+    nb->pending = cl; /* the next step's first pass fills the rest */
+    count_layers(S->work, S->c, cl, S->ss.tot);
+    return 0;
+}
+
+/* -- candidate-major: each candidate from its layer on, one after the other */
+
+static int start_candidate_major(lsearch *S) {
+    beam_cache_alloc(S, &S->beams[0]);
+    int rc = moe_batch_embed(S->m, &S->ss, S->X);
+    if (rc == 0) rc = run_layers(&S->lt, &S->ss, 0, S->X, S->beams[0].cache, S->xn, S->y);
+    if (rc == 0) S->be->copy(S->tgt, S->X, S->TH * sizeof(float));
+    count_layers(S->work, S->c, 0, S->ss.tot);
+    return rc;
+}
+
+static int step_candidate_major(lsearch *S, int step, int *nt) {
+    (void)step;
+    *nt = list_trials(S);
+    for (int j = 0; j < *nt; j++) {
+        trial_t *t = &S->trials[j];
+        if (apply_set(&S->lt, &S->beams[t->beam], t->cand) < 0) return -1;
+        S->be->copy(S->X, S->beams[t->beam].cache[t->cand], S->TH * sizeof(float));
+        if (run_layers(&S->lt, &S->ss, t->cand, S->X, NULL, S->xn, S->y) < 0) return -1;
+        memset(S->acc, 0, sizeof(double) * (size_t)S->ss.n);
+        diverge(S->be, &S->ss, S->o->metric, S->tgt, S->X, 0, S->ss.tot, S->H, S->d, S->acc);
+        t->score = score_of(&S->ss, S->acc);
     }
-    int nmoe = 0;
-    int *moel = moe_malloc(sizeof(int) * (size_t)(L + 1));
-    for (int l = 0; l < L; l++)
-        if (is_moe(c, l)) moel[nmoe++] = l;
-    int N = o->max_layers > 0 && o->max_layers < nmoe ? o->max_layers : nmoe;
-    int B = o->beam > 0 ? o->beam : 1;
-    /* the condensed form of every MoE layer: first k ranked experts, mean weights */
-    int **ex = moe_calloc((size_t)L, sizeof(int *));
-    float **ws = moe_calloc((size_t)L, sizeof(float *));
-    int *kk = moe_calloc((size_t)L, sizeof(int));
+    return 0;
+}
+
+static int extend_candidate_major(lsearch *S, beam_t *nb, const beam_t *p, int cl) {
+    int rc = apply_set(&S->lt, nb, -1);
+    if (rc == 0) {
+        S->be->copy(S->X, p->cache[cl], S->TH * sizeof(float));
+        rc = run_layers(&S->lt, &S->ss, cl, S->X, nb->cache, S->xn, S->y);
+        count_layers(S->work, S->c, cl, S->ss.tot);
+    }
+    return rc;
+}
+
+/* -- naive: a whole forward per candidate */
+
+static int start_naive(lsearch *S) {
+    fullrun_init(&S->orig, &S->ss, S->L, S->H);
+    fullrun_init(&S->cand, &S->ss, S->L, S->H);
+    return forward_full(S->m, &S->ss, &S->orig, S->work);
+}
+
+static int step_naive(lsearch *S, int step, int *nt) {
+    (void)step;
+    *nt = list_trials(S);
+    for (int j = 0; j < *nt; j++) {
+        trial_t *t = &S->trials[j];
+        if (apply_set(&S->lt, &S->beams[t->beam], t->cand) < 0) return -1;
+        if (forward_full(S->m, &S->ss, &S->cand, S->work) < 0) return -1;
+        t->score = score_runs(S->be, &S->ss, &S->orig, &S->cand, S->L, S->H, S->o->metric, S->work);
+    }
+    return 0;
+}
+
+static const search_strategy LAYER_MAJOR = {start_layer_major, step_layer_major,
+                                            extend_layer_major};
+static const search_strategy CANDIDATE_MAJOR = {start_candidate_major, step_candidate_major,
+                                                extend_candidate_major};
+static const search_strategy NAIVE = {start_naive, step_naive, NULL};
+
+/* -- the beam */
+
+/* The condensed form of every MoE layer: its first k ranked experts with
+ * their mean weights. */
+static int condensed_forms(lsearch *S, const moe_calib *calib, const moe_ranking *ranking, int k) {
+    int E = S->c->n_routed_experts;
+    S->ex = moe_calloc((size_t)S->L, sizeof(int *));
+    S->ws = moe_calloc((size_t)S->L, sizeof(float *));
+    S->kk = moe_calloc((size_t)S->L, sizeof(int));
     float *w = moe_malloc(sizeof(float) * (size_t)E);
     int *routed = moe_malloc(sizeof(int) * (size_t)E);
     int rc = 0;
-    for (int i = 0; i < nmoe && rc == 0; i++) {
-        int l = moel[i];
-        ex[l] = moe_malloc(sizeof(int) * (size_t)(k + 1));
-        ws[l] = moe_malloc(sizeof(float) * (size_t)(k + 1));
-        kk[l] = k;
+    for (int i = 0; i < S->nmoe && rc == 0; i++) {
+        int l = S->moel[i];
+        S->ex[l] = moe_malloc(sizeof(int) * (size_t)(k + 1));
+        S->ws[l] = moe_malloc(sizeof(float) * (size_t)(k + 1));
+        S->kk[l] = k;
         if (k == 0) continue;
         const moe_rank_layer *rl = ranking && ranking->layers ? &ranking->layers[l] : NULL;
         if (!rl || !rl->present) {
@@ -849,7 +932,7 @@ int moe_layer_search_run(moe_model *m, const moe_seqs *s, const moe_calib *calib
             rc = -1;
             break;
         }
-        if ((rc = layer_weights(calib, o, l, E, w, routed)) < 0) break;
+        if ((rc = layer_weights(calib, S->o, l, E, w, routed)) < 0) break;
         for (int j = 0; j < k; j++) {
             int e = rl->experts[j];
             if (!routed[e]) {
@@ -857,198 +940,175 @@ int moe_layer_search_run(moe_model *m, const moe_seqs *s, const moe_calib *calib
                 rc = -1;
                 break;
             }
-            ex[l][j] = e;
-            ws[l][j] = w[e];
+            S->ex[l][j] = e;
+            S->ws[l][j] = w[e];
         }
     }
-    out->k = k;
-    out->L = L;
-    out->beam = B;
-    out->metric = o->metric;
-    out->max_length = o->max_length;
-    out->order = moe_malloc(sizeof(int) * (size_t)(N + 1));
-    out->scores = moe_malloc(sizeof(double) * (size_t)(N + 1));
-    if (B == 1) {
-        out->cand = moe_malloc(sizeof(double) * (size_t)(N + 1) * L);
-        for (size_t i = 0; i < (size_t)(N + 1) * L; i++) out->cand[i] = NAN;
-    }
-
-    seqset ss;
-    seqset_init(&ss, s, o->max_length);
-    size_t TH = ss.tot * (size_t)H;
-    double *acc = moe_malloc(sizeof(double) * (size_t)ss.n);
-    double *d = moe_malloc(sizeof(double) * (ss.tot + 1));
-    float *X = moe_model_alloc(m, TH), *xn = moe_model_alloc(m, TH), *y = moe_model_alloc(m, TH);
-    float *tgt = moe_model_alloc(m, TH);
-    fullrun orig = {0}, cand = {0};
-    beam_t *beams = moe_calloc((size_t)B, sizeof *beams), *nb = moe_calloc((size_t)B, sizeof *nb);
-    int nbeams = 1;
-    trial_t *trials = moe_malloc(sizeof(trial_t) * (size_t)B * (nmoe + 1));
-    int layer_major = !o->naive && !o->candidate_major;
-    size_t budget = search_budget(m, o);
-    layers_t lt;
-    lt_init(&lt, m, stream_weights(m, o));
-    lt.ex = ex;
-    lt.ws = ws;
-    lt.kk = kk;
-
-    /* the original model's final output; the first beam's cache (layer-major:
-     * both computed by step 0's first pass) */
-    restore_all(&lt);
-    for (int b = 0; b < B; b++) beams[b].pending = -1;
-    if (rc == 0 && !o->naive) {
-        beams[0].cache = moe_calloc((size_t)L + 1, sizeof(float *));
-        for (int l = 0; l <= L; l++) beams[0].cache[l] = moe_model_alloc(m, TH);
-        if (layer_major) {
-            rc = embed_all(m, &ss, beams[0].cache[0]);
-            beams[0].pending = 0;
-        } else {
-            rc = embed_all(m, &ss, X);
-            if (rc == 0) rc = run_layers(&lt, &ss, 0, X, beams[0].cache, xn, y);
-            if (rc == 0) be->copy(tgt, X, TH * sizeof(float));
-        }
-        count_layers(work, c, 0, ss.tot);
-    } else if (rc == 0) {
-        fullrun_init(&orig, &ss, L, H);
-        fullrun_init(&cand, &ss, L, H);
-        rc = forward_full(m, &ss, &orig, work);
-    }
-    beams[0].set = moe_malloc(sizeof(int) * (size_t)(N + 1));
-
-    moe_progress progress;
-    uint64_t total = 0;
-    for (int step = 0; step < N; step++) total += (uint64_t)(nmoe - step) * (uint64_t)B;
-    moe_progress_start(&progress, "moe-layer-search", "candidates", total);
-    for (int step = 0; step < N && rc == 0; step++) {
-        int nt = 0;
-        if (layer_major) {
-            /* the candidates in the scoring order, scored layer-major */
-            for (int b = 0; b < nbeams; b++)
-                for (int i = 0; i < nmoe; i++)
-                    if (!in_set(&beams[b], moel[i]))
-                        trials[nt++] = (trial_t){b, moel[i], NAN, (size_t)nt};
-            if (nt > 0)
-                rc = layer_major_step(&lt, &ss, beams, nbeams, trials, nt, budget, tgt, step,
-                                      o->metric, xn, y, acc, d);
-            for (int j = 0; j < nt && rc == 0; j++) {
-                count_layers(work, c, trials[j].cand, ss.tot);
-                if (work) {
-                    work->div_tokens += ss.tot;
-                    work->candidates++;
-                }
-                moe_progress_add(&progress, 1);
-                if (B == 1) out->cand[(size_t)step * L + trials[j].cand] = trials[j].score;
-            }
-        }
-        for (int b = 0; b < nbeams && rc == 0 && !layer_major; b++) {
-            for (int i = 0; i < nmoe && rc == 0; i++) {
-                int l = moel[i];
-                if (in_set(&beams[b], l)) continue;
-                double sc;
-                rc = apply_set(&lt, &beams[b], l);
-                if (rc < 0) break;
-                if (o->naive) {
-                    rc = forward_full(m, &ss, &cand, work);
-                    if (rc < 0) break;
-                    sc = score_runs(be, &ss, &orig, &cand, L, H, o->metric, work);
-                } else {
-                    be->copy(X, beams[b].cache[l], TH * sizeof(float));
-                    rc = run_layers(&lt, &ss, l, X, NULL, xn, y);
-                    if (rc < 0) break;
-                    count_layers(work, c, l, ss.tot);
-                    memset(acc, 0, sizeof(double) * (size_t)ss.n);
-                    diverge(be, &ss, o->metric, tgt, X, 0, ss.tot, H, d, acc);
-                    if (work) work->div_tokens += ss.tot;
-                    sc = score_of(&ss, acc);
-                }
-                if (work) work->candidates++;
-                moe_progress_add(&progress, 1);
-                if (B == 1) out->cand[(size_t)step * L + l] = sc;
-                trials[nt] = (trial_t){b, l, sc, (size_t)nt};
-                nt++;
-            }
-        }
-        if (rc < 0) break;
-        if (nt == 0) break;
-        qsort(trials, (size_t)nt, sizeof *trials, trial_cmp);
-        int nn = nt < B ? nt : B;
-        for (int j = 0; j < nn && rc == 0; j++) {
-            const beam_t *p = &beams[trials[j].beam];
-            int cl = trials[j].cand;
-            nb[j].n = p->n + 1;
-            nb[j].set = moe_malloc(sizeof(int) * (size_t)(N + 1));
-            memcpy(nb[j].set, p->set, sizeof(int) * (size_t)p->n);
-            nb[j].set[p->n] = cl;
-            nb[j].pending = -1;
-            if (!o->naive && step + 1 < N) {
-                nb[j].cache = moe_calloc((size_t)L + 1, sizeof(float *));
-                for (int l = 0; l <= L; l++) {
-                    nb[j].cache[l] = moe_model_alloc(m, TH);
-                    if (l <= cl) be->copy(nb[j].cache[l], p->cache[l], TH * sizeof(float));
-                }
-                if (layer_major) {
-                    nb[j].pending = cl; /* the next step's first pass fills the rest */
-                    count_layers(work, c, cl, ss.tot);
-                } else {
-                    rc = apply_set(&lt, &nb[j], -1);
-                    if (rc == 0) {
-                        be->copy(X, p->cache[cl], TH * sizeof(float));
-                        rc = run_layers(&lt, &ss, cl, X, nb[j].cache, xn, y);
-                        count_layers(work, c, cl, ss.tot);
-                    }
-                }
-            }
-        }
-        out->order[step] = nb[0].set[nb[0].n - 1];
-        out->scores[step] = trials[0].score;
-        out->n = step + 1;
-        for (int b = 0; b < nbeams; b++) {
-            free(beams[b].set);
-            if (beams[b].cache) {
-                for (int l = 0; l <= L; l++) moe_model_free(m, beams[b].cache[l]);
-                free(beams[b].cache);
-            }
-        }
-        memcpy(beams, nb, sizeof *beams * (size_t)nn);
-        memset(nb, 0, sizeof *nb * (size_t)B);
-        nbeams = nn;
-    }
-    moe_progress_end(&progress);
-    /* the order is the best beam's set */
-    if (rc == 0 && out->n > 0) memcpy(out->order, beams[0].set, sizeof(int) * (size_t)out->n);
-    if (rc == 0) plan_weights(out, ws);
-    restore_all(&lt);
-    if (work) work->layer_loads += lt.loads;
-    lt_free(&lt);
-    for (int b = 0; b < nbeams; b++) {
-        free(beams[b].set);
-        if (beams[b].cache) {
-            for (int l = 0; l <= L; l++) moe_model_free(m, beams[b].cache[l]);
-            free(beams[b].cache);
-        }
-    }
-    free(beams);
-    free(nb);
-    free(trials);
-    if (orig.seq) fullrun_free(&orig);
-    if (cand.seq) fullrun_free(&cand);
-    moe_model_free(m, X);
-    moe_model_free(m, xn);
-    moe_model_free(m, y);
-    moe_model_free(m, tgt);
-    free(acc);
-    free(d);
-    seqset_free(&ss);
-    for (int l = 0; l < L; l++) {
-        free(ex[l]);
-        free(ws[l]);
-    }
-    free(ex);
-    free(ws);
-    free(kk);
     free(w);
     free(routed);
-    free(moel);
+    return rc;
+}
+
+/* The plan's header and arrays. */
+static void plan_init(lsearch *S, int k) {
+    moe_plan *out = S->out;
+    out->k = k;
+    out->L = S->L;
+    out->beam = S->B;
+    out->metric = S->o->metric;
+    out->max_length = S->o->max_length;
+    out->order = moe_malloc(sizeof(int) * (size_t)(S->N + 1));
+    out->scores = moe_malloc(sizeof(double) * (size_t)(S->N + 1));
+    if (S->B == 1) {
+        out->cand = moe_malloc(sizeof(double) * (size_t)(S->N + 1) * S->L);
+        for (size_t i = 0; i < (size_t)(S->N + 1) * S->L; i++) out->cand[i] = NAN;
+    }
+}
+
+/* The step's scores into the work counts, the progress and the plan. */
+static void record_step(lsearch *S, int step, int nt, int naive) {
+    for (int j = 0; j < nt; j++) {
+        if (!naive) { /* (the naive forwards count themselves) */
+            count_layers(S->work, S->c, S->trials[j].cand, S->ss.tot);
+            if (S->work) S->work->div_tokens += S->ss.tot;
+        }
+        if (S->work) S->work->candidates++;
+        moe_progress_add(&S->progress, 1);
+        if (S->B == 1) S->out->cand[(size_t)step * S->L + S->trials[j].cand] = S->trials[j].score;
+    }
+}
+
+/* Keep the best B trials as the next step's beams (stable by scoring
+ * order), their caches completed by the strategy. */
+static int advance_beams(lsearch *S, const search_strategy *st, int step, int nt) {
+    qsort(S->trials, (size_t)nt, sizeof *S->trials, trial_cmp);
+    int nn = nt < S->B ? nt : S->B, rc = 0;
+    for (int j = 0; j < nn && rc == 0; j++) {
+        const beam_t *p = &S->beams[S->trials[j].beam];
+        beam_t *nb = &S->nb[j];
+        int cl = S->trials[j].cand;
+        nb->n = p->n + 1;
+        nb->set = moe_malloc(sizeof(int) * (size_t)(S->N + 1));
+        memcpy(nb->set, p->set, sizeof(int) * (size_t)p->n);
+        nb->set[p->n] = cl;
+        nb->pending = -1;
+        if (st->extend && step + 1 < S->N) {
+            beam_cache_alloc(S, nb);
+            for (int l = 0; l <= cl; l++) S->be->copy(nb->cache[l], p->cache[l], S->TH * sizeof(float));
+            rc = st->extend(S, nb, p, cl);
+        }
+    }
+    S->out->order[step] = S->nb[0].set[S->nb[0].n - 1];
+    S->out->scores[step] = S->trials[0].score;
+    S->out->n = step + 1;
+    for (int b = 0; b < S->nbeams; b++) beam_free(S, &S->beams[b]);
+    memcpy(S->beams, S->nb, sizeof *S->beams * (size_t)nn);
+    memset(S->nb, 0, sizeof *S->nb * (size_t)S->B);
+    S->nbeams = nn;
+    return rc;
+}
+
+static int lsearch_init(lsearch *S, moe_model *m, const moe_seqs *s, const moe_search_opts *o,
+                        moe_plan *out, moe_search_work *work) {
+    memset(S, 0, sizeof *S);
+    S->m = m;
+    S->c = moe_model_config(m);
+    S->be = moe_model_backend(m);
+    S->o = o;
+    S->work = work;
+    S->out = out;
+    S->L = S->c->num_layers;
+    S->H = S->c->hidden_size;
+    S->moel = moe_malloc(sizeof(int) * (size_t)(S->L + 1));
+    for (int l = 0; l < S->L; l++)
+        if (is_moe(S->c, l)) S->moel[S->nmoe++] = l;
+    S->N = o->max_layers > 0 && o->max_layers < S->nmoe ? o->max_layers : S->nmoe;
+    S->B = o->beam > 0 ? o->beam : 1;
+    batch_of(&S->ss, s, o->max_length);
+    S->TH = S->ss.tot * (size_t)S->H;
+    S->acc = moe_malloc(sizeof(double) * (size_t)S->ss.n);
+    S->d = moe_malloc(sizeof(double) * (S->ss.tot + 1));
+    S->X = moe_model_alloc(m, S->TH);
+    S->xn = moe_model_alloc(m, S->TH);
+    S->y = moe_model_alloc(m, S->TH);
+    S->tgt = moe_model_alloc(m, S->TH);
+    S->beams = moe_calloc((size_t)S->B, sizeof *S->beams);
+    S->nb = moe_calloc((size_t)S->B, sizeof *S->nb);
+    S->nbeams = 1;
+    for (int b = 0; b < S->B; b++) S->beams[b].pending = -1;
+    S->trials = moe_malloc(sizeof(trial_t) * (size_t)S->B * (S->nmoe + 1));
+    S->budget = search_budget(m, o);
+    return 0;
+}
+
+static void lsearch_free(lsearch *S) {
+    for (int b = 0; b < S->nbeams; b++) beam_free(S, &S->beams[b]);
+    free(S->beams);
+    free(S->nb);
+    free(S->trials);
+    if (S->orig.seq) fullrun_free(&S->orig);
+    if (S->cand.seq) fullrun_free(&S->cand);
+    moe_model_free(S->m, S->X);
+    moe_model_free(S->m, S->xn);
+    moe_model_free(S->m, S->y);
+    moe_model_free(S->m, S->tgt);
+    free(S->acc);
+    free(S->d);
+    moe_batch_free(&S->ss);
+    for (int l = 0; l < S->L && S->ex; l++) {
+        free(S->ex[l]);
+        free(S->ws[l]);
+    }
+    free(S->ex);
+    free(S->ws);
+    free(S->kk);
+    free(S->moel);
+}
+
+int moe_layer_search_run(moe_model *m, const moe_seqs *s, const moe_calib *calib,
+                         const moe_ranking *ranking, const moe_search_opts *o, moe_plan *out,
+                         moe_search_work *work) {
+    int E = moe_model_config(m)->n_routed_experts, k = o->k;
+    double t0 = moe_now();
+    memset(out, 0, sizeof *out);
+    if (s->n == 0) {
+        moe_error_set(MOE_ERR_DATA, "no token sequences in the input (a 'tokens' stream is needed)");
+        return -1;
+    }
+    if (k < 0 || k > E) {
+        moe_error_set(MOE_ERR_DATA, "--experts %d: the model has %d routed experts per layer", k, E);
+        return -1;
+    }
+    const search_strategy *st = o->naive ? &NAIVE : o->candidate_major ? &CANDIDATE_MAJOR
+                                                                        : &LAYER_MAJOR;
+    lsearch S;
+    lsearch_init(&S, m, s, o, out, work);
+    int rc = condensed_forms(&S, calib, ranking, k);
+    plan_init(&S, k);
+    lt_init(&S.lt, m, o);
+    S.lt.ex = S.ex;
+    S.lt.ws = S.ws;
+    S.lt.kk = S.kk;
+    restore_all(&S.lt);
+    if (rc == 0) rc = st->start(&S);
+    S.beams[0].set = moe_malloc(sizeof(int) * (size_t)(S.N + 1));
+    uint64_t total = 0;
+    for (int step = 0; step < S.N; step++) total += (uint64_t)(S.nmoe - step) * (uint64_t)S.B;
+    moe_progress_start(&S.progress, "moe-layer-search", "candidates", total);
+    for (int step = 0; step < S.N && rc == 0; step++) {
+        int nt = 0;
+        rc = st->step(&S, step, &nt);
+        if (rc == 0) record_step(&S, step, nt, st == &NAIVE);
+        if (rc < 0 || nt == 0) break;
+        rc = advance_beams(&S, st, step, nt);
+    }
+    moe_progress_end(&S.progress);
+    /* the order is the best beam's set */
+    if (rc == 0 && out->n > 0) memcpy(out->order, S.beams[0].set, sizeof(int) * (size_t)out->n);
+    if (rc == 0) plan_weights(out, S.ws);
+    restore_all(&S.lt);
+    lt_free(&S.lt, work);
+    lsearch_free(&S);
     if (rc == 0) rc = moe_backend_status(moe_model_backend(m)); /* scores came from the device */
     if (work) work->seconds += moe_now() - t0;
     if (rc < 0) moe_plan_free(out);

@@ -1,8 +1,6 @@
 /* search_job.c - the set-up and tear-down the search tools share. */
 #include "search_job.h"
 
-#include "backend_cuda.h"
-
 #include "common.h"
 
 #include <stdlib.h>
@@ -45,10 +43,11 @@ int moe_search_job_open(moe_search_job *j, const char *in, const char *out, int 
 }
 
 int moe_search_job_finish(moe_search_job *j) {
-    if (!moe_model_backend(j->model)->host_memory) { /* a GPU: say how much memory it took */
-        moe_cuda_mem mem;
-        moe_cuda_mem_stats(&mem);
-        j->work.device_peak = mem.peak;
+    const moe_backend *be = moe_model_backend(j->model);
+    if (moe_backend_is_device(be) && be->mem_used) { /* a GPU: say how much memory it took */
+        size_t live, peak;
+        be->mem_used(&live, &peak);
+        j->work.device_peak = peak;
     }
     if (moe_search_work_write(j->out, j->tool, &j->work) < 0) return -1;
     moe_writer *w = j->out;

@@ -496,11 +496,92 @@ static void test_bf16_weights(void **state) {
     }
     char dir[256];
     snprintf(dir, sizeof dir, "%s/olmoe-bf16", FIX);
-    setenv("MOE_CPU_WEIGHTS", "f32", 1);
-    moe_model *m = moe_model_open(dir, NULL);
-    unsetenv("MOE_CPU_WEIGHTS");
+    moe_model_opts o = {.cpu_f32_weights = 1};
+    moe_model *m = moe_model_open(dir, &o);
     assert_ptr_equal(moe_model_backend(m), moe_backend_cpu());
     moe_model_close(m);
+    /* the environment reaches it through moe_model_opts_from_env only */
+    setenv("MOE_CPU_WEIGHTS", "f32", 1);
+    m = moe_model_open(dir, NULL);
+    assert_ptr_equal(moe_model_backend(m), moe_backend_cpu_bf16());
+    moe_model_close(m);
+    moe_model_opts e = {0};
+    moe_model_opts_from_env(&e);
+    unsetenv("MOE_CPU_WEIGHTS");
+    assert_int_equal(e.cpu_f32_weights, 1);
+    assert_int_equal(e.cpu_copy_bf16 + e.cpu_no_populate + e.stage_f32, 0);
+}
+
+/* The one residency rule (model.h): a pass loads what is not loaded and
+ * unloads, after use, only what it loaded, unless keep; loads are counted. */
+static void test_residency(void **state) {
+    (void)state;
+    char dir[256];
+    snprintf(dir, sizeof dir, "%s/deepseek-f32", FIX);
+    moe_model *m = moe_model_open(dir, NULL);
+    assert_non_null(m);
+    assert_int_equal(moe_model_config(m)->num_layers >= 3, 1);
+    assert_int_equal(moe_layer_load(m, 0), 0); /* the caller's */
+    moe_residency r;
+    moe_residency_init(&r, m, 0);
+    assert_int_equal(moe_residency_use(&r, 0), 0);
+    assert_int_equal(moe_residency_use(&r, 1), 0);
+    assert_int_equal(moe_residency_prefetch(&r, 2), 0); /* the CPU loads at use */
+    assert_false(moe_layer_loaded(m, 2));
+    assert_int_equal((int)r.loads, 1);
+    moe_residency_done(&r, 0);
+    moe_residency_done(&r, 1);
+    assert_true(moe_layer_loaded(m, 0));
+    assert_false(moe_layer_loaded(m, 1));
+    assert_int_equal(moe_residency_use(&r, 2), 0);
+    moe_residency_free(&r); /* unloads what it loaded (after an error) */
+    assert_false(moe_layer_loaded(m, 2));
+    assert_true(moe_layer_loaded(m, 0));
+    moe_residency_init(&r, m, 1);                          /* keep */
+    assert_int_equal(moe_residency_use(&r, 1), 0);
+    moe_residency_done(&r, 1);
+    moe_residency_free(&r);
+    assert_true(moe_layer_loaded(m, 1));
+    assert_int_equal((int)r.loads, 1);
+    moe_error_clear();
+    moe_residency_init(&r, m, 0);
+    assert_int_equal(moe_residency_use(&r, 99), -1); /* out of range: an error */
+    moe_residency_free(&r);
+    moe_model_close(m);
+}
+
+/* The weight-holding options (moe_model_opts; MOE_* variables read only by
+ * moe_model_opts_from_env): copied BF16 bytes and unpopulated borrowed pages
+ * compute the same bytes as the default borrowed, populated weights. */
+static void test_weight_options(void **state) {
+    (void)state;
+    char dir[256];
+    snprintf(dir, sizeof dir, "%s/deepseek-bf16", FIX);
+    moe_model_opts copy = {.cpu_copy_bf16 = 1}, nopop = {.cpu_no_populate = 1};
+    moe_model *m = moe_model_open(dir, NULL), *mc = moe_model_open(dir, &copy);
+    moe_model *mp = moe_model_open(dir, &nopop);
+    assert_non_null(m), assert_non_null(mc), assert_non_null(mp);
+    fwd_same_threads(m, mc, "deepseek"); /* copied BF16 bytes */
+    fwd_same_threads(m, mp, "deepseek"); /* pages not populated */
+    moe_model_close(m), moe_model_close(mc), moe_model_close(mp);
+    /* every variable, and nothing read when unset */
+    static const char *vars[][2] = {{"MOE_CPU_WEIGHTS", "f32"}, {"MOE_CPU_BORROW", "0"},
+                                    {"MOE_CPU_POPULATE", "0"},  {"MOE_STAGE_F32", "1"},
+                                    {"MOE_CUDA_DEVICE", "3"},   {"MOE_CUDA_SYNC", "1"},
+                                    {"MOE_CUDA_PRECISION", "f32"}};
+    moe_model_opts none = {0};
+    moe_model_opts_from_env(&none);
+    assert_int_equal(none.cpu_f32_weights + none.cpu_copy_bf16 + none.cpu_no_populate +
+                         none.stage_f32 + none.dev.device_index + none.dev.sync_each_op +
+                         none.dev.f32_compute,
+                     0);
+    for (size_t i = 0; i < sizeof vars / sizeof *vars; i++) setenv(vars[i][0], vars[i][1], 1);
+    moe_model_opts all = {0};
+    moe_model_opts_from_env(&all);
+    for (size_t i = 0; i < sizeof vars / sizeof *vars; i++) unsetenv(vars[i][0]);
+    assert_true(all.cpu_f32_weights && all.cpu_copy_bf16 && all.cpu_no_populate && all.stage_f32);
+    assert_int_equal(all.dev.device_index, 3);
+    assert_true(all.dev.sync_each_op && all.dev.f32_compute);
 }
 
 /* A backend whose memory is "not host memory" (same ops, but the model must
@@ -580,6 +661,8 @@ int main(void) {
         cmocka_unit_test(test_prefix_cache),
         cmocka_unit_test(test_expert_streaming),
         cmocka_unit_test(test_bf16_weights),
+        cmocka_unit_test(test_weight_options),
+        cmocka_unit_test(test_residency),
         cmocka_unit_test(test_device_memory_paths),
         cmocka_unit_test(test_bad_input),
     };

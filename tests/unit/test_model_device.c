@@ -1,6 +1,6 @@
 /* test_model_device.c - the model's device path without a GPU.
  *
- * lib/model.c takes another path for a backend whose memory is not host
+ * lib/model/ takes another path for a backend whose memory is not host
  * memory (host_memory 0: weights converted and uploaded, activations
  * downloaded) and whose weights are BF16, as with CUDA.  Here that path runs
  * on an emulated device: CPU ops on memory in one arena that is PROT_NONE
@@ -240,8 +240,8 @@ static int setup(void **state) {
  * (0 = default); condense: layer 1 condensed to experts {0, 2} (its fused
  * weights take the f32 path) */
 static void run_model_opts(tm_run *out, const char *dir, const char *device, size_t staging,
-                           int condense) {
-    moe_model_opts o = {.device = device, .staging_bytes = staging};
+                           int condense, int stage_f32) {
+    moe_model_opts o = {.device = device, .staging_bytes = staging, .stage_f32 = stage_f32};
     moe_model *m = moe_model_open(dir, &o);
     if (!m) fail_msg("%s (%s): %s", dir, device, moe_error());
     if (condense) {
@@ -269,7 +269,7 @@ static void test_forward_on_emulated_device(void **state) {
             tm_run_model(&c, dir, "cpu");
             long ops0 = n_ops;
             reset_counts();
-            run_model_opts(&e, dir, "cuda-emu", 4096, 0); /* the ring wraps, pieces split */
+            run_model_opts(&e, dir, "cuda-emu", 4096, 0, 0); /* the ring wraps, pieces split */
             double worst = 0;
             for (int s = 0; s < NSEQ; s++) {
                 int T = c.s[s].T;
@@ -347,15 +347,13 @@ static void test_staging_paths_same_bytes(void **state) {
         for (int cond = 0; cond < 2; cond++) {
             tm_run a, b, c, e;
             reset_counts();
-            run_model_opts(&a, dirs[d], "cuda-emu", 1000, cond); /* odd size: unaligned pieces */
+            run_model_opts(&a, dirs[d], "cuda-emu", 1000, cond, 0); /* odd size: unaligned pieces */
             assert_int_equal(n_bad_src + n_bad_free, 0);
             assert_true(n_async > 0);
-            run_model_opts(&b, dirs[d], "cuda-emu", 0, cond);
-            run_model_opts(&c, dirs[d], "cuda-emu-sync", 0, cond);
-            setenv("MOE_STAGE_F32", "1", 1);
+            run_model_opts(&b, dirs[d], "cuda-emu", 0, cond, 0);
+            run_model_opts(&c, dirs[d], "cuda-emu-sync", 0, cond, 0);
             reset_counts();
-            run_model_opts(&e, dirs[d], "cuda-emu", 0, cond);
-            unsetenv("MOE_STAGE_F32");
+            run_model_opts(&e, dirs[d], "cuda-emu", 0, cond, 1); /* the f32 staging option */
             assert_int_equal(n_async, 0); /* the old path really ran */
             int ok = same_bytes(&a, &b) && same_bytes(&a, &c) && same_bytes(&a, &e);
             print_message("%-32s%s: async (tiny ring) = async = sync = f32 staging: %s\n", dirs[d],
