@@ -499,14 +499,17 @@ moe_ckpt_writer *moe_ckpt_writer_open(const char *dir, uint64_t shard_bytes, int
     w->shard_bytes = shard_bytes;
     w->force = force;
     w->tmp = moe_tmp_path(w->dir);
+    /* registered before it exists: a signal between mkdir and the
+     * registration would otherwise leave the directory behind */
+    moe_tmp_register(w->tmp);
     if (mkdir(w->tmp, 0777) < 0) {
         moe_error_set(MOE_ERR_IO, "%s: cannot create directory: %s", w->tmp, strerror(errno));
+        moe_tmp_discard(w->tmp);
         free(w->tmp);
         free(w->dir);
         free(w);
         return NULL;
     }
-    moe_tmp_register(w->tmp);
     return w;
 }
 

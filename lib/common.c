@@ -310,14 +310,13 @@ int moe_output_open(moe_output *o, const char *path) {
     } else {
         o->final_path = target;
         o->tmp_path = moe_tmp_path(target);
+        moe_tmp_register(o->tmp_path); /* before it exists: no window for a signal */
         o->fd = open(o->tmp_path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-        if (o->fd >= 0) {
-            moe_tmp_register(o->tmp_path);
-            if (existed) fchmod(o->fd, st.st_mode & 07777); /* the replaced file's permissions */
-        }
+        if (o->fd >= 0 && existed) fchmod(o->fd, st.st_mode & 07777); /* the replaced file's permissions */
     }
     if (o->fd < 0) {
         moe_error_set(MOE_ERR_IO, "%s: cannot write: %s", path, strerror(errno));
+        if (o->tmp_path) moe_tmp_discard(o->tmp_path);
         free(o->tmp_path);
         free(o->final_path);
         memset(o, 0, sizeof *o);
