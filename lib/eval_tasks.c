@@ -205,130 +205,154 @@ typedef struct {
     int nlabels;
 } jl_ctx;
 
+/* MosaicML multiple choice: {query|context, choices, gold} */
+static int jl_mc(moe_task *t, int *cap, json_t *o, int line, int rec, const jl_ctx *c) {
+    const char *path = c->path;
+    (void)rec;
+    json_t *q = json_object_get(o, "query");
+    if (!q) q = json_object_get(o, "context");
+    json_t *ch = json_object_get(o, "choices");
+    if (!json_is_string(q)) {
+        moe_error_set(MOE_ERR_DATA, "%s: line %d: key 'query' %s", path, line,
+                      q ? "is not a string" : "missing");
+        return -1;
+    }
+    if (!json_is_array(ch) || json_array_size(ch) == 0) {
+        moe_error_set(MOE_ERR_DATA, "%s: line %d: key 'choices' is not a non-empty array",
+                      path, line);
+        return -1;
+    }
+    int n = (int)json_array_size(ch), gold;
+    if (jgold(o, "gold", n, path, line, &gold)) return -1;
+    for (int j = 0; j < n; j++)
+        if (!json_is_string(json_array_get(ch, (size_t)j))) {
+            moe_error_set(MOE_ERR_DATA, "%s: line %d: choice %d is not a string", path, line, j);
+            return -1;
+        }
+    moe_task_item *it = add_item(t, cap, n, gold);
+    for (int j = 0; j < n; j++) {
+        const char *s = json_string_value(json_array_get(ch, (size_t)j));
+        it->ctx[j] = moe_strdup(json_string_value(q));
+        it->cont[j] = xasprintf("%s%s", c->delim, s);
+        it->norm_len[j] = u8len(s);
+    }
+    return 0;
+}
+
+/* MosaicML schema: {context_options, continuation, gold} (partial scoring) */
+static int jl_schema(moe_task *t, int *cap, json_t *o, int line, int rec, const jl_ctx *c) {
+    const char *path = c->path;
+    (void)rec;
+    json_t *opts = json_object_get(o, "context_options");
+    const char *cont = jstr(o, "continuation", path, line);
+    if (!cont) return -1;
+    if (!json_is_array(opts) || json_array_size(opts) == 0) {
+        moe_error_set(MOE_ERR_DATA,
+                      "%s: line %d: key 'context_options' is not a non-empty array", path,
+                      line);
+        return -1;
+    }
+    int n = (int)json_array_size(opts), gold;
+    if (jgold(o, "gold", n, path, line, &gold)) return -1;
+    for (int j = 0; j < n; j++)
+        if (!json_is_string(json_array_get(opts, (size_t)j))) {
+            moe_error_set(MOE_ERR_DATA, "%s: line %d: context option %d is not a string",
+                          path, line, j);
+            return -1;
+        }
+    moe_task_item *it = add_item(t, cap, n, gold);
+    for (int j = 0; j < n; j++) {
+        const char *s = json_string_value(json_array_get(opts, (size_t)j));
+        it->ctx[j] = moe_strdup(s);
+        it->cont[j] = xasprintf(" %s", cont);
+        it->norm_len[j] = u8len(s);
+    }
+    return 0;
+}
+
+/* MosaicML language modelling: {context, continuation} */
+static int jl_lm(moe_task *t, int *cap, json_t *o, int line, int rec, const jl_ctx *c) {
+    const char *path = c->path;
+    (void)rec;
+    const char *ctx = jstr(o, "context", path, line), *cont;
+    if (!ctx || !(cont = jstr(o, "continuation", path, line))) return -1;
+    moe_task_item *it = add_item(t, cap, 1, 0);
+    it->ctx[0] = moe_strdup(ctx);
+    it->cont[0] = xasprintf(" %s", cont);
+    it->norm_len[0] = u8len(cont);
+    return 0;
+}
+
+/* PIQA: {goal, sol1, sol2}, the label from the labels file */
+static int jl_piqa(moe_task *t, int *cap, json_t *o, int line, int rec, const jl_ctx *c) {
+    const char *path = c->path;
+    const char *g = jstr(o, "goal", path, line), *s1 = NULL, *s2 = NULL;
+    if (!g || !(s1 = jstr(o, "sol1", path, line)) || !(s2 = jstr(o, "sol2", path, line)))
+        return -1;
+    if (rec >= c->nlabels) {
+        moe_error_set(MOE_ERR_DATA, "%s: line %d: no label (labels file has %d lines)", path,
+                      line, c->nlabels);
+        return -1;
+    }
+    const char *lab = c->labels[rec];
+    if (strcmp(lab, "0") && strcmp(lab, "1")) {
+        moe_error_set(MOE_ERR_DATA, "%s: label line %d: '%s' is not 0 or 1", path, rec + 1,
+                      lab);
+        return -1;
+    }
+    moe_task_item *it = add_item(t, cap, 2, lab[0] - '0');
+    const char *sol[2] = {s1, s2};
+    for (int j = 0; j < 2; j++) {
+        it->ctx[j] = xasprintf("Question: %s\nAnswer:", g);
+        it->cont[j] = xasprintf(" %s", sol[j]);
+        it->norm_len[j] = u8len(sol[j]);
+    }
+    return 0;
+}
+
+/* WinoGrande: {sentence with '_', option1, option2, answer} (partial scoring) */
+static int jl_winogrande(moe_task *t, int *cap, json_t *o, int line, int rec, const jl_ctx *c) {
+    const char *path = c->path;
+    const char *sent = jstr(o, "sentence", path, line), *o1 = NULL, *o2 = NULL;
+    if (!sent || !(o1 = jstr(o, "option1", path, line)) ||
+        !(o2 = jstr(o, "option2", path, line)))
+        return -1;
+    json_t *a = json_object_get(o, "answer");
+    const char *ans = json_is_string(a) ? json_string_value(a) : NULL;
+    if ((!ans || !*ans) && rec < c->nlabels) ans = c->labels[rec];
+    if (!ans || (strcmp(ans, "1") && strcmp(ans, "2"))) {
+        moe_error_set(MOE_ERR_DATA, "%s: line %d: answer %s%s%s (need \"1\" or \"2\")", path,
+                      line, ans ? "'" : "", ans ? ans : "missing", ans ? "'" : "");
+        return -1;
+    }
+    const char *blank = strchr(sent, '_');
+    if (!blank) {
+        moe_error_set(MOE_ERR_DATA, "%s: line %d: sentence has no '_'", path, line);
+        return -1;
+    }
+    /* target = sentence[idx+1:].strip() (Python whitespace: ASCII here) */
+    const char *b = blank + 1, *e = sent + strlen(sent);
+    while (*b == ' ' || *b == '\t' || *b == '\n' || *b == '\r') b++;
+    while (e > b && (e[-1] == ' ' || e[-1] == '\t' || e[-1] == '\n' || e[-1] == '\r')) e--;
+    moe_task_item *it = add_item(t, cap, 2, ans[0] - '1');
+    const char *opt[2] = {o1, o2};
+    for (int j = 0; j < 2; j++) {
+        it->ctx[j] = xasprintf("%.*s%s", (int)(blank - sent), sent, opt[j]);
+        it->cont[j] = xasprintf(" %.*s", (int)(e - b), b);
+        it->norm_len[j] = u8len(it->ctx[j]);
+    }
+    return 0;
+}
+
 static int parse_jl_line(moe_task *t, int *cap, json_t *o, int line, int rec, const jl_ctx *c) {
-    const char *path = c->path, *f = c->format;
-    if (!strcmp(f, "mc")) {
-        json_t *q = json_object_get(o, "query");
-        if (!q) q = json_object_get(o, "context");
-        json_t *ch = json_object_get(o, "choices");
-        if (!json_is_string(q)) {
-            moe_error_set(MOE_ERR_DATA, "%s: line %d: key 'query' %s", path, line,
-                          q ? "is not a string" : "missing");
-            return -1;
-        }
-        if (!json_is_array(ch) || json_array_size(ch) == 0) {
-            moe_error_set(MOE_ERR_DATA, "%s: line %d: key 'choices' is not a non-empty array",
-                          path, line);
-            return -1;
-        }
-        int n = (int)json_array_size(ch), gold;
-        if (jgold(o, "gold", n, path, line, &gold)) return -1;
-        for (int j = 0; j < n; j++)
-            if (!json_is_string(json_array_get(ch, (size_t)j))) {
-                moe_error_set(MOE_ERR_DATA, "%s: line %d: choice %d is not a string", path, line, j);
-                return -1;
-            }
-        moe_task_item *it = add_item(t, cap, n, gold);
-        for (int j = 0; j < n; j++) {
-            const char *s = json_string_value(json_array_get(ch, (size_t)j));
-            it->ctx[j] = moe_strdup(json_string_value(q));
-            it->cont[j] = xasprintf("%s%s", c->delim, s);
-            it->norm_len[j] = u8len(s);
-        }
-        return 0;
-    }
-    if (!strcmp(f, "schema")) {
-        json_t *opts = json_object_get(o, "context_options");
-        const char *cont = jstr(o, "continuation", path, line);
-        if (!cont) return -1;
-        if (!json_is_array(opts) || json_array_size(opts) == 0) {
-            moe_error_set(MOE_ERR_DATA,
-                          "%s: line %d: key 'context_options' is not a non-empty array", path,
-                          line);
-            return -1;
-        }
-        int n = (int)json_array_size(opts), gold;
-        if (jgold(o, "gold", n, path, line, &gold)) return -1;
-        for (int j = 0; j < n; j++)
-            if (!json_is_string(json_array_get(opts, (size_t)j))) {
-                moe_error_set(MOE_ERR_DATA, "%s: line %d: context option %d is not a string",
-                              path, line, j);
-                return -1;
-            }
-        moe_task_item *it = add_item(t, cap, n, gold);
-        for (int j = 0; j < n; j++) {
-            const char *s = json_string_value(json_array_get(opts, (size_t)j));
-            it->ctx[j] = moe_strdup(s);
-            it->cont[j] = xasprintf(" %s", cont);
-            it->norm_len[j] = u8len(s);
-        }
-        return 0;
-    }
-    if (!strcmp(f, "lm")) {
-        const char *ctx = jstr(o, "context", path, line), *cont;
-        if (!ctx || !(cont = jstr(o, "continuation", path, line))) return -1;
-        moe_task_item *it = add_item(t, cap, 1, 0);
-        it->ctx[0] = moe_strdup(ctx);
-        it->cont[0] = xasprintf(" %s", cont);
-        it->norm_len[0] = u8len(cont);
-        return 0;
-    }
-    if (!strcmp(f, "piqa")) {
-        const char *g = jstr(o, "goal", path, line), *s1 = NULL, *s2 = NULL;
-        if (!g || !(s1 = jstr(o, "sol1", path, line)) || !(s2 = jstr(o, "sol2", path, line)))
-            return -1;
-        if (rec >= c->nlabels) {
-            moe_error_set(MOE_ERR_DATA, "%s: line %d: no label (labels file has %d lines)", path,
-                          line, c->nlabels);
-            return -1;
-        }
-        const char *lab = c->labels[rec];
-        if (strcmp(lab, "0") && strcmp(lab, "1")) {
-            moe_error_set(MOE_ERR_DATA, "%s: label line %d: '%s' is not 0 or 1", path, rec + 1,
-                          lab);
-            return -1;
-        }
-        moe_task_item *it = add_item(t, cap, 2, lab[0] - '0');
-        const char *sol[2] = {s1, s2};
-        for (int j = 0; j < 2; j++) {
-            it->ctx[j] = xasprintf("Question: %s\nAnswer:", g);
-            it->cont[j] = xasprintf(" %s", sol[j]);
-            it->norm_len[j] = u8len(sol[j]);
-        }
-        return 0;
-    }
-    if (!strcmp(f, "winogrande")) {
-        const char *sent = jstr(o, "sentence", path, line), *o1 = NULL, *o2 = NULL;
-        if (!sent || !(o1 = jstr(o, "option1", path, line)) ||
-            !(o2 = jstr(o, "option2", path, line)))
-            return -1;
-        json_t *a = json_object_get(o, "answer");
-        const char *ans = json_is_string(a) ? json_string_value(a) : NULL;
-        if ((!ans || !*ans) && rec < c->nlabels) ans = c->labels[rec];
-        if (!ans || (strcmp(ans, "1") && strcmp(ans, "2"))) {
-            moe_error_set(MOE_ERR_DATA, "%s: line %d: answer %s%s%s (need \"1\" or \"2\")", path,
-                          line, ans ? "'" : "", ans ? ans : "missing", ans ? "'" : "");
-            return -1;
-        }
-        const char *blank = strchr(sent, '_');
-        if (!blank) {
-            moe_error_set(MOE_ERR_DATA, "%s: line %d: sentence has no '_'", path, line);
-            return -1;
-        }
-        /* target = sentence[idx+1:].strip() (Python whitespace: ASCII here) */
-        const char *b = blank + 1, *e = sent + strlen(sent);
-        while (*b == ' ' || *b == '\t' || *b == '\n' || *b == '\r') b++;
-        while (e > b && (e[-1] == ' ' || e[-1] == '\t' || e[-1] == '\n' || e[-1] == '\r')) e--;
-        moe_task_item *it = add_item(t, cap, 2, ans[0] - '1');
-        const char *opt[2] = {o1, o2};
-        for (int j = 0; j < 2; j++) {
-            it->ctx[j] = xasprintf("%.*s%s", (int)(blank - sent), sent, opt[j]);
-            it->cont[j] = xasprintf(" %.*s", (int)(e - b), b);
-            it->norm_len[j] = u8len(it->ctx[j]);
-        }
-        return 0;
-    }
-    moe_error_set(MOE_ERR_DATA, "%s: format %s is not JSON Lines", path, f);
+    static const struct {
+        const char *format;
+        int (*parse)(moe_task *, int *, json_t *, int, int, const jl_ctx *);
+    } parsers[] = {{"mc", jl_mc}, {"schema", jl_schema}, {"lm", jl_lm}, {"piqa", jl_piqa},
+                   {"winogrande", jl_winogrande}};
+    for (size_t i = 0; i < sizeof parsers / sizeof parsers[0]; i++)
+        if (!strcmp(c->format, parsers[i].format)) return parsers[i].parse(t, cap, o, line, rec, c);
+    moe_error_set(MOE_ERR_DATA, "%s: format %s is not JSON Lines", c->path, c->format);
     return -1;
 }
 

@@ -77,6 +77,163 @@ static int json_u64(const json_t *v, uint64_t *out)
     return 0;
 }
 
+/* __metadata__: a map of strings, kept as they are */
+static int parse_metadata(moe_st_file *f, json_t *v) {
+    if (json_is_null(v)) return 0;
+    if (!json_is_object(v)) {
+        moe_error_set(MOE_ERR_DATA, "%s: __metadata__ is not an object", f->path);
+        return -1;
+    }
+    size_t nm = json_object_size(v);
+    f->meta_keys = moe_calloc(nm ? nm : 1, sizeof(char *));
+    f->meta_vals = moe_calloc(nm ? nm : 1, sizeof(char *));
+    const char *mk;
+    json_t *mv;
+    json_object_foreach(v, mk, mv) {
+        if (!json_is_string(mv)) {
+            moe_error_set(MOE_ERR_DATA, "%s: __metadata__ value of '%s' is not a string", f->path, mk);
+            return -1;
+        }
+        f->meta_keys[f->nmeta] = moe_strdup(mk);
+        f->meta_vals[f->nmeta++] = moe_strdup(json_string_value(mv));
+    }
+    return 0;
+}
+
+/* A tensor's dtype and shape; its size in bits (*bits) without overflow:
+ * each dimension is at most 2^48 and the product of the bits at most 2^62. */
+static int parse_dtype_shape(const moe_st_file *f, moe_st_tensor *t, json_t *jd, json_t *js,
+                             uint64_t *nbytes) {
+    const char *P = f->path, *key = t->name;
+    if (!json_is_string(jd)) {
+        moe_error_set(MOE_ERR_DATA, "%s: tensor %s: missing or non-string dtype", P, key);
+        return -1;
+    }
+    int dt = moe_dtype_from_st_name(json_string_value(jd));
+    if (dt < 0) {
+        moe_error_set(MOE_ERR_DATA, "%s: tensor %s: unknown dtype '%s'", P, key, json_string_value(jd));
+        return -1;
+    }
+    t->dtype = dt;
+    if (!json_is_array(js)) {
+        moe_error_set(MOE_ERR_DATA, "%s: tensor %s: missing or non-array shape", P, key);
+        return -1;
+    }
+    if (json_array_size(js) > MOE_ST_MAX_DIMS) {
+        moe_error_set(MOE_ERR_DATA, "%s: tensor %s: %zu dimensions (at most %d supported)", P, key,
+                      json_array_size(js), MOE_ST_MAX_DIMS);
+        return -1;
+    }
+    t->ndim = (int)json_array_size(js);
+    unsigned __int128 bits = (unsigned __int128)moe_dtype_bits(t->dtype);
+    uint64_t numel = 1;
+    for (int d = 0; d < t->ndim; d++) {
+        uint64_t s;
+        if (json_u64(json_array_get(js, d), &s) || s > (1ULL << 48)) {
+            moe_error_set(MOE_ERR_DATA, "%s: tensor %s: shape entry %d is not a valid size", P, key, d);
+            return -1;
+        }
+        t->shape[d] = (int64_t)s;
+        numel *= s; /* each <= 2^48 but the product may overflow: check via bits */
+        bits *= s;
+        if (bits > ((unsigned __int128)1 << 62)) {
+            moe_error_set(MOE_ERR_DATA, "%s: tensor %s: shape too large", P, key);
+            return -1;
+        }
+    }
+    t->numel = (int64_t)numel;
+    if (bits % 8) {
+        moe_error_set(MOE_ERR_DATA, "%s: tensor %s: %s shape is not a whole number of bytes", P, key,
+                      moe_dtype_st_name(t->dtype));
+        return -1;
+    }
+    *nbytes = (uint64_t)(bits / 8);
+    return 0;
+}
+
+/* data_offsets [BEGIN, END]: inside the data area and exactly the bytes the
+ * dtype and shape need */
+static int parse_offsets(const moe_st_file *f, moe_st_tensor *t, json_t *jo, uint64_t want,
+                         uint64_t data_len) {
+    const char *P = f->path, *key = t->name;
+    uint64_t b0, b1;
+    if (!json_is_array(jo) || json_array_size(jo) != 2 || json_u64(json_array_get(jo, 0), &b0) ||
+        json_u64(json_array_get(jo, 1), &b1)) {
+        moe_error_set(MOE_ERR_DATA, "%s: tensor %s: data_offsets is not [BEGIN, END]", P, key);
+        return -1;
+    }
+    if (b1 < b0) {
+        moe_error_set(MOE_ERR_DATA, "%s: tensor %s: data_offsets [%llu, %llu] end before begin", P, key,
+                      (unsigned long long)b0, (unsigned long long)b1);
+        return -1;
+    }
+    if (b1 > data_len) {
+        moe_error_set(MOE_ERR_DATA,
+                      "%s: tensor %s: data_offsets [%llu, %llu] outside the data area "
+                      "(%llu bytes; file truncated?)",
+                      P, key, (unsigned long long)b0, (unsigned long long)b1, (unsigned long long)data_len);
+        return -1;
+    }
+    if (b1 - b0 != want) {
+        char sh[160];
+        moe_st_shape_str(t->ndim, t->shape, sh, sizeof sh);
+        moe_error_set(MOE_ERR_DATA, "%s: tensor %s: data_offsets span %llu bytes but %s %s needs %llu", P,
+                      key, (unsigned long long)(b1 - b0), moe_dtype_st_name(t->dtype), sh,
+                      (unsigned long long)want);
+        return -1;
+    }
+    t->offset = 8 + f->header_len + b0;
+    t->nbytes = want;
+    return 0;
+}
+
+/* One header entry: tensor key -> {dtype, shape, data_offsets}. */
+static int parse_tensor(moe_st_file *f, const char *key, json_t *v, uint64_t data_len) {
+    moe_st_tensor *t = &f->t[f->n];
+    f->names[f->n] = moe_strdup(key);
+    t->name = f->names[f->n];
+    t->file = f;
+    f->n++;
+    if (!json_is_object(v)) {
+        moe_error_set(MOE_ERR_DATA, "%s: tensor %s: entry is not an object", f->path, key);
+        return -1;
+    }
+    uint64_t want;
+    if (parse_dtype_shape(f, t, json_object_get(v, "dtype"), json_object_get(v, "shape"), &want) < 0)
+        return -1;
+    return parse_offsets(f, t, json_object_get(v, "data_offsets"), want, data_len);
+}
+
+/* The tensors tile the data area: sorted by offset, contiguous from 0,
+ * ending at EOF (no overlap, no gap, no trailing bytes). */
+static int check_tiling(const moe_st_file *f, uint64_t data_len) {
+    const char *P = f->path;
+    moe_st_tensor **by = moe_malloc((f->n ? f->n : 1) * sizeof *by);
+    for (int i = 0; i < f->n; i++) by[i] = &f->t[i];
+    qsort(by, f->n, sizeof *by, cmp_offset_ptr);
+    uint64_t pos = 8 + f->header_len;
+    int rc = 0;
+    for (int i = 0; i < f->n && rc == 0; i++) {
+        if (by[i]->offset < pos) {
+            moe_error_set(MOE_ERR_DATA, "%s: tensor %s: data overlaps tensor %s", P, by[i]->name,
+                          by[i - 1]->name);
+            rc = -1;
+        } else if (by[i]->offset > pos) {
+            moe_error_set(MOE_ERR_DATA, "%s: tensor %s: gap of %llu bytes before its data", P, by[i]->name,
+                          (unsigned long long)(by[i]->offset - pos));
+            rc = -1;
+        }
+        pos += by[i]->nbytes;
+    }
+    free(by);
+    if (rc == 0 && pos != f->size) {
+        moe_error_set(MOE_ERR_DATA, "%s: data area is %llu bytes but the tensors cover %llu (trailing bytes)",
+                      P, (unsigned long long)data_len, (unsigned long long)(pos - 8 - f->header_len));
+        rc = -1;
+    }
+    return rc;
+}
+
 static int parse_header(moe_st_file *f, const char *json, size_t len)
 {
     const char *P = f->path;
@@ -102,149 +259,16 @@ static int parse_header(moe_st_file *f, const char *json, size_t len)
     uint64_t data_len = f->size - 8 - f->header_len;
     const char *key;
     json_t *v;
-    int rc = -1;
+    int rc = 0;
     json_object_foreach(root, key, v) {
-        if (!strcmp(key, "__metadata__")) {
-            if (json_is_null(v)) continue;
-            if (!json_is_object(v)) {
-                moe_error_set(MOE_ERR_DATA, "%s: __metadata__ is not an object", P);
-                goto out;
-            }
-            size_t nm = json_object_size(v);
-            f->meta_keys = moe_calloc(nm ? nm : 1, sizeof(char *));
-            f->meta_vals = moe_calloc(nm ? nm : 1, sizeof(char *));
-            const char *mk;
-            json_t *mv;
-            json_object_foreach(v, mk, mv) {
-                if (!json_is_string(mv)) {
-                    moe_error_set(MOE_ERR_DATA, "%s: __metadata__ value of '%s' is not a string", P, mk);
-                    goto out;
-                }
-                f->meta_keys[f->nmeta] = moe_strdup(mk);
-                f->meta_vals[f->nmeta++] = moe_strdup(json_string_value(mv));
-            }
-            continue;
-        }
-        moe_st_tensor *t = &f->t[f->n];
-        f->names[f->n] = moe_strdup(key);
-        t->name = f->names[f->n];
-        t->file = f;
-        f->n++;
-        if (!json_is_object(v)) {
-            moe_error_set(MOE_ERR_DATA, "%s: tensor %s: entry is not an object", P, key);
-            goto out;
-        }
-        json_t *jd = json_object_get(v, "dtype"), *js = json_object_get(v, "shape"),
-               *jo = json_object_get(v, "data_offsets");
-        if (!json_is_string(jd)) {
-            moe_error_set(MOE_ERR_DATA, "%s: tensor %s: missing or non-string dtype", P, key);
-            goto out;
-        }
-        int dt = moe_dtype_from_st_name(json_string_value(jd));
-        if (dt < 0) {
-            moe_error_set(MOE_ERR_DATA, "%s: tensor %s: unknown dtype '%s'", P, key,
-                          json_string_value(jd));
-            goto out;
-        }
-        t->dtype = dt;
-        if (!json_is_array(js)) {
-            moe_error_set(MOE_ERR_DATA, "%s: tensor %s: missing or non-array shape", P, key);
-            goto out;
-        }
-        if (json_array_size(js) > MOE_ST_MAX_DIMS) {
-            moe_error_set(MOE_ERR_DATA, "%s: tensor %s: %zu dimensions (at most %d supported)", P,
-                          key, json_array_size(js), MOE_ST_MAX_DIMS);
-            goto out;
-        }
-        t->ndim = (int)json_array_size(js);
-        /* element count with overflow check (bits product must fit 2^62) */
-        unsigned __int128 bits = (unsigned __int128)moe_dtype_bits(t->dtype);
-        uint64_t numel = 1;
-        for (int d = 0; d < t->ndim; d++) {
-            uint64_t s;
-            if (json_u64(json_array_get(js, d), &s) || s > (1ULL << 48)) {
-                moe_error_set(MOE_ERR_DATA, "%s: tensor %s: shape entry %d is not a valid size", P,
-                              key, d);
-                goto out;
-            }
-            t->shape[d] = (int64_t)s;
-            numel *= s; /* each <= 2^48 but the product may overflow: check via bits */
-            bits *= s;
-            if (bits > ((unsigned __int128)1 << 62)) {
-                moe_error_set(MOE_ERR_DATA, "%s: tensor %s: shape too large", P, key);
-                goto out;
-            }
-        }
-        t->numel = (int64_t)numel;
-        if (bits % 8) {
-            moe_error_set(MOE_ERR_DATA, "%s: tensor %s: %s shape is not a whole number of bytes",
-                          P, key, moe_dtype_st_name(t->dtype));
-            goto out;
-        }
-        uint64_t want = (uint64_t)(bits / 8), b0, b1;
-        if (!json_is_array(jo) || json_array_size(jo) != 2 || json_u64(json_array_get(jo, 0), &b0) ||
-            json_u64(json_array_get(jo, 1), &b1)) {
-            moe_error_set(MOE_ERR_DATA, "%s: tensor %s: data_offsets is not [BEGIN, END]", P, key);
-            goto out;
-        }
-        if (b1 < b0) {
-            moe_error_set(MOE_ERR_DATA, "%s: tensor %s: data_offsets [%llu, %llu] end before begin",
-                          P, key, (unsigned long long)b0, (unsigned long long)b1);
-            goto out;
-        }
-        if (b1 > data_len) {
-            moe_error_set(MOE_ERR_DATA,
-                          "%s: tensor %s: data_offsets [%llu, %llu] outside the data area "
-                          "(%llu bytes; file truncated?)",
-                          P, key, (unsigned long long)b0, (unsigned long long)b1,
-                          (unsigned long long)data_len);
-            goto out;
-        }
-        if (b1 - b0 != want) {
-            char sh[160];
-            moe_st_shape_str(t->ndim, t->shape, sh, sizeof sh);
-            moe_error_set(MOE_ERR_DATA,
-                          "%s: tensor %s: data_offsets span %llu bytes but %s %s needs %llu", P,
-                          key, (unsigned long long)(b1 - b0), moe_dtype_st_name(t->dtype), sh,
-                          (unsigned long long)want);
-            goto out;
-        }
-        t->offset = 8 + f->header_len + b0;
-        t->nbytes = want;
+        rc = !strcmp(key, "__metadata__") ? parse_metadata(f, v) : parse_tensor(f, key, v, data_len);
+        if (rc < 0) break;
     }
-    /* tiling: sorted by offset, contiguous from 0, ending at EOF */
-    {
-        moe_st_tensor **by = moe_malloc((f->n ? f->n : 1) * sizeof *by);
-        for (int i = 0; i < f->n; i++) by[i] = &f->t[i];
-        qsort(by, f->n, sizeof *by, cmp_offset_ptr);
-        uint64_t pos = 8 + f->header_len;
-        for (int i = 0; i < f->n; i++) {
-            if (by[i]->offset != pos) {
-                if (by[i]->offset < pos)
-                    moe_error_set(MOE_ERR_DATA, "%s: tensor %s: data overlaps tensor %s", P,
-                                  by[i]->name, by[i - 1]->name);
-                else
-                    moe_error_set(MOE_ERR_DATA,
-                                  "%s: tensor %s: gap of %llu bytes before its data", P,
-                                  by[i]->name, (unsigned long long)(by[i]->offset - pos));
-                free(by);
-                goto out;
-            }
-            pos += by[i]->nbytes;
-        }
-        free(by);
-        if (pos != f->size) {
-            moe_error_set(MOE_ERR_DATA,
-                          "%s: data area is %llu bytes but the tensors cover %llu (trailing bytes)",
-                          P, (unsigned long long)data_len,
-                          (unsigned long long)(pos - 8 - f->header_len));
-            goto out;
-        }
+    if (rc == 0) rc = check_tiling(f, data_len);
+    if (rc == 0) {
+        qsort(f->t, f->n, sizeof *f->t, cmp_name);
+        for (int i = 0; i < f->n; i++) f->t[i].data = f->map + f->t[i].offset;
     }
-    qsort(f->t, f->n, sizeof *f->t, cmp_name);
-    for (int i = 0; i < f->n; i++) f->t[i].data = f->map + f->t[i].offset;
-    rc = 0;
-out:
     json_decref(root);
     return rc;
 }
