@@ -74,7 +74,10 @@ static int collect_i32(moe_reader *r, const msgpack_object *rec, const char *key
     if (moe_record_array(r, rec, key, &a) < 0) return -1;
     *out = moe_malloc(sizeof(int32_t) * (size_t)(a.count + 1));
     *n = (int)a.count;
-    return moe_array_to_i32(&a, *out);
+    if (moe_array_to_i32(&a, *out) == 0) return 0;
+    moe_error_set(MOE_ERR_DATA, "%s: record %llu: key '%s': %s", moe_reader_name(r),
+                  (unsigned long long)moe_reader_index(r), key, moe_error());
+    return -1;
 }
 
 static int collect(moe_reader *r, collected *c) {

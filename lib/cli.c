@@ -102,6 +102,13 @@ void moe_cli_fail(void) {
     exit(kind == MOE_ERR_IO ? MOE_EXIT_IO : kind == MOE_ERR_DEVICE ? MOE_EXIT_DEVICE : MOE_EXIT_DATA);
 }
 
+void moe_cli_fail_in(const char *file) {
+    const char *name = strcmp(file, "-") ? file : "<stdin>";
+    if (!strstr(moe_error(), name)) moe_error_set(moe_error_kind() ? moe_error_kind() : MOE_ERR_DATA, "%s: %s", name,
+                                                  *moe_error() ? moe_error() : "failed");
+    moe_cli_fail();
+}
+
 void moe_cli_warn(const char *fmt, ...) {
     va_list ap;
     fprintf(stderr, "%s: warning: ", tool_name);

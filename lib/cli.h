@@ -49,6 +49,10 @@ int moe_cli_handle(int opt, const char *arg);
 _Noreturn void moe_cli_usage(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 /* "tool: <moe_error()>" on stderr, exit with the code for its kind. */
 _Noreturn void moe_cli_fail(void);
+/* The same for an error about what `file` holds ("-" = "<stdin>"): the
+ * message is prefixed with the file's name unless it names it already (the
+ * library reports some such errors without knowing the file). */
+_Noreturn void moe_cli_fail_in(const char *file);
 /* Warning line on stderr ("tool: warning: ..."), silenced by nothing. */
 void moe_cli_warn(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 /* Parse helpers for option values; bad values are usage errors. */

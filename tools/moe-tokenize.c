@@ -286,7 +286,12 @@ static int decode(const opts_t *o, moe_tokenizer *t)
             cap = (size_t)a.count;
             buf = moe_realloc(buf, cap * sizeof *buf);
         }
-        if (a.count && moe_array_to_i32(&a, buf) < 0) { rc = -1; break; }
+        if (a.count && moe_array_to_i32(&a, buf) < 0) {
+            moe_error_set(MOE_ERR_DATA, "%s: record %llu: key 'ids': %s", moe_reader_name(r),
+                          (unsigned long long)moe_reader_index(r), moe_error());
+            rc = -1;
+            break;
+        }
         char *text;
         size_t tl;
         if (moe_tokenizer_decode(t, buf, (size_t)a.count, o->skip_special ? MOE_TOK_SKIP_SPECIAL : 0, &text,

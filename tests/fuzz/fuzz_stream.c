@@ -10,6 +10,13 @@
 #define MAX_CONVERT_ELEMENTS (1 << 20)
 
 static void convert(const moe_array *a) {
+    /* a parsed array holds exactly count elements: its byte size check must
+     * not have wrapped (count * size overflowing 64 bits) */
+    if (a->count < 0 || (uint64_t)a->count > a->nbytes / moe_dtype_size(a->dtype)) {
+        fprintf(stderr, "array of %lld elements accepted with %zu data bytes\n", (long long)a->count, a->nbytes);
+        abort();
+    }
+    if (a->count > MAX_CONVERT_ELEMENTS) return;
     if (a->count < 0 || a->count > MAX_CONVERT_ELEMENTS) return;
     size_t n = (size_t)a->count ? (size_t)a->count : 1;
     int32_t *i32 = malloc(n * sizeof *i32);
