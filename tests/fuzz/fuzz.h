@@ -23,6 +23,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <zstd.h>
+
 #include "common.h"
 
 #ifndef FUZZ_SRCDIR /* the repository root, for the fixtures (set by the Makefile) */
@@ -101,6 +103,21 @@ static inline const char *fuzz_dir(void) {
         atexit(fuzz_dir_remove);
     }
     return fuzz_dir_path;
+}
+
+/* A moe-stream file from the input: `compressed` 0 takes the bytes as the
+ * decompressed msgpack and compresses them (so that mutations reach the
+ * msgpack reader instead of failing zstd's checksum), 1 takes them as the
+ * file itself (the zstd framing). */
+static inline const char *fuzz_stream_file(int slot, const uint8_t *data, size_t size, int compressed) {
+    if (compressed) return fuzz_file(slot, data, size);
+    static void *buf;
+    static size_t cap;
+    size_t need = ZSTD_compressBound(size);
+    if (need > cap && !(buf = realloc(buf, cap = need))) fuzz_die("fuzz: realloc");
+    size_t n = ZSTD_compress(buf, cap, data, size, 1);
+    if (ZSTD_isError(n)) fuzz_die("fuzz: ZSTD_compress");
+    return fuzz_file(slot, buf, n);
 }
 
 /* Split off the first byte as a selector (which reader, which format). */

@@ -1,6 +1,8 @@
 /* fuzz_stream.c - the moe-stream reader (lib/stream.c): header, records,
  * end record, and every typed array a record holds, converted as the tools
- * convert them (a buffer of count elements, then moe_array_to_i32/_f32). */
+ * convert them (a buffer of count elements, then moe_array_to_i32/_f32).
+ * Byte 0: bit 0 set, the rest is the file as is (zstd framing); clear, it
+ * is the msgpack, compressed here (see fuzz_stream_file). */
 #include "fuzz.h"
 
 #include "stream.h"
@@ -47,7 +49,8 @@ static void visit_record(moe_reader *r, const msgpack_object *rec) {
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
-    moe_reader *r = moe_reader_open(fuzz_file(0, data, size));
+    unsigned sel = fuzz_selector(&data, &size);
+    moe_reader *r = moe_reader_open(fuzz_stream_file(0, data, size, sel & 1));
     if (!r) return 0;
     (void)moe_header_has_kind(moe_reader_header(r), "tokens");
     const msgpack_object *rec;

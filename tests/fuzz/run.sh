@@ -5,7 +5,8 @@
 # runs grew (BUILD/fuzz/corpus/TARGET, kept between runs).  Prints one line
 # per target with its executions and executions per second; a crash, leak,
 # timeout or out-of-memory leaves its input in BUILD/fuzz/artifacts/TARGET/
-# and prints the report's summary.  Exit 1 if any target failed.
+# and prints the report's summary.  Last line "fuzz: N passed, N failed"
+# (targets); exit 1 if any target failed.
 #   FUZZ_FLAGS   more libFuzzer flags (e.g. -jobs, -dict)
 set -u
 cd "$(dirname "$0")/../.."
@@ -14,7 +15,7 @@ shift 2
 root=$build/fuzz
 rm -rf "$root/seeds"
 python3 tests/fuzz/seeds.py "$root/seeds" || { echo "fuzz: seeds.py failed" >&2; exit 1; }
-failed=0 total=0
+failed=0 passed=0 total=0
 for t in "$@"; do
     corpus=$root/corpus/$t art=$root/artifacts/$t log=$root/logs/$t.log
     mkdir -p "$corpus" "$art" "$root/logs"
@@ -28,9 +29,10 @@ for t in "$@"; do
     execs=${execs:-0} rate=${rate:-0}
     total=$((total + execs))
     if [ $rc -eq 0 ]; then
+        passed=$((passed + 1))
         echo "fuzz: $t: $execs executions in ${seconds}s ($rate/s), no crash"
     else
-        failed=1
+        failed=$((failed + 1))
         echo "fuzz: $t: FAILED after $execs executions (exit $rc); input: $(ls -t "$art" | head -n 1 | sed "s|^|$art/|")"
         grep -m 1 -E '^(==[0-9]+==ERROR|SUMMARY|.*runtime error)' "$log" | sed 's/^/    /'
         grep -m 8 -E '^ +#[0-9]+ ' "$log" | sed 's/^/    /'
@@ -38,4 +40,5 @@ for t in "$@"; do
     fi
 done
 echo "fuzz: $# targets, $total executions in all"
-exit $failed
+echo "fuzz: $passed passed, $failed failed"
+[ $failed -eq 0 ]

@@ -12,6 +12,7 @@ import glob
 import json
 import os
 import struct
+import subprocess
 import sys
 
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
@@ -43,6 +44,11 @@ class Out:
 
 def streams():
     return fixtures("**/*.msgpack.zst") + sorted(glob.glob(os.path.join(ROOT, "tests", "fuzz", "seeds", "*.msgpack.zst")))
+
+
+def msgpack_of(path):
+    """a stream's decompressed msgpack (the zstd command of DEB_PKGS)"""
+    return subprocess.run(["zstd", "-q", "-dc", path], check=True, stdout=subprocess.PIPE).stdout
 
 
 def safetensors_file(tensors, metadata=None):
@@ -126,11 +132,13 @@ def main():
     root = sys.argv[1]
     out = Out(root, "stream")
     for path in streams():
-        out.add(read(path))
+        out.add(msgpack_of(path), 0)
+        out.add(read(path), 1)
     out = Out(root, "cdmoe_export")
     for path in streams():
         for sel in range(3):
-            out.add(read(path), sel)
+            out.add(msgpack_of(path), sel)
+        out.add(read(path), 128 + 2)
     seed_safetensors(Out(root, "safetensors"))
     seed_checkpoint(Out(root, "checkpoint"))
     out = Out(root, "config")
