@@ -113,9 +113,11 @@ static inline const char *fuzz_stream_file(int slot, const uint8_t *data, size_t
     if (compressed) return fuzz_file(slot, data, size);
     static void *buf;
     static size_t cap;
+    static ZSTD_CCtx *cctx; /* one for the process: making one per input costs more than the reading */
     size_t need = ZSTD_compressBound(size);
     if (need > cap && !(buf = realloc(buf, cap = need))) fuzz_die("fuzz: realloc");
-    size_t n = ZSTD_compress(buf, cap, data, size, 1);
+    if (!cctx && !(cctx = ZSTD_createCCtx())) fuzz_die("fuzz: ZSTD_createCCtx");
+    size_t n = ZSTD_compressCCtx(cctx, buf, cap, data, size, 1);
     if (ZSTD_isError(n)) fuzz_die("fuzz: ZSTD_compress");
     return fuzz_file(slot, buf, n);
 }
