@@ -119,8 +119,14 @@ int main(int argc, char **argv) {
     int *layers = moe_calloc((size_t)(n_layers ? n_layers : 1), sizeof *layers);
     int *experts = moe_calloc(nsel, sizeof *experts);
     float *weights = moe_calloc(nsel, sizeof *weights);
-    if (moe_cplan_select(plan, (int)n_layers, (int)k, layers, experts, weights) < 0)
+    if (moe_cplan_select(plan, (int)n_layers, (int)k, layers, experts, weights) < 0) {
+        free(layers); /* freed, not left to exit: the sanitizer build reports them as leaks */
+        free(experts);
+        free(weights);
+        moe_cplan_free(plan);
+        moe_ckpt_close(ck);
         moe_cli_fail_in(plan_inputs(stream, wj, ej, oj)); /* what the plan lacks: name where it came from */
+    }
 
     moe_condense_opts o = {.n_layers = (int)n_layers, .k = (int)k, .layers = layers, .experts = experts,
                            .weights = weights, .argc = argc, .argv = argv, .force = moe_cli.force,
