@@ -7,6 +7,8 @@
 #   make deps       install the Debian packages we build against (idempotent)
 #   make test-cuda-emu  the GPU parity tests against the CUDA emulator (CPU)
 #   make SAN=1 test AddressSanitizer + UndefinedBehaviorSanitizer build
+#   make fuzz [FUZZ_SECONDS=N]  each libFuzzer target (tests/fuzz) N seconds (clang)
+#   make test-fresh the README's commands on a fresh Debian root (root, debootstrap)
 #   make CUDA=0|1   force the CUDA backend off/on (default: on when nvcc exists)
 #   make install PREFIX=/usr/local
 #
@@ -40,6 +42,13 @@ LDLIBS += $(PKG_LIBS) -lm -lpthread
 LDFLAGS += -fopenmp
 ifeq ($(WERROR),1)
 CFLAGS += -Werror
+endif
+ifeq ($(FUZZ),1)
+# `make fuzz` builds here (clang; the library instrumented for libFuzzer)
+BUILD := build-fuzz
+BIN := build-fuzz/bin
+CFLAGS += -fsanitize=fuzzer-no-link,address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
+LDFLAGS += -fsanitize=fuzzer,address,undefined
 endif
 ifeq ($(SAN),1)
 BUILD := build-san
@@ -105,7 +114,7 @@ $(DEPS_FIRST): deps
 	+@$(MAKE) --no-print-directory DEPS_DONE=1 $@
 endif
 # Any other goal that compiles needs the packages now.
-BUILD_GOALS := $(filter-out deps clean $(if $(filter 1,$(DEPS_DONE)),,$(DEPS_FIRST)),$(or $(MAKECMDGOALS),all))
+BUILD_GOALS := $(filter-out deps fuzz-deps clean test-fresh $(if $(filter 1,$(DEPS_DONE)),,$(DEPS_FIRST) fuzz),$(or $(MAKECMDGOALS),all))
 ifeq ($(PKG_OK)$(BUILD_GOALS),$(BUILD_GOALS))
 ifneq ($(BUILD_GOALS),)
 $(error build dependencies missing (pkg-config does not find: $(PKGS)); run `make deps` first (`make test` and `make demo` run it themselves))
@@ -215,8 +224,11 @@ $(BUILD)/bench/%: $(BUILD)/bench/%.o $(LIBA)
 # Dependencies: Debian packages, installed only when missing.
 DEB_PKGS := build-essential pkg-config libmsgpack-dev libzstd-dev zstd libjansson-dev \
 	libonig-dev libutf8proc-dev libopenblas-dev libcmocka-dev python3-msgpack python3-zstandard python3-numpy
-deps:
-	@missing=$$(for p in $(DEB_PKGS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
+# `make fuzz` only: clang with its libFuzzer/sanitizer runtimes and OpenMP
+FUZZ_PKGS := clang libclang-rt-14-dev libomp-dev
+# $(call apt_install,PACKAGES): apt-get install those not installed yet
+define apt_install
+	@missing=$$(for p in $(1); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
 		| grep -q 'install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "deps: installing" $$missing; \
@@ -224,9 +236,48 @@ deps:
 		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
+endef
+deps:
+	$(call apt_install,$(DEB_PKGS))
+fuzz-deps: deps
+	$(call apt_install,$(FUZZ_PKGS))
+
+# Fuzzing (tests/fuzz; see tests/fuzz/fuzz.h).  Each tests/fuzz/fuzz_NAME.c
+# is one libFuzzer target.  all-tests links each with tests/fuzz/replay.c
+# instead (any compiler), so that `make test` replays the seeds and the
+# committed crash inputs (tests/fuzz/regressions/NAME/) through the same
+# function; `make fuzz` installs clang (fuzz-deps), builds the targets with
+# -fsanitize=fuzzer,address,undefined in build-fuzz/ and runs each for
+# FUZZ_SECONDS seconds from seeds made from the test fixtures, printing the
+# executions per target (tests/fuzz/run.sh).
+FUZZ_SECONDS ?= 60
+FUZZ_NAMES := $(patsubst tests/fuzz/fuzz_%.c,%,$(wildcard tests/fuzz/fuzz_*.c))
+FUZZ_REPLAY := $(FUZZ_NAMES:%=$(BUILD)/fuzz/replay-%)
+FUZZ_BINS := $(FUZZ_NAMES:%=$(BUILD)/fuzz/bin/%)
+$(BUILD)/tests/fuzz/%.o: CFLAGS += -DFUZZ_SRCDIR='"$(CURDIR)"'
+$(BUILD)/fuzz/replay-%: $(BUILD)/tests/fuzz/fuzz_%.o $(BUILD)/tests/fuzz/replay.o $(LIBA)
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
+$(BUILD)/fuzz/bin/%: $(BUILD)/tests/fuzz/fuzz_%.o $(LIBA)
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) $^ $(LDLIBS) -o $@
+.PHONY: fuzz fuzz-deps fuzz-run test-fresh
+ifneq ($(DEPS_DONE),1)
+fuzz: fuzz-deps
+	+@$(MAKE) --no-print-directory DEPS_DONE=1 fuzz
+else
+fuzz:
+	+@$(MAKE) --no-print-directory FUZZ=1 CC=clang OPT=-O1 CUDA=0 fuzz-run
+endif
+fuzz-run: $(FUZZ_BINS)
+	sh tests/fuzz/run.sh $(BUILD) $(FUZZ_SECONDS) $(FUZZ_NAMES)
+
+# The README's commands on a fresh Debian root (opt-in, as root; minutes).
+test-fresh:
+	sh tests/fresh-machine.sh
 
 .PHONY: all-tests
-all-tests: $(TOOLS) $(CUDA_PLUGIN_BIN) $(CUDA_PLUGIN) $(TESTS) $(GPU_TESTS) $(GPU_BENCH)
+all-tests: $(TOOLS) $(CUDA_PLUGIN_BIN) $(CUDA_PLUGIN) $(TESTS) $(GPU_TESTS) $(GPU_BENCH) $(FUZZ_REPLAY)
 
 ifeq ($(DEPS_DONE),1) # the entry points proper (see DEPS_FIRST)
 test: all-tests cuda-emu
@@ -252,7 +303,7 @@ install: all
 	$(if $(CUDA_PLUGIN),install -d $(DESTDIR)$(PREFIX)/lib/cdmoe && install -m 755 $(CUDA_PLUGIN) $(DESTDIR)$(PREFIX)/lib/cdmoe)
 
 clean:
-	rm -rf build build-san build-emu bin
+	rm -rf build build-san build-emu build-fuzz bin
 
 .SECONDARY:
 -include $(shell find $(BUILD) -name '*.d' 2>/dev/null)

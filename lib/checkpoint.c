@@ -249,12 +249,8 @@ moe_ckpt *moe_ckpt_open(const char *dir)
         goto fail;
     }
     char *cfg_path = path_join(dir, "config.json");
-    m->cfg = moe_config_load(cfg_path);
-    if (!m->cfg) {
-        free(cfg_path);
-        goto fail;
-    }
-    const moe_config *c = m->cfg;
+    /* the safetensors headers first: config.json's sizes are checked against
+     * the tensors they hold before the config allocates anything per layer */
     char *single = path_join(dir, "model.safetensors"), *index = path_join(dir, "model.safetensors.index.json");
     int rc = 0;
     if (file_exists(index)) {
@@ -287,8 +283,18 @@ moe_ckpt *moe_ckpt_open(const char *dir)
         free(cfg_path);
         goto fail;
     }
+    size_t n_tensors = 0;
     for (int i = 0; i < m->nfiles; i++)
-        for (int j = 0; j < moe_st_count(m->files[i]); j++) m->bytes += moe_st_tensor_at(m->files[i], j)->nbytes;
+        for (int j = 0; j < moe_st_count(m->files[i]); j++) {
+            m->bytes += moe_st_tensor_at(m->files[i], j)->nbytes;
+            n_tensors++;
+        }
+    m->cfg = moe_config_load_bounded(cfg_path, n_tensors);
+    if (!m->cfg) {
+        free(cfg_path);
+        goto fail;
+    }
+    const moe_config *c = m->cfg;
 
     /* validate every implied tensor */
     m->nrefs = moe_config_tensor_list(c, &m->refs);

@@ -139,6 +139,13 @@ void moe_cli_flush_stdout(void) {
     }
 }
 
+void moe_cli_fail_in(const char *file) {
+    const char *name = strcmp(file, "-") ? file : "<stdin>";
+    if (!strstr(moe_error(), name)) moe_error_set(moe_error_kind() ? moe_error_kind() : MOE_ERR_DATA, "%s: %s", name,
+                                                  *moe_error() ? moe_error() : "failed");
+    moe_cli_fail();
+}
+
 long moe_cli_long(const char *opt, const char *arg, long min, long max) {
     char *end;
     errno = 0;

@@ -67,6 +67,10 @@ _Noreturn void moe_cli_fail(void);
 /* Flush standard output; on a write error (a full disk, /dev/full) fail
  * with "<stdout>: write error: REASON" and exit 3. */
 void moe_cli_flush_stdout(void);
+/* The same for an error about what `file` holds ("-" = "<stdin>"): the
+ * message is prefixed with the file's name unless it names it already (the
+ * library reports some such errors without knowing the file). */
+_Noreturn void moe_cli_fail_in(const char *file);
 /* Parse helpers for option values; bad values are usage errors. */
 long moe_cli_long(const char *opt, const char *arg, long min, long max);
 double moe_cli_double(const char *opt, const char *arg);

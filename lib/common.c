@@ -21,10 +21,15 @@ static __thread char error_msg[1024];
 static __thread int error_kind;
 
 void moe_error_set(int kind, const char *fmt, ...) {
+    /* Formatted aside, then copied: a caller may pass moe_error() itself as
+     * an argument to prefix the file and line, and vsnprintf into the buffer
+     * it is reading garbles the message ("x: line 1: x: line 1: ded"). */
+    char msg[sizeof error_msg];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(error_msg, sizeof error_msg, fmt, ap);
+    vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
+    memcpy(error_msg, msg, sizeof msg);
     error_kind = kind;
 }
 

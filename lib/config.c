@@ -4,7 +4,9 @@
 
 #include <errno.h>
 #include <jansson.h>
+#include <limits.h>
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -305,7 +307,13 @@ int moe_config_finish(moe_config *c)
     c->shared_gate = a->shared_gate != NULL && c->n_shared_experts > 0;
     /* per-layer descriptors */
     layers_free(c);
-    c->layers = moe_calloc((size_t)c->num_layers, sizeof *c->layers);
+    /* calloc, not moe_calloc: a config.json of 2^30 layers read without its
+     * checkpoint (moe-init --config) is bad data, not a reason to abort */
+    c->layers = calloc((size_t)c->num_layers, sizeof *c->layers);
+    if (!c->layers) {
+        moe_error_set(MOE_ERR_DATA, "%s: %d layers: out of memory for the layer table", P, c->num_layers);
+        return -1;
+    }
     c->n_layers_alloc = c->num_layers;
     int n_moe = 0, n_dense = 0;
     for (int l = 0; l < c->num_layers; l++) {
@@ -432,7 +440,57 @@ static int parse_condensed(moe_config *c, json_t *cl, const char *P)
     return 0;
 }
 
+/* The fewest tensors any layer implies: input and post-attention norms and
+ * q, k, v, o; plus the embedding and the final norm. */
+#define MIN_TENSORS_PER_LAYER 6
+#define MIN_GLOBAL_TENSORS 2
+
+/* How many implied tensors a checkpoint of max_tensors tensors may be asked
+ * for before the config is refused on its sizes alone.  Generous: a config
+ * a few tensors off gets the checkpoint's precise message naming the first
+ * missing tensor; this bound is only there to keep absurd sizes (2^30
+ * layers or experts) from allocating more than a few times what the
+ * checkpoint's headers already take. */
+static uint64_t tensor_allowance(size_t max_tensors)
+{
+    return max_tensors >= (SIZE_MAX - 64) / 4 ? UINT64_MAX : 4 * (uint64_t)max_tensors + 64;
+}
+
+/* Before a layer table is allocated: could a checkpoint of max_tensors
+ * tensors hold num_hidden_layers layers at all? */
+static int check_layer_budget(const moe_config *c, size_t max_tensors, const char *P)
+{
+    uint64_t need = (uint64_t)c->num_layers * MIN_TENSORS_PER_LAYER + MIN_GLOBAL_TENSORS;
+    if (need <= tensor_allowance(max_tensors)) return 0;
+    moe_error_set(MOE_ERR_DATA, "%s: num_hidden_layers %d implies at least %llu tensors, but the "
+                  "checkpoint's safetensors hold only %zu", P, c->num_layers, (unsigned long long)need,
+                  max_tensors);
+    return -1;
+}
+
+static int64_t tensor_walk(const moe_config *c, moe_tensor_ref **out, int64_t limit);
+
+/* Once the layers are known: every tensor the config implies must be in the
+ * checkpoint, so more than it holds is an error (counted, nothing allocated:
+ * 2^30 experts would otherwise make a tensor list of gigabytes). */
+static int check_tensor_budget(const moe_config *c, size_t max_tensors, const char *P)
+{
+    uint64_t allowed = tensor_allowance(max_tensors);
+    int64_t need = tensor_walk(c, NULL, allowed < INT64_MAX ? (int64_t)allowed : INT64_MAX);
+    if (need < 0) return -1;
+    if ((uint64_t)need <= allowed) return 0;
+    moe_error_set(MOE_ERR_DATA, "%s: its sizes (num_hidden_layers %d, %d routed experts) imply %lld "
+                  "tensors, but the checkpoint's safetensors hold only %zu", P, c->num_layers,
+                  c->n_routed_experts, (long long)need, max_tensors);
+    return -1;
+}
+
 moe_config *moe_config_parse(const char *text, size_t len, const char *name)
+{
+    return moe_config_parse_bounded(text, len, name, SIZE_MAX);
+}
+
+moe_config *moe_config_parse_bounded(const char *text, size_t len, const char *name, size_t max_tensors)
 {
     const char *P = name;
     json_error_t je;
@@ -586,9 +644,10 @@ moe_config *moe_config_parse(const char *text, size_t len, const char *name)
             }
         }
     }
-    if (moe_config_finish(c) < 0) goto fail;
+    if (check_layer_budget(c, max_tensors, P) < 0 || moe_config_finish(c) < 0) goto fail;
     json_t *cl = jget(root, "condensed_layers");
     if (cl && parse_condensed(c, cl, P) < 0) goto fail;
+    if (max_tensors != SIZE_MAX && check_tensor_budget(c, max_tensors, P) < 0) goto fail;
     json_decref(root);
     return c;
 fail:
@@ -598,6 +657,11 @@ fail:
 }
 
 moe_config *moe_config_load(const char *path)
+{
+    return moe_config_load_bounded(path, SIZE_MAX);
+}
+
+moe_config *moe_config_load_bounded(const char *path, size_t max_tensors)
 {
     struct stat st;
     char *file;
@@ -638,7 +702,7 @@ moe_config *moe_config_load(const char *path)
         free(file);
         return NULL;
     }
-    moe_config *c = moe_config_parse(buf, n, file);
+    moe_config *c = moe_config_parse_bounded(buf, n, file, max_tensors);
     free(buf);
     free(file);
     return c;
@@ -909,9 +973,14 @@ int moe_config_tensor_shape(const moe_config *c, int layer, moe_tensor_kind k, i
 #undef S2
 }
 
-static int add_ref(const moe_config *c, moe_tensor_ref **v, int *n, int *cap, int layer,
+/* Append one implied tensor to *v, or with v NULL only count it. */
+static int add_ref(const moe_config *c, moe_tensor_ref **v, int64_t *n, int64_t *cap, int layer,
                    moe_tensor_kind k, int expert)
 {
+    if (!v) {
+        (*n)++;
+        return 0;
+    }
     if (*n == *cap) {
         *cap = *cap ? 2 * *cap : 256;
         *v = moe_realloc(*v, (size_t)*cap * sizeof **v);
@@ -928,11 +997,60 @@ static int add_ref(const moe_config *c, moe_tensor_ref **v, int *n, int *cap, in
     return 0;
 }
 
+static int cmp_int(const void *a, const void *b)
+{
+    int x = *(const int *)a, y = *(const int *)b;
+    return (x > y) - (x < y);
+}
+
+/* The routed experts of MoE or condensed layer l, in id order, each with its
+ * gate, up and down.  A condensed layer walks its kept ids, not 0..E-1: E
+ * may be far larger than the few it keeps. */
+static int add_experts(const moe_config *c, moe_tensor_ref **v, int64_t *n, int64_t *cap, int l)
+{
+    const moe_layer_mlp *m = &c->layers[l];
+    int n_ids = m->kind == MOE_MLP_CONDENSED ? m->n_kept : c->n_routed_experts;
+    if (!v) { /* counting */
+        *n += 3 * (int64_t)n_ids;
+        return 0;
+    }
+    int *ids = NULL;
+    if (m->kind == MOE_MLP_CONDENSED) {
+        ids = moe_malloc((size_t)(n_ids ? n_ids : 1) * sizeof *ids);
+        if (n_ids) memcpy(ids, m->experts, (size_t)n_ids * sizeof *ids);
+        qsort(ids, (size_t)n_ids, sizeof *ids, cmp_int);
+    }
+    int rc = 0;
+    for (int i = 0; i < n_ids && rc == 0; i++) {
+        int e = ids ? ids[i] : i;
+        rc = add_ref(c, v, n, cap, l, MOE_T_EXPERT_GATE, e) < 0 || add_ref(c, v, n, cap, l, MOE_T_EXPERT_UP, e) < 0 ||
+                     add_ref(c, v, n, cap, l, MOE_T_EXPERT_DOWN, e) < 0 ? -1 : 0;
+    }
+    free(ids);
+    return rc;
+}
+
 int moe_config_tensor_list(const moe_config *c, moe_tensor_ref **out)
 {
-    moe_tensor_ref *v = NULL;
-    int n = 0, cap = 0;
-#define ADD(l, k, e) do { if (add_ref(c, &v, &n, &cap, (l), (k), (e)) < 0) goto fail; } while (0)
+    int64_t n = tensor_walk(c, NULL, INT_MAX);
+    if (n < 0 || n > INT_MAX) {
+        if (n > INT_MAX)
+            moe_error_set(MOE_ERR_DATA, "%s: implies %lld tensors (more than %d)", c->path, (long long)n, INT_MAX);
+        *out = NULL;
+        return -1;
+    }
+    return (int)tensor_walk(c, out, INT_MAX);
+}
+
+/* Every implied tensor in order into *out (malloc'd), or with out NULL
+ * only their count, which stops early once past `limit` (a count of 2^30
+ * experts times the layers would take seconds).  -1 on error. */
+static int64_t tensor_walk(const moe_config *c, moe_tensor_ref **out, int64_t limit)
+{
+    moe_tensor_ref *list = NULL, **v = out ? &list : NULL;
+    int64_t n = 0, cap = 0;
+#define ADD(l, k, e) do { if (add_ref(c, v, &n, &cap, (l), (k), (e)) < 0) goto fail; \
+                           if (!v && n > limit) return n; } while (0)
 #define ADD_IF(l, k) do { if (moe_config_has_tensor(c, (l), (k))) ADD((l), (k), -1); } while (0)
     ADD(-1, MOE_T_EMBED, -1);
     for (int l = 0; l < c->num_layers; l++) {
@@ -955,12 +1073,8 @@ int moe_config_tensor_list(const moe_config *c, moe_tensor_ref **out)
             continue;
         }
         ADD_IF(l, MOE_T_ROUTER);
-        for (int e = 0; e < c->n_routed_experts; e++) {
-            if (!moe_config_has_expert(c, l, e)) continue;
-            ADD(l, MOE_T_EXPERT_GATE, e);
-            ADD(l, MOE_T_EXPERT_UP, e);
-            ADD(l, MOE_T_EXPERT_DOWN, e);
-        }
+        if (add_experts(c, v, &n, &cap, l) < 0) goto fail;
+        if (!v && n > limit) return n;
         ADD_IF(l, MOE_T_SHARED_GATE);
         ADD_IF(l, MOE_T_SHARED_UP);
         ADD_IF(l, MOE_T_SHARED_DOWN);
@@ -970,11 +1084,11 @@ int moe_config_tensor_list(const moe_config *c, moe_tensor_ref **out)
     if (!c->tie_word_embeddings) ADD(-1, MOE_T_LM_HEAD, -1);
 #undef ADD
 #undef ADD_IF
-    *out = v;
+    if (out) *out = list;
     return n;
 fail:
-    free(v);
-    *out = NULL;
+    free(list);
+    if (out) *out = NULL;
     return -1;
 }
 

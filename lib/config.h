@@ -195,6 +195,15 @@ typedef struct moe_config {
 moe_config *moe_config_load(const char *path);
 /* Same from JSON text; `name` is used in messages. */
 moe_config *moe_config_parse(const char *json, size_t len, const char *name);
+/* The same for the config of a checkpoint whose safetensors hold max_tensors
+ * tensors: sizes that imply far more tensors than that (over 4 * max_tensors
+ * + 64, e.g. num_hidden_layers 2^30, or 2^30 experts) are refused before
+ * anything is allocated per layer or expert, so a hostile config.json costs
+ * no more memory than a few times the checkpoint's own headers (a config a
+ * few tensors off is left to the checkpoint's check, which names the first
+ * missing tensor).  SIZE_MAX: no bound (a config on its own). */
+moe_config *moe_config_parse_bounded(const char *json, size_t len, const char *name, size_t max_tensors);
+moe_config *moe_config_load_bounded(const char *path, size_t max_tensors);
 void moe_config_free(moe_config *c);
 
 /* Build a config in code (moe-init): moe_config_new() fills the arch's

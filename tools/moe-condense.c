@@ -54,6 +54,20 @@ static void print_report(const moe_condense_report *r, int n_layers, int k, cons
     printf("\n");
 }
 
+/* The inputs the plan was read from, for messages: "plan.msgpack.zst",
+ * "w.json, e.json, o.json", ... (static storage). */
+static const char *plan_inputs(const char *stream, const char *wj, const char *ej, const char *oj)
+{
+    static char buf[4096];
+    const char *names[4] = {stream && !strcmp(stream, "-") ? "<stdin>" : stream, wj, ej, oj};
+    size_t n = 0;
+    buf[0] = 0;
+    for (int i = 0; i < 4; i++)
+        if (names[i] && n < sizeof buf)
+            n += (size_t)snprintf(buf + n, sizeof buf - n, "%s%s", n ? ", " : "", names[i]);
+    return buf;
+}
+
 int main(int argc, char **argv) {
     moe_cli_init("moe-condense", help, MOE_CLI_TAKES_FORCE, argc, argv);
     static const struct option opts[] = {
@@ -105,7 +119,14 @@ int main(int argc, char **argv) {
     int *layers = moe_calloc((size_t)(n_layers ? n_layers : 1), sizeof *layers);
     int *experts = moe_calloc(nsel, sizeof *experts);
     float *weights = moe_calloc(nsel, sizeof *weights);
-    if (moe_cplan_select(plan, (int)n_layers, (int)k, layers, experts, weights) < 0) moe_cli_fail();
+    if (moe_cplan_select(plan, (int)n_layers, (int)k, layers, experts, weights) < 0) {
+        free(layers); /* freed, not left to exit: the sanitizer build reports them as leaks */
+        free(experts);
+        free(weights);
+        moe_cplan_free(plan);
+        moe_ckpt_close(ck);
+        moe_cli_fail_in(plan_inputs(stream, wj, ej, oj)); /* what the plan lacks: name where it came from */
+    }
 
     moe_condense_opts o = {.n_layers = (int)n_layers, .k = (int)k, .layers = layers, .experts = experts,
                            .weights = weights, .argc = argc, .argv = argv, .force = moe_cli.force,

@@ -221,6 +221,7 @@ static int eval_model(const eval_args *a, const char *dir, model_res *res) {
             moe_progress_start(&prog, "perplexity", "tok", 0);
             rc = moe_eval_ppl(m, (const int32_t *const *)s.ids, s.T, s.n, &eo, &res->ppl);
             moe_progress_end(&prog);
+            if (rc && !strstr(moe_error(), a->ppl_name)) moe_error_set(moe_error_kind(), "%s: %s", a->ppl_name, moe_error());
         }
         seqs_free(&s);
         if (rc) goto fail_tok;

@@ -184,6 +184,60 @@ static void test_validation(void **state)
     (void)fp_extra;
 }
 
+/* Rewrite one integer of DIR/config.json ("key": N) */
+static void set_config_int(const char *dir, const char *key, long long v)
+{
+    char path[600], pat[80];
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    size_t len;
+    char *js = moe_read_file(path, &len);
+    assert_non_null(js);
+    snprintf(pat, sizeof pat, "\"%s\": ", key);
+    char *at = strstr(js, pat);
+    assert_non_null(at);
+    char *num = at + strlen(pat), *end = num;
+    while (*end >= '0' && *end <= '9') end++;
+    FILE *f = fopen(path, "w");
+    assert_non_null(f);
+    fprintf(f, "%.*s%lld%s", (int)(num - js), js, v, end);
+    assert_int_equal(fclose(f), 0);
+    free(js);
+}
+
+/* config.json sizes far beyond the checkpoint's tensors are refused before
+ * anything is allocated per layer or expert (num_hidden_layers 2^30 aborted
+ * on an allocation failure; 2^24 layers or 2^30 experts took gigabytes):
+ * an error naming config.json, quickly, and a plain mismatch still gets the
+ * message naming the first missing tensor. */
+static void test_absurd_sizes(void **state)
+{
+    (void)state;
+    moe_config *c = tiny(MOE_ARCH_QWEN2_MOE);
+    char *dir = write_model(c, "absurd", 0, NULL, NULL, 0, 0);
+    static const struct { const char *key; long long v; const char *want; } cases[] = {
+        {"num_hidden_layers", 1LL << 30, "config.json: num_hidden_layers 1073741824 implies at least"},
+        {"num_hidden_layers", 1LL << 24, "config.json: num_hidden_layers 16777216 implies at least"},
+        {"num_experts", 1LL << 30, "1073741824 routed experts) imply"},
+        {"num_experts", 1LL << 24, "16777216 routed experts) imply"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        double t0 = moe_now();
+        set_config_int(dir, cases[i].key, cases[i].v);
+        expect_open_fails(dir, cases[i].want, "but the checkpoint's safetensors hold only");
+        assert_int_equal(moe_error_kind(), MOE_ERR_DATA);
+        assert_true(moe_now() - t0 < 2.0); /* counted, not allocated and walked */
+        set_config_int(dir, cases[i].key, i < 2 ? 3 : 4);
+    }
+    /* one layer more than the checkpoint has: the tensor is named */
+    set_config_int(dir, "num_hidden_layers", 4);
+    expect_open_fails(dir, "tensor model.layers.3.", "missing");
+    set_config_int(dir, "num_hidden_layers", 3);
+    moe_ckpt *m = moe_ckpt_open(dir);
+    if (!m) fail_msg("%s", moe_error());
+    moe_ckpt_close(m);
+    moe_config_free(c);
+}
+
 static void test_fingerprint_condensed(void **state)
 {
     (void)state;
@@ -300,6 +354,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_roundtrip),
         cmocka_unit_test(test_validation),
+        cmocka_unit_test(test_absurd_sizes),
         cmocka_unit_test(test_fingerprint_condensed),
         cmocka_unit_test(test_force),
         cmocka_unit_test(test_hf_saved),

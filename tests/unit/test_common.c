@@ -181,8 +181,23 @@ static void test_output_target(void **state) {
     free(got);
 }
 
+/* An error prefixed with its own text (the way callers add FILE: line N:)
+ * reads as written, not garbled: moe-eval printed
+ * "calib.jsonl: line 1: calib.jsonl: line 1: ded". */
+static void test_error_prefixed_with_itself(void **state) {
+    (void)state;
+    moe_error_set(MOE_ERR_DATA, "invalid UTF-8 at byte %d", 3);
+    moe_error_set(moe_error_kind(), "%s: line %d: %s", "calib.jsonl", 1, moe_error());
+    assert_string_equal(moe_error(), "calib.jsonl: line 1: invalid UTF-8 at byte 3");
+    assert_int_equal(moe_error_kind(), MOE_ERR_DATA);
+    moe_error_set(MOE_ERR_IO, "%s%s", moe_error(), moe_error()); /* twice, still exact */
+    assert_string_equal(moe_error(), "calib.jsonl: line 1: invalid UTF-8 at byte 3"
+                                     "calib.jsonl: line 1: invalid UTF-8 at byte 3");
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_error_prefixed_with_itself),
         cmocka_unit_test(test_cleanup_removes_tree),
         cmocka_unit_test(test_discard_file_and_missing),
         cmocka_unit_test(test_sigterm_removes_tree),

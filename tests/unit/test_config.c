@@ -285,12 +285,46 @@ static void test_json_roundtrip(void **state)
     }
 }
 
+/* A config bounded by its checkpoint's tensor count: sizes that imply far
+ * more tensors are refused on the sizes alone, before the layer table or a
+ * tensor list is allocated; sizes that fit parse as before. */
+static void test_bounded_by_checkpoint(void **state)
+{
+    (void)state;
+    char js[1024];
+    const char *fmt = "{\"model_type\":\"qwen2_moe\",\"hidden_size\":64,\"num_hidden_layers\":%lld,"
+                      "\"num_attention_heads\":4,\"vocab_size\":300,\"intermediate_size\":128,"
+                      "\"moe_intermediate_size\":16,\"num_experts\":%lld,\"num_experts_per_tok\":2}";
+    /* 4 layers x (2 norms, q, k, v, o, 3 biases, router, 6 experts x 3) + embed, norm, lm_head = 115 */
+    snprintf(js, sizeof js, fmt, 4LL, 6LL);
+    moe_config *c = moe_config_parse_bounded(js, strlen(js), "dir/config.json", 115);
+    if (!c) fail_msg("%s", moe_error());
+    moe_tensor_ref *refs;
+    assert_int_equal(moe_config_tensor_list(c, &refs), 115);
+    free(refs);
+    moe_config_free(c);
+    static const struct { long long layers, experts; const char *want; } bad[] = {
+        {1LL << 30, 6, "dir/config.json: num_hidden_layers 1073741824 implies at least 6442450946 tensors, "
+                       "but the checkpoint's safetensors hold only 115"},
+        {4, 1LL << 30, "dir/config.json: its sizes (num_hidden_layers 4, 1073741824 routed experts) imply"},
+        {1 << 24, 1 << 10, "dir/config.json: num_hidden_layers 16777216 implies"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        snprintf(js, sizeof js, fmt, bad[i].layers, bad[i].experts);
+        moe_error_clear();
+        assert_null(moe_config_parse_bounded(js, strlen(js), "dir/config.json", 115));
+        if (!strstr(moe_error(), bad[i].want)) fail_msg("error '%s' lacks '%s'", moe_error(), bad[i].want);
+        assert_int_equal(moe_error_kind(), MOE_ERR_DATA);
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_deepseek),     cmocka_unit_test(test_qwen2),
         cmocka_unit_test(test_qwen3_olmoe_mixtral), cmocka_unit_test(test_condensed),
         cmocka_unit_test(test_errors),       cmocka_unit_test(test_json_roundtrip),
+        cmocka_unit_test(test_bounded_by_checkpoint),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
