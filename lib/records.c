@@ -62,7 +62,7 @@ static int read_i32(moe_reader *r, const msgpack_object *rec, const char *key, i
     int32_t *v = moe_malloc(sizeof(int32_t) * (size_t)(a.count + 1));
     if (moe_array_to_i32(&a, v) < 0) {
         free(v);
-        moe_error_set(MOE_ERR_DATA, REC_FMT ": '%s' does not fit int32", REC_ARGS(r), key);
+        moe_error_set(MOE_ERR_DATA, REC_FMT ": key '%s': %s", REC_ARGS(r), key, moe_error());
         return -1;
     }
     *out = v;
@@ -193,7 +193,7 @@ int moe_tokens_read(moe_reader *r, const msgpack_object *rec, moe_tokens_check *
     if (moe_array_to_i32(&a, out->ids) < 0) {
         free(out->ids);
         out->ids = NULL;
-        moe_error_set(MOE_ERR_DATA, REC_FMT ": 'ids' does not fit int32", REC_ARGS(r));
+        moe_error_set(MOE_ERR_DATA, REC_FMT ": key 'ids': %s", REC_ARGS(r), moe_error());
         return -1;
     }
     out->n = (size_t)a.count;
