@@ -4,8 +4,8 @@
       write the original CD-MoE JSON plan files (w.json, e.json, o.json) for
       FIXDIR's model into OUTDIR: every MoE layer ranks its experts 5, 2, 7, ...
       with distinct mean weights; the layer order is the MoE layers reversed.
-  hf_load_check.py check CKPT DUMP
-      load CKPT with AutoModelForCausalLM.from_pretrained(trust_remote_code=True)
+  hf_load_check.py check CKPT DUMP [CKPT DUMP...]
+      for each pair (one process: torch loads once), load CKPT with AutoModelForCausalLM.from_pretrained(trust_remote_code=True)
       in float32, run every tokens record of DUMP (moe-eval --dump logits) and
       compare the logits: relative L2 error of each sequence at most 1e-5.
       Prints the worst error.
@@ -47,7 +47,12 @@ def read_stream(path):
     return objs[1:]
 
 
-def check(ckpt, dump):
+def check(*pairs):
+    for ckpt, dump in zip(pairs[::2], pairs[1::2]):
+        check_one(ckpt, dump)
+
+
+def check_one(ckpt, dump):
     import numpy as np
     try:
         import torch

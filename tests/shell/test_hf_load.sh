@@ -1,0 +1,65 @@
+# Condensed checkpoints in Hugging Face transformers: moe-condense writes
+# hf/modeling_cdmoe.py and auto_map; AutoModelForCausalLM.from_pretrained(
+# trust_remote_code=True) must give moe-eval's logits (1e-5 relative) for every
+# architecture, folded (--fold) and not.  The transformers part needs a python
+# with torch, transformers, numpy, msgpack and zstandard: $CDMOE_REF_PYTHON,
+# ./.venv-ref/bin/python or python3 (pip install torch transformers numpy
+# msgpack zstandard); it is skipped, loudly, without one.
+. tests/shell/lib.sh
+FIX=$PWD/tests/fixtures/models
+HELPER=$PWD/tests/shell/hf_load_check.py
+EVAL_DUMP=$PWD/tests/shell/eval_dump_py.py
+MODELING=$PWD/hf/modeling_cdmoe.py
+REF_PY=
+for py in ${CDMOE_REF_PYTHON:-} "$PWD/.venv-ref/bin/python" python3; do
+    if command -v "$py" >/dev/null 2>&1 &&
+        "$py" -c 'import torch, transformers, numpy, msgpack, zstandard' 2>/dev/null; then
+        REF_PY=$py
+        break
+    fi
+done
+PY=$(find_python) || PY=$REF_PY
+[ -n "$PY" ] || skip "python3 with msgpack and zstandard not found"
+cd "$TMP"
+
+# plan files of the original CD-MoE code: condense the last MoE layer, keep 2 experts
+condense() { # ARCH OUT [OPTIONS...]
+    a=$1 out=$2; shift 2
+    mkdir -p plan-$a
+    $PY "$HELPER" plan "$FIX/$a-f32" plan-$a || fail "$a: plan"
+    moe-condense --model "$FIX/$a-f32" --layers 1 --cdmoe-weights plan-$a/w.json \
+        --cdmoe-experts plan-$a/e.json --cdmoe-order plan-$a/o.json -o "$out" "$@" >/dev/null
+}
+
+# without transformers: the files are there
+condense olmoe o2 --experts 2 || fail "olmoe: condense"
+cmp -s o2/modeling_cdmoe.py "$MODELING" || fail "modeling_cdmoe.py not written as hf/ has it"
+grep -q '"AutoModelForCausalLM": "modeling_cdmoe.CdmoeOlmoeForCausalLM"' o2/config.json \
+    || fail "no auto_map: $(cat o2/config.json)"
+condense deepseek d2 --experts 2 || fail "deepseek: condense"
+grep -q '"AutoConfig": "modeling_cdmoe.DeepseekConfig"' d2/config.json || fail "deepseek: no AutoConfig"
+# --fold: the dense names, no expert tensors, the entry marked
+condense deepseek d2f --experts 2 --fold || fail "deepseek: --fold"
+grep -q '"folded": true' d2f/config.json || fail "folded entry not marked"
+expect_fail 2 "qwen2_moe's shared expert is gated" condense qwen2_moe q2f --experts 2 --fold
+[ ! -e q2f ] || fail "refused --fold left an output"
+
+[ -n "$REF_PY" ] || skip "no python with torch and transformers: the Hugging Face load is NOT tested (pip install torch transformers numpy msgpack zstandard into .venv-ref)"
+
+export HF_HOME="$TMP/hf-home" HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
+pairs=
+for a in deepseek qwen2_moe qwen3_moe olmoe mixtral; do
+    $REF_PY "$EVAL_DUMP" tokens "$FIX/$a-f32" tok-$a.zst || fail "$a: tokens"
+    condense $a $a-c2 --experts 2 || fail "$a: condense"
+    moe-eval -m $a-c2 -d logits tok-$a.zst -o dump-$a.zst || fail "$a: moe-eval"
+    pairs="$pairs $a-c2 dump-$a.zst"
+    [ $a = qwen2_moe ] && continue
+    condense $a $a-f2 --experts 2 --fold || fail "$a: --fold"
+    pairs="$pairs $a-f2 dump-$a.zst"     # the same model: the unfolded one's logits
+done
+# shared experts only, folded: the MLP is the shared one
+condense deepseek d0 --experts 0 || fail "deepseek --experts 0"
+condense deepseek d0f --experts 0 --fold || fail "deepseek --experts 0 --fold"
+moe-eval -m d0 -d logits tok-deepseek.zst -o dump-d0.zst || fail "d0: moe-eval"
+$REF_PY "$HELPER" check $pairs d0f dump-d0.zst 2>err || fail "$(tail -3 err)"
+exit 0
