@@ -54,6 +54,11 @@
  * experts; the router and the other experts may be absent, and are ignored
  * if present (so condensing an existing checkpoint can be just an edit of
  * its config.json).
+ * An entry with "folded": true (moe-condense --fold) is a dense layer instead:
+ * mlp.{gate,up,down}_proj of width len(experts) * moe_intermediate_size +
+ * shared width, the weights already in the down projection (the lists stay
+ * for the record).  Refused when the shared expert is gated, and for now when
+ * that width is not intermediate_size.
  *
  * ---- Router ------------------------------------------------------------
  * MOE_ROUTER_SOFTMAX_TOPK: p = softmax(logits over all experts), take the

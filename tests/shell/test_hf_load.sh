@@ -44,6 +44,20 @@ grep -q '"folded": true' d2f/config.json || fail "folded entry not marked"
 expect_fail 2 "qwen2_moe's shared expert is gated" condense qwen2_moe q2f --experts 2 --fold
 [ ! -e q2f ] || fail "refused --fold left an output"
 
+# cdmoe runs a folded layer as a dense one when it is intermediate_size wide
+# (deepseek: 2 shared + 2 kept experts of 16 = 64; qwen3_moe 4 x 16; olmoe,
+# mixtral 1 expert): the same logits, byte for byte, as the unfolded model
+for ak in deepseek:2 qwen3_moe:4 olmoe:1 mixtral:1; do
+    a=${ak%:*} k=${ak#*:}
+    $PY "$EVAL_DUMP" tokens "$FIX/$a-f32" tok-$a.zst || fail "$a: tokens"
+    condense $a $a-u$k --experts $k && condense $a $a-f$k --experts $k --fold || fail "$a: condense $k"
+    moe-eval -m $a-u$k -d logits --no-provenance tok-$a.zst -o u.zst || fail "$a: moe-eval"
+    moe-eval -m $a-f$k -d logits --no-provenance tok-$a.zst -o f.zst || fail "$a: moe-eval folded"
+    cmp -s u.zst f.zst || fail "$a: folded logits differ from the condensed model's"
+done
+condense qwen3_moe q3f2 --experts 2 --fold || fail "qwen3_moe: --fold"
+expect_fail 1 "q3f2/config.json: condensed_layers: layer 2: folded MLP is 32 wide; cdmoe runs folded layers only as wide as intermediate_size \(64\)" \
+    moe-eval -m q3f2 -d logits tok-qwen3_moe.zst
 [ -n "$REF_PY" ] || skip "no python with torch and transformers: the Hugging Face load is NOT tested (pip install torch transformers numpy msgpack zstandard into .venv-ref)"
 
 export HF_HOME="$TMP/hf-home" HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
