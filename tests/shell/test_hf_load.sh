@@ -50,9 +50,9 @@ expect_fail 2 "qwen2_moe's shared expert is gated" condense qwen2_moe q2f --expe
 for ak in deepseek:2 qwen3_moe:4 olmoe:1 mixtral:1; do
     a=${ak%:*} k=${ak#*:}
     $PY "$EVAL_DUMP" tokens "$FIX/$a-f32" tok-$a.zst || fail "$a: tokens"
-    condense $a $a-u$k --experts $k && condense $a $a-f$k --experts $k --fold || fail "$a: condense $k"
-    moe-eval -m $a-u$k -d logits --no-provenance tok-$a.zst -o u.zst || fail "$a: moe-eval"
-    moe-eval -m $a-f$k -d logits --no-provenance tok-$a.zst -o f.zst || fail "$a: moe-eval folded"
+    condense $a $a-eu$k --experts $k && condense $a $a-ef$k --experts $k --fold || fail "$a: condense $k"
+    moe-eval -m $a-eu$k -d logits --no-provenance tok-$a.zst -o u.zst || fail "$a: moe-eval"
+    moe-eval -m $a-ef$k -d logits --no-provenance tok-$a.zst -o f.zst || fail "$a: moe-eval folded"
     cmp -s u.zst f.zst || fail "$a: folded logits differ from the condensed model's"
 done
 condense qwen3_moe q3f2 --experts 2 --fold || fail "qwen3_moe: --fold"
