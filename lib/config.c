@@ -397,6 +397,7 @@ static int folded_to_dense(moe_config *c, int layer, const char *P)
         return -1;
     }
     long width = (long)m->n_kept * c->moe_intermediate_size + (shared ? c->shared_intermediate_size : 0);
+    /* lift once model.c sizes dense layers by moe_config_dense_width */
     if (width != c->intermediate_size) {
         moe_error_set(MOE_ERR_DATA,
                       "%s: condensed_layers: layer %d: folded MLP is %ld wide; cdmoe runs folded layers only "
@@ -404,8 +405,15 @@ static int folded_to_dense(moe_config *c, int layer, const char *P)
         return -1;
     }
     m->kind = MOE_MLP_DENSE;
+    m->dense_width = (int)width;
     c->n_condensed--;
     return 0;
+}
+
+int moe_config_dense_width(const moe_config *c, int layer)
+{
+    int w = layer >= 0 && layer < c->num_layers ? c->layers[layer].dense_width : 0;
+    return w > 0 ? w : c->intermediate_size;
 }
 
 static int parse_condensed(moe_config *c, json_t *cl, const char *P)
@@ -907,7 +915,8 @@ int moe_config_tensor_shape(const moe_config *c, int layer, moe_tensor_kind k, i
 {
     if (!moe_config_has_tensor(c, layer, k)) return absent(c, layer, k);
     int64_t H = c->hidden_size, D = c->head_dim, Q = (int64_t)c->num_heads * D,
-            KV = (int64_t)c->num_kv_heads * D, I = c->intermediate_size, Im = c->moe_intermediate_size,
+            KV = (int64_t)c->num_kv_heads * D, I = moe_config_dense_width(c, layer),
+            Im = c->moe_intermediate_size,
             Is = c->shared_intermediate_size, V = c->vocab_size, E = c->n_routed_experts;
 #define S2(a, b) do { shape[0] = (a); shape[1] = (b); return 2; } while (0)
 #define S1(a) do { shape[0] = (a); shape[1] = 0; return 1; } while (0)

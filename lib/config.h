@@ -145,6 +145,8 @@ typedef struct moe_layer_mlp {
     int n_kept;       /* CONDENSED: number of kept experts (may be 0) */
     int *experts;     /* CONDENSED: kept routed expert ids, original numbering */
     float *weights;   /* CONDENSED: their fixed weights */
+    int dense_width;  /* DENSE from a folded condensed layer: its MLP width
+                         (0: intermediate_size); see moe_config_dense_width */
 } moe_layer_mlp;
 
 typedef struct moe_config {
@@ -198,6 +200,9 @@ typedef struct moe_config {
  * dividing, kv heads not dividing heads, top_k > experts, bad
  * condensed_layers entries...). */
 moe_config *moe_config_load(const char *path);
+/* Width of dense layer `layer`'s MLP: intermediate_size, or a folded
+ * condensed layer's own width (mlp.{gate,up,down}_proj shapes). */
+int moe_config_dense_width(const moe_config *c, int layer);
 /* Same from JSON text; `name` is used in messages. */
 moe_config *moe_config_parse(const char *json, size_t len, const char *name);
 void moe_config_free(moe_config *c);

@@ -6,6 +6,7 @@
 # ./.venv-ref/bin/python or python3 (pip install torch transformers numpy
 # msgpack zstandard); it is skipped, loudly, without one.
 . tests/shell/lib.sh
+case $BIN in /*) ;; *) PATH=$PWD/$BIN:$PATH ;; esac   # the test works in $TMP
 FIX=$PWD/tests/fixtures/models
 HELPER=$PWD/tests/shell/hf_load_check.py
 EVAL_DUMP=$PWD/tests/shell/eval_dump_py.py
