@@ -1,10 +1,10 @@
 # Condensed checkpoints in Hugging Face transformers: moe-condense writes
 # hf/modeling_cdmoe.py and auto_map; AutoModelForCausalLM.from_pretrained(
 # trust_remote_code=True) must give moe-eval's logits (1e-5 relative) for every
-# architecture, folded (--fold) and not.  The transformers part needs a python
-# with torch, transformers, numpy, msgpack and zstandard: $CDMOE_REF_PYTHON,
-# ./.venv-ref/bin/python or python3 (pip install torch transformers numpy
-# msgpack zstandard); it is skipped, loudly, without one.
+# architecture, f32 and bf16 checkpoints, folded (--fold) and not.  The
+# transformers part needs a python with torch, transformers, numpy, msgpack and
+# zstandard: $CDMOE_REF_PYTHON, ./.venv-ref/bin/python or python3 (pip install
+# torch transformers numpy msgpack zstandard); it is skipped, loudly, without one.
 . tests/shell/lib.sh
 case $BIN in /*) ;; *) PATH=$PWD/$BIN:$PATH ;; esac   # the test works in $TMP
 FIX=$PWD/tests/fixtures/models
@@ -24,11 +24,12 @@ PY=$(find_python) || PY=$REF_PY
 cd "$TMP"
 
 # plan files of the original CD-MoE code: condense the last MoE layer, keep 2 experts
-condense() { # ARCH OUT [OPTIONS...]
+DT=f32
+condense() { # ARCH OUT [OPTIONS...]  (the fixture $FIX/ARCH-$DT)
     a=$1 out=$2; shift 2
     mkdir -p plan-$a
-    $PY "$HELPER" plan "$FIX/$a-f32" plan-$a || fail "$a: plan"
-    moe-condense --model "$FIX/$a-f32" --layers 1 --cdmoe-weights plan-$a/w.json \
+    $PY "$HELPER" plan "$FIX/$a-$DT" plan-$a || fail "$a: plan"
+    moe-condense --model "$FIX/$a-$DT" --layers 1 --cdmoe-weights plan-$a/w.json \
         --cdmoe-experts plan-$a/e.json --cdmoe-order plan-$a/o.json -o "$out" "$@" >/dev/null
 }
 
@@ -63,15 +64,19 @@ expect_fail 1 "q3f2/config.json: condensed_layers: layer 2: folded MLP is 32 wid
 
 export HF_HOME="$TMP/hf-home" HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 pairs=
-for a in deepseek qwen2_moe qwen3_moe olmoe mixtral; do
-    $REF_PY "$EVAL_DUMP" tokens "$FIX/$a-f32" tok-$a.zst || fail "$a: tokens"
-    condense $a $a-c2 --experts 2 || fail "$a: condense"
-    moe-eval -m $a-c2 -d logits tok-$a.zst -o dump-$a.zst || fail "$a: moe-eval"
-    pairs="$pairs $a-c2 dump-$a.zst"
-    [ $a = qwen2_moe ] && continue
-    condense $a $a-f2 --experts 2 --fold || fail "$a: --fold"
-    pairs="$pairs $a-f2 dump-$a.zst"     # the same model: the unfolded one's logits
+# bf16 checkpoints too, run in float32 by both (folded: down in float32)
+for DT in f32 bf16; do
+    for a in deepseek qwen2_moe qwen3_moe olmoe mixtral; do
+        $REF_PY "$EVAL_DUMP" tokens "$FIX/$a-$DT" tok-$a.zst || fail "$a: tokens"
+        condense $a $a-$DT-c2 --experts 2 || fail "$a-$DT: condense"
+        moe-eval -m $a-$DT-c2 -d logits tok-$a.zst -o dump-$a-$DT.zst || fail "$a-$DT: moe-eval"
+        pairs="$pairs $a-$DT-c2 dump-$a-$DT.zst"
+        [ $a = qwen2_moe ] && continue
+        condense $a $a-$DT-f2 --experts 2 --fold || fail "$a-$DT: --fold"
+        pairs="$pairs $a-$DT-f2 dump-$a-$DT.zst"     # the same model: the unfolded one's logits
+    done
 done
+DT=f32
 # shared experts only, folded: the MLP is the shared one
 condense deepseek d0 --experts 0 || fail "deepseek --experts 0"
 condense deepseek d0f --experts 0 --fold || fail "deepseek --experts 0 --fold"
