@@ -100,7 +100,7 @@ slurm)
     sbatch --wait --quiet -J cdmoe-rank --array=0-$((shards - 1)) -o "$out/slurm-rank-%a.log" \
         ${SBATCH_ARGS:-} "$out/rank-shard.sh" || { log "ranking failed: see $out/slurm-rank-*.log"; exit 1; } ;;
 parallel)
-    seq 0 $((shards - 1)) | parallel --halt now,fail=1 --sshlogin "$sshlogin" sh "$out/rank-shard.sh" {} ;;
+    seq 0 $((shards - 1)) | parallel --will-cite --halt now,fail=1 --sshlogin "$sshlogin" sh "$out/rank-shard.sh" {} ;;
 local)
     i=0
     while [ $i -lt "$shards" ]; do sh "$out/rank-shard.sh" $i; i=$((i + 1)); done ;;

@@ -2,7 +2,8 @@
 # slurm-wlm and munge) started in a temporary directory, the expert ranking as
 # a 3-task array job; the rankings, the plan and the condensed checkpoint must
 # be byte-identical to the single-machine run of pipelines/cd-moe.sh.  The
-# runner local and the usage errors need no Slurm.  Skips, loudly, when the
+# runners local and parallel (GNU parallel, when installed) and the usage
+# errors need no Slurm.  Skips, loudly, when the
 # daemons are missing or cannot start (e.g. not root).
 . tests/shell/lib.sh
 ROOT=$PWD
@@ -30,6 +31,13 @@ sh pipelines/cd-moe-slurm.sh --runner local --shards 2 "$M" "$C" --out "$TMP/loc
 [ "$(cat "$TMP/local/shards.txt")" = "1,2,3
 4,5" ] || fail "shards: $(cat "$TMP/local/shards.txt")"
 same_result "$TMP/local"
+if command -v parallel >/dev/null 2>&1; then   # GNU parallel, this machine as the one "host"
+    sh pipelines/cd-moe-slurm.sh --runner parallel --sshlogin : --shards 3 "$M" "$C" --out "$TMP/par" \
+        >"$TMP/par.log" 2>&1 || fail "runner parallel: $(tail -5 "$TMP/par.log")"
+    same_result "$TMP/par"
+else
+    echo "NOTE: GNU parallel not installed: --runner parallel NOT tested" >&2
+fi
 expect_fail 2 "--shards x: a positive number" sh pipelines/cd-moe-slurm.sh --runner local --shards x "$M" "$C"
 expect_fail 2 "--runner pbs: slurm, parallel or local" sh pipelines/cd-moe-slurm.sh --runner pbs "$M" "$C"
 expect_fail 2 "MODEL_DIR and CALIB.jsonl are required" sh pipelines/cd-moe-slurm.sh "$M"
