@@ -23,6 +23,13 @@ Written for cdmoe (moe-condense(1)); no other dependency than transformers.
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import transformers
+
+# transformers 5 loads the per-expert tensors on disk into fused expert
+# parameters, the layout the condensed blocks below mirror; older versions
+# would leave them unloaded
+if int(transformers.__version__.split(".")[0]) < 5:
+    raise ImportError("modeling_cdmoe.py needs transformers >= 5 (found %s)" % transformers.__version__)
 from transformers.models.llama.configuration_llama import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaForCausalLM
 from transformers.models.mixtral.modeling_mixtral import MixtralForCausalLM
