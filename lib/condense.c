@@ -90,12 +90,16 @@ static char *condensed_config_json(const moe_ckpt *ck, const moe_condense_opts *
         }
         json_object_set_new(entry, "experts", ex);
         json_object_set_new(entry, "weights", wt);
-        if (o->fold) json_object_set_new(entry, "folded", json_true());
         char key[16];
         snprintf(key, sizeof key, "%d", o->layers[i]);
         json_object_set_new(cl, key, entry);
     }
     free(idx);
+    if (o->fold) { /* every condensed layer, those of the source too */
+        const char *key;
+        json_t *entry;
+        json_object_foreach(cl, key, entry) json_object_set_new(entry, "folded", json_true());
+    }
     set_auto_map(root, moe_ckpt_config(ck)->arch->model_type);
     json_t *prov = json_object(), *args = json_array();
     for (int i = 1; i < o->argc; i++) json_array_append_new(args, json_string(o->argv[i]));
@@ -202,6 +206,11 @@ int moe_condense_write(const moe_ckpt *ck, const char *out_dir, const moe_conden
             return -1;
         }
     rep->params_after = count_params(cfg);
+    for (int l = 0; o->fold && l < cfg->num_layers; l++) /* refuse before writing anything */
+        if (cfg->layers[l].kind == MOE_MLP_CONDENSED && moe_fold_width(cfg, l) < 0) {
+            moe_config_free(cfg);
+            return -1;
+        }
 
     moe_tensor_ref *refs;
     int n = moe_config_tensor_list(cfg, &refs);

@@ -30,7 +30,12 @@ int64_t moe_fold_width(const moe_config *cfg, int layer) {
                       "MLP reproduces; condense without --fold", layer, cfg->arch->model_type);
         return -1;
     }
-    return (int64_t)m->n_kept * cfg->moe_intermediate_size + (shared ? cfg->shared_intermediate_size : 0);
+    int64_t width = (int64_t)m->n_kept * cfg->moe_intermediate_size + (shared ? cfg->shared_intermediate_size : 0);
+    if (width == 0) {
+        moe_error_set(MOE_ERR_DATA, "--fold: layer %d keeps no expert: nothing to fold", layer);
+        return -1;
+    }
+    return width;
 }
 
 /* Gate or up rows: each kept expert's matrix, then the shared one, byte for byte. */
@@ -108,7 +113,7 @@ static const moe_st_tensor *first_gate(const moe_ckpt *ck, const moe_config *cfg
 
 uint64_t moe_fold_bytes(const moe_config *cfg, int layer, const moe_ckpt *ck) {
     int64_t W = moe_fold_width(cfg, layer);
-    const moe_st_tensor *g = W > 0 ? first_gate(ck, cfg, layer) : NULL;
+    const moe_st_tensor *g = W < 0 ? NULL : first_gate(ck, cfg, layer);
     if (!g) return 0;
     return (uint64_t)W * (uint64_t)cfg->hidden_size * (2 * (uint64_t)moe_st_dtype_bits(g->dtype) / 8 + 4);
 }
@@ -117,10 +122,6 @@ int moe_fold_add_layer(moe_ckpt_writer *w, const moe_ckpt *ck, const moe_config 
                        moe_fold_ctx **ctxs) {
     int64_t W = moe_fold_width(cfg, layer), H = cfg->hidden_size;
     if (W < 0) return -1;
-    if (W == 0) {
-        moe_error_set(MOE_ERR_DATA, "--fold: layer %d keeps no expert: nothing to fold", layer);
-        return -1;
-    }
     const moe_st_tensor *first = first_gate(ck, cfg, layer);
     if (!first) return -1;
     static const char *names[] = {"gate_proj", "up_proj", "down_proj"};

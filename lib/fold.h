@@ -15,10 +15,10 @@
 
 typedef struct moe_fold_ctx moe_fold_ctx;
 
-/* Width of layer `layer`'s folded MLP in the condensed config `cfg` (0 when
- * it keeps nothing); -1 with an error when the layer cannot be folded: not
- * condensed, or its shared expert is gated (qwen2_moe: sigmoid(x.g) depends
- * on the input, so no fixed MLP equals it). */
+/* Width of layer `layer`'s folded MLP in the condensed config `cfg`; -1 with
+ * an error when the layer cannot be folded: not condensed, nothing kept, or
+ * its shared expert gated (qwen2_moe: sigmoid(x.g) depends on the input, so
+ * no fixed MLP equals it). */
 int64_t moe_fold_width(const moe_config *cfg, int layer);
 
 /* Declare the three folded tensors of `layer` in w, read from the source

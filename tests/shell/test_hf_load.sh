@@ -45,6 +45,8 @@ condense deepseek d2f --experts 2 --fold || fail "deepseek: --fold"
 grep -q '"folded": true' d2f/config.json || fail "folded entry not marked"
 expect_fail 2 "qwen2_moe's shared expert is gated" condense qwen2_moe q2f --experts 2 --fold
 [ ! -e q2f ] || fail "refused --fold left an output"
+expect_fail 1 "--fold: layer 2 keeps no expert: nothing to fold" condense mixtral m0f --experts 0 --fold
+[ ! -e m0f ] || fail "refused --fold left an output"
 
 # cdmoe runs a folded layer as a dense one when it is intermediate_size wide
 # (deepseek: 2 shared + 2 kept experts of 16 = 64; qwen3_moe 4 x 16; olmoe,
