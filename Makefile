@@ -89,6 +89,12 @@ endif
 
 LIB_SRC := $(wildcard lib/*.c) $(wildcard lib/model/*.c) $(wildcard lib/tokenizer/*.c) $(wildcard kernels/*.c)
 LIB_OBJ := $(LIB_SRC:%.c=$(BUILD)/%.o)
+# hf/modeling_cdmoe.py, the Hugging Face remote code moe-condense writes into
+# its checkpoints, is compiled into the library (no file to find at run time);
+# od is in coreutils, where xxd is not.
+HF_MODELING := hf/modeling_cdmoe.py
+HF_MODELING_C := $(BUILD)/gen/hf_modeling.c
+LIB_OBJ += $(BUILD)/gen/hf_modeling.o
 CU_OBJ := $(CU_SRC:%.cu=$(BUILD)/%.cu.o)
 LIBA := $(BUILD)/libcdmoe.a
 TOOL_SRC := $(wildcard tools/moe-*.c)
@@ -137,6 +143,18 @@ endif
 $(CUDA_PLUGIN_BIN): $(CUDA_PLUGIN)
 	@mkdir -p $(dir $@)
 	cp $< $@
+
+$(HF_MODELING_C): $(HF_MODELING)
+	@mkdir -p $(dir $@)
+	{ echo '/* generated from $< by make: do not edit */'; \
+	  echo '#include "hf_modeling.h"'; \
+	  echo 'const char moe_hf_modeling_py[] = {'; \
+	  od -An -v -tx1 $< | sed 's/ *\([0-9a-f][0-9a-f]\)/0x\1,/g'; \
+	  echo '0};'; } >$@.tmp && mv $@.tmp $@
+
+$(BUILD)/gen/hf_modeling.o: $(HF_MODELING_C)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -c $< -o $@
 
 $(LIBA): $(LIB_OBJ)
 	@rm -f $@

@@ -2,6 +2,8 @@
 #define _GNU_SOURCE
 #include "condense.h"
 #include "common.h"
+#include "fold.h"
+#include "hf_modeling.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -30,7 +32,34 @@ static uint64_t count_params(const moe_config *c) {
     return n < 0 ? 0 : total;
 }
 
-/* config.json: the original text plus condensed_layers and provenance. */
+/* transformers class of each architecture in hf/modeling_cdmoe.py */
+static const char *hf_class(const char *model_type) {
+    static const char *table[][2] = {
+        {"deepseek", "CdmoeDeepseekForCausalLM"}, {"qwen2_moe", "CdmoeQwen2MoeForCausalLM"},
+        {"qwen3_moe", "CdmoeQwen3MoeForCausalLM"}, {"olmoe", "CdmoeOlmoeForCausalLM"},
+        {"mixtral", "CdmoeMixtralForCausalLM"}};
+    for (size_t i = 0; i < sizeof table / sizeof table[0]; i++)
+        if (strcmp(table[i][0], model_type) == 0) return table[i][1];
+    return NULL;
+}
+
+/* auto_map: transformers loads our modeling file (trust_remote_code); it
+ * replaces any remote code the source named (DeepSeek's own modeling file
+ * knows nothing of condensed layers).  deepseek also needs our config class:
+ * transformers has none for that model_type. */
+static void set_auto_map(json_t *root, const char *model_type) {
+    const char *cls = hf_class(model_type);
+    if (!cls) return;
+    char ref[128];
+    json_t *map = json_object();
+    snprintf(ref, sizeof ref, "modeling_cdmoe.%s", cls);
+    json_object_set_new(map, "AutoModelForCausalLM", json_string(ref));
+    if (strcmp(model_type, "deepseek") == 0)
+        json_object_set_new(map, "AutoConfig", json_string("modeling_cdmoe.DeepseekConfig"));
+    json_object_set_new(root, "auto_map", map);
+}
+
+/* config.json: the original text plus condensed_layers, auto_map and provenance. */
 static char *condensed_config_json(const moe_ckpt *ck, const moe_condense_opts *o) {
     char path[4096];
     snprintf(path, sizeof path, "%s/config.json", moe_ckpt_dir(ck));
@@ -66,6 +95,12 @@ static char *condensed_config_json(const moe_ckpt *ck, const moe_condense_opts *
         json_object_set_new(cl, key, entry);
     }
     free(idx);
+    if (o->fold) { /* every condensed layer, those of the source too */
+        const char *key;
+        json_t *entry;
+        json_object_foreach(cl, key, entry) json_object_set_new(entry, "folded", json_true());
+    }
+    set_auto_map(root, moe_ckpt_config(ck)->arch->model_type);
     json_t *prov = json_object(), *args = json_array();
     for (int i = 1; i < o->argc; i++) json_array_append_new(args, json_string(o->argv[i]));
     json_object_set_new(prov, "tool", json_string("moe-condense"));
@@ -151,6 +186,12 @@ static int copy_side_files(const char *src_dir, const char *dst_dir) {
     return rc;
 }
 
+/* With --fold, a condensed layer's experts and shared MLP become its folded MLP. */
+static int is_folded_away(const moe_config *cfg, const moe_tensor_ref *r) {
+    return r->layer >= 0 && cfg->layers[r->layer].kind == MOE_MLP_CONDENSED &&
+           r->kind >= MOE_T_EXPERT_GATE && r->kind <= MOE_T_SHARED_DOWN;
+}
+
 int moe_condense_write(const moe_ckpt *ck, const char *out_dir, const moe_condense_opts *o,
                        moe_condense_report *rep) {
     moe_config *cfg = moe_config_load(moe_ckpt_dir(ck));
@@ -165,13 +206,27 @@ int moe_condense_write(const moe_ckpt *ck, const char *out_dir, const moe_conden
             return -1;
         }
     rep->params_after = count_params(cfg);
+    for (int l = 0; o->fold && l < cfg->num_layers; l++) /* refuse before writing anything */
+        if (cfg->layers[l].kind == MOE_MLP_CONDENSED && moe_fold_width(cfg, l) < 0) {
+            moe_config_free(cfg);
+            return -1;
+        }
 
     moe_tensor_ref *refs;
     int n = moe_config_tensor_list(cfg, &refs);
     char *config_text = n < 0 ? NULL : condensed_config_json(ck, o);
     moe_ckpt_writer *w = config_text ? moe_ckpt_writer_open(out_dir, o->shard_bytes, o->force) : NULL;
     int rc = w ? 0 : -1;
+    moe_fold_ctx *folds = NULL;
     for (int i = 0; rc == 0 && i < n; i++) {
+        if (o->fold && is_folded_away(cfg, &refs[i])) {
+            /* the layer's first expert tensor: its folded MLP goes here */
+            if (i == 0 || refs[i - 1].layer != refs[i].layer || !is_folded_away(cfg, &refs[i - 1])) {
+                rc = moe_fold_add_layer(w, ck, cfg, refs[i].layer, &folds);
+                rep->bytes_after += moe_fold_bytes(cfg, refs[i].layer, ck);
+            }
+            continue;
+        }
         const moe_st_tensor *t = moe_ckpt_find(ck, refs[i].name);
         if (!t) {
             moe_error_set(MOE_ERR_DATA, "%s: tensor %s missing", moe_ckpt_dir(ck), refs[i].name);
@@ -183,8 +238,10 @@ int moe_condense_write(const moe_ckpt *ck, const char *out_dir, const moe_conden
     }
     if (rc == 0) rc = moe_ckpt_writer_text(w, "config.json", config_text);
     if (rc == 0) rc = copy_side_files(moe_ckpt_dir(ck), moe_ckpt_writer_tmpdir(w));
+    if (rc == 0) rc = moe_ckpt_writer_text(w, MOE_HF_MODELING_FILE, moe_hf_modeling_py);
     if (rc == 0) rc = moe_ckpt_writer_close(w);
     else if (w) moe_ckpt_writer_abort(w);
+    moe_fold_free(folds);
     free(config_text);
     if (n >= 0) free(refs);
     moe_config_free(cfg);

@@ -7,8 +7,11 @@
  * byte for byte (same dtype).  config.json is the original's text with
  * "condensed_layers" (see config.h) and "cdmoe" (provenance) added; every
  * other file of the source directory (tokenizer, generation config, remote
- * code) is copied.  The directory is written under a temporary name and
- * renamed at the end. */
+ * code) is copied, and hf/modeling_cdmoe.py with "auto_map" in config.json
+ * (transformers loads the result with trust_remote_code=True).  With fold,
+ * each condensed layer is one dense MLP instead (fold.h), marked "folded": true
+ * in its condensed_layers entry.  The directory is written under a temporary
+ * name and renamed at the end. */
 #ifndef MOE_CONDENSE_H
 #define MOE_CONDENSE_H
 
@@ -23,6 +26,7 @@ typedef struct {
     char **argv;
     uint64_t shard_bytes;     /* 0: one file */
     int force;                /* replace an existing output directory */
+    int fold;                 /* write each condensed layer as one dense MLP (fold.h) */
 } moe_condense_opts;
 
 typedef struct {

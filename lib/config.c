@@ -391,6 +391,39 @@ int moe_config_condense(moe_config *c, int layer, int n, const int *experts, con
     return 0;
 }
 
+/* A folded condensed layer (moe-condense --fold) is a dense MLP of width
+ * kept * moe_intermediate_size + shared width.  The engine sizes dense layers
+ * by intermediate_size, so only that width is accepted for now (the engine's
+ * dense-layer load must take the per-layer width before this can go). */
+static int folded_to_dense(moe_config *c, int layer, const char *P)
+{
+    moe_layer_mlp *m = &c->layers[layer];
+    int shared = m->has_shared && c->shared_intermediate_size > 0;
+    if (shared && c->shared_gate) {
+        moe_error_set(MOE_ERR_DATA, "%s: condensed_layers: layer %d: folded, but the shared expert is gated",
+                      P, layer);
+        return -1;
+    }
+    long width = (long)m->n_kept * c->moe_intermediate_size + (shared ? c->shared_intermediate_size : 0);
+    /* lift once model.c sizes dense layers by moe_config_dense_width */
+    if (width != c->intermediate_size) {
+        moe_error_set(MOE_ERR_DATA,
+                      "%s: condensed_layers: layer %d: folded MLP is %ld wide; cdmoe runs folded layers only "
+                      "as wide as intermediate_size (%d)", P, layer, width, c->intermediate_size);
+        return -1;
+    }
+    m->kind = MOE_MLP_DENSE;
+    m->dense_width = (int)width;
+    c->n_condensed--;
+    return 0;
+}
+
+int moe_config_dense_width(const moe_config *c, int layer)
+{
+    int w = layer >= 0 && layer < c->num_layers ? c->layers[layer].dense_width : 0;
+    return w > 0 ? w : c->intermediate_size;
+}
+
 static int parse_condensed(moe_config *c, json_t *cl, const char *P)
 {
     if (!json_is_object(cl)) {
@@ -435,6 +468,7 @@ static int parse_condensed(moe_config *c, json_t *cl, const char *P)
         int rc = moe_config_condense(c, (int)l, n, ids, w);
         free(ids);
         free(w);
+        if (rc == 0 && json_is_true(json_object_get(v, "folded"))) rc = folded_to_dense(c, (int)l, P);
         if (rc < 0) return -1;
     }
     return 0;
@@ -945,7 +979,8 @@ int moe_config_tensor_shape(const moe_config *c, int layer, moe_tensor_kind k, i
 {
     if (!moe_config_has_tensor(c, layer, k)) return absent(c, layer, k);
     int64_t H = c->hidden_size, D = c->head_dim, Q = (int64_t)c->num_heads * D,
-            KV = (int64_t)c->num_kv_heads * D, I = c->intermediate_size, Im = c->moe_intermediate_size,
+            KV = (int64_t)c->num_kv_heads * D, I = moe_config_dense_width(c, layer),
+            Im = c->moe_intermediate_size,
             Is = c->shared_intermediate_size, V = c->vocab_size, E = c->n_routed_experts;
 #define S2(a, b) do { shape[0] = (a); shape[1] = (b); return 2; } while (0)
 #define S1(a) do { shape[0] = (a); shape[1] = 0; return 1; } while (0)

@@ -54,6 +54,11 @@
  * experts; the router and the other experts may be absent, and are ignored
  * if present (so condensing an existing checkpoint can be just an edit of
  * its config.json).
+ * An entry with "folded": true (moe-condense --fold) is a dense layer instead:
+ * mlp.{gate,up,down}_proj of width len(experts) * moe_intermediate_size +
+ * shared width, the weights already in the down projection (the lists stay
+ * for the record).  Refused when the shared expert is gated, and for now when
+ * that width is not intermediate_size.
  *
  * ---- Router ------------------------------------------------------------
  * MOE_ROUTER_SOFTMAX_TOPK: p = softmax(logits over all experts), take the
@@ -140,6 +145,8 @@ typedef struct moe_layer_mlp {
     int n_kept;       /* CONDENSED: number of kept experts (may be 0) */
     int *experts;     /* CONDENSED: kept routed expert ids, original numbering */
     float *weights;   /* CONDENSED: their fixed weights */
+    int dense_width;  /* DENSE from a folded condensed layer: its MLP width
+                         (0: intermediate_size); see moe_config_dense_width */
 } moe_layer_mlp;
 
 typedef struct moe_config {
@@ -193,6 +200,9 @@ typedef struct moe_config {
  * dividing, kv heads not dividing heads, top_k > experts, bad
  * condensed_layers entries...). */
 moe_config *moe_config_load(const char *path);
+/* Width of dense layer `layer`'s MLP: intermediate_size, or a folded
+ * condensed layer's own width (mlp.{gate,up,down}_proj shapes). */
+int moe_config_dense_width(const moe_config *c, int layer);
 /* Same from JSON text; `name` is used in messages. */
 moe_config *moe_config_parse(const char *json, size_t len, const char *name);
 /* The same for the config of a checkpoint whose safetensors hold max_tensors

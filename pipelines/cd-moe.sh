@@ -1,14 +1,15 @@
 #!/bin/sh
 # cd-moe.sh - the whole CD-MoE method, end to end, keeping every intermediate.
 #
-#   pipelines/cd-moe.sh [MODEL_DIR CALIB.jsonl] [--out DIR] [--stage N]
+#   pipelines/cd-moe.sh [MODEL_DIR CALIB.jsonl] [--out DIR] [--stage N] [--last N]
 #
 # With no MODEL_DIR, runs on a built-in default that needs no download: a tiny
 # random model written by moe-init and calibration text generated here.
 # Stages (each writes OUT/NN-name.msgpack.zst and a log OUT/NN-name.log):
 #   1 tokenize   2 calibrate   3 rank experts   4 search layers
 #   5 condense   6 evaluate dense vs condensed
-# --stage N resumes at stage N, reusing the outputs of the earlier stages.
+# --stage N resumes at stage N, reusing the outputs of the earlier stages;
+# --last N stops after stage N (cd-moe-slurm.sh runs the ranking in between).
 # Stages whose tool is not built yet are reported and skipped.
 set -eu
 
@@ -21,11 +22,12 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 BIN=${BIN:-$here/bin}
 PATH="$BIN:$PATH"
 
-model= calib= out=work/cd-moe stage=1
+model= calib= out=work/cd-moe stage=1 last=6
 while [ $# -gt 0 ]; do
     case $1 in
     --out) out=$2; shift 2 ;;
     --stage) stage=$2; shift 2 ;;
+    --last) last=$2; shift 2 ;;
     -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) echo "cd-moe.sh: unknown option $1" >&2; exit 2 ;;
     *) if [ -z "$model" ]; then model=$1; elif [ -z "$calib" ]; then calib=$1;
@@ -57,7 +59,7 @@ fi
 
 run_stage() { # number name tool
     n=$1 name=$2 tool=$3
-    if [ "$n" -lt "$stage" ]; then return 1; fi
+    if [ "$n" -lt "$stage" ] || [ "$n" -gt "$last" ]; then return 1; fi
     if ! have "$tool"; then log "stage $n ($name): $tool is not built yet; skipped"; return 1; fi
     log "stage $n: $name"
     return 0

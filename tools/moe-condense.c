@@ -28,9 +28,13 @@ static const char help[] =
     "  -o, --output OUT   output directory (refused if it exists, unless --force)\n"
     "  --shard-size MB    split tensors into shards of at most MB megabytes\n"
     "                     (default: one file up to 5000 MB, then 5000 MB shards)\n"
+    "  --fold             write each condensed layer as one dense MLP (kept experts\n"
+    "                     scaled, plus the shared experts) under the dense-layer\n"
+    "                     names mlp.{gate,up,down}_proj; not for qwen2_moe, whose\n"
+    "                     shared expert is gated\n"
     "Prints parameters and bytes before and after on standard output.\n";
 
-enum { OPT_MODEL = 1, OPT_LAYERS, OPT_EXPERTS, OPT_W, OPT_E, OPT_O, OPT_SHARD };
+enum { OPT_MODEL = 1, OPT_LAYERS, OPT_EXPERTS, OPT_W, OPT_E, OPT_O, OPT_SHARD, OPT_FOLD };
 
 static void human(char *buf, size_t n, double v) {
     const char *unit[] = {"", "K", "M", "G", "T"};
@@ -75,10 +79,11 @@ int main(int argc, char **argv) {
         {"experts", required_argument, 0, OPT_EXPERTS}, {"output", required_argument, 0, 'o'},
         {"cdmoe-weights", required_argument, 0, OPT_W}, {"cdmoe-experts", required_argument, 0, OPT_E},
         {"cdmoe-order", required_argument, 0, OPT_O},   {"shard-size", required_argument, 0, OPT_SHARD},
+        {"fold", no_argument, 0, OPT_FOLD},
         MOE_CLI_COMMON_OPTIONS, {0, 0, 0, 0}};
     const char *model = NULL, *out = NULL, *wj = NULL, *ej = NULL, *oj = NULL;
     long n_layers = -1, k = -1, shard_mb = -1;
-    int c;
+    int c, fold = 0;
     while ((c = getopt_long(argc, argv, ":o:", opts, NULL)) != -1) {
         if (moe_cli_handle(c, optarg)) continue;
         switch (c) {
@@ -89,6 +94,7 @@ int main(int argc, char **argv) {
         case OPT_W: wj = optarg; break;
         case OPT_E: ej = optarg; break;
         case OPT_O: oj = optarg; break;
+        case OPT_FOLD: fold = 1; break;
         case OPT_SHARD: shard_mb = moe_cli_long("--shard-size", optarg, 1, 1L << 30); break;
         default: moe_cli_usage("unknown option");
         }
@@ -105,6 +111,9 @@ int main(int argc, char **argv) {
     const moe_config *cfg = moe_ckpt_config(ck);
     if (k > cfg->n_routed_experts)
         moe_cli_usage("--experts %ld: the model has %d routed experts per layer", k, cfg->n_routed_experts);
+    if (fold && cfg->shared_gate && cfg->shared_intermediate_size > 0)
+        moe_cli_usage("--fold: %s's shared expert is gated by sigmoid(x.g), which no fixed MLP reproduces",
+                      cfg->arch->model_type);
     moe_cplan *plan = moe_cplan_new(cfg);
     if (stream) {
         moe_reader *r = moe_reader_open(stream);
@@ -129,7 +138,7 @@ int main(int argc, char **argv) {
     }
 
     moe_condense_opts o = {.n_layers = (int)n_layers, .k = (int)k, .layers = layers, .experts = experts,
-                           .weights = weights, .argc = argc, .argv = argv, .force = moe_cli.force,
+                           .weights = weights, .argc = argc, .argv = argv, .force = moe_cli.force, .fold = fold,
                            .shard_bytes = shard_mb > 0 ? (uint64_t)shard_mb * 1000000u
                                           : moe_ckpt_bytes(ck) > 5000000000ull ? 5000000000ull : 0};
     moe_condense_report rep;
