@@ -392,9 +392,8 @@ int moe_config_condense(moe_config *c, int layer, int n, const int *experts, con
 }
 
 /* A folded condensed layer (moe-condense --fold) is a dense MLP of width
- * kept * moe_intermediate_size + shared width.  The engine sizes dense layers
- * by intermediate_size, so only that width is accepted for now (the engine's
- * dense-layer load must take the per-layer width before this can go). */
+ * kept * moe_intermediate_size + shared width (moe_config_dense_width), which
+ * the engine loads and runs at that width. */
 static int folded_to_dense(moe_config *c, int layer, const char *P)
 {
     moe_layer_mlp *m = &c->layers[layer];
@@ -405,13 +404,6 @@ static int folded_to_dense(moe_config *c, int layer, const char *P)
         return -1;
     }
     long width = (long)m->n_kept * c->moe_intermediate_size + (shared ? c->shared_intermediate_size : 0);
-    /* lift once model.c sizes dense layers by moe_config_dense_width */
-    if (width != c->intermediate_size) {
-        moe_error_set(MOE_ERR_DATA,
-                      "%s: condensed_layers: layer %d: folded MLP is %ld wide; cdmoe runs folded layers only "
-                      "as wide as intermediate_size (%d)", P, layer, width, c->intermediate_size);
-        return -1;
-    }
     m->kind = MOE_MLP_DENSE;
     m->dense_width = (int)width;
     c->n_condensed--;

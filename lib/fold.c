@@ -11,7 +11,7 @@ struct moe_fold_ctx {
     const moe_ckpt *ck;
     const moe_config *cfg; /* the condensed config: kept experts and weights */
     int layer, part;
-    moe_st_dtype dtype;
+    moe_dtype dtype;
     size_t esize, total;   /* element size, elements */
     char *buf;             /* the whole tensor, built at the first chunk */
     moe_fold_ctx *next;
@@ -50,7 +50,7 @@ static int build_rows(moe_fold_ctx *f) {
                                    : (f->part == FOLD_GATE ? MOE_T_EXPERT_GATE : MOE_T_EXPERT_UP);
         const moe_st_tensor *t = moe_ckpt_get(f->ck, f->layer, k, shared ? -1 : m->experts[i]);
         if (!t) return -1;
-        if (t->dtype != f->dtype || off + t->nbytes > f->total * f->esize) {
+        if ((int)t->dtype != (int)f->dtype || off + t->nbytes > f->total * f->esize) {
             moe_error_set(MOE_ERR_DATA, "%s: layer %d: --fold needs the experts in one dtype and shape",
                           moe_ckpt_dir(f->ck), f->layer);
             return -1;
@@ -115,7 +115,7 @@ uint64_t moe_fold_bytes(const moe_config *cfg, int layer, const moe_ckpt *ck) {
     int64_t W = moe_fold_width(cfg, layer);
     const moe_st_tensor *g = W < 0 ? NULL : first_gate(ck, cfg, layer);
     if (!g) return 0;
-    return (uint64_t)W * (uint64_t)cfg->hidden_size * (2 * (uint64_t)moe_st_dtype_bits(g->dtype) / 8 + 4);
+    return (uint64_t)W * (uint64_t)cfg->hidden_size * (2 * (uint64_t)moe_dtype_bits(g->dtype) / 8 + 4);
 }
 
 int moe_fold_add_layer(moe_ckpt_writer *w, const moe_ckpt *ck, const moe_config *cfg, int layer,
@@ -128,9 +128,9 @@ int moe_fold_add_layer(moe_ckpt_writer *w, const moe_ckpt *ck, const moe_config 
     for (int part = FOLD_GATE; part <= FOLD_DOWN; part++) {
         moe_fold_ctx *f = moe_calloc(1, sizeof *f);
         *f = (moe_fold_ctx){.ck = ck, .cfg = cfg, .layer = layer, .part = part,
-                            .dtype = part == FOLD_DOWN ? MOE_ST_F32 : first->dtype,
+                            .dtype = part == FOLD_DOWN ? MOE_DT_F32 : first->dtype,
                             .total = (size_t)W * (size_t)H, .next = *ctxs};
-        f->esize = (size_t)moe_st_dtype_bits(f->dtype) / 8;
+        f->esize = (size_t)moe_dtype_bits(f->dtype) / 8;
         *ctxs = f;
         char name[256];
         snprintf(name, sizeof name, "model.layers.%d.mlp.%s.weight", layer, names[part]);

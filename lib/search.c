@@ -42,7 +42,7 @@ static double layer_flops(const moe_config *c, int l) {
            kvd = (double)c->num_kv_heads * c->head_dim;
     double f = 2.0 * H * (2.0 * qd + 2.0 * kvd);
     if (c->layers[l].kind == MOE_MLP_DENSE)
-        f += 2.0 * 3.0 * H * c->intermediate_size;
+        f += 2.0 * 3.0 * H * moe_config_dense_width(c, l);
     else
         f += c->top_k * expert_flops(c) + 2.0 * 3.0 * H * c->shared_intermediate_size +
              2.0 * H * c->n_routed_experts;

@@ -656,7 +656,7 @@ static int layer_load(moe_model *m, int l, int prefetch) {
     moe_mlp_kind kind = moe_model_layer_kind(m, l);
     const moe_layer_mlp *d = &c->layers[l];
     if (kind == MOE_MLP_DENSE) {
-        w->I = c->intermediate_size;
+        w->I = moe_config_dense_width(c, l); /* a folded condensed layer has its own */
         REQ(w->gu = mdl_load_gate_up(m, l, MOE_T_MLP_GATE, MOE_T_MLP_UP, -1, (size_t)w->I * H));
         REQ(w->down = mdl_load_mat(m, l, MOE_T_MLP_DOWN, -1));
     } else {
