@@ -233,24 +233,10 @@ static int fingerprint(moe_ckpt *m, const char *cfg_path)
     return 0;
 }
 
-moe_ckpt *moe_ckpt_open(const char *dir)
-{
-    moe_ckpt *m = moe_calloc(1, sizeof *m);
-    m->dir = moe_strdup(dir);
-    m->dtype = -1;
-    struct stat st;
-    if (stat(dir, &st) < 0) {
-        moe_error_set(MOE_ERR_IO, "%s: cannot open model directory: %s", dir, strerror(errno));
-        goto fail;
-    }
-    if (!S_ISDIR(st.st_mode)) {
-        moe_error_set(MOE_ERR_IO, "%s: not a directory (a model is a directory with config.json and "
-                      "*.safetensors)", dir);
-        goto fail;
-    }
-    char *cfg_path = path_join(dir, "config.json");
-    /* the safetensors headers first: config.json's sizes are checked against
-     * the tensors they hold before the config allocates anything per layer */
+/* The safetensors headers of dir (one file or a sharded index) into the
+ * name table: read before config.json, whose sizes are checked against the
+ * tensors they hold before the config allocates anything per layer. */
+static int open_tensors(moe_ckpt *m, const char *dir) {
     char *single = path_join(dir, "model.safetensors"), *index = path_join(dir, "model.safetensors.index.json");
     int rc = 0;
     if (file_exists(index)) {
@@ -279,29 +265,53 @@ moe_ckpt *moe_ckpt_open(const char *dir)
     }
     free(single);
     free(index);
-    if (rc < 0) {
-        free(cfg_path);
-        goto fail;
-    }
-    size_t n_tensors = 0;
-    for (int i = 0; i < m->nfiles; i++)
-        for (int j = 0; j < moe_st_count(m->files[i]); j++) {
-            m->bytes += moe_st_tensor_at(m->files[i], j)->nbytes;
-            n_tensors++;
-        }
-    m->cfg = moe_config_load_bounded(cfg_path, n_tensors);
-    if (!m->cfg) {
-        free(cfg_path);
-        goto fail;
-    }
-    const moe_config *c = m->cfg;
+    return rc;
+}
 
-    /* validate every implied tensor */
-    m->nrefs = moe_config_tensor_list(c, &m->refs);
-    if (m->nrefs < 0) {
-        free(cfg_path);
-        goto fail;
+/* One tensor config.json implies, found in the table: present (with a hint
+ * for the fused-experts layout we do not read), of the implied shape, a float
+ * dtype.  Returns the tensor or NULL with the error set. */
+static const moe_st_tensor *bind_tensor(moe_ckpt *m, const moe_tensor_ref *r) {
+    const moe_config *c = m->cfg;
+    slot *s = tab_find(m, r->name);
+    if (!s) {
+        char fused[160];
+        const char *hint = "";
+        if (r->kind >= MOE_T_EXPERT_GATE && r->kind <= MOE_T_EXPERT_DOWN) {
+            snprintf(fused, sizeof fused, "model.layers.%d.%s.experts.gate_up_proj", r->layer,
+                     c->arch->mlp_prefix);
+            if (tab_find(m, fused))
+                hint = " (this checkpoint stores fused experts.gate_up_proj/down_proj tensors, "
+                       "a layout not supported: save per-expert tensors)";
+        }
+        moe_error_set(MOE_ERR_DATA, "%s: tensor %s missing (config.json implies %s %s)%s", m->dir, r->name,
+                      c->arch->model_type, moe_tensor_kind_name(r->kind), hint);
+        return NULL;
     }
+    s->used = 1;
+    const moe_st_tensor *t = s->t;
+    if (moe_st_check_shape(t, r->ndim, r->shape) < 0) {
+        char msg[1024];
+        snprintf(msg, sizeof msg, "%s (from config.json: hidden_size %d, heads %d x head_dim %d, "
+                 "kv heads %d, experts %d)", moe_error(), c->hidden_size, c->num_heads, c->head_dim,
+                 c->num_kv_heads, c->n_routed_experts);
+        moe_error_set(MOE_ERR_DATA, "%s", msg);
+        return NULL;
+    }
+    if (!moe_dtype_is_float(t->dtype)) {
+        moe_error_set(MOE_ERR_DATA, "%s: tensor %s: dtype %s, expected F32, F16 or BF16", moe_st_path(t->file),
+                      t->name, moe_dtype_st_name(t->dtype));
+        return NULL;
+    }
+    return t;
+}
+
+/* Every tensor config.json implies, bound in config order (with each
+ * layer's range of them); the checkpoint's dtype when they share one. */
+static int bind_tensors(moe_ckpt *m) {
+    const moe_config *c = m->cfg;
+    m->nrefs = moe_config_tensor_list(c, &m->refs);
+    if (m->nrefs < 0) return -1;
     m->ref_t = moe_calloc((size_t)m->nrefs + 1, sizeof *m->ref_t);
     m->layer_lo = moe_calloc((size_t)c->num_layers + 1, sizeof(int));
     m->layer_hi = moe_calloc((size_t)c->num_layers + 1, sizeof(int));
@@ -311,40 +321,8 @@ moe_ckpt *moe_ckpt_open(const char *dir)
         if (m->refs[i].layer >= 0) m->layer_hi[m->refs[i].layer] = i + 1;
     int dt = -2;
     for (int i = 0; i < m->nrefs; i++) {
-        const moe_tensor_ref *r = &m->refs[i];
-        slot *s = tab_find(m, r->name);
-        if (!s) {
-            char fused[160];
-            const char *hint = "";
-            if (r->kind >= MOE_T_EXPERT_GATE && r->kind <= MOE_T_EXPERT_DOWN) {
-                snprintf(fused, sizeof fused, "model.layers.%d.%s.experts.gate_up_proj", r->layer,
-                         c->arch->mlp_prefix);
-                if (tab_find(m, fused))
-                    hint = " (this checkpoint stores fused experts.gate_up_proj/down_proj tensors, "
-                           "a layout not supported: save per-expert tensors)";
-            }
-            moe_error_set(MOE_ERR_DATA, "%s: tensor %s missing (config.json implies %s %s)%s", dir,
-                          r->name, c->arch->model_type, moe_tensor_kind_name(r->kind), hint);
-            free(cfg_path);
-            goto fail;
-        }
-        s->used = 1;
-        const moe_st_tensor *t = s->t;
-        if (moe_st_check_shape(t, r->ndim, r->shape) < 0) {
-            char msg[1024];
-            snprintf(msg, sizeof msg, "%s (from config.json: hidden_size %d, heads %d x head_dim %d, "
-                     "kv heads %d, experts %d)", moe_error(), c->hidden_size, c->num_heads, c->head_dim,
-                     c->num_kv_heads, c->n_routed_experts);
-            moe_error_set(MOE_ERR_DATA, "%s", msg);
-            free(cfg_path);
-            goto fail;
-        }
-        if (!moe_dtype_is_float(t->dtype)) {
-            moe_error_set(MOE_ERR_DATA, "%s: tensor %s: dtype %s, expected F32, F16 or BF16",
-                          moe_st_path(t->file), t->name, moe_dtype_st_name(t->dtype));
-            free(cfg_path);
-            goto fail;
-        }
+        const moe_st_tensor *t = bind_tensor(m, &m->refs[i]);
+        if (!t) return -1;
         if (dt == -2) dt = t->dtype;
         else if (dt != (int)t->dtype) dt = -1;
         m->ref_t[i] = t;
@@ -355,13 +333,39 @@ moe_ckpt *moe_ckpt_open(const char *dir)
     for (size_t i = 0; i < m->tabcap; i++)
         if (m->tab[i].name && !m->tab[i].used) m->extra[m->nextra++] = m->tab[i].name;
     qsort(m->extra, (size_t)m->nextra, sizeof *m->extra, cmp_cstr);
-    if (fingerprint(m, cfg_path) < 0) {
-        free(cfg_path);
+    return 0;
+}
+
+moe_ckpt *moe_ckpt_open(const char *dir)
+{
+    moe_ckpt *m = moe_calloc(1, sizeof *m);
+    m->dir = moe_strdup(dir);
+    m->dtype = -1;
+    char *cfg_path = NULL;
+    struct stat st;
+    if (stat(dir, &st) < 0) {
+        moe_error_set(MOE_ERR_IO, "%s: cannot open model directory: %s", dir, strerror(errno));
         goto fail;
     }
+    if (!S_ISDIR(st.st_mode)) {
+        moe_error_set(MOE_ERR_IO, "%s: not a directory (a model is a directory with config.json and "
+                      "*.safetensors)", dir);
+        goto fail;
+    }
+    if (open_tensors(m, dir) < 0) goto fail;
+    size_t n_tensors = 0;
+    for (int i = 0; i < m->nfiles; i++)
+        for (int j = 0; j < moe_st_count(m->files[i]); j++) {
+            m->bytes += moe_st_tensor_at(m->files[i], j)->nbytes;
+            n_tensors++;
+        }
+    cfg_path = path_join(dir, "config.json");
+    m->cfg = moe_config_load_bounded(cfg_path, n_tensors);
+    if (!m->cfg || bind_tensors(m) < 0 || fingerprint(m, cfg_path) < 0) goto fail;
     free(cfg_path);
     return m;
 fail:
+    free(cfg_path);
     moe_ckpt_close(m);
     return NULL;
 }

@@ -516,6 +516,154 @@ moe_config *moe_config_parse(const char *text, size_t len, const char *name)
     return moe_config_parse_bounded(text, len, name, SIZE_MAX);
 }
 
+/* The sizes every architecture has, and the activation (only silu). */
+static int parse_sizes(json_t *root, moe_config *c, const moe_arch *a, const char *P) {
+    (void)a;
+    json_t *act = jget(root, "hidden_act");
+    if (act && (!json_is_string(act) || strcmp(json_string_value(act), "silu"))) {
+        moe_error_set(MOE_ERR_DATA, "%s: hidden_act '%s' is not supported (only silu)", P,
+                      json_is_string(act) ? json_string_value(act) : "?");
+        return -1;
+    }
+    if (jint32(root, "hidden_size", 1, 0, 1, &c->hidden_size, P) ||
+        jint32(root, "num_hidden_layers", 1, 0, 1, &c->num_layers, P) ||
+        jint32(root, "num_attention_heads", 1, 0, 1, &c->num_heads, P) ||
+        jint32(root, "vocab_size", 1, 0, 1, &c->vocab_size, P) ||
+        jint32(root, "intermediate_size", 1, 0, 0, &c->intermediate_size, P) ||
+        jint32(root, "num_key_value_heads", 0, c->num_heads, 1, &c->num_kv_heads, P) ||
+        jint32(root, "max_position_embeddings", 0, 4096, 1, &c->max_position_embeddings, P))
+        return -1;
+    if (jget(root, "head_dim")) {
+        if (jint32(root, "head_dim", 1, 0, 1, &c->head_dim, P)) return -1;
+    } else {
+        if (c->hidden_size % c->num_heads) {
+            moe_error_set(MOE_ERR_DATA, "%s: hidden_size %d is not a multiple of num_attention_heads %d",
+                          P, c->hidden_size, c->num_heads);
+            return -1;
+        }
+        c->head_dim = c->hidden_size / c->num_heads;
+    }
+    return 0;
+}
+
+/* Routed and shared experts (each architecture spells them its own way). */
+static int parse_experts(json_t *root, moe_config *c, const moe_arch *a, const char *P) {
+    /* experts: the arch's spelling first, then the others */
+    const char *ekeys[4] = {a->key_experts, "num_experts", "num_local_experts", "n_routed_experts"};
+    c->n_routed_experts = 0;
+    for (int i = 0; i < 4; i++)
+        if (jget(root, ekeys[i])) {
+            if (jint32(root, ekeys[i], 1, 0, 0, &c->n_routed_experts, P)) return -1;
+            break;
+        }
+    if (jint32(root, "num_experts_per_tok", c->n_routed_experts > 0, 0, 0, &c->top_k, P)) return -1;
+    if (a->key_moe_inter) {
+        if (jint32(root, a->key_moe_inter, c->n_routed_experts > 0, 0, 0, &c->moe_intermediate_size, P))
+            return -1;
+    }
+    if (a->shared == MOE_SHARED_COUNT) {
+        if (jint32(root, "n_shared_experts", 0, 0, 0, &c->n_shared_experts, P)) return -1;
+    } else if (a->shared == MOE_SHARED_SIZE) {
+        if (jint32(root, "shared_expert_intermediate_size", 0, 0, 0, &c->shared_intermediate_size, P))
+            return -1;
+    }
+    return 0;
+}
+
+/* Routing normalisation, tied embeddings, RMSNorm epsilon, special tokens and RoPE. */
+static int parse_norm_rope(json_t *root, moe_config *c, const moe_arch *a, const char *P) {
+    if (jbool(root, "norm_topk_prob", a->norm_topk_default, &c->norm_topk_prob, P) ||
+        jbool(root, "tie_word_embeddings", 0, &c->tie_word_embeddings, P) ||
+        jnum(root, "rms_norm_eps", a->rms_norm_eps_default, &c->rms_norm_eps, P) ||
+        jtoken(root, "bos_token_id", &c->bos_token_id, P) ||
+        jtoken(root, "eos_token_id", &c->eos_token_id, P) ||
+        jtoken(root, "pad_token_id", &c->pad_token_id, P))
+        return -1;
+    if (!(c->rms_norm_eps > 0)) {
+        moe_error_set(MOE_ERR_DATA, "%s: rms_norm_eps must be positive", P);
+        return -1;
+    }
+    /* rope */
+    json_t *rp = jget(root, "rope_parameters");
+    if (check_rope_type(jget(root, "rope_scaling"), "rope_scaling", P) ||
+        check_rope_type(rp, "rope_parameters", P))
+        return -1;
+    if (jget(root, "rope_theta")) {
+        if (jnum(root, "rope_theta", 0, &c->rope_theta, P)) return -1;
+    } else if (rp && jget(rp, "rope_theta")) {
+        if (jnum(rp, "rope_theta", 0, &c->rope_theta, P)) return -1;
+    }
+    if (!(c->rope_theta > 0)) {
+        moe_error_set(MOE_ERR_DATA, "%s: rope_theta must be positive", P);
+        return -1;
+    }
+    return 0;
+}
+
+/* Attention extras: biases, sliding window, OLMoE's clip_qkv. */
+static int parse_attention(json_t *root, moe_config *c, const moe_arch *a, const char *P) {
+    /* attention extras */
+    int attn_bias = 0;
+    if (jbool(root, "attention_bias", 0, &attn_bias, P)) return -1;
+    if (attn_bias) {
+        moe_error_set(MOE_ERR_DATA, "%s: attention_bias true is not supported for %s", P, a->model_type);
+        return -1;
+    }
+    if (a->id == MOE_ARCH_QWEN2_MOE && jbool(root, "qkv_bias", 1, &c->qkv_bias, P)) return -1;
+    int sw = 0;
+    if (jbool(root, "use_sliding_window", 0, &sw, P)) return -1;
+    if (sw) {
+        moe_error_set(MOE_ERR_DATA, "%s: use_sliding_window true is not supported", P);
+        return -1;
+    }
+    if (a->id == MOE_ARCH_MIXTRAL && jint32(root, "sliding_window", 0, 0, 0, &c->sliding_window, P))
+        return -1;
+    if (a->id == MOE_ARCH_OLMOE) {
+        if (jnum(root, "clip_qkv", 0, &c->clip_qkv, P)) return -1;
+        if (c->clip_qkv < 0) {
+            moe_error_set(MOE_ERR_DATA, "%s: clip_qkv must be positive", P);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* Which layers are MoE: DeepSeek's first_k_dense_replace / moe_layer_freq, Qwen's decoder_sparse_step / mlp_only_layers. */
+static int parse_layer_rule(json_t *root, moe_config *c, const moe_arch *a, const char *P) {
+    if (a->id == MOE_ARCH_DEEPSEEK) {
+        json_t *sf = jget(root, "scoring_func");
+        if (sf && (!json_is_string(sf) || strcmp(json_string_value(sf), "softmax"))) {
+            moe_error_set(MOE_ERR_DATA, "%s: scoring_func '%s' is not supported (only softmax)", P,
+                          json_is_string(sf) ? json_string_value(sf) : "?");
+            return -1;
+        }
+        if (jint32(root, "first_k_dense_replace", 0, 0, 0, &c->first_k_dense_replace, P) ||
+            jint32(root, "moe_layer_freq", 0, 1, 1, &c->moe_layer_freq, P))
+            return -1;
+    }
+    if (a->layer_rule == MOE_LAYERS_QWEN) {
+        if (jint32(root, "decoder_sparse_step", 0, 1, 1, &c->decoder_sparse_step, P)) return -1;
+        json_t *mo = jget(root, "mlp_only_layers");
+        if (mo) {
+            if (!json_is_array(mo)) {
+                moe_error_set(MOE_ERR_DATA, "%s: mlp_only_layers is not an array", P);
+                return -1;
+            }
+            c->n_mlp_only_layers = (int)json_array_size(mo);
+            c->mlp_only_layers = moe_malloc((size_t)(c->n_mlp_only_layers + 1) * sizeof(int));
+            for (int i = 0; i < c->n_mlp_only_layers; i++) {
+                json_t *x = json_array_get(mo, i);
+                if (!json_is_integer(x)) {
+                    moe_error_set(MOE_ERR_DATA, "%s: mlp_only_layers[%d] is not an integer", P, i);
+                    return -1;
+                }
+                c->mlp_only_layers[i] = (int)json_integer_value(x);
+            }
+        }
+    }
+    return 0;
+}
+
 moe_config *moe_config_parse_bounded(const char *text, size_t len, const char *name, size_t max_tensors)
 {
     const char *P = name;
@@ -548,128 +696,10 @@ moe_config *moe_config_parse_bounded(const char *text, size_t len, const char *n
     if (!dt) dt = jget(root, "dtype");
     if (json_is_string(dt)) c->dtype = moe_strdup(json_string_value(dt));
 
-    json_t *act = jget(root, "hidden_act");
-    if (act && (!json_is_string(act) || strcmp(json_string_value(act), "silu"))) {
-        moe_error_set(MOE_ERR_DATA, "%s: hidden_act '%s' is not supported (only silu)", P,
-                      json_is_string(act) ? json_string_value(act) : "?");
+    if (parse_sizes(root, c, a, P) < 0 || parse_experts(root, c, a, P) < 0 ||
+        parse_norm_rope(root, c, a, P) < 0 || parse_attention(root, c, a, P) < 0 ||
+        parse_layer_rule(root, c, a, P) < 0)
         goto fail;
-    }
-    if (jint32(root, "hidden_size", 1, 0, 1, &c->hidden_size, P) ||
-        jint32(root, "num_hidden_layers", 1, 0, 1, &c->num_layers, P) ||
-        jint32(root, "num_attention_heads", 1, 0, 1, &c->num_heads, P) ||
-        jint32(root, "vocab_size", 1, 0, 1, &c->vocab_size, P) ||
-        jint32(root, "intermediate_size", 1, 0, 0, &c->intermediate_size, P) ||
-        jint32(root, "num_key_value_heads", 0, c->num_heads, 1, &c->num_kv_heads, P) ||
-        jint32(root, "max_position_embeddings", 0, 4096, 1, &c->max_position_embeddings, P))
-        goto fail;
-    if (jget(root, "head_dim")) {
-        if (jint32(root, "head_dim", 1, 0, 1, &c->head_dim, P)) goto fail;
-    } else {
-        if (c->hidden_size % c->num_heads) {
-            moe_error_set(MOE_ERR_DATA, "%s: hidden_size %d is not a multiple of num_attention_heads %d",
-                          P, c->hidden_size, c->num_heads);
-            goto fail;
-        }
-        c->head_dim = c->hidden_size / c->num_heads;
-    }
-    /* experts: the arch's spelling first, then the others */
-    const char *ekeys[4] = {a->key_experts, "num_experts", "num_local_experts", "n_routed_experts"};
-    c->n_routed_experts = 0;
-    for (int i = 0; i < 4; i++)
-        if (jget(root, ekeys[i])) {
-            if (jint32(root, ekeys[i], 1, 0, 0, &c->n_routed_experts, P)) goto fail;
-            break;
-        }
-    if (jint32(root, "num_experts_per_tok", c->n_routed_experts > 0, 0, 0, &c->top_k, P)) goto fail;
-    if (a->key_moe_inter) {
-        if (jint32(root, a->key_moe_inter, c->n_routed_experts > 0, 0, 0, &c->moe_intermediate_size, P))
-            goto fail;
-    }
-    if (a->shared == MOE_SHARED_COUNT) {
-        if (jint32(root, "n_shared_experts", 0, 0, 0, &c->n_shared_experts, P)) goto fail;
-    } else if (a->shared == MOE_SHARED_SIZE) {
-        if (jint32(root, "shared_expert_intermediate_size", 0, 0, 0, &c->shared_intermediate_size, P))
-            goto fail;
-    }
-    if (jbool(root, "norm_topk_prob", a->norm_topk_default, &c->norm_topk_prob, P) ||
-        jbool(root, "tie_word_embeddings", 0, &c->tie_word_embeddings, P) ||
-        jnum(root, "rms_norm_eps", a->rms_norm_eps_default, &c->rms_norm_eps, P) ||
-        jtoken(root, "bos_token_id", &c->bos_token_id, P) ||
-        jtoken(root, "eos_token_id", &c->eos_token_id, P) ||
-        jtoken(root, "pad_token_id", &c->pad_token_id, P))
-        goto fail;
-    if (!(c->rms_norm_eps > 0)) {
-        moe_error_set(MOE_ERR_DATA, "%s: rms_norm_eps must be positive", P);
-        goto fail;
-    }
-    /* rope */
-    json_t *rp = jget(root, "rope_parameters");
-    if (check_rope_type(jget(root, "rope_scaling"), "rope_scaling", P) ||
-        check_rope_type(rp, "rope_parameters", P))
-        goto fail;
-    if (jget(root, "rope_theta")) {
-        if (jnum(root, "rope_theta", 0, &c->rope_theta, P)) goto fail;
-    } else if (rp && jget(rp, "rope_theta")) {
-        if (jnum(rp, "rope_theta", 0, &c->rope_theta, P)) goto fail;
-    }
-    if (!(c->rope_theta > 0)) {
-        moe_error_set(MOE_ERR_DATA, "%s: rope_theta must be positive", P);
-        goto fail;
-    }
-    /* attention extras */
-    int attn_bias = 0;
-    if (jbool(root, "attention_bias", 0, &attn_bias, P)) goto fail;
-    if (attn_bias) {
-        moe_error_set(MOE_ERR_DATA, "%s: attention_bias true is not supported for %s", P, a->model_type);
-        goto fail;
-    }
-    if (a->id == MOE_ARCH_QWEN2_MOE && jbool(root, "qkv_bias", 1, &c->qkv_bias, P)) goto fail;
-    int sw = 0;
-    if (jbool(root, "use_sliding_window", 0, &sw, P)) goto fail;
-    if (sw) {
-        moe_error_set(MOE_ERR_DATA, "%s: use_sliding_window true is not supported", P);
-        goto fail;
-    }
-    if (a->id == MOE_ARCH_MIXTRAL && jint32(root, "sliding_window", 0, 0, 0, &c->sliding_window, P))
-        goto fail;
-    if (a->id == MOE_ARCH_OLMOE) {
-        if (jnum(root, "clip_qkv", 0, &c->clip_qkv, P)) goto fail;
-        if (c->clip_qkv < 0) {
-            moe_error_set(MOE_ERR_DATA, "%s: clip_qkv must be positive", P);
-            goto fail;
-        }
-    }
-    if (a->id == MOE_ARCH_DEEPSEEK) {
-        json_t *sf = jget(root, "scoring_func");
-        if (sf && (!json_is_string(sf) || strcmp(json_string_value(sf), "softmax"))) {
-            moe_error_set(MOE_ERR_DATA, "%s: scoring_func '%s' is not supported (only softmax)", P,
-                          json_is_string(sf) ? json_string_value(sf) : "?");
-            goto fail;
-        }
-        if (jint32(root, "first_k_dense_replace", 0, 0, 0, &c->first_k_dense_replace, P) ||
-            jint32(root, "moe_layer_freq", 0, 1, 1, &c->moe_layer_freq, P))
-            goto fail;
-    }
-    if (a->layer_rule == MOE_LAYERS_QWEN) {
-        if (jint32(root, "decoder_sparse_step", 0, 1, 1, &c->decoder_sparse_step, P)) goto fail;
-        json_t *mo = jget(root, "mlp_only_layers");
-        if (mo) {
-            if (!json_is_array(mo)) {
-                moe_error_set(MOE_ERR_DATA, "%s: mlp_only_layers is not an array", P);
-                goto fail;
-            }
-            c->n_mlp_only_layers = (int)json_array_size(mo);
-            c->mlp_only_layers = moe_malloc((size_t)(c->n_mlp_only_layers + 1) * sizeof(int));
-            for (int i = 0; i < c->n_mlp_only_layers; i++) {
-                json_t *x = json_array_get(mo, i);
-                if (!json_is_integer(x)) {
-                    moe_error_set(MOE_ERR_DATA, "%s: mlp_only_layers[%d] is not an integer", P, i);
-                    goto fail;
-                }
-                c->mlp_only_layers[i] = (int)json_integer_value(x);
-            }
-        }
-    }
     if (check_layer_budget(c, max_tensors, P) < 0 || moe_config_finish(c) < 0) goto fail;
     json_t *cl = jget(root, "condensed_layers");
     if (cl && parse_condensed(c, cl, P) < 0) goto fail;
