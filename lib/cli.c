@@ -141,8 +141,10 @@ void moe_cli_flush_stdout(void) {
 
 void moe_cli_fail_in(const char *file) {
     const char *name = strcmp(file, "-") ? file : "<stdin>";
-    if (!strstr(moe_error(), name)) moe_error_set(moe_error_kind() ? moe_error_kind() : MOE_ERR_DATA, "%s: %s", name,
-                                                  *moe_error() ? moe_error() : "failed");
+    int kind = moe_error_kind() ? moe_error_kind() : MOE_ERR_DATA;
+    /* an I/O or device error names what failed itself */
+    if (kind == MOE_ERR_DATA && !strstr(moe_error(), name))
+        moe_error_set(kind, "%s: %s", name, *moe_error() ? moe_error() : "failed");
     moe_cli_fail();
 }
 

@@ -60,8 +60,11 @@ int main(int argc, char **argv) {
         moe_search_job_open(&j, in, out, moe_cli.force, moe_cli.no_provenance) < 0)
         moe_cli_fail();
     moe_calib cal;
-    if (moe_calib_run(j.model, &j.seqs, max_length, batch, &cal, &j.work) < 0 ||
-        moe_calib_write(j.out, &cal) < 0 || moe_search_job_finish(&j) < 0) {
+    if (moe_calib_run(j.model, &j.seqs, max_length, batch, &cal, &j.work) < 0) {
+        moe_search_job_abort(&j);
+        moe_cli_fail_in(in); /* what the input holds (no sequences, ...) */
+    }
+    if (moe_calib_write(j.out, &cal) < 0 || moe_search_job_finish(&j) < 0) {
         moe_search_job_abort(&j);
         moe_cli_fail();
     }

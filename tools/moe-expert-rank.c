@@ -110,8 +110,11 @@ int main(int argc, char **argv) {
                       j.cfg->n_routed_experts);
     if (moe_search_job_open(&j, in, out, moe_cli.force, moe_cli.no_provenance) < 0) moe_cli_fail();
     moe_ranking rk;
-    if (moe_rank_run(j.model, &j.seqs, &j.calib, &o, &rk, &j.work) < 0 ||
-        moe_ranking_write(j.out, &rk) < 0 || moe_search_job_finish(&j) < 0) {
+    if (moe_rank_run(j.model, &j.seqs, &j.calib, &o, &rk, &j.work) < 0) {
+        moe_search_job_abort(&j);
+        moe_cli_fail_in(in); /* what the input holds (no sequences, ...) */
+    }
+    if (moe_ranking_write(j.out, &rk) < 0 || moe_search_job_finish(&j) < 0) {
         moe_search_job_abort(&j);
         moe_cli_fail();
     }

@@ -116,8 +116,11 @@ int main(int argc, char **argv) {
                       j.cfg->n_routed_experts);
     if (moe_search_job_open(&j, in, out, moe_cli.force, moe_cli.no_provenance) < 0) moe_cli_fail();
     moe_plan plan;
-    if (moe_layer_search_run(j.model, &j.seqs, &j.calib, &j.ranking, &o, &plan, &j.work) < 0 ||
-        moe_plan_write(j.out, &plan) < 0 || moe_search_job_finish(&j) < 0) {
+    if (moe_layer_search_run(j.model, &j.seqs, &j.calib, &j.ranking, &o, &plan, &j.work) < 0) {
+        moe_search_job_abort(&j);
+        moe_cli_fail_in(in); /* what the input holds (no sequences, a short ranking, ...) */
+    }
+    if (moe_plan_write(j.out, &plan) < 0 || moe_search_job_finish(&j) < 0) {
         moe_search_job_abort(&j);
         moe_cli_fail();
     }

@@ -20,6 +20,13 @@ echo '{"text": ""}' >"$TMP/empty.jsonl"
 expect_fail 1 "^moe-eval: $TMP/empty.jsonl: perplexity: no sample has 2 or more tokens$" \
     moe-eval -m $M --ppl "$TMP/empty.jsonl"
 
+# the search tools: what their input lacks names the input
+: | moe-tokenize --model $M -o "$TMP/none.msgpack.zst" - || fail "an empty token stream"
+expect_fail 1 "^moe-calib: $TMP/none.msgpack.zst: no token sequences in the input" \
+    moe-calib --model $M "$TMP/none.msgpack.zst"
+expect_fail 1 "^moe-calib: <stdin>: no token sequences in the input" \
+    sh -c "moe-calib --model $M - <'$TMP/none.msgpack.zst'"
+
 # moe-tokenize --decode: ids that are not int32 name the file, record and key
 "$PY" - "$TMP" <<'PYEOF' || fail "writing the streams"
 import struct, sys
