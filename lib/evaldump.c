@@ -126,12 +126,15 @@ int moe_eval_dump(moe_model *m, moe_reader *r, moe_writer *w, const moe_dump_opt
          * (and that would need that much memory here) before allocating. */
         uint64_t bytes = dump_bytes(moe_model_config(m), o, T);
         if (bytes > moe_stream_max_record()) {
+            int gib = bytes >= ((uint64_t)1 << 30);
             moe_error_set(MOE_ERR_DATA,
-                          "%s: record %llu: the dump of its %d tokens would be %.1f GiB, more than "
+                          "%s: record %llu: the dump of its %d tokens would be %.1f %s, more than "
                           "the %llu MiB a stream record may hold (use --max-length, or set "
                           "MOE_MAX_RECORD_MIB)",
                           moe_reader_name(r), (unsigned long long)moe_reader_index(r), T,
-                          bytes / 1073741824.0, (unsigned long long)(moe_stream_max_record() >> 20));
+                          bytes / (gib ? 1073741824.0 : 1048576.0), gib ? "GiB" : "MiB",
+                          (unsigned long long)(moe_stream_max_record() >> 20));
+            free(tk.ids);
             goto fail;
         }
         pending p = {0};
