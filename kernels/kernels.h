@@ -221,6 +221,116 @@ struct moe_backend {
                        const float *b, /* [T, C] candidate */
                        int metric, int T, int C);
 
+    /* ---- backward (training: moe-tune, lib/train.h) -------------------------
+     * One gradient op per forward op, named <op>_backward, llm.c style: the
+     * same arguments as the forward plus the saved activations and the
+     * gradients.  Convention: a backward op ADDS (+=) into every input and
+     * parameter gradient it is given (the caller zeroes them once per step,
+     * so residual branches and several uses of one weight compose), except
+     * where "written" is said.  A gradient pointer that may be NULL means
+     * "not needed" (frozen weight, or nothing below): the op skips that work.
+     * Parameter gradients are float32 whatever weight_dtype is.  Reductions
+     * over tokens (dW, dbias, dnorm-weight, embedding rows) run in a fixed
+     * order so results are byte-identical whatever the thread count (CPU);
+     * a device backend meets the CPU within fp32 rounding.
+     * A table may leave all of them NULL: moe-tune then refuses the backend. */
+
+    /* y = x·Wᵀ + b:  dx += dy·W;  dw += dyᵀ·x;  dbias += Σ_t dy_t */
+    void (*matmul_backward)(float *dx,          /* [T, K] or NULL */
+                            float *dw,          /* [N, K] float32, or NULL */
+                            float *dbias,       /* [N] or NULL */
+                            const float *dy,    /* [T, N] */
+                            const float *x,     /* [T, K] (the forward's input) */
+                            const void *w,      /* [N, K] in weight_dtype */
+                            int T, int K, int N);
+    /* y = rmsnorm(x)·w:  dx += ...;  dw += Σ_t dy_t ⊙ x_t/rms_t.
+     * x is the forward's INPUT (not y); dx must not alias x or dy. */
+    void (*rmsnorm_backward)(float *dx,       /* [T, C] */
+                             float *dw,       /* [C] or NULL */
+                             const float *dy, /* [T, C] */
+                             const float *x,  /* [T, C] */
+                             const float *w,  /* [C] */
+                             float eps, int T, int C);
+    /* rope is a rotation: d ← Rᵀ·d in place (rotation by −angle), written */
+    void (*rope_backward)(float *d, /* [T, nh, D] in/out */
+                          float theta, int pos0, int T, int nh, int D);
+    /* causal GQA attention of one sequence (as `attention`): dq, dk, dv +=.
+     * out is the forward's output (for rowsum(dout ⊙ out)); the softmax is
+     * recomputed from q and k (nothing of size T² is saved). */
+    void (*attention_backward)(float *dq,         /* [T, nh·D] */
+                               float *dk,         /* [T, nkv·D] */
+                               float *dv,         /* [T, nkv·D] */
+                               const float *dout, /* [T, nh·D] */
+                               const float *q,    /* [T, nh·D] (post-RoPE) */
+                               const float *k,    /* [T, nkv·D] (post-RoPE) */
+                               const float *v,    /* [T, nkv·D] */
+                               const float *out,  /* [T, nh·D] */
+                               float scale, int T, int nh, int nkv, int D);
+    /* h = silu(g)·u:  dgu += [dg | du] */
+    void (*swiglu_backward)(float *dgu,       /* [T, 2·Im] */
+                            const float *dh,  /* [T, Im] */
+                            const float *gu,  /* [T, 2·Im] */
+                            int T, int Im);
+    /* y_t += sigmoid(z_t)·x_t:  dx += sigmoid(z)·dy;  dz += σ'(z)·<dy_t, x_t> */
+    void (*sigmoid_gate_add_backward)(float *dx,       /* [T, C] or NULL */
+                                      float *dz,       /* [T] or NULL */
+                                      const float *dy, /* [T, C] */
+                                      const float *x,  /* [T, C] */
+                                      const float *z,  /* [T] */
+                                      int T, int C);
+    /* y_t = Σ_k wt_tk·out_{slot_tk}:  dout_{slot_tk} = wt_tk·dy_t (written:
+     * every row of out belongs to exactly one (t, k));
+     * dwt_tk = <dy_t, out_{slot_tk}> (written) */
+    void (*combine_backward)(float *dout,         /* [n, H] or NULL */
+                             float *dwt,          /* [T, K] or NULL */
+                             const float *dy,     /* [T, H] */
+                             const float *out,    /* [n, H] */
+                             const int32_t *slot, /* [T, K] */
+                             const float *wt,     /* [T, K] */
+                             int T, int K, int H);
+    /* The router's gradient to its logits (written), from the gradient of
+     * the top-k weights as the model uses them (after renorm) and, when not
+     * NULL, of the full softmax probs (auxiliary load-balancing losses).
+     * idx, wt, probs as `router` returned them for the same logits (probs:
+     * the softmax over all E).  MOE_ROUTE_TOPK_SOFTMAX is differentiated as
+     * SOFTMAX_TOPK + RENORM_SUM (the same function). */
+    void (*router_backward)(float *dlogits,      /* [T, E] written */
+                            const float *dwt,    /* [T, K] */
+                            const float *dprobs, /* [T, E] or NULL */
+                            const int32_t *idx,  /* [T, K] */
+                            const float *wt,     /* [T, K] */
+                            const float *probs,  /* [T, E] */
+                            int mode, int renorm, int T, int E, int K);
+    /* x_t = E[ids_t]:  dE[ids_t] += dx_t, in token order per row */
+    void (*embed_backward)(float *dE,           /* [V, H] float32 */
+                           const float *dx,     /* [T, H] */
+                           const int32_t *ids,  /* [T] backend memory */
+                           int T, int H);
+    /* Causal-LM cross-entropy, fused with its gradient: for each row t with
+     * targets[t] >= 0: loss[t] = logsumexp(logits_t) − logits_t[target]
+     * (fp32 max-subtracted, the sum in double), dlogits_t = (softmax − onehot)
+     * · dscale (written); rows with targets[t] < 0 (ignored, −100) get
+     * loss 0 and dlogits 0.  dlogits may alias logits. */
+    void (*cross_entropy)(float *loss,            /* [T] */
+                          float *dlogits,         /* [T, V] or NULL (loss only) */
+                          const float *logits,    /* [T, V] */
+                          const int32_t *targets, /* [T] backend memory */
+                          float dscale, int T, int V);
+    /* AdamW step on n float32 parameters (PyTorch's AdamW: decoupled decay
+     * p −= lr·wd·p, then m, v, bias-corrected update with eps outside the
+     * sqrt); g is multiplied by gscale first (clipping, 1/accumulation).
+     * step counts from 1. */
+    void (*adamw)(float *p, float *m, float *v, /* [n] in/out */
+                  const float *g,               /* [n] */
+                  size_t n, float lr, float beta1, float beta2, float eps,
+                  float weight_decay, float gscale, int step);
+    /* Σ x_i² in double, in a fixed order (gradient-norm clipping); waits for
+     * the ops before it */
+    double (*sumsq)(const float *x, size_t n);
+    /* dst (weight_dtype, [n]) = src rounded to it (round to nearest even for
+     * BF16): the compute copy of an updated float32 master weight */
+    void (*to_weight_dtype)(void *dst, const float *src, size_t n);
+
     /* ---- asynchronous weight uploads and memory trimming -------------------
      * Device backends (host_memory 0) load weights through these: the model
      * stages checkpoint bytes in a small ring of host_alloc'd buffers (pinned

@@ -1,0 +1,107 @@
+/* train.h - gradients of the causal-LM loss of a model with respect to
+ * chosen weights: moe-tune's engine (the optimizer, the data and the
+ * schedule are moe-tune's: lib/optim.h, lib/tune_data.h).
+ *
+ * Built on lib/model: the training forward saves, per layer, what the
+ * backward needs, and each piece's backward twin sits beside its forward in
+ * lib/model/forward.c (moe_layer_attention / moe_layer_attention_backward,
+ * ...), computed with the backend's backward ops (kernels.h).
+ *
+ *   loss = dscale · Σ_t CE(logits_t, target_t)   (targets < 0 ignored)
+ *        + aux_scale · Σ_l aux_l                 (MOE_TRAIN_ALL, routed layers)
+ *
+ * What is trained (moe_train_opts.set):
+ *   CONDENSED  every Linear of the shared experts and of the kept routed
+ *              experts of the condensed layers (and, with train_weights, the
+ *              condensed layers' fixed expert weights); everything else frozen.
+ *              A model without condensed layers is refused.
+ *   ALL        every weight (embedding, attention, norms, routers, experts,
+ *              lm_head; a tied lm_head is one parameter), plus the
+ *              architecture's load-balancing loss as Hugging Face computes it.
+ *   LAYERS     the MLP weights (as CONDENSED) of the listed layers.
+ * Frozen weights get no gradient buffers.  Gradients flow through the frozen
+ * layers above the lowest trained layer; nothing is computed below it
+ * (unless input_grad asks for d loss / d x_0).
+ *
+ * Parameters are float32 masters in backend memory, one per Hugging Face
+ * tensor of the checkpoint (its name), plus, for train_weights, one [n]
+ * vector per condensed layer named "condensed_layers.<l>.weights".  After
+ * the optimizer changes w, moe_trainer_sync_weights refreshes the copies
+ * the forward computes with.
+ *
+ * Deterministic: same batch, same bytes, whatever the thread count (CPU).
+ * Errors: -1 / NULL with moe_error_set(); nothing is printed. */
+#ifndef MOE_TRAIN_H
+#define MOE_TRAIN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "model.h"
+
+typedef enum {
+    MOE_TRAIN_CONDENSED = 0,
+    MOE_TRAIN_ALL = 1,
+    MOE_TRAIN_LAYERS = 2,
+} moe_train_set;
+
+typedef struct {
+    moe_train_set set;
+    const int *layers;  /* MOE_TRAIN_LAYERS: layer indices */
+    int nlayers;
+    int train_weights;  /* condensed layers' fixed expert weights trained too */
+    int recompute;      /* keep only each layer's input; recompute its forward in the backward */
+    int input_grad;     /* also compute d loss / d x_0 (tests) */
+    double aux_coef;    /* MOE_TRAIN_ALL: load-balancing coefficient; < 0: the config's */
+} moe_train_opts;
+
+typedef struct {
+    const char *name;   /* Hugging Face tensor name, or "condensed_layers.<l>.weights" */
+    int layer;          /* -1: not in a layer (embedding, final norm, lm_head) */
+    int ndim;
+    int64_t shape[2];
+    size_t n;           /* elements */
+    float *w;           /* [n] float32 master, backend memory */
+    float *g;           /* [n] gradient, backend memory */
+} moe_param;
+
+/* A batch of nseq sequences.  targets[s][t] is the label of position t,
+ * already shifted by the caller (Hugging Face: labels[t+1]; the last
+ * position and ignored positions -100). */
+typedef struct {
+    int nseq;
+    const int32_t *const *ids;     /* [nseq][lens[s]] host */
+    const int32_t *const *targets; /* [nseq][lens[s]] host */
+    const int *lens;
+} moe_train_batch;
+
+typedef struct {
+    double loss_sum;    /* Σ CE over counted tokens (not scaled) */
+    long ntokens;       /* tokens with a target >= 0 */
+    double aux_loss;    /* Σ over routed layers of the load-balancing loss (unscaled) */
+} moe_train_result;
+
+typedef struct moe_trainer moe_trainer;
+
+/* The model must be open with a backend that has the backward ops. */
+moe_trainer *moe_trainer_new(moe_model *m, const moe_train_opts *o);
+void moe_trainer_free(moe_trainer *tr);
+
+int moe_trainer_nparams(const moe_trainer *tr);
+moe_param *moe_trainer_param(moe_trainer *tr, int i);
+size_t moe_trainer_param_count(const moe_trainer *tr); /* Σ n */
+void moe_trainer_zero_grads(moe_trainer *tr);
+
+/* Forward with saved activations, loss, backward: gradients of
+ * dscale·Σ CE + aux_scale·Σ aux ADDED to every parameter's g. */
+int moe_trainer_backward(moe_trainer *tr, const moe_train_batch *b, float dscale,
+                         float aux_scale, moe_train_result *res);
+/* The loss only (validation): no gradient, no saved activations. */
+int moe_trainer_loss(moe_trainer *tr, const moe_train_batch *b, moe_train_result *res);
+/* The forward computes with the masters' current values from now on. */
+int moe_trainer_sync_weights(moe_trainer *tr);
+/* input_grad: d loss / d x_0 of sequence s of the last backward, [lens[s], H]
+ * float32 into host memory. */
+int moe_trainer_input_grad(moe_trainer *tr, int s, float *dx0);
+
+#endif
