@@ -101,18 +101,26 @@ static char *condensed_config_json(const moe_ckpt *ck, const moe_condense_opts *
         json_object_foreach(cl, key, entry) json_object_set_new(entry, "folded", json_true());
     }
     set_auto_map(root, moe_ckpt_config(ck)->arch->model_type);
+    moe_config_json_provenance(root, "moe-condense", o->argc, o->argv, moe_ckpt_fingerprint(ck));
+    return moe_config_json_text(root, path);
+}
+
+void moe_config_json_provenance(json_t *root, const char *tool, int argc, char **argv, const char *source) {
     json_t *prov = json_object(), *args = json_array();
-    for (int i = 1; i < o->argc; i++) json_array_append_new(args, json_string(o->argv[i]));
-    json_object_set_new(prov, "tool", json_string("moe-condense"));
+    for (int i = 1; i < argc; i++) json_array_append_new(args, json_string(argv[i]));
+    json_object_set_new(prov, "tool", json_string(tool));
     json_object_set_new(prov, "version", json_string(MOE_VERSION));
     json_object_set_new(prov, "args", args);
-    json_object_set_new(prov, "source_model", json_string(moe_ckpt_fingerprint(ck)));
+    json_object_set_new(prov, "source_model", json_string(source));
     json_t *history = json_object_get(root, "cdmoe_provenance");
     if (!json_is_array(history)) {
         history = json_array();
         json_object_set_new(root, "cdmoe_provenance", history);
     }
     json_array_append_new(history, prov);
+}
+
+char *moe_config_json_text(json_t *root, const char *path) {
     char *text = json_dumps(root, JSON_INDENT(2) | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(9));
     json_decref(root);
     if (!text) {
@@ -162,7 +170,7 @@ static int copy_file(const char *src, const char *dst) {
     return rc;
 }
 
-static int copy_side_files(const char *src_dir, const char *dst_dir) {
+int moe_condense_copy_side_files(const char *src_dir, const char *dst_dir) {
     DIR *d = opendir(src_dir);
     if (!d) {
         moe_error_set(MOE_ERR_IO, "%s: %s", src_dir, strerror(errno));
@@ -237,7 +245,7 @@ int moe_condense_write(const moe_ckpt *ck, const char *out_dir, const moe_conden
         rep->bytes_after += t->nbytes;
     }
     if (rc == 0) rc = moe_ckpt_writer_text(w, "config.json", config_text);
-    if (rc == 0) rc = copy_side_files(moe_ckpt_dir(ck), moe_ckpt_writer_tmpdir(w));
+    if (rc == 0) rc = moe_condense_copy_side_files(moe_ckpt_dir(ck), moe_ckpt_writer_tmpdir(w));
     if (rc == 0) rc = moe_ckpt_writer_text(w, MOE_HF_MODELING_FILE, moe_hf_modeling_py);
     if (rc == 0) rc = moe_ckpt_writer_close(w);
     else if (w) moe_ckpt_writer_abort(w);

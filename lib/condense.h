@@ -37,4 +37,15 @@ typedef struct {
 int moe_condense_write(const moe_ckpt *ck, const char *out_dir, const moe_condense_opts *o,
                        moe_condense_report *rep);
 
+/* Shared with moe-tune, which writes a checkpoint the same way: */
+#include <jansson.h>
+/* Copy every regular file of src_dir except config.json and the tensor
+ * files (tokenizer, generation config, remote code ...) into dst_dir. */
+int moe_condense_copy_side_files(const char *src_dir, const char *dst_dir);
+/* Append {"tool","version","args","source_model"} to root's "cdmoe_provenance" list. */
+void moe_config_json_provenance(json_t *root, const char *tool, int argc, char **argv, const char *source);
+/* root as config.json text (2-space indent, key order kept, newline at the
+ * end), malloc'd; root is released.  NULL with an error naming path. */
+char *moe_config_json_text(json_t *root, const char *path);
+
 #endif

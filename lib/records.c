@@ -648,3 +648,32 @@ int moe_eval_compare_write(moe_writer *w, const moe_eval_record *dense, const mo
     if (bench) moe_pack_kv_double(pk, "speedup", dense->bench_s / condensed->bench_s);
     return 0;
 }
+
+/* ---- training log -------------------------------------------------------------------- */
+
+int moe_tune_step_write(moe_writer *w, const moe_tune_step *s) {
+    msgpack_packer *pk = moe_writer_record(w, "step", 10);
+    if (!pk) return -1;
+    moe_pack_kv_int(pk, "stage", s->stage);
+    moe_pack_kv_int(pk, "step", s->step);
+    moe_pack_kv_int(pk, "epoch", s->epoch);
+    moe_pack_kv_double(pk, "loss", s->loss);
+    moe_pack_kv_double(pk, "lr", s->lr);
+    moe_pack_kv_double(pk, "grad_norm", s->grad_norm);
+    moe_pack_kv_int(pk, "tokens", s->tokens);
+    moe_pack_kv_int(pk, "sequences", s->sequences);
+    moe_pack_kv_double(pk, "tokens_per_s", s->tokens_per_s);
+    moe_pack_kv_double(pk, "seconds", s->seconds);
+    return 0;
+}
+
+int moe_tune_val_write(moe_writer *w, const moe_tune_val *v) {
+    msgpack_packer *pk = moe_writer_record(w, "val", 5);
+    if (!pk) return -1;
+    moe_pack_kv_int(pk, "stage", v->stage);
+    moe_pack_kv_int(pk, "step", v->step);
+    moe_pack_kv_double(pk, "loss", v->loss);
+    moe_pack_kv_double(pk, "ppl", exp(v->loss));
+    moe_pack_kv_int(pk, "tokens", v->tokens);
+    return 0;
+}

@@ -11,6 +11,8 @@
  *   dump     moe-eval --dump   hidden states / logits per sample
  *   model, ppl, task, bench, compare
  *            moe-eval -o       evaluation results per model (model_index)
+ *   step, val
+ *            moe-tune --log    per optimizer step / per validation (kind "tune")
  *
  * The keys are documented in moe-stream(5) and the writing tools' man
  * pages.  Readers accept streams written before a key was added (a plan
@@ -178,5 +180,31 @@ int moe_eval_write(moe_writer *w, int k, const moe_eval_record *e);
 /* The "compare" record of two models (speedup only when both were benchmarked). */
 int moe_eval_compare_write(moe_writer *w, const moe_eval_record *dense, const moe_eval_record *condensed,
                            int bench);
+
+/* ---- training log (moe-tune, kind "tune") ---------------------------------------- */
+
+#define MOE_KIND_TUNE "tune"
+
+/* One optimizer step: {"type":"step", "stage", "step", "epoch", "loss", "lr",
+ * "grad_norm", "tokens", "sequences", "tokens_per_s", "seconds"}.  loss is
+ * the step's token-weighted mean cross-entropy (before the update), tokens
+ * the targets it counted; seconds the wall time since the run started. */
+typedef struct {
+    int stage;            /* 1: --data, 2: --sft */
+    long step, epoch;     /* step from 1 over the whole run; epoch of the stage from 1 */
+    double loss, lr, grad_norm;
+    long tokens, sequences;
+    double tokens_per_s, seconds;
+} moe_tune_step;
+/* A validation: {"type":"val", "stage", "step", "loss", "ppl", "tokens"}. */
+typedef struct {
+    int stage;
+    long step;
+    double loss;          /* mean cross-entropy per token */
+    long tokens;
+} moe_tune_val;
+
+int moe_tune_step_write(moe_writer *w, const moe_tune_step *s);
+int moe_tune_val_write(moe_writer *w, const moe_tune_val *v);
 
 #endif
