@@ -60,15 +60,18 @@ static void set_auto_map(json_t *root, const char *model_type) {
 }
 
 /* config.json: the original text plus condensed_layers, auto_map and provenance. */
-static char *condensed_config_json(const moe_ckpt *ck, const moe_condense_opts *o) {
-    char path[4096];
-    snprintf(path, sizeof path, "%s/config.json", moe_ckpt_dir(ck));
+json_t *moe_config_json_load(const char *dir, char *path, size_t size) {
+    snprintf(path, size, "%s/config.json", dir);
     json_error_t err;
     json_t *root = json_load_file(path, JSON_PRESERVE_ORDER, &err);
-    if (!root) {
-        moe_error_set(MOE_ERR_DATA, "%s:%d: %s", path, err.line, err.text);
-        return NULL;
-    }
+    if (!root) moe_error_set(MOE_ERR_DATA, "%s:%d: %s", path, err.line, err.text);
+    return root;
+}
+
+static char *condensed_config_json(const moe_ckpt *ck, const moe_condense_opts *o) {
+    char path[4096];
+    json_t *root = moe_config_json_load(moe_ckpt_dir(ck), path, sizeof path);
+    if (!root) return NULL;
     json_t *cl = json_object_get(root, "condensed_layers");
     if (!json_is_object(cl)) {
         cl = json_object();

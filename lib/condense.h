@@ -42,6 +42,8 @@ int moe_condense_write(const moe_ckpt *ck, const char *out_dir, const moe_conden
 /* Copy every regular file of src_dir except config.json and the tensor
  * files (tokenizer, generation config, remote code ...) into dst_dir. */
 int moe_condense_copy_side_files(const char *src_dir, const char *dst_dir);
+/* DIR/config.json parsed, key order kept (path receives its name); NULL with an error. */
+json_t *moe_config_json_load(const char *dir, char *path, size_t size);
 /* Append {"tool","version","args","source_model"} to root's "cdmoe_provenance" list. */
 void moe_config_json_provenance(json_t *root, const char *tool, int argc, char **argv, const char *source);
 /* root as config.json text (2-space indent, key order kept, newline at the

@@ -168,13 +168,8 @@ static float *param_host(const tune_run *r, const moe_param *p) {
  * and the provenance entry. */
 static char *tuned_config_json(const tune_run *r) {
     char path[4096];
-    snprintf(path, sizeof path, "%s/config.json", r->o->model_dir);
-    json_error_t err;
-    json_t *root = json_load_file(path, JSON_PRESERVE_ORDER, &err);
-    if (!root) {
-        moe_error_set(MOE_ERR_DATA, "%s:%d: %s", path, err.line, err.text);
-        return NULL;
-    }
+    json_t *root = moe_config_json_load(r->o->model_dir, path, sizeof path);
+    if (!root) return NULL;
     json_t *cl = json_object_get(root, "condensed_layers");
     for (int i = 0; i < r->np; i++) {
         int l;
