@@ -25,6 +25,7 @@ takes() {
     moe-init) echo "threads seed force quiet" ;;
     moe-dump) echo "" ;;
     moe-merge) echo "force no-provenance" ;;
+    moe-tune) echo "threads device seed force no-provenance quiet" ;;
     *) fail "$1: not in the table of common options" ;;
     esac
 }
