@@ -36,8 +36,8 @@ long moe_optim_warmup_steps(const moe_optim_opts *o) {
 double moe_optim_lr(const moe_optim_opts *o, long k) {
     long w = moe_optim_warmup_steps(o), n = o->steps;
     if (k <= w) return o->lr * (double)k / (double)w;
-    if (n <= w) return o->lr_min;
-    return o->lr_min + (o->lr - o->lr_min) * (double)(n - k) / (double)(n - w);
+    if (n - 1 <= w) return o->lr; /* one step after the warm-up: it is the last */
+    return o->lr_min + (o->lr - o->lr_min) * (double)(n - k) / (double)(n - 1 - w);
 }
 
 moe_optim *moe_optim_new(const moe_backend *b, moe_param *const *params, int n, const moe_optim_opts *o) {

@@ -18,9 +18,11 @@
  * Schedule (step k = 1, 2, ... N; W warm-up steps; lr the peak, lr_min the
  * absolute floor):
  *   k <= W:  lr(k) = lr · k / W
- *   k >  W:  lr(k) = lr_min + (lr - lr_min) · (N - k) / (N - W)
- * so the first step is not wasted at lr 0, the peak is reached at step W and
- * the floor at the last step.  W = round(warmup · N) when warmup < 1 (a ratio,
+ *   k >  W:  lr(k) = lr_min + (lr - lr_min) · (N - k) / (N - 1 - W)   (lr when N - 1 = W)
+ * so the first step is not wasted at lr 0 (as in transformers'
+ * get_linear_schedule_with_warmup), the peak holds at steps W and W+1, and
+ * the floor is reached at the last step (which transformers' decay never
+ * reaches) — tests/fixtures/train/README.md, the PyTorch reference's spec.  W = round(warmup · N) when warmup < 1 (a ratio,
  * as the original meant), else warmup steps.
  *
  * Weight decay is applied to the parameters with two dimensions (matrices);

@@ -98,20 +98,24 @@ static int step_gradients(tune_run *r, int stage, const int *seqs, int n, moe_tu
     const int32_t **ids = moe_malloc((size_t)r->o->batch * sizeof *ids);
     const int32_t **targets = moe_malloc((size_t)r->o->batch * sizeof *targets);
     int *lens = moe_malloc((size_t)r->o->batch * sizeof *lens);
-    double loss = 0;
+    /* the load-balancing term (--train all) is averaged over the micro-batches,
+     * so the objective does not depend on how a step is split */
+    int nmb = (n + r->o->batch - 1) / r->o->batch;
+    double loss = 0, aux = 0;
     int rc = 0;
     moe_trainer_zero_grads(r->tr);
     for (int at = 0; rc == 0 && at < n; at += r->o->batch) {
         moe_train_batch b;
         moe_train_result res;
         make_batch(&b, d, seqs + at, n - at < r->o->batch ? n - at : r->o->batch, ids, targets, lens);
-        rc = moe_trainer_backward(r->tr, &b, dscale, 1.0f, &res);
+        rc = moe_trainer_backward(r->tr, &b, dscale, 1.0f / (float)nmb, &res);
         loss += res.loss_sum;
+        aux += res.aux_loss;
     }
     free(ids);
     free(targets);
     free(lens);
-    st->loss = ntok ? loss / (double)ntok : 0;
+    st->loss = (ntok ? loss / (double)ntok : 0) + aux / nmb;
     st->tokens = ntok;
     st->sequences = n;
     return rc;
@@ -462,8 +466,7 @@ static int add_validation(tune_run *r, int stage, long global, moe_tune_summary 
     e.v.stage = stage + 1;
     e.v.step = global;
     log_add(r, &e);
-    if (!sum->has_val) sum->first_val = e.v.loss;
-    sum->has_val = 1;
+    if (!sum->nval++) sum->first_val = e.v.loss;
     sum->last_val = e.v.loss;
     return 0;
 }

@@ -10,7 +10,8 @@
  * (j = (k-1) mod S) of that epoch's order, in `accum` micro-batches of
  * `batch` sequences.  The loss of a step is the token-weighted mean over
  * all its sequences (each micro-batch's cross-entropy sum is scaled by
- * 1/(tokens of the whole step)).  Everything a step needs follows from
+ * 1/(tokens of the whole step)), plus, with MOE_TRAIN_ALL, the mean over
+ * its micro-batches of the load-balancing term.  Everything a step needs follows from
  * (seed, stage, k): the data position and the shuffling RNG need no state
  * of their own, and a resumed run is the uninterrupted one.
  *
@@ -57,7 +58,7 @@ typedef struct {
 typedef struct {
     long steps;            /* steps taken in this run (not counting resumed ones) */
     double first_loss, last_loss;
-    int has_val;
+    int nval;              /* validations in this run */
     double first_val, last_val;
     int stopped;           /* stopped by stop_after */
 } moe_tune_summary;

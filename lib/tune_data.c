@@ -7,6 +7,7 @@
 
 #include <errno.h>
 #include <jansson.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -132,10 +133,29 @@ static int sample_from_turns(sample *s, const moe_tune_data_opts *o, json_t *tur
     return 0;
 }
 
-/* One JSON object: {"text"}, {"prompt","response"} or {"turns"}. */
+/* {"ids": [...]}: tokenized elsewhere, every token trained on. */
+static int sample_from_ids(sample *s, json_t *ids, const char *where) {
+    if (!json_is_array(ids)) {
+        moe_error_set(MOE_ERR_DATA, "%s: 'ids' is not a list of token ids", where);
+        return -1;
+    }
+    for (size_t i = 0; i < json_array_size(ids); i++) {
+        json_t *v = json_array_get(ids, i);
+        if (!json_is_integer(v) || json_integer_value(v) < 0 || json_integer_value(v) > INT32_MAX) {
+            moe_error_set(MOE_ERR_DATA, "%s: ids[%zu] is not a token id", where, i);
+            return -1;
+        }
+        int32_t id = (int32_t)json_integer_value(v);
+        sample_add(s, &id, 1, 1);
+    }
+    return 0;
+}
+
+/* One JSON object: {"text"}, {"prompt","response"}, {"turns"} or {"ids"}. */
 static int sample_from_object(sample *s, const moe_tune_data_opts *o, json_t *obj, const char *where) {
     json_t *text = json_object_get(obj, "text"), *prompt = json_object_get(obj, "prompt");
-    json_t *turns = json_object_get(obj, "turns");
+    json_t *turns = json_object_get(obj, "turns"), *ids = json_object_get(obj, "ids");
+    if (ids && !text && !prompt && !turns) return sample_from_ids(s, ids, where);
     if (!o->tok) {
         moe_error_set(MOE_ERR_DATA, "%s: text needs the model's tokenizer.json, which it lacks", where);
         return -1;
@@ -161,7 +181,7 @@ static int sample_from_object(sample *s, const moe_tune_data_opts *o, json_t *ob
         return 0;
     }
     if (turns) return sample_from_turns(s, o, turns, where);
-    moe_error_set(MOE_ERR_DATA, "%s: no 'text', 'prompt' or 'turns' field", where);
+    moe_error_set(MOE_ERR_DATA, "%s: no 'text', 'prompt', 'turns' or 'ids' field", where);
     return -1;
 }
 

@@ -10,7 +10,9 @@
  *       {"text": T}                      loss on every token (as the original);
  *       {"prompt": P, "response": R}     loss on R (and the EOS after it) only;
  *       {"turns": [{"role": ROLE, "content": C}, ...]}
- *                                        loss on the assistant turns only.
+ *                                        loss on the assistant turns only;
+ *       {"ids": [...]}                   token ids made elsewhere (no special
+ *                                        tokens added): loss on every token.
  * Tokenization: a text is tokenized as moe-tokenize does (the tokenizer's
  * special tokens, e.g. BOS, added; truncated to max_length keeping them).
  * A prompt is tokenized with the special tokens, the response without,

@@ -8,6 +8,9 @@
 # Stages (each writes OUT/NN-name.msgpack.zst and a log OUT/NN-name.log):
 #   1 tokenize   2 calibrate   3 rank experts   4 search layers
 #   5 condense   6 evaluate dense vs condensed
+#   7 tune (optional: only with TUNE_DATA=FILE, moe-tune's --data; TUNE_SFT=FILE
+#     adds its second stage, TUNE_ARGS more options): trains the condensed
+#     layers' experts into OUT/tuned and evaluates condensed vs tuned
 # --stage N resumes at stage N, reusing the outputs of the earlier stages;
 # --last N stops after stage N (cd-moe-slurm.sh runs the ranking in between).
 # Stages whose tool is not built yet are reported and skipped.
@@ -18,17 +21,20 @@ EXPERTS=${EXPERTS:-2}        # routed experts kept per condensed layer (K)
 LAYERS=${LAYERS:-2}          # decoder layers to condense (N)
 MAX_LENGTH=${MAX_LENGTH:-256}
 TASKS=${TASKS:-}             # multiple-choice task files for stage 6 (space-separated)
+TUNE_DATA=${TUNE_DATA:-}     # stage 7: training text for moe-tune (empty: no stage 7)
+TUNE_SFT=${TUNE_SFT:-}       # stage 7: a second (SFT) stage's data
+TUNE_ARGS=${TUNE_ARGS:-}     # stage 7: more moe-tune options (e.g. "--epochs 2 --lr 2e-5")
 here=$(cd "$(dirname "$0")/.." && pwd)
 BIN=${BIN:-$here/bin}
 PATH="$BIN:$PATH"
 
-model= calib= out=work/cd-moe stage=1 last=6
+model= calib= out=work/cd-moe stage=1 last=7
 while [ $# -gt 0 ]; do
     case $1 in
     --out) out=$2; shift 2 ;;
     --stage) stage=$2; shift 2 ;;
     --last) last=$2; shift 2 ;;
-    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) echo "cd-moe.sh: unknown option $1" >&2; exit 2 ;;
     *) if [ -z "$model" ]; then model=$1; elif [ -z "$calib" ]; then calib=$1;
        else echo "cd-moe.sh: too many arguments" >&2; exit 2; fi; shift ;;
@@ -94,6 +100,15 @@ if run_stage 6 evaluate moe-eval && [ -d "$out/condensed" ]; then
     for t in ${TASKS:-}; do tasks="$tasks --task $t"; done
     moe-eval --model "$model" --model "$out/condensed" --ppl "$calib" $tasks --bench \
         -o "$out/06-eval.msgpack.zst" 2>"$out/06-eval.log" | tee "$out/06-eval.txt"
+fi
+if [ -n "$TUNE_DATA" ] && run_stage 7 tune moe-tune && [ -d "$out/condensed" ]; then
+    sft=
+    [ -n "$TUNE_SFT" ] && sft="--sft $TUNE_SFT"
+    # shellcheck disable=SC2086 # TUNE_ARGS: words on purpose
+    moe-tune --model "$out/condensed" -o "$out/tuned" --force --data "$TUNE_DATA" $sft --val "$calib" \
+        --log "$out/07-tune.msgpack.zst" $TUNE_ARGS 2>"$out/07-tune.log" | tee "$out/07-tune.txt" >&2
+    moe-eval --model "$out/condensed" --model "$out/tuned" --ppl "$calib" -o "$out/07-eval.msgpack.zst" \
+        2>>"$out/07-tune.log" | tee -a "$out/07-tune.txt"
 fi
 
 # Whatever was produced: show that every stream is whole and readable.

@@ -17,13 +17,18 @@ static void test_schedule(void **state) {
     assert_int_equal(moe_optim_warmup_steps(&o), 2);
     assert_float_equal(moe_optim_lr(&o, 1), 5e-4, 1e-15);
     assert_float_equal(moe_optim_lr(&o, 2), 1e-3, 1e-15);
-    assert_float_equal(moe_optim_lr(&o, 6), 1e-4 + 9e-4 * 4 / 8, 1e-15);
+    assert_float_equal(moe_optim_lr(&o, 3), 1e-3, 1e-15); /* the peak twice */
+    assert_float_equal(moe_optim_lr(&o, 6), 1e-4 + 9e-4 * 4 / 7, 1e-15);
     assert_float_equal(moe_optim_lr(&o, 10), 1e-4, 1e-15); /* the floor at the last step */
     o.warmup = 0.25; /* a ratio: round(2.5) = 3 steps */
     assert_int_equal(moe_optim_warmup_steps(&o), 3);
     assert_float_equal(moe_optim_lr(&o, 3), 1e-3, 1e-15);
     o.warmup = 0;
-    assert_float_equal(moe_optim_lr(&o, 1), 1e-4 + 9e-4 * 9 / 10, 1e-15);
+    assert_float_equal(moe_optim_lr(&o, 1), 1e-4 + 9e-4 * 9 / 9, 1e-15);
+    assert_float_equal(moe_optim_lr(&o, 2), 1e-4 + 9e-4 * 8 / 9, 1e-15);
+    o.warmup = 3; /* the README's example: 3.33e-4, 6.67e-4, 1e-3, 1e-3, 8.5e-4, ..., 1e-4 */
+    double want[10] = {1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3, 8.5e-4, 7e-4, 5.5e-4, 4e-4, 2.5e-4, 1e-4};
+    for (int k = 1; k <= 10; k++) assert_float_equal(moe_optim_lr(&o, k), want[k - 1], 1e-15);
 }
 
 /* Two parameters: a [2, 3] matrix (decayed) and a [4] vector (not). */

@@ -100,6 +100,23 @@ static void test_turns_train_the_assistant(void **state) {
     moe_tune_data_free(&d);
 }
 
+static void test_ids(void **state) {
+    (void)state;
+    moe_tune_data d;
+    moe_tune_data_opts o = opts(3);
+    o.tok = NULL; /* ids need no tokenizer */
+    const char *p = tu_path("ids.jsonl");
+    tu_write_text(p, "{\"ids\": [4, 5, 6, 7]}\n{\"ids\": [9, 8]}\n");
+    assert_int_equal(moe_tune_data_load(&d, p, &o), 0);
+    assert_int_equal(d.n, 2);
+    assert_int_equal(d.seqs[0].len, 3); /* cut to max_length */
+    int32_t want[3] = {5, 6, -100};
+    assert_memory_equal(d.seqs[0].targets, want, sizeof want);
+    assert_int_equal(d.seqs[1].targets[0], 8);
+    assert_int_equal(d.ntargets, 3);
+    moe_tune_data_free(&d);
+}
+
 static void test_instances_and_truncation(void **state) {
     (void)state;
     const char *p = tu_path("inst.json");
@@ -151,7 +168,8 @@ static void test_errors(void **state) {
     expect_error("{\"prompt\": \"a\"}", "line 1: 'response' is missing");
     expect_error("{\"turns\": [{\"role\": \"user\", \"content\": \"a\"}]}", "line 1: no \"assistant\" turn");
     expect_error("{\"turns\": [{\"role\": \"user\"}]}", "line 1: turns[0].content is missing");
-    expect_error("{\"other\": 1}", "line 1: no 'text', 'prompt' or 'turns' field");
+    expect_error("{\"other\": 1}", "line 1: no 'text', 'prompt', 'turns' or 'ids' field");
+    expect_error("{\"ids\": [1, -2]}", "line 1: ids[1] is not a token id");
     expect_error("[1]", "line 1: not a JSON object");
     expect_error("\n\n", "d.jsonl: no samples");
     moe_tune_data d;
@@ -195,6 +213,7 @@ int main(void) {
         cmocka_unit_test(test_text_trains_everything), cmocka_unit_test(test_prompt_response_trains_the_response),
         cmocka_unit_test(test_turns_train_the_assistant), cmocka_unit_test(test_instances_and_truncation),
         cmocka_unit_test(test_token_stream),           cmocka_unit_test(test_errors),
+        cmocka_unit_test(test_ids),
         cmocka_unit_test(test_epoch_order),            cmocka_unit_test(test_shift_labels),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
