@@ -70,6 +70,17 @@ cmp -s a.log b.log || fail "1 and 2 threads give different logs: $(diff a.log b.
 [ "$(grep -c '"type":"val"' a.log)" -eq 2 ] || fail "validations at steps 3 and 6 expected: $(cat a.log)"
 [ ! -e a/tune-state.safetensors ] || fail "a finished run kept its state without --save-state"
 
+# --recompute: the same bytes; --train all and a layer list run on a model without condensed layers
+# shellcheck disable=SC2086
+moe-tune --model cond -o r $T --steps 6 --val val.jsonl --val-every 3 --recompute --no-provenance >/dev/null
+cmp -s a/model.safetensors r/model.safetensors || fail "--recompute changed the result"
+# shellcheck disable=SC2086
+moe-tune --model dense -o all $T --steps 2 --train all >/dev/null
+# shellcheck disable=SC2086
+moe-tune --model dense -o list $T --steps 2 --train 1,2 >/dev/null
+expect_fail 1 "moe-tune: dense: layer 7 out of range" moe-tune --model dense -o x --data train.jsonl --train 7
+[ ! -e x ] || fail "a failed run left its output"
+
 # ---- resume: 3 steps, stop, 3 more = 6 steps ------------------------------------------------
 # shellcheck disable=SC2086
 moe-tune --model cond -o c $T --steps 6 --val val.jsonl --val-every 3 --stop-after 3 --no-provenance >c.txt
