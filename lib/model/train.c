@@ -42,10 +42,14 @@ struct moe_trainer {
 
 /* ---- which tensors are trained ------------------------------------------------ */
 
+/* the Linears of an MLP: dense, routed experts, shared experts (qwen2_moe's
+ * shared_expert_gate included: a Linear of the shared expert's branch, as
+ * the PyTorch fixtures, tests/fixtures/train, train it); not the router */
 static int is_mlp_linear(moe_tensor_kind k) {
     return k == MOE_T_MLP_GATE || k == MOE_T_MLP_UP || k == MOE_T_MLP_DOWN ||
            k == MOE_T_EXPERT_GATE || k == MOE_T_EXPERT_UP || k == MOE_T_EXPERT_DOWN ||
-           k == MOE_T_SHARED_GATE || k == MOE_T_SHARED_UP || k == MOE_T_SHARED_DOWN;
+           k == MOE_T_SHARED_GATE || k == MOE_T_SHARED_UP || k == MOE_T_SHARED_DOWN ||
+           k == MOE_T_SHARED_EXPERT_GATE;
 }
 
 static int is_trained(const moe_trainer *tr, int l, moe_tensor_kind k) {

@@ -1,12 +1,18 @@
 #!/usr/bin/env python3
 """Gradient and AdamW fixtures for moe-tune / lib/train.h (issue 12), from PyTorch autograd.
 
-    /work/venv-ref/bin/python tests/ref/make_grad_fixtures.py [OUTDIR]   (default tests/fixtures/train)
+    /work/venv-ref/bin/python tests/ref/make_grad_fixtures.py [OUTDIR [grad|adamw|f32-check]]
+        (default tests/fixtures/train, both kinds; f32-check: how far the same computation in
+        float32 lands from the fixtures)
 
 Reads the tiny float32 models of tests/fixtures/models/<arch>-f32 and writes, for each of the five
 architectures, OUTDIR/grad_<arch>_condensed.{json,safetensors} and grad_<arch>_all.{json,...}
 (gradients of one batch), and the 10-step AdamW runs OUTDIR/adamw_<run>.{json,safetensors} on
 OUTDIR/adamw_data.jsonl.  OUTDIR/README.md says what each holds and what moe-tune must reproduce.
+Computed in float64 from the float32 checkpoints (transformers keeps a few casts to float32:
+router softmax, the loss's logits) and stored in float32: an AdamW run in float32 drifts up to
+5e-5 from it on tensors whose gradients are mostly rounding noise (qwen2_moe's k_proj.bias),
+half the 1e-4 budget, so the fixture is the float64 answer, not one float32 rounding of it.
 Deterministic (fixed seeds, CPU, one thread); the models are tests/ref/train_ref.py's.
 """
 import json
@@ -78,16 +84,16 @@ def check_condensed_forward(arch, model):
         ids = np.load(os.path.join(path, "seq%d_ids.npy" % s)).tolist()
         with torch.no_grad():
             _, logits, _, _ = tr.batch_logits(arch, model, [ids])
-        want = torch.from_numpy(np.load(ref))
+        want = torch.from_numpy(np.load(ref)).to(logits.dtype)
         err = float((logits[0, :len(ids)] - want).norm() / want.norm())
         if err > 1e-5:
             raise RuntimeError("%s: condensed forward off the fixture by %.2e" % (arch, err))
 
 
-def setup(arch, case, train_weights=True):
+def setup(arch, case, train_weights=True, dtype=torch.float64):
     """(model, views, trained names) for case condensed / all"""
     path = model_dir(arch)
-    _, model = tr.load_model(path)
+    _, model = tr.load_model(path, dtype)
     if case == "condensed":
         tr.condense(arch, model, condensed_table(arch))
         check_condensed_forward(arch, model)
@@ -121,8 +127,8 @@ def grad_batch(seed):
     return seqs, labels, [tr.shifted_targets(l) for l in labels]
 
 
-def grad_case(arch, case, seqs, labels, targets):
-    model, views, trained = setup(arch, case)
+def grad_case(arch, case, seqs, labels, targets, dtype=torch.float64):
+    model, views, trained = setup(arch, case, dtype=dtype)
     cfg = tr.load_config(model_dir(arch))
     N = sum(1 for tg in targets for t in tg if t >= 0)
     coef = GRAD_AUX_COEF if case == "all" else 0.0
@@ -131,7 +137,7 @@ def grad_case(arch, case, seqs, labels, targets):
     loss.backward()
     g = tr.grads(views, trained)
     for s, x0 in enumerate(x0s):
-        g["input_grad.%d" % s] = x0().detach().float().contiguous().clone()
+        g["input_grad.%d" % s] = x0().detach().contiguous().clone()
     if arch != "deepseek":
         check_hf_loss(model, seqs, labels, coef, float(loss))
         check_padding(arch, model, seqs)
@@ -189,7 +195,7 @@ def make_grad_fixtures():
                 break
         for rec, g in best[1]:
             name = "grad_%s_%s" % (arch, rec["case"])
-            save_file(g, os.path.join(OUT, name + ".safetensors"), metadata={"format": "pt"})
+            save_file(as_f32(g), os.path.join(OUT, name + ".safetensors"), metadata={"format": "pt"})
             write_json(os.path.join(OUT, name + ".json"), rec)
             summary.append("%s: loss %.6f, %d trained tensors, min router margin %.2e"
                            % (name, rec["loss"], len(rec["trained"]), rec["min_router_margin"]))
@@ -216,8 +222,8 @@ def lr_at(k):
     return lo + (lr - lo) * (S - 1 - k) / (S - 1 - W)
 
 
-def adamw_run(arch, case, train_weights, data):
-    model, views, trained = setup(arch, case, train_weights)
+def adamw_run(arch, case, train_weights, data, dtype=torch.float64):
+    model, views, trained = setup(arch, case, train_weights, dtype)
     cfg = tr.load_config(model_dir(arch))
     coef = tr.aux_coef_of(cfg) if case == "all" else 0.0
     params = unique_params(views, trained)
@@ -299,13 +305,59 @@ def make_adamw_fixtures():
                "no_weight_decay": no_decay, "steps": steps}
         if case == "condensed":
             rec["condensed_layers"] = condensed_table(arch)
-        save_file(final, os.path.join(OUT, name + ".safetensors"), metadata={"format": "pt"})
+        save_file(as_f32(final), os.path.join(OUT, name + ".safetensors"), metadata={"format": "pt"})
         write_json(os.path.join(OUT, name + ".json"), rec)
         summary.append("%s: loss %.5f -> %.5f, grad norm %.3f -> %.3f, clipped %d/10, margin %.2e"
                        % (name, steps[0]["loss"], steps[-1]["loss"], steps[0]["grad_norm"],
                           steps[-1]["grad_norm"], sum(s["clipped"] for s in steps), margin))
         print(summary[-1], file=sys.stderr)
     return summary
+
+
+def as_f32(tensors):
+    return {k: v.float().contiguous() for k, v in tensors.items()}
+
+
+def f32_check():
+    """the same computations in float32 against the fixtures: what float32 rounding alone costs"""
+    from safetensors.torch import load_file
+    lines = []
+    for arch in tr.ARCHS:
+        for case in ("condensed", "all"):
+            name = "grad_%s_%s" % (arch, case)
+            with open(os.path.join(OUT, name + ".json")) as f:
+                rec = json.load(f)
+            seqs = [s["ids"] for s in rec["sequences"]]
+            labels = [s["labels"] for s in rec["sequences"]]
+            targets = [s["targets"] for s in rec["sequences"]]
+            r32, g32 = grad_case(arch, case, seqs, labels, targets, torch.float32)
+            ref = load_file(os.path.join(OUT, name + ".safetensors"))
+            worst = max((rel_err(g32[k], ref[k]), k) for k in ref)
+            lines.append("%s: loss rel err %.1e, worst gradient rel err %.1e (%s)"
+                         % (name, abs(rec["loss"] - r32["loss"]) / abs(rec["loss"]), *worst))
+    return lines + adamw_f32_check()
+
+
+def rel_err(a, ref):
+    return float((a.double() - ref.double()).norm() / ref.double().norm())
+
+
+def adamw_f32_check():
+    from safetensors.torch import load_file
+    with open(os.path.join(OUT, "adamw_data.jsonl")) as f:
+        data = [json.loads(line)["ids"] for line in f]
+    lines = []
+    for arch, case, tw in ADAMW_RUNS:
+        name = "adamw_%s_%s%s" % (arch, case, "_weights" if tw else "")
+        with open(os.path.join(OUT, name + ".json")) as f:
+            rec = json.load(f)
+        steps, final, _, _, _ = adamw_run(arch, case, tw, data, torch.float32)
+        ref = load_file(os.path.join(OUT, name + ".safetensors"))
+        loss = max(abs(a["loss"] - b["loss"]) / abs(a["loss"]) for a, b in zip(rec["steps"], steps))
+        worst = max((rel_err(final[k], ref[k]), k) for k in ref)
+        lines.append("%s: worst step loss rel err %.1e, worst final weight rel err %.1e (%s)"
+                     % (name, loss, *worst))
+    return lines
 
 
 def write_json(path, obj):
@@ -325,6 +377,8 @@ def main():
         lines += make_grad_fixtures()
     if what in ("all", "adamw"):
         lines += make_adamw_fixtures()
+    if what == "f32-check":
+        lines += f32_check()
     print("\n".join(lines))
 
 

@@ -36,16 +36,18 @@ def load_config(path):
         return json.load(f)
 
 
-def load_model(path):
-    """(arch, model) in float32, eval mode (no dropout, no router jitter), autograd on."""
+def load_model(path, dtype=torch.float32):
+    """(arch, model) in float32 (float64: to measure the reference's own rounding), eval mode
+    (no dropout, no router jitter), every parameter frozen."""
     cfg = load_config(path)
     arch = cfg["model_type"]
     if arch == "deepseek":
-        model = deepseek_v1.DeepseekForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = deepseek_v1.DeepseekForCausalLM.from_pretrained(path, dtype=dtype)
     else:
         import transformers as tf
-        model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                         attn_implementation="eager")
+        model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
+                                                         attn_implementation="eager",
+                                                         experts_implementation="eager")
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -92,7 +94,8 @@ class CondensedMLP(nn.Module):
         super().__init__()
         self.ids = [int(e) for e in experts]
         self.kept = nn.ModuleList(SwiGLU(*expert_weights(arch, block, e)) for e in self.ids)
-        self.weights = nn.Parameter(torch.tensor(weights, dtype=torch.float32))
+        dtype = self.kept[0].down_proj.dtype if self.ids else torch.float32
+        self.weights = nn.Parameter(torch.tensor(weights, dtype=dtype))
         self.shared = getattr(block, shared_name(arch)) if shared_name(arch) else None
         self.shared_gate = getattr(block, "shared_expert_gate", None)
 
@@ -185,7 +188,7 @@ def check_views(views, path):
                 continue
             if hub not in keys:
                 raise ValueError("%s: no tensor %s in the checkpoint" % (path, hub))
-            if not torch.equal(sl(p.data), f.get_tensor(hub).float()):
+            if not torch.equal(sl(p.data), f.get_tensor(hub).to(p.dtype)):
                 raise ValueError("%s: %s differs from the loaded model" % (path, hub))
 
 
@@ -220,12 +223,12 @@ def set_trainable(model, views, names):
 
 
 def grads(views, names):
-    """{hub name: float32 gradient} of names (zeros where autograd left none)"""
+    """{hub name: gradient} of names, in the model's dtype (zeros where autograd left none)"""
     out = {}
     for n in names:
         p, sl = views[n]
         g = p.grad if p.grad is not None else torch.zeros_like(p)
-        out[n] = sl(g).detach().float().contiguous().clone()
+        out[n] = sl(g).detach().contiguous().clone()
     return out
 
 
@@ -324,7 +327,7 @@ def batch_logits(arch, model, seqs):
         return x0, logits, None, margins
     outs = [deepseek_forward(model, s, False) for s in seqs]
     T = max(len(s) for s in seqs)
-    logits = torch.zeros(len(seqs), T, outs[0][1].shape[-1])
+    logits = torch.zeros(len(seqs), T, outs[0][1].shape[-1], dtype=outs[0][1].dtype)
     for b, o in enumerate(outs):
         logits[b, :len(seqs[b])] = o[1]
     return [o[0] for o in outs], logits, None, [min(o[3], default=float("inf")) for o in outs]
@@ -333,7 +336,9 @@ def batch_logits(arch, model, seqs):
 def ce_sum(logits, targets):
     """sum over positions of cross-entropy(logits[t], targets[t]), targets < 0 ignored"""
     t = torch.as_tensor(targets, dtype=torch.long)
-    return F.cross_entropy(logits.float(), t, ignore_index=-100, reduction="sum")
+    if logits.dtype != torch.float64:
+        logits = logits.float()
+    return F.cross_entropy(logits, t, ignore_index=-100, reduction="sum")
 
 
 def shifted_targets(labels):
@@ -367,4 +372,4 @@ def batch_loss(arch, model, seqs, targets, dscale, aux_scale):
         if aux is None:
             aux = torch.zeros(())
     loss = dscale * total_ce + (aux_scale * aux if want_aux else 0)
-    return loss, float(total_ce), (float(aux) if want_aux else None), x0s, margins
+    return loss, float(total_ce.detach()), (float(aux.detach()) if want_aux else None), x0s, margins
