@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Gradient and AdamW fixtures for moe-tune / lib/train.h (issue 12), from PyTorch autograd.
 
-    /work/venv-ref/bin/python tests/ref/make_grad_fixtures.py [OUTDIR [grad|adamw|f32-check]]
-        (default tests/fixtures/train, both kinds; f32-check: how far the same computation in
-        float32 lands from the fixtures)
+    /work/venv-ref/bin/python tests/ref/make_grad_fixtures.py [OUTDIR [grad|adamw|verify|f32-check]]
+        (default tests/fixtures/train, both kinds; verify: recompute every fixture and compare,
+        exit 1 on a difference (tests/shell/test_train_fixtures.sh); f32-check: how far the same
+        computation in float32 lands from the fixtures)
 
 Reads the tiny float32 models of tests/fixtures/models/<arch>-f32 and writes, for each of the five
 architectures, OUTDIR/grad_<arch>_condensed.{json,safetensors} and grad_<arch>_all.{json,...}
@@ -139,12 +140,12 @@ def grad_case(arch, case, seqs, labels, targets, dtype=torch.float64):
     for s, x0 in enumerate(x0s):
         g["input_grad.%d" % s] = x0().detach().contiguous().clone()
     if arch != "deepseek":
-        check_hf_loss(model, seqs, labels, coef, float(loss))
+        check_hf_loss(model, seqs, labels, coef, float(loss.detach()))
         check_padding(arch, model, seqs)
     rec = {"model": "tests/fixtures/models/%s-f32" % arch, "arch": arch, "case": case,
            "sequences": [{"ids": ids, "labels": lab, "targets": tg}
                          for ids, lab, tg in zip(seqs, labels, targets)],
-           "ntokens": N, "ce_sum": ce, "ce": ce / N, "loss": float(loss),
+           "ntokens": N, "ce_sum": ce, "ce": ce / N, "loss": float(loss.detach()),
            "dscale": 1.0 / N, "min_router_margin": margin, "trained": trained}
     if case == "condensed":
         rec["condensed_layers"] = condensed_table(arch)
@@ -314,6 +315,56 @@ def make_adamw_fixtures():
     return summary
 
 
+def verify():
+    """recompute every fixture (float64, as written) and compare with the files: the JSON values
+    within 1e-9 relative, the tensors within 1e-6 (float32 storage; another torch version may
+    round differently).  Returns the differences found."""
+    from safetensors.torch import load_file
+    bad = []
+
+    def compare(name, want_json, got_json, want_t, got_t, keys):
+        for k in keys:
+            a, b = got_json[k], want_json[k]
+            if a != b and not (isinstance(a, float) and abs(a - b) <= 1e-9 * max(abs(b), 1e-30)):
+                bad.append("%s: %s is %r, recomputed %r" % (name, k, b, a))
+        if sorted(want_t) != sorted(got_t):
+            bad.append("%s: tensors %s, recomputed %s" % (name, sorted(want_t), sorted(got_t)))
+            return
+        for k in want_t:
+            e = rel_err(got_t[k].float(), want_t[k])
+            if e > 1e-6:
+                bad.append("%s: %s differs by %.1e" % (name, k, e))
+
+    for arch in tr.ARCHS:
+        for case in ("condensed", "all"):
+            name = "grad_%s_%s" % (arch, case)
+            with open(os.path.join(OUT, name + ".json")) as f:
+                want = json.load(f)
+            seqs = [q["ids"] for q in want["sequences"]]
+            labels = [q["labels"] for q in want["sequences"]]
+            targets = [q["targets"] for q in want["sequences"]]
+            if targets != [tr.shifted_targets(l) for l in labels]:
+                bad.append("%s: targets are not the shifted labels" % name)
+            got, g = grad_case(arch, case, seqs, labels, targets)
+            compare(name, want, got, load_file(os.path.join(OUT, name + ".safetensors")), g,
+                    ["loss", "ntokens", "trained"] + (["aux"] if case == "all" else []))
+    with open(os.path.join(OUT, "adamw_data.jsonl")) as f:
+        data = [json.loads(line)["ids"] for line in f]
+    for arch, case, tw in ADAMW_RUNS:
+        name = "adamw_%s_%s%s" % (arch, case, "_weights" if tw else "")
+        with open(os.path.join(OUT, name + ".json")) as f:
+            want = json.load(f)
+        steps, final, _, _, _ = adamw_run(arch, case, tw, data)
+        got = {"spec": ADAMW, "trained": sorted(final)}
+        for i, st in enumerate(steps):
+            for k, v in st.items():
+                got["step%d.%s" % (i + 1, k)] = v
+                want["step%d.%s" % (i + 1, k)] = want["steps"][i][k] if i < len(want["steps"]) else None
+        compare(name, want, got, load_file(os.path.join(OUT, name + ".safetensors")), final,
+                sorted(k for k in got))
+    return bad
+
+
 def as_f32(tensors):
     return {k: v.float().contiguous() for k, v in tensors.items()}
 
@@ -372,6 +423,8 @@ def write_json(path, obj):
 def main():
     os.makedirs(OUT, exist_ok=True)
     what = sys.argv[2] if len(sys.argv) > 2 else "all"
+    if what not in ("all", "grad", "adamw", "verify", "f32-check"):
+        sys.exit("usage: make_grad_fixtures.py [OUTDIR [grad|adamw|verify|f32-check]]")
     lines = []
     if what in ("all", "grad"):
         lines += make_grad_fixtures()
@@ -379,6 +432,10 @@ def main():
         lines += make_adamw_fixtures()
     if what == "f32-check":
         lines += f32_check()
+    if what == "verify":
+        bad = verify()
+        print("\n".join(bad) if bad else "every training fixture recomputed within tolerance")
+        sys.exit(1 if bad else 0)
     print("\n".join(lines))
 
 
