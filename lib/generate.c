@@ -251,7 +251,7 @@ static int gen_append(gen_batch *g, const float *lg, const moe_gen_opts *o, moe_
         int last = stop || sq->n - sq->n_prompt >= o->max_new_tokens || sq->n >= g->cap[s];
         int r = cb ? cb(ctx, g->base + s, id, last) : 0;
         if (r < 0) return -1;
-        if (r > 0 && !last) sq->finish = MOE_GEN_STOP;
+        if (r > 0) sq->finish = MOE_GEN_STOP;
         if (r > 0 || last) g->live[s] = 0;
     }
     return added;

@@ -66,9 +66,10 @@ typedef struct {
 } moe_gen_seq;
 
 /* Called for each new token of sequence s (an index into the seqs passed),
- * in sequence order within a step; last = 1 when s ends with it (length or
- * stop id).  Return 0 to go on, 1 to end s here (finish MOE_GEN_STOP: a stop
- * string), -1 to abort (error set). */
+ * in sequence order within a step, after it is appended to seqs[s].ids; last
+ * = 1 when s ends with it (length, or a stop id: finish is MOE_GEN_EOS
+ * already).  Return 0 to go on, 1 to end s here (finish becomes
+ * MOE_GEN_STOP: a stop string), -1 to abort (error set). */
 typedef int (*moe_gen_token_fn)(void *ctx, int s, int32_t id, int last);
 
 typedef struct {

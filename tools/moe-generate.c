@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 static const char help[] =
     "Usage: moe-generate --model DIR [OPTIONS] [PROMPT...]\n"
@@ -192,6 +193,7 @@ static int on_token(void *ctx, int s, int32_t id, int last) {
         if (moe_detok_finish(&g->dt[s], &t, &n) < 0) return -1;
         buf_add(g, s, t, n);
     }
+    if (r > 0) g->seqs[s].finish = MOE_GEN_STOP; /* as moe_generate will set it */
     if (r > 0 || last) g->done[s] = 1;
     if (s == g->cur) flush_ready(g);
     return r;
@@ -230,12 +232,13 @@ static void gen_out_free(gen_out *g) {
 }
 
 /* The token stream: each generation's prompt + generated ids. */
-static int write_tokens(const gen_args *a, const moe_gen_seq *seqs, int n, int argc, char **argv) {
+static int write_tokens(const gen_args *a, const char *model_fp, const moe_gen_seq *seqs, int n,
+                        int argc, char **argv) {
     char fp[65];
     int has = moe_tokenizer_fingerprint(a->tokenizer, fp);
     if (has < 0) return -1;
     moe_provenance prov = {.tool = "moe-generate", .argc = argc, .argv = argv,
-                           .model = NULL, .kind = MOE_REC_TOKENS};
+                           .model = model_fp, .kind = MOE_REC_TOKENS};
     moe_writer *w = moe_writer_open(a->output, NULL, &prov, moe_cli.no_provenance);
     if (!w) return -1;
     for (int s = 0; s < n; s++)
@@ -258,6 +261,18 @@ static int encode_prompt(const gen_args *a, moe_tokenizer *tok, const moe_config
         moe_error_set(moe_error_kind(), "prompt %d: %s", i + 1, moe_error());
         return -1;
     }
+    if (c->max_position_embeddings > 0 && *n > (size_t)c->max_position_embeddings) {
+        moe_error_set(MOE_ERR_DATA, "prompt %d: %zu tokens, more than the model's "
+                      "max_position_embeddings (%d)", i + 1, *n, c->max_position_embeddings);
+        return -1;
+    }
+    for (size_t k = 0; k < *n; k++)
+        if ((*ids)[k] >= c->vocab_size) {
+            moe_error_set(MOE_ERR_DATA, "prompt %d: token id %d is outside the model's vocabulary "
+                          "(%d): is %s the model's tokenizer?", i + 1, (*ids)[k], c->vocab_size,
+                          a->tokenizer);
+            return -1;
+        }
     if (*n > 0) return 0;
     if (c->bos_token_id < 0) {
         moe_error_set(MOE_ERR_DATA, "prompt %d is empty and the model has no bos_token_id to "
@@ -298,7 +313,7 @@ static int run(gen_args *a, moe_model *m, moe_tokenizer *tok, int argc, char **a
     gen_out_init(&out, a, tok, seqs, n);
     moe_gen_stats st = {0};
     if (rc == 0) rc = moe_generate(m, seqs, n, &a->gen, on_token, &out, &st);
-    if (rc == 0 && a->output) rc = write_tokens(a, seqs, n, argc, argv);
+    if (rc == 0 && a->output) rc = write_tokens(a, moe_model_fingerprint(m), seqs, n, argc, argv);
     if (rc == 0) report_speed(&st, n);
     gen_out_free(&out);
     for (int s = 0; s < n; s++) free(seqs[s].ids);
@@ -367,6 +382,20 @@ static void check_args(gen_args *a) {
     if (!a->prompts_file && a->nprompts == 0) a->prompts_file = "-";
 }
 
+/* The tokenizer: --tokenizer, else the model directory's (the toolkit's
+ * test models have none: say how to give one). */
+static moe_tokenizer *open_tokenizer(const gen_args *a) {
+    char fp[65];
+    struct stat st;
+    if (a->tokenizer == a->model && stat(a->model, &st) == 0 && S_ISDIR(st.st_mode) &&
+        moe_tokenizer_fingerprint(a->model, fp) == 0) {
+        moe_error_set(MOE_ERR_DATA, "%s: no tokenizer.json in the model directory (name one with "
+                      "--tokenizer)", a->model);
+        return NULL;
+    }
+    return moe_tokenizer_open(a->tokenizer);
+}
+
 int main(int argc, char **argv) {
     const unsigned takes = MOE_CLI_TAKES_THREADS | MOE_CLI_TAKES_DEVICE | MOE_CLI_TAKES_SEED |
                            MOE_CLI_TAKES_NO_PROVENANCE | MOE_CLI_TAKES_QUIET;
@@ -376,7 +405,7 @@ int main(int argc, char **argv) {
     parse_args(&a, argc, argv);
     check_args(&a);
     a.gen.seed = moe_cli.seed;
-    moe_tokenizer *tok = moe_tokenizer_open(a.tokenizer);
+    moe_tokenizer *tok = open_tokenizer(&a);
     if (!tok) moe_cli_fail();
     if (a.prompts_file && read_prompt_file(&a, a.prompts_file) < 0) moe_cli_fail();
     int32_t *eos = NULL;
