@@ -392,6 +392,9 @@ int moe_detok_push(moe_detok *d, int32_t id, const char **out, size_t *len) {
     *out = "";
     *len = 0;
     if (d->stopped) return 1;
+    /* an id past the tokenizer's (a model's padded vocabulary) has no text:
+     * left out, as tokenizers' decode does */
+    if ((size_t)id >= moe_tokenizer_vocab_size(d->tok)) return 0;
     if (d->n == d->cap) {
         d->cap = d->cap ? 2 * d->cap : 64;
         d->ids = moe_realloc(d->ids, sizeof(int32_t) * d->cap);

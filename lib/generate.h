@@ -102,7 +102,8 @@ int moe_gen_eos_ids(const char *model_dir, int32_t **ids);
  * become U+FFFD, as the tokenizer's decode does), and so is any tail that
  * could be the start of a stop string.  When a stop string appears, the text
  * before its first occurrence is the last handed out, and the stop string
- * itself is not (as OpenAI's and vLLM's "stop"). */
+ * itself is not (as OpenAI's and vLLM's "stop").  Ids past the tokenizer's
+ * vocabulary (models pad theirs) have no text, as in tokenizers' decode. */
 typedef struct {
     const moe_tokenizer *tok;
     const char *const *stops;
