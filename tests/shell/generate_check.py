@@ -8,20 +8,9 @@
 """
 import sys
 
-import msgpack
 import numpy as np
-import zstandard
 
-
-def records(path):
-    with open(path, "rb") as f:
-        objs = list(msgpack.Unpacker(zstandard.ZstdDecompressor().stream_reader(f), raw=False))
-    return objs[0], objs[1:]
-
-
-def arr(t):
-    dt = {"f32": "<f4", "i32": "<i4"}[t["dtype"]]
-    return np.frombuffer(t["data"], dtype=dt).reshape(t["shape"])
+from eval_dump_py import arr, read as records  # the stream reading of test_eval_dump.sh
 
 
 def greedy(path, want_new):
