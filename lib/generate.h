@@ -74,6 +74,7 @@ typedef int (*moe_gen_token_fn)(void *ctx, int s, int32_t id, int last);
 
 typedef struct {
     int64_t prompt_tokens, new_tokens;
+    double load_s;              /* loading the weights of a model that stays loaded */
     double prefill_s, decode_s; /* time of the first step of each batch, of the others */
 } moe_gen_stats;
 

@@ -131,10 +131,11 @@ typedef struct {
     size_t *blen;
     int *done;
     int text_out;    /* stdout carries text (not -o) */
+    moe_progress pr; /* tokens, on a terminal, unless the text itself shows progress */
 } gen_out;
 
 static void buf_add(gen_out *g, int s, const char *t, size_t n) {
-    if (!n) return;
+    if (!n || !g->text_out) return;
     g->buf[s] = moe_realloc(g->buf[s], g->blen[s] + n + 1);
     memcpy(g->buf[s] + g->blen[s], t, n);
     g->blen[s] += n;
@@ -193,6 +194,7 @@ static int on_token(void *ctx, int s, int32_t id, int last) {
         if (moe_detok_finish(&g->dt[s], &t, &n) < 0) return -1;
         buf_add(g, s, t, n);
     }
+    moe_progress_add(&g->pr, 1);
     if (r > 0) g->seqs[s].finish = MOE_GEN_STOP; /* as moe_generate will set it */
     if (r > 0 || last) g->done[s] = 1;
     if (s == g->cur) flush_ready(g);
@@ -211,6 +213,10 @@ static void gen_out_init(gen_out *g, const gen_args *a, moe_tokenizer *tok, moe_
     g->buf = moe_calloc((size_t)n, sizeof *g->buf);
     g->blen = moe_calloc((size_t)n, sizeof *g->blen);
     g->done = moe_calloc((size_t)n, sizeof *g->done);
+    int streamed = g->text_out && !a->jsonl;
+    moe_progress_start(&g->pr, "moe-generate", "tokens",
+                       streamed ? 0 : (uint64_t)n * (uint64_t)a->gen.max_new_tokens);
+    g->pr.enabled &= !streamed;
     for (int s = 0; s < n; s++) {
         moe_detok_init(&g->dt[s], tok, a->stops, a->nstops);
         if (a->echo && !a->jsonl) {
@@ -221,6 +227,7 @@ static void gen_out_init(gen_out *g, const gen_args *a, moe_tokenizer *tok, moe_
 }
 
 static void gen_out_free(gen_out *g) {
+    moe_progress_end(&g->pr);
     for (int s = 0; s < g->n; s++) {
         moe_detok_free(&g->dt[s]);
         free(g->buf[s]);
@@ -286,9 +293,9 @@ static int encode_prompt(const gen_args *a, moe_tokenizer *tok, const moe_config
 
 static void report_speed(const moe_gen_stats *st, int n) {
     if (moe_quiet) return;
-    fprintf(stderr, "%s: %d generation%s: %lld prompt tokens in %.2f s (%.1f tokens/s), "
-            "%lld new tokens in %.2f s (%.1f tokens/s)\n", moe_program_name(), n, n == 1 ? "" : "s",
-            (long long)st->prompt_tokens, st->prefill_s,
+    fprintf(stderr, "%s: %d generation%s: weights loaded in %.2f s, %lld prompt tokens in %.2f s "
+            "(%.1f tokens/s), %lld new tokens in %.2f s (%.1f tokens/s)\n", moe_program_name(), n,
+            n == 1 ? "" : "s", st->load_s, (long long)st->prompt_tokens, st->prefill_s,
             st->prefill_s > 0 ? (double)st->prompt_tokens / st->prefill_s : 0.0,
             (long long)st->new_tokens, st->prefill_s + st->decode_s,
             st->prefill_s + st->decode_s > 0 ? (double)st->new_tokens / (st->prefill_s + st->decode_s)
@@ -313,9 +320,9 @@ static int run(gen_args *a, moe_model *m, moe_tokenizer *tok, int argc, char **a
     gen_out_init(&out, a, tok, seqs, n);
     moe_gen_stats st = {0};
     if (rc == 0) rc = moe_generate(m, seqs, n, &a->gen, on_token, &out, &st);
+    gen_out_free(&out);
     if (rc == 0 && a->output) rc = write_tokens(a, moe_model_fingerprint(m), seqs, n, argc, argv);
     if (rc == 0) report_speed(&st, n);
-    gen_out_free(&out);
     for (int s = 0; s < n; s++) free(seqs[s].ids);
     for (int i = 0; i < a->nprompts; i++) free(pids[i]);
     free(pids);
