@@ -201,12 +201,19 @@ int moe_tokens_read(moe_reader *r, const msgpack_object *rec, moe_tokens_check *
 }
 
 int moe_tokens_write(moe_writer *w, int64_t index, const int32_t *ids, size_t n, const char *tokenizer) {
-    msgpack_packer *pk = moe_writer_record(w, MOE_REC_TOKENS, tokenizer ? 3 : 2);
+    return moe_tokens_write_prompt(w, index, ids, n, tokenizer, -1);
+}
+
+int moe_tokens_write_prompt(moe_writer *w, int64_t index, const int32_t *ids, size_t n,
+                            const char *tokenizer, int64_t prompt_tokens) {
+    msgpack_packer *pk = moe_writer_record(w, MOE_REC_TOKENS,
+                                           2 + (tokenizer != NULL) + (prompt_tokens >= 0));
     if (!pk) return -1;
     moe_pack_kv_int(pk, "index", index);
     int64_t shape[1] = {(int64_t)n};
     moe_pack_kv_array(pk, "ids", MOE_DT_I32, 1, shape, ids);
     if (tokenizer) moe_pack_kv_str(pk, "tokenizer", tokenizer);
+    if (prompt_tokens >= 0) moe_pack_kv_int(pk, "prompt_tokens", prompt_tokens);
     return 0;
 }
 

@@ -66,6 +66,10 @@ int moe_tokens_read(moe_reader *r, const msgpack_object *rec, moe_tokens_check *
 /* tokenizer: fingerprint to record, or NULL (ids made elsewhere). */
 int moe_tokens_write(moe_writer *w, int64_t index, const int32_t *ids, size_t n,
                      const char *tokenizer);
+/* The same with "prompt_tokens" (moe-generate: ids = the prompt's first
+ * prompt_tokens ids + the generated ones); prompt_tokens < 0: left out. */
+int moe_tokens_write_prompt(moe_writer *w, int64_t index, const int32_t *ids, size_t n,
+                            const char *tokenizer, int64_t prompt_tokens);
 
 /* ---- what the search tools read and write ------------------------------------- */
 

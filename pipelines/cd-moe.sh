@@ -1,10 +1,14 @@
 #!/bin/sh
 # cd-moe.sh - the whole CD-MoE method, end to end, keeping every intermediate.
 #
-#   pipelines/cd-moe.sh [MODEL_DIR CALIB.jsonl] [--out DIR] [--stage N] [--last N]
+#   pipelines/cd-moe.sh [MODEL_DIR [CALIB.jsonl]] [--out DIR] [--stage N] [--last N]
+#                       [--self-calib N]
 #
 # With no MODEL_DIR, runs on a built-in default that needs no download: a tiny
 # random model written by moe-init and calibration text generated here.
+# --self-calib N: data-free calibration, on N texts the model writes itself
+# (moe-generate from BOS alone, sampled at temperature 1, seed 1, MAX_LENGTH
+# tokens each; kept as OUT/00-self-calib.jsonl) instead of CALIB.jsonl.
 # Stages (each writes OUT/NN-name.msgpack.zst and a log OUT/NN-name.log):
 #   1 tokenize   2 calibrate   3 rank experts   4 search layers
 #   5 condense   6 evaluate dense vs condensed
@@ -28,13 +32,16 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 BIN=${BIN:-$here/bin}
 PATH="$BIN:$PATH"
 
-model= calib= out=work/cd-moe stage=1 last=7
+model= calib= out=work/cd-moe stage=1 last=7 self_calib=
 while [ $# -gt 0 ]; do
     case $1 in
     --out) out=$2; shift 2 ;;
     --stage) stage=$2; shift 2 ;;
     --last) last=$2; shift 2 ;;
-    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --self-calib) self_calib=$2; shift 2
+        case $self_calib in ''|*[!0-9]*|0) echo "cd-moe.sh: --self-calib needs a number of texts above 0" >&2
+            exit 2 ;; esac ;;
+    -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) echo "cd-moe.sh: unknown option $1" >&2; exit 2 ;;
     *) if [ -z "$model" ]; then model=$1; elif [ -z "$calib" ]; then calib=$1;
        else echo "cd-moe.sh: too many arguments" >&2; exit 2; fi; shift ;;
@@ -60,6 +67,20 @@ if [ -z "$model" ]; then
             echo "{\"text\": \"Sample $i: the quick brown fox number $i jumps over $((i * 7)) lazy dogs, then rests.\"}"
             i=$((i + 1))
         done >"$calib"
+    fi
+fi
+
+# ---- data-free calibration: text the model writes itself ---------------------
+if [ -n "$self_calib" ]; then
+    [ -z "$calib" ] || [ "$calib" = "$out/calib.jsonl" ] \
+        || { echo "cd-moe.sh: --self-calib replaces CALIB.jsonl: give one or the other" >&2; exit 2; }
+    calib=$out/00-self-calib.jsonl
+    if [ "$stage" -le 1 ] || [ ! -f "$calib" ]; then
+        log "self-calibration: $self_calib texts of $MAX_LENGTH tokens written by the model"
+        moe-generate --model "$model" --prompt '' --samples "$self_calib" --temperature 1 --seed 1 \
+            --max-new-tokens "$MAX_LENGTH" --jsonl >"$calib.tmp" 2>"$out/00-self-calib.log" \
+            || { rm -f "$calib.tmp"; log "moe-generate failed: $(tail -n 1 "$out/00-self-calib.log")"; exit 1; }
+        mv "$calib.tmp" "$calib"
     fi
 fi
 

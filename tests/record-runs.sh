@@ -78,7 +78,8 @@ runin() { # NAME INPUT command... : standard input from INPUT
     run "$name" sh -c '"$@" <"$0"' "$in" "$@"
 }
 
-TOOLS="moe-tokenize moe-calib moe-expert-rank moe-layer-search moe-condense moe-eval moe-init moe-dump moe-merge"
+TOOLS="moe-tokenize moe-calib moe-expert-rank moe-layer-search moe-condense moe-eval moe-init moe-dump moe-merge
+       moe-generate"
 
 # ---- texts common to all tools --------------------------------------------
 for t in $TOOLS; do
@@ -224,6 +225,16 @@ run eval.dump-out moe-dump ev.msgpack.zst
 run eval.badtask moe-eval --model $EM --task badjson.jsonl
 run eval.badfmt moe-eval --model $EM --task-format nope --task e/tiny_task.jsonl
 runin eval.stdin e/ppl_text.jsonl moe-eval --model $EM --ppl - --json
+
+# ---- moe-generate on the eval fixture --------------------------------------
+run gen.greedy moe-generate --model $EM -n 8 --ignore-eos "Once upon a time" "The cat"
+run gen.sample moe-generate --model $EM -n 8 -t 0.9 --top-k 40 --top-p 0.9 --seed 3 --samples 2 --jsonl "Once"
+run gen.stop moe-generate --model $EM -n 16 --ignore-eos --stop e "Once upon a time"
+run gen.tokens moe-generate --model $EM -n 8 -o gen.msgpack.zst "Once upon a time"
+run gen.tokens-dump moe-dump gen.msgpack.zst
+runin gen.stdin e/tiny_lm.jsonl moe-generate --model $EM -n 4 --field context --jsonl
+run gen.notok moe-generate --model m/deepseek "hi"
+run gen.badopt-topp moe-generate --model $EM -t 1 --top-p 2 "hi"
 
 # ---- the pipeline, piped, at two thread counts ----------------------------
 for th in 1 2; do

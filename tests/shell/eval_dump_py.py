@@ -63,4 +63,5 @@ def main():
         sys.exit(f"relative error {worst} >= 1e-5")
 
 
-main()
+if __name__ == "__main__":  # generate_check.py imports read and arr
+    main()
