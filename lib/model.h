@@ -168,7 +168,16 @@ moe_mlp_kind moe_model_layer_kind(const moe_model *m, int l);
  * loaded (the next load builds the fused weights).  0 or -1. */
 int moe_model_condense_layer(moe_model *m, int l, int n, const int *experts,
                              const float *weights);
-/* Undo moe_model_condense_layer (back to the checkpoint's kind). */
+/* Drop layer l at run time (the baselines' search): MOE_DROP_MLP (LayerDrop,
+ * kind MOE_MLP_NONE: x = x + Attn(RMSNorm_in(x)), no MLP) or MOE_DROP_BLOCK
+ * (BlockDrop: the layer is skipped, x passes unchanged).  Any layer the
+ * checkpoint has not dropped already; replaces a run-time condensation.
+ * Unloads the layer.  0 or -1. */
+int moe_model_drop_layer(moe_model *m, int l, moe_drop_kind d);
+/* How layer l is dropped now (config or run-time), MOE_DROP_NONE if not. */
+moe_drop_kind moe_model_layer_drop(const moe_model *m, int l);
+/* Undo moe_model_condense_layer / moe_model_drop_layer (back to the
+ * checkpoint's kind). */
 void moe_model_restore_layer(moe_model *m, int l);
 
 /* ---- per-layer, layer-major API (the search tools) ------------------------- */

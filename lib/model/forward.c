@@ -93,6 +93,10 @@ int moe_layer_attention(moe_model *m, int l, float *x, int T) {
 
 int moe_layer_mlp_input(moe_model *m, int l, float *xn, const float *x, int T) {
     if (mdl_ensure_loaded(m, l) < 0) return -1;
+    if (!m->lw[l].post_norm) { /* a dropped MLP has no norm: its input is unused */
+        m->be->zero(xn, sizeof(float) * (size_t)T * m->cfg->hidden_size);
+        return moe_backend_status(m->be);
+    }
     m->be->rmsnorm(xn, x, m->lw[l].post_norm, (float)m->cfg->rms_norm_eps, T, m->cfg->hidden_size);
     return 0;
 }
@@ -279,11 +283,15 @@ int moe_layer_mlp_run(moe_model *m, int l, float *y, const float *xn, int T, moe
         return moe_backend_status(m->be);
     case MOE_MLP_MOE:
         return routed_mlp(m, l, y, xn, T, cb, ctx);
+    case MOE_MLP_NONE: /* LayerDrop / BlockDrop: no MLP */
+        m->be->zero(y, TH * sizeof(float));
+        return moe_backend_status(m->be);
     }
     return -1;
 }
 
 int moe_layer_forward(moe_model *m, int l, float *x, int T, moe_router_fn cb, void *ctx) {
+    if (moe_model_layer_drop(m, l) == MOE_DROP_BLOCK) return 0; /* BlockDrop: x passes */
     if (moe_layer_attention(m, l, x, T) < 0) return -1;
     size_t TH = (size_t)T * m->cfg->hidden_size;
     float *xn = moe_model_alloc(m, TH), *y = moe_model_alloc(m, TH);

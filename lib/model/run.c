@@ -106,12 +106,15 @@ int moe_residency_prefetch(moe_residency *r, int l) {
 int moe_run_layer(moe_model *m, const moe_batch *b, int l, float *x, float *xn, float *y,
                      const moe_run_hooks *h) {
     size_t H = (size_t)m->cfg->hidden_size;
+    moe_drop_kind drop = moe_model_layer_drop(m, l);
+    if (drop == MOE_DROP_BLOCK) return 0; /* BlockDrop: x passes unchanged */
     int rc = 0;
     if (h && h->attention)
         rc = h->attention(h->ctx, l, x);
     else
         for (int s = 0; s < b->n && rc == 0; s++)
             rc = moe_layer_attention(m, l, x + b->off[s] * H, b->T[s]);
+    if (drop == MOE_DROP_MLP) return rc; /* LayerDrop: x = x + Attn(...) only */
     if (rc == 0) rc = moe_layer_mlp_input(m, l, xn, x, (int)b->tot);
     if (rc == 0)
         rc = moe_layer_mlp_run(m, l, y, xn, (int)b->tot, h ? h->router : NULL,

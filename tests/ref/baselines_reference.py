@@ -1,0 +1,136 @@
+#!/usr/bin/env python3
+"""Reference of the paper's baselines' layer choice (moe-layer-search --method
+layerdrop|blockdrop), written plainly on the PyTorch models of
+cdmoe_reference.py, to check the C search's picks.
+
+  greedy   (the default): as the CD-MoE layer search, a candidate = the layers
+           chosen so far plus one more, all dropped; score = divergence of the
+           final hidden state (after the final norm) from the original model's,
+           per token over the hidden dimension, mean over a sequence's tokens,
+           then over sequences; the lowest wins (ties: the lower layer).
+  cosine   He et al.'s one-shot criterion: one forward of the original model;
+           a MoE layer's score is the cosine similarity of its input and output
+           (LayerDrop: the hidden state after the attention vs after the MLP's
+           residual add; BlockDrop: the decoder layer's input vs its output),
+           mean over tokens, then over sequences; most similar first.
+
+Dropping is done the most literal way: LayerDrop replaces the layer's MLP by
+a module returning zeros (h + 0 = h); BlockDrop also zeroes the attention's
+output projection for the duration (h + 0 + 0 = h).  Nothing of the C
+engine's drop code is mirrored.
+
+  baselines_reference.py picks --model DIR --tokens tokens.json [--max-length 16]
+prints "layerdrop greedy: 4 3 1 2" lines, one per method and criterion.
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cdmoe_reference import load, mean_divergence  # noqa: E402
+
+
+class ZeroMLP(nn.Module):
+    def forward(self, x):
+        return torch.zeros_like(x)
+
+
+class dropped:
+    """Context manager: drop the MLP (method "layerdrop") or the whole block
+    ("blockdrop") of the given layers; restore after."""
+
+    def __init__(self, ad, layers, method):
+        self.ad, self.layers, self.method = ad, list(layers), method
+
+    def __enter__(self):
+        self.saved = []
+        for l in self.layers:
+            layer = self.ad.layers[l]
+            o = layer.self_attn.o_proj
+            self.saved.append((layer, layer.mlp, o.weight.data.clone()))
+            layer.mlp = ZeroMLP()
+            if self.method == "blockdrop":
+                o.weight.data.zero_()
+        return self
+
+    def __exit__(self, *exc):
+        for layer, mlp, w in self.saved:
+            layer.mlp = mlp
+            layer.self_attn.o_proj.weight.data.copy_(w)
+        return False
+
+
+def greedy(ad, seqs, method, metric="js"):
+    origs = [ad.hidden_states(s)[-1] for s in seqs]
+    chosen = []
+    while len(chosen) < len(ad.moe_layers):
+        best = None
+        for l in ad.moe_layers:
+            if l in chosen:
+                continue
+            with dropped(ad, chosen + [l], method):
+                cands = [ad.hidden_states(s)[-1] for s in seqs]
+            sc = mean_divergence(origs, cands, metric)
+            if best is None or sc < best[1]:
+                best = (l, sc)
+        chosen.append(best[0])
+    return chosen
+
+
+@torch.no_grad()
+def cosine(ad, seqs, method):
+    """Mean cosine similarity of each MoE layer's input and output, most similar first."""
+    sims = {l: [] for l in ad.moe_layers}
+    seen = {}
+
+    def hooks(l):
+        layer = ad.layers[l]
+        if method == "blockdrop":
+            pre = layer.register_forward_pre_hook(
+                lambda m, args, kwargs: seen.__setitem__("in", args[0] if args else kwargs["hidden_states"]),
+                with_kwargs=True)
+            post = layer.register_forward_hook(
+                lambda m, args, out: seen.__setitem__("out", out[0] if isinstance(out, tuple) else out))
+        else:  # the MLP block: its residual input h, its output h + mlp(norm(h))
+            pre = layer.post_attention_layernorm.register_forward_pre_hook(
+                lambda m, args: seen.__setitem__("in", args[0]))
+            post = layer.mlp.register_forward_hook(
+                lambda m, args, out: seen.__setitem__("out", seen["in"] + (out[0] if isinstance(out, tuple) else out)))
+        return pre, post
+
+    for l in ad.moe_layers:
+        handles = hooks(l)
+        for s in seqs:
+            ad.hidden_states(s)
+            a = seen["in"].reshape(-1, seen["in"].shape[-1]).double()
+            b = seen["out"].reshape(-1, seen["out"].shape[-1]).double()
+            sims[l].append(F.cosine_similarity(a, b, dim=-1, eps=0).mean().item())
+        for h in handles:
+            h.remove()
+    mean = {l: sum(v) / len(v) for l, v in sims.items()}
+    return sorted(ad.moe_layers, key=lambda l: (-mean[l], l))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("cmd", choices=["picks"])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--tokens", required=True)
+    ap.add_argument("--max-length", type=int, default=16)
+    a = ap.parse_args()
+    ad = load(a.model)
+    with open(a.tokens) as f:
+        seqs = json.load(f)
+    seqs = [s[:a.max_length] for s in (seqs["sequences"] if isinstance(seqs, dict) else seqs)]
+    for method in ("layerdrop", "blockdrop"):
+        print("%s greedy: %s" % (method, " ".join(map(str, greedy(ad, seqs, method)))))
+        print("%s cosine: %s" % (method, " ".join(map(str, cosine(ad, seqs, method)))))
+
+
+if __name__ == "__main__":
+    main()
