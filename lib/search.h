@@ -130,6 +130,10 @@ typedef struct {
  * result does not depend on it (bit for bit). */
 int moe_calib_run(moe_model *m, const moe_seqs *s, int max_length, size_t batch_tokens,
                   moe_calib *out, moe_search_work *work);
+/* The same, with REAP saliency (records.h, moe_calib_layer.reap) when reap:
+ * each routed expert run again on the tokens routed to it. */
+int moe_calib_run_reap(moe_model *m, const moe_seqs *s, int max_length, size_t batch_tokens, int reap,
+                       moe_calib *out, moe_search_work *work);
 int moe_rank_run(moe_model *m, const moe_seqs *s, const moe_calib *calib,
                  const moe_search_opts *o, moe_ranking *out, moe_search_work *work);
 int moe_layer_search_run(moe_model *m, const moe_seqs *s, const moe_calib *calib,
