@@ -21,6 +21,9 @@ engine's drop code is mirrored.
 
   baselines_reference.py picks --model DIR --tokens tokens.json [--max-length 16]
 prints "layerdrop greedy: 4 3 1 2" lines, one per method and criterion.
+  baselines_reference.py prune-check --model DIR --pruned DIR2 --dump D.zst
+checks moe-eval's logits of an expert-pruned checkpoint (moe-condense --method
+prune-freq|prune-reap) against the original model pruned in PyTorch.
 """
 import argparse
 import json
@@ -116,13 +119,56 @@ def cosine(ad, seqs, method):
     return sorted(ad.moe_layers, key=lambda l: (-mean[l], l))
 
 
+@torch.no_grad()
+def prune_check(model_dir, pruned_dir, dump):
+    """The original model pruned in PyTorch (per pruned_dir's config.json
+    "pruned_experts"): each MoE layer keeps the router's rows of the kept
+    experts and those experts, and routes top-k among them (softmax over the
+    kept experts' logits).  Its logits must equal moe-eval's on the pruned
+    checkpoint (the dump), relative error under 1e-5."""
+    import numpy as np
+    import msgpack
+    import zstandard
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with open(os.path.join(pruned_dir, "config.json")) as f:
+        kept = {int(l): ids for l, ids in json.load(f)["pruned_experts"].items()}
+    for l, ids in kept.items():
+        mlp = model.model.layers[l].mlp
+        idx = torch.tensor(ids)
+        mlp.gate.weight = nn.Parameter(mlp.gate.weight[idx].clone())
+        mlp.experts.gate_up_proj = nn.Parameter(mlp.experts.gate_up_proj[idx].clone())
+        mlp.experts.down_proj = nn.Parameter(mlp.experts.down_proj[idx].clone())
+        for m in (mlp, mlp.gate, mlp.experts):
+            if hasattr(m, "num_experts"):
+                m.num_experts = len(ids)
+    with open(dump, "rb") as f:
+        recs = list(msgpack.Unpacker(zstandard.ZstdDecompressor().stream_reader(f), raw=False))[1:]
+    tokens = [r for r in recs if r.get("type") == "tokens"]
+    dumps = [r for r in recs if r.get("type") == "dump"]
+    worst = 0.0
+    for tok, d in zip(tokens, dumps):
+        ids = np.frombuffer(tok["ids"]["data"], dtype="<i4").astype("int64")
+        want = np.frombuffer(d["logits"]["data"], dtype="<f4").reshape(d["logits"]["shape"])
+        got = model(torch.from_numpy(ids)[None]).logits[0].float().numpy()
+        worst = max(worst, float(np.linalg.norm(got - want) / np.linalg.norm(want)))
+    print("%s: %d sequences, worst relative error %.2e" % (pruned_dir, len(tokens), worst))
+    if not (tokens and worst <= 1e-5):
+        sys.exit("%s: logits differ from the PyTorch pruned model: relative error %.2e" % (pruned_dir, worst))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("cmd", choices=["picks"])
+    ap.add_argument("cmd", choices=["picks", "prune-check"])
     ap.add_argument("--model", required=True)
-    ap.add_argument("--tokens", required=True)
+    ap.add_argument("--tokens")
     ap.add_argument("--max-length", type=int, default=16)
+    ap.add_argument("--pruned", help="prune-check: the pruned checkpoint")
+    ap.add_argument("--dump", help="prune-check: moe-eval --dump logits of it")
     a = ap.parse_args()
+    if a.cmd == "prune-check":
+        prune_check(a.model, a.pruned, a.dump)
+        return
     ad = load(a.model)
     with open(a.tokens) as f:
         seqs = json.load(f)
