@@ -673,13 +673,14 @@ static int write_bench(moe_writer *w, int k, const moe_eval_record *e) {
 }
 
 int moe_eval_write(moe_writer *w, int k, const moe_eval_record *e) {
-    msgpack_packer *pk = moe_writer_record(w, "model", 5);
+    msgpack_packer *pk = moe_writer_record(w, "model", 6);
     if (!pk) return -1;
     moe_pack_kv_int(pk, "model_index", k);
     moe_pack_kv_str(pk, "dir", e->dir);
     moe_pack_kv_str(pk, "fingerprint", e->fingerprint);
     moe_pack_kv_int(pk, "params", (int64_t)e->params);
     moe_pack_kv_int(pk, "bytes", (int64_t)e->bytes);
+    moe_pack_kv_int(pk, "active_params", (int64_t)e->active);
     if (e->ppl && write_ppl(w, k, e->ppl) < 0) return -1;
     for (int i = 0; i < e->ntasks; i++)
         if (write_task(w, k, e->tasks[i], &e->task[i]) < 0) return -1;

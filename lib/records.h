@@ -180,6 +180,7 @@ int moe_dump_write(moe_writer *w, int64_t index, int T, const float *hidden, int
 typedef struct {
     const char *dir, *fingerprint;
     uint64_t params, bytes;
+    uint64_t active;                  /* parameters per token (moe_eval_active_params) */
     const moe_ppl_result *ppl;        /* NULL: no perplexity */
     int ntasks;
     moe_task *const *tasks;           /* [ntasks] */

@@ -119,8 +119,22 @@ if [ -n "$REF_PY" ]; then
         HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error $REF_PY "$ROOT/tests/ref/baselines_reference.py" prune-check \
             --model $F --pruned pf-$a --dump dump-$a.zst 2>err || fail "$a: $(tail -3 err)"
     done
+    # dropped checkpoints in transformers (hf/modeling_cdmoe.py): moe-eval's logits
+    pairs=
+    for a in deepseek qwen2_moe mixtral; do
+        F=$ROOT/tests/fixtures/models/$a-f32
+        [ -f tok-$a.zst ] || $PY "$ROOT/tests/shell/eval_dump_py.py" tokens $F tok-$a.zst || fail "$a: tokens"
+        for method in layerdrop blockdrop; do
+            moe-layer-search --quiet --model $F --method $method --layers 1 tok-$a.zst >p || fail "$a: $method search"
+            moe-condense --model $F --method $method --layers 1 -o $a-$method p >/dev/null || fail "$a: $method"
+            moe-eval -m $a-$method -d logits tok-$a.zst -o dump-$a-$method.zst || fail "$a: $method moe-eval"
+            pairs="$pairs $a-$method dump-$a-$method.zst"
+        done
+    done
+    HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error $REF_PY "$ROOT/tests/shell/hf_load_check.py" check $pairs 2>err \
+        || fail "$(tail -3 err)"
 else
-    echo "no python with torch and transformers: the PyTorch reference of pruning is NOT run"
+    echo "no python with torch and transformers: the PyTorch references of pruning and dropping are NOT run"
 fi
 
 # -- bad input: one line naming the problem
