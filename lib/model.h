@@ -16,9 +16,12 @@
  * shared experts, qwen2_moe's sigmoid-gated shared expert), or condensed (a
  * fixed list of routed experts with fixed weights + shared experts, no
  * router; the kept experts and any ungated shared expert are fused at load
- * time into one wide SwiGLU so it runs as two dense GEMMs).  The kind comes
- * from the checkpoint's config (condensed_layers) and can be overridden at
- * run time (moe_model_condense_layer) without touching the checkpoint.
+ * time into one wide SwiGLU so it runs as two dense GEMMs), or none (the
+ * baselines: LayerDrop runs x = x + Attn(...) only, BlockDrop skips the
+ * layer; moe_run_layer and moe_layer_forward do both).  The kind comes
+ * from the checkpoint's config (condensed_layers, dropped_layers) and can be
+ * overridden at run time (moe_model_condense_layer, moe_model_drop_layer)
+ * without touching the checkpoint.
  *
  * Weight streaming.  Nothing is converted at open except the final norm.
  * moe_layer_load(l) converts layer l's weights to the backend's compute
@@ -198,7 +201,9 @@ int moe_model_embed(moe_model *m,
                     float *x,            /* [T, H] backend */
                     const int32_t *ids,  /* [T] host */
                     int T);
-/* x += Attn_l(RMSNorm_in(x)) for ONE sequence of T tokens. */
+/* x += Attn_l(RMSNorm_in(x)) for ONE sequence of T tokens (nothing for a
+ * dropped block, here and in moe_layer_attention_kv; a dropped MLP's
+ * moe_layer_mlp_input and moe_layer_mlp_run give zeros). */
 int moe_layer_attention(moe_model *m, int l, float *x /* [T, H] in/out */, int T);
 /* Prefix sharing (KV cache), one layer at a time.  kc and vc are backend
  * buffers of moe_model_kv_floats(m, n) floats each, holding row by row the

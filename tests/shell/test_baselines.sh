@@ -17,7 +17,7 @@ ROOT=$PWD
 FX=$PWD/tests/fixtures/search
 PY=$(find_python) || skip "python3 with msgpack and zstandard not found"
 REF_PY=
-for py in ${CDMOE_REF_PYTHON:-} "$PWD/.venv-ref/bin/python" /work/venv-ref/bin/python; do
+for py in ${CDMOE_REF_PYTHON:-} "$PWD/.venv-ref/bin/python" python3; do
     if command -v "$py" >/dev/null 2>&1 && "$py" -c 'import torch, transformers, msgpack, zstandard' 2>/dev/null; then
         REF_PY=$py
         break
