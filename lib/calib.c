@@ -102,16 +102,8 @@ static int reap_hook(void *ctx, int l, const float *x, const float *xn, const fl
 /* One batch of sequences through every layer, the router observed (and the
  * experts' outputs, for REAP); nothing else is computed. */
 static int calib_batch(moe_model *m, moe_seq *seqs, int n, calib_ctx *x) {
-    const int32_t **ids = moe_malloc(sizeof *ids * (size_t)(n + 1));
-    int *T = moe_malloc(sizeof(int) * (size_t)(n + 1));
-    for (int s = 0; s < n; s++) {
-        ids[s] = seqs[s].ids;
-        T[s] = seqs[s].T;
-    }
     moe_batch b;
-    moe_batch_init(&b, n, ids, T, 0);
-    free(ids);
-    free(T);
+    moe_batch_of_seqs(&b, seqs, n);
     float *X = moe_model_alloc(m, b.tot * (size_t)moe_model_config(m)->hidden_size);
     moe_residency r;
     moe_residency_init(&r, m, 0);

@@ -456,6 +456,20 @@ int moe_config_drop(moe_config *c, int layer, moe_drop_kind d)
     return 0;
 }
 
+/* A key of condensed_layers / dropped_layers: a decoder layer index. */
+static int layer_key(const moe_config *c, const char *key, const char *table, const char *P, long *l)
+{
+    char *end;
+    errno = 0;
+    *l = strtol(key, &end, 10);
+    if (!*key || *end || errno || *l < 0 || *l >= c->num_layers) {
+        moe_error_set(MOE_ERR_DATA, "%s: %s: key '%s' is not a layer index in [0, %d)", P, table, key,
+                      c->num_layers);
+        return -1;
+    }
+    return 0;
+}
+
 /* "dropped_layers": {"<layer>": "mlp" | "block"} */
 static int parse_dropped(moe_config *c, json_t *dl, const char *P)
 {
@@ -466,14 +480,8 @@ static int parse_dropped(moe_config *c, json_t *dl, const char *P)
     const char *key;
     json_t *v;
     json_object_foreach(dl, key, v) {
-        char *end;
-        errno = 0;
-        long l = strtol(key, &end, 10);
-        if (!*key || *end || errno || l < 0 || l >= c->num_layers) {
-            moe_error_set(MOE_ERR_DATA, "%s: dropped_layers: key '%s' is not a layer index in [0, %d)",
-                          P, key, c->num_layers);
-            return -1;
-        }
+        long l;
+        if (layer_key(c, key, "dropped_layers", P, &l) < 0) return -1;
         int d = json_is_string(v) ? moe_drop_from_name(json_string_value(v)) : -1;
         if (d < 0) {
             moe_error_set(MOE_ERR_DATA, "%s: dropped_layers: layer %ld: expected \"mlp\" or \"block\"",
@@ -500,14 +508,8 @@ static int parse_condensed(moe_config *c, json_t *cl, const char *P)
     const char *key;
     json_t *v;
     json_object_foreach(cl, key, v) {
-        char *end;
-        errno = 0;
-        long l = strtol(key, &end, 10);
-        if (!*key || *end || errno || l < 0 || l >= c->num_layers) {
-            moe_error_set(MOE_ERR_DATA, "%s: condensed_layers: key '%s' is not a layer index in [0, %d)",
-                          P, key, c->num_layers);
-            return -1;
-        }
+        long l;
+        if (layer_key(c, key, "condensed_layers", P, &l) < 0) return -1;
         json_t *je = json_is_object(v) ? json_object_get(v, "experts") : NULL;
         json_t *jw = json_is_object(v) ? json_object_get(v, "weights") : NULL;
         if (!json_is_array(je) || !json_is_array(jw) || json_array_size(je) != json_array_size(jw)) {

@@ -350,6 +350,9 @@ typedef struct {
     float *logits;      /* [T, V] or NULL */
 } moe_seq;
 
+/* A batch (moe_batch_init) of n sequences of a forward call: their ids and T. */
+void moe_batch_of_seqs(moe_batch *b, const moe_seq *seqs, int n);
+
 /* Run n sequences layer-major (each layer loaded once for all of them):
  * from the embeddings (start_layer 0) or restarting from the cached hidden
  * state hidden[start_layer] (1 <= start_layer <= L; at L only lm_head runs).
