@@ -16,7 +16,9 @@
 # multiple-choice accuracy on the others; CALIB when no EVAL is given),
 # benchmarked (prefill speedup) and measured (memory ratio = parameters /
 # the dense model's).  --tune also tunes each checkpoint with moe-tune (when
-# built; TUNE_ARGS adds options) and evaluates it as METHOD+tune.
+# built; on the calibration tokens; CD-MoE's condensed layers, every weight of
+# the baselines; TUNE_ARGS adds options, e.g. "--steps 200 --sft sft.jsonl")
+# and evaluates it as METHOD+tune.
 # Everything goes under --out (default work/sweep): the streams (tokens,
 # calib with REAP, every plan), the checkpoints, one eval JSON per run; a
 # rerun reuses what exists (delete a file to redo it).  Results:
@@ -34,7 +36,7 @@ BENCH_TOKENS=${BENCH_TOKENS:-128}
 BENCH_RUNS=${BENCH_RUNS:-3}
 ALL_METHODS="cdmoe-s0 cdmoe-sk layerdrop blockdrop layerdrop-cos blockdrop-cos prune-freq prune-reap"
 
-usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { echo "sweep: $1" >&2; exit "${2:-1}"; }
 model= calib= evals= out=work/sweep layers= experts= prune= methods=$ALL_METHODS tune=0
 while [ $# -gt 0 ]; do
@@ -125,10 +127,13 @@ evaluate() { # CKPT OUT.json
     make_file "$2" moe-eval --quiet -m "$1" $eval_args --bench --bench-tokens "$BENCH_TOKENS" \
         --bench-runs "$BENCH_RUNS" --json
 }
-tune() { # CKPT: CKPT-tuned, when moe-tune is built
+tune() { # METHOD CKPT: CKPT-tuned, when moe-tune is built.  CD-MoE trains its condensed
+         # layers (moe-tune's default); the baselines have none, so every weight is trained
     [ "$tune" = 1 ] || return 1
     if [ ! -x "$BIN/moe-tune" ]; then log "  --tune: moe-tune is not built; tuning skipped"; return 1; fi
-    make_dir "$1-tuned" moe-tune --quiet --model "$1" -o "$1-tuned" ${TUNE_ARGS:-} "$out/tokens.msgpack.zst"
+    set -- "$2" "$(case $1 in cdmoe-*) echo condensed ;; *) echo all ;; esac)"
+    make_dir "$1-tuned" moe-tune --quiet --model "$1" -o "$1-tuned" --data "$out/tokens.msgpack.zst" \
+        --train "$2" ${TUNE_ARGS:-}
 }
 
 runs=
@@ -155,7 +160,7 @@ for m in $methods; do
         esac
         evaluate "$ck" "$ck.json"
         runs="$runs $m:$n:$ck.json"
-        if tune "$ck"; then
+        if tune "$m" "$ck"; then
             evaluate "$ck-tuned" "$ck-tuned.json"
             runs="$runs $m+tune:$n:$ck-tuned.json"
         fi

@@ -2,7 +2,7 @@
 # count in the table (Markdown and JSON), the memory ratios as the parameter
 # counts give them, the plots, a rerun that reuses every intermediate (and
 # writes the same table), --tune skipped with a message when moe-tune is not
-# built, and bad arguments refused.
+# built and run (a stand-in) when it is, and bad arguments refused.
 . tests/shell/lib.sh
 export OMP_NUM_THREADS=1 BENCH_TOKENS=16 BENCH_RUNS=1
 case $BIN in /*) ;; *) BIN=$PWD/$BIN ;; esac
@@ -54,6 +54,26 @@ grep -q "^sweep: \[1/14\]" err || fail "rerun: no progress"
 changed=$(find out/runs out/*.msgpack.zst -newer md1)
 [ -z "$changed" ] || fail "the rerun rewrote $changed"
 cmp -s md1 out/sweep.md || fail "the rerun's table differs"
+# --tune runs moe-tune on each checkpoint and evaluates the result (a stand-in
+# moe-tune that copies the model, recording its arguments)
+mkdir fakebin
+for t in "$BIN"/moe-*; do ln -s "$t" fakebin/; done
+rm -f fakebin/moe-tune
+cat >fakebin/moe-tune <<'TUNE'
+#!/bin/sh
+echo "$@" >>"$(dirname "$0")/tune.args"
+while [ $# -gt 0 ]; do case $1 in --model) m=$2; shift 2 ;; -o) o=$2; shift 2 ;; *) shift ;; esac; done
+cp -r "$m" "$o"
+TUNE
+chmod +x fakebin/moe-tune
+BIN=$PWD/fakebin sh "$ROOT/pipelines/sweep.sh" model calib.jsonl calib.jsonl --out out --layers 1 \
+    --methods "cdmoe-s0 layerdrop" --tune >md 2>err || fail "--tune: $(tail -5 err)"
+grep -q "^| cdmoe-s0+tune | 1 | " out/sweep.md && grep -q "^| layerdrop+tune | 1 | " out/sweep.md \
+    || fail "no tuned rows: $(cat out/sweep.md)"
+grep -q -- "--train condensed" fakebin/tune.args && grep -q -- "--train all" fakebin/tune.args \
+    && grep -q -- "--data $PWD/out/tokens.msgpack.zst\|--data out/tokens.msgpack.zst" fakebin/tune.args \
+    || fail "moe-tune arguments: $(cat fakebin/tune.args)"
+
 # bad arguments
 expect_fail 2 "--methods: unknown method 'dropout'" sh "$ROOT/pipelines/sweep.sh" model calib.jsonl --methods dropout
 expect_fail 2 "--layers: 9 is not in 1..3" sh "$ROOT/pipelines/sweep.sh" model calib.jsonl --out out2 --layers 9
