@@ -24,6 +24,8 @@ prints "layerdrop greedy: 4 3 1 2" lines, one per method and criterion.
   baselines_reference.py prune-check --model DIR --pruned DIR2 --dump D.zst
 checks moe-eval's logits of an expert-pruned checkpoint (moe-condense --method
 prune-freq|prune-reap) against the original model pruned in PyTorch.
+  baselines_reference.py reap-check --model DIR --tokens tokens.json --calib C.zst
+checks moe-calib --reap's saliencies against a plain computation.
 """
 import argparse
 import json
@@ -157,9 +159,64 @@ def prune_check(model_dir, pruned_dir, dump):
         sys.exit("%s: logits differ from the PyTorch pruned model: relative error %.2e" % (pruned_dir, worst))
 
 
+@torch.no_grad()
+def reap(ad, seqs):
+    """REAP saliency: per MoE layer and expert, the mean over the (token, slot)
+    pairs routed to it of the router's top-k weight times the L2 norm of the
+    expert's unweighted output on that token; None when nothing was routed."""
+    sums = {l: [0.0] * ad.n_experts for l in ad.moe_layers}
+    counts = {l: [0] * ad.n_experts for l in ad.moe_layers}
+
+    def hook_for(l):
+        def hook(mod, inp, out):
+            _, w, idx = out
+            x = inp[0].reshape(-1, inp[0].shape[-1])
+            mlp = ad.layers[l].mlp
+            for t in range(x.shape[0]):
+                for wt, e in zip(w[t].tolist(), idx[t].tolist()):
+                    y = ad.expert(mlp, e, x[t:t + 1]).double()
+                    sums[l][e] += wt * y.norm().item()
+                    counts[l][e] += 1
+        return hook
+
+    hooks = [ad.layers[l].mlp.gate.register_forward_hook(hook_for(l)) for l in ad.moe_layers]
+    try:
+        for s in seqs:
+            ad.model(torch.tensor([s]))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {l: [s / c if c else None for s, c in zip(sums[l], counts[l])] for l in ad.moe_layers}
+
+
+def reap_check(ad, seqs, calib_stream):
+    """moe-calib --reap's "reap" arrays against reap(), relative error under 1e-5."""
+    import struct
+    import msgpack
+    import zstandard
+    with open(calib_stream, "rb") as f:
+        recs = list(msgpack.Unpacker(zstandard.ZstdDecompressor().stream_reader(f), raw=False))[1:]
+    want = reap(ad, seqs)
+    seen = 0
+    for r in recs:
+        if r.get("type") != "calib":
+            continue
+        got = struct.unpack("<%dd" % r["reap"]["shape"][0], r["reap"]["data"])
+        for e, (g, w) in enumerate(zip(got, want[r["layer"]])):
+            if w is None:
+                assert g != g, (r["layer"], e, g)   # NaN: never routed
+            elif abs(g - w) > 1e-5 * abs(w):
+                sys.exit("layer %d expert %d: REAP %.9g, reference %.9g" % (r["layer"], e, g, w))
+        seen += 1
+    if seen != len(ad.moe_layers):
+        sys.exit("%d calib records with reap, %d MoE layers" % (seen, len(ad.moe_layers)))
+    print("%s: REAP of %d layers within 1e-5" % (calib_stream, seen))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("cmd", choices=["picks", "prune-check"])
+    ap.add_argument("cmd", choices=["picks", "prune-check", "reap-check"])
+    ap.add_argument("--calib", help="reap-check: moe-calib --reap's stream (on --tokens)")
     ap.add_argument("--model", required=True)
     ap.add_argument("--tokens")
     ap.add_argument("--max-length", type=int, default=16)
@@ -172,7 +229,11 @@ def main():
     ad = load(a.model)
     with open(a.tokens) as f:
         seqs = json.load(f)
-    seqs = [s[:a.max_length] for s in (seqs["sequences"] if isinstance(seqs, dict) else seqs)]
+    seqs = seqs["sequences"] if isinstance(seqs, dict) else seqs
+    if a.cmd == "reap-check":
+        reap_check(ad, seqs, a.calib)    # calibration uses whole sequences
+        return
+    seqs = [s[:a.max_length] for s in seqs]
     for method in ("layerdrop", "blockdrop"):
         print("%s greedy: %s" % (method, " ".join(map(str, greedy(ad, seqs, method)))))
         print("%s cosine: %s" % (method, " ".join(map(str, cosine(ad, seqs, method)))))

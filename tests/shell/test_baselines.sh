@@ -119,6 +119,12 @@ if [ -n "$REF_PY" ]; then
         HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error $REF_PY "$ROOT/tests/ref/baselines_reference.py" prune-check \
             --model $F --pruned pf-$a --dump dump-$a.zst 2>err || fail "$a: $(tail -3 err)"
     done
+    # REAP saliency against a plain PyTorch computation
+    for name in deepseek-l5 qwen2_moe-l5; do
+        moe-calib --quiet --reap --model $FX/models/$name $FX/$name/tokens.msgpack.zst >reap-$name || fail "$name: --reap"
+        $REF_PY "$ROOT/tests/ref/baselines_reference.py" reap-check --model $FX/models/$name \
+            --tokens $FX/$name/tokens.json --calib reap-$name 2>err || fail "$name: $(tail -3 err)"
+    done
     # dropped checkpoints in transformers (hf/modeling_cdmoe.py): moe-eval's logits
     pairs=
     for a in deepseek qwen2_moe mixtral; do
