@@ -110,7 +110,7 @@ logits pf >/dev/null || fail "prune-freq: moe-eval"
 moe-calib --quiet --reap --model $M $FX/deepseek-l5/tokens.msgpack.zst >calib-reap || fail "moe-calib --reap"
 moe-condense --model $M --method prune-reap --experts 3 -o pr calib-reap >/dev/null || fail "prune-reap"
 if [ -n "$REF_PY" ]; then
-    for a in qwen2_moe mixtral; do
+    for a in qwen2_moe qwen3_moe olmoe mixtral; do
         F=$ROOT/tests/fixtures/models/$a-f32
         $PY "$ROOT/tests/shell/eval_dump_py.py" tokens $F tok-$a.zst || fail "$a: tokens"
         moe-calib --quiet --model $F tok-$a.zst >calib-$a || fail "$a: calib"
