@@ -16,6 +16,12 @@ sigmoid gate).  A layer marked "folded": true is one dense SwiGLU MLP
 (mlp.gate_proj / up_proj / down_proj) whose down-projection columns already
 carry the weights.  Tensor names are those on disk; nothing is renamed.
 
+Layers listed in "dropped_layers" (the paper's baselines, moe-condense
+--method layerdrop|blockdrop) are removed: "mlp" leaves h + attn(h) (no MLP,
+no post-attention norm), "block" passes h unchanged (no tensors at all).
+Expert-pruned checkpoints (--method prune-freq|prune-reap) need nothing
+here: they are plain models with fewer routed experts.
+
 deepseek (DeepSeekMoE v1) has no transformers class: it is Llama attention
 with DeepSeek's MoE MLP, built here on transformers' Llama model.
 Written for cdmoe (moe-condense(1)); no other dependency than transformers.
@@ -125,6 +131,33 @@ class CondensedBlock(nn.Module):
         return y.reshape(hidden_states.shape)
 
 
+class NoMLP(nn.Module):
+    """LayerDrop: the MLP block is gone; the residual passes (h + 0)."""
+
+    def forward(self, hidden_states):
+        return torch.zeros_like(hidden_states)
+
+
+class DroppedBlock(nn.Module):
+    """BlockDrop: the whole decoder layer is gone; h passes unchanged."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+def replace_dropped(model, config):
+    """Remove what config.json's "dropped_layers" names ({layer: "mlp" | "block"})."""
+    for layer, kind in (getattr(config, "dropped_layers", None) or {}).items():
+        layer = int(layer)
+        if kind == "block":
+            model.model.layers[layer] = DroppedBlock()
+        elif kind == "mlp":
+            model.model.layers[layer].mlp = NoMLP()
+            model.model.layers[layer].post_attention_layernorm = nn.Identity()
+        else:
+            raise ValueError("modeling_cdmoe: dropped_layers: layer %d: %r is not mlp or block" % (layer, kind))
+
+
 def folded_width(config, entry, shared_width):
     return shared_width + len(entry["experts"]) * expert_width(config)
 
@@ -145,6 +178,7 @@ def replace_condensed(model, config, fused, shared_name=None, shared_width=0, sh
             block = CondensedBlock(entry, H, expert_width(config), fused, shared_name, shared_width,
                                    shared_gate)
         model.model.layers[layer].mlp = block
+    replace_dropped(model, config)
 
 
 class CdmoeQwen2MoeForCausalLM(Qwen2MoeForCausalLM):

@@ -59,6 +59,23 @@ static void set_auto_map(json_t *root, const char *model_type) {
     json_object_set_new(root, "auto_map", map);
 }
 
+/* Expert pruning: the new expert count, and the kept experts' original ids. */
+static void prune_config_json(json_t *root, const moe_config *src, const moe_condense_opts *o) {
+    json_object_set_new(root, src->arch->key_experts, json_integer(o->prune_n));
+    json_t *pe = json_object();
+    for (int l = 0, i = 0; l < src->num_layers; l++) {
+        if (src->layers[l].kind != MOE_MLP_MOE) continue;
+        json_t *ids = json_array();
+        for (int j = 0; j < o->prune_n; j++)
+            json_array_append_new(ids, json_integer(o->prune_kept[(size_t)i * o->prune_n + j]));
+        char key[16];
+        snprintf(key, sizeof key, "%d", l);
+        json_object_set_new(pe, key, ids);
+        i++;
+    }
+    json_object_set_new(root, "pruned_experts", pe);
+}
+
 /* config.json: the original text plus condensed_layers, auto_map and provenance. */
 json_t *moe_config_json_load(const char *dir, char *path, size_t size) {
     snprintf(path, size, "%s/config.json", dir);
@@ -84,7 +101,17 @@ static char *condensed_config_json(const moe_ckpt *ck, const moe_condense_opts *
         while (j > 0 && o->layers[idx[j - 1]] > o->layers[i]) { idx[j] = idx[j - 1]; j--; }
         idx[j] = i;
     }
-    for (int ii = 0; ii < o->n_layers; ii++) {
+    json_t *dl = o->drop ? json_object_get(root, "dropped_layers") : NULL;
+    if (o->drop && !json_is_object(dl)) {
+        dl = json_object();
+        json_object_set_new(root, "dropped_layers", dl);
+    }
+    for (int ii = 0; ii < o->n_layers && o->drop; ii++) {
+        char key[16];
+        snprintf(key, sizeof key, "%d", o->layers[idx[ii]]);
+        json_object_set_new(dl, key, json_string(moe_drop_name(o->drop)));
+    }
+    for (int ii = 0; ii < o->n_layers && !o->drop; ii++) {
         int i = idx[ii];
         json_t *ex = json_array(), *wt = json_array(), *entry = json_object();
         for (int j = 0; j < o->k; j++) {
@@ -103,6 +130,7 @@ static char *condensed_config_json(const moe_ckpt *ck, const moe_condense_opts *
         json_t *entry;
         json_object_foreach(cl, key, entry) json_object_set_new(entry, "folded", json_true());
     }
+    if (o->prune_n > 0) prune_config_json(root, moe_ckpt_config(ck), o);
     set_auto_map(root, moe_ckpt_config(ck)->arch->model_type);
     moe_config_json_provenance(root, "moe-condense", o->argc, o->argv, moe_ckpt_fingerprint(ck));
     return moe_config_json_text(root, path);
@@ -203,6 +231,83 @@ static int is_folded_away(const moe_config *cfg, const moe_tensor_ref *r) {
            r->kind >= MOE_T_EXPERT_GATE && r->kind <= MOE_T_SHARED_DOWN;
 }
 
+/* ---- expert pruning: the kept experts renumbered, the router's rows kept ------------------ */
+
+typedef struct {
+    const moe_ckpt *ck;
+    const moe_config *src;   /* the source's config (original numbering) */
+    const moe_condense_opts *o;
+    int *ordinal;            /* [L] MoE ordinal of each layer */
+    void **routers;          /* [L] sliced router bytes, freed after the write */
+} prune_map;
+
+static void prune_map_init(prune_map *pm, const moe_ckpt *ck, const moe_condense_opts *o) {
+    pm->ck = ck;
+    pm->src = moe_ckpt_config(ck);
+    pm->o = o;
+    pm->ordinal = moe_calloc((size_t)pm->src->num_layers + 1, sizeof(int));
+    pm->routers = moe_calloc((size_t)pm->src->num_layers + 1, sizeof(void *));
+    for (int l = 0, i = 0; l < pm->src->num_layers; l++)
+        pm->ordinal[l] = pm->src->layers[l].kind == MOE_MLP_MOE ? i++ : -1;
+}
+
+static void prune_map_free(prune_map *pm) {
+    for (int l = 0; pm->routers && l < pm->src->num_layers; l++) free(pm->routers[l]);
+    free(pm->routers);
+    free(pm->ordinal);
+}
+
+/* The source tensor of a pruned checkpoint's tensor r: expert j of layer l is
+ * the j-th kept expert; every other tensor keeps its name. */
+static const moe_st_tensor *prune_source(prune_map *pm, const moe_tensor_ref *r) {
+    if (r->kind < MOE_T_EXPERT_GATE || r->kind > MOE_T_EXPERT_DOWN || pm->ordinal[r->layer] < 0)
+        return moe_ckpt_find(pm->ck, r->name);
+    int e = pm->o->prune_kept[(size_t)pm->ordinal[r->layer] * pm->o->prune_n + r->expert];
+    char name[MOE_TENSOR_NAME_MAX];
+    if (moe_config_tensor_name(pm->src, r->layer, r->kind, e, name, sizeof name) < 0) return NULL;
+    return moe_ckpt_find(pm->ck, name);
+}
+
+/* The router of a pruned layer: the kept experts' rows, in their new order. */
+static int add_pruned_router(moe_ckpt_writer *w, prune_map *pm, const moe_tensor_ref *r,
+                             const moe_st_tensor *t, uint64_t *bytes) {
+    size_t row = (size_t)t->shape[1] * (size_t)moe_dtype_bits(t->dtype) / 8;
+    int n = pm->o->prune_n;
+    unsigned char *buf = moe_malloc(row * (size_t)n + 1);
+    for (int j = 0; j < n; j++) {
+        int e = pm->o->prune_kept[(size_t)pm->ordinal[r->layer] * n + j];
+        memcpy(buf + (size_t)j * row, (const unsigned char *)t->data + (size_t)e * row, row);
+    }
+    pm->routers[r->layer] = buf;
+    int64_t shape[2] = {n, t->shape[1]};
+    *bytes += row * (size_t)n;
+    return moe_ckpt_writer_add(w, r->name, t->dtype, 2, shape, buf, NULL, NULL);
+}
+
+/* The config of what is written: condensed, dropped or pruned. */
+static int apply_method(moe_config *cfg, const moe_condense_opts *o) {
+    for (int i = 0; i < o->n_layers; i++) {
+        int rc = o->drop ? moe_config_drop(cfg, o->layers[i], o->drop)
+                         : moe_config_condense(cfg, o->layers[i], o->k, o->experts + (size_t)i * o->k,
+                                               o->weights + (size_t)i * o->k);
+        if (rc < 0) return -1;
+    }
+    if (o->prune_n > 0) {
+        if (cfg->n_condensed || cfg->n_layers_alloc != cfg->num_layers) {
+            moe_error_set(MOE_ERR_DATA, "%s: expert pruning of a model with condensed layers is not supported",
+                          cfg->path);
+            return -1;
+        }
+        if (o->prune_n > cfg->n_routed_experts || o->prune_n < cfg->top_k) {
+            moe_error_set(MOE_ERR_DATA, "%s: cannot keep %d routed experts of %d with top-k %d", cfg->path,
+                          o->prune_n, cfg->n_routed_experts, cfg->top_k);
+            return -1;
+        }
+        cfg->n_routed_experts = o->prune_n; /* names and shapes of the pruned model */
+    }
+    return 0;
+}
+
 int moe_condense_write(const moe_ckpt *ck, const char *out_dir, const moe_condense_opts *o,
                        moe_condense_report *rep) {
     moe_config *cfg = moe_config_load(moe_ckpt_dir(ck));
@@ -210,12 +315,12 @@ int moe_condense_write(const moe_ckpt *ck, const char *out_dir, const moe_conden
     memset(rep, 0, sizeof *rep);
     rep->params_before = count_params(cfg);
     rep->bytes_before = moe_ckpt_bytes(ck);
-    for (int i = 0; i < o->n_layers; i++)
-        if (moe_config_condense(cfg, o->layers[i], o->k, o->experts + (size_t)i * o->k,
-                                o->weights + (size_t)i * o->k) < 0) {
-            moe_config_free(cfg);
-            return -1;
-        }
+    if (apply_method(cfg, o) < 0) {
+        moe_config_free(cfg);
+        return -1;
+    }
+    prune_map pm = {0};
+    if (o->prune_n > 0) prune_map_init(&pm, ck, o);
     rep->params_after = count_params(cfg);
     for (int l = 0; o->fold && l < cfg->num_layers; l++) /* refuse before writing anything */
         if (cfg->layers[l].kind == MOE_MLP_CONDENSED && moe_fold_width(cfg, l) < 0) {
@@ -238,11 +343,15 @@ int moe_condense_write(const moe_ckpt *ck, const char *out_dir, const moe_conden
             }
             continue;
         }
-        const moe_st_tensor *t = moe_ckpt_find(ck, refs[i].name);
+        const moe_st_tensor *t = o->prune_n > 0 ? prune_source(&pm, &refs[i]) : moe_ckpt_find(ck, refs[i].name);
         if (!t) {
             moe_error_set(MOE_ERR_DATA, "%s: tensor %s missing", moe_ckpt_dir(ck), refs[i].name);
             rc = -1;
             break;
+        }
+        if (o->prune_n > 0 && refs[i].kind == MOE_T_ROUTER) {
+            rc = add_pruned_router(w, &pm, &refs[i], t, &rep->bytes_after);
+            continue;
         }
         rc = moe_ckpt_writer_add(w, refs[i].name, t->dtype, t->ndim, t->shape, NULL, copy_fill, (void *)t);
         rep->bytes_after += t->nbytes;
@@ -253,6 +362,7 @@ int moe_condense_write(const moe_ckpt *ck, const char *out_dir, const moe_conden
     if (rc == 0) rc = moe_ckpt_writer_close(w);
     else if (w) moe_ckpt_writer_abort(w);
     moe_fold_free(folds);
+    if (o->prune_n > 0) prune_map_free(&pm);
     free(config_text);
     if (n >= 0) free(refs);
     moe_config_free(cfg);

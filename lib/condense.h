@@ -27,6 +27,13 @@ typedef struct {
     uint64_t shard_bytes;     /* 0: one file */
     int force;                /* replace an existing output directory */
     int fold;                 /* write each condensed layer as one dense MLP (fold.h) */
+    moe_drop_kind drop;       /* baselines: the layers are dropped so (k = 0) instead of
+                                 condensed: "dropped_layers" in config.json (config.h) */
+    int prune_n;              /* expert pruning: routed experts kept per MoE layer (0: none;
+                                 then n_layers must be 0): n_routed_experts becomes prune_n,
+                                 each layer's kept experts renumbered 0.., router rows kept */
+    const int *prune_kept;    /* [MoE layers * prune_n] original ids, increasing, the MoE
+                                 layers in layer order (moe_cplan_prune) */
 } moe_condense_opts;
 
 typedef struct {

@@ -209,6 +209,7 @@ static void layers_free(moe_config *c)
     free(c->layers);
     c->layers = NULL;
     c->n_condensed = 0;
+    c->n_dropped = 0;
 }
 
 void moe_config_free(moe_config *c)
@@ -355,8 +356,9 @@ int moe_config_condense(moe_config *c, int layer, int n, const int *experts, con
         return -1;
     }
     moe_layer_mlp *m = &c->layers[layer];
-    if (m->kind == MOE_MLP_DENSE) {
-        moe_error_set(MOE_ERR_DATA, "%s: condensed_layers: layer %d is a dense layer, not MoE", P, layer);
+    if (m->kind == MOE_MLP_DENSE || m->kind == MOE_MLP_NONE) {
+        moe_error_set(MOE_ERR_DATA, "%s: condensed_layers: layer %d is a %s layer, not MoE", P, layer,
+                      m->kind == MOE_MLP_NONE ? "dropped" : "dense");
         return -1;
     }
     for (int i = 0; i < n; i++) {
@@ -410,6 +412,87 @@ static int folded_to_dense(moe_config *c, int layer, const char *P)
     return 0;
 }
 
+static const char *drop_names[] = {"none", "mlp", "block"};
+
+const char *moe_drop_name(moe_drop_kind d)
+{
+    return (unsigned)d <= MOE_DROP_BLOCK ? drop_names[d] : "?";
+}
+
+int moe_drop_from_name(const char *s)
+{
+    for (int d = MOE_DROP_MLP; d <= MOE_DROP_BLOCK; d++)
+        if (strcmp(s, drop_names[d]) == 0) return d;
+    return -1;
+}
+
+int moe_config_base_is_moe(const moe_config *c, int layer)
+{
+    return layer >= 0 && layer < c->num_layers && base_is_moe(c, layer);
+}
+
+int moe_config_drop(moe_config *c, int layer, moe_drop_kind d)
+{
+    const char *P = c->path[0] ? c->path : "config";
+    if (layer < 0 || layer >= c->num_layers) {
+        moe_error_set(MOE_ERR_DATA, "%s: dropped_layers: layer %d out of range [0, %d)", P, layer,
+                      c->num_layers);
+        return -1;
+    }
+    if (d != MOE_DROP_MLP && d != MOE_DROP_BLOCK) {
+        moe_error_set(MOE_ERR_DATA, "%s: dropped_layers: layer %d: unknown drop kind", P, layer);
+        return -1;
+    }
+    moe_layer_mlp *m = &c->layers[layer];
+    if (m->kind == MOE_MLP_NONE || m->kind == MOE_MLP_CONDENSED) {
+        moe_error_set(MOE_ERR_DATA, "%s: dropped_layers: layer %d is already %s", P, layer,
+                      m->kind == MOE_MLP_NONE ? "dropped" : "condensed");
+        return -1;
+    }
+    m->kind = MOE_MLP_NONE;
+    m->drop = d;
+    m->has_shared = 0;
+    c->n_dropped++;
+    return 0;
+}
+
+/* A key of condensed_layers / dropped_layers: a decoder layer index. */
+static int layer_key(const moe_config *c, const char *key, const char *table, const char *P, long *l)
+{
+    char *end;
+    errno = 0;
+    *l = strtol(key, &end, 10);
+    if (!*key || *end || errno || *l < 0 || *l >= c->num_layers) {
+        moe_error_set(MOE_ERR_DATA, "%s: %s: key '%s' is not a layer index in [0, %d)", P, table, key,
+                      c->num_layers);
+        return -1;
+    }
+    return 0;
+}
+
+/* "dropped_layers": {"<layer>": "mlp" | "block"} */
+static int parse_dropped(moe_config *c, json_t *dl, const char *P)
+{
+    if (!json_is_object(dl)) {
+        moe_error_set(MOE_ERR_DATA, "%s: dropped_layers is not an object", P);
+        return -1;
+    }
+    const char *key;
+    json_t *v;
+    json_object_foreach(dl, key, v) {
+        long l;
+        if (layer_key(c, key, "dropped_layers", P, &l) < 0) return -1;
+        int d = json_is_string(v) ? moe_drop_from_name(json_string_value(v)) : -1;
+        if (d < 0) {
+            moe_error_set(MOE_ERR_DATA, "%s: dropped_layers: layer %ld: expected \"mlp\" or \"block\"",
+                          P, l);
+            return -1;
+        }
+        if (moe_config_drop(c, (int)l, (moe_drop_kind)d) < 0) return -1;
+    }
+    return 0;
+}
+
 int moe_config_dense_width(const moe_config *c, int layer)
 {
     int w = layer >= 0 && layer < c->num_layers ? c->layers[layer].dense_width : 0;
@@ -425,14 +508,8 @@ static int parse_condensed(moe_config *c, json_t *cl, const char *P)
     const char *key;
     json_t *v;
     json_object_foreach(cl, key, v) {
-        char *end;
-        errno = 0;
-        long l = strtol(key, &end, 10);
-        if (!*key || *end || errno || l < 0 || l >= c->num_layers) {
-            moe_error_set(MOE_ERR_DATA, "%s: condensed_layers: key '%s' is not a layer index in [0, %d)",
-                          P, key, c->num_layers);
-            return -1;
-        }
+        long l;
+        if (layer_key(c, key, "condensed_layers", P, &l) < 0) return -1;
         json_t *je = json_is_object(v) ? json_object_get(v, "experts") : NULL;
         json_t *jw = json_is_object(v) ? json_object_get(v, "weights") : NULL;
         if (!json_is_array(je) || !json_is_array(jw) || json_array_size(je) != json_array_size(jw)) {
@@ -703,6 +780,8 @@ moe_config *moe_config_parse_bounded(const char *text, size_t len, const char *n
     if (check_layer_budget(c, max_tensors, P) < 0 || moe_config_finish(c) < 0) goto fail;
     json_t *cl = jget(root, "condensed_layers");
     if (cl && parse_condensed(c, cl, P) < 0) goto fail;
+    json_t *dl = jget(root, "dropped_layers");
+    if (dl && parse_dropped(c, dl, P) < 0) goto fail;
     if (max_tensors != SIZE_MAX && check_tensor_budget(c, max_tensors, P) < 0) goto fail;
     json_decref(root);
     return c;
@@ -865,6 +944,16 @@ char *moe_config_to_json(const moe_config *c, const char *dtype)
         }
         json_object_set_new(o, "condensed_layers", cl);
     }
+    if (c->n_dropped) {
+        json_t *dl = json_object();
+        for (int l = 0; l < c->num_layers; l++) {
+            if (c->layers[l].kind != MOE_MLP_NONE) continue;
+            char k[16];
+            snprintf(k, sizeof k, "%d", l);
+            json_object_set_new(dl, k, json_string(moe_drop_name(c->layers[l].drop)));
+        }
+        json_object_set_new(o, "dropped_layers", dl);
+    }
     char *s = json_dumps(o, JSON_SORT_KEYS | JSON_INDENT(2) | JSON_REAL_PRECISION(9));
     json_decref(o);
     size_t n = strlen(s);
@@ -892,30 +981,51 @@ const char *moe_tensor_kind_name(moe_tensor_kind k)
 
 static int is_global(moe_tensor_kind k) { return k <= MOE_T_LM_HEAD; }
 
+/* the attention block's tensors, input norm included */
+static int has_attention_tensor(const moe_config *c, moe_tensor_kind k)
+{
+    switch (k) {
+    case MOE_T_INPUT_NORM: case MOE_T_Q_PROJ: case MOE_T_K_PROJ: case MOE_T_V_PROJ: case MOE_T_O_PROJ:
+        return 1;
+    case MOE_T_Q_BIAS: case MOE_T_K_BIAS: case MOE_T_V_BIAS:
+        return c->qkv_bias;
+    case MOE_T_Q_NORM: case MOE_T_K_NORM:
+        return c->qk_norm != MOE_QK_NORM_NONE;
+    default:
+        return 0;
+    }
+}
+
+/* routed experts present (MoE, or condensed: the kept ones) */
+static int has_routed(const moe_layer_mlp *m)
+{
+    return m->kind == MOE_MLP_MOE || m->kind == MOE_MLP_CONDENSED;
+}
+
 int moe_config_has_tensor(const moe_config *c, int layer, moe_tensor_kind k)
 {
     if ((unsigned)k >= MOE_T_COUNT) return 0;
     if (is_global(k)) return layer == -1;
     if (layer < 0 || layer >= c->num_layers) return 0;
     const moe_layer_mlp *m = &c->layers[layer];
+    /* a dropped MLP leaves the attention (not the post norm); a dropped block nothing */
+    if (m->kind == MOE_MLP_NONE) return m->drop == MOE_DROP_MLP && has_attention_tensor(c, k);
     switch (k) {
-    case MOE_T_INPUT_NORM: case MOE_T_POST_NORM:
-    case MOE_T_Q_PROJ: case MOE_T_K_PROJ: case MOE_T_V_PROJ: case MOE_T_O_PROJ:
+    case MOE_T_INPUT_NORM: case MOE_T_Q_PROJ: case MOE_T_K_PROJ: case MOE_T_V_PROJ: case MOE_T_O_PROJ:
+    case MOE_T_Q_BIAS: case MOE_T_K_BIAS: case MOE_T_V_BIAS: case MOE_T_Q_NORM: case MOE_T_K_NORM:
+        return has_attention_tensor(c, k);
+    case MOE_T_POST_NORM:
         return 1;
-    case MOE_T_Q_BIAS: case MOE_T_K_BIAS: case MOE_T_V_BIAS:
-        return c->qkv_bias;
-    case MOE_T_Q_NORM: case MOE_T_K_NORM:
-        return c->qk_norm != MOE_QK_NORM_NONE;
     case MOE_T_MLP_GATE: case MOE_T_MLP_UP: case MOE_T_MLP_DOWN:
         return m->kind == MOE_MLP_DENSE;
     case MOE_T_ROUTER:
         return m->kind == MOE_MLP_MOE;
     case MOE_T_EXPERT_GATE: case MOE_T_EXPERT_UP: case MOE_T_EXPERT_DOWN:
-        return m->kind != MOE_MLP_DENSE;
+        return has_routed(m);
     case MOE_T_SHARED_GATE: case MOE_T_SHARED_UP: case MOE_T_SHARED_DOWN:
-        return m->kind != MOE_MLP_DENSE && m->has_shared;
+        return has_routed(m) && m->has_shared;
     case MOE_T_SHARED_EXPERT_GATE:
-        return m->kind != MOE_MLP_DENSE && m->has_shared && c->shared_gate;
+        return has_routed(m) && m->has_shared && c->shared_gate;
     default:
         return 0;
     }
@@ -1112,16 +1222,17 @@ static int64_t tensor_walk(const moe_config *c, moe_tensor_ref **out, int64_t li
     ADD(-1, MOE_T_EMBED, -1);
     for (int l = 0; l < c->num_layers; l++) {
         const moe_layer_mlp *m = &c->layers[l];
-        ADD(l, MOE_T_INPUT_NORM, -1);
-        ADD(l, MOE_T_Q_PROJ, -1);
+        ADD_IF(l, MOE_T_INPUT_NORM);
+        ADD_IF(l, MOE_T_Q_PROJ);
         ADD_IF(l, MOE_T_Q_BIAS);
-        ADD(l, MOE_T_K_PROJ, -1);
+        ADD_IF(l, MOE_T_K_PROJ);
         ADD_IF(l, MOE_T_K_BIAS);
-        ADD(l, MOE_T_V_PROJ, -1);
+        ADD_IF(l, MOE_T_V_PROJ);
         ADD_IF(l, MOE_T_V_BIAS);
-        ADD(l, MOE_T_O_PROJ, -1);
+        ADD_IF(l, MOE_T_O_PROJ);
         ADD_IF(l, MOE_T_Q_NORM);
         ADD_IF(l, MOE_T_K_NORM);
+        if (m->kind == MOE_MLP_NONE) continue; /* dropped: no post norm, no MLP */
         ADD(l, MOE_T_POST_NORM, -1);
         if (m->kind == MOE_MLP_DENSE) {
             ADD(l, MOE_T_MLP_GATE, -1);
@@ -1225,6 +1336,7 @@ int moe_config_override(moe_config *c, const moe_config_overrides *o)
         const moe_layer_mlp *m = &condensed[l];
         if (rc == 0 && m->kind == MOE_MLP_CONDENSED && l < c->num_layers)
             rc = moe_config_condense(c, l, m->n_kept, m->experts, m->weights);
+        if (rc == 0 && m->kind == MOE_MLP_NONE && l < c->num_layers) rc = moe_config_drop(c, l, m->drop);
         free(m->experts);
         free(m->weights);
     }

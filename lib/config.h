@@ -60,6 +60,23 @@
  * for the record).  Refused when the shared expert is gated, and for now when
  * that width is not intermediate_size.
  *
+ * ---- "dropped_layers" (our extension, the paper's baselines) -------------
+ *   "dropped_layers": {"<decoder layer index>": "mlp" | "block", ...}
+ * "mlp" (LayerDrop): the layer's MLP block is removed, the residual passes:
+ *   h = h + Attn(RMSNorm_in(h)); no post_attention_layernorm, no MLP tensors.
+ * "block" (BlockDrop): the whole decoder layer is removed, h passes
+ *   unchanged; the layer has no tensors at all.
+ * Either kind is MOE_MLP_NONE in layers[] (drop says which); any layer may
+ * be dropped (moe-layer-search only proposes MoE layers).  A layer is in
+ * at most one of condensed_layers and dropped_layers.
+ *
+ * Expert pruning (moe-condense --method prune-freq|prune-reap) needs no
+ * extension: the pruned checkpoint is a plain model of the same
+ * architecture with n_routed_experts = N, each MoE layer's kept experts
+ * renumbered 0..N-1 in their original order and the router keeping their
+ * rows; "pruned_experts": {"<layer>": [original ids]} records the choice
+ * (informational, not read back).
+ *
  * ---- Router ------------------------------------------------------------
  * MOE_ROUTER_SOFTMAX_TOPK: p = softmax(logits over all experts), take the
  *   top_k largest p; if norm_topk_prob, divide by their sum (+ norm_topk_eps).
@@ -135,7 +152,10 @@ const moe_arch *moe_arch_find(const char *model_type); /* NULL if unknown, no er
 /* "deepseek, qwen2_moe, qwen3_moe, olmoe, mixtral" */
 const char *moe_arch_list(void);
 
-typedef enum { MOE_MLP_DENSE, MOE_MLP_MOE, MOE_MLP_CONDENSED } moe_mlp_kind;
+typedef enum { MOE_MLP_DENSE, MOE_MLP_MOE, MOE_MLP_CONDENSED, MOE_MLP_NONE } moe_mlp_kind;
+
+/* How a layer of kind MOE_MLP_NONE was dropped (see "dropped_layers"). */
+typedef enum { MOE_DROP_NONE, MOE_DROP_MLP, MOE_DROP_BLOCK } moe_drop_kind;
 
 /* Per-layer MLP descriptor. */
 typedef struct moe_layer_mlp {
@@ -147,6 +167,7 @@ typedef struct moe_layer_mlp {
     float *weights;   /* CONDENSED: their fixed weights */
     int dense_width;  /* DENSE from a folded condensed layer: its MLP width
                          (0: intermediate_size); see moe_config_dense_width */
+    moe_drop_kind drop; /* NONE: MOE_DROP_MLP (LayerDrop) or MOE_DROP_BLOCK (BlockDrop) */
 } moe_layer_mlp;
 
 typedef struct moe_config {
@@ -191,6 +212,7 @@ typedef struct moe_config {
 
     moe_layer_mlp *layers;       /* [num_layers] */
     int n_condensed;             /* number of CONDENSED layers */
+    int n_dropped;               /* number of NONE layers (dropped_layers) */
     int n_layers_alloc;          /* entries allocated in layers[] (bookkeeping) */
 } moe_config;
 
@@ -225,6 +247,15 @@ int moe_config_finish(moe_config *c);
  * bad ids). */
 int moe_config_condense(moe_config *c, int layer, int n, const int *experts,
                         const float *weights);
+
+/* Drop layer l (LayerDrop: its MLP block; BlockDrop: the whole decoder
+ * layer).  Any layer may be dropped, once.  0 or -1. */
+int moe_config_drop(moe_config *c, int layer, moe_drop_kind d);
+/* "mlp" / "block" (and back: -1 when unknown). */
+const char *moe_drop_name(moe_drop_kind d);
+int moe_drop_from_name(const char *s);
+/* Is layer l a routed MoE layer of the base model (whatever it became)? */
+int moe_config_base_is_moe(const moe_config *c, int layer);
 
 /* Sizes and flags to change in a config (moe-init's options); a field of
  * MOE_CONFIG_KEEP keeps the config's value.  moe_config_overrides_init()

@@ -19,6 +19,11 @@ moe_cplan *moe_cplan_new(const moe_config *cfg) {
     p->ranked = moe_calloc((size_t)p->num_layers, sizeof *p->ranked);
     p->n_ranked = moe_calloc((size_t)p->num_layers, sizeof *p->n_ranked);
     p->order_experts = -1;
+    p->order_method = -1;
+    p->count = moe_calloc(n, sizeof *p->count);
+    p->reap = moe_calloc(n, sizeof *p->reap);
+    p->has_count = moe_calloc((size_t)p->num_layers + 1, 1);
+    p->has_reap = moe_calloc((size_t)p->num_layers + 1, 1);
     return p;
 }
 
@@ -31,6 +36,10 @@ void moe_cplan_free(moe_cplan *p) {
     free(p->has_mean);
     free(p->order);
     free(p->order_weights);
+    free(p->count);
+    free(p->reap);
+    free(p->has_count);
+    free(p->has_reap);
     free(p);
 }
 
@@ -105,7 +114,11 @@ static int take_calib(moe_cplan *p, const moe_config *cfg, const moe_calib *c, c
             size_t i = (size_t)l * p->n_experts + e;
             p->has_mean[i] = cl->count[e] > 0 && isfinite(cl->mean[e]);
             p->mean[i] = p->has_mean[i] ? cl->mean[e] : 0;
+            p->count[i] = (double)cl->count[e];
+            p->reap[i] = cl->reap && cl->count[e] > 0 ? cl->reap[e] : 0;
         }
+        p->has_count[l] = 1;
+        p->has_reap[l] = cl->reap != NULL;
     }
     return 0;
 }
@@ -119,6 +132,7 @@ static int take_ranking(moe_cplan *p, const moe_config *cfg, const moe_ranking *
 
 static int take_plan(moe_cplan *p, const moe_config *cfg, const moe_plan *plan, const char *where) {
     if (set_order(p, cfg, plan->n, plan->order, plan->k, where) < 0) return -1;
+    p->order_method = plan->method;
     free(p->order_weights);
     p->order_weights = NULL;
     if (plan->weights) {
@@ -330,6 +344,37 @@ int moe_cplan_select(const moe_cplan *p, int n_layers, int k, int *layers, int *
             }
             weights[i * k + j] = (float)p->mean[idx];
         }
+    }
+    return 0;
+}
+
+/* the n best of layer l's E experts by score (ties: lower id), in id order */
+static void top_experts(const double *score, int E, int n, int *out) {
+    unsigned char *taken = moe_calloc((size_t)E + 1, 1);
+    for (int i = 0; i < n; i++) {
+        int best = -1;
+        for (int e = 0; e < E; e++)
+            if (!taken[e] && (best < 0 || score[e] > score[best])) best = e;
+        taken[best] = 1;
+    }
+    for (int e = 0, i = 0; e < E; e++)
+        if (taken[e]) out[i++] = e;
+    free(taken);
+}
+
+int moe_cplan_prune(const moe_cplan *p, const moe_config *cfg, int n, int by_reap, int *kept,
+                    int *n_moe) {
+    int E = p->n_experts;
+    *n_moe = 0;
+    for (int l = 0; l < p->num_layers; l++) {
+        if (cfg->layers[l].kind != MOE_MLP_MOE) continue;
+        if (!p->has_count[l] || (by_reap && !p->has_reap[l])) {
+            moe_error_set(MOE_ERR_DATA, "layer %d: no %s (run moe-calib%s)", l,
+                          by_reap ? "REAP saliency" : "routing counts", by_reap ? " --reap" : "");
+            return -1;
+        }
+        top_experts((by_reap ? p->reap : p->count) + (size_t)l * E, E, n, kept + (size_t)*n_moe * n);
+        (*n_moe)++;
     }
     return 0;
 }

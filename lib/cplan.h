@@ -38,6 +38,11 @@ typedef struct moe_cplan {
      * --weight overrides); NULL when not known (JSON files, older plans):
      * then the calib means are used */
     float *order_weights;
+    int order_method;    /* the plan's MOE_PLAN_* method; -1 from the original's JSON */
+    /* expert pruning: routing count and REAP saliency of expert e of layer l
+     * at [l * E + e] (from the calib records); has_reap[l]: layer l has them */
+    double *count, *reap;
+    unsigned char *has_count, *has_reap;
 } moe_cplan;
 
 moe_cplan *moe_cplan_new(const moe_config *cfg);
@@ -61,5 +66,13 @@ int moe_cplan_read_cdmoe(moe_cplan *p, const moe_config *cfg, const char *weight
  * expert without a mean weight). */
 int moe_cplan_select(const moe_cplan *p, int n_layers, int k, int *layers, int *experts,
                     float *weights);
+
+/* Expert pruning: the n experts of every MoE layer with the highest routing
+ * count (by_reap 0) or REAP saliency (by_reap 1), ties to the lower id,
+ * listed in increasing id order in kept[ordinal * n ...] for the MoE layers
+ * in layer order (*n_moe of them).  Errors name what is missing (no calib
+ * record for a layer, no REAP saliency: run moe-calib --reap). */
+int moe_cplan_prune(const moe_cplan *p, const moe_config *cfg, int n, int by_reap, int *kept,
+                    int *n_moe);
 
 #endif

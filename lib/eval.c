@@ -552,6 +552,27 @@ void moe_task_result_free(moe_task_result *r) {
 
 /* ---- sizes -------------------------------------------------------------------- */
 
+uint64_t moe_eval_active_params(const moe_config *c) {
+    moe_tensor_ref *refs = NULL;
+    int n = moe_config_tensor_list(c, &refs);
+    uint64_t active = 0, *experts = moe_calloc((size_t)c->num_layers + 1, sizeof(uint64_t));
+    for (int i = 0; i < n; i++) {
+        const moe_tensor_ref *r = &refs[i];
+        uint64_t numel = (uint64_t)r->shape[0] * (uint64_t)(r->ndim > 1 ? r->shape[1] : 1);
+        int routed = r->kind >= MOE_T_EXPERT_GATE && r->kind <= MOE_T_EXPERT_DOWN &&
+                     c->layers[r->layer].kind == MOE_MLP_MOE;
+        if (routed)
+            experts[r->layer] += numel;
+        else
+            active += numel;
+    }
+    for (int l = 0; l < c->num_layers && c->n_routed_experts > 0; l++)
+        active += experts[l] / (uint64_t)c->n_routed_experts * (uint64_t)c->top_k;
+    free(experts);
+    free(refs);
+    return active;
+}
+
 int moe_eval_model_size(moe_model *m, uint64_t *params, uint64_t *bytes) {
     const moe_config *c = moe_model_config(m);
     const moe_ckpt *ck = moe_model_ckpt(m);

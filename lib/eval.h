@@ -213,5 +213,11 @@ int moe_eval_encode_pair(moe_tokenizer *tok, const char *ctx, const char *cont, 
 /* Parameters and bytes of the tensors the model uses (what its config
  * implies; a tied lm_head counted once). */
 int moe_eval_model_size(moe_model *m, uint64_t *params, uint64_t *bytes);
+/* Parameters one token uses, counted from the config the same way for every
+ * method: every tensor the config implies, except that a routed MoE layer's
+ * experts count top_k of n_routed_experts (an expert-pruned model: top_k of
+ * the kept ones); a condensed layer's kept experts all count (every token
+ * runs them); dropped layers count nothing of what they lost. */
+uint64_t moe_eval_active_params(const moe_config *c);
 
 #endif

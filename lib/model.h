@@ -16,9 +16,12 @@
  * shared experts, qwen2_moe's sigmoid-gated shared expert), or condensed (a
  * fixed list of routed experts with fixed weights + shared experts, no
  * router; the kept experts and any ungated shared expert are fused at load
- * time into one wide SwiGLU so it runs as two dense GEMMs).  The kind comes
- * from the checkpoint's config (condensed_layers) and can be overridden at
- * run time (moe_model_condense_layer) without touching the checkpoint.
+ * time into one wide SwiGLU so it runs as two dense GEMMs), or none (the
+ * baselines: LayerDrop runs x = x + Attn(...) only, BlockDrop skips the
+ * layer; moe_run_layer and moe_layer_forward do both).  The kind comes
+ * from the checkpoint's config (condensed_layers, dropped_layers) and can be
+ * overridden at run time (moe_model_condense_layer, moe_model_drop_layer)
+ * without touching the checkpoint.
  *
  * Weight streaming.  Nothing is converted at open except the final norm.
  * moe_layer_load(l) converts layer l's weights to the backend's compute
@@ -168,7 +171,16 @@ moe_mlp_kind moe_model_layer_kind(const moe_model *m, int l);
  * loaded (the next load builds the fused weights).  0 or -1. */
 int moe_model_condense_layer(moe_model *m, int l, int n, const int *experts,
                              const float *weights);
-/* Undo moe_model_condense_layer (back to the checkpoint's kind). */
+/* Drop layer l at run time (the baselines' search): MOE_DROP_MLP (LayerDrop,
+ * kind MOE_MLP_NONE: x = x + Attn(RMSNorm_in(x)), no MLP) or MOE_DROP_BLOCK
+ * (BlockDrop: the layer is skipped, x passes unchanged).  Any layer the
+ * checkpoint has not dropped already; replaces a run-time condensation.
+ * Unloads the layer.  0 or -1. */
+int moe_model_drop_layer(moe_model *m, int l, moe_drop_kind d);
+/* How layer l is dropped now (config or run-time), MOE_DROP_NONE if not. */
+moe_drop_kind moe_model_layer_drop(const moe_model *m, int l);
+/* Undo moe_model_condense_layer / moe_model_drop_layer (back to the
+ * checkpoint's kind). */
 void moe_model_restore_layer(moe_model *m, int l);
 
 /* ---- per-layer, layer-major API (the search tools) ------------------------- */
@@ -189,7 +201,9 @@ int moe_model_embed(moe_model *m,
                     float *x,            /* [T, H] backend */
                     const int32_t *ids,  /* [T] host */
                     int T);
-/* x += Attn_l(RMSNorm_in(x)) for ONE sequence of T tokens. */
+/* x += Attn_l(RMSNorm_in(x)) for ONE sequence of T tokens (nothing for a
+ * dropped block, here and in moe_layer_attention_kv; a dropped MLP's
+ * moe_layer_mlp_input and moe_layer_mlp_run give zeros). */
 int moe_layer_attention(moe_model *m, int l, float *x /* [T, H] in/out */, int T);
 /* Prefix sharing (KV cache), one layer at a time.  kc and vc are backend
  * buffers of moe_model_kv_floats(m, n) floats each, holding row by row the
@@ -335,6 +349,9 @@ typedef struct {
                            the input (required then). */
     float *logits;      /* [T, V] or NULL */
 } moe_seq;
+
+/* A batch (moe_batch_init) of n sequences of a forward call: their ids and T. */
+void moe_batch_of_seqs(moe_batch *b, const moe_seq *seqs, int n);
 
 /* Run n sequences layer-major (each layer loaded once for all of them):
  * from the embeddings (start_layer 0) or restarting from the cached hidden

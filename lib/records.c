@@ -266,6 +266,7 @@ void moe_calib_free(moe_calib *c) {
         free(cl->count);
         free(cl->mean);
         free(cl->load);
+        free(cl->reap);
     }
     free(c->layers);
     memset(c, 0, sizeof *c);
@@ -349,6 +350,11 @@ static int collect_calib(moe_reader *r, const msgpack_object *rec, int dynamic, 
     if (want_array(r, rec, "mean", E, &a) < 0) return -1;
     array_f64(&a, cl->mean);
     if (moe_map_get(rec, "load") && want_array(r, rec, "load", E, &a) == 0) array_f64(&a, cl->load);
+    if (moe_map_get(rec, "reap")) {
+        if (want_array(r, rec, "reap", E, &a) < 0) return -1;
+        cl->reap = moe_malloc(sizeof(double) * (size_t)(E + 1));
+        array_f64(&a, cl->reap);
+    }
     moe_error_clear();
     int64_t v = -1;
     read_opt_uint(rec, "moe_ordinal", &v);
@@ -365,7 +371,7 @@ int moe_calib_write(moe_writer *w, const moe_calib *c) {
     for (int l = 0; l < c->L; l++) {
         const moe_calib_layer *cl = &c->layers[l];
         if (!cl->present) continue;
-        msgpack_packer *pk = moe_writer_record(w, MOE_REC_CALIB, 10);
+        msgpack_packer *pk = moe_writer_record(w, MOE_REC_CALIB, 10 + (cl->reap != NULL));
         if (!pk) return -1;
         int64_t E = c->E;
         moe_pack_kv_int(pk, "layer", l);
@@ -378,6 +384,7 @@ int moe_calib_write(moe_writer *w, const moe_calib *c) {
         moe_pack_kv_array(pk, "mean", MOE_DT_F64, 1, &E, cl->mean);
         moe_pack_kv_double(pk, "entropy", cl->entropy);
         moe_pack_kv_array(pk, "load", MOE_DT_F64, 1, &E, cl->load);
+        if (cl->reap) moe_pack_kv_array(pk, "reap", MOE_DT_F64, 1, &E, cl->reap);
     }
     return 0;
 }
@@ -465,6 +472,37 @@ static int read_plan_weights(moe_reader *r, const msgpack_object *rec, moe_plan 
     return 0;
 }
 
+static const char *plan_methods[] = {"cdmoe", "layerdrop", "blockdrop"};
+static const char *plan_criteria[] = {"greedy", "cosine"};
+
+static int name_index(const char *const *names, int n, const char *s) {
+    for (int i = 0; i < n; i++)
+        if (strcmp(names[i], s) == 0) return i;
+    return -1;
+}
+
+const char *moe_plan_method_name(int m) { return m >= 0 && m < 3 ? plan_methods[m] : "?"; }
+int moe_plan_method_from_name(const char *s) { return name_index(plan_methods, 3, s); }
+const char *moe_plan_criterion_name(int c) { return c >= 0 && c < 2 ? plan_criteria[c] : "?"; }
+int moe_plan_criterion_from_name(const char *s) { return name_index(plan_criteria, 2, s); }
+
+/* An optional string key naming one of `names` (absent: *out unchanged); -1 if unknown. */
+static int read_plan_name(moe_reader *r, const msgpack_object *rec, const char *key,
+                          int (*from_name)(const char *), int *out) {
+    const msgpack_object *m = moe_map_get(rec, key);
+    if (!m) return 0;
+    char buf[32] = {0};
+    if (m->type == MSGPACK_OBJECT_STR && m->via.str.size < sizeof buf)
+        memcpy(buf, m->via.str.ptr, m->via.str.size);
+    int v = from_name(buf);
+    if (v < 0) {
+        moe_error_set(MOE_ERR_DATA, REC_FMT ": plan: unknown %s", REC_ARGS(r), key);
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
 /* Read a plan record into a fresh plan; on success it replaces *out (the
  * last plan of a stream counts).  On error *out is left as it was. */
 static int collect_plan(moe_reader *r, const msgpack_object *rec, moe_plan *out) {
@@ -495,6 +533,9 @@ static int collect_plan(moe_reader *r, const msgpack_object *rec, moe_plan *out)
     read_opt_uint(rec, "max_length", &v);
     p.max_length = v <= INT32_MAX ? (int)v : 0;
     read_metric(rec, &p.metric);
+    if (read_plan_name(r, rec, "method", moe_plan_method_from_name, &p.method) < 0 ||
+        read_plan_name(r, rec, "criterion", moe_plan_criterion_from_name, &p.criterion) < 0)
+        goto fail;
     moe_plan_free(out);
     *out = p;
     return 0;
@@ -504,7 +545,10 @@ fail:
 }
 
 int moe_plan_write(moe_writer *w, const moe_plan *p) {
-    msgpack_packer *pk = moe_writer_record(w, MOE_REC_PLAN, 7 + (p->weights != NULL) + (p->cand != NULL));
+    /* method and criterion only when not the default: CD-MoE plans keep their bytes */
+    int named = p->method != MOE_PLAN_CDMOE || p->criterion != MOE_PLAN_GREEDY;
+    msgpack_packer *pk = moe_writer_record(w, MOE_REC_PLAN,
+                                           7 + (p->weights != NULL) + (p->cand != NULL) + 2 * named);
     if (!pk) return -1;
     int64_t n = p->n, shp[2] = {p->n, p->L}, wshp[2] = {p->n, p->k};
     int32_t *ord = moe_malloc(sizeof(int32_t) * (size_t)(n + 1));
@@ -518,6 +562,10 @@ int moe_plan_write(moe_writer *w, const moe_plan *p) {
     moe_pack_kv_array(pk, "scores", MOE_DT_F64, 1, &n, p->scores);
     if (p->weights) moe_pack_kv_array(pk, "weights", MOE_DT_F32, 2, wshp, p->weights);
     if (p->cand) moe_pack_kv_array(pk, "candidates", MOE_DT_F64, 2, shp, p->cand);
+    if (named) {
+        moe_pack_kv_str(pk, "method", moe_plan_method_name(p->method));
+        moe_pack_kv_str(pk, "criterion", moe_plan_criterion_name(p->criterion));
+    }
     free(ord);
     return 0;
 }
@@ -632,13 +680,14 @@ static int write_bench(moe_writer *w, int k, const moe_eval_record *e) {
 }
 
 int moe_eval_write(moe_writer *w, int k, const moe_eval_record *e) {
-    msgpack_packer *pk = moe_writer_record(w, "model", 5);
+    msgpack_packer *pk = moe_writer_record(w, "model", 6);
     if (!pk) return -1;
     moe_pack_kv_int(pk, "model_index", k);
     moe_pack_kv_str(pk, "dir", e->dir);
     moe_pack_kv_str(pk, "fingerprint", e->fingerprint);
     moe_pack_kv_int(pk, "params", (int64_t)e->params);
     moe_pack_kv_int(pk, "bytes", (int64_t)e->bytes);
+    moe_pack_kv_int(pk, "active_params", (int64_t)e->active);
     if (e->ppl && write_ppl(w, k, e->ppl) < 0) return -1;
     for (int i = 0; i < e->ntasks; i++)
         if (write_task(w, k, e->tasks[i], &e->task[i]) < 0) return -1;

@@ -89,6 +89,9 @@ typedef struct {
     double *mean;    /* [E]; NaN where count == 0 (never routed) */
     double entropy;  /* mean over tokens of the routing entropy, nats */
     double *load;    /* [E] */
+    double *reap;    /* [E] REAP saliency: mean over the tokens routed to the expert of
+                        gate weight x ||expert output||_2 (moe-calib --reap); NULL if
+                        not measured; NaN where count == 0 */
 } moe_calib_layer;
 
 typedef struct {
@@ -124,7 +127,21 @@ typedef struct {
     int L;
     double *cand;       /* [n * L] candidates' scores per step (beam 1); NaN = not a candidate */
     int beam, metric, max_length;
+    int method;         /* MOE_PLAN_CDMOE (condense), MOE_PLAN_LAYERDROP (drop the MLP),
+                           MOE_PLAN_BLOCKDROP (drop the decoder layer); the numbering
+                           of moe_drop_kind.  "method" key, absent = cdmoe */
+    int criterion;      /* MOE_PLAN_GREEDY (greedy on the divergence) or MOE_PLAN_COSINE
+                           (one shot: layers by the cosine similarity of their input
+                           and output, most similar first; scores = that similarity) */
 } moe_plan;
+
+enum { MOE_PLAN_CDMOE, MOE_PLAN_LAYERDROP, MOE_PLAN_BLOCKDROP };
+enum { MOE_PLAN_GREEDY, MOE_PLAN_COSINE };
+/* "cdmoe" / "layerdrop" / "blockdrop" and "greedy" / "cosine" <-> the enums; -1 if unknown */
+const char *moe_plan_method_name(int method);
+int moe_plan_method_from_name(const char *s);
+const char *moe_plan_criterion_name(int criterion);
+int moe_plan_criterion_from_name(const char *s);
 
 void moe_seqs_free(moe_seqs *s);
 void moe_calib_free(moe_calib *c);
@@ -169,6 +186,7 @@ int moe_dump_write(moe_writer *w, int64_t index, int T, const float *hidden, int
 typedef struct {
     const char *dir, *fingerprint;
     uint64_t params, bytes;
+    uint64_t active;                  /* parameters per token (moe_eval_active_params) */
     const moe_ppl_result *ppl;        /* NULL: no perplexity */
     int ntasks;
     moe_task *const *tasks;           /* [ntasks] */

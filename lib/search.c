@@ -81,6 +81,7 @@ typedef struct {
     int *const *ex;    /* condensed form of each MoE layer (layer search) */
     float *const *ws;
     const int *kk;
+    moe_drop_kind drop; /* baselines: a chosen layer is dropped so, not condensed */
 } layers_t;
 
 static void lt_init(layers_t *lt, moe_model *m, const moe_search_opts *o) {
@@ -92,13 +93,17 @@ static void lt_init(layers_t *lt, moe_model *m, const moe_search_opts *o) {
     moe_residency_init(&lt->r, m, !(o && o->stream_weights) && moe_model_fits(m));
 }
 
+/* 1 when layer l has its chosen form: condensed, or dropped (baselines) */
 static int lt_is_condensed(const layers_t *lt, int l) {
+    if (lt->drop) return moe_model_layer_drop(lt->m, l) == lt->drop;
     return moe_model_layer_kind(lt->m, l) == MOE_MLP_CONDENSED;
 }
 
-/* Give MoE layer l its condensed form (condensed = 1) or its checkpoint kind. */
+/* Give MoE layer l its chosen form (condensed = 1: condensed, or dropped for
+ * the baselines) or its checkpoint kind. */
 static int lt_kind(layers_t *lt, int l, int condensed) {
     if (!is_moe(lt->c, l) || condensed == lt_is_condensed(lt, l)) return 0;
+    if (condensed && lt->drop) return moe_model_drop_layer(lt->m, l, lt->drop);
     if (condensed) return moe_model_condense_layer(lt->m, l, lt->kk[l], lt->ex[l], lt->ws[l]);
     moe_model_restore_layer(lt->m, l);
     return 0;
@@ -1065,15 +1070,129 @@ static void lsearch_free(lsearch *S) {
     free(S->moel);
 }
 
+/* ---- the baselines' one-shot criterion (He et al.) ------------------------------------------ */
+
+typedef struct {
+    const moe_backend *be;
+    const moe_batch *ss;
+    int method, H;
+    float *in, *tmp;     /* [tot, H]: a layer's input (BlockDrop), x + y (LayerDrop) */
+    double *d, *acc;
+    double *sim;         /* [L] mean cosine similarity of MoE layer l's input and output */
+    const moe_config *c;
+} cosine_ctx;
+
+/* sim[l] = mean over sequences of the mean over tokens of cos(a, b) */
+static void cosine_score(cosine_ctx *cc, int l, const float *a, const float *b) {
+    memset(cc->acc, 0, sizeof(double) * (size_t)cc->ss->n);
+    diverge(cc->be, cc->ss, MOE_DIV_COSINE, a, b, 0, cc->ss->tot, cc->H, cc->d, cc->acc);
+    cc->sim[l] = 1.0 - score_of(cc->ss, cc->acc);
+}
+
+static int cosine_before(void *ctx, int l, float *x) {
+    cosine_ctx *cc = ctx;
+    if (cc->method == MOE_PLAN_BLOCKDROP && is_moe(cc->c, l))
+        cc->be->copy(cc->in, x, sizeof(float) * cc->ss->tot * (size_t)cc->H);
+    return 0;
+}
+
+static int cosine_mlp_out(void *ctx, int l, const float *x, const float *xn, const float *y) {
+    (void)xn;
+    cosine_ctx *cc = ctx;
+    if (cc->method != MOE_PLAN_LAYERDROP || !is_moe(cc->c, l)) return 0;
+    size_t TH = cc->ss->tot * (size_t)cc->H;
+    cc->be->copy(cc->tmp, x, sizeof(float) * TH);
+    cc->be->axpy(cc->tmp, y, 1.0f, TH); /* the MLP block's output: x + MLP(xn) */
+    cosine_score(cc, l, x, cc->tmp);
+    return 0;
+}
+
+static int cosine_after(void *ctx, int l, float *x) {
+    cosine_ctx *cc = ctx;
+    if (cc->method == MOE_PLAN_BLOCKDROP && is_moe(cc->c, l)) cosine_score(cc, l, cc->in, x);
+    return 0;
+}
+
+/* The order of the n most similar MoE layers (ties: the lower layer) and their similarities. */
+static void cosine_plan(const cosine_ctx *cc, int n, moe_plan *out) {
+    int L = cc->c->num_layers;
+    char *taken = moe_calloc((size_t)L + 1, 1);
+    out->order = moe_malloc(sizeof(int) * (size_t)(n + 1));
+    out->scores = moe_malloc(sizeof(double) * (size_t)(n + 1));
+    for (out->n = 0; out->n < n; out->n++) {
+        int best = -1;
+        for (int l = 0; l < L; l++)
+            if (is_moe(cc->c, l) && !taken[l] && (best < 0 || cc->sim[l] > cc->sim[best])) best = l;
+        if (best < 0) break;
+        taken[best] = 1;
+        out->order[out->n] = best;
+        out->scores[out->n] = cc->sim[best];
+    }
+    free(taken);
+}
+
+/* One forward of the original model, every MoE layer scored by the
+ * similarity of its input and output; the most similar first. */
+static int cosine_order(moe_model *m, const moe_seqs *s, const moe_search_opts *o, moe_plan *out,
+                        moe_search_work *work) {
+    const moe_config *c = moe_model_config(m);
+    moe_batch ss;
+    batch_of(&ss, s, o->max_length);
+    size_t TH = ss.tot * (size_t)c->hidden_size;
+    cosine_ctx cc = {moe_model_backend(m), &ss, o->method, c->hidden_size,
+                     moe_model_alloc(m, TH), moe_model_alloc(m, TH),
+                     moe_malloc(sizeof(double) * (ss.tot + 1)), moe_malloc(sizeof(double) * (size_t)(ss.n + 1)),
+                     moe_calloc((size_t)c->num_layers + 1, sizeof(double)), c};
+    float *X = moe_model_alloc(m, TH);
+    layers_t lt;
+    lt_init(&lt, m, o);
+    moe_run_hooks h = {.ctx = &cc, .before = cosine_before, .mlp_out = cosine_mlp_out, .after = cosine_after};
+    int rc = moe_batch_embed(m, &ss, X);
+    if (rc == 0) rc = moe_run_layers(m, &ss, 0, c->num_layers, X, NULL, NULL, &lt.r, &h);
+    if (rc == 0) rc = moe_backend_status(moe_model_backend(m));
+    int nmoe = 0;
+    for (int l = 0; l < c->num_layers; l++) nmoe += is_moe(c, l);
+    out->k = 0;
+    out->L = c->num_layers;
+    out->beam = 1;
+    out->metric = MOE_DIV_COSINE;
+    out->max_length = o->max_length;
+    out->method = o->method;
+    out->criterion = MOE_PLAN_COSINE;
+    out->present = 1;
+    if (rc == 0) cosine_plan(&cc, o->max_layers > 0 && o->max_layers < nmoe ? o->max_layers : nmoe, out);
+    count_layers(work, c, 0, ss.tot);
+    if (work) work->div_tokens += (uint64_t)nmoe * ss.tot;
+    lt_free(&lt, work);
+    moe_model_free(m, X);
+    moe_model_free(m, cc.in);
+    moe_model_free(m, cc.tmp);
+    free(cc.d);
+    free(cc.acc);
+    free(cc.sim);
+    moe_batch_free(&ss);
+    return rc;
+}
+
 int moe_layer_search_run(moe_model *m, const moe_seqs *s, const moe_calib *calib,
                          const moe_ranking *ranking, const moe_search_opts *o, moe_plan *out,
                          moe_search_work *work) {
-    int E = moe_model_config(m)->n_routed_experts, k = o->k;
+    int E = moe_model_config(m)->n_routed_experts, k = o->method == MOE_PLAN_CDMOE ? o->k : 0;
     double t0 = moe_now();
     memset(out, 0, sizeof *out);
     if (s->n == 0) {
         moe_error_set(MOE_ERR_DATA, "no token sequences in the input (a 'tokens' stream is needed)");
         return -1;
+    }
+    if (o->criterion == MOE_PLAN_COSINE) {
+        if (o->method == MOE_PLAN_CDMOE) {
+            moe_error_set(MOE_ERR_DATA, "the cosine criterion is for the drop methods (layerdrop, blockdrop)");
+            return -1;
+        }
+        int rc = cosine_order(m, s, o, out, work);
+        if (work) work->seconds += moe_now() - t0;
+        if (rc < 0) moe_plan_free(out);
+        return rc;
     }
     if (k < 0 || k > E) {
         moe_error_set(MOE_ERR_DATA, "--experts %d: the model has %d routed experts per layer", k, E);
@@ -1085,7 +1204,9 @@ int moe_layer_search_run(moe_model *m, const moe_seqs *s, const moe_calib *calib
     lsearch_init(&S, m, s, o, out, work);
     int rc = condensed_forms(&S, calib, ranking, k);
     plan_init(&S, k);
+    out->method = o->method;
     lt_init(&S.lt, m, o);
+    S.lt.drop = (moe_drop_kind)o->method; /* LAYERDROP = MOE_DROP_MLP, BLOCKDROP = MOE_DROP_BLOCK */
     S.lt.ex = S.ex;
     S.lt.ws = S.ws;
     S.lt.kk = S.kk;
@@ -1105,7 +1226,8 @@ int moe_layer_search_run(moe_model *m, const moe_seqs *s, const moe_calib *calib
     moe_progress_end(&S.progress);
     /* the order is the best beam's set */
     if (rc == 0 && out->n > 0) memcpy(out->order, S.beams[0].set, sizeof(int) * (size_t)out->n);
-    if (rc == 0) plan_weights(out, S.ws);
+    if (rc == 0 && o->method == MOE_PLAN_CDMOE) plan_weights(out, S.ws);
+    out->present = rc == 0;
     restore_all(&S.lt);
     lt_free(&S.lt, work);
     lsearch_free(&S);

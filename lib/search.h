@@ -51,6 +51,16 @@
  *          stream makes the same calls on the same buffers.
  *   naive: a full model forward per candidate.
  *
+ * The baselines (o->method): LayerDrop and BlockDrop run the same greedy
+ * search, a candidate's layer dropped (its MLP, or the whole decoder layer)
+ * instead of condensed; no ranking is needed.  With o->criterion
+ * MOE_PLAN_COSINE the order is one shot instead (He et al., "What matters
+ * in transformers?"): one forward of the original model, each MoE layer
+ * scored by the cosine similarity of its input and output (LayerDrop: the
+ * hidden state before and after the MLP's residual add; BlockDrop: before
+ * and after the decoder layer), per token, averaged over a sequence's
+ * tokens, then over sequences; most similar first (ties: lower layer).
+ *
  * Sequences longer than max_length are truncated to their first max_length
  * tokens for ranking and search (0 = no truncation); calibration uses them
  * whole unless told otherwise (the original's protocol).
@@ -106,6 +116,11 @@ typedef struct {
     int beam;                /* layer search: beam width (>= 1) */
     const moe_weight_override *weights; /* replace / supply mean weights */
     int n_weights;
+    int method;              /* layer search: MOE_PLAN_CDMOE (condense each candidate),
+                                MOE_PLAN_LAYERDROP (drop its MLP), MOE_PLAN_BLOCKDROP
+                                (drop the whole layer) */
+    int criterion;           /* layer search: MOE_PLAN_GREEDY, or MOE_PLAN_COSINE (He et
+                                al.'s one-shot rank, drop methods only) */
 } moe_search_opts;
 
 /* ---- the algorithms ------------------------------------------------------------- */
@@ -115,6 +130,10 @@ typedef struct {
  * result does not depend on it (bit for bit). */
 int moe_calib_run(moe_model *m, const moe_seqs *s, int max_length, size_t batch_tokens,
                   moe_calib *out, moe_search_work *work);
+/* The same, with REAP saliency (records.h, moe_calib_layer.reap) when reap:
+ * each routed expert run again on the tokens routed to it. */
+int moe_calib_run_reap(moe_model *m, const moe_seqs *s, int max_length, size_t batch_tokens, int reap,
+                       moe_calib *out, moe_search_work *work);
 int moe_rank_run(moe_model *m, const moe_seqs *s, const moe_calib *calib,
                  const moe_search_opts *o, moe_ranking *out, moe_search_work *work);
 int moe_layer_search_run(moe_model *m, const moe_seqs *s, const moe_calib *calib,

@@ -22,9 +22,13 @@ static const char help[] =
     "  --max-length N     use only the first N tokens of each sequence (default: all)\n"
     "  --batch-tokens N   run the sequences in groups of at most N tokens (default:\n"
     "                     all at once); the result is the same bit for bit\n"
+    "  --reap             also measure each expert's REAP saliency (the mean over the\n"
+    "                     tokens routed to it of gate weight x ||expert output||_2; the\n"
+    "                     'reap' key, for moe-condense --method prune-reap); runs the\n"
+    "                     routed experts a second time\n"
     "  -o, --output FILE  write here instead of standard output\n";
 
-enum { OPT_MODEL = 1, OPT_MAXLEN, OPT_BATCH };
+enum { OPT_MODEL = 1, OPT_MAXLEN, OPT_BATCH, OPT_REAP };
 
 int main(int argc, char **argv) {
     const unsigned takes = MOE_CLI_TAKES_THREADS | MOE_CLI_TAKES_DEVICE | MOE_CLI_TAKES_FORCE |
@@ -33,11 +37,12 @@ int main(int argc, char **argv) {
     static const struct option opts[] = {{"model", required_argument, 0, OPT_MODEL},
                                          {"max-length", required_argument, 0, OPT_MAXLEN},
                                          {"batch-tokens", required_argument, 0, OPT_BATCH},
+                                         {"reap", no_argument, 0, OPT_REAP},
                                          {"output", required_argument, 0, 'o'},
                                          MOE_CLI_COMMON_OPTIONS,
                                          {0, 0, 0, 0}};
     const char *model = NULL, *out = "-";
-    int max_length = 0, c;
+    int max_length = 0, c, reap = 0;
     size_t batch = 0;
     while ((c = getopt_long(argc, argv, ":o:", opts, NULL)) != -1) {
         if (moe_cli_handle(c, optarg)) continue;
@@ -45,6 +50,7 @@ int main(int argc, char **argv) {
         case OPT_MODEL: model = optarg; break;
         case OPT_MAXLEN: max_length = (int)moe_cli_long("--max-length", optarg, 1, 1 << 30); break;
         case OPT_BATCH: batch = (size_t)moe_cli_long("--batch-tokens", optarg, 1, 1L << 40); break;
+        case OPT_REAP: reap = 1; break;
         case 'o': out = optarg; break;
         default: moe_cli_usage("unknown option or missing argument");
         }
@@ -60,7 +66,7 @@ int main(int argc, char **argv) {
         moe_search_job_open(&j, in, out, moe_cli.force, moe_cli.no_provenance) < 0)
         moe_cli_fail();
     moe_calib cal;
-    if (moe_calib_run(j.model, &j.seqs, max_length, batch, &cal, &j.work) < 0) {
+    if (moe_calib_run_reap(j.model, &j.seqs, max_length, batch, reap, &cal, &j.work) < 0) {
         moe_search_job_abort(&j);
         moe_cli_fail_in(in); /* what the input holds (no sequences, ...) */
     }

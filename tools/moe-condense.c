@@ -3,6 +3,7 @@
 #include "cli.h"
 #include "condense.h"
 #include "cplan.h"
+#include "records.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -32,9 +33,32 @@ static const char help[] =
     "                     scaled, plus the shared experts) under the dense-layer\n"
     "                     names mlp.{gate,up,down}_proj; not for qwen2_moe, whose\n"
     "                     shared expert is gated\n"
+    "  --method M         what to do with the chosen layers (default cdmoe: condense):\n"
+    "                     layerdrop  drop the MLP block of the first N layers of a\n"
+    "                                moe-layer-search --method layerdrop order\n"
+    "                     blockdrop  drop the whole decoder layer (--method blockdrop\n"
+    "                                order); no --experts for either\n"
+    "                     prune-freq keep the K routed experts of every MoE layer that\n"
+    "                                calibration routed the most tokens to; the router\n"
+    "                                keeps their rows and routes top-k among them\n"
+    "                     prune-reap the same, by REAP saliency (moe-calib --reap);\n"
+    "                                no --layers for either\n"
     "Prints parameters and bytes before and after on standard output.\n";
 
-enum { OPT_MODEL = 1, OPT_LAYERS, OPT_EXPERTS, OPT_W, OPT_E, OPT_O, OPT_SHARD, OPT_FOLD };
+enum { OPT_MODEL = 1, OPT_LAYERS, OPT_EXPERTS, OPT_W, OPT_E, OPT_O, OPT_SHARD, OPT_FOLD, OPT_METHOD };
+
+/* --method: the plan methods (records.h), then expert pruning */
+enum { METHOD_PRUNE_FREQ = 3, METHOD_PRUNE_REAP = 4 };
+
+static int method_from_name(const char *s) {
+    if (strcmp(s, "prune-freq") == 0) return METHOD_PRUNE_FREQ;
+    if (strcmp(s, "prune-reap") == 0) return METHOD_PRUNE_REAP;
+    return moe_plan_method_from_name(s);
+}
+
+static const char *argv_method(int m) {
+    return m == METHOD_PRUNE_FREQ ? "prune-freq" : m == METHOD_PRUNE_REAP ? "prune-reap" : moe_plan_method_name(m);
+}
 
 static void human(char *buf, size_t n, double v) {
     const char *unit[] = {"", "K", "M", "G", "T"};
@@ -43,7 +67,7 @@ static void human(char *buf, size_t n, double v) {
     snprintf(buf, n, u ? "%.2f%s" : "%.0f%s", v, unit[u]);
 }
 
-static void print_report(const moe_condense_report *r, int n_layers, int k, const int *layers) {
+static void print_report(const moe_condense_report *r, int method, int n_layers, int k, const int *layers) {
     char a[32], b[32], c[32], d[32];
     human(a, sizeof a, (double)r->params_before);
     human(b, sizeof b, (double)r->params_after);
@@ -52,10 +76,28 @@ static void print_report(const moe_condense_report *r, int n_layers, int k, cons
     printf("%-12s %12s %12s %8s\n", "", "before", "after", "ratio");
     printf("%-12s %12s %12s %8.4f\n", "parameters", a, b, (double)r->params_after / (double)r->params_before);
     printf("%-12s %12s %12s %8.4f\n", "bytes", c, d, (double)r->bytes_after / (double)r->bytes_before);
-    printf("condensed %d layer%s with %d routed expert%s each:", n_layers, n_layers == 1 ? "" : "s", k,
-           k == 1 ? "" : "s");
+    if (method == METHOD_PRUNE_FREQ || method == METHOD_PRUNE_REAP) {
+        printf("pruned every MoE layer to %d routed experts (%s)\n", k, argv_method(method));
+        return;
+    }
+    if (method == MOE_PLAN_CDMOE)
+        printf("condensed %d layer%s with %d routed expert%s each:", n_layers, n_layers == 1 ? "" : "s", k,
+               k == 1 ? "" : "s");
+    else
+        printf("dropped the %s of %d layer%s:", method == MOE_PLAN_LAYERDROP ? "MLP block" : "decoder block",
+               n_layers, n_layers == 1 ? "" : "s");
     for (int i = 0; i < n_layers; i++) printf(" %d", layers[i]);
     printf("\n");
+}
+
+/* The plan's layer order must come from a search of the same method. */
+static int method_matches(const moe_cplan *p, int method, int n_layers) {
+    if (n_layers == 0 || method > MOE_PLAN_BLOCKDROP) return 0;
+    int have = p->order_method < 0 ? MOE_PLAN_CDMOE : p->order_method;
+    if (p->n_order == 0 || have == method) return 0;
+    moe_error_set(MOE_ERR_DATA, "the layer order is a %s plan; --method %s needs moe-layer-search --method %s",
+                  moe_plan_method_name(have), moe_plan_method_name(method), moe_plan_method_name(method));
+    return -1;
 }
 
 /* The inputs the plan was read from, for messages: "plan.msgpack.zst",
@@ -79,11 +121,11 @@ int main(int argc, char **argv) {
         {"experts", required_argument, 0, OPT_EXPERTS}, {"output", required_argument, 0, 'o'},
         {"cdmoe-weights", required_argument, 0, OPT_W}, {"cdmoe-experts", required_argument, 0, OPT_E},
         {"cdmoe-order", required_argument, 0, OPT_O},   {"shard-size", required_argument, 0, OPT_SHARD},
-        {"fold", no_argument, 0, OPT_FOLD},
+        {"fold", no_argument, 0, OPT_FOLD},             {"method", required_argument, 0, OPT_METHOD},
         MOE_CLI_COMMON_OPTIONS, {0, 0, 0, 0}};
     const char *model = NULL, *out = NULL, *wj = NULL, *ej = NULL, *oj = NULL;
     long n_layers = -1, k = -1, shard_mb = -1;
-    int c, fold = 0;
+    int c, fold = 0, method = MOE_PLAN_CDMOE;
     while ((c = getopt_long(argc, argv, ":o:", opts, NULL)) != -1) {
         if (moe_cli_handle(c, optarg)) continue;
         switch (c) {
@@ -95,20 +137,34 @@ int main(int argc, char **argv) {
         case OPT_E: ej = optarg; break;
         case OPT_O: oj = optarg; break;
         case OPT_FOLD: fold = 1; break;
+        case OPT_METHOD:
+            if ((method = method_from_name(optarg)) < 0)
+                moe_cli_usage("--method: expected cdmoe, layerdrop, blockdrop, prune-freq or prune-reap, got '%s'",
+                              optarg);
+            break;
         case OPT_SHARD: shard_mb = moe_cli_long("--shard-size", optarg, 1, 1L << 30); break;
         default: moe_cli_usage("unknown option");
         }
     }
     if (!model) moe_cli_usage("--model DIR is required");
     if (!out) moe_cli_usage("-o OUT is required");
+    int drop = method == MOE_PLAN_LAYERDROP || method == MOE_PLAN_BLOCKDROP;
+    int prune = method == METHOD_PRUNE_FREQ || method == METHOD_PRUNE_REAP;
+    if (prune && n_layers >= 0) moe_cli_usage("--layers: --method %s prunes every MoE layer", argv_method(method));
+    if (drop && k > 0) moe_cli_usage("--experts: --method %s keeps no experts", argv_method(method));
+    if (prune) n_layers = 0;
+    if (drop && k < 0) k = 0;
     if (n_layers < 0) moe_cli_usage("--layers N is required");
     if (k < 0) moe_cli_usage("--experts K is required");
+    if (fold && (drop || prune)) moe_cli_usage("--fold: only for --method cdmoe");
     if (argc - optind > 1) moe_cli_usage("at most one input stream");
     const char *stream = optind < argc ? argv[optind] : (wj || ej || oj) ? NULL : "-";
 
     moe_ckpt *ck = moe_ckpt_open(model);
     if (!ck) moe_cli_fail();
     const moe_config *cfg = moe_ckpt_config(ck);
+    if (prune && k < cfg->top_k)
+        moe_cli_usage("--experts %ld: fewer than the %d experts the router picks per token (top-k)", k, cfg->top_k);
     if (k > cfg->n_routed_experts)
         moe_cli_usage("--experts %ld: the model has %d routed experts per layer", k, cfg->n_routed_experts);
     if (fold && cfg->shared_gate && cfg->shared_intermediate_size > 0)
@@ -128,7 +184,12 @@ int main(int argc, char **argv) {
     int *layers = moe_calloc((size_t)(n_layers ? n_layers : 1), sizeof *layers);
     int *experts = moe_calloc(nsel, sizeof *experts);
     float *weights = moe_calloc(nsel, sizeof *weights);
-    if (moe_cplan_select(plan, (int)n_layers, (int)k, layers, experts, weights) < 0) {
+    int n_moe = 0, *kept = prune ? moe_calloc((size_t)cfg->num_layers * (size_t)(k ? k : 1) + 1, sizeof(int)) : NULL;
+    int rc = method_matches(plan, method, (int)n_layers);
+    if (rc == 0 && prune) rc = moe_cplan_prune(plan, cfg, (int)k, method == METHOD_PRUNE_REAP, kept, &n_moe);
+    if (rc == 0) rc = moe_cplan_select(plan, (int)n_layers, prune ? 0 : (int)k, layers, experts, weights);
+    if (rc < 0) {
+        free(kept);
         free(layers); /* freed, not left to exit: the sanitizer build reports them as leaks */
         free(experts);
         free(weights);
@@ -139,11 +200,14 @@ int main(int argc, char **argv) {
 
     moe_condense_opts o = {.n_layers = (int)n_layers, .k = (int)k, .layers = layers, .experts = experts,
                            .weights = weights, .argc = argc, .argv = argv, .force = moe_cli.force, .fold = fold,
+                           .drop = drop ? (moe_drop_kind)method : MOE_DROP_NONE,
+                           .prune_n = prune ? (int)k : 0, .prune_kept = kept,
                            .shard_bytes = shard_mb > 0 ? (uint64_t)shard_mb * 1000000u
                                           : moe_ckpt_bytes(ck) > 5000000000ull ? 5000000000ull : 0};
     moe_condense_report rep;
     if (moe_condense_write(ck, out, &o, &rep) < 0) moe_cli_fail();
-    print_report(&rep, (int)n_layers, (int)k, layers);
+    print_report(&rep, method, (int)n_layers, (int)k, layers);
+    free(kept);
     moe_cplan_free(plan);
     moe_ckpt_close(ck);
     free(layers);

@@ -86,7 +86,7 @@ typedef struct {
     double task_s[MAX_TASKS];
     int has_bench;
     moe_bench_result bench;
-    uint64_t params, bytes;
+    uint64_t params, bytes, active;
 } model_res;
 
 /* ---- progress --------------------------------------------------------------- */
@@ -207,6 +207,7 @@ static int eval_model(const eval_args *a, const char *dir, model_res *res) {
     if (!m) return -1;
     snprintf(res->fingerprint, sizeof res->fingerprint, "%s", moe_model_fingerprint(m));
     if (moe_eval_model_size(m, &res->params, &res->bytes) < 0) goto fail;
+    res->active = moe_eval_active_params(moe_model_config(m));
     moe_tokenizer *tok = NULL;
     int need_tok = a->ntasks > 0 || (a->ppl && !is_zstd(a->ppl));
     if (need_tok && !(tok = moe_tokenizer_open(dir))) goto fail;
@@ -336,6 +337,8 @@ static void print_table(const eval_args *a, const model_res *R, int n) {
     for (int k = 0; k < n; k++) cell((double)R[k].params, "%.0f");
     printf("\n%-28s", "weight bytes");
     for (int k = 0; k < n; k++) cell((double)R[k].bytes, "%.0f");
+    printf("\n%-28s", "active params / token");
+    for (int k = 0; k < n; k++) cell((double)R[k].active, "%.0f");
     printf("\n");
     if (a->bench) {
         printf("%-28s", "prefill tokens/s");
@@ -376,8 +379,8 @@ static void print_json(const eval_args *a, const model_res *R, int n) {
         printf("%s{\"dir\": ", k ? ", " : "");
         moe_json_string(stdout, r->dir, strlen(r->dir));
         printf(", \"fingerprint\": \"%s\"", r->fingerprint);
-        printf(", \"params\": %llu, \"bytes\": %llu", (unsigned long long)r->params,
-               (unsigned long long)r->bytes);
+        printf(", \"params\": %llu, \"bytes\": %llu, \"active_params\": %llu", (unsigned long long)r->params,
+               (unsigned long long)r->bytes, (unsigned long long)r->active);
         if (r->has_ppl) {
             printf(", \"ppl\": {");
             jkv("ppl", r->ppl.ppl, 0);
@@ -424,6 +427,7 @@ static void print_json(const eval_args *a, const model_res *R, int n) {
         printf(", \"compare\": {");
         jkv("memory_ratio_params", (double)R[1].params / (double)R[0].params, 0);
         jkv("memory_ratio_bytes", (double)R[1].bytes / (double)R[0].bytes, 1);
+        jkv("active_ratio", (double)R[1].active / (double)R[0].active, 1);
         if (a->bench) jkv("speedup", R[0].bench.seconds / R[1].bench.seconds, 1);
         printf("}");
     }
@@ -435,6 +439,7 @@ static void print_json(const eval_args *a, const model_res *R, int n) {
 /* model k's results as the records module wants them */
 static moe_eval_record eval_record(const eval_args *a, const model_res *r) {
     moe_eval_record e = {.dir = r->dir, .fingerprint = r->fingerprint, .params = r->params, .bytes = r->bytes,
+                         .active = r->active,
                          .ppl = r->has_ppl ? &r->ppl : NULL, .ntasks = r->ntasks, .tasks = a->tasks,
                          .task = r->tr, .has_bench = r->has_bench, .bench_tokens = a->bench_opts.tokens,
                          .bench_runs = a->bench_opts.runs, .bench_s = r->bench.seconds,

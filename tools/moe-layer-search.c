@@ -22,8 +22,19 @@ static const char help[] =
     "(decoder-layer indices), the score after each step and every candidate's score.\n"
     "STREAM needs token, calib and (for K > 0) ranking records.\n"
     "\n"
+    "The paper's baselines run the same search with a candidate layer dropped\n"
+    "instead of condensed (--method layerdrop: its MLP block, the residual passes;\n"
+    "blockdrop: the whole decoder layer); they need only the token records.  With\n"
+    "--criterion cosine the order is one shot instead (He et al.): MoE layers by the\n"
+    "cosine similarity of their input and output on the calibration tokens, the most\n"
+    "similar first.\n"
+    "\n"
     "  --model DIR        Hugging Face checkpoint directory (required)\n"
-    "  --experts K        routed experts kept per condensed layer (required)\n"
+    "  --experts K        routed experts kept per condensed layer (required for\n"
+    "                     --method cdmoe)\n"
+    "  --method M         cdmoe (default: condense), layerdrop or blockdrop\n"
+    "  --criterion C      greedy (default: the divergence of the final hidden state)\n"
+    "                     or cosine (layerdrop and blockdrop only)\n"
     "  --layers N         length of the order (default: all MoE layers)\n"
     "  --beam B           keep the B best partial orders (default 1, the original)\n"
     "  --metric M         js (default, the original), kl, mse or cosine\n"
@@ -42,7 +53,7 @@ static const char help[] =
     "  -o, --output FILE  write here instead of standard output\n";
 
 enum { OPT_WEIGHT = 100, OPT_MODEL = 1, OPT_EXPERTS, OPT_LAYERS, OPT_BEAM, OPT_METRIC, OPT_MAXLEN, OPT_NAIVE,
-       OPT_MEM, OPT_STREAM, OPT_CMAJOR };
+       OPT_MEM, OPT_STREAM, OPT_CMAJOR, OPT_METHOD, OPT_CRITERION };
 
 int main(int argc, char **argv) {
     const unsigned takes = MOE_CLI_TAKES_THREADS | MOE_CLI_TAKES_DEVICE | MOE_CLI_TAKES_FORCE |
@@ -59,6 +70,8 @@ int main(int argc, char **argv) {
                                          {"stream-weights", no_argument, 0, OPT_STREAM},
                                          {"candidate-major", no_argument, 0, OPT_CMAJOR},
                                          {"weight", required_argument, 0, OPT_WEIGHT},
+                                         {"method", required_argument, 0, OPT_METHOD},
+                                         {"criterion", required_argument, 0, OPT_CRITERION},
                                          {"output", required_argument, 0, 'o'},
                                          MOE_CLI_COMMON_OPTIONS,
                                          {0, 0, 0, 0}};
@@ -89,12 +102,27 @@ int main(int argc, char **argv) {
             if (moe_search_add_weight(&weights, &nweights, optarg) < 0)
                 moe_cli_usage("--weight: expected LAYER:EXPERT=WEIGHT, got '%s'", optarg);
             break;
+        case OPT_METHOD:
+            if ((o.method = moe_plan_method_from_name(optarg)) < 0)
+                moe_cli_usage("--method: expected cdmoe, layerdrop or blockdrop, got '%s'", optarg);
+            break;
+        case OPT_CRITERION:
+            if ((o.criterion = moe_plan_criterion_from_name(optarg)) < 0)
+                moe_cli_usage("--criterion: expected greedy or cosine, got '%s'", optarg);
+            break;
         case 'o': out = optarg; break;
         default: moe_cli_usage("unknown option or missing argument");
         }
     }
     if (!model) moe_cli_usage("--model DIR is required");
-    if (o.k < 0) moe_cli_usage("--experts K is required");
+    int drop = o.method != MOE_PLAN_CDMOE;
+    if (o.k < 0 && !drop) moe_cli_usage("--experts K is required");
+    if (o.k > 0 && drop) moe_cli_usage("--experts: --method %s keeps no experts", moe_plan_method_name(o.method));
+    if (o.criterion == MOE_PLAN_COSINE && !drop)
+        moe_cli_usage("--criterion cosine: only for --method layerdrop or blockdrop");
+    if (drop && o.k < 0) o.k = 0;
+    if (drop && (o.naive || o.beam > 1 || weights) && o.criterion == MOE_PLAN_COSINE)
+        moe_cli_usage("--criterion cosine is one shot: no --naive, --beam or --weight");
     if (argc - optind > 1) moe_cli_usage("one input stream at most");
     const char *in = optind < argc ? argv[optind] : "-";
     o.weights = weights;
@@ -102,7 +130,7 @@ int main(int argc, char **argv) {
 
     /* the ranking is read even for K = 0, where it is not needed */
     moe_search_job j = {.tool = "moe-layer-search", .kind = MOE_REC_PLAN, .argc = argc, .argv = argv,
-                        .need = MOE_SEARCH_IN_CALIB | (o.k > 0 ? MOE_SEARCH_IN_RANKING : 0),
+                        .need = (drop ? 0 : MOE_SEARCH_IN_CALIB) | (o.k > 0 ? MOE_SEARCH_IN_RANKING : 0),
                         .collect = MOE_SEARCH_IN_RANKING};
     /* every candidate that reaches a layer runs through it while it is loaded:
      * keep its routed experts converted for the load (one layer's experts in

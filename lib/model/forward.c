@@ -70,6 +70,7 @@ static void qkv_project(moe_model *m, const layer_w *w, float *q /* [T, nh·D] *
 
 int moe_layer_attention(moe_model *m, int l, float *x, int T) {
     if (mdl_ensure_loaded(m, l) < 0) return -1;
+    if (moe_model_layer_drop(m, l) == MOE_DROP_BLOCK) return 0; /* BlockDrop: no attention */
     const moe_config *c = m->cfg;
     if (c->sliding_window > 0 && T > c->sliding_window) {
         moe_error_set(MOE_ERR_DATA, "%s: sequence of %d tokens is longer than sliding_window %d "
@@ -93,6 +94,10 @@ int moe_layer_attention(moe_model *m, int l, float *x, int T) {
 
 int moe_layer_mlp_input(moe_model *m, int l, float *xn, const float *x, int T) {
     if (mdl_ensure_loaded(m, l) < 0) return -1;
+    if (!m->lw[l].post_norm) { /* a dropped MLP has no norm: its input is unused */
+        m->be->zero(xn, sizeof(float) * (size_t)T * m->cfg->hidden_size);
+        return moe_backend_status(m->be);
+    }
     m->be->rmsnorm(xn, x, m->lw[l].post_norm, (float)m->cfg->rms_norm_eps, T, m->cfg->hidden_size);
     return 0;
 }
@@ -285,12 +290,18 @@ int moe_layer_mlp_run(moe_model *m, int l, float *y, const float *xn, int T, moe
         return moe_backend_status(m->be);
     case MOE_MLP_MOE:
         return routed_mlp(m, l, y, xn, T, cb, ctx);
+    case MOE_MLP_NONE: /* LayerDrop / BlockDrop: no MLP */
+        m->be->zero(y, TH * sizeof(float));
+        return moe_backend_status(m->be);
     }
     return -1;
 }
 
 int moe_layer_forward(moe_model *m, int l, float *x, int T, moe_router_fn cb, void *ctx) {
+    moe_drop_kind drop = moe_model_layer_drop(m, l);
+    if (drop == MOE_DROP_BLOCK) return 0; /* BlockDrop: x passes */
     if (moe_layer_attention(m, l, x, T) < 0) return -1;
+    if (drop == MOE_DROP_MLP) return 0; /* LayerDrop: no MLP */
     size_t TH = (size_t)T * m->cfg->hidden_size;
     float *xn = moe_model_alloc(m, TH), *y = moe_model_alloc(m, TH);
     int rc = moe_layer_mlp_input(m, l, xn, x, T);
@@ -403,6 +414,7 @@ size_t moe_model_kv_floats(const moe_model *m, int T) {
 
 int moe_layer_attention_kv(moe_model *m, int l, float *x, int T, int pos0, float *kc, float *vc) {
     if (mdl_ensure_loaded(m, l) < 0) return -1;
+    if (moe_model_layer_drop(m, l) == MOE_DROP_BLOCK) return 0; /* BlockDrop: no attention */
     const moe_config *c = m->cfg;
     if (T < 1 || pos0 < 0 || !kc || !vc) {
         moe_error_set(MOE_ERR_DATA, "%s: attention over a cache: bad arguments (T %d, pos0 %d)",

@@ -38,7 +38,8 @@ typedef struct {
 
 /* run-time override of a layer's MLP kind */
 typedef struct {
-    int active;
+    int active;     /* condensed */
+    moe_drop_kind drop; /* or dropped (MOE_DROP_MLP / MOE_DROP_BLOCK) */
     int n;
     int *experts;
     float *weights;

@@ -30,6 +30,18 @@ void moe_batch_init(moe_batch *b, int n, const int32_t *const *ids, const int *T
         for (size_t t = b->off[i]; t < b->off[i + 1]; t++) b->seq[t] = i;
 }
 
+void moe_batch_of_seqs(moe_batch *b, const moe_seq *seqs, int n) {
+    const int32_t **ids = moe_malloc(sizeof *ids * (size_t)(n + 1));
+    int *T = moe_malloc(sizeof(int) * (size_t)(n + 1));
+    for (int s = 0; s < n; s++) {
+        ids[s] = seqs[s].ids;
+        T[s] = seqs[s].T;
+    }
+    moe_batch_init(b, n, ids, T, 0);
+    free(ids);
+    free(T);
+}
+
 void moe_batch_free(moe_batch *b) {
     free(b->ids);
     free(b->T);
@@ -106,12 +118,15 @@ int moe_residency_prefetch(moe_residency *r, int l) {
 int moe_run_layer(moe_model *m, const moe_batch *b, int l, float *x, float *xn, float *y,
                      const moe_run_hooks *h) {
     size_t H = (size_t)m->cfg->hidden_size;
+    moe_drop_kind drop = moe_model_layer_drop(m, l);
+    if (drop == MOE_DROP_BLOCK) return 0; /* BlockDrop: x passes unchanged */
     int rc = 0;
     if (h && h->attention)
         rc = h->attention(h->ctx, l, x);
     else
         for (int s = 0; s < b->n && rc == 0; s++)
             rc = moe_layer_attention(m, l, x + b->off[s] * H, b->T[s]);
+    if (drop == MOE_DROP_MLP) return rc; /* LayerDrop: x = x + Attn(...) only */
     if (rc == 0) rc = moe_layer_mlp_input(m, l, xn, x, (int)b->tot);
     if (rc == 0)
         rc = moe_layer_mlp_run(m, l, y, xn, (int)b->tot, h ? h->router : NULL,
@@ -238,16 +253,8 @@ int moe_model_forward(moe_model *m, moe_seq *seqs, int n, int start_layer, moe_r
     int L = m->cfg->num_layers;
     size_t H = (size_t)m->cfg->hidden_size;
     if (check_seqs(m, seqs, n, start_layer) < 0) return -1;
-    const int32_t **ids = moe_malloc(sizeof *ids * (size_t)(n + 1));
-    int *T = moe_malloc(sizeof(int) * (size_t)(n + 1));
-    for (int s = 0; s < n; s++) {
-        ids[s] = seqs[s].ids;
-        T[s] = seqs[s].T;
-    }
     moe_batch b;
-    moe_batch_init(&b, n, ids, T, 0);
-    free(ids);
-    free(T);
+    moe_batch_of_seqs(&b, seqs, n);
     hidden_out o = {m, seqs, &b};
     float *x = moe_model_alloc(m, b.tot * H);
     int rc = forward_input(&o, start_layer, x);

@@ -440,8 +440,30 @@ const char *moe_model_fingerprint(const moe_model *m) { return moe_ckpt_fingerpr
 /* ---- layer kinds ---------------------------------------------------------- */
 
 moe_mlp_kind moe_model_layer_kind(const moe_model *m, int l) {
+    if (m->ov[l].drop) return MOE_MLP_NONE;
     if (m->ov[l].active) return MOE_MLP_CONDENSED;
     return m->cfg->layers[l].kind;
+}
+
+moe_drop_kind moe_model_layer_drop(const moe_model *m, int l) {
+    if (l < 0 || l >= m->cfg->num_layers) return MOE_DROP_NONE;
+    if (m->ov[l].drop) return m->ov[l].drop;
+    if (m->ov[l].active) return MOE_DROP_NONE;
+    return m->cfg->layers[l].kind == MOE_MLP_NONE ? m->cfg->layers[l].drop : MOE_DROP_NONE;
+}
+
+int moe_model_drop_layer(moe_model *m, int l, moe_drop_kind d) {
+    if (mdl_check_layer(m, l) < 0) return -1;
+    if (m->cfg->layers[l].kind == MOE_MLP_NONE || (d != MOE_DROP_MLP && d != MOE_DROP_BLOCK)) {
+        moe_error_set(MOE_ERR_DATA, "%s: layer %d: %s", moe_ckpt_dir(m->ck), l,
+                      m->cfg->layers[l].kind == MOE_MLP_NONE ? "already dropped in the checkpoint"
+                                                             : "unknown drop kind");
+        return -1;
+    }
+    moe_layer_unload(m, l);
+    m->ov[l].active = 0;
+    m->ov[l].drop = d;
+    return 0;
 }
 
 void mdl_condensed_list(const moe_model *m, int l, int *n, const int **ex, const float **w) {
@@ -479,6 +501,7 @@ int moe_model_condense_layer(moe_model *m, int l, int n, const int *experts,
     }
     moe_layer_unload(m, l);
     layer_override *o = &m->ov[l];
+    o->drop = MOE_DROP_NONE;
     free(o->experts);
     free(o->weights);
     o->experts = moe_malloc(sizeof(int) * (size_t)(n + 1));
@@ -493,9 +516,10 @@ int moe_model_condense_layer(moe_model *m, int l, int n, const int *experts,
 }
 
 void moe_model_restore_layer(moe_model *m, int l) {
-    if (l < 0 || l >= m->cfg->num_layers || !m->ov[l].active) return;
+    if (l < 0 || l >= m->cfg->num_layers || (!m->ov[l].active && !m->ov[l].drop)) return;
     moe_layer_unload(m, l);
     m->ov[l].active = 0;
+    m->ov[l].drop = MOE_DROP_NONE;
 }
 
 /* ---- load / unload --------------------------------------------------------- */
@@ -637,8 +661,10 @@ static int layer_load(moe_model *m, int l, int prefetch) {
     do {                                                                                           \
         if (!(x)) goto fail;                                                                       \
     } while (0)
+    moe_mlp_kind kind = moe_model_layer_kind(m, l);
+    if (moe_model_layer_drop(m, l) == MOE_DROP_BLOCK) goto done; /* nothing to load */
     REQ(w->in_norm = mdl_load_vec(m, l, MOE_T_INPUT_NORM));
-    REQ(w->post_norm = mdl_load_vec(m, l, MOE_T_POST_NORM));
+    if (kind != MOE_MLP_NONE) REQ(w->post_norm = mdl_load_vec(m, l, MOE_T_POST_NORM));
     REQ(w->wq = mdl_load_mat(m, l, MOE_T_Q_PROJ, -1));
     REQ(w->wk = mdl_load_mat(m, l, MOE_T_K_PROJ, -1));
     REQ(w->wv = mdl_load_mat(m, l, MOE_T_V_PROJ, -1));
@@ -652,9 +678,10 @@ static int layer_load(moe_model *m, int l, int prefetch) {
         REQ(w->qn = mdl_load_vec(m, l, MOE_T_Q_NORM));
         REQ(w->kn = mdl_load_vec(m, l, MOE_T_K_NORM));
     }
-    moe_mlp_kind kind = moe_model_layer_kind(m, l);
     const moe_layer_mlp *d = &c->layers[l];
-    if (kind == MOE_MLP_DENSE) {
+    if (kind == MOE_MLP_NONE) {
+        /* LayerDrop: the attention only */
+    } else if (kind == MOE_MLP_DENSE) {
         w->I = moe_config_dense_width(c, l); /* a folded condensed layer has its own */
         REQ(w->gu = mdl_load_gate_up(m, l, MOE_T_MLP_GATE, MOE_T_MLP_UP, -1, (size_t)w->I * H));
         REQ(w->down = mdl_load_mat(m, l, MOE_T_MLP_DOWN, -1));
@@ -684,6 +711,7 @@ static int layer_load(moe_model *m, int l, int prefetch) {
         }
     }
 #undef REQ
+done:
     if (!m->borrow) moe_ckpt_release_layer(m->ck, l); /* borrow: at unload */
     /* layer-major callers load l+1 next: let the kernel read it ahead */
     if (l + 1 < c->num_layers) moe_ckpt_prefetch_layer(m->ck, l + 1);

@@ -223,6 +223,57 @@ static void test_condensed(void **state)
     expect_err(buf, "dense layer");
 }
 
+/* dropped_layers: LayerDrop keeps the attention only, BlockDrop nothing;
+ * written back by the JSON writer; bad entries refused */
+static void test_dropped(void **state)
+{
+    (void)state;
+    const char *head = "{\"model_type\":\"qwen2_moe\"," BASE "\"intermediate_size\":128,\"moe_intermediate_size\":16,"
+                       "\"num_experts\":6,\"shared_expert_intermediate_size\":48,\"num_experts_per_tok\":2,";
+    char buf[2048];
+    snprintf(buf, sizeof buf, "%s\"dropped_layers\":{\"1\":\"mlp\",\"3\":\"block\"}}", head);
+    moe_config *c = parse_ok(buf);
+    assert_int_equal(c->n_dropped, 2);
+    assert_int_equal(c->layers[1].kind, MOE_MLP_NONE);
+    assert_int_equal(c->layers[1].drop, MOE_DROP_MLP);
+    assert_int_equal(c->layers[3].drop, MOE_DROP_BLOCK);
+    assert_int_equal(moe_config_has_tensor(c, 1, MOE_T_Q_PROJ), 1);
+    assert_int_equal(moe_config_has_tensor(c, 1, MOE_T_Q_BIAS), 1);
+    assert_int_equal(moe_config_has_tensor(c, 1, MOE_T_POST_NORM), 0);
+    assert_int_equal(moe_config_has_tensor(c, 1, MOE_T_SHARED_GATE), 0);
+    assert_int_equal(moe_config_has_tensor(c, 1, MOE_T_EXPERT_GATE), 0);
+    assert_int_equal(moe_config_has_tensor(c, 3, MOE_T_INPUT_NORM), 0);
+    assert_int_equal(moe_config_has_tensor(c, 2, MOE_T_ROUTER), 1);
+    assert_int_equal(moe_config_base_is_moe(c, 3), 1);
+    moe_tensor_ref *r;
+    int n = moe_config_tensor_list(c, &r);
+    int in1 = 0, in3 = 0;
+    for (int i = 0; i < n; i++) {
+        in1 += r[i].layer == 1;
+        in3 += r[i].layer == 3;
+    }
+    assert_int_equal(in1, 8); /* input norm, q/k/v/o, q/k/v biases */
+    assert_int_equal(in3, 0);
+    free(r);
+    char *js = moe_config_to_json(c, "bfloat16");
+    moe_config *c2 = parse_ok(js);
+    assert_int_equal(c2->n_dropped, 2);
+    assert_int_equal(c2->layers[3].drop, MOE_DROP_BLOCK);
+    moe_config_free(c2);
+    free(js);
+    moe_config_free(c);
+
+    snprintf(buf, sizeof buf, "%s\"dropped_layers\":{\"4\":\"mlp\"}}", head);
+    expect_err(buf, "dropped_layers: key '4' is not a layer index in [0, 4)");
+    snprintf(buf, sizeof buf, "%s\"dropped_layers\":{\"1\":\"attention\"}}", head);
+    expect_err(buf, "dropped_layers: layer 1: expected \"mlp\" or \"block\"");
+    snprintf(buf, sizeof buf, "%s\"dropped_layers\":[1]}", head);
+    expect_err(buf, "dropped_layers is not an object");
+    snprintf(buf, sizeof buf, "%s\"condensed_layers\":{\"2\":{\"experts\":[1],\"weights\":[1]}},"
+             "\"dropped_layers\":{\"2\":\"mlp\"}}", head);
+    expect_err(buf, "dropped_layers: layer 2 is already condensed");
+}
+
 static void test_errors(void **state)
 {
     (void)state;
@@ -323,6 +374,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_deepseek),     cmocka_unit_test(test_qwen2),
         cmocka_unit_test(test_qwen3_olmoe_mixtral), cmocka_unit_test(test_condensed),
+        cmocka_unit_test(test_dropped),
         cmocka_unit_test(test_errors),       cmocka_unit_test(test_json_roundtrip),
         cmocka_unit_test(test_bounded_by_checkpoint),
     };
