@@ -304,42 +304,59 @@ static void ref_matmul(float *y, const float *x, const void *wv, const float *bi
  *       place with the same sgemm shapes, so "cpu" and "cpu-bf16" agree bit
  *       for bit on the widened weights, as their forwards do);
  *   dw: tiles of GEMM_COLS x GEMM_COLS, each one sgemm over all T tokens;
- *   dbias: per feature, tokens in order, summed in double. */
-#define BW_ROWS 256
+ *   dbias: per feature, tokens in order, summed in double.
+ * The dx and dw tiles form one list of tasks (the larger dx tiles first), so
+ * that both products together keep many cores busy at a few hundred tokens. */
+#define BW_ROWS 128
 #define BW_CHUNK 512
 
-static void matmul_backward_dx(float *dx, const float *dy, const void *w, int wdt, int T, int K,
-                               int N) {
-    int nr = (T + BW_ROWS - 1) / BW_ROWS, nb = (K + GEMM_COLS - 1) / GEMM_COLS;
-#pragma omp parallel for schedule(dynamic, 1) if (nr * nb > 1 && (double)T * N * K > 2e6)
-    for (int i = 0; i < nr * nb; i++) {
-        int t0 = i / nb * BW_ROWS, tc = T - t0 < BW_ROWS ? T - t0 : BW_ROWS;
-        int k0 = i % nb * GEMM_COLS, kc = K - k0 < GEMM_COLS ? K - k0 : GEMM_COLS;
-        for (int n0 = 0; n0 < N; n0 += BW_CHUNK) {
-            int nc = N - n0 < BW_CHUNK ? N - n0 : BW_CHUNK;
-            const float *wc = (const float *)w + (size_t)n0 * K + k0;
-            int ldw = K;
-            if (wdt != MOE_DT_F32) {
-                float *b = wbuf(0, (size_t)BW_CHUNK * GEMM_COLS);
-                const unsigned char *src = (const unsigned char *)w + 2 * ((size_t)n0 * K + k0);
-                for (int n = 0; n < nc; n++) bf16_to_f32(b + (size_t)n * kc, src + 2 * (size_t)n * K, kc);
-                wc = b;
-                ldw = kc;
-            }
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, tc, kc, nc, 1.0f,
-                        dy + (size_t)t0 * N + n0, N, wc, ldw, 1.0f, dx + (size_t)t0 * K + k0, K);
+typedef struct {
+    float *dx, *dw;
+    const float *dy, *x;
+    const void *w;
+    int wdt, T, K, N;
+} mmb_args;
+
+/* dx[t0:t0+tc, k0:k0+kc] += dy[t0:, :]·W[:, k0:k0+kc], N in chunks */
+static void mmb_dx_tile(const mmb_args *a, int t0, int tc, int k0, int kc) {
+    int K = a->K, N = a->N;
+    for (int n0 = 0; n0 < N; n0 += BW_CHUNK) {
+        int nc = N - n0 < BW_CHUNK ? N - n0 : BW_CHUNK;
+        const float *wc = (const float *)a->w + (size_t)n0 * K + k0;
+        int ldw = K;
+        if (a->wdt != MOE_DT_F32) {
+            float *b = wbuf(0, (size_t)BW_CHUNK * GEMM_COLS);
+            const unsigned char *src = (const unsigned char *)a->w + 2 * ((size_t)n0 * K + k0);
+            for (int n = 0; n < nc; n++) bf16_to_f32(b + (size_t)n * kc, src + 2 * (size_t)n * K, kc);
+            wc = b;
+            ldw = kc;
         }
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, tc, kc, nc, 1.0f,
+                    a->dy + (size_t)t0 * N + n0, N, wc, ldw, 1.0f, a->dx + (size_t)t0 * K + k0, K);
     }
 }
 
-static void matmul_backward_dw(float *dw, const float *dy, const float *x, int T, int K, int N) {
-    int nr = (N + GEMM_COLS - 1) / GEMM_COLS, nb = (K + GEMM_COLS - 1) / GEMM_COLS;
-#pragma omp parallel for schedule(dynamic, 1) if (nr * nb > 1 && (double)T * N * K > 2e6)
-    for (int i = 0; i < nr * nb; i++) {
-        int n0 = i / nb * GEMM_COLS, nc = N - n0 < GEMM_COLS ? N - n0 : GEMM_COLS;
-        int k0 = i % nb * GEMM_COLS, kc = K - k0 < GEMM_COLS ? K - k0 : GEMM_COLS;
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, nc, kc, T, 1.0f, dy + n0, N, x + k0, K,
-                    1.0f, dw + (size_t)n0 * K + k0, K);
+/* dw[n0:n0+nc, k0:k0+kc] += dy[:, n0:]ᵀ·x[:, k0:] over all T */
+static void mmb_dw_tile(const mmb_args *a, int n0, int nc, int k0, int kc) {
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, nc, kc, a->T, 1.0f, a->dy + n0, a->N,
+                a->x + k0, a->K, 1.0f, a->dw + (size_t)n0 * a->K + k0, a->K);
+}
+
+static void mmb_tiles(const mmb_args *a) {
+    int T = a->T, K = a->K, N = a->N, nb = (K + GEMM_COLS - 1) / GEMM_COLS;
+    int ndx = a->dx ? (T + BW_ROWS - 1) / BW_ROWS * nb : 0;
+    int ndw = a->dw ? (N + GEMM_COLS - 1) / GEMM_COLS * nb : 0;
+#pragma omp parallel for schedule(dynamic, 1) if (ndx + ndw > 1 && (double)T * N * K > 2e6)
+    for (int i = 0; i < ndx + ndw; i++) {
+        int j = i < ndx ? i : i - ndx;
+        int k0 = j % nb * GEMM_COLS, kc = K - k0 < GEMM_COLS ? K - k0 : GEMM_COLS;
+        if (i < ndx) {
+            int t0 = j / nb * BW_ROWS;
+            mmb_dx_tile(a, t0, T - t0 < BW_ROWS ? T - t0 : BW_ROWS, k0, kc);
+        } else {
+            int n0 = j / nb * GEMM_COLS;
+            mmb_dw_tile(a, n0, N - n0 < GEMM_COLS ? N - n0 : GEMM_COLS, k0, kc);
+        }
     }
 }
 
@@ -360,8 +377,8 @@ static void matmul_backward_dt(float *dx, float *dw, float *dbias, const float *
                                const void *w, int wdt, int T, int K, int N) {
     if (T <= 0 || N <= 0) return;
     blas_single();
-    if (K > 0 && dx) matmul_backward_dx(dx, dy, w, wdt, T, K, N);
-    if (K > 0 && dw) matmul_backward_dw(dw, dy, x, T, K, N);
+    mmb_args a = {dx, dw, dy, x, w, wdt, T, K, N};
+    if (K > 0) mmb_tiles(&a);
     if (dbias) bias_backward(dbias, dy, T, N);
 }
 

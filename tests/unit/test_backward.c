@@ -155,7 +155,7 @@ static void test_matmul_backward(void **state) {
 }
 
 /* the tiled sgemm version against the plain loops, at shapes that cross every
- * tile edge (rows 256, columns 512, weight-row chunks 512); "cpu-bf16" gives
+ * tile edge (rows 128, columns 512, weight-row chunks 512); "cpu-bf16" gives
  * the bits of "cpu" on the widened weights */
 static void test_matmul_backward_tiles(void **state) {
     (void)state;
