@@ -1236,9 +1236,34 @@ void moe_dispatch_free(moe_dispatch *d) {
     memset(d, 0, sizeof *d);
 }
 
-/* ---- attention over a KV cache (attention_kv) ------------------------------
- *
- * Reference: one (head, query) at a time, plain loops; query t at position
+/* ---- attention over a KV cache (attention_kv) ------------------------------ */
+
+/* Shared by the forward and backward kernels: s[0..last] ← exp(s − max),
+ * returns 1 / Σ (fp32 exp, double sum); the row's softmax is s[j]·inv. */
+static float exp_prefix(float *s, int last) {
+    float mx = -INFINITY;
+    for (int j = 0; j <= last; j++)
+        if (s[j] > mx) mx = s[j];
+    double sum = 0.0;
+    for (int j = 0; j <= last; j++) {
+        s[j] = expf(s[j] - mx);
+        sum += s[j];
+    }
+    return (float)(1.0 / sum);
+}
+
+/* reference scores of query qi against keys 0..last of KV head kh: s[j] = scale·qi·k_j */
+static void ref_scores(float *s, const float *qi, const float *k, float scale, int last, int kh,
+                       int nkv, int D) {
+    for (int j = 0; j <= last; j++) {
+        const float *kj = k + ((size_t)j * nkv + kh) * D;
+        float d = 0.0f;
+        for (int c = 0; c < D; c++) d += qi[c] * kj[c];
+        s[j] = d * scale;
+    }
+}
+
+/* Reference: one (head, query) at a time, plain loops; query t at position
  * P + t sees keys 0..P+t. */
 static void ref_attention_kv(float *out, const float *q, const float *k, const float *v,
                              float scale, int P, int T, int nh, int nkv, int D) {
@@ -1251,20 +1276,8 @@ static void ref_attention_kv(float *out, const float *q, const float *k, const f
             for (int i = 0; i < T; i++) {
                 int kh = h / rep, last = P + i;
                 const float *qi = q + ((size_t)i * nh + h) * D;
-                float mx = -INFINITY;
-                for (int j = 0; j <= last; j++) {
-                    const float *kj = k + ((size_t)j * nkv + kh) * D;
-                    float d = 0.0f;
-                    for (int c = 0; c < D; c++) d += qi[c] * kj[c];
-                    s[j] = d * scale;
-                    if (s[j] > mx) mx = s[j];
-                }
-                double sum = 0.0;
-                for (int j = 0; j <= last; j++) {
-                    s[j] = expf(s[j] - mx);
-                    sum += s[j];
-                }
-                float inv = (float)(1.0 / sum);
+                ref_scores(s, qi, k, scale, last, kh, nkv, D);
+                float inv = exp_prefix(s, last);
                 float *o = out + ((size_t)i * nh + h) * D;
                 for (int c = 0; c < D; c++) o[c] = 0.0f;
                 for (int j = 0; j <= last; j++) {
@@ -1370,15 +1383,7 @@ static void cpu_attention_kv(float *out, const float *q, const float *k, const f
             for (int t = 0; t < T; t++) {
                 float *s = S + (size_t)t * ldS;
                 int last = P + t, end = (last / ATT_KB + 1) * ATT_KB;
-                float mx = -INFINITY;
-                for (int j = 0; j <= last; j++)
-                    if (s[j] > mx) mx = s[j];
-                double sum = 0.0;
-                for (int j = 0; j <= last; j++) {
-                    s[j] = expf(s[j] - mx);
-                    sum += s[j];
-                }
-                float inv = (float)(1.0 / sum);
+                float inv = exp_prefix(s, last);
                 for (int j = 0; j <= last; j++) s[j] *= inv;
                 for (int j = last + 1; j < end; j++) s[j] = 0.0f;
             }
@@ -1421,20 +1426,8 @@ static void ref_attention_row_backward(float *dq, float *dk, float *dv, const fl
                                        int kh, int nh, int nkv, int D) {
     const float *qi = q + ((size_t)i * nh + h) * D, *gi = dout + ((size_t)i * nh + h) * D;
     const float *oi = out + ((size_t)i * nh + h) * D;
-    float mx = -INFINITY;
-    for (int j = 0; j <= i; j++) {
-        const float *kj = k + ((size_t)j * nkv + kh) * D;
-        float d = 0.0f;
-        for (int c = 0; c < D; c++) d += qi[c] * kj[c];
-        s[j] = d * scale;
-        if (s[j] > mx) mx = s[j];
-    }
-    double sum = 0.0;
-    for (int j = 0; j <= i; j++) {
-        s[j] = expf(s[j] - mx);
-        sum += s[j];
-    }
-    float inv = (float)(1.0 / sum), rowdot = 0.0f;
+    ref_scores(s, qi, k, scale, i, kh, nkv, D);
+    float inv = exp_prefix(s, i), rowdot = 0.0f;
     for (int c = 0; c < D; c++) rowdot += gi[c] * oi[c];
     float *dqi = dq + ((size_t)i * nh + h) * D;
     for (int j = 0; j <= i; j++) {
@@ -1493,15 +1486,7 @@ static void attb_softmax_grad(float *S, float *dP, const attb_args *a, int h, in
     for (int i = 0; i < qb; i++) {
         float *s = S + (size_t)i * nk, *dp = dP + (size_t)i * nk;
         int last = t0 + i;
-        float mx = -INFINITY;
-        for (int j = 0; j <= last; j++)
-            if (s[j] > mx) mx = s[j];
-        double sum = 0.0;
-        for (int j = 0; j <= last; j++) {
-            s[j] = expf(s[j] - mx);
-            sum += s[j];
-        }
-        float inv = (float)(1.0 / sum);
+        float inv = exp_prefix(s, last);
         size_t row = ((size_t)last * a->nh + h) * a->D;
         double rd = 0.0;
         for (int c = 0; c < a->D; c++) rd += (double)a->dout[row + c] * a->out[row + c];
