@@ -933,8 +933,8 @@ static void cpu_embed_backward(float *dE, const float *dx, const int32_t *ids, i
 }
 
 /* loss_t = logsumexp(l_t) − l_t[target] (fp32 max-subtracted exp, double
- * sum); dl_t = (softmax(l_t) − onehot)·dscale, written (may alias l: each
- * element is read before it is overwritten).  Ignored rows: 0, 0. */
+ * sum); dl_t = (softmax(l_t) − onehot)·dscale, written (may alias l: a row's
+ * max and target logit are read before the row is overwritten).  Ignored rows: 0, 0. */
 static void cpu_cross_entropy(float *loss, float *dlogits, const float *logits,
                               const int32_t *targets, float dscale, int T, int V) {
 #pragma omp parallel for schedule(static)
@@ -946,17 +946,22 @@ static void cpu_cross_entropy(float *loss, float *dlogits, const float *logits,
             if (dlogits) memset(dlogits + (size_t)t * V, 0, sizeof(float) * V);
             continue;
         }
-        float mx = -INFINITY;
+        float mx = -INFINITY, lt = l[tg];
         for (int c = 0; c < V; c++)
             if (l[c] > mx) mx = l[c];
+        /* exp(l − max) kept in dlogits (one expf per logit), normalised after */
+        float *d = dlogits ? dlogits + (size_t)t * V : NULL;
         double sum = 0.0;
-        for (int c = 0; c < V; c++) sum += expf(l[c] - mx);
-        loss[t] = (float)((double)mx + log(sum) - (double)l[tg]);
-        if (!dlogits) continue;
-        float *d = dlogits + (size_t)t * V;
+        for (int c = 0; c < V; c++) {
+            float e = expf(l[c] - mx);
+            sum += e;
+            if (d) d[c] = e;
+        }
+        loss[t] = (float)((double)mx + log(sum) - (double)lt);
+        if (!d) continue;
         double inv = 1.0 / sum;
         for (int c = 0; c < V; c++) {
-            double p = expf(l[c] - mx) * inv;
+            double p = d[c] * inv;
             d[c] = (float)((c == tg ? p - 1.0 : p) * dscale);
         }
     }
