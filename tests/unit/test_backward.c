@@ -706,6 +706,11 @@ static size_t run_all(float *out, int threads) {
     be->matmul_backward(out + o, out + o + (size_t)T * K, out + o + (size_t)T * K + (size_t)N * K, dy,
                         x, w, T, K, N);
     o += (size_t)T * K + (size_t)N * K + N;
+    uint16_t *wb = malloc(sizeof(uint16_t) * N * K); /* cpu-bf16: BF16 weight */
+    moe_backend_cpu_bf16()->to_weight_dtype(wb, w, (size_t)N * K);
+    moe_backend_cpu_bf16()->matmul_backward(out + o, NULL, NULL, dy, x, wb, T, K, N);
+    o += (size_t)T * K;
+    free(wb);
     /* attention (out: the forward's) */
     float *ao = zeros((size_t)T * nh * D);
     be->attention(ao, q, k, v, 0.2f, T, nh, nkv, D);
