@@ -5,7 +5,8 @@
 # OpenBLAS sgemms; all cores on both sides, measured in the same run.
 # Shapes: DeepSeekMoE-16B's (hidden 2048, expert 1408, 16 heads of 128) at 512
 # tokens, a small model's, and GQA.  PyTorch: $CDMOE_REF_PYTHON, else
-# .venv-ref/bin/python, else python3 (skipped without torch).
+# .venv-ref/bin/python, else python3 (skipped without torch).  BENCH_THREADS=N:
+# N threads on every side (default all cores; 1 is the steadiest on a busy machine).
 set -eu
 cd "$(dirname "$0")/.."
 : "${BUILD:=build}"
@@ -15,7 +16,7 @@ PY=${CDMOE_REF_PYTHON:-}
 [ -n "$PY" ] || { [ -x .venv-ref/bin/python ] && PY=.venv-ref/bin/python; } || PY=python3
 $PY -c 'import torch' 2>/dev/null || PY=
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive}
-echo "-- machine: $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "-- machine: $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg); threads: ${BENCH_THREADS:-all}"
 [ -n "$PY" ] || echo "-- no torch: PyTorch columns skipped"
 
 # value of KEY in the lines of $1

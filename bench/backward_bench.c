@@ -5,7 +5,8 @@
  *                                    products as threaded OpenBLAS sgemms
  *   backward_bench attention T NH NKV D   attention_backward
  *
- * Each prints key=value lines: the best of 7 windows of >= 50 ms, in ms. */
+ * Each prints key=value lines: the best of 7 windows of >= 50 ms, in ms.
+ * Threads: $BENCH_THREADS (default: all cores). */
 #include <cblas.h>
 #include <math.h>
 #include <omp.h>
@@ -23,6 +24,12 @@ static float *rand_vec(size_t n, unsigned seed) {
         v[i] = (float)(seed >> 8) / 16777216.0f - 0.5f;
     }
     return v;
+}
+
+static int bench_threads(void) {
+    const char *e = getenv("BENCH_THREADS");
+    int n = e ? atoi(e) : 0;
+    return n > 0 ? n : omp_get_num_procs();
 }
 
 typedef void (*bench_fn)(void *ctx);
@@ -65,11 +72,11 @@ static void mm_blas(void *p) { /* dx += dy·W, dw += dyᵀ·x, OpenBLAS's own th
 static int bench_matmul(int T, int K, int N) {
     mm_ctx c = {moe_backend_cpu(), T, K, N, rand_vec((size_t)T * K, 1), rand_vec((size_t)N * K, 2),
                 rand_vec((size_t)T * N, 3), rand_vec((size_t)T * K, 4), rand_vec((size_t)N * K, 5)};
-    moe_kernels_set_threads(0);
+    moe_kernels_set_threads(bench_threads());
     double ours = best_ms(mm_ours, &c);
-    openblas_set_num_threads(omp_get_num_procs());
+    openblas_set_num_threads(bench_threads());
     double blas = best_ms(mm_blas, &c);
-    moe_kernels_set_threads(0); /* back to single-threaded OpenBLAS inside our threads */
+    moe_kernels_set_threads(bench_threads()); /* back to single-threaded OpenBLAS inside ours */
     double gf = 4.0 * T * K * N / 1e6;
     printf("matmul_T%d_K%d_N%d_ours_ms=%.2f\nmatmul_T%d_K%d_N%d_openblas_ms=%.2f\n"
            "matmul_T%d_K%d_N%d_ours_gflops=%.1f\n",
@@ -95,7 +102,7 @@ static int bench_attention(int T, int nh, int nkv, int D) {
     att_ctx c = {moe_backend_cpu(), T, nh, nkv, D, rand_vec(nq, 1), rand_vec(nk, 2), rand_vec(nk, 3),
                  moe_malloc(nq * sizeof(float)), rand_vec(nq, 4), rand_vec(nq, 5), rand_vec(nk, 6),
                  rand_vec(nk, 7)};
-    moe_kernels_set_threads(0);
+    moe_kernels_set_threads(bench_threads());
     c.be->attention(c.out, c.q, c.k, c.v, 1.0f / sqrtf((float)D), T, nh, nkv, D);
     double ours = best_ms(att_ours, &c);
     /* per head 5 products of T x T x D (S recomputed, dP, dq, dk, dv), causal: half each */

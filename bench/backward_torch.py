@@ -3,7 +3,8 @@
     backward_torch.py matmul T K N            y = x·Wᵀ; y.backward(dy): dx and dW
     backward_torch.py attention T NH NKV D    causal scaled_dot_product_attention
                                               (GQA), backward only
-Prints key=value lines: best of 7 windows of >= 50 ms, in ms, all cores.
+Prints key=value lines: best of 7 windows of >= 50 ms, in ms; threads: $BENCH_THREADS
+(default: all cores).
 """
 import os
 import sys
@@ -54,5 +55,5 @@ def attention(T, nh, nkv, D):
     print(f"attention_T{T}_H{nh}_KV{nkv}_D{D}_torch_ms={best_ms(step):.2f}")
 
 
-torch.set_num_threads(os.cpu_count())
+torch.set_num_threads(int(os.environ.get("BENCH_THREADS") or 0) or os.cpu_count())
 {"matmul": matmul, "attention": attention}[sys.argv[1]](*map(int, sys.argv[2:]))

@@ -297,18 +297,23 @@ static void ref_matmul(float *y, const float *x, const void *wv, const float *bi
  * one thread in a fixed order, on tiles of fixed sizes (not sized from the
  * thread count as the forward's row tiles are), so the sgemm calls -- hence
  * the bits -- depend only on the shapes:
- *   dx: tiles of BW_ROWS rows x GEMM_COLS columns; the reduction over the N
+ *   dx: tiles of BW_ROWS rows x BW_COLS columns; the reduction over the N
  *       weight rows runs in chunks of BW_CHUNK rows, ascending, each one
  *       sgemm accumulating into the tile (bf16: the chunk's W[n0:, k0:] is
  *       widened into the thread's buffer first; the f32 table reads it in
  *       place with the same sgemm shapes, so "cpu" and "cpu-bf16" agree bit
  *       for bit on the widened weights, as their forwards do);
- *   dw: tiles of GEMM_COLS x GEMM_COLS, each one sgemm over all T tokens;
+ *   dw: tiles of BW_COLS x BW_COLS, each one sgemm over all T tokens;
  *   dbias: per feature, tokens in order, summed in double.
  * The dx and dw tiles form one list of tasks (the larger dx tiles first), so
- * that both products together keep many cores busy at a few hundred tokens. */
-#define BW_ROWS 128
-#define BW_CHUNK 512
+ * that both products together keep many cores busy at a few hundred tokens.
+ * The sizes trade one core's speed against the task count: single-threaded
+ * (CPU time, AVX-512 OpenBLAS), 0.91-0.95x one whole sgemm per product at
+ * T 512, K 1408-2048, N 2048-2816 (rows 128: 0.88-0.92x; 1024 columns:
+ * 0.96x but a third of the tasks), with 32 tasks at those shapes. */
+#define BW_ROWS 256
+#define BW_COLS 512
+#define BW_CHUNK 1024
 
 typedef struct {
     float *dx, *dw;
@@ -325,7 +330,7 @@ static void mmb_dx_tile(const mmb_args *a, int t0, int tc, int k0, int kc) {
         const float *wc = (const float *)a->w + (size_t)n0 * K + k0;
         int ldw = K;
         if (a->wdt != MOE_DT_F32) {
-            float *b = wbuf(0, (size_t)BW_CHUNK * GEMM_COLS);
+            float *b = wbuf(0, (size_t)BW_CHUNK * BW_COLS);
             const unsigned char *src = (const unsigned char *)a->w + 2 * ((size_t)n0 * K + k0);
             for (int n = 0; n < nc; n++) bf16_to_f32(b + (size_t)n * kc, src + 2 * (size_t)n * K, kc);
             wc = b;
@@ -343,19 +348,19 @@ static void mmb_dw_tile(const mmb_args *a, int n0, int nc, int k0, int kc) {
 }
 
 static void mmb_tiles(const mmb_args *a) {
-    int T = a->T, K = a->K, N = a->N, nb = (K + GEMM_COLS - 1) / GEMM_COLS;
+    int T = a->T, K = a->K, N = a->N, nb = (K + BW_COLS - 1) / BW_COLS;
     int ndx = a->dx ? (T + BW_ROWS - 1) / BW_ROWS * nb : 0;
-    int ndw = a->dw ? (N + GEMM_COLS - 1) / GEMM_COLS * nb : 0;
+    int ndw = a->dw ? (N + BW_COLS - 1) / BW_COLS * nb : 0;
 #pragma omp parallel for schedule(dynamic, 1) if (ndx + ndw > 1 && (double)T * N * K > 2e6)
     for (int i = 0; i < ndx + ndw; i++) {
         int j = i < ndx ? i : i - ndx;
-        int k0 = j % nb * GEMM_COLS, kc = K - k0 < GEMM_COLS ? K - k0 : GEMM_COLS;
+        int k0 = j % nb * BW_COLS, kc = K - k0 < BW_COLS ? K - k0 : BW_COLS;
         if (i < ndx) {
             int t0 = j / nb * BW_ROWS;
             mmb_dx_tile(a, t0, T - t0 < BW_ROWS ? T - t0 : BW_ROWS, k0, kc);
         } else {
-            int n0 = j / nb * GEMM_COLS;
-            mmb_dw_tile(a, n0, N - n0 < GEMM_COLS ? N - n0 : GEMM_COLS, k0, kc);
+            int n0 = j / nb * BW_COLS;
+            mmb_dw_tile(a, n0, N - n0 < BW_COLS ? N - n0 : BW_COLS, k0, kc);
         }
     }
 }
