@@ -6,7 +6,9 @@
 # Shapes: DeepSeekMoE-16B's (hidden 2048, expert 1408, 16 heads of 128) at 512
 # tokens, a small model's, and GQA.  PyTorch: $CDMOE_REF_PYTHON, else
 # .venv-ref/bin/python, else python3 (skipped without torch).  BENCH_THREADS=N:
-# N threads on every side (default all cores; 1 is the steadiest on a busy machine).
+# N threads on every side (default all cores); BENCH_CLOCK=cpu: process CPU time
+# instead of the wall clock (BENCH_THREADS=1 BENCH_CLOCK=cpu: the steadiest
+# figures on a busy machine).
 set -eu
 cd "$(dirname "$0")/.."
 : "${BUILD:=build}"
@@ -16,7 +18,7 @@ PY=${CDMOE_REF_PYTHON:-}
 [ -n "$PY" ] || { [ -x .venv-ref/bin/python ] && PY=.venv-ref/bin/python; } || PY=python3
 $PY -c 'import torch' 2>/dev/null || PY=
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive}
-echo "-- machine: $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg); threads: ${BENCH_THREADS:-all}"
+echo "-- machine: $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg); threads: ${BENCH_THREADS:-all}, clock: ${BENCH_CLOCK:-wall}"
 [ -n "$PY" ] || echo "-- no torch: PyTorch columns skipped"
 
 # value of KEY in the lines of $1
