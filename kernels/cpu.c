@@ -297,49 +297,71 @@ static void ref_matmul(float *y, const float *x, const void *wv, const float *bi
  * one thread in a fixed order, on tiles of fixed sizes (not sized from the
  * thread count as the forward's row tiles are), so the sgemm calls -- hence
  * the bits -- depend only on the shapes:
- *   dx: tiles of BW_ROWS rows x GEMM_COLS columns; the reduction over the N
+ *   dx: tiles of BW_ROWS rows x BW_COLS columns; the reduction over the N
  *       weight rows runs in chunks of BW_CHUNK rows, ascending, each one
  *       sgemm accumulating into the tile (bf16: the chunk's W[n0:, k0:] is
  *       widened into the thread's buffer first; the f32 table reads it in
  *       place with the same sgemm shapes, so "cpu" and "cpu-bf16" agree bit
  *       for bit on the widened weights, as their forwards do);
- *   dw: tiles of GEMM_COLS x GEMM_COLS, each one sgemm over all T tokens;
- *   dbias: per feature, tokens in order, summed in double. */
+ *   dw: tiles of BW_COLS x BW_COLS, each one sgemm over all T tokens;
+ *   dbias: per feature, tokens in order, summed in double.
+ * The dx and dw tiles form one list of tasks (the larger dx tiles first), so
+ * that both products together keep many cores busy at a few hundred tokens.
+ * The sizes trade one core's speed against the task count: single-threaded
+ * (CPU time, AVX-512 OpenBLAS), 0.91-0.95x one whole sgemm per product at
+ * T 512, K 1408-2048, N 2048-2816 (rows 128: 0.88-0.92x; 1024 columns:
+ * 0.96x but a third of the tasks), with 32 tasks at those shapes. */
 #define BW_ROWS 256
-#define BW_CHUNK 512
+#define BW_COLS 512
+#define BW_CHUNK 1024
 
-static void matmul_backward_dx(float *dx, const float *dy, const void *w, int wdt, int T, int K,
-                               int N) {
-    int nr = (T + BW_ROWS - 1) / BW_ROWS, nb = (K + GEMM_COLS - 1) / GEMM_COLS;
-#pragma omp parallel for schedule(dynamic, 1) if (nr * nb > 1 && (double)T * N * K > 2e6)
-    for (int i = 0; i < nr * nb; i++) {
-        int t0 = i / nb * BW_ROWS, tc = T - t0 < BW_ROWS ? T - t0 : BW_ROWS;
-        int k0 = i % nb * GEMM_COLS, kc = K - k0 < GEMM_COLS ? K - k0 : GEMM_COLS;
-        for (int n0 = 0; n0 < N; n0 += BW_CHUNK) {
-            int nc = N - n0 < BW_CHUNK ? N - n0 : BW_CHUNK;
-            const float *wc = (const float *)w + (size_t)n0 * K + k0;
-            int ldw = K;
-            if (wdt != MOE_DT_F32) {
-                float *b = wbuf(0, (size_t)BW_CHUNK * GEMM_COLS);
-                const unsigned char *src = (const unsigned char *)w + 2 * ((size_t)n0 * K + k0);
-                for (int n = 0; n < nc; n++) bf16_to_f32(b + (size_t)n * kc, src + 2 * (size_t)n * K, kc);
-                wc = b;
-                ldw = kc;
-            }
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, tc, kc, nc, 1.0f,
-                        dy + (size_t)t0 * N + n0, N, wc, ldw, 1.0f, dx + (size_t)t0 * K + k0, K);
+typedef struct {
+    float *dx, *dw;
+    const float *dy, *x;
+    const void *w;
+    int wdt, T, K, N;
+} mmb_args;
+
+/* dx[t0:t0+tc, k0:k0+kc] += dy[t0:, :]·W[:, k0:k0+kc], N in chunks */
+static void mmb_dx_tile(const mmb_args *a, int t0, int tc, int k0, int kc) {
+    int K = a->K, N = a->N;
+    for (int n0 = 0; n0 < N; n0 += BW_CHUNK) {
+        int nc = N - n0 < BW_CHUNK ? N - n0 : BW_CHUNK;
+        const float *wc = (const float *)a->w + (size_t)n0 * K + k0;
+        int ldw = K;
+        if (a->wdt != MOE_DT_F32) {
+            float *b = wbuf(0, (size_t)BW_CHUNK * BW_COLS);
+            const unsigned char *src = (const unsigned char *)a->w + 2 * ((size_t)n0 * K + k0);
+            for (int n = 0; n < nc; n++) bf16_to_f32(b + (size_t)n * kc, src + 2 * (size_t)n * K, kc);
+            wc = b;
+            ldw = kc;
         }
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, tc, kc, nc, 1.0f,
+                    a->dy + (size_t)t0 * N + n0, N, wc, ldw, 1.0f, a->dx + (size_t)t0 * K + k0, K);
     }
 }
 
-static void matmul_backward_dw(float *dw, const float *dy, const float *x, int T, int K, int N) {
-    int nr = (N + GEMM_COLS - 1) / GEMM_COLS, nb = (K + GEMM_COLS - 1) / GEMM_COLS;
-#pragma omp parallel for schedule(dynamic, 1) if (nr * nb > 1 && (double)T * N * K > 2e6)
-    for (int i = 0; i < nr * nb; i++) {
-        int n0 = i / nb * GEMM_COLS, nc = N - n0 < GEMM_COLS ? N - n0 : GEMM_COLS;
-        int k0 = i % nb * GEMM_COLS, kc = K - k0 < GEMM_COLS ? K - k0 : GEMM_COLS;
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, nc, kc, T, 1.0f, dy + n0, N, x + k0, K,
-                    1.0f, dw + (size_t)n0 * K + k0, K);
+/* dw[n0:n0+nc, k0:k0+kc] += dy[:, n0:]ᵀ·x[:, k0:] over all T */
+static void mmb_dw_tile(const mmb_args *a, int n0, int nc, int k0, int kc) {
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, nc, kc, a->T, 1.0f, a->dy + n0, a->N,
+                a->x + k0, a->K, 1.0f, a->dw + (size_t)n0 * a->K + k0, a->K);
+}
+
+static void mmb_tiles(const mmb_args *a) {
+    int T = a->T, K = a->K, N = a->N, nb = (K + BW_COLS - 1) / BW_COLS;
+    int ndx = a->dx ? (T + BW_ROWS - 1) / BW_ROWS * nb : 0;
+    int ndw = a->dw ? (N + BW_COLS - 1) / BW_COLS * nb : 0;
+#pragma omp parallel for schedule(dynamic, 1) if (ndx + ndw > 1 && (double)T * N * K > 2e6)
+    for (int i = 0; i < ndx + ndw; i++) {
+        int j = i < ndx ? i : i - ndx;
+        int k0 = j % nb * BW_COLS, kc = K - k0 < BW_COLS ? K - k0 : BW_COLS;
+        if (i < ndx) {
+            int t0 = j / nb * BW_ROWS;
+            mmb_dx_tile(a, t0, T - t0 < BW_ROWS ? T - t0 : BW_ROWS, k0, kc);
+        } else {
+            int n0 = j / nb * BW_COLS;
+            mmb_dw_tile(a, n0, N - n0 < BW_COLS ? N - n0 : BW_COLS, k0, kc);
+        }
     }
 }
 
@@ -360,8 +382,8 @@ static void matmul_backward_dt(float *dx, float *dw, float *dbias, const float *
                                const void *w, int wdt, int T, int K, int N) {
     if (T <= 0 || N <= 0) return;
     blas_single();
-    if (K > 0 && dx) matmul_backward_dx(dx, dy, w, wdt, T, K, N);
-    if (K > 0 && dw) matmul_backward_dw(dw, dy, x, T, K, N);
+    mmb_args a = {dx, dw, dy, x, w, wdt, T, K, N};
+    if (K > 0) mmb_tiles(&a);
     if (dbias) bias_backward(dbias, dy, T, N);
 }
 
@@ -916,8 +938,8 @@ static void cpu_embed_backward(float *dE, const float *dx, const int32_t *ids, i
 }
 
 /* loss_t = logsumexp(l_t) − l_t[target] (fp32 max-subtracted exp, double
- * sum); dl_t = (softmax(l_t) − onehot)·dscale, written (may alias l: each
- * element is read before it is overwritten).  Ignored rows: 0, 0. */
+ * sum); dl_t = (softmax(l_t) − onehot)·dscale, written (may alias l: a row's
+ * max and target logit are read before the row is overwritten).  Ignored rows: 0, 0. */
 static void cpu_cross_entropy(float *loss, float *dlogits, const float *logits,
                               const int32_t *targets, float dscale, int T, int V) {
 #pragma omp parallel for schedule(static)
@@ -929,17 +951,22 @@ static void cpu_cross_entropy(float *loss, float *dlogits, const float *logits,
             if (dlogits) memset(dlogits + (size_t)t * V, 0, sizeof(float) * V);
             continue;
         }
-        float mx = -INFINITY;
+        float mx = -INFINITY, lt = l[tg];
         for (int c = 0; c < V; c++)
             if (l[c] > mx) mx = l[c];
+        /* exp(l − max) kept in dlogits (one expf per logit), normalised after */
+        float *d = dlogits ? dlogits + (size_t)t * V : NULL;
         double sum = 0.0;
-        for (int c = 0; c < V; c++) sum += expf(l[c] - mx);
-        loss[t] = (float)((double)mx + log(sum) - (double)l[tg]);
-        if (!dlogits) continue;
-        float *d = dlogits + (size_t)t * V;
+        for (int c = 0; c < V; c++) {
+            float e = expf(l[c] - mx);
+            sum += e;
+            if (d) d[c] = e;
+        }
+        loss[t] = (float)((double)mx + log(sum) - (double)lt);
+        if (!d) continue;
         double inv = 1.0 / sum;
         for (int c = 0; c < V; c++) {
-            double p = expf(l[c] - mx) * inv;
+            double p = d[c] * inv;
             d[c] = (float)((c == tg ? p - 1.0 : p) * dscale);
         }
     }
@@ -1219,9 +1246,34 @@ void moe_dispatch_free(moe_dispatch *d) {
     memset(d, 0, sizeof *d);
 }
 
-/* ---- attention over a KV cache (attention_kv) ------------------------------
- *
- * Reference: one (head, query) at a time, plain loops; query t at position
+/* ---- attention over a KV cache (attention_kv) ------------------------------ */
+
+/* Shared by the forward and backward kernels: s[0..last] ← exp(s − max),
+ * returns 1 / Σ (fp32 exp, double sum); the row's softmax is s[j]·inv. */
+static float exp_prefix(float *s, int last) {
+    float mx = -INFINITY;
+    for (int j = 0; j <= last; j++)
+        if (s[j] > mx) mx = s[j];
+    double sum = 0.0;
+    for (int j = 0; j <= last; j++) {
+        s[j] = expf(s[j] - mx);
+        sum += s[j];
+    }
+    return (float)(1.0 / sum);
+}
+
+/* reference scores of query qi against keys 0..last of KV head kh: s[j] = scale·qi·k_j */
+static void ref_scores(float *s, const float *qi, const float *k, float scale, int last, int kh,
+                       int nkv, int D) {
+    for (int j = 0; j <= last; j++) {
+        const float *kj = k + ((size_t)j * nkv + kh) * D;
+        float d = 0.0f;
+        for (int c = 0; c < D; c++) d += qi[c] * kj[c];
+        s[j] = d * scale;
+    }
+}
+
+/* Reference: one (head, query) at a time, plain loops; query t at position
  * P + t sees keys 0..P+t. */
 static void ref_attention_kv(float *out, const float *q, const float *k, const float *v,
                              float scale, int P, int T, int nh, int nkv, int D) {
@@ -1234,20 +1286,8 @@ static void ref_attention_kv(float *out, const float *q, const float *k, const f
             for (int i = 0; i < T; i++) {
                 int kh = h / rep, last = P + i;
                 const float *qi = q + ((size_t)i * nh + h) * D;
-                float mx = -INFINITY;
-                for (int j = 0; j <= last; j++) {
-                    const float *kj = k + ((size_t)j * nkv + kh) * D;
-                    float d = 0.0f;
-                    for (int c = 0; c < D; c++) d += qi[c] * kj[c];
-                    s[j] = d * scale;
-                    if (s[j] > mx) mx = s[j];
-                }
-                double sum = 0.0;
-                for (int j = 0; j <= last; j++) {
-                    s[j] = expf(s[j] - mx);
-                    sum += s[j];
-                }
-                float inv = (float)(1.0 / sum);
+                ref_scores(s, qi, k, scale, last, kh, nkv, D);
+                float inv = exp_prefix(s, last);
                 float *o = out + ((size_t)i * nh + h) * D;
                 for (int c = 0; c < D; c++) o[c] = 0.0f;
                 for (int j = 0; j <= last; j++) {
@@ -1353,15 +1393,7 @@ static void cpu_attention_kv(float *out, const float *q, const float *k, const f
             for (int t = 0; t < T; t++) {
                 float *s = S + (size_t)t * ldS;
                 int last = P + t, end = (last / ATT_KB + 1) * ATT_KB;
-                float mx = -INFINITY;
-                for (int j = 0; j <= last; j++)
-                    if (s[j] > mx) mx = s[j];
-                double sum = 0.0;
-                for (int j = 0; j <= last; j++) {
-                    s[j] = expf(s[j] - mx);
-                    sum += s[j];
-                }
-                float inv = (float)(1.0 / sum);
+                float inv = exp_prefix(s, last);
                 for (int j = 0; j <= last; j++) s[j] *= inv;
                 for (int j = last + 1; j < end; j++) s[j] = 0.0f;
             }
@@ -1404,20 +1436,8 @@ static void ref_attention_row_backward(float *dq, float *dk, float *dv, const fl
                                        int kh, int nh, int nkv, int D) {
     const float *qi = q + ((size_t)i * nh + h) * D, *gi = dout + ((size_t)i * nh + h) * D;
     const float *oi = out + ((size_t)i * nh + h) * D;
-    float mx = -INFINITY;
-    for (int j = 0; j <= i; j++) {
-        const float *kj = k + ((size_t)j * nkv + kh) * D;
-        float d = 0.0f;
-        for (int c = 0; c < D; c++) d += qi[c] * kj[c];
-        s[j] = d * scale;
-        if (s[j] > mx) mx = s[j];
-    }
-    double sum = 0.0;
-    for (int j = 0; j <= i; j++) {
-        s[j] = expf(s[j] - mx);
-        sum += s[j];
-    }
-    float inv = (float)(1.0 / sum), rowdot = 0.0f;
+    ref_scores(s, qi, k, scale, i, kh, nkv, D);
+    float inv = exp_prefix(s, i), rowdot = 0.0f;
     for (int c = 0; c < D; c++) rowdot += gi[c] * oi[c];
     float *dqi = dq + ((size_t)i * nh + h) * D;
     for (int j = 0; j <= i; j++) {
@@ -1476,15 +1496,7 @@ static void attb_softmax_grad(float *S, float *dP, const attb_args *a, int h, in
     for (int i = 0; i < qb; i++) {
         float *s = S + (size_t)i * nk, *dp = dP + (size_t)i * nk;
         int last = t0 + i;
-        float mx = -INFINITY;
-        for (int j = 0; j <= last; j++)
-            if (s[j] > mx) mx = s[j];
-        double sum = 0.0;
-        for (int j = 0; j <= last; j++) {
-            s[j] = expf(s[j] - mx);
-            sum += s[j];
-        }
-        float inv = (float)(1.0 / sum);
+        float inv = exp_prefix(s, last);
         size_t row = ((size_t)last * a->nh + h) * a->D;
         double rd = 0.0;
         for (int c = 0; c < a->D; c++) rd += (double)a->dout[row + c] * a->out[row + c];

@@ -155,13 +155,13 @@ static void test_matmul_backward(void **state) {
 }
 
 /* the tiled sgemm version against the plain loops, at shapes that cross every
- * tile edge (rows 256, columns 512, weight-row chunks 512); "cpu-bf16" gives
+ * tile edge (rows 256, columns 512, weight-row chunks 1024); "cpu-bf16" gives
  * the bits of "cpu" on the widened weights */
 static void test_matmul_backward_tiles(void **state) {
     (void)state;
     const moe_backend *cpu = moe_backend_cpu(), *ref = moe_backend_cpu_ref();
     const moe_backend *bf = moe_backend_cpu_bf16();
-    int T = 261, K = 515, N = 530;
+    int T = 257, K = 513, N = 1025;
     float *x = rand_vec((size_t)T * K), *w = rand_vec((size_t)N * K), *dy = rand_vec((size_t)T * N);
     uint16_t *wb = malloc(sizeof(uint16_t) * N * K);
     bf->to_weight_dtype(wb, w, (size_t)N * K);
@@ -706,6 +706,11 @@ static size_t run_all(float *out, int threads) {
     be->matmul_backward(out + o, out + o + (size_t)T * K, out + o + (size_t)T * K + (size_t)N * K, dy,
                         x, w, T, K, N);
     o += (size_t)T * K + (size_t)N * K + N;
+    uint16_t *wb = malloc(sizeof(uint16_t) * N * K); /* cpu-bf16: BF16 weight */
+    moe_backend_cpu_bf16()->to_weight_dtype(wb, w, (size_t)N * K);
+    moe_backend_cpu_bf16()->matmul_backward(out + o, NULL, NULL, dy, x, wb, T, K, N);
+    o += (size_t)T * K;
+    free(wb);
     /* attention (out: the forward's) */
     float *ao = zeros((size_t)T * nh * D);
     be->attention(ao, q, k, v, 0.2f, T, nh, nkv, D);
