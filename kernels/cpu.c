@@ -291,21 +291,169 @@ static void ref_matmul(float *y, const float *x, const void *wv, const float *bi
     if (bias) add_bias(y, bias, T, N);
 }
 
+/* Backward of matmul, y = x·Wᵀ + b:  dx += dy·W,  dw += dyᵀ·x,  dbias += Σ_t dy_t.
+ *
+ * Every tile of an output is one thread's, and every reduction runs inside
+ * one thread in a fixed order, on tiles of fixed sizes (not sized from the
+ * thread count as the forward's row tiles are), so the sgemm calls -- hence
+ * the bits -- depend only on the shapes:
+ *   dx: tiles of BW_ROWS rows x GEMM_COLS columns; the reduction over the N
+ *       weight rows runs in chunks of BW_CHUNK rows, ascending, each one
+ *       sgemm accumulating into the tile (bf16: the chunk's W[n0:, k0:] is
+ *       widened into the thread's buffer first; the f32 table reads it in
+ *       place with the same sgemm shapes, so "cpu" and "cpu-bf16" agree bit
+ *       for bit on the widened weights, as their forwards do);
+ *   dw: tiles of GEMM_COLS x GEMM_COLS, each one sgemm over all T tokens;
+ *   dbias: per feature, tokens in order, summed in double. */
+#define BW_ROWS 256
+#define BW_CHUNK 512
+
+static void matmul_backward_dx(float *dx, const float *dy, const void *w, int wdt, int T, int K,
+                               int N) {
+    int nr = (T + BW_ROWS - 1) / BW_ROWS, nb = (K + GEMM_COLS - 1) / GEMM_COLS;
+#pragma omp parallel for schedule(dynamic, 1) if (nr * nb > 1 && (double)T * N * K > 2e6)
+    for (int i = 0; i < nr * nb; i++) {
+        int t0 = i / nb * BW_ROWS, tc = T - t0 < BW_ROWS ? T - t0 : BW_ROWS;
+        int k0 = i % nb * GEMM_COLS, kc = K - k0 < GEMM_COLS ? K - k0 : GEMM_COLS;
+        for (int n0 = 0; n0 < N; n0 += BW_CHUNK) {
+            int nc = N - n0 < BW_CHUNK ? N - n0 : BW_CHUNK;
+            const float *wc = (const float *)w + (size_t)n0 * K + k0;
+            int ldw = K;
+            if (wdt != MOE_DT_F32) {
+                float *b = wbuf(0, (size_t)BW_CHUNK * GEMM_COLS);
+                const unsigned char *src = (const unsigned char *)w + 2 * ((size_t)n0 * K + k0);
+                for (int n = 0; n < nc; n++) bf16_to_f32(b + (size_t)n * kc, src + 2 * (size_t)n * K, kc);
+                wc = b;
+                ldw = kc;
+            }
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, tc, kc, nc, 1.0f,
+                        dy + (size_t)t0 * N + n0, N, wc, ldw, 1.0f, dx + (size_t)t0 * K + k0, K);
+        }
+    }
+}
+
+static void matmul_backward_dw(float *dw, const float *dy, const float *x, int T, int K, int N) {
+    int nr = (N + GEMM_COLS - 1) / GEMM_COLS, nb = (K + GEMM_COLS - 1) / GEMM_COLS;
+#pragma omp parallel for schedule(dynamic, 1) if (nr * nb > 1 && (double)T * N * K > 2e6)
+    for (int i = 0; i < nr * nb; i++) {
+        int n0 = i / nb * GEMM_COLS, nc = N - n0 < GEMM_COLS ? N - n0 : GEMM_COLS;
+        int k0 = i % nb * GEMM_COLS, kc = K - k0 < GEMM_COLS ? K - k0 : GEMM_COLS;
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, nc, kc, T, 1.0f, dy + n0, N, x + k0, K,
+                    1.0f, dw + (size_t)n0 * K + k0, K);
+    }
+}
+
+/* dbias_n += Σ_t dy_tn, tokens in order, in double; features in blocks of 64 */
+static void bias_backward(float *dbias, const float *dy, int T, int N) {
+    int nb = (N + 63) / 64;
+#pragma omp parallel for schedule(static) if ((size_t)T * N > 65536)
+    for (int b = 0; b < nb; b++) {
+        int n0 = b * 64, nc = N - n0 < 64 ? N - n0 : 64;
+        double acc[64] = {0};
+        for (int t = 0; t < T; t++)
+            for (int n = 0; n < nc; n++) acc[n] += dy[(size_t)t * N + n0 + n];
+        for (int n = 0; n < nc; n++) dbias[n0 + n] += (float)acc[n];
+    }
+}
+
+static void matmul_backward_dt(float *dx, float *dw, float *dbias, const float *dy, const float *x,
+                               const void *w, int wdt, int T, int K, int N) {
+    if (T <= 0 || N <= 0) return;
+    blas_single();
+    if (K > 0 && dx) matmul_backward_dx(dx, dy, w, wdt, T, K, N);
+    if (K > 0 && dw) matmul_backward_dw(dw, dy, x, T, K, N);
+    if (dbias) bias_backward(dbias, dy, T, N);
+}
+
+static void cpu_matmul_backward(float *dx, float *dw, float *dbias, const float *dy, const float *x,
+                                const void *w, int T, int K, int N) {
+    matmul_backward_dt(dx, dw, dbias, dy, x, w, MOE_DT_F32, T, K, N);
+}
+
+static void cpu_matmul_backward_bf16(float *dx, float *dw, float *dbias, const float *dy,
+                                     const float *x, const void *w, int T, int K, int N) {
+    matmul_backward_dt(dx, dw, dbias, dy, x, w, MOE_DT_BF16, T, K, N);
+}
+
+/* Reference: one output element per loop nest, sums in float in index order. */
+static void ref_matmul_backward(float *dx, float *dw, float *dbias, const float *dy, const float *x,
+                                const void *wv, int T, int K, int N) {
+    const float *w = wv;
+    if (dx) {
+#pragma omp parallel for schedule(static)
+        for (int t = 0; t < T; t++)
+            for (int k = 0; k < K; k++) {
+                float s = 0.0f;
+                for (int n = 0; n < N; n++) s += dy[(size_t)t * N + n] * w[(size_t)n * K + k];
+                dx[(size_t)t * K + k] += s;
+            }
+    }
+    if (dw) {
+#pragma omp parallel for schedule(static)
+        for (int n = 0; n < N; n++)
+            for (int k = 0; k < K; k++) {
+                float s = 0.0f;
+                for (int t = 0; t < T; t++) s += dy[(size_t)t * N + n] * x[(size_t)t * K + k];
+                dw[(size_t)n * K + k] += s;
+            }
+    }
+    if (dbias) bias_backward(dbias, dy, T, N);
+}
+
 /* ---- RMSNorm, RoPE ---------------------------------------------------- */
+
+/* 1/rms of one row of C values (sum of squares in double) */
+static float rms_inv(const float *x, float eps, int C) {
+    double ss = 0.0;
+    for (int c = 0; c < C; c++) ss += (double)x[c] * x[c];
+    return (float)(1.0 / sqrt(ss / C + (double)eps));
+}
 
 static void cpu_rmsnorm(float *y, const float *x, const float *w, float eps, int T, int C) {
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < T; t++) {
         const float *xr = x + (size_t)t * C;
         float *yr = y + (size_t)t * C;
-        double ss = 0.0;
-        for (int c = 0; c < C; c++) ss += (double)xr[c] * xr[c];
-        float r = (float)(1.0 / sqrt(ss / C + (double)eps));
+        float r = rms_inv(xr, eps, C);
         for (int c = 0; c < C; c++) yr[c] = w[c] * (xr[c] * r);
     }
 }
 
-static void cpu_rope(float *x, float theta, int pos0, int T, int nh, int D) {
+/* y = w ⊙ x·r, r = (mean x² + eps)^(-1/2):
+ *   dx = r·(w ⊙ dy) − r³/C · <w ⊙ dy, x> · x;   dw += Σ_t dy_t ⊙ x_t·r_t
+ * (dw per feature block of 64, tokens in order, in double) */
+static void cpu_rmsnorm_backward(float *dx, float *dw, const float *dy, const float *x,
+                                 const float *w, float eps, int T, int C) {
+    float *rs = moe_malloc(sizeof(float) * (size_t)(T > 0 ? T : 1));
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < T; t++) {
+        const float *xr = x + (size_t)t * C, *g = dy + (size_t)t * C;
+        float *d = dx + (size_t)t * C;
+        float r = rms_inv(xr, eps, C);
+        double dot = 0.0;
+        for (int c = 0; c < C; c++) dot += (double)g[c] * w[c] * xr[c];
+        float coef = (float)((double)r * r * r * dot / C);
+        for (int c = 0; c < C; c++) d[c] += r * (w[c] * g[c]) - coef * xr[c];
+        rs[t] = r;
+    }
+    if (dw) {
+        int nb = (C + 63) / 64;
+#pragma omp parallel for schedule(static) if ((size_t)T * C > 65536)
+        for (int b = 0; b < nb; b++) {
+            int c0 = b * 64, cc = C - c0 < 64 ? C - c0 : 64;
+            double acc[64] = {0};
+            for (int t = 0; t < T; t++)
+                for (int c = 0; c < cc; c++)
+                    acc[c] += (double)dy[(size_t)t * C + c0 + c] * (x[(size_t)t * C + c0 + c] * rs[t]);
+            for (int c = 0; c < cc; c++) dw[c0 + c] += (float)acc[c];
+        }
+    }
+    free(rs);
+}
+
+/* rotate every head of x by +angle (sign 1: the forward) or -angle (sign -1:
+ * its transpose, the backward); -s is exact, so sign 1 gives the forward's bits */
+static void rope_rotate(float *x, float theta, int pos0, int T, int nh, int D, float sign) {
     int half = D / 2;
     float *invf = malloc(sizeof(float) * (size_t)(half > 0 ? half : 1));
     for (int j = 0; j < half; j++) {
@@ -319,7 +467,7 @@ static void cpu_rope(float *x, float theta, int pos0, int T, int nh, int D) {
         float pos = (float)(pos0 + t);
         for (int j = 0; j < half; j++) {
             float a = pos * invf[j];
-            float c = (float)cos((double)a), s = (float)sin((double)a);
+            float c = (float)cos((double)a), s = sign * (float)sin((double)a);
             for (int h = 0; h < nh; h++) {
                 float *v = x + ((size_t)t * nh + h) * D;
                 float x0 = v[j], x1 = v[j + half];
@@ -329,6 +477,15 @@ static void cpu_rope(float *x, float theta, int pos0, int T, int nh, int D) {
         }
     }
     free(invf);
+}
+
+static void cpu_rope(float *x, float theta, int pos0, int T, int nh, int D) {
+    rope_rotate(x, theta, pos0, T, nh, D, 1.0f);
+}
+
+/* a rotation's gradient is the inverse rotation: d ← Rᵀ·d */
+static void cpu_rope_backward(float *d, float theta, int pos0, int T, int nh, int D) {
+    rope_rotate(d, theta, pos0, T, nh, D, -1.0f);
 }
 
 /* ---- attention ---------------------------------------------------------- */
@@ -355,6 +512,21 @@ static void cpu_swiglu(float *h, const float *gu, int T, int Im) {
     }
 }
 
+/* h = silu(g)·u:  dg += dh·u·σ(g)·(1 + g·(1 − σ(g))) (torch's silu backward),
+ * du += dh·silu(g) */
+static void cpu_swiglu_backward(float *dgu, const float *dh, const float *gu, int T, int Im) {
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < T; t++) {
+        const float *g = gu + (size_t)t * 2 * Im, *u = g + Im, *d = dh + (size_t)t * Im;
+        float *dg = dgu + (size_t)t * 2 * Im, *du = dg + Im;
+        for (int i = 0; i < Im; i++) {
+            float sg = 1.0f / (1.0f + expf(-g[i]));
+            dg[i] += d[i] * u[i] * (sg * (1.0f + g[i] * (1.0f - sg)));
+            du[i] += d[i] * (g[i] * sg);
+        }
+    }
+}
+
 static void cpu_axpy(float *y, const float *x, float a, size_t n) {
 #pragma omp parallel for schedule(static) if (n > 65536)
     for (size_t i = 0; i < n; i++) y[i] += a * x[i];
@@ -365,6 +537,23 @@ static void cpu_sigmoid_gate_add(float *y, const float *x, const float *z, int T
     for (int t = 0; t < T; t++) {
         float g = 1.0f / (1.0f + expf(-z[t]));
         for (int c = 0; c < C; c++) y[(size_t)t * C + c] += g * x[(size_t)t * C + c];
+    }
+}
+
+/* y_t += σ(z_t)·x_t:  dx_t += σ(z_t)·dy_t;  dz_t += σ(z_t)(1 − σ(z_t))·<dy_t, x_t> */
+static void cpu_sigmoid_gate_add_backward(float *dx, float *dz, const float *dy, const float *x,
+                                          const float *z, int T, int C) {
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < T; t++) {
+        float g = 1.0f / (1.0f + expf(-z[t]));
+        const float *d = dy + (size_t)t * C;
+        if (dx)
+            for (int c = 0; c < C; c++) dx[(size_t)t * C + c] += g * d[c];
+        if (dz) {
+            double dot = 0.0;
+            for (int c = 0; c < C; c++) dot += (double)d[c] * x[(size_t)t * C + c];
+            dz[t] += (float)(g * (1.0 - g) * dot);
+        }
     }
 }
 
@@ -426,6 +615,49 @@ static void cpu_router(int32_t *idx, float *wt, float *probs, const float *logit
             }
         }
         free(p);
+    }
+}
+
+/* One token's logit gradient.  Top-k selection is a constant index set (as
+ * autograd through torch.topk), so with p = softmax(l), w_k = p[idx_k] and,
+ * when renormalised, w̃_k = w_k / S (S = Σ_k w_k, + 1e-20 for SUM_EPS):
+ *   dw_k = (dw̃_k − Σ_j dw̃_j·w̃_j) / S     (or dw̃_k without renorm)
+ *   dp_e = dprobs_e + Σ_k [idx_k = e]·dw_k
+ *   dl_e = p_e·(dp_e − Σ_e' p_e'·dp_e')   (softmax backward) */
+static void router_backward_row(float *dl, double *dp, const float *dwt, const float *dprobs,
+                                const int32_t *idx, const float *wt, const float *p, int renorm,
+                                int E, int K) {
+    for (int e = 0; e < E; e++) dp[e] = dprobs ? dprobs[e] : 0.0;
+    if (renorm == MOE_RENORM_NONE) {
+        for (int k = 0; k < K; k++) dp[idx[k]] += dwt[k];
+    } else {
+        float S = 0.0f; /* as the forward sums the selected weights */
+        for (int k = 0; k < K; k++) S += p[idx[k]];
+        if (renorm == MOE_RENORM_SUM_EPS) S += 1e-20f;
+        double dot = 0.0;
+        for (int k = 0; k < K; k++) dot += (double)dwt[k] * wt[k];
+        for (int k = 0; k < K; k++) dp[idx[k]] += ((double)dwt[k] - dot) / S;
+    }
+    double pdp = 0.0;
+    for (int e = 0; e < E; e++) pdp += p[e] * dp[e];
+    for (int e = 0; e < E; e++) dl[e] = (float)(p[e] * (dp[e] - pdp));
+}
+
+/* TOPK_SOFTMAX (softmax over the k selected logits) is SOFTMAX_TOPK then a
+ * renormalisation by the sum: the same function, so the same gradient. */
+static void cpu_router_backward(float *dlogits, const float *dwt, const float *dprobs,
+                                const int32_t *idx, const float *wt, const float *probs, int mode,
+                                int renorm, int T, int E, int K) {
+    if (mode == MOE_ROUTE_TOPK_SOFTMAX) renorm = MOE_RENORM_SUM;
+#pragma omp parallel
+    {
+        double *dp = malloc(sizeof(double) * (size_t)(E > 0 ? E : 1));
+#pragma omp for schedule(static)
+        for (int t = 0; t < T; t++)
+            router_backward_row(dlogits + (size_t)t * E, dp, dwt + (size_t)t * K,
+                                dprobs ? dprobs + (size_t)t * E : NULL, idx + (size_t)t * K,
+                                wt + (size_t)t * K, probs + (size_t)t * E, renorm, E, K);
+        free(dp);
     }
 }
 
@@ -572,6 +804,28 @@ static void cpu_combine(float *y, const float *out, const int32_t *slot, const f
     }
 }
 
+/* y_t = Σ_k wt_tk·out_{slot_tk}:  dout_{slot_tk} = wt_tk·dy_t,  dwt_tk = <dy_t, out_{slot_tk}>
+ * (both written: each row of out is one (t, k)'s) */
+static void cpu_combine_backward(float *dout, float *dwt, const float *dy, const float *out,
+                                 const int32_t *slot, const float *wt, int T, int K, int H) {
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < T; t++) {
+        const float *g = dy + (size_t)t * H;
+        for (int k = 0; k < K; k++) {
+            size_t r = (size_t)slot[(size_t)t * K + k];
+            if (dout) {
+                float a = wt[(size_t)t * K + k];
+                for (int c = 0; c < H; c++) dout[r * H + c] = g[c] * a;
+            }
+            if (dwt) {
+                double dot = 0.0;
+                for (int c = 0; c < H; c++) dot += (double)g[c] * out[r * H + c];
+                dwt[(size_t)t * K + k] = (float)dot;
+            }
+        }
+    }
+}
+
 /* ---- reductions for the search tools ----------------------------------- */
 
 static void cpu_softmax_rows(float *p, const float *x, int T, int C) {
@@ -644,12 +898,127 @@ static void cpu_divergence(double *d, const float *a, const float *b, int metric
     }
 }
 
+/* ---- training: embedding gradient, loss, optimizer ---------------------- */
+
+/* x_t = E[ids_t]:  dE[ids_t] += dx_t.  Threads own blocks of 64 columns and
+ * walk the tokens in order, so every row accumulates in token order. */
+static void cpu_embed_backward(float *dE, const float *dx, const int32_t *ids, int T, int H) {
+    int nb = (H + 63) / 64;
+#pragma omp parallel for schedule(static) if ((size_t)T * H > 65536)
+    for (int b = 0; b < nb; b++) {
+        int c0 = b * 64, cc = H - c0 < 64 ? H - c0 : 64;
+        for (int t = 0; t < T; t++) {
+            float *d = dE + (size_t)ids[t] * H + c0;
+            const float *g = dx + (size_t)t * H + c0;
+            for (int c = 0; c < cc; c++) d[c] += g[c];
+        }
+    }
+}
+
+/* loss_t = logsumexp(l_t) − l_t[target] (fp32 max-subtracted exp, double
+ * sum); dl_t = (softmax(l_t) − onehot)·dscale, written (may alias l: each
+ * element is read before it is overwritten).  Ignored rows: 0, 0. */
+static void cpu_cross_entropy(float *loss, float *dlogits, const float *logits,
+                              const int32_t *targets, float dscale, int T, int V) {
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < T; t++) {
+        const float *l = logits + (size_t)t * V;
+        int tg = targets[t];
+        if (tg < 0) {
+            loss[t] = 0.0f;
+            if (dlogits) memset(dlogits + (size_t)t * V, 0, sizeof(float) * V);
+            continue;
+        }
+        float mx = -INFINITY;
+        for (int c = 0; c < V; c++)
+            if (l[c] > mx) mx = l[c];
+        double sum = 0.0;
+        for (int c = 0; c < V; c++) sum += expf(l[c] - mx);
+        loss[t] = (float)((double)mx + log(sum) - (double)l[tg]);
+        if (!dlogits) continue;
+        float *d = dlogits + (size_t)t * V;
+        double inv = 1.0 / sum;
+        for (int c = 0; c < V; c++) {
+            double p = expf(l[c] - mx) * inv;
+            d[c] = (float)((c == tg ? p - 1.0 : p) * dscale);
+        }
+    }
+}
+
+/* torch.optim.AdamW's single-tensor step, operation for operation in float32
+ * (its Python-float scalars are doubles rounded to float where they meet a
+ * tensor):  p *= 1 − lr·wd;  m = lerp(m, g, 1 − β1);  v = β2·v + (1 − β2)·g·g;
+ * p += −(lr / (1 − β1^t)) · m / (sqrt(v) / sqrt(1 − β2^t) + eps).
+ * lerp and addcmul are fused multiply-adds in torch's CPU kernels, and
+ * addcdiv is (value·m)/denom: written the same way, the results are torch's
+ * bits (test_backward.c checks them against tests/ref/backward_golden.py). */
+static void cpu_adamw(float *p, float *m, float *v, const float *g, size_t n, float lr, float beta1,
+                      float beta2, float eps, float weight_decay, float gscale, int step) {
+    float decay = (float)(1.0 - (double)lr * weight_decay);
+    float w1 = (float)(1.0 - (double)beta1), b2 = beta2, w2 = (float)(1.0 - (double)beta2);
+    double bc1 = 1.0 - pow(beta1, step), bc2 = 1.0 - pow(beta2, step);
+    float neg_step = (float)(-(double)lr / bc1), bc2_sqrt = (float)sqrt(bc2);
+#pragma omp parallel for schedule(static) if (n > 65536)
+    for (size_t i = 0; i < n; i++) {
+        float gi = g[i] * gscale;
+        float pi = p[i] * decay;
+        /* torch's lerp: weight < 0.5 ? m + w·(g − m) : g − (g − m)·(1 − w), each one fma */
+        float mi = w1 < 0.5f ? fmaf(w1, gi - m[i], m[i]) : fmaf(-(gi - m[i]), 1.0f - w1, gi);
+        float vi = v[i] * b2;
+        vi = fmaf(w2 * gi, gi, vi); /* addcmul_(g, g, value = 1 − β2) */
+        float denom = sqrtf(vi) / bc2_sqrt + eps;
+        p[i] = pi + neg_step * mi / denom;
+        m[i] = mi;
+        v[i] = vi;
+    }
+}
+
+/* Σ x² in double: fixed chunks of 2^16 summed on any thread, then the
+ * chunk sums in order -- the same bits whatever the thread count */
+#define SUMSQ_CHUNK ((size_t)1 << 16)
+static double cpu_sumsq(const float *x, size_t n) {
+    size_t nc = (n + SUMSQ_CHUNK - 1) / SUMSQ_CHUNK;
+    if (nc <= 1) {
+        double s = 0.0;
+        for (size_t i = 0; i < n; i++) s += (double)x[i] * x[i];
+        return s;
+    }
+    double *part = moe_malloc(sizeof(double) * nc);
+#pragma omp parallel for schedule(static)
+    for (size_t c = 0; c < nc; c++) {
+        size_t i0 = c * SUMSQ_CHUNK, i1 = i0 + SUMSQ_CHUNK < n ? i0 + SUMSQ_CHUNK : n;
+        double s = 0.0;
+        for (size_t i = i0; i < i1; i++) s += (double)x[i] * x[i];
+        part[c] = s;
+    }
+    double s = 0.0;
+    for (size_t c = 0; c < nc; c++) s += part[c];
+    free(part);
+    return s;
+}
+
+static void cpu_to_weight_f32(void *dst, const float *src, size_t n) {
+    if (n && dst != src) memmove(dst, src, n * sizeof(float));
+}
+
+static void cpu_to_weight_bf16(void *dst, const float *src, size_t n) {
+    uint16_t *d = dst;
+#pragma omp parallel for schedule(static) if (n > 65536)
+    for (size_t i = 0; i < n; i++) d[i] = moe_f32_to_bf16(src[i]);
+}
+
 /* ---- tables ------------------------------------------------------------- */
 
 static void ref_attention_kv(float *out, const float *q, const float *k, const float *v,
                              float scale, int P, int T, int nh, int nkv, int D);
 static void ref_attention(float *out, const float *q, const float *k, const float *v, float scale,
                           int T, int nh, int nkv, int D);
+static void cpu_attention_backward(float *dq, float *dk, float *dv, const float *dout,
+                                   const float *q, const float *k, const float *v, const float *out,
+                                   float scale, int T, int nh, int nkv, int D);
+static void ref_attention_backward(float *dq, float *dk, float *dv, const float *dout,
+                                   const float *q, const float *k, const float *v, const float *out,
+                                   float scale, int T, int nh, int nkv, int D);
 
 static const moe_backend cpu_backend = {
     .name = "cpu",
@@ -677,6 +1046,19 @@ static const moe_backend cpu_backend = {
     .combine = cpu_combine,
     .softmax_rows = cpu_softmax_rows,
     .divergence = cpu_divergence,
+    .matmul_backward = cpu_matmul_backward,
+    .rmsnorm_backward = cpu_rmsnorm_backward,
+    .rope_backward = cpu_rope_backward,
+    .attention_backward = cpu_attention_backward,
+    .swiglu_backward = cpu_swiglu_backward,
+    .sigmoid_gate_add_backward = cpu_sigmoid_gate_add_backward,
+    .combine_backward = cpu_combine_backward,
+    .router_backward = cpu_router_backward,
+    .embed_backward = cpu_embed_backward,
+    .cross_entropy = cpu_cross_entropy,
+    .adamw = cpu_adamw,
+    .sumsq = cpu_sumsq,
+    .to_weight_dtype = cpu_to_weight_f32,
     .host_alloc = cpu_host_alloc,
     .host_free = free,
     .upload_async = cpu_upload_async,
@@ -715,6 +1097,19 @@ static const moe_backend cpu_ref_backend = {
     .combine = cpu_combine,
     .softmax_rows = cpu_softmax_rows,
     .divergence = cpu_divergence,
+    .matmul_backward = ref_matmul_backward,
+    .rmsnorm_backward = cpu_rmsnorm_backward,
+    .rope_backward = cpu_rope_backward,
+    .attention_backward = ref_attention_backward,
+    .swiglu_backward = cpu_swiglu_backward,
+    .sigmoid_gate_add_backward = cpu_sigmoid_gate_add_backward,
+    .combine_backward = cpu_combine_backward,
+    .router_backward = cpu_router_backward,
+    .embed_backward = cpu_embed_backward,
+    .cross_entropy = cpu_cross_entropy,
+    .adamw = cpu_adamw,
+    .sumsq = cpu_sumsq,
+    .to_weight_dtype = cpu_to_weight_f32,
     .host_alloc = cpu_host_alloc,
     .host_free = free,
     .upload_async = cpu_upload_async,
@@ -739,6 +1134,8 @@ static void cpu_bf16_init(void) {
     cpu_bf16_backend.matmul = cpu_matmul_bf16;
     cpu_bf16_backend.matmul_f32 = cpu_matmul_f32;
     cpu_bf16_backend.experts = cpu_experts_bf16;
+    cpu_bf16_backend.matmul_backward = cpu_matmul_backward_bf16;
+    cpu_bf16_backend.to_weight_dtype = cpu_to_weight_bf16;
 }
 const moe_backend *moe_backend_cpu_bf16(void) {
     pthread_once(&cpu_bf16_once, cpu_bf16_init);
@@ -989,5 +1386,192 @@ static void cpu_attention_kv(float *out, const float *q, const float *k, const f
         cpu_free(vb);
         free(pa);
         free(pc);
+    }
+}
+
+/* ---- attention backward ------------------------------------------------------
+ *
+ * With P = softmax(scale·q·kᵀ) (causal) and out = P·v, per head:
+ *   dP = dout·vᵀ;  dS = P ⊙ (dP − rowsum(dout ⊙ out));
+ *   dq += scale·dS·k;  dk += scale·dSᵀ·q;  dv += Pᵀ·dout.
+ *
+ * Reference: one (head, query) at a time, plain loops, P recomputed as
+ * ref_attention does; KV heads spread over the threads, each running its
+ * query heads and queries in order (so dk, dv sum in a fixed order). */
+static void ref_attention_row_backward(float *dq, float *dk, float *dv, const float *dout,
+                                       const float *q, const float *k, const float *v,
+                                       const float *out, float *s, float scale, int i, int h,
+                                       int kh, int nh, int nkv, int D) {
+    const float *qi = q + ((size_t)i * nh + h) * D, *gi = dout + ((size_t)i * nh + h) * D;
+    const float *oi = out + ((size_t)i * nh + h) * D;
+    float mx = -INFINITY;
+    for (int j = 0; j <= i; j++) {
+        const float *kj = k + ((size_t)j * nkv + kh) * D;
+        float d = 0.0f;
+        for (int c = 0; c < D; c++) d += qi[c] * kj[c];
+        s[j] = d * scale;
+        if (s[j] > mx) mx = s[j];
+    }
+    double sum = 0.0;
+    for (int j = 0; j <= i; j++) {
+        s[j] = expf(s[j] - mx);
+        sum += s[j];
+    }
+    float inv = (float)(1.0 / sum), rowdot = 0.0f;
+    for (int c = 0; c < D; c++) rowdot += gi[c] * oi[c];
+    float *dqi = dq + ((size_t)i * nh + h) * D;
+    for (int j = 0; j <= i; j++) {
+        float p = s[j] * inv, dp = 0.0f;
+        const float *kj = k + ((size_t)j * nkv + kh) * D, *vj = v + ((size_t)j * nkv + kh) * D;
+        for (int c = 0; c < D; c++) dp += gi[c] * vj[c];
+        float ds = p * (dp - rowdot);
+        float *dkj = dk + ((size_t)j * nkv + kh) * D, *dvj = dv + ((size_t)j * nkv + kh) * D;
+        for (int c = 0; c < D; c++) {
+            dqi[c] += scale * ds * kj[c];
+            dkj[c] += scale * ds * qi[c];
+            dvj[c] += p * gi[c];
+        }
+    }
+}
+
+static void ref_attention_backward(float *dq, float *dk, float *dv, const float *dout,
+                                   const float *q, const float *k, const float *v, const float *out,
+                                   float scale, int T, int nh, int nkv, int D) {
+    int rep = nh / nkv;
+#pragma omp parallel
+    {
+        float *s = malloc(sizeof(float) * (size_t)(T > 0 ? T : 1));
+#pragma omp for schedule(dynamic, 1)
+        for (int kh = 0; kh < nkv; kh++)
+            for (int h = kh * rep; h < (kh + 1) * rep; h++)
+                for (int i = 0; i < T; i++)
+                    ref_attention_row_backward(dq, dk, dv, dout, q, k, v, out, s, scale, i, h, kh,
+                                               nh, nkv, D);
+        free(s);
+    }
+}
+
+/* Optimised: one task per query head (tasks spread over the threads), its
+ * queries in blocks of ATTB_QB rows, ascending.  A block of queries t0..t1-1
+ * sees keys 0..t1-1 (nk of them); for it
+ *   S  = scale·q_b·kᵀ   [qb, nk]   softmax recomputed row by row (causal)
+ *   dP = dout_b·vᵀ      [qb, nk]   then dS = P ⊙ (dP − rowsum(dout ⊙ out))
+ *   dq_b += scale·dS·k;  dk_h += scale·dSᵀ·q_b;  dv_h += Pᵀ·dout_b
+ * five sgemms, no buffer beyond [qb, T].  With one query head per KV head,
+ * dk_h and dv_h are dk and dv themselves; otherwise each query head sums
+ * into its own [T, D] buffers, added to dk, dv afterwards in head order, so
+ * the bits never depend on which thread ran which head. */
+#define ATTB_QB 64
+
+typedef struct {
+    const float *q, *k, *v, *dout, *out;
+    float *dq;
+    float scale;
+    int T, nh, nkv, D;
+} attb_args;
+
+/* S[qb, nk] (ld nk) ← P (causal softmax rows of queries t0..), dP ← dS */
+static void attb_softmax_grad(float *S, float *dP, const attb_args *a, int h, int t0, int qb,
+                              int nk) {
+    for (int i = 0; i < qb; i++) {
+        float *s = S + (size_t)i * nk, *dp = dP + (size_t)i * nk;
+        int last = t0 + i;
+        float mx = -INFINITY;
+        for (int j = 0; j <= last; j++)
+            if (s[j] > mx) mx = s[j];
+        double sum = 0.0;
+        for (int j = 0; j <= last; j++) {
+            s[j] = expf(s[j] - mx);
+            sum += s[j];
+        }
+        float inv = (float)(1.0 / sum);
+        size_t row = ((size_t)last * a->nh + h) * a->D;
+        double rd = 0.0;
+        for (int c = 0; c < a->D; c++) rd += (double)a->dout[row + c] * a->out[row + c];
+        float rowdot = (float)rd;
+        for (int j = 0; j <= last; j++) {
+            s[j] *= inv;
+            dp[j] = s[j] * (dp[j] - rowdot);
+        }
+        for (int j = last + 1; j < nk; j++) s[j] = dp[j] = 0.0f;
+    }
+}
+
+static void attb_head(const attb_args *a, int h, float *dkh, float *dvh, int ldkv, float *S,
+                      float *dP) {
+    int D = a->D, kh = h / (a->nh / a->nkv);
+    int ldq = a->nh * D, ldk = a->nkv * D;
+    const float *kp = a->k + (size_t)kh * D, *vp = a->v + (size_t)kh * D;
+    for (int t0 = 0; t0 < a->T; t0 += ATTB_QB) {
+        int qb = a->T - t0 < ATTB_QB ? a->T - t0 : ATTB_QB, nk = t0 + qb;
+        const float *qb_ = a->q + (size_t)t0 * ldq + (size_t)h * D;
+        const float *gb = a->dout + (size_t)t0 * ldq + (size_t)h * D;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, qb, nk, D, a->scale, qb_, ldq, kp, ldk,
+                    0.0f, S, nk);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, qb, nk, D, 1.0f, gb, ldq, vp, ldk,
+                    0.0f, dP, nk);
+        attb_softmax_grad(S, dP, a, h, t0, qb, nk);
+        if (a->dq)
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, qb, D, nk, a->scale, dP, nk, kp,
+                        ldk, 1.0f, a->dq + (size_t)t0 * ldq + (size_t)h * D, ldq);
+        if (dkh)
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, nk, D, qb, a->scale, dP, nk, qb_,
+                        ldq, 1.0f, dkh, ldkv);
+        if (dvh)
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, nk, D, qb, 1.0f, S, nk, gb, ldq,
+                        1.0f, dvh, ldkv);
+    }
+}
+
+/* dst[t, kh, :] += Σ_{h of kh, ascending} part[h][t, :] */
+static void attb_reduce(float *dst, const float *part, int T, int nh, int nkv, int D) {
+    if (!dst) return;
+    int rep = nh / nkv;
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < T; t++)
+        for (int h = 0; h < nh; h++) {
+            float *d = dst + ((size_t)t * nkv + h / rep) * D;
+            const float *p = part + ((size_t)h * T + t) * D;
+            for (int c = 0; c < D; c++) d[c] += p[c];
+        }
+}
+
+static void cpu_attention_backward(float *dq, float *dk, float *dv, const float *dout,
+                                   const float *q, const float *k, const float *v, const float *out,
+                                   float scale, int T, int nh, int nkv, int D) {
+    if (T <= 0 || nh <= 0 || D <= 0) return;
+    blas_single();
+    attb_args a = {q, k, v, dout, out, dq, scale, T, nh, nkv, D};
+    int shared = nh == nkv; /* one query head per KV head: write dk, dv in place */
+    size_t part = (size_t)nh * T * D;
+    float *dks = NULL, *dvs = NULL;
+    if (!shared) {
+        if (dk) dks = moe_calloc(part, sizeof(float));
+        if (dv) dvs = moe_calloc(part, sizeof(float));
+    }
+#pragma omp parallel if (nh > 1 && (double)T * T * D * nh > 1e6)
+    {
+        size_t sb = (size_t)(T < ATTB_QB ? T : ATTB_QB) * T;
+        float *S = cpu_alloc(sizeof(float) * sb), *dP = cpu_alloc(sizeof(float) * sb);
+#pragma omp for schedule(dynamic, 1)
+        for (int h = 0; h < nh; h++) {
+            float *dkh, *dvh;
+            if (shared) {
+                dkh = dk ? dk + (size_t)h * D : NULL;
+                dvh = dv ? dv + (size_t)h * D : NULL;
+            } else {
+                dkh = dks ? dks + (size_t)h * T * D : NULL;
+                dvh = dvs ? dvs + (size_t)h * T * D : NULL;
+            }
+            attb_head(&a, h, dkh, dvh, shared ? nkv * D : D, S, dP);
+        }
+        cpu_free(S);
+        cpu_free(dP);
+    }
+    if (!shared) {
+        attb_reduce(dk, dks, T, nh, nkv, D);
+        attb_reduce(dv, dvs, T, nh, nkv, D);
+        free(dks);
+        free(dvs);
     }
 }
