@@ -31,6 +31,43 @@
  *
  * Deterministic: same batch, same bytes, whatever the thread count (CPU).
  * Errors: -1 / NULL with moe_error_set(); nothing is printed. */
+/* Device memory budget, the paper's setting: DeepSeekMoE-16B shapes (H 2048,
+ * 28 layers: 1 dense (10944) + 27 MoE of 64 experts x 1408, 2 shared, top-6;
+ * 16 heads x 128; vocab 102400), E(2+6) (2 shared + 6 kept routed experts),
+ * 9 condensed layers trained (CD-MoE's order for e6: decoder layers
+ * 7 11 13 15 16 20 22 23 27, so the backward runs from layer 27 down to 7),
+ * batch 8 x 256 = N 2048 tokens, MOE_TRAIN_CONDENSED, AdamW with float32
+ * master weights and moments for the trained tensors only, BF16 elsewhere
+ * (CUDA: weight_dtype BF16).  Every layer stays resident (train.c).
+ *   weights, BF16, 11.86 B parameters:                            23.72 GB
+ *     18 routed MoE layers x 1.142 GB (experts 64 x 3 x 1408 x 2048,
+ *     shared 3 x 2816 x 2048, router) = 20.56; 28 attention blocks x 33.6 MB
+ *     = 0.94; embedding and lm_head 2 x 0.42; dense layer 0 0.13; the 9
+ *     condensed layers 9 x 138 MB = 1.25 (their compute copies)
+ *   trained: 9 x (6 x 3 x 1408 x 2048 + 3 x 2816 x 2048) = 622.9 M
+ *     float32 masters 2.49 + gradients 2.49 + AdamW m, v 4.98:    9.97 GB
+ *   saved activations, per layer the backward runs (N x H x 4 B = 16.8 MB
+ *     per [N, H] tensor): x, RMSNorm(x), q, k, v, attention output, x after
+ *     attention, MLP input: 134 MB; routed or condensed MLP: expert outputs
+ *     [N x 6, H] 101 MB + shared gate|up [N, 5632] 46 MB + shared output
+ *     17 MB + routing 0.6 MB: 298 MB a layer (dense layer 0: gate|up 179 MB)
+ *       without recomputation, 21 layers (7..27):                  6.27 GB
+ *       with recompute (moe_train_opts.recompute): their inputs
+ *       21 x 16.8 MB + one layer's 298 MB recomputed:               0.65 GB
+ *   backward transients of one layer: d x, d MLP input, d expert outputs
+ *     [N x 6, H] 101 MB, per-expert gathered rows and their gradient, the
+ *     gate|up recomputed per expert, attention's d q, d k, d v; with the
+ *     CUDA scratch (BF16 copies of the GEMM operands, 0.1 GB):      ~0.5 GB
+ *   loss head: final-norm output and its gradient 2 x 16.8 MB, logits chunk
+ *     of 64 MiB (163 rows x 102400) and its BF16 copy 32 MiB:      ~0.13 GB
+ *   CUDA context and cuBLAS workspace (not counted by the backend): ~0.6 GB
+ * Total with recompute 23.72 + 9.97 + 0.65 + 0.5 + 0.13 + 0.6 = 35.6 GB
+ * (under 40 GB: an A100/H100 40 GB fits; the original's recipe needs an 80 GB
+ * card); without recomputation 41.2 GB.  The frozen routed experts are 58%
+ * of it.  bench/tune-memory.sh measures the peak the CUDA backend allocates
+ * (the emulator without arithmetic, MOE_CUDA_EMU_NOCOMPUTE=1) for a model of
+ * these shapes with fewer layers and compares it with this budget evaluated
+ * for that model. */
 #ifndef MOE_TRAIN_H
 #define MOE_TRAIN_H
 

@@ -442,10 +442,6 @@ int main(void) {
     }
     C = moe_backend_cpu();
     printf("device: %s\n", moe_cuda_device_name());
-    if (!C->matmul_backward) { /* the oracle comes from the CPU's own backward ops */
-        printf("SKIP: the CPU backend has no backward ops to compare with\n");
-        return 77;
-    }
     const struct CMUnitTest tables[] = {cmocka_unit_test(test_tables)};
     if (cmocka_run_group_tests_name("tables", tables, NULL, NULL)) return 1; /* no NULL calls below */
     const struct CMUnitTest tests[] = {
