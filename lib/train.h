@@ -38,12 +38,13 @@
  * 7 11 13 15 16 20 22 23 27, so the backward runs from layer 27 down to 7),
  * batch 8 x 256 = N 2048 tokens, MOE_TRAIN_CONDENSED, AdamW with float32
  * master weights and moments for the trained tensors only, BF16 elsewhere
- * (CUDA: weight_dtype BF16).  Every layer stays resident (train.c).
- *   weights, BF16, 11.86 B parameters:                            23.72 GB
+ * (CUDA: weight_dtype BF16).  Every layer stays resident (train.c); the
+ * frozen embedding stays on the host (its rows are read per batch).
+ *   weights, BF16, 11.65 B parameters:                            23.30 GB
  *     18 routed MoE layers x 1.142 GB (experts 64 x 3 x 1408 x 2048,
  *     shared 3 x 2816 x 2048, router) = 20.56; 28 attention blocks x 33.6 MB
- *     = 0.94; embedding and lm_head 2 x 0.42; dense layer 0 0.13; the 9
- *     condensed layers 9 x 138 MB = 1.25 (their compute copies)
+ *     = 0.94; lm_head 0.42; dense layer 0 0.13; the 9 condensed layers
+ *     9 x 138 MB = 1.25 (their compute copies)
  *   trained: 9 x (6 x 3 x 1408 x 2048 + 3 x 2816 x 2048) = 622.9 M
  *     float32 masters 2.49 + gradients 2.49 + AdamW m, v 4.98:    9.97 GB
  *   saved activations, per layer the backward runs (N x H x 4 B = 16.8 MB
@@ -54,20 +55,25 @@
  *       without recomputation, 21 layers (7..27):                  6.27 GB
  *       with recompute (moe_train_opts.recompute): their inputs
  *       21 x 16.8 MB + one layer's 298 MB recomputed:               0.65 GB
- *   backward transients of one layer: d x, d MLP input, d expert outputs
- *     [N x 6, H] 101 MB, per-expert gathered rows and their gradient, the
- *     gate|up recomputed per expert, attention's d q, d k, d v; with the
- *     CUDA scratch (BF16 copies of the GEMM operands, 0.1 GB):      ~0.5 GB
- *   loss head: final-norm output and its gradient 2 x 16.8 MB, logits chunk
- *     of 64 MiB (163 rows x 102400) and its BF16 copy 32 MiB:      ~0.13 GB
+ *   buffers that outlive their use (the model's pool and the CUDA scratch
+ *     keep them for reuse):                                        1.03 GB
+ *     the dense layer 0's forward (gate|up 179 MB, SwiGLU 90 MB, BF16 copy
+ *     of the activations 56 MB) 0.33; the experts op's scratch for N x 6
+ *     rows (gathered rows BF16, gate|up f32, SwiGLU BF16, +25% growth) 0.28;
+ *     one layer's backward (d expert outputs 101 MB, d x, d MLP input, the
+ *     norms' and attention's gradients, per expert its gathered rows, their
+ *     gradient and the gate|up recomputed for up to N rows) 0.28; the loss
+ *     head (a 64 MiB logits chunk of 163 rows, its BF16 copy, the final
+ *     norm's output and gradient) 0.14
  *   CUDA context and cuBLAS workspace (not counted by the backend): ~0.6 GB
- * Total with recompute 23.72 + 9.97 + 0.65 + 0.5 + 0.13 + 0.6 = 35.6 GB
- * (under 40 GB: an A100/H100 40 GB fits; the original's recipe needs an 80 GB
- * card); without recomputation 41.2 GB.  The frozen routed experts are 58%
- * of it.  bench/tune-memory.sh measures the peak the CUDA backend allocates
- * (the emulator without arithmetic, MOE_CUDA_EMU_NOCOMPUTE=1) for a model of
- * these shapes with fewer layers and compares it with this budget evaluated
- * for that model. */
+ * Total with recompute 23.30 + 9.97 + 0.65 + 1.03 + 0.6 = 35.5 GB (under
+ * 40 GB: a 40 GB A100 fits; the original's recipe needs an 80 GB card);
+ * without recomputation 41.2 GB.  The frozen routed experts are 58% of it.
+ * bench/tune-memory.sh measures what the CUDA backend allocates (the
+ * emulator without arithmetic, MOE_CUDA_EMU_NOCOMPUTE=1) for these shapes
+ * with 4 layers (2 condensed) and compares it with this budget evaluated for
+ * that model: 6.25 GB measured vs 6.26 GB without recompute, 5.70 vs 5.71
+ * with (BENCH_MEMORY=1 make bench, or sh bench/tune-memory.sh). */
 #ifndef MOE_TRAIN_H
 #define MOE_TRAIN_H
 

@@ -4,17 +4,24 @@
 
 // ---- reductions for the search tools ---------------------------------------------------
 
-__global__ void k_softmax_rows(float *p, const float *x, int C) {
+// the row's max (*mx) and Σ_c exp(x_c − max) in double, by the whole block
+static __device__ inline double row_sumexp(const float *xr, int C, float *mx_out) {
     __shared__ float shf[33];
     __shared__ double shd[33];
-    const float *xr = x + (size_t)blockIdx.x * C;
-    float *pr = p + (size_t)blockIdx.x * C;
     float mx = -INFINITY;
     for (int c = threadIdx.x; c < C; c += blockDim.x) mx = fmaxf(mx, xr[c]);
     mx = block_max(mx, shf);
     double s = 0.0;
     for (int c = threadIdx.x; c < C; c += blockDim.x) s += (double)expf(xr[c] - mx);
-    s = block_sum(s, shd);
+    *mx_out = mx;
+    return block_sum(s, shd);
+}
+
+__global__ void k_softmax_rows(float *p, const float *x, int C) {
+    const float *xr = x + (size_t)blockIdx.x * C;
+    float *pr = p + (size_t)blockIdx.x * C;
+    float mx;
+    double s = row_sumexp(xr, C, &mx);
     float inv = (float)(1.0 / s);
     for (int c = threadIdx.x; c < C; c += blockDim.x) pr[c] = expf(xr[c] - mx) * inv; // p may alias x: same c, same thread
 }
@@ -175,8 +182,6 @@ void colsum_add(float *out, const float *a, const float *b, const float *rs, int
 // element is read and written by the same thread, so dlogits may alias logits.
 __global__ void k_cross_entropy(float *loss, float *dlogits, const float *logits,
                                 const int32_t *targets, float dscale, int V) {
-    __shared__ float shf[33];
-    __shared__ double shd[33];
     const float *xr = logits + (size_t)blockIdx.x * V;
     int tgt = targets[blockIdx.x];
     if (tgt < 0 || tgt >= V) { // ignored row (−100); out-of-range ids are the caller's bug
@@ -185,13 +190,8 @@ __global__ void k_cross_entropy(float *loss, float *dlogits, const float *logits
             for (int c = threadIdx.x; c < V; c += blockDim.x) dlogits[(size_t)blockIdx.x * V + c] = 0.0f;
         return;
     }
-    float xt = xr[tgt];
-    float mx = -INFINITY;
-    for (int c = threadIdx.x; c < V; c += blockDim.x) mx = fmaxf(mx, xr[c]);
-    mx = block_max(mx, shf);
-    double s = 0.0;
-    for (int c = threadIdx.x; c < V; c += blockDim.x) s += (double)expf(xr[c] - mx);
-    s = block_sum(s, shd);
+    float xt = xr[tgt], mx;
+    double s = row_sumexp(xr, V, &mx);
     if (threadIdx.x == 0) loss[blockIdx.x] = (float)(log(s) + (double)mx - (double)xt);
     if (!dlogits) return;
     float inv = (float)(1.0 / s);

@@ -281,11 +281,9 @@ static void one_router_backward(int mode, int renorm, int T, int E, int K, int w
 static void test_router_backward(void **state) {
     (void)state;
     for (int dp = 0; dp <= 1; dp++) {
-        one_router_backward(MOE_ROUTE_SOFTMAX_TOPK, MOE_RENORM_NONE, 129, 60, 4, dp);
-        one_router_backward(MOE_ROUTE_SOFTMAX_TOPK, MOE_RENORM_SUM, 129, 64, 6, dp);
-        one_router_backward(MOE_ROUTE_SOFTMAX_TOPK, MOE_RENORM_SUM_EPS, 77, 64, 6, dp);
-        one_router_backward(MOE_ROUTE_TOPK_SOFTMAX, MOE_RENORM_NONE, 131, 8, 2, dp);
-        one_router_backward(MOE_ROUTE_SOFTMAX_TOPK, MOE_RENORM_SUM, 3, 128, 8, dp);
+        for (int i = 0; i < N_ROUTER_CASES; i++)
+            one_router_backward(router_cases[i].mode, router_cases[i].renorm, router_cases[i].T,
+                                router_cases[i].E, router_cases[i].K, dp);
     }
 }
 

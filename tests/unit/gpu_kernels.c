@@ -312,11 +312,9 @@ static void one_router(int mode, int renorm, int T, int E, int K, int ties) {
 static void test_router(void **state) {
     (void)state;
     for (int ties = 0; ties <= 1; ties++) {
-        one_router(MOE_ROUTE_SOFTMAX_TOPK, MOE_RENORM_NONE, 129, 60, 4, ties);
-        one_router(MOE_ROUTE_SOFTMAX_TOPK, MOE_RENORM_SUM, 129, 64, 6, ties);
-        one_router(MOE_ROUTE_SOFTMAX_TOPK, MOE_RENORM_SUM_EPS, 77, 64, 6, ties);
-        one_router(MOE_ROUTE_TOPK_SOFTMAX, MOE_RENORM_NONE, 131, 8, 2, ties);
-        one_router(MOE_ROUTE_SOFTMAX_TOPK, MOE_RENORM_SUM, 3, 128, 8, ties);
+        for (int i = 0; i < N_ROUTER_CASES; i++)
+            one_router(router_cases[i].mode, router_cases[i].renorm, router_cases[i].T,
+                       router_cases[i].E, router_cases[i].K, ties);
     }
 }
 

@@ -84,4 +84,17 @@ static inline void check_close_d(const char *what, const double *got, const doub
     }
 }
 
+/* the router configurations the tests run (forward and backward): mode,
+ * renormalisation, tokens, experts, top-k */
+static const struct {
+    int mode, renorm, T, E, K;
+} router_cases[] __attribute__((unused)) = {
+    {MOE_ROUTE_SOFTMAX_TOPK, MOE_RENORM_NONE, 129, 60, 4},
+    {MOE_ROUTE_SOFTMAX_TOPK, MOE_RENORM_SUM, 129, 64, 6},
+    {MOE_ROUTE_SOFTMAX_TOPK, MOE_RENORM_SUM_EPS, 77, 64, 6},
+    {MOE_ROUTE_TOPK_SOFTMAX, MOE_RENORM_NONE, 131, 8, 2},
+    {MOE_ROUTE_SOFTMAX_TOPK, MOE_RENORM_SUM, 3, 128, 8},
+};
+#define N_ROUTER_CASES ((int)(sizeof router_cases / sizeof router_cases[0]))
+
 #endif
