@@ -124,7 +124,9 @@ typedef struct {
 typedef struct {
     double loss_sum;    /* Σ CE over counted tokens (not scaled) */
     long ntokens;       /* tokens with a target >= 0 */
-    double aux_loss;    /* Σ over routed layers of the load-balancing loss (unscaled) */
+    double aux_loss;    /* the load-balancing loss as Hugging Face adds it to the loss (its
+                           coefficient included, aux_scale not): coef·aux over all routed
+                           layers at once (qwen*, olmoe, mixtral), Σ_l alpha·aux_l (deepseek) */
 } moe_train_result;
 
 typedef struct moe_trainer moe_trainer;
@@ -146,6 +148,9 @@ int moe_trainer_backward(moe_trainer *tr, const moe_train_batch *b, float dscale
 int moe_trainer_loss(moe_trainer *tr, const moe_train_batch *b, moe_train_result *res);
 /* The forward computes with the masters' current values from now on. */
 int moe_trainer_sync_weights(moe_trainer *tr);
+/* Logits of every position of the batch, [Σ lens, V] float32 into host
+ * memory, from the training forward (tests compare it with moe_model_forward). */
+int moe_trainer_logits(moe_trainer *tr, const moe_train_batch *b, float *logits);
 /* input_grad: d loss / d x_0 of sequence s of the last backward, [lens[s], H]
  * float32 into host memory. */
 int moe_trainer_input_grad(moe_trainer *tr, int s, float *dx0);

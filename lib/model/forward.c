@@ -128,6 +128,15 @@ static void add_shared(moe_model *m, layer_w *w, float *y, const float *xn, int 
     }
 }
 
+void mdl_route_mode(const moe_model *m, int *mode, int *renorm) {
+    const moe_config *c = m->cfg;
+    *mode = c->router == MOE_ROUTER_TOPK_SOFTMAX ? MOE_ROUTE_TOPK_SOFTMAX : MOE_ROUTE_SOFTMAX_TOPK;
+    *renorm = MOE_RENORM_NONE;
+    if (c->norm_topk_prob && *mode == MOE_ROUTE_SOFTMAX_TOPK)
+        *renorm = c->norm_topk_eps > 0 ? MOE_RENORM_SUM_EPS : MOE_RENORM_SUM;
+    if (c->top_k == 1 && c->arch->id == MOE_ARCH_DEEPSEEK) *renorm = MOE_RENORM_NONE; /* "top_k > 1 and" */
+}
+
 /* routing into host arrays (idx, wt, probs) */
 static int route(moe_model *m, int l, const float *xn, int T, int32_t *idx_h, float *wt_h,
                  float *probs_h) {
@@ -146,11 +155,8 @@ static int route(moe_model *m, int l, const float *xn, int T, int32_t *idx_h, fl
     float *wt = mdl_scratch(m, S_WT, sizeof(float) * (size_t)T * K);
     float *probs = probs_h ? mdl_scratch(m, S_PROBS, sizeof(float) * (size_t)T * E) : NULL;
     be->matmul(lg, xn, router, NULL, T, H, E, 0);
-    int mode = c->router == MOE_ROUTER_TOPK_SOFTMAX ? MOE_ROUTE_TOPK_SOFTMAX : MOE_ROUTE_SOFTMAX_TOPK;
-    int renorm = MOE_RENORM_NONE;
-    if (c->norm_topk_prob && mode == MOE_ROUTE_SOFTMAX_TOPK)
-        renorm = c->norm_topk_eps > 0 ? MOE_RENORM_SUM_EPS : MOE_RENORM_SUM;
-    if (K == 1 && c->arch->id == MOE_ARCH_DEEPSEEK) renorm = MOE_RENORM_NONE; /* "top_k > 1 and" */
+    int mode, renorm;
+    mdl_route_mode(m, &mode, &renorm);
     be->router(idx, wt, probs, lg, mode, renorm, T, E, K);
     be->download(idx_h, idx, sizeof(int32_t) * (size_t)T * K);
     be->download(wt_h, wt, sizeof(float) * (size_t)T * K);
@@ -420,4 +426,510 @@ int moe_layer_attention_kv(moe_model *m, int l, float *x, int T, int pos0, float
     be->attention_kv(att, q, kc, vc, (float)(1.0 / sqrt((double)D)), pos0, T, nh, nkv, D);
     be->matmul(x, att, w->wo, NULL, T, nh * D, H, 1); /* x += att·Woᵀ */
     return moe_backend_status(be);
+}
+
+/* ---- training: each piece's forward keeping what its backward needs, and the
+ * backward beside it (lib/train.h; the weights are the trainer's, train.c).
+ * Per-token work runs on all N rows of the batch at once; attention and RoPE
+ * per sequence (positions from 0).  The forward makes the same op calls as
+ * the inference pieces above, so a layer's output has the same bytes on the
+ * CPU; a condensed layer is the exception (the trainer keeps its experts
+ * unfused: see train_layer in internal.h). */
+
+static float *tbuf(moe_model *m, size_t nfloats) { return moe_model_alloc(m, nfloats); }
+
+static void tfree(moe_model *m, void *p) { mdl_free(m, p); }
+
+static int seq_fits_window(const moe_model *m, const train_rows *r) {
+    const moe_config *c = m->cfg;
+    for (int s = 0; s < r->n; s++)
+        if (c->sliding_window > 0 && r->T[s] > c->sliding_window) {
+            moe_error_set(MOE_ERR_DATA, "%s: sequence of %d tokens is longer than sliding_window "
+                          "%d (not supported)", c->path, r->T[s], c->sliding_window);
+            return 0;
+        }
+    return 1;
+}
+
+/* q/k-norm of T rows of projections p (whole or per head), from pl */
+static void qk_norm_rows(moe_model *m, float *p, const float *pl, const float *w, size_t T, int nh) {
+    const moe_config *c = m->cfg;
+    float eps = (float)c->rms_norm_eps;
+    int D = c->head_dim;
+    if (c->qk_norm == MOE_QK_NORM_FULL)
+        m->be->rmsnorm(p, pl, w, eps, (int)T, nh * D);
+    else
+        m->be->rmsnorm(p, pl, w, eps, (int)T * nh, D);
+}
+
+static void qk_norm_rows_backward(moe_model *m, float *dpl, float *dw, const float *dp,
+                                  const float *pl, const float *w, size_t T, int nh) {
+    const moe_config *c = m->cfg;
+    float eps = (float)c->rms_norm_eps;
+    int D = c->head_dim;
+    if (c->qk_norm == MOE_QK_NORM_FULL)
+        m->be->rmsnorm_backward(dpl, dw, dp, pl, w, eps, (int)T, nh * D);
+    else
+        m->be->rmsnorm_backward(dpl, dw, dp, pl, w, eps, (int)T * nh, D);
+}
+
+int mdl_attention_train(moe_model *m, const train_layer *tl, layer_save *s, float *x,
+                        const train_rows *r) {
+    if (!seq_fits_window(m, r)) return -1;
+    const moe_config *c = m->cfg;
+    const moe_backend *be = m->be;
+    int H = c->hidden_size, nh = c->num_heads, nkv = c->num_kv_heads, D = c->head_dim;
+    size_t N = r->N, qd = (size_t)nh * D, kvd = (size_t)nkv * D;
+    s->x = tbuf(m, N * H);
+    be->copy(s->x, x, sizeof(float) * N * H);
+    s->xa = tbuf(m, N * H);
+    s->q = tbuf(m, N * qd);
+    s->k = tbuf(m, N * kvd);
+    s->v = tbuf(m, N * kvd);
+    s->att = tbuf(m, N * qd);
+    be->rmsnorm(s->xa, x, tl->in_norm.w, (float)c->rms_norm_eps, (int)N, H);
+    float *qp = s->q, *kp = s->k;
+    if (c->qk_norm != MOE_QK_NORM_NONE) { /* projections kept before the norm */
+        qp = s->ql = tbuf(m, N * qd);
+        kp = s->kl = tbuf(m, N * kvd);
+    }
+    be->matmul(qp, s->xa, tl->wq.w, tl->bq.w, (int)N, H, (int)qd, 0);
+    be->matmul(kp, s->xa, tl->wk.w, tl->bk.w, (int)N, H, (int)kvd, 0);
+    be->matmul(s->v, s->xa, tl->wv.w, tl->bv.w, (int)N, H, (int)kvd, 0);
+    if (c->qk_norm != MOE_QK_NORM_NONE) {
+        qk_norm_rows(m, s->q, s->ql, tl->qn.w, N, nh);
+        qk_norm_rows(m, s->k, s->kl, tl->kn.w, N, nkv);
+    }
+    float scale = (float)(1.0 / sqrt((double)D));
+    for (int q = 0; q < r->n; q++) {
+        size_t o = r->off[q];
+        int T = r->T[q];
+        be->rope(s->q + o * qd, (float)c->rope_theta, 0, T, nh, D);
+        be->rope(s->k + o * kvd, (float)c->rope_theta, 0, T, nkv, D);
+        be->attention(s->att + o * qd, s->q + o * qd, s->k + o * kvd, s->v + o * kvd, scale, T, nh,
+                      nkv, D);
+    }
+    be->matmul(x, s->att, tl->wo.w, NULL, (int)N, (int)qd, H, 1); /* x += att·Woᵀ */
+    return moe_backend_status(be);
+}
+
+int mdl_attention_trained(const train_layer *tl) {
+    return tl->in_norm.g || tl->wq.g || tl->wk.g || tl->wv.g || tl->wo.g || tl->bq.g ||
+           tl->qn.g;
+}
+
+/* dq, dk (post-RoPE on input) to the projections' gradients, per sequence */
+static void rope_attention_backward(moe_model *m, const layer_save *s, float *dq, float *dk,
+                                    float *dv, const float *datt, const train_rows *r) {
+    const moe_config *c = m->cfg;
+    const moe_backend *be = m->be;
+    int nh = c->num_heads, nkv = c->num_kv_heads, D = c->head_dim;
+    size_t qd = (size_t)nh * D, kvd = (size_t)nkv * D;
+    float scale = (float)(1.0 / sqrt((double)D));
+    for (int q = 0; q < r->n; q++) {
+        size_t o = r->off[q];
+        int T = r->T[q];
+        be->attention_backward(dq + o * qd, dk + o * kvd, dv + o * kvd, datt + o * qd,
+                               s->q + o * qd, s->k + o * kvd, s->v + o * kvd, s->att + o * qd,
+                               scale, T, nh, nkv, D);
+        be->rope_backward(dq + o * qd, (float)c->rope_theta, 0, T, nh, D);
+        be->rope_backward(dk + o * kvd, (float)c->rope_theta, 0, T, nkv, D);
+    }
+}
+
+int mdl_attention_backward(moe_model *m, const train_layer *tl, const layer_save *s, float *dx,
+                           int need_dx, const train_rows *r) {
+    if (!need_dx && !mdl_attention_trained(tl)) return 0;
+    const moe_config *c = m->cfg;
+    const moe_backend *be = m->be;
+    int H = c->hidden_size, nh = c->num_heads, nkv = c->num_kv_heads, D = c->head_dim;
+    size_t N = r->N, qd = (size_t)nh * D, kvd = (size_t)nkv * D;
+    float *datt = tbuf(m, N * qd), *dq = tbuf(m, N * qd), *dk = tbuf(m, N * kvd);
+    float *dv = tbuf(m, N * kvd), *dxa = tbuf(m, N * H);
+    be->matmul_backward(datt, tl->wo.g, NULL, dx, s->att, tl->wo.w, (int)N, (int)qd, H);
+    rope_attention_backward(m, s, dq, dk, dv, datt, r);
+    if (c->qk_norm != MOE_QK_NORM_NONE) { /* back through the norm to the projections */
+        float *dql = tbuf(m, N * qd), *dkl = tbuf(m, N * kvd);
+        qk_norm_rows_backward(m, dql, tl->qn.g, dq, s->ql, tl->qn.w, N, nh);
+        qk_norm_rows_backward(m, dkl, tl->kn.g, dk, s->kl, tl->kn.w, N, nkv);
+        tfree(m, dq);
+        tfree(m, dk);
+        dq = dql;
+        dk = dkl;
+    }
+    be->matmul_backward(dxa, tl->wq.g, tl->bq.g, dq, s->xa, tl->wq.w, (int)N, H, (int)qd);
+    be->matmul_backward(dxa, tl->wk.g, tl->bk.g, dk, s->xa, tl->wk.w, (int)N, H, (int)kvd);
+    be->matmul_backward(dxa, tl->wv.g, tl->bv.g, dv, s->xa, tl->wv.w, (int)N, H, (int)kvd);
+    /* x_mid = x + Attn(RMSNorm(x)): dx (holding d x_mid) += the norm's backward */
+    float *dxo = need_dx ? dx : tbuf(m, N * H);
+    be->rmsnorm_backward(dxo, tl->in_norm.g, dxa, s->x, tl->in_norm.w, (float)c->rms_norm_eps,
+                         (int)N, H);
+    if (dxo != dx) tfree(m, dxo);
+    void *ps[] = {datt, dq, dk, dv, dxa};
+    for (size_t i = 0; i < sizeof ps / sizeof *ps; i++) tfree(m, ps[i]);
+    return moe_backend_status(be);
+}
+
+/* y (+)= down·SwiGLU(gu_w·x) of T rows, the gate|up activations kept in *gu */
+static void swiglu_train(moe_model *m, float *y, const float *x, const tparam *gu_w,
+                         const tparam *down_w, int T, int I, int acc, float **gu) {
+    const moe_backend *be = m->be;
+    int H = m->cfg->hidden_size;
+    float *h = mdl_scratch(m, S_H, sizeof(float) * (size_t)T * I);
+    *gu = tbuf(m, (size_t)T * 2 * I);
+    be->matmul(*gu, x, gu_w->w, NULL, T, H, 2 * I, 0);
+    be->swiglu(h, *gu, T, I);
+    be->matmul(y, h, down_w->w, NULL, T, I, H, acc);
+}
+
+/* its backward: dx += (when dx), weight gradients added (when trained);
+ * gu: the saved gate|up activations, or NULL: recomputed from x */
+static void swiglu_backward_rows(moe_model *m, float *dx, const tparam *gu_w,
+                                 const tparam *down_w, const float *dy, const float *x,
+                                 const float *gu, int T, int I) {
+    if (!dx && !gu_w->g && !down_w->g) return;
+    const moe_backend *be = m->be;
+    int H = m->cfg->hidden_size;
+    size_t t = (size_t)T;
+    float *gtmp = NULL;
+    if (!gu) {
+        gu = gtmp = tbuf(m, t * 2 * I);
+        be->matmul(gtmp, x, gu_w->w, NULL, T, H, 2 * I, 0);
+    }
+    float *h = tbuf(m, t * I), *dh = tbuf(m, t * I), *dgu = tbuf(m, t * 2 * I);
+    be->swiglu(h, gu, T, I);
+    be->matmul_backward(dh, down_w->g, NULL, dy, h, down_w->w, T, I, H);
+    be->swiglu_backward(dgu, dh, gu, T, I);
+    if (dx || gu_w->g) be->matmul_backward(dx, gu_w->g, NULL, dgu, x, gu_w->w, T, H, 2 * I);
+    tfree(m, gtmp);
+    tfree(m, h);
+    tfree(m, dh);
+    tfree(m, dgu);
+}
+
+/* y += shared part (× sigmoid gate for qwen2_moe), as add_shared */
+static void shared_train(moe_model *m, const train_layer *tl, layer_save *s, float *y, int N) {
+    if (!tl->s_gu.w) return;
+    const moe_backend *be = m->be;
+    int H = m->cfg->hidden_size;
+    s->so = tbuf(m, (size_t)N * H);
+    swiglu_train(m, s->so, s->xn, &tl->s_gu, &tl->s_down, N, tl->Is, 0, &s->sgu);
+    if (tl->s_gate.w) {
+        s->z = tbuf(m, (size_t)N);
+        be->matmul(s->z, s->xn, tl->s_gate.w, NULL, N, H, 1, 0);
+        be->sigmoid_gate_add(y, s->so, s->z, N, H);
+    } else {
+        be->axpy(y, s->so, 1.0f, (size_t)N * H);
+    }
+}
+
+static void shared_backward(moe_model *m, const train_layer *tl, const layer_save *s, float *dxn,
+                            const float *dy, int N) {
+    if (!tl->s_gu.w || (!dxn && !tl->s_gu.g && !tl->s_down.g && !tl->s_gate.g)) return;
+    const moe_backend *be = m->be;
+    int H = m->cfg->hidden_size;
+    const float *dso = dy;
+    float *tmp = NULL;
+    if (tl->s_gate.w) {
+        tmp = tbuf(m, (size_t)N * H);
+        float *dz = tbuf(m, (size_t)N);
+        be->sigmoid_gate_add_backward(tmp, dz, dy, s->so, s->z, N, H);
+        if (dxn || tl->s_gate.g)
+            be->matmul_backward(dxn, tl->s_gate.g, NULL, dz, s->xn, tl->s_gate.w, N, H, 1);
+        tfree(m, dz);
+        dso = tmp;
+    }
+    swiglu_backward_rows(m, dxn, &tl->s_gu, &tl->s_down, dso, s->xn, s->sgu, N, tl->Is);
+    tfree(m, tmp);
+}
+
+/* Groups the N·K (token, slot) pairs per expert (moe_dispatch): s->rows,
+ * s->off, s->slot (each token's slots in the router's order, so that the
+ * combine's backward gives d wt in that order); the forward's combine
+ * order (ascending expert id, as routed_chunk) into *slot_asc, *wt_asc. */
+static void dispatch_train(moe_model *m, layer_save *s, const int32_t *idx_h, const float *wt_h,
+                           int N, int E, int K, int32_t **slot_asc, float **wt_asc) {
+    const moe_backend *be = m->be;
+    moe_dispatch d;
+    moe_dispatch_build(&d, idx_h, wt_h, N, E, K);
+    size_t nk = (size_t)N * K;
+    int32_t *slot_r = moe_malloc(sizeof(int32_t) * nk + 4);
+    for (size_t t = 0; t < (size_t)N; t++)
+        for (int k = 0; k < K; k++) {
+            int rank = 0; /* position of this slot's expert among the token's, ascending */
+            for (int j = 0; j < K; j++) rank += idx_h[t * K + j] < idx_h[t * K + k];
+            slot_r[t * K + k] = d.slot[t * K + rank];
+        }
+    s->off = moe_malloc(sizeof(int32_t) * ((size_t)E + 1));
+    memcpy(s->off, d.off, sizeof(int32_t) * ((size_t)E + 1));
+    s->rows = mdl_alloc(m, sizeof(int32_t) * nk + 4);
+    s->slot = mdl_alloc(m, sizeof(int32_t) * nk + 4);
+    *slot_asc = mdl_alloc(m, sizeof(int32_t) * nk + 4);
+    *wt_asc = mdl_alloc(m, sizeof(float) * nk + 4);
+    be->upload(s->rows, d.tokens, sizeof(int32_t) * nk);
+    be->upload(s->slot, slot_r, sizeof(int32_t) * nk);
+    be->upload(*slot_asc, d.slot, sizeof(int32_t) * nk);
+    be->upload(*wt_asc, d.slot_wt, sizeof(float) * nk);
+    free(slot_r);
+    moe_dispatch_free(&d);
+}
+
+/* y = Σ_k wt_k·Expert_{idx_k}(xn) for the grouped pairs; the outputs kept */
+static void experts_combine(moe_model *m, const train_layer *tl, layer_save *s, float *y,
+                            const int32_t *idx_h, const float *wt_h, int N, int Im) {
+    const moe_backend *be = m->be;
+    int H = m->cfg->hidden_size, E = tl->ne, K = s->K;
+    int32_t *slot_asc;
+    float *wt_asc;
+    dispatch_train(m, s, idx_h, wt_h, N, E, K, &slot_asc, &wt_asc);
+    const void **wg = moe_calloc((size_t)E + 1, sizeof(void *));
+    const void **wd = moe_calloc((size_t)E + 1, sizeof(void *));
+    for (int e = 0; e < E; e++) {
+        wg[e] = tl->e_gu[e].w;
+        wd[e] = tl->e_down[e].w;
+    }
+    s->out = tbuf(m, (size_t)N * K * H);
+    be->experts(s->out, s->xn, s->rows, s->off, wg, wd, E, H, Im);
+    be->combine(y, s->out, slot_asc, wt_asc, N, K, H);
+    free(wg);
+    free(wd);
+    tfree(m, slot_asc);
+    tfree(m, wt_asc);
+}
+
+static int routed_train(moe_model *m, const train_layer *tl, layer_save *s, float *y, int N) {
+    const moe_config *c = m->cfg;
+    const moe_backend *be = m->be;
+    int E = c->n_routed_experts, K = c->top_k, H = c->hidden_size;
+    size_t nk = (size_t)N * K;
+    float *lg = tbuf(m, (size_t)N * E);
+    s->K = K;
+    s->idx = mdl_alloc(m, sizeof(int32_t) * nk + 4);
+    s->wt = tbuf(m, nk);
+    s->probs = tbuf(m, (size_t)N * E);
+    be->matmul(lg, s->xn, tl->router.w, NULL, N, H, E, 0);
+    int mode, renorm;
+    mdl_route_mode(m, &mode, &renorm);
+    be->router(s->idx, s->wt, s->probs, lg, mode, renorm, N, E, K);
+    if (mode != MOE_ROUTE_SOFTMAX_TOPK) be->softmax_rows(s->probs, lg, N, E); /* kernels.h: probs
+                                                                   are the router's in that mode */
+    tfree(m, lg);
+    s->idx_h = moe_malloc(sizeof(int32_t) * nk + 4);
+    s->probs_h = moe_malloc(sizeof(float) * (size_t)N * E + 4);
+    float *wt_h = moe_malloc(sizeof(float) * nk + 4);
+    be->download(s->idx_h, s->idx, sizeof(int32_t) * nk);
+    be->download(wt_h, s->wt, sizeof(float) * nk);
+    be->download(s->probs_h, s->probs, sizeof(float) * (size_t)N * E);
+    int rc = moe_backend_status(be); /* the routing went to the host: check it is real */
+    if (rc == 0) experts_combine(m, tl, s, y, s->idx_h, wt_h, N, c->moe_intermediate_size);
+    free(wt_h);
+    return rc;
+}
+
+/* a condensed layer: every token through every kept expert, fixed weights */
+static int condensed_train(moe_model *m, const train_layer *tl, layer_save *s, float *y, int N) {
+    const moe_backend *be = m->be;
+    int n = tl->ne;
+    size_t TH = (size_t)N * m->cfg->hidden_size;
+    if (n == 0) {
+        be->zero(y, TH * sizeof(float));
+        return 0;
+    }
+    float *kw = moe_malloc(sizeof(float) * (size_t)n);
+    be->download(kw, tl->kwt.w, sizeof(float) * (size_t)n);
+    int32_t *idx = moe_malloc(sizeof(int32_t) * (size_t)N * n);
+    float *wt = moe_malloc(sizeof(float) * (size_t)N * n);
+    for (size_t t = 0; t < (size_t)N; t++)
+        for (int i = 0; i < n; i++) {
+            idx[t * n + i] = i;
+            wt[t * n + i] = kw[i];
+        }
+    s->K = n;
+    s->wt = tbuf(m, (size_t)N * n);
+    be->upload(s->wt, wt, sizeof(float) * (size_t)N * n);
+    experts_combine(m, tl, s, y, idx, wt, N, m->cfg->moe_intermediate_size);
+    free(kw);
+    free(idx);
+    free(wt);
+    return moe_backend_status(be);
+}
+
+int mdl_mlp_train(moe_model *m, const train_layer *tl, layer_save *s, float *x,
+                  const train_rows *r) {
+    const moe_config *c = m->cfg;
+    const moe_backend *be = m->be;
+    int H = c->hidden_size, N = (int)r->N;
+    size_t TH = (size_t)N * H;
+    s->xm = tbuf(m, TH);
+    be->copy(s->xm, x, TH * sizeof(float));
+    s->xn = tbuf(m, TH);
+    be->rmsnorm(s->xn, x, tl->post_norm.w, (float)c->rms_norm_eps, N, H);
+    float *y = tbuf(m, TH);
+    int rc = 0;
+    if (tl->kind == MOE_MLP_DENSE)
+        swiglu_train(m, y, s->xn, &tl->gu, &tl->down, N, tl->I, 0, &s->gu);
+    else if (tl->kind == MOE_MLP_MOE)
+        rc = routed_train(m, tl, s, y, N);
+    else
+        rc = condensed_train(m, tl, s, y, N);
+    if (rc == 0 && tl->kind != MOE_MLP_DENSE) shared_train(m, tl, s, y, N);
+    if (rc == 0) be->axpy(x, y, 1.0f, TH);
+    tfree(m, y);
+    return rc == 0 ? moe_backend_status(be) : rc;
+}
+
+/* the grouped experts' backward, expert by expert: the gate|up activations
+ * are recomputed from the gathered inputs (the forward's grouped op keeps
+ * none: one GEMM more per expert, no [N·K, 2·Im] buffer per layer) */
+static void experts_backward(moe_model *m, const train_layer *tl, const layer_save *s, float *dxn,
+                             const float *dout) {
+    const moe_backend *be = m->be;
+    int H = m->cfg->hidden_size, Im = m->cfg->moe_intermediate_size;
+    for (int e = 0; e < tl->ne; e++) {
+        int r0 = s->off[e], n = s->off[e + 1] - r0;
+        if (n == 0 || (!dxn && !tl->e_gu[e].g && !tl->e_down[e].g)) continue;
+        float *xe = tbuf(m, (size_t)n * H), *dxe = dxn ? tbuf(m, (size_t)n * H) : NULL;
+        be->gather_rows(xe, s->xn, s->rows + r0, n, H);
+        swiglu_backward_rows(m, dxe, &tl->e_gu[e], &tl->e_down[e], dout + (size_t)r0 * H, xe,
+                             NULL, n, Im);
+        if (dxe) be->scatter_add_rows(dxn, dxe, s->rows + r0, NULL, n, H);
+        tfree(m, xe);
+        tfree(m, dxe);
+    }
+}
+
+/* d fixed weight_i = Σ_t dwt_ti, summed on the host in token order (n·N values) */
+static void condensed_weights_backward(moe_model *m, const train_layer *tl, const float *dwt,
+                                       int N) {
+    const moe_backend *be = m->be;
+    int n = tl->ne;
+    float *h = moe_malloc(sizeof(float) * (size_t)N * n + 4);
+    float *g = moe_malloc(sizeof(float) * (size_t)n + 4);
+    be->download(h, dwt, sizeof(float) * (size_t)N * n);
+    be->download(g, tl->kwt.g, sizeof(float) * (size_t)n);
+    for (int i = 0; i < n; i++) {
+        double acc = 0;
+        for (size_t t = 0; t < (size_t)N; t++) acc += h[t * n + i];
+        g[i] += (float)acc;
+    }
+    be->upload(tl->kwt.g, g, sizeof(float) * (size_t)n);
+    free(h);
+    free(g);
+}
+
+/* routed or condensed experts (+ router): dxn += (when dxn), gradients added */
+static void expert_mlp_backward(moe_model *m, const train_layer *tl, const layer_save *s,
+                                float *dxn, const float *dy, const float *dprobs, int N) {
+    const moe_config *c = m->cfg;
+    const moe_backend *be = m->be;
+    int H = c->hidden_size, K = s->K, E = c->n_routed_experts;
+    if (tl->ne == 0 || !s->out) return;
+    int routed = tl->kind == MOE_MLP_MOE;
+    int want_dwt = routed ? (dxn || tl->router.g) : tl->kwt.g != NULL;
+    float *dout = tbuf(m, (size_t)N * K * H), *dwt = want_dwt ? tbuf(m, (size_t)N * K) : NULL;
+    be->combine_backward(dout, dwt, dy, s->out, s->slot, s->wt, N, K, H);
+    experts_backward(m, tl, s, dxn, dout);
+    if (routed && want_dwt) {
+        int mode, renorm;
+        mdl_route_mode(m, &mode, &renorm);
+        float *dlg = tbuf(m, (size_t)N * E);
+        be->router_backward(dlg, dwt, dprobs, s->idx, s->wt, s->probs, mode, renorm, N, E, K);
+        be->matmul_backward(dxn, tl->router.g, NULL, dlg, s->xn, tl->router.w, N, H, E);
+        tfree(m, dlg);
+    } else if (want_dwt) {
+        condensed_weights_backward(m, tl, dwt, N);
+    }
+    tfree(m, dout);
+    tfree(m, dwt);
+}
+
+int mdl_mlp_backward(moe_model *m, const train_layer *tl, const layer_save *s, float *dx,
+                     const float *dprobs, int need_dx, const train_rows *r) {
+    const moe_config *c = m->cfg;
+    const moe_backend *be = m->be;
+    int H = c->hidden_size, N = (int)r->N;
+    size_t TH = (size_t)N * H;
+    float *dxn = need_dx || tl->post_norm.g ? tbuf(m, TH) : NULL;
+    if (tl->kind == MOE_MLP_DENSE)
+        swiglu_backward_rows(m, dxn, &tl->gu, &tl->down, dx, s->xn, s->gu, N, tl->I);
+    else
+        expert_mlp_backward(m, tl, s, dxn, dx, dprobs, N);
+    if (tl->kind != MOE_MLP_DENSE) shared_backward(m, tl, s, dxn, dx, N);
+    if (dxn) { /* x_out = x_mid + MLP(RMSNorm(x_mid)): dx += the norm's backward */
+        float *dxo = need_dx ? dx : tbuf(m, TH);
+        be->rmsnorm_backward(dxo, tl->post_norm.g, dxn, s->xm, tl->post_norm.w,
+                             (float)c->rms_norm_eps, N, H);
+        if (dxo != dx) tfree(m, dxo);
+        tfree(m, dxn);
+    }
+    return moe_backend_status(be);
+}
+
+void mdl_save_free(moe_model *m, layer_save *s, int keep_input) {
+    void *ps[] = {s->xa, s->ql, s->kl, s->q, s->k, s->v, s->att, s->xm, s->xn, s->gu, s->sgu,
+                  s->so, s->z, s->out, s->rows, s->slot, s->wt, s->idx, s->probs};
+    for (size_t i = 0; i < sizeof ps / sizeof *ps; i++) tfree(m, ps[i]);
+    free(s->off);
+    layer_save keep = {0};
+    if (keep_input) { /* the layer input, and the routing the aux loss reads */
+        keep.x = s->x;
+        keep.idx_h = s->idx_h;
+        keep.probs_h = s->probs_h;
+    } else {
+        tfree(m, s->x);
+        free(s->idx_h);
+        free(s->probs_h);
+    }
+    *s = keep;
+}
+
+/* ---- final norm, lm_head and the cross-entropy ---------------------------------- */
+
+/* loss[t] = CE(RMSNorm_final(x_t)·W_lmᵀ, tg_t) for N rows (host); with dx:
+ * the backward too, dx = d (dscale·Σ loss) / d x (written), the gradients
+ * of the final norm and lm_head added.  Rows in chunks of logits of at most
+ * 64 MiB (fixed: results do not depend on the thread count). */
+int mdl_head_loss(moe_model *m, const tparam *fn, const tparam *lm, const float *x,
+                  const int32_t *tg, int N, float dscale, float *loss, float *dx) {
+    const moe_config *c = m->cfg;
+    const moe_backend *be = m->be;
+    int H = c->hidden_size, V = c->vocab_size;
+    float eps = (float)c->rms_norm_eps;
+    int chunk = (int)(((size_t)16 << 20) / (size_t)V);
+    if (chunk < 1) chunk = 1;
+    if (chunk > N) chunk = N;
+    float *xf = tbuf(m, (size_t)N * H), *lg = tbuf(m, (size_t)chunk * V), *lrow = tbuf(m, (size_t)N);
+    float *dxf = dx ? tbuf(m, (size_t)N * H) : NULL;
+    be->rmsnorm(xf, x, fn->w, eps, N, H);
+    for (int r0 = 0; r0 < N; r0 += chunk) {
+        int nr = N - r0 < chunk ? N - r0 : chunk;
+        const float *xr = xf + (size_t)r0 * H;
+        be->matmul(lg, xr, lm->w, NULL, nr, H, V, 0);
+        be->cross_entropy(lrow + r0, dx ? lg : NULL, lg, tg + r0, dscale, nr, V);
+        if (dx) be->matmul_backward(dxf + (size_t)r0 * H, lm->g, NULL, lg, xr, lm->w, nr, H, V);
+    }
+    if (dx) {
+        be->zero(dx, sizeof(float) * (size_t)N * H);
+        be->rmsnorm_backward(dx, fn->g, dxf, x, fn->w, eps, N, H);
+    }
+    be->download(loss, lrow, sizeof(float) * (size_t)N);
+    tfree(m, xf);
+    tfree(m, lg);
+    tfree(m, lrow);
+    tfree(m, dxf);
+    return moe_backend_status(be);
+}
+
+/* logits of N rows into host memory (the trainer's weights; tests) */
+int mdl_head_logits(moe_model *m, const tparam *fn, const tparam *lm, const float *x, int N,
+                    float *logits) {
+    const moe_config *c = m->cfg;
+    int H = c->hidden_size, V = c->vocab_size;
+    float *xf = tbuf(m, (size_t)N * H), *lg = tbuf(m, (size_t)N * V);
+    m->be->rmsnorm(xf, x, fn->w, (float)c->rms_norm_eps, N, H);
+    m->be->matmul(lg, xf, lm->w, NULL, N, H, V, 0);
+    m->be->download(logits, lg, sizeof(float) * (size_t)N * V);
+    tfree(m, xf);
+    tfree(m, lg);
+    return moe_backend_status(m->be);
 }

@@ -81,6 +81,95 @@ struct moe_model {
     moe_stager *stg;    /* the backend's staging ring (kernels.h) */
 };
 
+/* ---- training (train.c holds the weights; forward.c computes) -----------------
+ * A weight of the trainer: the copy the ops compute with (weight dtype for
+ * matrices, float32 for norms and biases), and, when trained, its float32
+ * master and gradient (backend memory; NULL when frozen).  For the CPU with
+ * f32 weights, and for every vector, w is the master itself. */
+typedef struct {
+    void *w;
+    float *m, *g;
+    size_t n;
+} tparam;
+
+/* One layer's weights for training.  Unlike the inference path, a condensed
+ * layer keeps its kept experts (and its shared MLP) unfused, one gate|up and
+ * one down per expert, with the fixed weights as a vector: every parameter is
+ * then a Hugging Face tensor (gate and up are the two halves of one gate|up
+ * block), the gradients of the fixed weights come out of the combine's
+ * backward, and the same grouped expert op serves routed and condensed
+ * layers.  The fused wide SwiGLU would make the weights' gradients views of
+ * strided columns. */
+typedef struct {
+    moe_mlp_kind kind;
+    tparam in_norm, post_norm, wq, wk, wv, wo, bq, bk, bv, qn, kn;
+    tparam gu, down; /* dense: gate|up [2I, H], down [H, I] */
+    int I;
+    tparam router;   /* routed: [E, H] */
+    int ne;          /* routed: E; condensed: the kept experts */
+    const int *kept; /* condensed: their ids */
+    tparam *e_gu, *e_down; /* [ne] */
+    tparam kwt;      /* condensed: the fixed weights [ne] (float32) */
+    tparam s_gu, s_down, s_gate; /* shared MLP [2Is, H], [H, Is]; qwen2_moe gate [1, H] */
+    int Is;
+    int need_dx;     /* the backward computes d loss / d input of this layer */
+} train_layer;
+
+/* What a layer's training forward keeps for its backward (backend memory,
+ * NULL where the layer has no such piece); x alone with recompute. */
+typedef struct {
+    float *x;            /* [N, H] layer input */
+    float *xa;           /* [N, H] RMSNorm_in(x) */
+    float *ql, *kl;      /* [N, nh·D], [N, nkv·D] q, k projections before the qk-norm */
+    float *q, *k, *v;    /* post-RoPE q, k; v */
+    float *att;          /* [N, nh·D] attention output */
+    float *xm;           /* [N, H] x after the attention block */
+    float *xn;           /* [N, H] MLP input */
+    float *gu;           /* dense: [N, 2I] */
+    float *sgu, *so, *z; /* shared: [N, 2Is], its output [N, H], gate logits [N] */
+    int K;               /* expert slots per token (routed: top_k; condensed: ne) */
+    float *out;          /* [N·K, H] expert outputs, rows grouped per expert */
+    int32_t *rows;       /* [N·K] token of each row (backend) */
+    int32_t *off;        /* [ne + 1] rows of each expert (host) */
+    int32_t *slot;       /* [N, K] row of each (token, slot), slots in router order */
+    float *wt;           /* [N, K] weights of the slots */
+    int32_t *idx;        /* routed: [N, K] router's ids (backend) */
+    float *probs;        /* routed: [N, E] softmax (backend) */
+    int32_t *idx_h;      /* routed: [N, K] the same on the host (aux loss) */
+    float *probs_h;      /* routed: [N, E] the same on the host (aux loss) */
+} layer_save;
+
+/* the sequences of a training batch, concatenated (row offsets, lengths) */
+typedef struct {
+    int n;
+    const int *T;
+    const size_t *off;
+    size_t N;
+} train_rows;
+
+/* x += Attn(RMSNorm_in(x)) / x += MLP(RMSNorm_post(x)) on every sequence,
+ * keeping in s what the backward needs; 0 or -1 */
+int mdl_attention_train(moe_model *m, const train_layer *tl, layer_save *s, float *x,
+                        const train_rows *r);
+int mdl_mlp_train(moe_model *m, const train_layer *tl, layer_save *s, float *x, const train_rows *r);
+/* dx: d loss / d output of the block in, d loss / d input out; parameter
+ * gradients added; dprobs: d loss / d router softmax (aux loss) or NULL */
+int mdl_mlp_backward(moe_model *m, const train_layer *tl, const layer_save *s, float *dx,
+                     const float *dprobs, int need_dx, const train_rows *r);
+int mdl_attention_backward(moe_model *m, const train_layer *tl, const layer_save *s, float *dx,
+                           int need_dx, const train_rows *r);
+void mdl_save_free(moe_model *m, layer_save *s, int keep_input);
+/* 1 when a weight of the attention block (or its input norm) is trained */
+int mdl_attention_trained(const train_layer *tl);
+/* the router's mode and top-k renormalisation for this model (as route()) */
+void mdl_route_mode(const moe_model *m, int *mode, int *renorm);
+int mdl_head_loss(moe_model *m, const tparam *fn, const tparam *lm, const float *x,
+                  const int32_t *tg, int N, float dscale, float *loss, float *dx);
+int mdl_head_logits(moe_model *m, const tparam *fn, const tparam *lm, const float *x, int N,
+                    float *logits);
+/* float32 vector of the checkpoint in backend memory (norms, biases) */
+float *mdl_load_vec(moe_model *m, int l, moe_tensor_kind k);
+
 /* ---- weights.c, for the compute ---------------------------------------------- */
 
 int mdl_check_layer(const moe_model *m, int l);
@@ -107,6 +196,8 @@ int mdl_expert_weights(moe_model *m, int l, int e, void **gu, void **down, int *
  * into the mapping (not to be freed) */
 void *mdl_lm_head_rows(moe_model *m, const moe_st_tensor *t, size_t r0, size_t nr, int *borrowed);
 size_t mdl_wsz(const moe_model *m); /* bytes per weight element */
+/* kept experts of a condensed layer and their fixed weights (run-time override or config) */
+void mdl_condensed_list(const moe_model *m, int l, int *n, const int **ex, const float **w);
 
 /* ---- forward.c, for the runner ------------------------------------------------ */
 

@@ -267,7 +267,7 @@ static size_t tensor_numel(const moe_model *m, int l, moe_tensor_kind k) {
 }
 
 /* f32 vector (norm weight, bias) in backend memory */
-static float *load_vec(moe_model *m, int l, moe_tensor_kind k) {
+float *mdl_load_vec(moe_model *m, int l, moe_tensor_kind k) {
     size_t n = tensor_numel(m, l, k);
     float *h = host_f32(m, n);
     if (moe_ckpt_read_f32(m->ck, l, k, -1, h) < 0) {
@@ -401,7 +401,7 @@ moe_model *moe_model_open(const char *dir, const moe_model_opts *opts) {
     weight_path(m, opts);
     m->lw = moe_calloc((size_t)c->num_layers, sizeof *m->lw);
     m->ov = moe_calloc((size_t)c->num_layers, sizeof *m->ov);
-    m->final_norm = load_vec(m, -1, MOE_T_FINAL_NORM);
+    m->final_norm = mdl_load_vec(m, -1, MOE_T_FINAL_NORM);
     if (!m->final_norm) {
         moe_model_close(m);
         return NULL;
@@ -444,8 +444,7 @@ moe_mlp_kind moe_model_layer_kind(const moe_model *m, int l) {
     return m->cfg->layers[l].kind;
 }
 
-/* kept experts of a condensed layer (override or config) */
-static void condensed_list(const moe_model *m, int l, int *n, const int **ex, const float **w) {
+void mdl_condensed_list(const moe_model *m, int l, int *n, const int **ex, const float **w) {
     if (m->ov[l].active) {
         *n = m->ov[l].n;
         *ex = m->ov[l].experts;
@@ -529,7 +528,7 @@ static int load_condensed(moe_model *m, int l, layer_w *w, int fuse_shared) {
     int n;
     const int *ex;
     const float *wt;
-    condensed_list(m, l, &n, &ex, &wt);
+    mdl_condensed_list(m, l, &n, &ex, &wt);
     size_t H = (size_t)c->hidden_size, Im = (size_t)c->moe_intermediate_size;
     size_t Is = fuse_shared ? (size_t)c->shared_intermediate_size : 0;
     size_t I = n * Im + Is;
@@ -638,20 +637,20 @@ static int layer_load(moe_model *m, int l, int prefetch) {
     do {                                                                                           \
         if (!(x)) goto fail;                                                                       \
     } while (0)
-    REQ(w->in_norm = load_vec(m, l, MOE_T_INPUT_NORM));
-    REQ(w->post_norm = load_vec(m, l, MOE_T_POST_NORM));
+    REQ(w->in_norm = mdl_load_vec(m, l, MOE_T_INPUT_NORM));
+    REQ(w->post_norm = mdl_load_vec(m, l, MOE_T_POST_NORM));
     REQ(w->wq = mdl_load_mat(m, l, MOE_T_Q_PROJ, -1));
     REQ(w->wk = mdl_load_mat(m, l, MOE_T_K_PROJ, -1));
     REQ(w->wv = mdl_load_mat(m, l, MOE_T_V_PROJ, -1));
     REQ(w->wo = mdl_load_mat(m, l, MOE_T_O_PROJ, -1));
     if (c->qkv_bias) {
-        REQ(w->bq = load_vec(m, l, MOE_T_Q_BIAS));
-        REQ(w->bk = load_vec(m, l, MOE_T_K_BIAS));
-        REQ(w->bv = load_vec(m, l, MOE_T_V_BIAS));
+        REQ(w->bq = mdl_load_vec(m, l, MOE_T_Q_BIAS));
+        REQ(w->bk = mdl_load_vec(m, l, MOE_T_K_BIAS));
+        REQ(w->bv = mdl_load_vec(m, l, MOE_T_V_BIAS));
     }
     if (c->qk_norm != MOE_QK_NORM_NONE) {
-        REQ(w->qn = load_vec(m, l, MOE_T_Q_NORM));
-        REQ(w->kn = load_vec(m, l, MOE_T_K_NORM));
+        REQ(w->qn = mdl_load_vec(m, l, MOE_T_Q_NORM));
+        REQ(w->kn = mdl_load_vec(m, l, MOE_T_K_NORM));
     }
     moe_mlp_kind kind = moe_model_layer_kind(m, l);
     const moe_layer_mlp *d = &c->layers[l];
