@@ -10,7 +10,10 @@
  *              compute (embedding, attention, MLP kinds, final norm,
  *              lm_head): the place of their future _backward twins
  *   run.c      the batch of sequences, the layer-major runner, the
- *              residency policy, moe_model_forward */
+ *              residency policy, moe_model_forward
+ *   train.c    the trainer (lib/train.h): its weights (train_layer), the
+ *              training forward and backward over a batch, the losses;
+ *              forward.c computes each piece (mdl_*_train, mdl_*_backward) */
 #ifndef MOE_MODEL_INTERNAL_H
 #define MOE_MODEL_INTERNAL_H
 
