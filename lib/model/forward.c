@@ -877,16 +877,13 @@ void mdl_save_free(moe_model *m, layer_save *s, int keep_input) {
                   s->so, s->z, s->out, s->rows, s->slot, s->wt, s->idx, s->probs};
     for (size_t i = 0; i < sizeof ps / sizeof *ps; i++) tfree(m, ps[i]);
     free(s->off);
+    free(s->idx_h);
+    free(s->probs_h);
     layer_save keep = {0};
-    if (keep_input) { /* the layer input, and the routing the aux loss reads */
+    if (keep_input) /* recompute: the layer input alone */
         keep.x = s->x;
-        keep.idx_h = s->idx_h;
-        keep.probs_h = s->probs_h;
-    } else {
+    else
         tfree(m, s->x);
-        free(s->idx_h);
-        free(s->probs_h);
-    }
     *s = keep;
 }
 

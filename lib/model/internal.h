@@ -138,8 +138,9 @@ typedef struct {
     float *wt;           /* [N, K] weights of the slots */
     int32_t *idx;        /* routed: [N, K] router's ids (backend) */
     float *probs;        /* routed: [N, E] softmax (backend) */
-    int32_t *idx_h;      /* routed: [N, K] the same on the host (aux loss) */
-    float *probs_h;      /* routed: [N, E] the same on the host (aux loss) */
+    int32_t *idx_h;      /* routed: [N, K] the same on the host (aux loss statistics,
+                            read right after the layer's forward) */
+    float *probs_h;      /* routed: [N, E] the same on the host (idem) */
 } layer_save;
 
 /* the sequences of a training batch, concatenated (row offsets, lengths) */

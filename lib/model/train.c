@@ -455,7 +455,7 @@ static int check_tokens(const moe_trainer *tr, const moe_train_batch *b, int s) 
     int V = tr->c->vocab_size;
     for (int t = 0; t < b->lens[s]; t++) {
         int id = b->ids[s][t], tg = b->targets[s][t];
-        if (id < 0 || id >= V || tg >= V || (tg < 0 && tg != -100)) {
+        if (id < 0 || id >= V || tg >= V) { /* a negative target: ignored */
             moe_error_set(MOE_ERR_DATA, "%s: sequence %d, position %d: %s %d out of range "
                           "(vocab %d)", moe_ckpt_dir(moe_model_ckpt(tr->m)), s, t,
                           id < 0 || id >= V ? "token id" : "target", id < 0 || id >= V ? id : tg,
