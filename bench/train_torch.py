@@ -97,7 +97,7 @@ def step_loss(cfg, model, ids, which):
         targets = [train_ref.shifted_targets(s) for s in seqs]
         n = sum(len(s) - 1 for s in seqs)
         coef = cfg.get("aux_loss_alpha", 0.001) if aux else 0.0
-        return train_ref.batch_loss("deepseek", model, seqs, targets, 1.0 / n, coef)[0]
+        return train_ref.batch_loss(model, seqs, targets, 1.0 / n, coef)[0]
     kw = {"output_router_logits": True} if aux and cfg["model_type"] != "deepseek" else {}
     return model(input_ids=ids, labels=ids, **kw).loss
 

@@ -84,7 +84,7 @@ def check_condensed_forward(arch, model):
             return
         ids = np.load(os.path.join(path, "seq%d_ids.npy" % s)).tolist()
         with torch.no_grad():
-            _, logits, _, _ = tr.batch_logits(arch, model, [ids])
+            _, logits, _, _ = tr.batch_logits(model, [ids])
         want = torch.from_numpy(np.load(ref)).to(logits.dtype)
         err = float((logits[0, :len(ids)] - want).norm() / want.norm())
         if err > 1e-5:
@@ -133,7 +133,7 @@ def grad_case(arch, case, seqs, labels, targets, dtype=torch.float64):
     cfg = tr.load_config(model_dir(arch))
     N = sum(1 for tg in targets for t in tg if t >= 0)
     coef = GRAD_AUX_COEF if case == "all" else 0.0
-    loss, ce, aux, x0s, margins = tr.batch_loss(arch, model, seqs, targets, 1.0 / N, coef)
+    loss, ce, aux, x0s, margins = tr.batch_loss(model, seqs, targets, 1.0 / N, coef)
     margin = min(margins)
     loss.backward()
     g = tr.grads(views, trained)
@@ -157,9 +157,9 @@ def grad_case(arch, case, seqs, labels, targets, dtype=torch.float64):
 def check_padding(arch, model, seqs):
     """the right-padded batch computes each sequence's real tokens as that sequence alone would"""
     with torch.no_grad():
-        _, batch, _, _ = tr.batch_logits(arch, model, seqs)
+        _, batch, _, _ = tr.batch_logits(model, seqs)
         for b, ids in enumerate(seqs):
-            _, alone, _, _ = tr.batch_logits(arch, model, [ids])
+            _, alone, _, _ = tr.batch_logits(model, [ids])
             err = float((batch[b, :len(ids)] - alone[0]).norm() / alone[0].norm())
             if err > 1e-6:
                 raise RuntimeError("%s: padding changes sequence %d's logits by %.2e" % (arch, b, err))
@@ -212,56 +212,24 @@ def random_sequence(g):
     return torch.randint(0, VOCAB, (n,), generator=g).tolist()
 
 
-def lr_at(k):
-    """learning rate of update k (0-based) of S: linear warm-up over W updates, then linear decay
-    from lr to the absolute floor min_lr, reached at the last update"""
-    S, W, lr, lo = ADAMW["steps"], ADAMW["warmup"], ADAMW["lr"], ADAMW["min_lr"]
-    if k < W:
-        return lr * (k + 1) / W
-    if S - 1 == W:
-        return lr
-    return lo + (lr - lo) * (S - 1 - k) / (S - 1 - W)
-
-
 def adamw_run(arch, case, train_weights, data, dtype=torch.float64):
     model, views, trained = setup(arch, case, train_weights, dtype)
     cfg = tr.load_config(model_dir(arch))
     coef = tr.aux_coef_of(cfg) if case == "all" else 0.0
     params = unique_params(views, trained)
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": ADAMW["weight_decay"]},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=ADAMW["lr"], betas=(ADAMW["beta1"], ADAMW["beta2"]), eps=ADAMW["eps"],
-                            foreach=False, fused=False)
+    opt = tr.make_adamw(params, ADAMW)
     B, A, L = ADAMW["batch"], ADAMW["accum"], ADAMW["max_length"]
     seqs = [s[:L] for s in data]
     steps, margins = [], [float("inf")] * len(seqs)
     for k in range(ADAMW["steps"]):
         first = [(k * A + a) * B for a in range(A)]
-        micro = [seqs[i:i + B] for i in first]
-        N = sum(len(s) - 1 for mb in micro for s in mb)
-        opt.zero_grad(set_to_none=False)
-        ce_total, aux_total = 0.0, 0.0
-        for i, mb in zip(first, micro):
-            targets = [tr.shifted_targets(s) for s in mb]
-            loss, ce, aux, _, m = tr.batch_loss(arch, model, mb, targets, 1.0 / N, coef / A)
-            loss.backward()
-            ce_total += ce
-            aux_total += aux if aux is not None else 0.0
-            for j, mj in enumerate(m):
-                margins[i + j] = min(margins[i + j], mj)
-        norm = float(torch.nn.utils.clip_grad_norm_(params, ADAMW["max_grad_norm"], foreach=False))
-        lr = lr_at(k)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.step()
-        rec = {"step": k + 1, "lr": lr, "ntokens": N, "ce_sum": ce_total,
-               "loss": ce_total / N + coef * aux_total / A, "grad_norm": norm,
-               "clipped": norm > ADAMW["max_grad_norm"]}
-        if case == "all":
-            rec["aux_mean"] = aux_total / A
+        rec, m = tr.adamw_step(model, params, opt, [seqs[i:i + B] for i in first], ADAMW, k, coef)
+        if case != "all":
+            del rec["aux_mean"]
         steps.append(rec)
+        for i, mb in zip(first, m):
+            for j, mj in enumerate(mb):
+                margins[i + j] = min(margins[i + j], mj)
     final = tr.values(views, trained)
     no_decay_names = [n for n in trained if views[n][0].dim() < 2]
     return steps, final, margins, no_decay_names, coef
