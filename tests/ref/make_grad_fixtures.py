@@ -283,53 +283,52 @@ def make_adamw_fixtures():
     return summary
 
 
-def verify():
-    """recompute every fixture (float64, as written) and compare with the files: the JSON values
-    within 1e-9 relative, the tensors within 1e-6 (float32 storage; another torch version may
-    round differently).  Returns the differences found."""
+def recomputed(dtype):
+    """every fixture in OUT recomputed: (name, its JSON, its tensors, the recomputed JSON record
+    (AdamW: steps flattened to "step<k>.<key>", the same done to the file's), the recomputed
+    tensors, the keys to compare)"""
     from safetensors.torch import load_file
-    bad = []
-
-    def compare(name, want_json, got_json, want_t, got_t, keys):
-        for k in keys:
-            a, b = got_json[k], want_json[k]
-            if a != b and not (isinstance(a, float) and abs(a - b) <= 1e-9 * max(abs(b), 1e-30)):
-                bad.append("%s: %s is %r, recomputed %r" % (name, k, b, a))
-        if sorted(want_t) != sorted(got_t):
-            bad.append("%s: tensors %s, recomputed %s" % (name, sorted(want_t), sorted(got_t)))
-            return
-        for k in want_t:
-            e = rel_err(got_t[k].float(), want_t[k])
-            if e > 1e-6:
-                bad.append("%s: %s differs by %.1e" % (name, k, e))
-
     for arch in tr.ARCHS:
         for case in ("condensed", "all"):
             name = "grad_%s_%s" % (arch, case)
             with open(os.path.join(OUT, name + ".json")) as f:
                 want = json.load(f)
-            seqs = [q["ids"] for q in want["sequences"]]
-            labels = [q["labels"] for q in want["sequences"]]
-            targets = [q["targets"] for q in want["sequences"]]
-            if targets != [tr.shifted_targets(l) for l in labels]:
-                bad.append("%s: targets are not the shifted labels" % name)
-            got, g = grad_case(arch, case, seqs, labels, targets)
-            compare(name, want, got, load_file(os.path.join(OUT, name + ".safetensors")), g,
-                    ["loss", "ntokens", "trained"] + (["aux"] if case == "all" else []))
+            seqs, labels, targets = ([q[k] for q in want["sequences"]] for k in ("ids", "labels", "targets"))
+            got, g = grad_case(arch, case, seqs, labels, targets, dtype)
+            got["targets_shifted"] = targets == [tr.shifted_targets(l) for l in labels]
+            want["targets_shifted"] = True
+            yield (name, want, load_file(os.path.join(OUT, name + ".safetensors")), got, g,
+                   ["loss", "ntokens", "trained", "targets_shifted"] + (["aux"] if case == "all" else []))
     with open(os.path.join(OUT, "adamw_data.jsonl")) as f:
         data = [json.loads(line)["ids"] for line in f]
     for arch, case, tw in ADAMW_RUNS:
         name = "adamw_%s_%s%s" % (arch, case, "_weights" if tw else "")
         with open(os.path.join(OUT, name + ".json")) as f:
             want = json.load(f)
-        steps, final, _, _, _ = adamw_run(arch, case, tw, data)
+        steps, final, _, _, _ = adamw_run(arch, case, tw, data, dtype)
         got = {"spec": ADAMW, "trained": sorted(final)}
         for i, st in enumerate(steps):
             for k, v in st.items():
                 got["step%d.%s" % (i + 1, k)] = v
                 want["step%d.%s" % (i + 1, k)] = want["steps"][i][k] if i < len(want["steps"]) else None
-        compare(name, want, got, load_file(os.path.join(OUT, name + ".safetensors")), final,
-                sorted(k for k in got))
+        yield name, want, load_file(os.path.join(OUT, name + ".safetensors")), got, final, sorted(got)
+
+
+def verify():
+    """recompute every fixture (float64, as written) and compare with the files: the JSON values
+    within 1e-9 relative, the tensors within 1e-6 (float32 storage; another torch version may
+    round differently).  Returns the differences found."""
+    bad = []
+    for name, want, want_t, got, got_t, keys in recomputed(torch.float64):
+        for k in keys:
+            a, b = got[k], want[k]
+            if a != b and not (isinstance(a, float) and abs(a - b) <= 1e-9 * max(abs(b), 1e-30)):
+                bad.append("%s: %s is %r, recomputed %r" % (name, k, b, a))
+        if sorted(want_t) != sorted(got_t):
+            bad.append("%s: tensors %s, recomputed %s" % (name, sorted(want_t), sorted(got_t)))
+            continue
+        bad += ["%s: %s differs by %.1e" % (name, k, rel_err(got_t[k], want_t[k]))
+                for k in want_t if rel_err(got_t[k], want_t[k]) > 1e-6]
     return bad
 
 
@@ -339,44 +338,17 @@ def as_f32(tensors):
 
 def f32_check():
     """the same computations in float32 against the fixtures: what float32 rounding alone costs"""
-    from safetensors.torch import load_file
     lines = []
-    for arch in tr.ARCHS:
-        for case in ("condensed", "all"):
-            name = "grad_%s_%s" % (arch, case)
-            with open(os.path.join(OUT, name + ".json")) as f:
-                rec = json.load(f)
-            seqs = [s["ids"] for s in rec["sequences"]]
-            labels = [s["labels"] for s in rec["sequences"]]
-            targets = [s["targets"] for s in rec["sequences"]]
-            r32, g32 = grad_case(arch, case, seqs, labels, targets, torch.float32)
-            ref = load_file(os.path.join(OUT, name + ".safetensors"))
-            worst = max((rel_err(g32[k], ref[k]), k) for k in ref)
-            lines.append("%s: loss rel err %.1e, worst gradient rel err %.1e (%s)"
-                         % (name, abs(rec["loss"] - r32["loss"]) / abs(rec["loss"]), *worst))
-    return lines + adamw_f32_check()
+    for name, want, want_t, got, got_t, keys in recomputed(torch.float32):
+        losses = [k for k in keys if k == "loss" or k.endswith(".loss")]
+        loss = max(abs(got[k] - want[k]) / abs(want[k]) for k in losses)
+        worst = max((rel_err(got_t[k], want_t[k]), k) for k in want_t)
+        lines.append("%s: worst loss rel err %.1e, worst tensor rel err %.1e (%s)" % (name, loss, *worst))
+    return lines
 
 
 def rel_err(a, ref):
     return float((a.double() - ref.double()).norm() / ref.double().norm())
-
-
-def adamw_f32_check():
-    from safetensors.torch import load_file
-    with open(os.path.join(OUT, "adamw_data.jsonl")) as f:
-        data = [json.loads(line)["ids"] for line in f]
-    lines = []
-    for arch, case, tw in ADAMW_RUNS:
-        name = "adamw_%s_%s%s" % (arch, case, "_weights" if tw else "")
-        with open(os.path.join(OUT, name + ".json")) as f:
-            rec = json.load(f)
-        steps, final, _, _, _ = adamw_run(arch, case, tw, data, torch.float32)
-        ref = load_file(os.path.join(OUT, name + ".safetensors"))
-        loss = max(abs(a["loss"] - b["loss"]) / abs(a["loss"]) for a, b in zip(rec["steps"], steps))
-        worst = max((rel_err(final[k], ref[k]), k) for k in ref)
-        lines.append("%s: worst step loss rel err %.1e, worst final weight rel err %.1e (%s)"
-                     % (name, loss, *worst))
-    return lines
 
 
 def write_json(path, obj):
