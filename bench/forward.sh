@@ -40,6 +40,9 @@ fi
 echo "-- model: qwen2_moe hidden $H, $LAYERS layers, $E experts top-$K (inter $MI), shared 2x, vocab $VOCAB, bf16 on disk ($(du -sh "$M" | cut -f1))"
 echo "-- prefill: $NSEQ sequences x $SEQ tokens"
 PY=python3
+for py in ${CDMOE_REF_PYTHON:-} "$PWD/.venv-ref/bin/python" python3; do
+    if "$py" -c "import torch, transformers" 2>/dev/null; then PY=$py; break; fi
+done
 $PY bench/forward_torch.py ids "$M" "$NSEQ" "$SEQ" "$WORK/ids.i32"
 "$FB" forward "$M" "$WORK/ids.i32" "$NSEQ" "$SEQ" | tee "$WORK/ours.txt"
 # the previous CPU path, for comparison: every layer's BF16 weights converted to f32 at load

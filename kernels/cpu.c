@@ -25,6 +25,7 @@
 #endif
 
 #include "common.h"
+#include "cpu_bf16.h"
 #include "kernels.h"
 
 /* ---- threads ----------------------------------------------------------- */
@@ -744,6 +745,21 @@ const moe_backend *moe_backend_cpu_bf16(void) {
     pthread_once(&cpu_bf16_once, cpu_bf16_init);
     return &cpu_bf16_backend;
 }
+/* "cpu-bf16-compute" (--precision bf16): cpu-bf16 whose weight GEMMs take
+ * BF16 inputs (cpu_bf16.c); matmul_f32 (f32 weights: a condensed layer's
+ * down projection, the router) stays float32 */
+static moe_backend cpu_bf16c_backend;
+static pthread_once_t cpu_bf16c_once = PTHREAD_ONCE_INIT;
+static void cpu_bf16c_init(void) {
+    cpu_bf16c_backend = *moe_backend_cpu_bf16();
+    cpu_bf16c_backend.name = "cpu-bf16-compute";
+    cpu_bf16c_backend.matmul = moe_cpu_bf16_matmul;
+    cpu_bf16c_backend.experts = moe_cpu_bf16_experts;
+}
+const moe_backend *moe_backend_cpu_bf16_compute(void) {
+    pthread_once(&cpu_bf16c_once, cpu_bf16c_init);
+    return &cpu_bf16c_backend;
+}
 
 /* kernels/select.c (the CUDA plugin's loader): NULL with an error when the
  * build has no CUDA or no usable GPU is present. */
@@ -753,8 +769,9 @@ const moe_backend *moe_backend_get(const char *name) {
     if (!name || !strcmp(name, "cpu")) return &cpu_backend;
     if (!strcmp(name, "cpu-ref")) return &cpu_ref_backend;
     if (!strcmp(name, "cpu-bf16")) return moe_backend_cpu_bf16();
+    if (!strcmp(name, "cpu-bf16-compute")) return moe_backend_cpu_bf16_compute();
     if (!strcmp(name, "cuda")) return moe_backend_cuda();
-    moe_error_set(MOE_ERR_DATA, "unknown device '%s' (expected cpu, cpu-ref, cpu-bf16 or cuda)", name);
+    moe_error_set(MOE_ERR_DATA, "unknown device '%s' (expected cpu, cpu-ref, cpu-bf16, cpu-bf16-compute or cuda)", name);
     return NULL;
 }
 
