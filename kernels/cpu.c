@@ -460,13 +460,9 @@ static void cpu_scatter_add_rows(float *dst, const float *src, const int32_t *ro
  * Whole-width GEMMs pack each expert's rows once per product instead of once
  * per column block, and the threads need no barrier between gate/up and down
  * (test_kernels.c: test_experts_invariance). */
-static void experts_dt(float *out, const float *x, const int32_t *rows, const int32_t *off,
-                       const void *const *w_gu, const void *const *w_down, int wdt, int E, int H,
-                       int Im) {
-    blas_single();
-    if (off[E] <= 0) return;
-    int *task = moe_malloc(sizeof(int) * ((size_t)E + 1)), nt = 0, maxr = 0;
-    double macs = 0;
+int moe_cpu_expert_tasks(int *task, const int32_t *off, const void *const *w_gu, int E, int H,
+                         int Im, int *maxr, double *macs) {
+    int nt = 0;
     for (int e = 0; e < E; e++) {
         int nr = off[e + 1] - off[e];
         if (!w_gu[e] || nr <= 0) continue;
@@ -477,9 +473,20 @@ static void experts_dt(float *out, const float *x, const int32_t *rows, const in
             j--;
         }
         task[j] = e;
-        if (nr > maxr) maxr = nr;
-        macs += 3.0 * nr * H * Im;
+        if (nr > *maxr) *maxr = nr;
+        *macs += 3.0 * nr * H * Im;
     }
+    return nt;
+}
+
+static void experts_dt(float *out, const float *x, const int32_t *rows, const int32_t *off,
+                       const void *const *w_gu, const void *const *w_down, int wdt, int E, int H,
+                       int Im) {
+    blas_single();
+    if (off[E] <= 0) return;
+    int *task = moe_malloc(sizeof(int) * ((size_t)E + 1)), maxr = 0;
+    double macs = 0;
+    int nt = moe_cpu_expert_tasks(task, off, w_gu, E, H, Im, &maxr, &macs);
 #pragma omp parallel if (nt > 1 && macs > 2e6)
     {
         float *xg = NULL, *g = NULL, *h = NULL;

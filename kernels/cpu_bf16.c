@@ -25,7 +25,6 @@
  * added first, then the even one; checked by test_kernels.c), so the two
  * paths give the same bits on normal numbers -- only much slower.
  */
-#include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -36,6 +35,7 @@
 #endif
 
 #include "common.h"
+#include "cpu_bf16.h"
 #include "kernels.h"
 
 #define MR 8     /* weight rows (output features) per micro-tile */
@@ -355,14 +355,7 @@ static void expert_bf16(float *out, const float *x, const int32_t *rows, int nr,
     float *h = tbuf(BUF_H, sizeof(float) * (size_t)nr * Im);
     pack_all(xp, x, (size_t)H, rows, nr, H, 0);
     gemm_block(g, 2 * (size_t)Im, xp, nr, w_gu, H, 0, 2 * Im, 0);
-    for (int r = 0; r < nr; r++) {
-        const float *gr = g + (size_t)r * 2 * Im, *ur = gr + Im;
-        float *hr = h + (size_t)r * Im;
-        for (int c = 0; c < Im; c++) {
-            float sg = 1.0f / (1.0f + expf(-gr[c]));
-            hr[c] = (gr[c] * sg) * ur[c];
-        }
-    }
+    moe_backend_cpu()->swiglu(h, g, nr, Im); /* one thread here (nested region) */
     pack_all(xp, h, (size_t)Im, NULL, nr, Im, 0);
     gemm_block(out, (size_t)H, xp, nr, w_down, Im, 0, H, 0);
 }
@@ -373,19 +366,9 @@ void moe_cpu_bf16_experts(float *out, const float *x, const int32_t *rows, const
                           const void *const *w_gu, const void *const *w_down, int E, int H, int Im) {
     if (off[E] <= 0) return;
     moe_cpu_bf16_native();
-    int *task = moe_malloc(sizeof(int) * ((size_t)E + 1)), nt = 0;
+    int *task = moe_malloc(sizeof(int) * ((size_t)E + 1)), maxr = 0;
     double macs = 0;
-    for (int e = 0; e < E; e++) {
-        int nr = off[e + 1] - off[e];
-        if (!w_gu[e] || nr <= 0) continue;
-        int j = nt++; /* insertion by descending row count, then ascending id */
-        while (j > 0 && off[task[j - 1] + 1] - off[task[j - 1]] < nr) {
-            task[j] = task[j - 1];
-            j--;
-        }
-        task[j] = e;
-        macs += 3.0 * nr * H * Im;
-    }
+    int nt = moe_cpu_expert_tasks(task, off, w_gu, E, H, Im, &maxr, &macs);
 #pragma omp parallel for schedule(dynamic, 1) if (nt > 1 && macs > 2e6)
     for (int j = 0; j < nt; j++) {
         int e = task[j], r0 = off[e];
