@@ -45,10 +45,20 @@ for py in ${CDMOE_REF_PYTHON:-} "$PWD/.venv-ref/bin/python" python3; do
     if "$py" -c "import torch, transformers" 2>/dev/null; then PY=$py; break; fi
 done
 $PY bench/forward_torch.py ids "$M" "$NSEQ" "$SEQ" "$WORK/ids.i32"
-# ours: float32 (the default), BF16 compute (--precision bf16), and the old
-# f32 path (every layer's BF16 weights converted to f32 at load)
+HAVE_TORCH=0
+$PY -c 'import torch, transformers' 2>/dev/null && HAVE_TORCH=1
+torch_run() { # DTYPE OUT: PyTorch's forward, when there is one
+    [ $HAVE_TORCH = 1 ] && $PY bench/forward_torch.py run "$M" "$NSEQ" "$SEQ" "$WORK/ids.i32" "$1" 2>/dev/null | tee "$2"
+    return 0
+}
+# each of ours right before its PyTorch peer (the load of a shared machine
+# drifts: neighbours in time are compared): float32 (the default), BF16
+# compute (--precision bf16); then the old f32 path (every layer's BF16
+# weights converted to f32 at load)
 "$FB" forward "$M" "$WORK/ids.i32" "$NSEQ" "$SEQ" | tee "$WORK/ours.txt"
+torch_run float32 "$WORK/torch.txt"
 MOE_PRECISION=bf16 "$FB" forward "$M" "$WORK/ids.i32" "$NSEQ" "$SEQ" | tee "$WORK/ours_bf16.txt"
+torch_run bfloat16 "$WORK/torch_bf16.txt"
 MOE_CPU_WEIGHTS=f32 "$FB" forward "$M" "$WORK/ids.i32" "$NSEQ" "$SEQ" >"$WORK/ours_f32.txt"
 val() { sed -n "s/^$1=//p" "$2"; }
 ratio() { echo "$1 $2" | awk '{printf "%.2f", $1/$2}'; }
@@ -61,9 +71,7 @@ for p in f32 bf16; do
     echo "RESULT $p time per op ($(val backend "$f")): $(val share "$f")"
     echo "RESULT $p achieved $g GFLOP/s (all products, weight load excluded) = $(echo "$g $pk" | awk '{printf "%.0f", ($2 > 0 ? 100*$1/$2 : 0)}')% of the machine's $p peak $pk GFLOP/s"
 done
-if $PY -c 'import torch, transformers' 2>/dev/null; then
-    $PY bench/forward_torch.py run "$M" "$NSEQ" "$SEQ" "$WORK/ids.i32" float32 2>/dev/null | tee "$WORK/torch.txt"
-    $PY bench/forward_torch.py run "$M" "$NSEQ" "$SEQ" "$WORK/ids.i32" bfloat16 2>/dev/null | tee "$WORK/torch_bf16.txt"
+if [ $HAVE_TORCH = 1 ]; then
     ours=$(val tok_per_s "$WORK/ours.txt") torch=$(val torch_tok_per_s "$WORK/torch.txt")
     o16=$(val tok_per_s "$WORK/ours_bf16.txt") t16=$(val torch_tok_per_s "$WORK/torch_bf16.txt")
     echo "RESULT forward prefill float32: ours $ours tok/s, PyTorch float32 $torch tok/s; ratio ours/PyTorch = $(ratio "$ours" "$torch") (goal >= 1.5)"
