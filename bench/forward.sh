@@ -1,7 +1,8 @@
 #!/bin/sh
 # bench/forward.sh - prefill throughput of our forward pass vs PyTorch's CPU
-# forward (Hugging Face transformers) on the same random checkpoint, and GEMM
-# GFLOP/s vs OpenBLAS's own peak.  Opt-in memory check (writes ~9 GB):
+# forward (Hugging Face transformers) on the same random checkpoint, in
+# float32 and in bf16 (ours: --precision bf16), the share of time per op, and
+# GFLOP/s vs the machine's measured peak per precision.  Opt-in memory check (writes ~9 GB):
 #   BENCH_MEMORY=1 make bench   (DeepSeekMoE-16B widths, 8 layers, 256 tokens,
 #                                peak RSS of moe-eval via /usr/bin/time -v; goal < 2 GB)
 # Sizes (defaults from the issue): BENCH_HIDDEN=1024 BENCH_LAYERS=8 BENCH_EXPERTS=64
@@ -18,8 +19,8 @@ FB=$BUILD/bench/forward_bench
 
 echo "-- machine: $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg) (other busy processes skew every figure;"
 echo "   OMP_WAIT_POLICY=passive makes both sides more robust on a shared machine)"
-echo "-- GEMM (float32, all cores)"
-"$FB" gemm
+echo "-- GEMM (float32 and our BF16 op, all cores) and the machine's peaks"
+"$FB" gemm | tee "$WORK/gemm.txt"
 
 # qwen2_moe: a DeepSeek-like MoE (64 experts top-6, 2 experts' worth of shared
 # expert) that transformers implements natively, so PyTorch runs its own code.
@@ -40,22 +41,47 @@ fi
 echo "-- model: qwen2_moe hidden $H, $LAYERS layers, $E experts top-$K (inter $MI), shared 2x, vocab $VOCAB, bf16 on disk ($(du -sh "$M" | cut -f1))"
 echo "-- prefill: $NSEQ sequences x $SEQ tokens"
 PY=python3
+for py in ${CDMOE_REF_PYTHON:-} "$PWD/.venv-ref/bin/python" python3; do
+    if "$py" -c "import torch, transformers" 2>/dev/null; then PY=$py; break; fi
+done
 $PY bench/forward_torch.py ids "$M" "$NSEQ" "$SEQ" "$WORK/ids.i32"
+HAVE_TORCH=0
+$PY -c 'import torch, transformers' 2>/dev/null && HAVE_TORCH=1
+torch_run() { # DTYPE OUT: PyTorch's forward, when there is one
+    [ $HAVE_TORCH = 1 ] && $PY bench/forward_torch.py run "$M" "$NSEQ" "$SEQ" "$WORK/ids.i32" "$1" 2>/dev/null | tee "$2"
+    return 0
+}
+# each of ours right before its PyTorch peer (the load of a shared machine
+# drifts: neighbours in time are compared): float32 (the default), BF16
+# compute (--precision bf16); then the old f32 path (every layer's BF16
+# weights converted to f32 at load)
 "$FB" forward "$M" "$WORK/ids.i32" "$NSEQ" "$SEQ" | tee "$WORK/ours.txt"
-# the previous CPU path, for comparison: every layer's BF16 weights converted to f32 at load
+torch_run float32 "$WORK/torch.txt"
+MOE_PRECISION=bf16 "$FB" forward "$M" "$WORK/ids.i32" "$NSEQ" "$SEQ" | tee "$WORK/ours_bf16.txt"
+torch_run bfloat16 "$WORK/torch_bf16.txt"
 MOE_CPU_WEIGHTS=f32 "$FB" forward "$M" "$WORK/ids.i32" "$NSEQ" "$SEQ" >"$WORK/ours_f32.txt"
-if $PY -c 'import torch, transformers' 2>/dev/null; then
-    $PY bench/forward_torch.py run "$M" "$NSEQ" "$SEQ" "$WORK/ids.i32" 2>/dev/null | tee "$WORK/torch.txt"
-    ours=$(sed -n 's/^tok_per_s=//p' "$WORK/ours.txt")
-    torch=$(sed -n 's/^torch_tok_per_s=//p' "$WORK/torch.txt")
-    echo "RESULT forward prefill: ours $ours tok/s (BF16 weights read from the mapping, widened per tile), PyTorch $torch tok/s; ratio ours/PyTorch = $(echo "$ours $torch" | awk '{printf "%.2f", $1/$2}')"
-    o32=$(sed -n 's/^tok_per_s=//p' "$WORK/ours_f32.txt")
-    echo "RESULT forward prefill, f32 weights (MOE_CPU_WEIGHTS=f32, per-layer bf16->f32 conversion, load $(sed -n 's/^load_s=//p' "$WORK/ours_f32.txt") s vs $(sed -n 's/^load_s=//p' "$WORK/ours.txt") s): $o32 tok/s; ratio f32/PyTorch = $(echo "$o32 $torch" | awk '{printf "%.2f", $1/$2}'), BF16/f32 = $(echo "$ours $o32" | awk '{printf "%.2f", $1/$2}')"
-    tot=$(sed -n 's/^total_s=//p' "$WORK/ours.txt"); ld=$(sed -n 's/^load_s=//p' "$WORK/ours.txt")
-    tt=$(sed -n 's/^torch_total_s=//p' "$WORK/torch.txt")
-    echo "RESULT compute only (ours without the per-layer weight load, which PyTorch does once): ratio $(echo "$tot $ld $tt" | awk '{printf "%.2f", $3/($1-$2)}')"
+val() { sed -n "s/^$1=//p" "$2"; }
+ratio() { echo "$1 $2" | awk '{printf "%.2f", $1/$2}'; }
+pk32=$(val peak_f32_gflops "$WORK/gemm.txt" | cut -d' ' -f1)
+pk16=$(val peak_bf16_gflops "$WORK/gemm.txt" | cut -d' ' -f1)
+for p in f32 bf16; do
+    f=$WORK/ours.txt pk=$pk32
+    [ $p = bf16 ] && f=$WORK/ours_bf16.txt pk=$pk16
+    g=$(val compute_gflops "$f")
+    echo "RESULT $p time per op ($(val backend "$f")): $(val share "$f")"
+    echo "RESULT $p achieved $g GFLOP/s (all products, weight load excluded) = $(echo "$g $pk" | awk '{printf "%.0f", ($2 > 0 ? 100*$1/$2 : 0)}')% of the machine's $p peak $pk GFLOP/s"
+done
+if [ $HAVE_TORCH = 1 ]; then
+    ours=$(val tok_per_s "$WORK/ours.txt") torch=$(val torch_tok_per_s "$WORK/torch.txt")
+    o16=$(val tok_per_s "$WORK/ours_bf16.txt") t16=$(val torch_tok_per_s "$WORK/torch_bf16.txt")
+    echo "RESULT forward prefill float32: ours $ours tok/s, PyTorch float32 $torch tok/s; ratio ours/PyTorch = $(ratio "$ours" "$torch") (goal >= 1.5)"
+    echo "RESULT forward prefill bf16: ours (--precision bf16) $o16 tok/s, PyTorch bfloat16 $t16 tok/s; ratio ours/PyTorch = $(ratio "$o16" "$t16") (goal >= 1); ours bf16/f32 = $(ratio "$o16" "$ours")"
+    o32=$(val tok_per_s "$WORK/ours_f32.txt")
+    echo "RESULT forward prefill, f32 weights (MOE_CPU_WEIGHTS=f32, per-layer bf16->f32 conversion, load $(val load_s "$WORK/ours_f32.txt") s vs $(val load_s "$WORK/ours.txt") s): $o32 tok/s; ratio f32/PyTorch = $(ratio "$o32" "$torch"), BF16 weights/f32 weights = $(ratio "$ours" "$o32")"
+    tot=$(val total_s "$WORK/ours.txt") ld=$(val load_s "$WORK/ours.txt") tt=$(val torch_total_s "$WORK/torch.txt")
+    echo "RESULT compute only (ours without the per-layer weight load, which PyTorch does once): float32 ratio $(echo "$tot $ld $tt" | awk '{printf "%.2f", $3/($1-$2)}')"
 else
-    echo "SKIP PyTorch peer: python3 with torch and transformers not found"
+    echo "SKIP PyTorch peer: no python with torch and transformers (CDMOE_REF_PYTHON, .venv-ref/ or python3)"
 fi
 
 if [ "${BENCH_MEMORY:-0}" = 1 ]; then

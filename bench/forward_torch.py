@@ -1,7 +1,9 @@
 """PyTorch CPU peer for bench/forward.sh: Hugging Face forward of the same checkpoint.
 
     forward_torch.py ids MODEL NSEQ T OUT.i32     write deterministic random token ids
-    forward_torch.py run MODEL NSEQ T IDS.i32     time model(ids) (float32, all cores)
+    forward_torch.py run MODEL NSEQ T IDS.i32 [float32|bfloat16]
+                                                  time model(ids) (all cores; default float32;
+                                                  bfloat16: weights and activations, as users run it)
 """
 import os
 import sys
@@ -23,7 +25,8 @@ def main():
     torch.set_num_threads(os.cpu_count())
     ids = torch.from_numpy(np.fromfile(sys.argv[5], dtype="<i4").astype(np.int64)).view(nseq, T)
     t = time.time()
-    m = tf.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    dtype = getattr(torch, sys.argv[6] if len(sys.argv) > 6 else "float32")
+    m = tf.AutoModelForCausalLM.from_pretrained(model, dtype=dtype).eval()
     load = time.time() - t
     best = None
     with torch.no_grad():
@@ -33,7 +36,7 @@ def main():
             dt = time.time() - t
             best = dt if best is None else min(best, dt)
     print(f"torch_load_s={load:.3f}\ntorch_total_s={best:.3f}\ntorch_tok_per_s={nseq * T / best:.1f}"
-          f"\ntorch_logit0={float(out.logits[0, 0, 0]):.6g}\ntorch_threads={torch.get_num_threads()}"
+          f"\ntorch_dtype={dtype}\ntorch_logit0={float(out.logits[0, 0, 0]):.6g}\ntorch_threads={torch.get_num_threads()}"
           f"\ntorch_experts_impl={getattr(m.config, '_experts_implementation', 'n/a')}")
 
 

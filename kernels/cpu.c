@@ -25,6 +25,7 @@
 #endif
 
 #include "common.h"
+#include "cpu_bf16.h"
 #include "kernels.h"
 
 /* ---- threads ----------------------------------------------------------- */
@@ -713,13 +714,9 @@ static void cpu_scatter_add_rows(float *dst, const float *src, const int32_t *ro
  * Whole-width GEMMs pack each expert's rows once per product instead of once
  * per column block, and the threads need no barrier between gate/up and down
  * (test_kernels.c: test_experts_invariance). */
-static void experts_dt(float *out, const float *x, const int32_t *rows, const int32_t *off,
-                       const void *const *w_gu, const void *const *w_down, int wdt, int E, int H,
-                       int Im) {
-    blas_single();
-    if (off[E] <= 0) return;
-    int *task = moe_malloc(sizeof(int) * ((size_t)E + 1)), nt = 0, maxr = 0;
-    double macs = 0;
+int moe_cpu_expert_tasks(int *task, const int32_t *off, const void *const *w_gu, int E, int H,
+                         int Im, int *maxr, double *macs) {
+    int nt = 0;
     for (int e = 0; e < E; e++) {
         int nr = off[e + 1] - off[e];
         if (!w_gu[e] || nr <= 0) continue;
@@ -730,9 +727,20 @@ static void experts_dt(float *out, const float *x, const int32_t *rows, const in
             j--;
         }
         task[j] = e;
-        if (nr > maxr) maxr = nr;
-        macs += 3.0 * nr * H * Im;
+        if (nr > *maxr) *maxr = nr;
+        *macs += 3.0 * nr * H * Im;
     }
+    return nt;
+}
+
+static void experts_dt(float *out, const float *x, const int32_t *rows, const int32_t *off,
+                       const void *const *w_gu, const void *const *w_down, int wdt, int E, int H,
+                       int Im) {
+    blas_single();
+    if (off[E] <= 0) return;
+    int *task = moe_malloc(sizeof(int) * ((size_t)E + 1)), maxr = 0;
+    double macs = 0;
+    int nt = moe_cpu_expert_tasks(task, off, w_gu, E, H, Im, &maxr, &macs);
 #pragma omp parallel if (nt > 1 && macs > 2e6)
     {
         float *xg = NULL, *g = NULL, *h = NULL;
@@ -1168,6 +1176,21 @@ const moe_backend *moe_backend_cpu_bf16(void) {
     pthread_once(&cpu_bf16_once, cpu_bf16_init);
     return &cpu_bf16_backend;
 }
+/* "cpu-bf16-compute" (--precision bf16): cpu-bf16 whose weight GEMMs take
+ * BF16 inputs (cpu_bf16.c); matmul_f32 (f32 weights: a condensed layer's
+ * down projection, the router) stays float32 */
+static moe_backend cpu_bf16c_backend;
+static pthread_once_t cpu_bf16c_once = PTHREAD_ONCE_INIT;
+static void cpu_bf16c_init(void) {
+    cpu_bf16c_backend = *moe_backend_cpu_bf16();
+    cpu_bf16c_backend.name = "cpu-bf16-compute";
+    cpu_bf16c_backend.matmul = moe_cpu_bf16_matmul;
+    cpu_bf16c_backend.experts = moe_cpu_bf16_experts;
+}
+const moe_backend *moe_backend_cpu_bf16_compute(void) {
+    pthread_once(&cpu_bf16c_once, cpu_bf16c_init);
+    return &cpu_bf16c_backend;
+}
 
 /* kernels/select.c (the CUDA plugin's loader): NULL with an error when the
  * build has no CUDA or no usable GPU is present. */
@@ -1177,8 +1200,9 @@ const moe_backend *moe_backend_get(const char *name) {
     if (!name || !strcmp(name, "cpu")) return &cpu_backend;
     if (!strcmp(name, "cpu-ref")) return &cpu_ref_backend;
     if (!strcmp(name, "cpu-bf16")) return moe_backend_cpu_bf16();
+    if (!strcmp(name, "cpu-bf16-compute")) return moe_backend_cpu_bf16_compute();
     if (!strcmp(name, "cuda")) return moe_backend_cuda();
-    moe_error_set(MOE_ERR_DATA, "unknown device '%s' (expected cpu, cpu-ref, cpu-bf16 or cuda)", name);
+    moe_error_set(MOE_ERR_DATA, "unknown device '%s' (expected cpu, cpu-ref, cpu-bf16, cpu-bf16-compute or cuda)", name);
     return NULL;
 }
 

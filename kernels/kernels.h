@@ -83,7 +83,7 @@ enum {
 
 typedef struct moe_backend moe_backend;
 struct moe_backend {
-    const char *name;  /* "cpu", "cpu-ref", "cpu-bf16", "cuda" */
+    const char *name;  /* "cpu", "cpu-ref", "cpu-bf16", "cpu-bf16-compute", "cuda" */
     int weight_dtype;  /* MOE_DT_F32 or MOE_DT_BF16 (lib/dtype.h), expected by matmul */
     int host_memory;   /* 1: backend pointers are host pointers (CPU); the model
                         * then reads weights straight into backend buffers */
@@ -384,7 +384,19 @@ struct moe_backend {
 const moe_backend *moe_backend_cpu(void);
 const moe_backend *moe_backend_cpu_ref(void); /* plain loops, for tests */
 const moe_backend *moe_backend_cpu_bf16(void); /* "cpu" with BF16 weights (see above) */
-/* "cpu", "cpu-ref", "cpu-bf16" (and "cuda" when built with it); NULL + error if unknown. */
+/* "cpu-bf16" whose matmul and experts compute in BF16 (moe_model_opts.precision
+ * MOE_PRECISION_BF16, --precision bf16): the activation input of each weight
+ * GEMM rounded to BF16 (nearest even), BF16 products summed in float32
+ * (AVX512-BF16 VDPBF16PS when the CPU has it; kernels/cpu_bf16.c) */
+const moe_backend *moe_backend_cpu_bf16_compute(void);
+/* 1 when this CPU has AVX512-BF16; else "cpu-bf16-compute" computes the same
+ * bits in portable C (slow) */
+int moe_cpu_bf16_native(void);
+/* tests and benchmarks: 1 = use the portable C kernels even where the CPU has
+ * AVX512-BF16; 0 = detect again */
+void moe_cpu_bf16_force_portable(int portable);
+/* "cpu", "cpu-ref", "cpu-bf16", "cpu-bf16-compute" (and "cuda" when built with it);
+ * NULL + error if unknown. */
 const moe_backend *moe_backend_get(const char *name);
 /* Backend for --device NAME (kernels/select.c): "cpu", "cpu-ref", "cuda", or
  * NULL/"" for the default ($MOE_DEVICE when set, else cuda when built with

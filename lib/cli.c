@@ -3,6 +3,7 @@
 #include "cli.h"
 #include "device.h"
 #include "kernels.h"
+#include "model.h"
 
 #include <errno.h>
 #include <signal.h>
@@ -26,6 +27,9 @@ static const struct {
      "  --threads N        worker threads (default: all cores; results do not depend on it)\n"},
     {MOE_OPT_DEVICE, MOE_CLI_TAKES_DEVICE, "--device",
      "  --device cpu|cuda  compute device (default: cuda when available)\n"},
+    {MOE_OPT_PRECISION, MOE_CLI_TAKES_DEVICE, "--precision",
+     "  --precision f32|bf16  products in float32, or BF16 inputs summed in float32\n"
+     "                     (default: f32 on the CPU, bf16 on CUDA)\n"},
     {MOE_OPT_SEED, MOE_CLI_TAKES_SEED, "--seed", "  --seed N           random seed (default 0)\n"},
     {MOE_OPT_FORCE, MOE_CLI_TAKES_FORCE, "--force",
      "  --force            overwrite outputs / accept a stream made with another model\n"},
@@ -95,6 +99,10 @@ int moe_cli_handle(int opt, const char *arg) {
         if (strcmp(arg, "cpu") != 0 && strcmp(arg, "cuda") != 0)
             moe_cli_usage("--device: expected cpu or cuda, got '%s'", arg);
         moe_cli.device = arg;
+        return 1;
+    case MOE_OPT_PRECISION:
+        moe_cli.precision = moe_precision_parse(arg);
+        if (moe_cli.precision < 0) moe_cli_usage("--precision: expected f32 or bf16, got '%s'", arg);
         return 1;
     case MOE_OPT_SEED: {
         char *end;

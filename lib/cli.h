@@ -13,7 +13,7 @@
  * in moe_cli_init) is refused by name rather than reported as unknown. */
 enum {
     MOE_OPT_HELP = 0x1000, MOE_OPT_VERSION, MOE_OPT_QUIET, MOE_OPT_THREADS,
-    MOE_OPT_DEVICE, MOE_OPT_SEED, MOE_OPT_FORCE, MOE_OPT_NO_PROVENANCE,
+    MOE_OPT_DEVICE, MOE_OPT_SEED, MOE_OPT_FORCE, MOE_OPT_NO_PROVENANCE, MOE_OPT_PRECISION,
 };
 #define MOE_CLI_COMMON_OPTIONS                                         \
     {"help", no_argument, 0, MOE_OPT_HELP},                            \
@@ -21,6 +21,7 @@ enum {
     {"quiet", no_argument, 0, MOE_OPT_QUIET},                          \
     {"threads", required_argument, 0, MOE_OPT_THREADS},                \
     {"device", required_argument, 0, MOE_OPT_DEVICE},                  \
+    {"precision", required_argument, 0, MOE_OPT_PRECISION},            \
     {"seed", required_argument, 0, MOE_OPT_SEED},                      \
     {"force", no_argument, 0, MOE_OPT_FORCE},                          \
     {"no-provenance", no_argument, 0, MOE_OPT_NO_PROVENANCE}
@@ -30,7 +31,7 @@ enum {
  * `moe-dump --seed 9` is a usage error instead of a silent no-op. */
 enum {
     MOE_CLI_TAKES_THREADS = 1 << 0,       /* it runs parallel work */
-    MOE_CLI_TAKES_DEVICE = 1 << 1,        /* it runs a model */
+    MOE_CLI_TAKES_DEVICE = 1 << 1,        /* it runs a model (--device, --precision) */
     MOE_CLI_TAKES_SEED = 1 << 2,          /* it draws random numbers */
     MOE_CLI_TAKES_FORCE = 1 << 3,         /* it overwrites or checks a model */
     MOE_CLI_TAKES_NO_PROVENANCE = 1 << 4, /* it writes a stream */
@@ -41,6 +42,7 @@ enum {
 typedef struct {
     int threads;        /* 0 = all cores */
     const char *device; /* "cpu", "cuda" or NULL (= default) */
+    int precision;      /* MOE_PRECISION_* (model.h); 0 = the device's default */
     uint64_t seed;
     int force;
     int no_provenance;

@@ -104,6 +104,20 @@
 
 typedef struct moe_model moe_model;
 
+/* Compute precision (moe_model_opts.precision; the tools' --precision,
+ * $MOE_PRECISION).  F32: every product in float32 (the CPU's default; on
+ * CUDA the GEMMs in float32 without TF32, as MOE_CUDA_PRECISION=f32).  BF16:
+ * each weight GEMM (attention projections, MLPs and experts, lm_head) takes
+ * its activation input rounded to BF16 and the weights as BF16 (a float32
+ * checkpoint's rounded at load), summing the products in float32; norms,
+ * attention scores, softmax, the router's logits and the residual stream stay
+ * float32 (CPU: "cpu-bf16-compute", kernels.h; CUDA's default, where the
+ * router's GEMM takes BF16 inputs too).  DEFAULT: F32 on the CPU, BF16 on
+ * CUDA. */
+enum { MOE_PRECISION_DEFAULT = 0, MOE_PRECISION_F32 = 1, MOE_PRECISION_BF16 = 2 };
+/* "f32" / "bf16" -> MOE_PRECISION_*; -1 for anything else */
+int moe_precision_parse(const char *s);
+
 typedef struct {
     const char *device;        /* backend name ("cpu", "cpu-ref", "cuda"); NULL = the default
                                   of moe_backend_select (cuda when built and a GPU is
@@ -127,6 +141,7 @@ typedef struct {
                                   round trip) instead of in the weight dtype */
     moe_device_opts dev;       /* device backend settings (kernels.h), applied before the
                                   backend is selected; zeros leave them as they are */
+    int precision;             /* MOE_PRECISION_* (above); 0 = the device's default */
 } moe_model_opts;
 
 /* The one place the library reads the environment for model options (the
@@ -134,7 +149,8 @@ typedef struct {
  * MOE_CPU_WEIGHTS=f32 sets cpu_f32_weights, MOE_CPU_BORROW=0 cpu_copy_bf16,
  * MOE_CPU_POPULATE=0 cpu_no_populate, MOE_STAGE_F32=1 stage_f32,
  * MOE_CUDA_DEVICE=N dev.device_index, MOE_CUDA_SYNC=1 dev.sync_each_op,
- * MOE_CUDA_PRECISION=f32 dev.f32_compute.  Fields already set are kept.
+ * MOE_CUDA_PRECISION=f32 dev.f32_compute, MOE_PRECISION=f32|bf16 precision
+ * (another value: ignored with a warning).  Fields already set are kept.
  * ($MOE_DEVICE, the default --device, is moe_backend_select's.) */
 void moe_model_opts_from_env(moe_model_opts *o);
 

@@ -60,7 +60,7 @@ int main(int argc, char **argv) {
     const char *in = optind < argc ? argv[optind] : "-";
 
     moe_search_job j = {.tool = "moe-calib", .kind = MOE_REC_CALIB, .argc = argc, .argv = argv};
-    moe_model_opts mo = {.device = moe_cli.device};
+    moe_model_opts mo = {.device = moe_cli.device, .precision = moe_cli.precision};
     moe_model_opts_from_env(&mo);
     if (moe_search_job_model(&j, model, &mo) < 0 ||
         moe_search_job_open(&j, in, out, moe_cli.force, moe_cli.no_provenance) < 0)

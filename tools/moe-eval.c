@@ -201,7 +201,7 @@ static int read_ppl_input(const eval_args *a, const char *dir, moe_tokenizer *to
 static int eval_model(const eval_args *a, const char *dir, model_res *res) {
     memset(res, 0, sizeof *res);
     res->dir = dir;
-    moe_model_opts mo = {.device = moe_cli.device};
+    moe_model_opts mo = {.device = moe_cli.device, .precision = moe_cli.precision};
     moe_model_opts_from_env(&mo);
     moe_model *m = moe_model_open(dir, &mo);
     if (!m) return -1;
@@ -483,7 +483,7 @@ static int run_dump(const eval_args *a, int argc, char **argv) {
     if (moe_dump_parse_what(a->dump, &d) < 0) moe_cli_usage("%s", moe_error());
     if (argc - optind > 1) moe_cli_usage("one TOKENS stream at most");
     const char *in = optind < argc ? argv[optind] : "-";
-    moe_model_opts mo = {.device = moe_cli.device};
+    moe_model_opts mo = {.device = moe_cli.device, .precision = moe_cli.precision};
     moe_model_opts_from_env(&mo);
     moe_model *m = moe_model_open(a->models[0], &mo);
     if (!m) moe_cli_fail();

@@ -101,7 +101,7 @@ int main(int argc, char **argv) {
      * (one layer's experts in f32, e.g. 2.2 GB for DeepSeekMoE-16B) rather than
      * converting them again in the layer's MLP call (per chunk of tokens) and in
      * every expert evaluation */
-    moe_model_opts mo = {.device = moe_cli.device, .expert_cache_bytes = (size_t)-1};
+    moe_model_opts mo = {.device = moe_cli.device, .precision = moe_cli.precision, .expert_cache_bytes = (size_t)-1};
     moe_model_opts_from_env(&mo);
     if (moe_search_job_model(&j, model, &mo) < 0) moe_cli_fail();
     if (o.max_experts < 0) o.max_experts = j.cfg->top_k;

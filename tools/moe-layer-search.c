@@ -136,7 +136,7 @@ int main(int argc, char **argv) {
      * keep its routed experts converted for the load (one layer's experts in
      * f32, e.g. 2.2 GB for DeepSeekMoE-16B) instead of converting them again
      * in every MLP call (each candidate, each chunk of tokens) */
-    moe_model_opts mo = {.device = moe_cli.device, .expert_cache_bytes = (size_t)-1};
+    moe_model_opts mo = {.device = moe_cli.device, .precision = moe_cli.precision, .expert_cache_bytes = (size_t)-1};
     moe_model_opts_from_env(&mo);
     if (moe_search_job_model(&j, model, &mo) < 0) moe_cli_fail();
     if (o.k > j.cfg->n_routed_experts)

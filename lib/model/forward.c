@@ -166,7 +166,7 @@ static int route(moe_model *m, int l, const float *xn, int T, int32_t *idx_h, fl
     int32_t *idx = mdl_scratch(m, S_IDX, sizeof(int32_t) * (size_t)T * K);
     float *wt = mdl_scratch(m, S_WT, sizeof(float) * (size_t)T * K);
     float *probs = probs_h ? mdl_scratch(m, S_PROBS, sizeof(float) * (size_t)T * E) : NULL;
-    be->matmul(lg, xn, router, NULL, T, H, E, 0);
+    m->router_be->matmul(lg, xn, router, NULL, T, H, E, 0); /* float32 logits (model.h) */
     int mode, renorm;
     mdl_route_mode(m, &mode, &renorm);
     be->router(idx, wt, probs, lg, mode, renorm, T, E, K);

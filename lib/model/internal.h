@@ -74,6 +74,8 @@ struct moe_model {
     moe_ckpt *ck;
     const moe_config *cfg;
     const moe_backend *be;
+    const moe_backend *router_be; /* computes the router's logits: be, or with BF16
+                                     compute on the CPU the same weights in f32 */
     size_t cache_bytes;
     size_t pool_cap;    /* bytes of freed blocks kept for reuse */
     layer_w *lw;

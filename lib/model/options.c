@@ -3,6 +3,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common.h"
 #include "model.h"
 
 /* set when the variable is set and not "0" (or equal to `value` if given) */
@@ -12,7 +13,21 @@ static int env_flag(const char *name, const char *value) {
     return value ? !strcmp(v, value) : strcmp(v, "0") != 0;
 }
 
+int moe_precision_parse(const char *s) {
+    if (s && !strcmp(s, "f32")) return MOE_PRECISION_F32;
+    if (s && !strcmp(s, "bf16")) return MOE_PRECISION_BF16;
+    return -1;
+}
+
 void moe_model_opts_from_env(moe_model_opts *o) {
+    const char *prec = getenv("MOE_PRECISION");
+    if (!o->precision && prec && *prec) {
+        int p = moe_precision_parse(prec);
+        if (p < 0)
+            moe_warn("MOE_PRECISION='%s' ignored (expected f32 or bf16)", prec);
+        else
+            o->precision = p;
+    }
     o->cpu_f32_weights |= env_flag("MOE_CPU_WEIGHTS", "f32");
     o->cpu_copy_bf16 |= env_flag("MOE_CPU_BORROW", "0");
     o->cpu_no_populate |= env_flag("MOE_CPU_POPULATE", "0");

@@ -375,10 +375,38 @@ static void weight_path(moe_model *m, const moe_model_opts *opts) {
     m->stg = moe_stager_new(be, opts ? opts->staging_bytes : 0);
 }
 
+/* The CPU table for opts->precision BF16 (model.h): the one computing in BF16
+ * (the weights held as cpu-bf16 holds them); NULL + error where the device
+ * has no BF16 compute (cpu-ref). */
+static const moe_backend *bf16_compute_backend(const moe_backend *be) {
+    if (be != moe_backend_cpu() && be != moe_backend_cpu_bf16()) {
+        moe_error_set(MOE_ERR_DEVICE, "precision bf16 is not available on device %s", be->name);
+        return NULL;
+    }
+    static int warned;
+    if (!moe_cpu_bf16_native() && !warned++)
+        moe_warn("precision bf16: this CPU has no AVX512-BF16; computing the BF16 products in "
+                 "portable C (the same results, several times slower than float32)");
+    return moe_backend_cpu_bf16_compute();
+}
+
+/* The backend of opts: a table given, else the device's, with its precision
+ * (F32 on a GPU: float32 GEMMs, set before the backend starts). */
+static const moe_backend *open_backend(const moe_model_opts *opts) {
+    if (opts && opts->backend) return opts->backend;
+    if (opts) {
+        moe_device_opts d = opts->dev;
+        if (opts->precision == MOE_PRECISION_F32) d.f32_compute = 1;
+        moe_backend_configure(&d);
+    }
+    const moe_backend *be = moe_backend_select(opts ? opts->device : NULL);
+    if (be && opts && opts->precision == MOE_PRECISION_BF16 && be->host_memory)
+        be = bf16_compute_backend(be);
+    return be;
+}
+
 moe_model *moe_model_open(const char *dir, const moe_model_opts *opts) {
-    if (opts && !opts->backend) moe_backend_configure(&opts->dev);
-    const moe_backend *be =
-        opts && opts->backend ? opts->backend : moe_backend_select(opts ? opts->device : NULL);
+    const moe_backend *be = open_backend(opts);
     if (!be) return NULL;
     moe_ckpt *ck = moe_ckpt_open(dir);
     if (!ck) return NULL;
@@ -397,6 +425,8 @@ moe_model *moe_model_open(const char *dir, const moe_model_opts *opts) {
     m->ck = ck;
     m->cfg = c;
     m->be = be;
+    /* the router's logits in float32 (model.h): same weights, f32 products */
+    m->router_be = be == moe_backend_cpu_bf16_compute() ? moe_backend_cpu_bf16() : be;
     size_caches(m, opts);
     weight_path(m, opts);
     m->lw = moe_calloc((size_t)c->num_layers, sizeof *m->lw);

@@ -2,7 +2,7 @@
 # `make test-gpu`; skips where no GPU is usable): moe-calib | moe-expert-rank
 # | moe-layer-search give the Python reference's picks (the same expected.txt
 # the CPU run matches, tests/shell/test_search_tools.sh) with FP32 GEMMs
-# (MOE_CUDA_PRECISION=f32), run to the end in the default BF16 precision, and
+# (--precision f32), run to the end with --precision bf16 (the default), and
 # moe-eval's perplexity agrees with the CPU's.  CDMOE_GPU_TOOLS_MODELS (names
 # under tests/fixtures/search) narrows the model list (the quick emulated run
 # of `make test`).
@@ -38,14 +38,13 @@ for prec in f32 bf16; do
         d=$FX/$name
         model=$(sed -n 's/.*"model": "\(.*\)".*/\1/p' "$d/params.json")
         k=$(sed -n 's/.*"top_k": \([0-9]*\).*/\1/p' "$d/params.json")
-        export MOE_CUDA_PRECISION=$prec
-        moe-calib --quiet --device cuda --model "$model" "$d/tokens.msgpack.zst" >"$TMP/calib" 2>"$TMP/err" \
+        moe-calib --quiet --device cuda --precision $prec --model "$model" "$d/tokens.msgpack.zst" >"$TMP/calib" 2>"$TMP/err" \
             || fail "$name ($prec): moe-calib: $(cat "$TMP/err")"
-        moe-expert-rank --quiet --device cuda --model "$model" --max-length 16 "$TMP/calib" >"$TMP/rank" \
+        moe-expert-rank --quiet --device cuda --precision $prec --model "$model" --max-length 16 "$TMP/calib" >"$TMP/rank" \
             2>"$TMP/err" || fail "$name ($prec): moe-expert-rank: $(cat "$TMP/err")"
-        moe-layer-search --quiet --device cuda --model "$model" --experts 0 --max-length 16 "$TMP/rank" \
+        moe-layer-search --quiet --device cuda --precision $prec --model "$model" --experts 0 --max-length 16 "$TMP/rank" \
             >"$TMP/p0" 2>"$TMP/err" || fail "$name ($prec): moe-layer-search --experts 0: $(cat "$TMP/err")"
-        moe-layer-search --quiet --device cuda --model "$model" --experts "$k" --max-length 16 "$TMP/p0" \
+        moe-layer-search --quiet --device cuda --precision $prec --model "$model" --experts "$k" --max-length 16 "$TMP/p0" \
             >"$TMP/pk" 2>"$TMP/err" || fail "$name ($prec): moe-layer-search --experts $k: $(cat "$TMP/err")"
         if [ $prec = f32 ]; then
             picks "$TMP/pk" >"$TMP/got"
@@ -55,7 +54,6 @@ for prec in f32 bf16; do
         echo "ok $name ($prec)"
     done
 done
-unset MOE_CUDA_PRECISION
 
 # perplexity, cuda (bf16) vs cpu
 d=$FX/deepseek-l5

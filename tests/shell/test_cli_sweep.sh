@@ -19,23 +19,23 @@ done
 takes() {
     case $1 in
     moe-tokenize) echo "threads no-provenance quiet" ;;
-    moe-calib|moe-expert-rank|moe-layer-search) echo "threads device force no-provenance quiet" ;;
+    moe-calib|moe-expert-rank|moe-layer-search) echo "threads device precision force no-provenance quiet" ;;
     moe-condense) echo "force" ;;
-    moe-eval) echo "threads device seed force no-provenance quiet" ;;
-    moe-generate) echo "threads device seed no-provenance quiet" ;;
+    moe-eval) echo "threads device precision seed force no-provenance quiet" ;;
+    moe-generate) echo "threads device precision seed no-provenance quiet" ;;
     moe-init) echo "threads seed force quiet" ;;
     moe-dump) echo "" ;;
     moe-merge) echo "force no-provenance" ;;
-    moe-tune) echo "threads device seed force no-provenance quiet" ;;
+    moe-tune) echo "threads device precision seed force no-provenance quiet" ;;
     *) fail "$1: not in the table of common options" ;;
     esac
 }
-value() { case $1 in threads) echo 2 ;; device) echo cpu ;; seed) echo 9 ;; esac; }
+value() { case $1 in threads) echo 2 ;; device) echo cpu ;; precision) echo bf16 ;; seed) echo 9 ;; esac; }
 for t in "$BIN"/moe-*; do
     name=$(basename "$t")
     taken=$(takes "$name")
     "$t" --help >"$TMP/help" || fail "$name --help"
-    for opt in threads device seed force no-provenance quiet; do
+    for opt in threads device precision seed force no-provenance quiet; do
         man_has=0; help_has=0
         grep -q -- "--$opt\b" "$TMP/help" && help_has=1
         # the man page as text: without font escapes and roff's backslashes
@@ -52,4 +52,6 @@ for t in "$BIN"/moe-*; do
         esac
     done
 done
+# --precision takes f32 or bf16 only
+expect_fail 2 "^moe-calib: --precision: expected f32 or bf16, got 'fp16'" "$BIN/moe-calib" --precision fp16 --help
 echo "$n tools checked"

@@ -76,7 +76,7 @@ static void check_table(const moe_backend *b) {
     assert_int_equal((sizeof(moe_backend) - first) % sizeof(any_fn), 0);
     int bad = 0;
     for (size_t o = first; o < sizeof(moe_backend); o += sizeof(any_fn)) {
-        if (o == offsetof(moe_backend, matmul_f32) && strcmp(b->name, "cpu-bf16") != 0)
+        if (o == offsetof(moe_backend, matmul_f32) && strncmp(b->name, "cpu-bf16", 8) != 0)
             continue; /* optional (a backend whose weights are not f32 may offer it) */
         any_fn f;
         memcpy(&f, (const char *)b + o, sizeof f);
@@ -96,6 +96,9 @@ static void test_tables_complete(void **state) {
     check_table(moe_backend_cpu_bf16());
     assert_int_equal(moe_backend_cpu_bf16()->weight_dtype, MOE_DT_BF16);
     assert_ptr_equal(moe_backend_get("cpu-bf16"), moe_backend_cpu_bf16());
+    check_table(moe_backend_cpu_bf16_compute());
+    assert_int_equal(moe_backend_cpu_bf16_compute()->weight_dtype, MOE_DT_BF16);
+    assert_ptr_equal(moe_backend_get("cpu-bf16-compute"), moe_backend_cpu_bf16_compute());
     moe_error_clear();
     const moe_backend *cu = moe_cuda_backend_table();
     if (moe_device_cuda_built()) {
