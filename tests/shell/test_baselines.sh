@@ -137,6 +137,12 @@ if [ -n "$REF_PY" ]; then
             pairs="$pairs $a-$method dump-$a-$method.zst"
         done
     done
+    # a pruned deepseek (no transformers class: modeling_cdmoe's) with 3 of 8 experts
+    F=$ROOT/tests/fixtures/models/deepseek-f32
+    moe-calib --quiet --model $F tok-deepseek.zst >calib-ds && moe-condense --model $F --method prune-freq \
+        --experts 3 -o deepseek-prune calib-ds >/dev/null || fail "deepseek: prune"
+    moe-eval -m deepseek-prune -d logits tok-deepseek.zst -o dump-deepseek-prune.zst || fail "deepseek-prune: moe-eval"
+    pairs="$pairs deepseek-prune dump-deepseek-prune.zst"
     HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error $REF_PY "$ROOT/tests/shell/hf_load_check.py" check $pairs 2>err \
         || fail "$(tail -3 err)"
 else
