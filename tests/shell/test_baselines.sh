@@ -45,6 +45,21 @@ for name in deepseek-l5 qwen2_moe-l5; do
     done
     diff $FX/$name/baselines.txt got >d || fail "$name: picks differ from the reference: $(cat d)"
 done
+# the fast search's variants give the naive search's plan, beam 2 included
+M=$FX/models/deepseek-l5
+for method in layerdrop blockdrop; do
+    moe-layer-search --quiet --model $M --method $method --beam 2 --max-length 16 --naive calib-deepseek-l5 \
+        | moe-dump --full --no-header --type plan - >want || fail "beam 2 --naive"
+    for flags in "" --candidate-major --stream-weights "--mem-mib 1"; do
+        moe-layer-search --quiet --model $M --method $method --beam 2 --max-length 16 $flags calib-deepseek-l5 \
+            | moe-dump --full --no-header --type plan - >got || fail "$method $flags"
+        cmp -s want got || fail "$method --beam 2 $flags differs from --naive"
+    done
+done
+# REAP does not depend on the thread count
+OMP_NUM_THREADS=2 moe-calib --quiet --reap --model $M $FX/deepseek-l5/tokens.msgpack.zst >r2 || fail "--reap"
+OMP_NUM_THREADS=1 moe-calib --quiet --reap --model $M $FX/deepseek-l5/tokens.msgpack.zst >r1 || fail "--reap"
+cmp -s r1 r2 || fail "moe-calib --reap: 1 and 2 threads differ"
 moe-dump --full --no-header --type plan plan-deepseek-l5-blockdrop-cosine | grep -q '"method":"blockdrop","criterion":"cosine"' \
     || fail "plan record without method and criterion"
 
