@@ -105,6 +105,20 @@ hdr=$(head -c 100000 ld/model.safetensors | tr -c '[:print:]' '\n' | grep -o '"m
 echo "$hdr" | grep -q "^model.layers.3.mlp\|^model.layers.3.post_attention" && fail "layerdrop kept layer 3's MLP"
 echo "$hdr" | grep -q "^model.layers.3.self_attn.o_proj.weight" || fail "layerdrop lost layer 3's attention"
 
+# multiple-choice scoring with a dropped block: the prefix cache's path (attention
+# over a KV cache) gives what whole runs give, the first layer dropped too
+E=$ROOT/tests/fixtures/eval
+head -n 2 $E/ppl_text.jsonl >et.jsonl
+moe-tokenize --model $E/model et.jsonl >et && moe-layer-search --quiet --model $E/model --method blockdrop et >ep \
+    || fail "eval model: blockdrop search"
+for n in 1 2; do
+    moe-condense --model $E/model --method blockdrop --layers $n -o eb$n ep >/dev/null || fail "eval model: blockdrop $n"
+    moe-eval --quiet -m eb$n --task $E/tiny_task.jsonl --json | sed 's/"seconds": [0-9.e+-]*//g' >a || fail "eval eb$n"
+    moe-eval --quiet -m eb$n --task $E/tiny_task.jsonl --no-prefix-cache --json | sed 's/"seconds": [0-9.e+-]*//g' \
+        | sed 's/"tokens_run": [0-9]*//' >b || fail "eval eb$n whole"
+    sed 's/"tokens_run": [0-9]*//' a | cmp -s - b || fail "blockdrop $n: the prefix cache changes the scores"
+done
+
 # -- expert pruning: the most-routed experts, renumbered, router rows kept
 moe-condense --model $M --method prune-freq --experts 4 -o pf calib-deepseek-l5 >out || fail "prune-freq: $(cat out)"
 grep -q '"n_routed_experts": 4' pf/config.json || fail "prune-freq: n_routed_experts"
