@@ -132,8 +132,10 @@ tune() { # METHOD CKPT: CKPT-tuned, when moe-tune is built.  CD-MoE trains its c
     [ "$tune" = 1 ] || return 1
     if [ ! -x "$BIN/moe-tune" ]; then log "  --tune: moe-tune is not built; tuning skipped"; return 1; fi
     set -- "$2" "$(case $1 in cdmoe-*) echo condensed ;; *) echo all ;; esac)"
-    make_dir "$1-tuned" moe-tune --quiet --model "$1" -o "$1-tuned" --data "$out/tokens.msgpack.zst" \
-        --train "$2" ${TUNE_ARGS:-}
+    if [ -d "$1-tuned" ]; then log "  reused $1-tuned"; return 0; fi
+    # a method moe-tune cannot train is reported and left untuned; the sweep goes on
+    moe-tune --quiet --model "$1" -o "$1-tuned" --data "$out/tokens.msgpack.zst" --train "$2" ${TUNE_ARGS:-} \
+        >"$1-tuned.log" 2>&1 || { log "  tuning failed, row skipped: $(tail -n 1 "$1-tuned.log")"; return 1; }
 }
 
 runs=

@@ -10,6 +10,8 @@
 
 static const char help[] =
     "Usage: moe-condense --model DIR --layers N --experts K -o OUT [OPTIONS] [STREAM|-]\n"
+    "       moe-condense --model DIR --method layerdrop|blockdrop --layers N -o OUT [STREAM|-]\n"
+    "       moe-condense --model DIR --method prune-freq|prune-reap --experts N -o OUT [STREAM|-]\n"
     "Condense the first N layers of the greedy layer order, each keeping its shared\n"
     "experts and its first K ranked routed experts with their mean routing weights\n"
     "(no router), and write the smaller checkpoint to directory OUT.\n"

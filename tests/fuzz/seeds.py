@@ -144,6 +144,10 @@ def main():
     out = Out(root, "config")
     for path in fixtures("**/config.json") + fixtures("ckpt/*.config.json"):
         out.add(read(path))
+    # the baselines' keys: a dropped MLP, a dropped block (moe-condense --method)
+    cfg = json.loads(read(os.path.join(FIX, "models", "qwen2_moe-f32", "config.json")))
+    cfg["dropped_layers"] = {"1": "mlp", "2": "block"}
+    out.add(json.dumps(cfg).encode())
     out = Out(root, "tokenizer")
     for path in fixtures("**/tokenizer.json"):
         out.add(read(path))

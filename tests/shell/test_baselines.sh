@@ -45,6 +45,21 @@ for name in deepseek-l5 qwen2_moe-l5; do
     done
     diff $FX/$name/baselines.txt got >d || fail "$name: picks differ from the reference: $(cat d)"
 done
+# the fast search's variants give the naive search's plan, beam 2 included
+M=$FX/models/deepseek-l5
+for method in layerdrop blockdrop; do
+    moe-layer-search --quiet --model $M --method $method --beam 2 --max-length 16 --naive calib-deepseek-l5 \
+        | moe-dump --full --no-header --type plan - >want || fail "beam 2 --naive"
+    for flags in "" --candidate-major --stream-weights "--mem-mib 1"; do
+        moe-layer-search --quiet --model $M --method $method --beam 2 --max-length 16 $flags calib-deepseek-l5 \
+            | moe-dump --full --no-header --type plan - >got || fail "$method $flags"
+        cmp -s want got || fail "$method --beam 2 $flags differs from --naive"
+    done
+done
+# REAP does not depend on the thread count
+OMP_NUM_THREADS=2 moe-calib --quiet --reap --model $M $FX/deepseek-l5/tokens.msgpack.zst >r2 || fail "--reap"
+OMP_NUM_THREADS=1 moe-calib --quiet --reap --model $M $FX/deepseek-l5/tokens.msgpack.zst >r1 || fail "--reap"
+cmp -s r1 r2 || fail "moe-calib --reap: 1 and 2 threads differ"
 moe-dump --full --no-header --type plan plan-deepseek-l5-blockdrop-cosine | grep -q '"method":"blockdrop","criterion":"cosine"' \
     || fail "plan record without method and criterion"
 
@@ -89,6 +104,20 @@ echo "$hdr" | grep -q "^model.layers.2.self_attn.q_proj.weight" || fail "blockdr
 hdr=$(head -c 100000 ld/model.safetensors | tr -c '[:print:]' '\n' | grep -o '"model[^"]*"' | tr -d '"')
 echo "$hdr" | grep -q "^model.layers.3.mlp\|^model.layers.3.post_attention" && fail "layerdrop kept layer 3's MLP"
 echo "$hdr" | grep -q "^model.layers.3.self_attn.o_proj.weight" || fail "layerdrop lost layer 3's attention"
+
+# multiple-choice scoring with a dropped block: the prefix cache's path (attention
+# over a KV cache) gives what whole runs give, the first layer dropped too
+E=$ROOT/tests/fixtures/eval
+head -n 2 $E/ppl_text.jsonl >et.jsonl
+moe-tokenize --model $E/model et.jsonl >et && moe-layer-search --quiet --model $E/model --method blockdrop et >ep \
+    || fail "eval model: blockdrop search"
+for n in 1 2; do
+    moe-condense --model $E/model --method blockdrop --layers $n -o eb$n ep >/dev/null || fail "eval model: blockdrop $n"
+    moe-eval --quiet -m eb$n --task $E/tiny_task.jsonl --json | sed 's/"seconds": [0-9.e+-]*//g' >a || fail "eval eb$n"
+    moe-eval --quiet -m eb$n --task $E/tiny_task.jsonl --no-prefix-cache --json | sed 's/"seconds": [0-9.e+-]*//g' \
+        | sed 's/"tokens_run": [0-9]*//' >b || fail "eval eb$n whole"
+    sed 's/"tokens_run": [0-9]*//' a | cmp -s - b || fail "blockdrop $n: the prefix cache changes the scores"
+done
 
 # -- expert pruning: the most-routed experts, renumbered, router rows kept
 moe-condense --model $M --method prune-freq --experts 4 -o pf calib-deepseek-l5 >out || fail "prune-freq: $(cat out)"
@@ -137,6 +166,12 @@ if [ -n "$REF_PY" ]; then
             pairs="$pairs $a-$method dump-$a-$method.zst"
         done
     done
+    # a pruned deepseek (no transformers class: modeling_cdmoe's) with 3 of 8 experts
+    F=$ROOT/tests/fixtures/models/deepseek-f32
+    moe-calib --quiet --model $F tok-deepseek.zst >calib-ds && moe-condense --model $F --method prune-freq \
+        --experts 3 -o deepseek-prune calib-ds >/dev/null || fail "deepseek: prune"
+    moe-eval -m deepseek-prune -d logits tok-deepseek.zst -o dump-deepseek-prune.zst || fail "deepseek-prune: moe-eval"
+    pairs="$pairs deepseek-prune dump-deepseek-prune.zst"
     HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error $REF_PY "$ROOT/tests/shell/hf_load_check.py" check $pairs 2>err \
         || fail "$(tail -3 err)"
 else

@@ -73,6 +73,12 @@ grep -q "^| cdmoe-s0+tune | 1 | " out/sweep.md && grep -q "^| layerdrop+tune | 1
 grep -q -- "--train condensed" fakebin/tune.args && grep -q -- "--train all" fakebin/tune.args \
     && grep -q -- "--data $PWD/out/tokens.msgpack.zst\|--data out/tokens.msgpack.zst" fakebin/tune.args \
     || fail "moe-tune arguments: $(cat fakebin/tune.args)"
+# a checkpoint moe-tune refuses is reported and left untuned; the sweep goes on
+printf '#!/bin/sh\necho "moe-tune: layer 3: no post_attention_layernorm" >&2\nexit 1\n' >fakebin/moe-tune
+BIN=$PWD/fakebin sh "$ROOT/pipelines/sweep.sh" model calib.jsonl calib.jsonl --out out3 --layers 1 \
+    --methods layerdrop --tune >md 2>err || fail "--tune, failing: $(tail -5 err)"
+grep -q "tuning failed, row skipped: moe-tune: layer 3" err || fail "no tuning failure message: $(cat err)"
+grep -q "+tune" out3/sweep.md && fail "a failed tuning has a row"
 
 # bad arguments
 expect_fail 2 "--methods: unknown method 'dropout'" sh "$ROOT/pipelines/sweep.sh" model calib.jsonl --methods dropout
