@@ -60,6 +60,8 @@ static double layer_params(const moe_model *m, int l) {
         return att + sh + H * c->n_routed_experts + 3.0 * H * c->moe_intermediate_size * c->top_k;
     case MOE_MLP_CONDENSED:
         return att + sh + 3.0 * H * c->moe_intermediate_size * c->layers[l].n_kept;
+    case MOE_MLP_NONE: /* LayerDrop: the attention only; BlockDrop: nothing */
+        return moe_model_layer_drop(m, l) == MOE_DROP_BLOCK ? 0 : att;
     }
     return att;
 }
