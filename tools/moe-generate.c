@@ -201,6 +201,21 @@ static int on_token(void *ctx, int s, int32_t id, int last) {
     return r;
 }
 
+/* Generations that produced no token (-n 0, a prompt filling the context)
+ * end here: their text (--echo) and line are written too.  0 or -1. */
+static int finish_all(gen_out *g) {
+    for (int s = 0; s < g->n; s++) {
+        const char *t;
+        size_t n;
+        if (g->done[s]) continue;
+        if (moe_detok_finish(&g->dt[s], &t, &n) < 0) return -1;
+        buf_add(g, s, t, n);
+        g->done[s] = 1;
+    }
+    flush_ready(g);
+    return 0;
+}
+
 static void gen_out_init(gen_out *g, const gen_args *a, moe_tokenizer *tok, moe_gen_seq *seqs,
                          int n) {
     memset(g, 0, sizeof *g);
@@ -320,6 +335,7 @@ static int run(gen_args *a, moe_model *m, moe_tokenizer *tok, int argc, char **a
     gen_out_init(&out, a, tok, seqs, n);
     moe_gen_stats st = {0};
     if (rc == 0) rc = moe_generate(m, seqs, n, &a->gen, on_token, &out, &st);
+    if (rc == 0) rc = finish_all(&out);
     gen_out_free(&out);
     if (rc == 0 && a->output) rc = write_tokens(a, moe_model_fingerprint(m), seqs, n, argc, argv);
     if (rc == 0) report_speed(&st, n);

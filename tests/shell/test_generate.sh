@@ -69,6 +69,9 @@ long=$($PY -c 'print("a b " * 165)')
 gen -m $M -n 40 --ignore-eos -o "$TMP/long.zst" "$long"
 $PY tests/shell/generate_check.py counts "$TMP/long.zst" | awk '$2 != 512 { exit 1 }' \
     || fail "generation does not stop at max_position_embeddings (512)"
+# -n 0: no token, each generation still has its line
+[ "$(gen -m $M -n 0 --echo "abc" "de")" = "$(printf 'abc\nde')" ] || fail "-n 0 --echo"
+gen -m $M -n 0 --jsonl "abc" | grep -q '"completion":"","text":"abc","finish":"length"' || fail "-n 0 --jsonl"
 expect_fail 1 "prompt 1: [0-9]+ tokens, more than the model.s max_position_embeddings \(512\)" gen -m $M "$long$long"
 mkdir "$TMP/eos"
 for f in $M/*; do ln -s "$(cd "$(dirname "$f")" && pwd)/$(basename "$f")" "$TMP/eos/"; done
