@@ -121,7 +121,8 @@ typedef struct {
     int nstep;
 } gen_batch;
 
-static int gen_batch_init(gen_batch *g, moe_model *m, moe_gen_seq *q, int n, const moe_gen_opts *o) {
+static int gen_batch_init(gen_batch *g, moe_model *m, moe_gen_seq *q, int base, int n,
+                          const moe_gen_opts *o) {
     const moe_config *c = moe_model_config(m);
     int maxpos = o->max_positions > 0 ? o->max_positions
                                       : (c->max_position_embeddings > 0 ? c->max_position_embeddings
@@ -130,6 +131,7 @@ static int gen_batch_init(gen_batch *g, moe_model *m, moe_gen_seq *q, int n, con
     g->m = m;
     g->q = q;
     g->n = n;
+    g->base = base;
     g->L = c->num_layers;
     g->pos = moe_calloc((size_t)n, sizeof(int));
     g->cap = moe_calloc((size_t)n, sizeof(int));
@@ -142,7 +144,7 @@ static int gen_batch_init(gen_batch *g, moe_model *m, moe_gen_seq *q, int n, con
         moe_gen_seq *sq = &q[s];
         if (sq->n_prompt < 1 || sq->n_prompt > maxpos) {
             moe_error_set(MOE_ERR_DATA, "sequence %d: a prompt of %d tokens (1 to %d fit the model)",
-                          s, sq->n_prompt, maxpos);
+                          base + s, sq->n_prompt, maxpos);
             return -1;
         }
         long cap = (long)sq->n_prompt + o->max_new_tokens;
@@ -151,7 +153,7 @@ static int gen_batch_init(gen_batch *g, moe_model *m, moe_gen_seq *q, int n, con
         memcpy(sq->ids, sq->prompt, sizeof(int32_t) * (size_t)sq->n_prompt);
         sq->n = sq->n_prompt;
         sq->finish = MOE_GEN_LENGTH;
-        g->live[s] = o->max_new_tokens > 0;
+        g->live[s] = o->max_new_tokens > 0 && sq->n_prompt < g->cap[s];
         g->rng[s] = moe_gen_rng_init(o->seed, sq->stream);
         size_t kvf = moe_model_kv_floats(m, g->cap[s]);
         for (int l = 0; l < g->L; l++) {
@@ -262,8 +264,7 @@ static int gen_run_batch(moe_model *m, moe_gen_seq *q, int base, int n, const mo
                          moe_gen_token_fn cb, void *ctx, moe_gen_stats *st) {
     gen_batch g;
     q += base;
-    int rc = gen_batch_init(&g, m, q, n, o);
-    g.base = base;
+    int rc = gen_batch_init(&g, m, q, base, n, o);
     const moe_config *c = moe_model_config(m);
     float *lg = moe_malloc(sizeof(float) * (size_t)n * (size_t)c->vocab_size);
     moe_residency res;

@@ -64,3 +64,12 @@ char *moe_spool_stdin(const char *stem) {
     }
     return spool;
 }
+
+int moe_file_is_zstd(const char *path) {
+    FILE *f = fopen(path, "rb");
+    unsigned char b[4] = {0};
+    if (!f) return 0;
+    size_t n = fread(b, 1, 4, f);
+    fclose(f);
+    return n == 4 && b[0] == 0x28 && b[1] == 0xB5 && b[2] == 0x2F && b[3] == 0xFD;
+}

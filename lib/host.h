@@ -18,5 +18,8 @@ double moe_ram_bytes(void);
  * whose name starts with `stem`: the malloc'd path, to moe_tmp_discard and
  * free when done (removed at exit otherwise), or NULL with an I/O error. */
 char *moe_spool_stdin(const char *stem);
+/* 1 when the file at path starts with the zstd frame magic (a moe-stream),
+ * 0 otherwise (unreadable included: its reader reports that). */
+int moe_file_is_zstd(const char *path);
 
 #endif

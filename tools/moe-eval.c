@@ -99,15 +99,6 @@ static void progress_cb(void *ctx, uint64_t done, uint64_t total) {
 
 /* ---- perplexity input -------------------------------------------------------- */
 
-static int is_zstd(const char *path) {
-    FILE *f = fopen(path, "rb");
-    unsigned char b[4] = {0};
-    if (!f) return 0;
-    size_t n = fread(b, 1, 4, f);
-    fclose(f);
-    return n == 4 && b[0] == 0x28 && b[1] == 0xB5 && b[2] == 0x2F && b[3] == 0xFD;
-}
-
 typedef struct {
     int32_t **ids;
     int *T;
@@ -192,7 +183,7 @@ static int read_text_jsonl(const char *path, const char *name, moe_tokenizer *to
 
 /* The --ppl sequences: a token stream, or JSON Lines tokenized with tok. */
 static int read_ppl_input(const eval_args *a, const char *dir, moe_tokenizer *tok, seqs_t *s) {
-    return is_zstd(a->ppl) ? read_token_stream(a->ppl, dir, a->max_length, a->limit, s)
+    return moe_file_is_zstd(a->ppl) ? read_token_stream(a->ppl, dir, a->max_length, a->limit, s)
                            : read_text_jsonl(a->ppl, a->ppl_name, tok, a->max_length, a->limit, s);
 }
 
@@ -209,7 +200,7 @@ static int eval_model(const eval_args *a, const char *dir, model_res *res) {
     if (moe_eval_model_size(m, &res->params, &res->bytes) < 0) goto fail;
     res->active = moe_eval_active_params(moe_model_config(m));
     moe_tokenizer *tok = NULL;
-    int need_tok = a->ntasks > 0 || (a->ppl && !is_zstd(a->ppl));
+    int need_tok = a->ntasks > 0 || (a->ppl && !moe_file_is_zstd(a->ppl));
     if (need_tok && !(tok = moe_tokenizer_open(dir))) goto fail;
     moe_eval_opts eo = {.batch_tokens = (size_t)a->batch, .no_prefix_cache = a->no_prefix};
     moe_progress prog;

@@ -2,6 +2,7 @@
  * streamed to stdout, JSON Lines, or a token stream. */
 #include "cli.h"
 #include "generate.h"
+#include "host.h"
 #include "jsonl.h"
 #include "jsonout.h"
 #include "model.h"
@@ -18,7 +19,8 @@ static const char help[] =
     "Usage: moe-generate --model DIR [OPTIONS] [PROMPT...]\n"
     "Continue each prompt with the model (dense, condensed, folded: any checkpoint the\n"
     "tools read).  Prompts: the arguments, -p TEXT, --prompts FILE; with none of them,\n"
-    "standard input (one prompt per line, or JSON Lines {\"prompt\": ...}).  The text is\n"
+    "standard input (one prompt per line, JSON Lines {\"prompt\": ...}, or a token stream\n"
+    "of moe-tokenize, whose provenance -o carries on).  The text is\n"
     "written to stdout as it is produced, one line per generation; --jsonl writes\n"
     "{\"index\",\"prompt\",\"completion\",\"text\",\"finish\"} per generation (\"text\" is\n"
     "what moe-tokenize and moe-eval --ppl read: calibration on self-generated text);\n"
@@ -29,7 +31,7 @@ static const char help[] =
     "  -m, --model DIR          model directory\n"
     "      --tokenizer PATH     tokenizer.json or a directory holding it (default: DIR)\n"
     "  -p, --prompt TEXT        a prompt (repeatable; '' = start from BOS alone)\n"
-    "  -f, --prompts FILE|-     prompts, one per line, or JSON Lines objects\n"
+    "  -f, --prompts FILE|-     prompts, one per line, JSON Lines objects, or a token stream\n"
     "      --field NAME         the JSON field holding the prompt (default: prompt)\n"
     "  -n, --max-new-tokens N   tokens generated per prompt at most (default 128)\n"
     "  -t, --temperature X      0 = greedy, the most likely token (default); > 0 samples\n"
@@ -46,7 +48,8 @@ static const char help[] =
     "      --batch N            generations decoded together, layer-major (default 8);\n"
     "                           the output does not depend on it\n"
     "  -o, --output FILE        a token stream instead of text ('-' = stdout)\n"
-    "With --seed S (default 0), the same text on any machine and --threads.\n";
+    "With --seed S (default 0), the same text on any machine and --threads; --force takes\n"
+    "prompt tokens made with another tokenizer (a warning).\n";
 
 enum { OPT_TOKENIZER = 1, OPT_FIELD, OPT_TOPP, OPT_SAMPLES, OPT_STOP, OPT_IGNORE_EOS,
        OPT_NO_SPECIAL, OPT_ECHO, OPT_JSONL, OPT_BATCH };
@@ -54,7 +57,10 @@ enum { OPT_TOKENIZER = 1, OPT_FIELD, OPT_TOPP, OPT_SAMPLES, OPT_STOP, OPT_IGNORE
 typedef struct {
     const char *model, *tokenizer, *prompts_file, *field, *output;
     char **prompts; /* from -p and the arguments, then the file's */
+    int32_t **pids; /* [nprompts] the ids of a prompt read from a token stream, else NULL */
+    size_t *plen;
     int nprompts;
+    moe_reader *upstream; /* that token stream: its header goes on in -o's */
     const char **stops;
     int nstops;
     long samples, batch;
@@ -62,12 +68,22 @@ typedef struct {
     moe_gen_opts gen;
 } gen_args;
 
-static void add_prompt(gen_args *a, const char *text, size_t len) {
-    a->prompts = moe_realloc(a->prompts, sizeof(char *) * (size_t)(a->nprompts + 1));
+/* A prompt: its text, and its ids when it came as tokens (ids owned then). */
+static void add_prompt_ids(gen_args *a, const char *text, size_t len, int32_t *ids, size_t n) {
+    size_t k = (size_t)a->nprompts + 1;
+    a->prompts = moe_realloc(a->prompts, sizeof(char *) * k);
+    a->pids = moe_realloc(a->pids, sizeof(int32_t *) * k);
+    a->plen = moe_realloc(a->plen, sizeof(size_t) * k);
     char *p = moe_malloc(len + 1);
     memcpy(p, text, len);
     p[len] = 0;
-    a->prompts[a->nprompts++] = p;
+    a->prompts[a->nprompts] = p;
+    a->pids[a->nprompts] = ids;
+    a->plen[a->nprompts++] = n;
+}
+
+static void add_prompt(gen_args *a, const char *text, size_t len) {
+    add_prompt_ids(a, text, len, NULL, 0);
 }
 
 /* ---- prompts ------------------------------------------------------------------ */
@@ -78,11 +94,12 @@ static int first_char_is_brace(const char *line, size_t len) {
     return i < len && line[i] == '{';
 }
 
-/* One prompt per non-blank line; JSON Lines when the first one is an object. */
-static int read_prompt_file(gen_args *a, const char *path) {
+/* One prompt per non-blank line; JSON Lines when the first one is an
+ * object.  name: the file as messages call it. */
+static int read_prompt_lines(gen_args *a, const char *path, const char *name) {
     moe_jsonl *in = moe_jsonl_open(path);
     if (!in) return -1;
-    const char *name = moe_jsonl_name(in), *line;
+    const char *line;
     size_t len;
     int rc, json = -1, before = a->nprompts;
     while ((rc = moe_jsonl_next(in, &line, &len)) > 0) {
@@ -114,6 +131,54 @@ static int read_prompt_file(gen_args *a, const char *path) {
     }
     moe_jsonl_close(in);
     return rc < 0 ? -1 : 0;
+}
+
+/* Prompts as token ids: the records of a tokens stream made with this
+ * tokenizer (moe-tokenize), kept open so that -o carries its provenance. */
+static int read_prompt_tokens(gen_args *a, moe_tokenizer *tok, const char *path) {
+    moe_tokens_check check;
+    if (moe_tokens_check_init(&check, a->tokenizer, moe_cli.force) < 0) return -1;
+    moe_reader *r = moe_reader_open(path);
+    if (!r) return -1;
+    a->upstream = r;
+    if (moe_reader_require_kind(r, MOE_REC_TOKENS, "make one with moe-tokenize") < 0) return -1;
+    const msgpack_object *rec;
+    int rc, before = a->nprompts;
+    while ((rc = moe_reader_next(r, &rec)) > 0) {
+        if (!moe_record_is(rec, MOE_REC_TOKENS)) continue;
+        moe_tokens tk;
+        if (moe_tokens_read(r, rec, &check, &tk) < 0) return -1;
+        char *text = NULL;
+        size_t tl = 0;
+        if (moe_tokenizer_decode(tok, tk.ids, tk.n, MOE_TOK_SKIP_SPECIAL, &text, &tl) < 0) {
+            moe_error_set(MOE_ERR_DATA, "%s: record %llu: %s", moe_reader_name(r),
+                          (unsigned long long)moe_reader_index(r), moe_error());
+            free(tk.ids);
+            return -1;
+        }
+        add_prompt_ids(a, text, tl, tk.ids, tk.n);
+        free(text);
+    }
+    if (rc == 0 && a->nprompts == before) {
+        moe_error_set(MOE_ERR_DATA, "%s: no tokens records", moe_reader_name(r));
+        rc = -1;
+    }
+    return rc < 0 ? -1 : 0;
+}
+
+/* --prompts FILE: a token stream or text (standard input spooled, to be
+ * sniffed like a file). */
+static int read_prompts(gen_args *a, moe_tokenizer *tok, const char *path) {
+    char *spool = NULL;
+    if (!strcmp(path, "-") && !(spool = moe_spool_stdin("moe-generate-stdin"))) return -1;
+    const char *file = spool ? spool : path, *name = spool ? "<stdin>" : path;
+    int rc = moe_file_is_zstd(file) ? read_prompt_tokens(a, tok, file)
+                                    : read_prompt_lines(a, file, name);
+    if (spool) {
+        moe_tmp_discard(spool);
+        free(spool);
+    }
+    return rc;
 }
 
 /* ---- output ------------------------------------------------------------------- */
@@ -201,6 +266,21 @@ static int on_token(void *ctx, int s, int32_t id, int last) {
     return r;
 }
 
+/* Generations that produced no token (-n 0, a prompt filling the context)
+ * end here: their text (--echo) and line are written too.  0 or -1. */
+static int finish_all(gen_out *g) {
+    for (int s = 0; s < g->n; s++) {
+        const char *t;
+        size_t n;
+        if (g->done[s]) continue;
+        if (moe_detok_finish(&g->dt[s], &t, &n) < 0) return -1;
+        buf_add(g, s, t, n);
+        g->done[s] = 1;
+    }
+    flush_ready(g);
+    return 0;
+}
+
 static void gen_out_init(gen_out *g, const gen_args *a, moe_tokenizer *tok, moe_gen_seq *seqs,
                          int n) {
     memset(g, 0, sizeof *g);
@@ -246,7 +326,8 @@ static int write_tokens(const gen_args *a, const char *model_fp, const moe_gen_s
     if (has < 0) return -1;
     moe_provenance prov = {.tool = "moe-generate", .argc = argc, .argv = argv,
                            .model = model_fp, .kind = MOE_REC_TOKENS};
-    moe_writer *w = moe_writer_open(a->output, NULL, &prov, moe_cli.no_provenance);
+    const msgpack_object *up = a->upstream ? moe_reader_header(a->upstream) : NULL;
+    moe_writer *w = moe_writer_open(a->output, up, &prov, moe_cli.no_provenance);
     if (!w) return -1;
     for (int s = 0; s < n; s++)
         if (moe_tokens_write_prompt(w, s, seqs[s].ids, (size_t)seqs[s].n, has ? fp : NULL,
@@ -264,7 +345,11 @@ static int write_tokens(const gen_args *a, const char *model_fp, const moe_gen_s
 static int encode_prompt(const gen_args *a, moe_tokenizer *tok, const moe_config *c, int i,
                          int32_t **ids, size_t *n) {
     const char *p = a->prompts[i];
-    if (moe_tokenizer_encode(tok, p, strlen(p), !a->no_special, ids, n) < 0) {
+    if (a->pids[i]) { /* given as tokens: as they are */
+        *n = a->plen[i];
+        *ids = moe_malloc(sizeof(int32_t) * (*n + 1));
+        memcpy(*ids, a->pids[i], sizeof(int32_t) * *n);
+    } else if (moe_tokenizer_encode(tok, p, strlen(p), !a->no_special, ids, n) < 0) {
         moe_error_set(moe_error_kind(), "prompt %d: %s", i + 1, moe_error());
         return -1;
     }
@@ -320,6 +405,7 @@ static int run(gen_args *a, moe_model *m, moe_tokenizer *tok, int argc, char **a
     gen_out_init(&out, a, tok, seqs, n);
     moe_gen_stats st = {0};
     if (rc == 0) rc = moe_generate(m, seqs, n, &a->gen, on_token, &out, &st);
+    if (rc == 0) rc = finish_all(&out);
     gen_out_free(&out);
     if (rc == 0 && a->output) rc = write_tokens(a, moe_model_fingerprint(m), seqs, n, argc, argv);
     if (rc == 0) report_speed(&st, n);
@@ -405,7 +491,7 @@ static moe_tokenizer *open_tokenizer(const gen_args *a) {
 
 int main(int argc, char **argv) {
     const unsigned takes = MOE_CLI_TAKES_THREADS | MOE_CLI_TAKES_DEVICE | MOE_CLI_TAKES_SEED |
-                           MOE_CLI_TAKES_NO_PROVENANCE | MOE_CLI_TAKES_QUIET;
+                           MOE_CLI_TAKES_FORCE | MOE_CLI_TAKES_NO_PROVENANCE | MOE_CLI_TAKES_QUIET;
     moe_cli_init("moe-generate", help, takes, argc, argv);
     gen_args a = {.field = "prompt", .samples = 1,
                   .gen = {.max_new_tokens = 128, .top_p = 1.0}};
@@ -414,7 +500,7 @@ int main(int argc, char **argv) {
     a.gen.seed = moe_cli.seed;
     moe_tokenizer *tok = open_tokenizer(&a);
     if (!tok) moe_cli_fail();
-    if (a.prompts_file && read_prompt_file(&a, a.prompts_file) < 0) moe_cli_fail();
+    if (a.prompts_file && read_prompts(&a, tok, a.prompts_file) < 0) moe_cli_fail();
     int32_t *eos = NULL;
     int neos = moe_gen_eos_ids(a.model, &eos);
     if (neos < 0) moe_cli_fail();
@@ -431,8 +517,14 @@ int main(int argc, char **argv) {
     moe_tokenizer_close(tok);
     if (rc < 0) moe_cli_fail();
     free(eos);
-    for (int i = 0; i < a.nprompts; i++) free(a.prompts[i]);
+    for (int i = 0; i < a.nprompts; i++) {
+        free(a.prompts[i]);
+        free(a.pids[i]);
+    }
     free(a.prompts);
+    free(a.pids);
+    free(a.plen);
+    if (a.upstream) moe_reader_close(a.upstream);
     free(a.stops);
     return 0;
 }

@@ -22,7 +22,7 @@ takes() {
     moe-calib|moe-expert-rank|moe-layer-search) echo "threads device precision force no-provenance quiet" ;;
     moe-condense) echo "force" ;;
     moe-eval) echo "threads device precision seed force no-provenance quiet" ;;
-    moe-generate) echo "threads device precision seed no-provenance quiet" ;;
+    moe-generate) echo "threads device precision seed force no-provenance quiet" ;;
     moe-init) echo "threads seed force quiet" ;;
     moe-dump) echo "" ;;
     moe-merge) echo "force no-provenance" ;;

@@ -69,6 +69,9 @@ long=$($PY -c 'print("a b " * 165)')
 gen -m $M -n 40 --ignore-eos -o "$TMP/long.zst" "$long"
 $PY tests/shell/generate_check.py counts "$TMP/long.zst" | awk '$2 != 512 { exit 1 }' \
     || fail "generation does not stop at max_position_embeddings (512)"
+# -n 0: no token, each generation still has its line
+[ "$(gen -m $M -n 0 --echo "abc" "de")" = "$(printf 'abc\nde')" ] || fail "-n 0 --echo"
+gen -m $M -n 0 --jsonl "abc" | grep -q '"completion":"","text":"abc","finish":"length"' || fail "-n 0 --jsonl"
 expect_fail 1 "prompt 1: [0-9]+ tokens, more than the model.s max_position_embeddings \(512\)" gen -m $M "$long$long"
 mkdir "$TMP/eos"
 for f in $M/*; do ln -s "$(cd "$(dirname "$f")" && pwd)/$(basename "$f")" "$TMP/eos/"; done
@@ -118,6 +121,18 @@ gen -m $M -n 10 --ignore-eos <"$TMP/p.txt" >"$TMP/f2.txt"
 gen -m $M -n 10 --ignore-eos -p "Once upon a time" "The cat" >"$TMP/f3.txt"
 cmp -s "$TMP/f1.txt" "$TMP/f2.txt" && cmp -s "$TMP/f1.txt" "$TMP/f3.txt" || fail "prompt sources differ"
 gen -m $M -n 10 --ignore-eos --echo "The cat" | grep -q "^The cat" || fail "--echo"
+# a token stream of moe-tokenize as prompts: the same text, and -o carries its provenance on
+printf '{"text": "Once upon a time"}\n{"text": "The cat"}\n' >"$TMP/t.jsonl"
+moe-tokenize -m $M "$TMP/t.jsonl" | gen -m $M -n 10 --ignore-eos -f - >"$TMP/f4.txt"
+cmp -s "$TMP/f1.txt" "$TMP/f4.txt" || fail "prompts as a token stream differ from the text prompts"
+moe-tokenize -m $M "$TMP/t.jsonl" -o "$TMP/t.zst"
+gen -m $M -n 4 -f "$TMP/t.zst" -o "$TMP/chain.zst"
+moe-dump --header "$TMP/chain.zst" | grep -q '"kinds":\["tokens"\],"provenance":\[{"tool":"moe-tokenize".*{"tool":"moe-generate"' \
+    || fail "provenance chain: $(moe-dump --header "$TMP/chain.zst")"
+moe-tokenize -m "$TMP/ds" "$TMP/t.jsonl" -o "$TMP/other.zst"
+expect_fail 1 "other.zst.*tokenizer" gen -m $M -f "$TMP/other.zst"
+gen -m $M -n 2 --force -f "$TMP/other.zst" >/dev/null 2>"$TMP/err" || fail "--force: $(cat "$TMP/err")"
+grep -q "warning" "$TMP/err" || fail "--force without a warning"
 
 # ---- data-free calibration text: --jsonl feeds moe-tokenize and moe-calib
 gen -m $M -n 24 -t 1 --samples 3 --seed 1 --jsonl '' >"$TMP/self.jsonl"
