@@ -4,8 +4,10 @@
 # parity tests, one MoE layer at 25 600 tokens against the measured cuBLAS
 # BF16 peak, a DeepSeekMoE-16B-shaped model (fewer layers) through the whole
 # forward, moe-calib, moe-expert-rank, moe-layer-search and moe-eval on the
-# GPU, peak GPU memory, and the resident memory of a CPU-only tool run (the
-# CUDA backend is a plugin, libcdmoe_cuda.so, loaded only for CUDA runs).
+# GPU, peak GPU memory, training steps of a condensed copy (tokens/s, achieved
+# TFLOP/s, peak memory; bench/gpu_train.c), and the resident memory of a
+# CPU-only tool run (the CUDA backend is a plugin, libcdmoe_cuda.so, loaded
+# only for CUDA runs).
 # Results go to $OUT (at most 5 files); a short table is printed last.
 #
 # The GPU machine reaches no package registry and lacks our Debian libraries
@@ -270,6 +272,42 @@ if [ -n "$MODEL" ] && [ -n "$TOK" ]; then
     fi
     [ -x "$BIN/moe-eval" ] && run_tool "moe-eval --ppl --device $DEV" 90 moe-eval --device "$DEV" \
         --model "$MODEL" --ppl "$TOK" --limit 8 --json -o "$WORK/eval.zst"
+fi
+
+# ---- 7. training steps (lib/train.h, moe-tune's engine) on a condensed copy --------------------
+# Condensed layers 1 and 3 (E(2+6), bench/lib/condense-fixed.sh) of the 16B-shaped model;
+# MOE_TRAIN_CONDENSED, 8 x 256 tokens, AdamW: seconds per step, tokens/s, model TFLOP/s
+# (forward + backward, bench/gpu_train.c), peak GPU memory; with and without recompute.
+if [ -n "$MODEL" ] && [ -x $B/bench/gpu_train ]; then
+    CMODEL=$WORK/ds16b-cond
+    TSEQS=8 TLEN=256 TSTEPS=4
+    [ "$MODE" = --rehearse ] && TSEQS=2 TLEN=64 TSTEPS=2
+    CL="1 3"
+    [ "$LAYERS" -lt 4 ] && CL=1
+    if BIN=$BIN sh bench/lib/condense-fixed.sh "$MODEL" "$CMODEL" "$CL" >>"$LOG" 2>&1; then
+        for rec in "" --recompute; do
+            name="train ${TSEQS}x${TLEN}${rec:+ recompute}"
+            t=$(date +%s)
+            say "$name"
+            smi_start
+            timeout 150 $B/bench/gpu_train --model "$CMODEL" --seqs $TSEQS --len $TLEN \
+                --steps $TSTEPS $rec >"$WORK/train.json" 2>>"$LOG"
+            rc=$?
+            mem=$(smi_stop)
+            cat "$WORK/train.json" >>"$LOG"
+            if [ $rc -eq 0 ]; then
+                cat "$WORK/train.json" >>"$RES"
+                fig=$(sed 's/.*"step_seconds":\([0-9.]*\),"tokens_per_s":\([0-9]*\),"tflops":\([0-9.]*\),"loss":\([0-9.]*\),.*"backend_peak_bytes":\([0-9]*\),.*/\1 s\/step, \2 tok\/s, \3 TFLOP\/s, loss \4, backend peak \5 B/' "$WORK/train.json")
+                row "$name" ok "$(elapsed $t)" "$fig; $mem"
+            elif [ $rc -eq 77 ]; then
+                row "$name" skip "$(elapsed $t)" "$(head -n 1 "$WORK/train.json")"
+            else
+                row "$name" FAIL "$(elapsed $t)" "exit $rc, see log.txt"
+            fi
+        done
+    else
+        row "train (condense)" FAIL 0 "bench/lib/condense-fixed.sh failed, see log.txt"
+    fi
 fi
 
 # ---- table ------------------------------------------------------------------------------------------------

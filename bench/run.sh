@@ -10,6 +10,10 @@ status=0
 for b in bench/*.sh; do
     [ "$(basename "$b")" = run.sh ] && continue
     [ "$(basename "$b")" = gpu-check.sh ] && continue
+    if [ "$(basename "$b")" = tune-memory.sh ] && [ -z "${BENCH_MEMORY:-}" ]; then
+        echo "== $b: skipped (opt-in, writes ~7 GB: BENCH_MEMORY=1 make bench)"
+        continue
+    fi
     echo "== $b"
     sh "$b" || { echo "bench $b failed"; status=1; }
 done

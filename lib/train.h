@@ -41,6 +41,52 @@
  *
  * Deterministic: same batch, same bytes, whatever the thread count (CPU).
  * Errors: -1 / NULL with moe_error_set(); nothing is printed. */
+/* Device memory budget, the paper's setting: DeepSeekMoE-16B shapes (H 2048,
+ * 28 layers: 1 dense (10944) + 27 MoE of 64 experts x 1408, 2 shared, top-6;
+ * 16 heads x 128; vocab 102400), E(2+6) (2 shared + 6 kept routed experts),
+ * 9 condensed layers trained (CD-MoE's order for e6: decoder layers
+ * 7 11 13 15 16 20 22 23 27, so the backward runs from layer 27 down to 7),
+ * batch 8 x 256 = N 2048 tokens, MOE_TRAIN_CONDENSED, AdamW with float32
+ * master weights and moments for the trained tensors only, BF16 elsewhere
+ * (CUDA: weight_dtype BF16).  Every layer stays resident (train.c); the
+ * frozen embedding stays on the host (its rows are read per batch).
+ *   weights, BF16, 11.65 B parameters:                            23.30 GB
+ *     18 routed MoE layers x 1.142 GB (experts 64 x 3 x 1408 x 2048,
+ *     shared 3 x 2816 x 2048, router) = 20.56; 28 attention blocks x 33.6 MB
+ *     = 0.94; lm_head 0.42; dense layer 0 0.13; the 9 condensed layers
+ *     9 x 138 MB = 1.25 (their compute copies)
+ *   trained: 9 x (6 x 3 x 1408 x 2048 + 3 x 2816 x 2048) = 622.9 M
+ *     float32 masters 2.49 + gradients 2.49 + AdamW m, v 4.98:    9.97 GB
+ *   saved activations, per layer the backward runs (N x H x 4 B = 16.8 MB
+ *     per [N, H] tensor): x, RMSNorm(x), q, k, v, attention output, x after
+ *     attention, MLP input: 134 MB; routed or condensed MLP: expert outputs
+ *     [N x 6, H] 101 MB + shared gate|up [N, 5632] 46 MB + shared output
+ *     17 MB + routing 0.6 MB: 298 MB a layer (dense layer 0: gate|up 179 MB)
+ *       without recomputation, 21 layers (7..27):                  6.27 GB
+ *       with recompute (moe_train_opts.recompute): their inputs
+ *       21 x 16.8 MB + one layer's 298 MB recomputed:               0.65 GB
+ *   buffers that outlive their use (the model's pool and the CUDA scratch
+ *     keep them for reuse):                                        1.03 GB
+ *     the dense layer 0's forward (gate|up 179 MB, SwiGLU 90 MB, BF16 copy
+ *     of the activations 56 MB) 0.33; the experts op's scratch for N x 6
+ *     rows (gathered rows BF16, gate|up f32, SwiGLU BF16, +25% growth) 0.28;
+ *     one layer's backward (d expert outputs 101 MB, d x, d MLP input, the
+ *     norms' and attention's gradients, per expert its gathered rows, their
+ *     gradient and the gate|up recomputed for up to N rows) 0.28; the loss
+ *     head (a 64 MiB logits chunk of 163 rows, its BF16 copy, the final
+ *     norm's output and gradient) 0.14
+ *   CUDA context and cuBLAS workspace (not counted by the backend): ~0.6 GB
+ * Total with recompute 23.30 + 9.97 + 0.65 + 1.03 + 0.6 = 35.5 GB (under
+ * 40 GB: a 40 GB A100 fits; the original's recipe needs an 80 GB card);
+ * without recomputation 41.2 GB.  The frozen routed experts are 58% of it.
+ * bench/tune-memory.sh measures what the CUDA backend allocates (the
+ * emulator without arithmetic, MOE_CUDA_EMU_NOCOMPUTE=1) for these shapes
+ * with 4 layers (2 condensed) and compares it with this budget evaluated for
+ * that model: 6.25 GB measured vs 6.24 GB without recompute, 5.70 vs 5.70
+ * with (BENCH_MEMORY=1 make bench, or sh bench/tune-memory.sh).  (The
+ * weights, state and activations were counted before measuring; the
+ * buffers kept for reuse were itemised from the first measurement, which
+ * found them 0.4 GB above the first estimate.) */
 #ifndef MOE_TRAIN_H
 #define MOE_TRAIN_H
 

@@ -65,8 +65,10 @@ emu_tests() {
             [ -x "$st" ] && run_one "emu:selftest" "$st"
             gpu_tests "emu:"
             # threads of a block last to first: a missing barrier shows
-            t=$BUILD/tests/gpu_kernels
-            [ -x "$t" ] && run_one "emu:gpu_kernels(reverse order)" env MOE_CUDA_EMU_ORDER=reverse "$t"
+            for k in gpu_kernels gpu_backward; do
+                t=$BUILD/tests/$k
+                [ -x "$t" ] && run_one "emu:$k(reverse order)" env MOE_CUDA_EMU_ORDER=reverse "$t"
+            done
             echo "$passed $failed $skipped $failures" >"$log_dir/emu.counts"
         )
         read passed failed skipped failures <"$log_dir/emu.counts"

@@ -9,6 +9,9 @@
 // Each op's result is deterministic: reductions are done by one block per
 // row in a fixed tree order, cuBLAS runs with its default
 // (deterministic, no atomics) settings on one stream, and no op uses atomics.
+// The backward ops keep to that: sums over tokens (dW by cuBLAS, dbias and
+// the norm weights' gradient by fixed chunks, embedding rows in token order,
+// attention's dk/dv by one block per key tile) never race.
 // Element-wise formulas follow kernels/cpu.c; products that the CPU rounds
 // before an add use __fmul_rn/__fadd_rn so that nvcc does not fuse them.
 //
@@ -98,6 +101,19 @@ static const moe_backend *fill_table(void) {
     b->combine = cu_combine;
     b->softmax_rows = cu_softmax_rows;
     b->divergence = cu_divergence;
+    b->matmul_backward = cu_matmul_backward;
+    b->rmsnorm_backward = cu_rmsnorm_backward;
+    b->rope_backward = cu_rope_backward;
+    b->attention_backward = cu_attention_backward;
+    b->swiglu_backward = cu_swiglu_backward;
+    b->sigmoid_gate_add_backward = cu_sigmoid_gate_add_backward;
+    b->combine_backward = cu_combine_backward;
+    b->router_backward = cu_router_backward;
+    b->embed_backward = cu_embed_backward;
+    b->cross_entropy = cu_cross_entropy;
+    b->adamw = cu_adamw;
+    b->sumsq = cu_sumsq;
+    b->to_weight_dtype = cu_to_weight_dtype;
     b->host_alloc = cu_host_alloc;
     b->host_free = cu_host_free;
     b->upload_async = cu_upload_async;

@@ -91,6 +91,7 @@ struct scratch {
 void *scratch_get(scratch &s, size_t n);
 extern scratch s_xb, s_wf, s_probs, s_ptrs, s_rope, s_div; // trimmed by cu_trim
 extern scratch s_exg, s_egu, s_eh;                        // the experts' (experts.cu)
+extern scratch s_gb, s_colsum, s_rowr, s_att, s_sumsq;     // the backward ops'
 #define UP_EVENTS 256
 extern cudaEvent_t up_ev[UP_EVENTS], up_order, up_fence_ev; // created by init_once
 extern std::unordered_map<void *, size_t> *g_pinned;       // host_alloc blocks that are pinned
@@ -197,5 +198,32 @@ void cu_scatter_add_rows(float *dst, const float *src, const int32_t *rows, cons
                          int n, int C);
 void cu_softmax_rows(float *p, const float *x, int T, int C); // reductions.cu
 void cu_divergence(double *d, const float *a, const float *b, int metric, int T, int C);
+
+// backward (kernels.h, "backward"), beside their forwards
+void cu_matmul_backward(float *dx, float *dw, float *dbias, const float *dy, const float *x,
+                        const void *w, int T, int K, int N); // gemm.cu
+void cu_to_weight_dtype(void *dst, const float *src, size_t n);
+void cu_rmsnorm_backward(float *dx, float *dw, const float *dy, const float *x, const float *w,
+                         float eps, int T, int C); // norms.cu
+void cu_rope_backward(float *d, float theta, int pos0, int T, int nh, int D);
+void cu_attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *q,
+                           const float *k, const float *v, const float *out, float scale, int T,
+                           int nh, int nkv, int D); // attention.cu
+void cu_swiglu_backward(float *dgu, const float *dh, const float *gu, int T, int I); // elementwise.cu
+void cu_sigmoid_gate_add_backward(float *dx, float *dz, const float *dy, const float *x,
+                                  const float *z, int T, int C);
+void cu_adamw(float *p, float *m, float *v, const float *gr, size_t n, float lr, float beta1,
+              float beta2, float eps, float weight_decay, float gscale, int step);
+void cu_combine_backward(float *dout, float *dwt, const float *dy, const float *out,
+                         const int32_t *slot, const float *wt, int T, int K, int H); // experts.cu
+void cu_router_backward(float *dlogits, const float *dwt, const float *dprobs, const int32_t *idx,
+                        const float *wt, const float *probs, int mode, int renorm, int T, int E,
+                        int K); // routing.cu
+void cu_embed_backward(float *dE, const float *dx, const int32_t *ids, int T, int H);
+void cu_cross_entropy(float *loss, float *dlogits, const float *logits, const int32_t *targets,
+                      float dscale, int T, int V); // reductions.cu
+double cu_sumsq(const float *x, size_t n);
+// out[c] += Σ_t a_tc·(b ? b_tc : 1)·(rs ? rs_t : 1), in a fixed order (no atomics)
+void colsum_add(float *out, const float *a, const float *b, const float *rs, int T, int C);
 
 #endif

@@ -136,3 +136,45 @@ void cu_combine(float *y, const float *out, const int32_t *slot, const float *wt
     CK_LAUNCH("k_combine");
 }
 
+
+// ---- backward of combine ----------------------------------------------------------------
+//
+// y_t = Σ_k wt_tk·out_{slot_tk}:
+//   dout_{slot_tk} = wt_tk·dy_t (written; every row of out has one (t, k), so
+//     one writer per element), one thread per element;
+//   dwt_tk = <dy_t, out_{slot_tk}> (written), one block per (t, k), in double.
+__global__ void k_combine_backward_dout(float *dout, const float *dy, const int32_t *slot,
+                                        const float *wt, int T, int K, int H) {
+    size_t n = (size_t)T * K * H;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        size_t tk = i / H, c = i % H, t = tk / K;
+        dout[(size_t)slot[tk] * H + c] = wt[tk] * dy[t * H + c];
+    }
+}
+__global__ void k_combine_backward_dwt(float *dwt, const float *dy, const float *out,
+                                       const int32_t *slot, int K, int H) {
+    __shared__ double sh[33];
+    size_t tk = blockIdx.x, t = tk / K;
+    const float *o = out + (size_t)slot[tk] * H, *d = dy + t * H;
+    double s = 0.0;
+    for (int c = threadIdx.x; c < H; c += blockDim.x) s += (double)d[c] * o[c];
+    s = block_sum(s, sh);
+    if (threadIdx.x == 0) dwt[tk] = (float)s;
+}
+
+void cu_combine_backward(float *dout, float *dwt, const float *dy, const float *out,
+                         const int32_t *slot, const float *wt, int T, int K, int H) {
+    LIVE();
+    size_t n = (size_t)(T > 0 ? T : 0) * (K > 0 ? K : 0);
+    if (!n || H <= 0) return;
+    if (dout) {
+        k_combine_backward_dout<<<nblocks(n * H, 256), 256, 0, g.stream>>>(dout, dy, slot, wt, T,
+                                                                          K, H);
+        CK_LAUNCH("k_combine_backward_dout");
+    }
+    if (dwt) { // T·K blocks: far below grid.x's 2^31 − 1
+        k_combine_backward_dwt<<<(unsigned)n, ROW_THREADS, 0, g.stream>>>(dwt, dy, out, slot, K, H);
+        CK_LAUNCH("k_combine_backward_dwt");
+    }
+}

@@ -22,12 +22,23 @@ __global__ void k_add_bias(float *y, const float *b, size_t T, int N) {
         y[i] += b[i % N];
 }
 
-const __nv_bfloat16 *to_bf16(const float *x, size_t n) {
-    __nv_bfloat16 *xb = (__nv_bfloat16 *)scratch_get(s_xb, n * sizeof(__nv_bfloat16));
+// x rounded to BF16 in scratch buffer s
+static const __nv_bfloat16 *bf16_copy(scratch &s, const float *x, size_t n) {
+    __nv_bfloat16 *xb = (__nv_bfloat16 *)scratch_get(s, n * sizeof(__nv_bfloat16));
     if (g.failed) return NULL;
     k_f32_to_bf16<<<nblocks(n, 256), 256, 0, g.stream>>>(xb, x, n);
     CK_LAUNCH("k_f32_to_bf16");
     return xb;
+}
+const __nv_bfloat16 *to_bf16(const float *x, size_t n) { return bf16_copy(s_xb, x, n); }
+
+// a BF16 weight widened to f32 (MOE_CUDA_PREC_F32), in s_wf
+static const float *weight_f32(const void *w, size_t n) {
+    float *wf = (float *)scratch_get(s_wf, n * sizeof(float));
+    if (g.failed) return NULL;
+    k_bf16_to_f32<<<nblocks(n, 256), 256, 0, g.stream>>>(wf, (const __nv_bfloat16 *)w, n);
+    CK_LAUNCH("k_bf16_to_f32");
+    return wf;
 }
 
 // y[T,N] (row-major) = x[T,K] · W[N,K]ᵀ: in cuBLAS's column-major terms
@@ -46,11 +57,8 @@ void cu_matmul(float *y, const float *x, const void *w, const float *bias, int T
     if (K <= 0) {
         if (!accumulate) CK(cudaMemsetAsync(y, 0, sizeof(float) * (size_t)T * N, g.stream));
     } else if (g.precision == MOE_CUDA_PREC_F32) {
-        size_t nw = (size_t)N * K;
-        float *wf = (float *)scratch_get(s_wf, nw * sizeof(float));
-        if (g.failed) return;
-        k_bf16_to_f32<<<nblocks(nw, 256), 256, 0, g.stream>>>(wf, (const __nv_bfloat16 *)w, nw);
-        CK_LAUNCH("k_bf16_to_f32");
+        const float *wf = weight_f32(w, (size_t)N * K);
+        if (!wf) return;
         gemm_rows(y, x, CUDA_R_32F, wf, CUDA_R_32F, T, K, N, accumulate ? 1.0f : 0.0f);
     } else {
         const __nv_bfloat16 *xb = to_bf16(x, (size_t)T * K);
@@ -63,6 +71,52 @@ void cu_matmul(float *y, const float *x, const void *w, const float *bias, int T
         CK_LAUNCH("k_add_bias");
     }
     if (g.sync_each && !g.failed) CK(cudaStreamSynchronize(g.stream));
+}
+
+// ---- backward of matmul, the compute copy of a master weight -----------------------------
+//
+// y = x·Wᵀ + b.  In cuBLAS's column-major terms (row-major [R, C] = C×R):
+//   dx [T,K] += dy·W:   dxᵀ (K×T, ld K) += W (K×N, ld K) · dyᵀ (N×T, ld N)
+//   dW [N,K] += dyᵀ·x:  dWᵀ (K×N, ld K) += xᵀ (K×T, ld K) · op_T(dyᵀ (N×T, ld N))
+// As the forward: BF16 operands (dy and x rounded to BF16, W as it is) with
+// FP32 accumulation into the f32 gradients (beta = 1), or, with
+// MOE_CUDA_PREC_F32, f32 operands (W widened) and an FP32 GEMM.  cuBLAS on
+// one stream with its default algorithms is deterministic (no atomics);
+// dbias is a fixed-order column sum (colsum_add).
+scratch s_gb; // dy in BF16 (x goes to s_xb)
+void cu_matmul_backward(float *dx, float *dw, float *dbias, const float *dy, const float *x,
+                        const void *w, int T, int K, int N) {
+    LIVE();
+    if (T <= 0 || N <= 0) return;
+    const float one = 1.0f;
+    bool f32 = g.precision == MOE_CUDA_PREC_F32;
+    if (K > 0 && (dx || dw)) {
+        const void *dyo = dy;
+        cudaDataType ty = f32 ? CUDA_R_32F : CUDA_R_16BF;
+        if (!f32 && !(dyo = bf16_copy(s_gb, dy, (size_t)T * N))) return;
+        if (dx) {
+            const void *wo = f32 ? (const void *)weight_f32(w, (size_t)N * K) : w;
+            if (!wo) return;
+            CKB(cublasGemmEx(g.blas, CUBLAS_OP_N, CUBLAS_OP_N, K, T, N, &one, wo, ty, K, dyo, ty, N,
+                             &one, dx, CUDA_R_32F, K, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+        }
+        if (dw && !g.failed) {
+            const void *xo = f32 ? (const void *)x : (const void *)to_bf16(x, (size_t)T * K);
+            if (!xo) return;
+            CKB(cublasGemmEx(g.blas, CUBLAS_OP_N, CUBLAS_OP_T, K, N, T, &one, xo, ty, K, dyo, ty, N,
+                             &one, dw, CUDA_R_32F, K, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+        }
+    }
+    if (dbias) colsum_add(dbias, dy, NULL, NULL, T, N);
+    if (g.sync_each && !g.failed) CK(cudaStreamSynchronize(g.stream));
+}
+
+// dst (BF16) = src rounded to nearest even: an updated master's compute copy
+void cu_to_weight_dtype(void *dst, const float *src, size_t n) {
+    LIVE();
+    if (!n) return;
+    k_f32_to_bf16<<<nblocks(n, 256), 256, 0, g.stream>>>((__nv_bfloat16 *)dst, src, n);
+    CK_LAUNCH("k_f32_to_bf16");
 }
 
 // Grouped GEMM on BF16 activations: for each group g with w[g] != NULL and

@@ -194,7 +194,8 @@ void cu_mem_info(size_t *free_bytes, size_t *total_bytes) {
 scratch s_exg, s_egu, s_eh;
 void cu_trim(void) {
     LIVE();
-    scratch *big[] = {&s_xb, &s_wf, &s_probs, &s_div, &s_exg, &s_egu, &s_eh};
+    scratch *big[] = {&s_xb, &s_wf, &s_probs, &s_div, &s_exg, &s_egu, &s_eh,
+                      &s_gb, &s_colsum, &s_rowr, &s_att, &s_sumsq};
     for (scratch *b : big) {
         raw_free(b->p);
         b->p = NULL;

@@ -4,17 +4,24 @@
 
 // ---- reductions for the search tools ---------------------------------------------------
 
-__global__ void k_softmax_rows(float *p, const float *x, int C) {
+// the row's max (*mx) and Σ_c exp(x_c − max) in double, by the whole block
+static __device__ inline double row_sumexp(const float *xr, int C, float *mx_out) {
     __shared__ float shf[33];
     __shared__ double shd[33];
-    const float *xr = x + (size_t)blockIdx.x * C;
-    float *pr = p + (size_t)blockIdx.x * C;
     float mx = -INFINITY;
     for (int c = threadIdx.x; c < C; c += blockDim.x) mx = fmaxf(mx, xr[c]);
     mx = block_max(mx, shf);
     double s = 0.0;
     for (int c = threadIdx.x; c < C; c += blockDim.x) s += (double)expf(xr[c] - mx);
-    s = block_sum(s, shd);
+    *mx_out = mx;
+    return block_sum(s, shd);
+}
+
+__global__ void k_softmax_rows(float *p, const float *x, int C) {
+    const float *xr = x + (size_t)blockIdx.x * C;
+    float *pr = p + (size_t)blockIdx.x * C;
+    float mx;
+    double s = row_sumexp(xr, C, &mx);
     float inv = (float)(1.0 / s);
     for (int c = threadIdx.x; c < C; c += blockDim.x) pr[c] = expf(xr[c] - mx) * inv; // p may alias x: same c, same thread
 }
@@ -120,3 +127,120 @@ void cu_divergence(double *d, const float *a, const float *b, int metric, int T,
         CK(cudaStreamSynchronize(g.stream));
 }
 
+
+// ---- backward: column sums, cross-entropy, sum of squares ------------------------------------------
+//
+// Sums over tokens (dbias, the norm weights' gradient) without atomics: the T
+// rows are cut into at most COLSUM_CHUNKS fixed chunks (a function of T only,
+// not of the device); one thread per (chunk, column) sums its chunk's rows in
+// order into a double partial, then one thread per column adds the partials
+// in chunk order.  The result is the same bytes on every run and every GPU.
+
+#define COLSUM_CHUNKS 64
+
+// part[k, c] = Σ_{t in chunk k} a_tc · (b ? b_tc : 1) · (rs ? rs_t : 1)
+__global__ void k_colsum_part(double *part, const float *a, const float *b, const float *rs, int T,
+                              int C, int rows_per_chunk) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x, k = blockIdx.y;
+    if (c >= C) return;
+    int t0 = k * rows_per_chunk, t1 = min(T, t0 + rows_per_chunk);
+    double s = 0.0;
+    for (int t = t0; t < t1; t++) {
+        size_t i = (size_t)t * C + c;
+        double v = a[i];
+        if (b) v *= b[i];
+        if (rs) v *= rs[t];
+        s += v;
+    }
+    part[(size_t)k * C + c] = s;
+}
+__global__ void k_colsum_finish(float *out, const double *part, int nchunks, int C) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    double s = 0.0;
+    for (int k = 0; k < nchunks; k++) s += part[(size_t)k * C + c];
+    out[c] += (float)s;
+}
+
+scratch s_colsum;
+void colsum_add(float *out, const float *a, const float *b, const float *rs, int T, int C) {
+    if (g.failed || T <= 0 || C <= 0) return;
+    int per = (T + COLSUM_CHUNKS - 1) / COLSUM_CHUNKS;
+    int nch = (T + per - 1) / per;
+    double *part = (double *)scratch_get(s_colsum, sizeof(double) * (size_t)nch * C);
+    if (g.failed) return;
+    dim3 grid((unsigned)((C + 255) / 256), (unsigned)nch);
+    k_colsum_part<<<grid, 256, 0, g.stream>>>(part, a, b, rs, T, C, per);
+    CK_LAUNCH("k_colsum_part");
+    k_colsum_finish<<<(C + 255) / 256, 256, 0, g.stream>>>(out, part, nch, C);
+    CK_LAUNCH("k_colsum_finish");
+}
+
+// One block per row: loss = logsumexp − logit[target] (max-subtracted, the
+// sum of exponentials in double), dlogits = (softmax − onehot)·dscale.  The
+// target's logit is read before the block's first barrier and every other
+// element is read and written by the same thread, so dlogits may alias logits.
+__global__ void k_cross_entropy(float *loss, float *dlogits, const float *logits,
+                                const int32_t *targets, float dscale, int V) {
+    const float *xr = logits + (size_t)blockIdx.x * V;
+    int tgt = targets[blockIdx.x];
+    if (tgt < 0 || tgt >= V) { // ignored row (−100); out-of-range ids are the caller's bug
+        if (threadIdx.x == 0) loss[blockIdx.x] = 0.0f;
+        if (dlogits)
+            for (int c = threadIdx.x; c < V; c += blockDim.x) dlogits[(size_t)blockIdx.x * V + c] = 0.0f;
+        return;
+    }
+    float xt = xr[tgt], mx;
+    double s = row_sumexp(xr, V, &mx);
+    if (threadIdx.x == 0) loss[blockIdx.x] = (float)(log(s) + (double)mx - (double)xt);
+    if (!dlogits) return;
+    float inv = (float)(1.0 / s);
+    float *dr = dlogits + (size_t)blockIdx.x * V;
+    for (int c = threadIdx.x; c < V; c += blockDim.x) {
+        float p = expf(xr[c] - mx) * inv;
+        dr[c] = (c == tgt ? p - 1.0f : p) * dscale;
+    }
+}
+
+void cu_cross_entropy(float *loss, float *dlogits, const float *logits, const int32_t *targets,
+                      float dscale, int T, int V) {
+    LIVE();
+    if (T <= 0 || V <= 0) return;
+    k_cross_entropy<<<T, ROW_THREADS, 0, g.stream>>>(loss, dlogits, logits, targets, dscale, V);
+    CK_LAUNCH("k_cross_entropy");
+}
+
+// Σ x² in double in a fixed order: SUMSQ_BLOCKS blocks (whatever the device)
+// each sum a fixed grid-stride share in a fixed tree (block_sum), then one
+// block sums the partials; the host waits for the result.
+#define SUMSQ_BLOCKS 256
+__global__ void k_sumsq_part(double *part, const float *x, size_t n) {
+    __shared__ double sh[33];
+    double s = 0.0;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x)
+        s += (double)x[i] * x[i];
+    s = block_sum(s, sh);
+    if (threadIdx.x == 0) part[blockIdx.x] = s;
+}
+__global__ void k_sumsq_finish(double *part, int nparts) {
+    __shared__ double sh[33];
+    double s = 0.0;
+    for (int i = threadIdx.x; i < nparts; i += blockDim.x) s += part[i];
+    s = block_sum(s, sh);
+    if (threadIdx.x == 0) part[nparts] = s;
+}
+
+scratch s_sumsq;
+double cu_sumsq(const float *x, size_t n) {
+    if (g.failed || n == 0) return 0.0;
+    double *part = (double *)scratch_get(s_sumsq, sizeof(double) * (SUMSQ_BLOCKS + 1));
+    if (g.failed) return 0.0;
+    k_sumsq_part<<<SUMSQ_BLOCKS, ROW_THREADS, 0, g.stream>>>(part, x, n);
+    CK_LAUNCH("k_sumsq_part");
+    k_sumsq_finish<<<1, ROW_THREADS, 0, g.stream>>>(part, SUMSQ_BLOCKS);
+    CK_LAUNCH("k_sumsq_finish");
+    double r = 0.0;
+    cu_download(&r, part + SUMSQ_BLOCKS, sizeof r);
+    return g.failed ? 0.0 : r;
+}

@@ -108,3 +108,75 @@ void cu_scatter_add_rows(float *dst, const float *src, const int32_t *rows,
     CK_LAUNCH("k_scatter_add_rows");
 }
 
+
+// ---- backward -----------------------------------------------------------------------
+
+// d loss / d (top-k weight before renormalisation) of slot k: wt_k = w_k / S,
+// S = Σ_j w_j (+ 1e-20), so dw_k = (dwt_k − Σ_j dwt_j·wt_j) / S; without
+// renormalisation dw_k = dwt_k.  w_k = probs[idx_k] in both modes
+// (TOPK_SOFTMAX = SOFTMAX_TOPK + RENORM_SUM).
+__device__ inline float d_topk_dw(int k, const float *dwt, float dotw, float S, bool renorm) {
+    return renorm ? (dwt[k] - dotw) / S : dwt[k];
+}
+
+// one thread per token: dp_e = dprobs_e + Σ_{k: idx_k = e} dw_k, then the
+// softmax's gradient dlogits_e = p_e·(dp_e − Σ_j p_j·dp_j) (the sum in double)
+__global__ void k_router_backward(float *dlogits, const float *dwt, const float *dprobs,
+                                  const int32_t *idx, const float *wt, const float *probs, int mode,
+                                  int renorm, int T, int E, int K) {
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= T) return;
+    const float *p = probs + (size_t)t * E, *dw = dwt + (size_t)t * K, *w = wt + (size_t)t * K;
+    const float *dpr = dprobs ? dprobs + (size_t)t * E : NULL;
+    const int32_t *ix = idx + (size_t)t * K;
+    float *dl = dlogits + (size_t)t * E;
+    bool ren = mode == MOE_ROUTE_TOPK_SOFTMAX || renorm != MOE_RENORM_NONE;
+    float S = 0.0f, dotw = 0.0f;
+    for (int k = 0; k < K; k++) {
+        S += p[ix[k]];
+        dotw += dw[k] * w[k];
+    }
+    if (mode != MOE_ROUTE_TOPK_SOFTMAX && renorm == MOE_RENORM_SUM_EPS) S += 1e-20f;
+    double dot = 0.0;
+    for (int pass = 0; pass < 2; pass++) {
+        float dotf = (float)dot;
+        for (int e = 0; e < E; e++) {
+            float dp = dpr ? dpr[e] : 0.0f;
+            for (int k = 0; k < K; k++)
+                if (ix[k] == e) dp += d_topk_dw(k, dw, dotw, S, ren);
+            if (pass == 0)
+                dot += (double)p[e] * dp;
+            else
+                dl[e] = p[e] * (dp - dotf);
+        }
+    }
+}
+
+void cu_router_backward(float *dlogits, const float *dwt, const float *dprobs, const int32_t *idx,
+                        const float *wt, const float *probs, int mode, int renorm, int T, int E,
+                        int K) {
+    LIVE();
+    if (T <= 0 || E <= 0) return;
+    k_router_backward<<<(T + 127) / 128, 128, 0, g.stream>>>(dlogits, dwt, dprobs, idx, wt, probs,
+                                                              mode, renorm, T, E, K < 0 ? 0 : K);
+    CK_LAUNCH("k_router_backward");
+}
+
+// dE[ids_t] += dx_t: one thread per channel walks the tokens in order, so a
+// row that several tokens share gets their gradients in token order (no
+// atomics, the same bytes as the CPU's loop).  Latency-bound over T, but it
+// runs once per step, and only when the embedding is trained.
+__global__ void k_embed_backward(float *dE, const float *dx, const int32_t *ids, int T, int H) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= H) return;
+    for (int t = 0; t < T; t++) {
+        float *d = dE + (size_t)ids[t] * H + c;
+        *d = __fadd_rn(*d, dx[(size_t)t * H + c]);
+    }
+}
+void cu_embed_backward(float *dE, const float *dx, const int32_t *ids, int T, int H) {
+    LIVE();
+    if (T <= 0 || H <= 0) return;
+    k_embed_backward<<<(H + 127) / 128, 128, 0, g.stream>>>(dE, dx, ids, T, H);
+    CK_LAUNCH("k_embed_backward");
+}

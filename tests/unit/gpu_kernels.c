@@ -17,77 +17,7 @@
 #include "common.h"
 #include "device.h"
 #include "kernels.h"
-
-static const moe_backend *G, *C; /* GPU under test, CPU oracle */
-
-/* ---- helpers --------------------------------------------------------------- */
-
-static uint64_t rng = 0x9e3779b97f4a7c15ull;
-static float frand(void) { /* uniform [-1, 1) */
-    rng ^= rng << 13;
-    rng ^= rng >> 7;
-    rng ^= rng << 17;
-    return (float)((rng >> 40) * (1.0 / 8388608.0)) - 1.0f;
-}
-static float *rnd(size_t n, float scale) {
-    float *p = moe_malloc(sizeof(float) * (n ? n : 1));
-    for (size_t i = 0; i < n; i++) p[i] = frand() * scale;
-    return p;
-}
-static float *bf16_round(const float *x, size_t n) { /* values exactly representable in bf16 */
-    float *p = moe_malloc(sizeof(float) * (n ? n : 1));
-    for (size_t i = 0; i < n; i++) p[i] = moe_bf16_to_f32(moe_f32_to_bf16(x[i]));
-    return p;
-}
-static void *dev(const void *h, size_t nbytes) {
-    void *d = G->alloc(nbytes);
-    G->upload(d, h, nbytes);
-    return d;
-}
-static float *host(const float *d, size_t n) {
-    float *h = moe_malloc(sizeof(float) * (n ? n : 1));
-    G->download(h, d, sizeof(float) * n);
-    return h;
-}
-static void *dev_bf16(const float *w, size_t n) { /* weight as the model uploads it */
-    uint16_t *t = moe_malloc(2 * (n ? n : 1));
-    moe_dtype_from_f32(MOE_DT_BF16, w, t, n);
-    void *d = dev(t, 2 * n);
-    free(t);
-    return d;
-}
-
-/* ||got - want|| / ||want|| (L2), and the worst element relative to max |want| */
-static void check_close(const char *what, const float *got, const float *want, size_t n,
-                        double tol) {
-    double num = 0, den = 0, maxd = 0, maxw = 0;
-    for (size_t i = 0; i < n; i++) {
-        double d = (double)got[i] - want[i];
-        if (!isfinite(got[i])) d = INFINITY;
-        num += d * d;
-        den += (double)want[i] * want[i];
-        if (fabs(d) > maxd) maxd = fabs(d);
-        if (fabs(want[i]) > maxw) maxw = fabs(want[i]);
-    }
-    double rel = den > 0 ? sqrt(num / den) : sqrt(num);
-    double relmax = maxw > 0 ? maxd / maxw : maxd;
-    if (!(rel <= tol && relmax <= tol * 10)) {
-        print_error("%s: relative L2 error %.3g, max error %.3g of max |x| (tolerance %.3g)\n",
-                    what, rel, relmax, tol);
-        fail();
-    }
-}
-static void check_close_d(const char *what, const double *got, const double *want, size_t n,
-                          double tol) {
-    for (size_t i = 0; i < n; i++) {
-        double d = fabs(got[i] - want[i]), s = fabs(want[i]);
-        if (!(d <= tol * s + 1e-12)) {
-            print_error("%s[%zu]: %.17g vs CPU %.17g (relative tolerance %.3g)\n", what, i, got[i],
-                        want[i], tol);
-            fail();
-        }
-    }
-}
+#include "gpu_util.h"
 
 /* ---- GEMM ---------------------------------------------------------------------- */
 
@@ -382,11 +312,9 @@ static void one_router(int mode, int renorm, int T, int E, int K, int ties) {
 static void test_router(void **state) {
     (void)state;
     for (int ties = 0; ties <= 1; ties++) {
-        one_router(MOE_ROUTE_SOFTMAX_TOPK, MOE_RENORM_NONE, 129, 60, 4, ties);
-        one_router(MOE_ROUTE_SOFTMAX_TOPK, MOE_RENORM_SUM, 129, 64, 6, ties);
-        one_router(MOE_ROUTE_SOFTMAX_TOPK, MOE_RENORM_SUM_EPS, 77, 64, 6, ties);
-        one_router(MOE_ROUTE_TOPK_SOFTMAX, MOE_RENORM_NONE, 131, 8, 2, ties);
-        one_router(MOE_ROUTE_SOFTMAX_TOPK, MOE_RENORM_SUM, 3, 128, 8, ties);
+        for (int i = 0; i < N_ROUTER_CASES; i++)
+            one_router(router_cases[i].mode, router_cases[i].renorm, router_cases[i].T,
+                       router_cases[i].E, router_cases[i].K, ties);
     }
 }
 
