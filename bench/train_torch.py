@@ -18,7 +18,8 @@ betas 0.9/0.999, eps 1e-8, weight decay 0.01 on tensors of two or more dimension
 fused CPU kernel where it has one) updates the trained float32 weights.
 
 The first step warms up; of the next N (default 3) the best time gives tokens_per_s = B*T /
-step seconds (best, because the machine is shared; the mean is printed too).  One JSON object
+step seconds (best, because the machine is shared; the mean is printed too), and
+trained_tokens_per_s = B*(T-1) / step seconds (the positions with a target: moe-tune's "tokens").  One JSON object
 on stdout.  Threads: --threads (default: every core), as the run of moe-tune it is compared with.
 Memory: float32 weights, plus gradients and two AdamW moments for the trained ones (--train all
 on bench/forward.sh's 1.1-billion-parameter qwen2_moe: about 18 GB; condense it first).
@@ -97,7 +98,7 @@ def step_loss(cfg, model, ids, which):
         targets = [train_ref.shifted_targets(s) for s in seqs]
         n = sum(len(s) - 1 for s in seqs)
         coef = cfg.get("aux_loss_alpha", 0.001) if aux else 0.0
-        return train_ref.batch_loss("deepseek", model, seqs, targets, 1.0 / n, coef)[0]
+        return train_ref.batch_loss(model, seqs, targets, 1.0 / n, coef)[0]
     kw = {"output_router_logits": True} if aux and cfg["model_type"] != "deepseek" else {}
     return model(input_ids=ids, labels=ids, **kw).loss
 
@@ -134,7 +135,8 @@ def main():
         losses.append(float(loss.detach()))
     timed = times[1:] or times
     print(json.dumps({
-        "tokens_per_s": n / min(timed), "step_s_best": min(timed),
+        "tokens_per_s": n / min(timed), "trained_tokens_per_s": (n - a.batch) / min(timed),
+        "step_s_best": min(timed),
         "step_s_mean": sum(timed) / len(timed), "warmup_step_s": times[0],
         "batch": a.batch, "length": a.length, "steps": len(timed), "train": which,
         "trained_params": sum(p.numel() for p in params), "loss_first": losses[0],

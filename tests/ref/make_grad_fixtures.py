@@ -84,7 +84,7 @@ def check_condensed_forward(arch, model):
             return
         ids = np.load(os.path.join(path, "seq%d_ids.npy" % s)).tolist()
         with torch.no_grad():
-            _, logits, _, _ = tr.batch_logits(arch, model, [ids])
+            _, logits, _, _ = tr.batch_logits(model, [ids])
         want = torch.from_numpy(np.load(ref)).to(logits.dtype)
         err = float((logits[0, :len(ids)] - want).norm() / want.norm())
         if err > 1e-5:
@@ -133,7 +133,7 @@ def grad_case(arch, case, seqs, labels, targets, dtype=torch.float64):
     cfg = tr.load_config(model_dir(arch))
     N = sum(1 for tg in targets for t in tg if t >= 0)
     coef = GRAD_AUX_COEF if case == "all" else 0.0
-    loss, ce, aux, x0s, margins = tr.batch_loss(arch, model, seqs, targets, 1.0 / N, coef)
+    loss, ce, aux, x0s, margins = tr.batch_loss(model, seqs, targets, 1.0 / N, coef)
     margin = min(margins)
     loss.backward()
     g = tr.grads(views, trained)
@@ -157,9 +157,9 @@ def grad_case(arch, case, seqs, labels, targets, dtype=torch.float64):
 def check_padding(arch, model, seqs):
     """the right-padded batch computes each sequence's real tokens as that sequence alone would"""
     with torch.no_grad():
-        _, batch, _, _ = tr.batch_logits(arch, model, seqs)
+        _, batch, _, _ = tr.batch_logits(model, seqs)
         for b, ids in enumerate(seqs):
-            _, alone, _, _ = tr.batch_logits(arch, model, [ids])
+            _, alone, _, _ = tr.batch_logits(model, [ids])
             err = float((batch[b, :len(ids)] - alone[0]).norm() / alone[0].norm())
             if err > 1e-6:
                 raise RuntimeError("%s: padding changes sequence %d's logits by %.2e" % (arch, b, err))
@@ -212,56 +212,24 @@ def random_sequence(g):
     return torch.randint(0, VOCAB, (n,), generator=g).tolist()
 
 
-def lr_at(k):
-    """learning rate of update k (0-based) of S: linear warm-up over W updates, then linear decay
-    from lr to the absolute floor min_lr, reached at the last update"""
-    S, W, lr, lo = ADAMW["steps"], ADAMW["warmup"], ADAMW["lr"], ADAMW["min_lr"]
-    if k < W:
-        return lr * (k + 1) / W
-    if S - 1 == W:
-        return lr
-    return lo + (lr - lo) * (S - 1 - k) / (S - 1 - W)
-
-
 def adamw_run(arch, case, train_weights, data, dtype=torch.float64):
     model, views, trained = setup(arch, case, train_weights, dtype)
     cfg = tr.load_config(model_dir(arch))
     coef = tr.aux_coef_of(cfg) if case == "all" else 0.0
     params = unique_params(views, trained)
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": ADAMW["weight_decay"]},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=ADAMW["lr"], betas=(ADAMW["beta1"], ADAMW["beta2"]), eps=ADAMW["eps"],
-                            foreach=False, fused=False)
+    opt = tr.make_adamw(params, ADAMW)
     B, A, L = ADAMW["batch"], ADAMW["accum"], ADAMW["max_length"]
     seqs = [s[:L] for s in data]
     steps, margins = [], [float("inf")] * len(seqs)
     for k in range(ADAMW["steps"]):
         first = [(k * A + a) * B for a in range(A)]
-        micro = [seqs[i:i + B] for i in first]
-        N = sum(len(s) - 1 for mb in micro for s in mb)
-        opt.zero_grad(set_to_none=False)
-        ce_total, aux_total = 0.0, 0.0
-        for i, mb in zip(first, micro):
-            targets = [tr.shifted_targets(s) for s in mb]
-            loss, ce, aux, _, m = tr.batch_loss(arch, model, mb, targets, 1.0 / N, coef / A)
-            loss.backward()
-            ce_total += ce
-            aux_total += aux if aux is not None else 0.0
-            for j, mj in enumerate(m):
-                margins[i + j] = min(margins[i + j], mj)
-        norm = float(torch.nn.utils.clip_grad_norm_(params, ADAMW["max_grad_norm"], foreach=False))
-        lr = lr_at(k)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.step()
-        rec = {"step": k + 1, "lr": lr, "ntokens": N, "ce_sum": ce_total,
-               "loss": ce_total / N + coef * aux_total / A, "grad_norm": norm,
-               "clipped": norm > ADAMW["max_grad_norm"]}
-        if case == "all":
-            rec["aux_mean"] = aux_total / A
+        rec, m = tr.adamw_step(model, params, opt, [seqs[i:i + B] for i in first], ADAMW, k, coef)
+        if case != "all":
+            del rec["aux_mean"]
         steps.append(rec)
+        for i, mb in zip(first, m):
+            for j, mj in enumerate(mb):
+                margins[i + j] = min(margins[i + j], mj)
     final = tr.values(views, trained)
     no_decay_names = [n for n in trained if views[n][0].dim() < 2]
     return steps, final, margins, no_decay_names, coef
@@ -315,53 +283,52 @@ def make_adamw_fixtures():
     return summary
 
 
-def verify():
-    """recompute every fixture (float64, as written) and compare with the files: the JSON values
-    within 1e-9 relative, the tensors within 1e-6 (float32 storage; another torch version may
-    round differently).  Returns the differences found."""
+def recomputed(dtype):
+    """every fixture in OUT recomputed: (name, its JSON, its tensors, the recomputed JSON record
+    (AdamW: steps flattened to "step<k>.<key>", the same done to the file's), the recomputed
+    tensors, the keys to compare)"""
     from safetensors.torch import load_file
-    bad = []
-
-    def compare(name, want_json, got_json, want_t, got_t, keys):
-        for k in keys:
-            a, b = got_json[k], want_json[k]
-            if a != b and not (isinstance(a, float) and abs(a - b) <= 1e-9 * max(abs(b), 1e-30)):
-                bad.append("%s: %s is %r, recomputed %r" % (name, k, b, a))
-        if sorted(want_t) != sorted(got_t):
-            bad.append("%s: tensors %s, recomputed %s" % (name, sorted(want_t), sorted(got_t)))
-            return
-        for k in want_t:
-            e = rel_err(got_t[k].float(), want_t[k])
-            if e > 1e-6:
-                bad.append("%s: %s differs by %.1e" % (name, k, e))
-
     for arch in tr.ARCHS:
         for case in ("condensed", "all"):
             name = "grad_%s_%s" % (arch, case)
             with open(os.path.join(OUT, name + ".json")) as f:
                 want = json.load(f)
-            seqs = [q["ids"] for q in want["sequences"]]
-            labels = [q["labels"] for q in want["sequences"]]
-            targets = [q["targets"] for q in want["sequences"]]
-            if targets != [tr.shifted_targets(l) for l in labels]:
-                bad.append("%s: targets are not the shifted labels" % name)
-            got, g = grad_case(arch, case, seqs, labels, targets)
-            compare(name, want, got, load_file(os.path.join(OUT, name + ".safetensors")), g,
-                    ["loss", "ntokens", "trained"] + (["aux"] if case == "all" else []))
+            seqs, labels, targets = ([q[k] for q in want["sequences"]] for k in ("ids", "labels", "targets"))
+            got, g = grad_case(arch, case, seqs, labels, targets, dtype)
+            got["targets_shifted"] = targets == [tr.shifted_targets(l) for l in labels]
+            want["targets_shifted"] = True
+            yield (name, want, load_file(os.path.join(OUT, name + ".safetensors")), got, g,
+                   ["loss", "ntokens", "trained", "targets_shifted"] + (["aux"] if case == "all" else []))
     with open(os.path.join(OUT, "adamw_data.jsonl")) as f:
         data = [json.loads(line)["ids"] for line in f]
     for arch, case, tw in ADAMW_RUNS:
         name = "adamw_%s_%s%s" % (arch, case, "_weights" if tw else "")
         with open(os.path.join(OUT, name + ".json")) as f:
             want = json.load(f)
-        steps, final, _, _, _ = adamw_run(arch, case, tw, data)
+        steps, final, _, _, _ = adamw_run(arch, case, tw, data, dtype)
         got = {"spec": ADAMW, "trained": sorted(final)}
         for i, st in enumerate(steps):
             for k, v in st.items():
                 got["step%d.%s" % (i + 1, k)] = v
                 want["step%d.%s" % (i + 1, k)] = want["steps"][i][k] if i < len(want["steps"]) else None
-        compare(name, want, got, load_file(os.path.join(OUT, name + ".safetensors")), final,
-                sorted(k for k in got))
+        yield name, want, load_file(os.path.join(OUT, name + ".safetensors")), got, final, sorted(got)
+
+
+def verify():
+    """recompute every fixture (float64, as written) and compare with the files: the JSON values
+    within 1e-9 relative, the tensors within 1e-6 (float32 storage; another torch version may
+    round differently).  Returns the differences found."""
+    bad = []
+    for name, want, want_t, got, got_t, keys in recomputed(torch.float64):
+        for k in keys:
+            a, b = got[k], want[k]
+            if a != b and not (isinstance(a, float) and abs(a - b) <= 1e-9 * max(abs(b), 1e-30)):
+                bad.append("%s: %s is %r, recomputed %r" % (name, k, b, a))
+        if sorted(want_t) != sorted(got_t):
+            bad.append("%s: tensors %s, recomputed %s" % (name, sorted(want_t), sorted(got_t)))
+            continue
+        bad += ["%s: %s differs by %.1e" % (name, k, rel_err(got_t[k], want_t[k]))
+                for k in want_t if rel_err(got_t[k], want_t[k]) > 1e-6]
     return bad
 
 
@@ -371,44 +338,17 @@ def as_f32(tensors):
 
 def f32_check():
     """the same computations in float32 against the fixtures: what float32 rounding alone costs"""
-    from safetensors.torch import load_file
     lines = []
-    for arch in tr.ARCHS:
-        for case in ("condensed", "all"):
-            name = "grad_%s_%s" % (arch, case)
-            with open(os.path.join(OUT, name + ".json")) as f:
-                rec = json.load(f)
-            seqs = [s["ids"] for s in rec["sequences"]]
-            labels = [s["labels"] for s in rec["sequences"]]
-            targets = [s["targets"] for s in rec["sequences"]]
-            r32, g32 = grad_case(arch, case, seqs, labels, targets, torch.float32)
-            ref = load_file(os.path.join(OUT, name + ".safetensors"))
-            worst = max((rel_err(g32[k], ref[k]), k) for k in ref)
-            lines.append("%s: loss rel err %.1e, worst gradient rel err %.1e (%s)"
-                         % (name, abs(rec["loss"] - r32["loss"]) / abs(rec["loss"]), *worst))
-    return lines + adamw_f32_check()
+    for name, want, want_t, got, got_t, keys in recomputed(torch.float32):
+        losses = [k for k in keys if k == "loss" or k.endswith(".loss")]
+        loss = max(abs(got[k] - want[k]) / abs(want[k]) for k in losses)
+        worst = max((rel_err(got_t[k], want_t[k]), k) for k in want_t)
+        lines.append("%s: worst loss rel err %.1e, worst tensor rel err %.1e (%s)" % (name, loss, *worst))
+    return lines
 
 
 def rel_err(a, ref):
     return float((a.double() - ref.double()).norm() / ref.double().norm())
-
-
-def adamw_f32_check():
-    from safetensors.torch import load_file
-    with open(os.path.join(OUT, "adamw_data.jsonl")) as f:
-        data = [json.loads(line)["ids"] for line in f]
-    lines = []
-    for arch, case, tw in ADAMW_RUNS:
-        name = "adamw_%s_%s%s" % (arch, case, "_weights" if tw else "")
-        with open(os.path.join(OUT, name + ".json")) as f:
-            rec = json.load(f)
-        steps, final, _, _, _ = adamw_run(arch, case, tw, data, torch.float32)
-        ref = load_file(os.path.join(OUT, name + ".safetensors"))
-        loss = max(abs(a["loss"] - b["loss"]) / abs(a["loss"]) for a, b in zip(rec["steps"], steps))
-        worst = max((rel_err(final[k], ref[k]), k) for k in ref)
-        lines.append("%s: worst step loss rel err %.1e, worst final weight rel err %.1e (%s)"
-                     % (name, loss, *worst))
-    return lines
 
 
 def write_json(path, obj):

@@ -313,16 +313,16 @@ def hf_forward(model, seqs, want_aux):
     out = model(inputs_embeds=x0, attention_mask=mask, output_router_logits=True)
     K = model.config.num_experts_per_tok
     margins = [float("inf")] * B
-    for rl in (out.router_logits or ()):
+    for rl in (getattr(out, "router_logits", None) or ()):
         p = F.softmax(rl.detach().float(), dim=-1).reshape(B, T, -1)
         margins = [min(m, topk_margin(p[b, :len(s)], K)) for b, (m, s) in enumerate(zip(margins, seqs))]
-    aux = out.aux_loss if want_aux else None
+    aux = getattr(out, "aux_loss", None) if want_aux else None
     return x0, out.logits, aux, margins, mask
 
 
-def batch_logits(arch, model, seqs):
+def batch_logits(model, seqs):
     """(x0s, logits [B, T, V] right-padded with zeros, None, margins) of a batch"""
-    if arch != "deepseek":
+    if not isinstance(model, deepseek_v1.DeepseekForCausalLM):
         x0, logits, _, margins, _ = hf_forward(model, seqs, False)
         return x0, logits, None, margins
     outs = [deepseek_forward(model, s, False) for s in seqs]
@@ -346,13 +346,15 @@ def shifted_targets(labels):
     return list(labels[1:]) + [-100]
 
 
-def batch_loss(arch, model, seqs, targets, dscale, aux_scale):
+def batch_loss(model, seqs, targets, dscale, aux_scale):
     """loss = dscale * sum CE + aux_scale * aux (aux_scale 0: no aux), as lib/train.h.
     Returns (loss tensor, ce_sum float, aux float or None, [x0 gradient getter per sequence],
     [smallest top-k routing margin per sequence]).
     deepseek: one sequence at a time; aux = sum over MoE layers of the mean over sequences.
-    Others: one right-padded batch; aux = HF's pooled load_balancing_loss_func."""
+    Others (transformers classes, modeling_cdmoe.py's included): one right-padded batch; aux =
+    HF's pooled load_balancing_loss_func."""
     want_aux = aux_scale != 0
+    arch = "deepseek" if isinstance(model, deepseek_v1.DeepseekForCausalLM) else "hf"
     if arch == "deepseek" and want_aux and not getattr(model.config, "seq_aux", True):
         raise NotImplementedError("deepseek with seq_aux false: the batch-pooled aux is not written")
     if arch == "deepseek":
@@ -373,3 +375,52 @@ def batch_loss(arch, model, seqs, targets, dscale, aux_scale):
             aux = torch.zeros(())
     loss = dscale * total_ce + (aux_scale * aux if want_aux else 0)
     return loss, float(total_ce.detach()), (float(aux.detach()) if want_aux else None), x0s, margins
+
+
+# ---- AdamW, as moe-tune does it (tests/fixtures/train/README.md section 2) --------------------
+
+def lr_at(k, spec):
+    """learning rate of update k (0-based) of S: linear warm-up over W updates, then linear decay
+    from lr to the absolute floor min_lr, reached at the last update"""
+    S, W, lr, lo = spec["steps"], spec["warmup"], spec["lr"], spec["min_lr"]
+    if k < W:
+        return lr * (k + 1) / W
+    if S - 1 <= W:
+        return lr
+    return lo + (lr - lo) * (S - 1 - k) / (S - 1 - W)
+
+
+def make_adamw(params, spec):
+    """torch's AdamW on float32 (or float64) masters; weight decay on >= 2-D tensors only"""
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": spec["weight_decay"]},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=spec["lr"], betas=(spec["beta1"], spec["beta2"]), eps=spec["eps"],
+                             foreach=False, fused=False)
+
+
+def adamw_step(model, params, opt, micro, spec, k, aux_coef):
+    """update k from the micro-batches `micro` (lists of token sequences, already cut): the
+    CE token-weighted over the whole step, aux averaged over the micro-batches, clipping, the
+    schedule's lr.  Returns (step record, [per micro-batch: per sequence routing margin])."""
+    A = len(micro)
+    N = sum(len(s) - 1 for mb in micro for s in mb)
+    opt.zero_grad(set_to_none=False)
+    ce_total, aux_total, margins = 0.0, 0.0, []
+    for mb in micro:
+        targets = [shifted_targets(s) for s in mb]
+        loss, ce, aux, _, m = batch_loss(model, mb, targets, 1.0 / N, aux_coef / A)
+        loss.backward()
+        ce_total += ce
+        aux_total += aux if aux is not None else 0.0
+        margins.append(m)
+    norm = float(torch.nn.utils.clip_grad_norm_(params, spec["max_grad_norm"], foreach=False))
+    lr = lr_at(k, spec)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.step()
+    rec = {"step": k + 1, "lr": lr, "ntokens": N, "ce_sum": ce_total,
+           "loss": ce_total / N + aux_coef * aux_total / A, "grad_norm": norm,
+           "clipped": norm > spec["max_grad_norm"], "aux_mean": aux_total / A}
+    return rec, margins
