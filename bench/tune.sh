@@ -72,13 +72,14 @@ tune() { # extra command in front
 tune
 ours=$("$BIN/moe-dump" --no-header --type step "$WORK/log.zst" | sed -n 's/.*"tokens_per_s":\([0-9.e+]*\).*/\1/p' \
     | tail -n +2 | sort -g | tail -n 1)
-echo "moe-tune: best $ours tok/s"
+echo "moe-tune: best $ours trained tok/s"
 if "$PY" -c 'import torch, transformers' 2>/dev/null && [ -f bench/train_torch.py ]; then
     "$PY" bench/train_torch.py "$C" --batch "$B" --length "$T" --steps "$N" --threads "$THREADS" \
         --ids "$WORK/ids.i32" >"$WORK/torch.json" 2>"$WORK/torch.err" || { cat "$WORK/torch.err"; exit 1; }
-    torch=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["tokens_per_s"])' "$WORK/torch.json")
+    # trained tokens (targets: B·(T-1) a step), the count moe-tune's log gives
+    torch=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["trained_tokens_per_s"])' "$WORK/torch.json")
     echo "PyTorch: $(cat "$WORK/torch.json")"
-    echo "RESULT training tokens/s: moe-tune $ours, PyTorch $torch; ratio moe-tune/PyTorch = $(echo "$ours $torch" | awk '{printf "%.2f", $1/$2}')"
+    echo "RESULT training tokens/s (trained tokens): moe-tune $ours, PyTorch $torch; ratio moe-tune/PyTorch = $(echo "$ours $torch" | awk '{printf "%.2f", $1/$2}')"
 else
     echo "SKIP PyTorch peer: no python with torch and transformers, or bench/train_torch.py absent"
 fi

@@ -147,6 +147,26 @@ static int same_dir(const char *a, const char *b) {
     return stat(a, &sa) == 0 && stat(b, &sb) == 0 && sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
 }
 
+/* The log is written at the end: refuse now what would fail then. */
+static void check_log(const char *log) {
+    if (!log) return;
+    if (!strcmp(log, "-")) {
+        if (isatty(1)) {
+            moe_error_set(MOE_ERR_IO, "<stdout>: refusing to write a binary stream to a terminal (redirect it "
+                                      "to a file or a pipe)");
+            moe_cli_fail();
+        }
+        return;
+    }
+    char dir[4096];
+    const char *slash = strrchr(log, '/');
+    snprintf(dir, sizeof dir, "%.*s", slash ? (int)(slash - log) + 1 : 1, slash ? log : ".");
+    if (access(dir, W_OK) != 0) {
+        moe_error_set(MOE_ERR_IO, "%s: %s", log, strerror(errno));
+        moe_cli_fail();
+    }
+}
+
 static void check_options(moe_tune_opts *o, int epochs_given) {
     if (!o->model_dir) moe_cli_usage("--model DIR is required");
     if (!o->data) moe_cli_usage("--data FILE is required");
@@ -159,6 +179,7 @@ static void check_options(moe_tune_opts *o, int epochs_given) {
     if (o->train.train_weights && o->train.set != MOE_TRAIN_CONDENSED)
         moe_cli_usage("--train-weights trains the condensed layers' weights: it goes with --train condensed");
     if (same_dir(o->out_dir, o->model_dir)) moe_cli_usage("-o %s: that is the model being read", o->out_dir);
+    check_log(o->log);
     if (access(o->out_dir, F_OK) == 0 && !moe_cli.force && !(o->resume && same_dir(o->out_dir, o->resume))) {
         moe_error_set(MOE_ERR_IO, "%s: exists (use --force to replace it%s)", o->out_dir,
                       o->resume ? "" : ", or --resume to continue the run saved there");

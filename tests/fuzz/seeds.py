@@ -162,6 +162,14 @@ def main():
     out.add(b"{\"t\": \"field t\"}\n", 64)
     seed_cdmoe_json(Out(root, "cdmoe_json"))
     seed_tasks(Out(root, "task"))
+    out = Out(root, "tune_data")
+    out.add(read(os.path.join(FIX, "eval", "ppl_text.jsonl")), 0)
+    out.add(read(os.path.join(FIX, "train", "adamw_data.jsonl"))[:2048], 3 << 1)
+    out.add(b'{"prompt": "a b", "response": " c"}\n{"turns": [{"role": "user", "content": "hi"}, '
+            b'{"role": "assistant", "content": "ok"}]}\n', 0)
+    out.add(b'{"instances": [{"text": "one two"}, {"text": "x"}]}', 2 << 1)
+    for path in fixtures("**/*tokens*.msgpack.zst")[:2]:
+        out.add(msgpack_of(path), 1)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ expect_fail 2 "unrecognized|unknown" moe-tune --model cond -o x --data train.jso
 mkdir exists
 expect_fail 3 "moe-tune: exists: exists \(use --force" moe-tune --model cond -o exists --data train.jsonl
 rmdir exists
+expect_fail 3 "moe-tune: nodir/log.zst: No such file or directory" moe-tune --model cond -o x --data train.jsonl --log nodir/log.zst
 expect_fail 3 "moe-tune: nothere.jsonl: No such file" moe-tune --model cond -o x --data nothere.jsonl
 { head -n 2 train.jsonl; echo '{"text": "a"'; } >bad.jsonl
 expect_fail 1 "moe-tune: bad.jsonl: line 3: not JSON" moe-tune --model cond -o x --data bad.jsonl
