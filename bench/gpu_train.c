@@ -28,14 +28,7 @@
 #include "kernels.h"
 #include "model.h"
 #include "train.h"
-
-static uint64_t rng_state = 1;
-static uint32_t next_u32(void) {
-    uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return (uint32_t)((z ^ (z >> 31)) >> 32);
-}
+#include "gpu_bench.h"
 
 static int die(const char *what) {
     fprintf(stderr, "gpu_train: %s: %s\n", what, moe_error());
@@ -107,11 +100,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "usage: gpu_train --model DIR [--seqs N] [--len T] [--steps S] [--recompute]\n");
         return 2;
     }
-    char why[256] = "";
-    if (moe_device_cuda_count(why, sizeof why) <= 0) {
-        printf("SKIP: no CUDA device (%s)\n", why[0] ? why : "none visible");
-        return 77;
-    }
+    if (no_cuda_device()) return 77;
     moe_model_opts o = {.device = "cuda"};
     moe_model_opts_from_env(&o);
     moe_model *m = moe_model_open(model, &o);
@@ -146,13 +135,11 @@ int main(int argc, char **argv) {
 
     /* the batch: random ids, targets = the next id (the last position ignored) */
     int V = c->vocab_size;
-    int32_t **ids = malloc(sizeof *ids * (size_t)nseq), **tg = malloc(sizeof *tg * (size_t)nseq);
+    int32_t **ids = random_ids(nseq, T, V), **tg = malloc(sizeof *tg * (size_t)nseq);
     int *lens = malloc(sizeof(int) * (size_t)nseq);
     for (int s = 0; s < nseq; s++) {
-        ids[s] = malloc(sizeof(int32_t) * (size_t)T);
         tg[s] = malloc(sizeof(int32_t) * (size_t)T);
         lens[s] = T;
-        for (int t = 0; t < T; t++) ids[s][t] = (int32_t)(next_u32() % (uint32_t)V);
         for (int t = 0; t < T; t++) tg[s][t] = t + 1 < T ? ids[s][t + 1] : -100;
     }
     moe_train_batch b = {nseq, (const int32_t *const *)ids, (const int32_t *const *)tg, lens};
