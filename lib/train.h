@@ -8,17 +8,27 @@
  * ...), computed with the backend's backward ops (kernels.h).
  *
  *   loss = dscale · Σ_t CE(logits_t, target_t)   (targets < 0 ignored)
- *        + aux_scale · Σ_l aux_l                 (MOE_TRAIN_ALL, routed layers)
+ *        + aux_scale · coef · aux                (MOE_TRAIN_ALL, routed layers)
+ *
+ * aux as Hugging Face computes it: for qwen2_moe, qwen3_moe, olmoe, mixtral
+ * one term pooled over every router of the model and every token of the
+ * batch (load_balancing_loss_func), for deepseek Σ_l of each layer's
+ * (seq_aux: per sequence, averaged) -- tests/fixtures/train/README.md
+ * writes both out.  coef = moe_train_opts.aux_coef, or the config's
+ * router_aux_loss_coef (deepseek: aux_loss_alpha).
  *
  * What is trained (moe_train_opts.set):
- *   CONDENSED  every Linear of the shared experts and of the kept routed
- *              experts of the condensed layers (and, with train_weights, the
+ *   CONDENSED  every Linear of the shared experts (qwen2_moe's
+ *              shared_expert_gate too) and of the kept routed experts of the
+ *              condensed layers, as condensed in the checkpoint or at run time
+ *              (moe_model_condense_layer) (and, with train_weights, the
  *              condensed layers' fixed expert weights); everything else frozen.
  *              A model without condensed layers is refused.
  *   ALL        every weight (embedding, attention, norms, routers, experts,
  *              lm_head; a tied lm_head is one parameter), plus the
  *              architecture's load-balancing loss as Hugging Face computes it.
- *   LAYERS     the MLP weights (as CONDENSED) of the listed layers.
+ *   LAYERS     the MLP weights (as CONDENSED; dense layers' gate/up/down;
+ *              not the routers) of the listed layers.
  * Frozen weights get no gradient buffers.  Gradients flow through the frozen
  * layers above the lowest trained layer; nothing is computed below it
  * (unless input_grad asks for d loss / d x_0).
@@ -144,7 +154,7 @@ size_t moe_trainer_param_count(const moe_trainer *tr); /* Σ n */
 void moe_trainer_zero_grads(moe_trainer *tr);
 
 /* Forward with saved activations, loss, backward: gradients of
- * dscale·Σ CE + aux_scale·Σ aux ADDED to every parameter's g. */
+ * dscale·Σ CE + aux_scale·aux_loss ADDED to every parameter's g. */
 int moe_trainer_backward(moe_trainer *tr, const moe_train_batch *b, float dscale,
                          float aux_scale, moe_train_result *res);
 /* The loss only (validation): no gradient, no saved activations. */

@@ -4,9 +4,16 @@
  * the MLP block's input norm (moe_layer_mlp_input) and its kinds (dense
  * SwiGLU, routed MoE: router, experts, combine, shared expert; condensed),
  * the final norm and lm_head.  Each takes its weights from weights.c
- * (mdl_ensure_loaded) and computes with the backend's ops only, so a
- * backward twin (moe_layer_attention_backward, ...) belongs beside each.
- * The layer-major loop over a batch of sequences is run.c's. */
+ * (mdl_ensure_loaded) and computes with the backend's ops only.
+ * The layer-major loop over a batch of sequences is run.c's.
+ *
+ * Training (second half of the file): the same pieces over a batch, with
+ * the trainer's weights (train.c), each forward keeping what its backward
+ * needs and its backward beside it: mdl_attention_train / _backward,
+ * swiglu_train / swiglu_backward_rows (dense MLP, experts, shared),
+ * shared_train / shared_backward, routed and condensed experts with the
+ * router (mdl_mlp_train / mdl_mlp_backward), final norm + lm_head +
+ * cross-entropy fused with their backward (mdl_head_loss). */
 #include "internal.h"
 
 #include <math.h>
@@ -870,16 +877,13 @@ void mdl_save_free(moe_model *m, layer_save *s, int keep_input) {
                   s->so, s->z, s->out, s->rows, s->slot, s->wt, s->idx, s->probs};
     for (size_t i = 0; i < sizeof ps / sizeof *ps; i++) tfree(m, ps[i]);
     free(s->off);
+    free(s->idx_h);
+    free(s->probs_h);
     layer_save keep = {0};
-    if (keep_input) { /* the layer input, and the routing the aux loss reads */
+    if (keep_input) /* recompute: the layer input alone */
         keep.x = s->x;
-        keep.idx_h = s->idx_h;
-        keep.probs_h = s->probs_h;
-    } else {
+    else
         tfree(m, s->x);
-        free(s->idx_h);
-        free(s->probs_h);
-    }
     *s = keep;
 }
 

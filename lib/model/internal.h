@@ -10,7 +10,10 @@
  *              compute (embedding, attention, MLP kinds, final norm,
  *              lm_head): the place of their future _backward twins
  *   run.c      the batch of sequences, the layer-major runner, the
- *              residency policy, moe_model_forward */
+ *              residency policy, moe_model_forward
+ *   train.c    the trainer (lib/train.h): its weights (train_layer), the
+ *              training forward and backward over a batch, the losses;
+ *              forward.c computes each piece (mdl_*_train, mdl_*_backward) */
 #ifndef MOE_MODEL_INTERNAL_H
 #define MOE_MODEL_INTERNAL_H
 
@@ -135,8 +138,9 @@ typedef struct {
     float *wt;           /* [N, K] weights of the slots */
     int32_t *idx;        /* routed: [N, K] router's ids (backend) */
     float *probs;        /* routed: [N, E] softmax (backend) */
-    int32_t *idx_h;      /* routed: [N, K] the same on the host (aux loss) */
-    float *probs_h;      /* routed: [N, E] the same on the host (aux loss) */
+    int32_t *idx_h;      /* routed: [N, K] the same on the host (aux loss statistics,
+                            read right after the layer's forward) */
+    float *probs_h;      /* routed: [N, E] the same on the host (idem) */
 } layer_save;
 
 /* the sequences of a training batch, concatenated (row offsets, lengths) */

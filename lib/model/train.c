@@ -42,10 +42,14 @@ struct moe_trainer {
 
 /* ---- which tensors are trained ------------------------------------------------ */
 
+/* the Linears of an MLP: dense, routed experts, shared experts (qwen2_moe's
+ * shared_expert_gate included: a Linear of the shared expert's branch, as
+ * the PyTorch fixtures, tests/fixtures/train, train it); not the router */
 static int is_mlp_linear(moe_tensor_kind k) {
     return k == MOE_T_MLP_GATE || k == MOE_T_MLP_UP || k == MOE_T_MLP_DOWN ||
            k == MOE_T_EXPERT_GATE || k == MOE_T_EXPERT_UP || k == MOE_T_EXPERT_DOWN ||
-           k == MOE_T_SHARED_GATE || k == MOE_T_SHARED_UP || k == MOE_T_SHARED_DOWN;
+           k == MOE_T_SHARED_GATE || k == MOE_T_SHARED_UP || k == MOE_T_SHARED_DOWN ||
+           k == MOE_T_SHARED_EXPERT_GATE;
 }
 
 static int is_trained(const moe_trainer *tr, int l, moe_tensor_kind k) {
@@ -451,7 +455,7 @@ static int check_tokens(const moe_trainer *tr, const moe_train_batch *b, int s) 
     int V = tr->c->vocab_size;
     for (int t = 0; t < b->lens[s]; t++) {
         int id = b->ids[s][t], tg = b->targets[s][t];
-        if (id < 0 || id >= V || tg >= V || (tg < 0 && tg != -100)) {
+        if (id < 0 || id >= V || tg >= V) { /* a negative target: ignored */
             moe_error_set(MOE_ERR_DATA, "%s: sequence %d, position %d: %s %d out of range "
                           "(vocab %d)", moe_ckpt_dir(moe_model_ckpt(tr->m)), s, t,
                           id < 0 || id >= V ? "token id" : "target", id < 0 || id >= V ? id : tg,
@@ -728,28 +732,32 @@ int moe_trainer_backward(moe_trainer *tr, const moe_train_batch *b, float dscale
     return rc;
 }
 
-int moe_trainer_loss(moe_trainer *tr, const moe_train_batch *b, moe_train_result *res) {
+/* the forward alone: the loss into res, or with logits the logits */
+static int forward_only(moe_trainer *tr, const moe_train_batch *b, moe_train_result *res,
+                        float *logits) {
     run_batch rb;
     int rc = batch_init(tr, b, &rb);
     float *x = rc == 0 ? moe_model_alloc(tr->m, rb.r.N * (size_t)tr->c->hidden_size) : NULL;
     moe_train_result r = {0};
-    if (rc == 0) rc = forward_loss(tr, &rb, NULL, x, 1.0f, NULL, &r);
+    if (rc == 0 && logits) {
+        rc = embed_batch(tr, &rb, x);
+        if (rc == 0) rc = forward_layers(tr, &rb, x, NULL);
+        if (rc == 0) rc = mdl_head_logits(tr->m, &tr->fnorm, &tr->lm, x, (int)rb.r.N, logits);
+    } else if (rc == 0) {
+        rc = forward_loss(tr, &rb, NULL, x, 1.0f, NULL, &r);
+    }
     if (rc == 0 && res) *res = r;
     mdl_free(tr->m, x);
     batch_free(tr, &rb);
     return rc;
 }
 
+int moe_trainer_loss(moe_trainer *tr, const moe_train_batch *b, moe_train_result *res) {
+    return forward_only(tr, b, res, NULL);
+}
+
 int moe_trainer_logits(moe_trainer *tr, const moe_train_batch *b, float *logits) {
-    run_batch rb;
-    int rc = batch_init(tr, b, &rb);
-    float *x = rc == 0 ? moe_model_alloc(tr->m, rb.r.N * (size_t)tr->c->hidden_size) : NULL;
-    if (rc == 0) rc = embed_batch(tr, &rb, x);
-    if (rc == 0) rc = forward_layers(tr, &rb, x, NULL);
-    if (rc == 0) rc = mdl_head_logits(tr->m, &tr->fnorm, &tr->lm, x, (int)rb.r.N, logits);
-    mdl_free(tr->m, x);
-    batch_free(tr, &rb);
-    return rc;
+    return forward_only(tr, b, NULL, logits);
 }
 
 int moe_trainer_input_grad(moe_trainer *tr, int s, float *dx0) {

@@ -1,12 +1,15 @@
 /* test_train.c - the trainer (lib/train.h) on the tiny fixture models of the
  * five architectures (tests/fixtures/models/ *-f32): the training forward's
- * logits against moe_model_forward's; gradients against finite differences
- * of the loss; recompute and thread count give the same bytes; a model
- * without condensed layers is refused for MOE_TRAIN_CONDENSED. */
+ * logits against moe_model_forward's; every trained tensor's gradient and
+ * d loss / d x_0 against PyTorch autograd (tests/fixtures/train: condensed
+ * and train-all cases with the load-balancing loss, one with recompute);
+ * recompute and thread count give the same bytes; a model without
+ * condensed layers is refused for MOE_TRAIN_CONDENSED. */
 #include <jansson.h>
 
 #include "kernels.h"
 #include "testmodel.h" /* FIX, NSEQ, ARCHS */
+#include "safetensors.h"
 #include "train.h"
 
 #ifdef TMP_OPS
@@ -126,83 +129,130 @@ static void test_logits(void **state) {
     }
 }
 
-/* ---- gradients against finite differences of the loss ---------------------------------- */
+/* ---- gradients against PyTorch autograd (tests/fixtures/train, README.md) ------------------ */
 
-/* dscale·Σ CE + aux (aux_scale 1), as moe_trainer_backward differentiates it */
-static double total_loss(moe_trainer *tr, const moe_train_batch *b, double dscale) {
-    moe_train_result r;
-    if (moe_trainer_loss(tr, b, &r) < 0) fail_msg("loss: %s", moe_error());
-    return dscale * r.loss_sum + r.aux_loss;
-}
+#define GTOL 1e-4
 
-/* every parameter moved along its gradient's direction u = g/|g| by ±h:
- * (L(w+hu) - L(w-hu)) / 2h must equal |g| */
-static double fd_check(moe_trainer *tr, const moe_train_batch *b, double dscale, float h,
-                       const char *what) {
-    double worst = 0;
-    for (int i = 0; i < moe_trainer_nparams(tr); i++) {
-        moe_param *p = moe_trainer_param(tr, i);
-        double gn = 0;
-        for (size_t j = 0; j < p->n; j++) gn += (double)p->g[j] * p->g[j];
-        gn = sqrt(gn);
-        if (gn < 1e-6) continue; /* an expert no token reached */
-        float *w0 = malloc(sizeof(float) * p->n), *g = malloc(sizeof(float) * p->n);
-        memcpy(w0, p->w, sizeof(float) * p->n);
-        memcpy(g, p->g, sizeof(float) * p->n);
-        double lp, lm;
-        for (size_t j = 0; j < p->n; j++) p->w[j] = w0[j] + (float)(h * g[j] / gn);
-        moe_trainer_sync_weights(tr);
-        lp = total_loss(tr, b, dscale);
-        for (size_t j = 0; j < p->n; j++) p->w[j] = w0[j] - (float)(h * g[j] / gn);
-        moe_trainer_sync_weights(tr);
-        lm = total_loss(tr, b, dscale);
-        memcpy(p->w, w0, sizeof(float) * p->n);
-        moe_trainer_sync_weights(tr);
-        double fd = (lp - lm) / (2.0 * h), e = fabs(fd - gn) / gn;
-        if (getenv("TRAIN_VERBOSE")) printf("%s %s |g| %.6g fd %.6g rel %.3g\n", what, p->name, gn, fd, e);
-        if (e > worst) worst = e;
-        free(w0);
-        free(g);
+typedef struct {
+    json_t *j;
+    moe_st_file *st;
+    moe_model *m;
+    int32_t *ids[8], *tg[8];
+    int T[8];
+    moe_train_batch b;
+} grad_fixture;
+
+static void gf_open(grad_fixture *g, const char *arch, const char *kase) {
+    char p[512];
+    memset(g, 0, sizeof *g);
+    snprintf(p, sizeof p, "tests/fixtures/train/grad_%s_%s.json", arch, kase);
+    json_error_t je;
+    if (!(g->j = json_load_file(p, 0, &je))) fail_msg("%s: %s", p, je.text);
+    snprintf(p, sizeof p, "tests/fixtures/train/grad_%s_%s.safetensors", arch, kase);
+    if (!(g->st = moe_st_open(p))) fail_msg("%s: %s", p, moe_error());
+    const char *dir = json_string_value(json_object_get(g->j, "model"));
+    moe_model_opts o = {.backend = train_backend()};
+    if (!(g->m = moe_model_open(dir, &o))) fail_msg("%s: %s", dir, moe_error());
+    const char *key;
+    json_t *v;
+    json_object_foreach(json_object_get(g->j, "condensed_layers"), key, v) {
+        json_t *ex = json_object_get(v, "experts"), *wt = json_object_get(v, "weights");
+        int n = (int)json_array_size(ex), e[16];
+        float w[16];
+        for (int i = 0; i < n; i++) {
+            e[i] = (int)json_integer_value(json_array_get(ex, i));
+            w[i] = (float)json_number_value(json_array_get(wt, i));
+        }
+        assert_int_equal(moe_model_condense_layer(g->m, atoi(key), n, e, w), 0);
     }
-    return worst;
+    json_t *seqs = json_object_get(g->j, "sequences");
+    int ns = (int)json_array_size(seqs);
+    assert_true(ns > 0 && ns <= 8);
+    for (int s = 0; s < ns; s++) {
+        json_t *ids = json_object_get(json_array_get(seqs, s), "ids");
+        json_t *tg = json_object_get(json_array_get(seqs, s), "targets");
+        g->T[s] = (int)json_array_size(ids);
+        g->ids[s] = malloc(sizeof(int32_t) * (size_t)g->T[s]);
+        g->tg[s] = malloc(sizeof(int32_t) * (size_t)g->T[s]);
+        for (int t = 0; t < g->T[s]; t++) {
+            g->ids[s][t] = (int32_t)json_integer_value(json_array_get(ids, t));
+            g->tg[s][t] = (int32_t)json_integer_value(json_array_get(tg, t));
+        }
+    }
+    g->b = (moe_train_batch){ns, (const int32_t *const *)g->ids, (const int32_t *const *)g->tg, g->T};
 }
 
-/* kind 0: condensed; 1: train all; 2: train all, the load-balancing loss
- * alone (coefficient 1, no cross-entropy: a smaller step, as its values
- * are exact to double rounding but jump where a token's top-k changes) */
-static void grad_case(const char *arch, int kind) {
-    char dir[256];
-    moe_model *m = open_fixture(arch, 1, dir, sizeof dir);
-    fx_batch fb;
-    fx_load(&fb, dir);
-    double dscale = kind == 2 ? 0.0 : 1.0;
-    moe_train_opts o = {.set = kind ? MOE_TRAIN_ALL : MOE_TRAIN_CONDENSED, .train_weights = 1,
-                        .aux_coef = kind == 2 ? 1.0 : -1};
-    moe_trainer *tr = moe_trainer_new(m, &o);
-    if (!tr) fail_msg("%s: %s", arch, moe_error());
+static void gf_close(grad_fixture *g) {
+    for (int s = 0; s < g->b.nseq; s++) free(g->ids[s]), free(g->tg[s]);
+    moe_model_close(g->m);
+    moe_st_close(g->st);
+    json_decref(g->j);
+}
+
+/* reference tensor `name` of the fixture against n floats of ours */
+static double gf_compare(grad_fixture *g, const char *name, const float *ours, size_t n) {
+    const moe_st_tensor *t = moe_st_find(g->st, name);
+    if (!t) fail_msg("fixture has no tensor %s", name);
+    float *ref = malloc(sizeof(float) * n);
+    assert_int_equal(moe_st_read_f32(t, ref), 0);
+    double e = rel_l2(ours, ref, n);
+    free(ref);
+    return e;
+}
+
+/* every trained tensor's gradient and each sequence's d loss / d x_0 within
+ * 1e-4 of autograd's; the trainer trains exactly the fixture's tensors */
+static void grad_fixture_case(const char *arch, const char *kase, int recompute) {
+    grad_fixture g;
+    gf_open(&g, arch, kase);
+    int all = !strcmp(kase, "all");
+    double dscale = json_number_value(json_object_get(g.j, "dscale"));
+    double aux_coef = all ? json_number_value(json_object_get(g.j, "aux_coef")) : -1;
+    moe_train_opts o = {.set = all ? MOE_TRAIN_ALL : MOE_TRAIN_CONDENSED, .train_weights = 1,
+                        .input_grad = 1, .recompute = recompute, .aux_coef = aux_coef};
+    moe_trainer *tr = moe_trainer_new(g.m, &o);
+    if (!tr) fail_msg("%s %s: %s", arch, kase, moe_error());
+    json_t *trained = json_object_get(g.j, "trained");
+    assert_int_equal(moe_trainer_nparams(tr), (int)json_array_size(trained));
     moe_trainer_zero_grads(tr);
     moe_train_result r;
-    assert_int_equal(moe_trainer_backward(tr, &fb.b, (float)dscale, 1.0f, &r), 0);
-    assert_true(r.ntokens > 0);
-    assert_true(kind ? r.aux_loss > 0 : r.aux_loss == 0);
-    double e = fd_check(tr, &fb.b, dscale, kind == 2 ? 1e-4f : 1e-3f, arch);
-    printf("%s %s: %d params, worst finite-difference rel err %.3g\n", arch,
-           kind == 0 ? "condensed" : kind == 1 ? "all" : "aux", moe_trainer_nparams(tr), e);
-    assert_true(e < 1e-2);
+    assert_int_equal(moe_trainer_backward(tr, &g.b, (float)dscale, 1.0f, &r), 0);
+    double loss = dscale * r.loss_sum + r.aux_loss;
+    double lref = json_number_value(json_object_get(g.j, "loss"));
+    if (fabs(loss - lref) > 1e-5 * fabs(lref)) fail_msg("%s %s: loss %.9g, PyTorch %.9g", arch, kase, loss, lref);
+    if (all) {
+        double aref = aux_coef * json_number_value(json_object_get(g.j, "aux"));
+        if (fabs(r.aux_loss - aref) > 1e-5 * aref) fail_msg("%s: aux %.9g, PyTorch %.9g", arch, r.aux_loss, aref);
+    }
+    double worst = 0;
+    const char *wname = "";
+    for (int i = 0; i < moe_trainer_nparams(tr); i++) {
+        moe_param *p = moe_trainer_param(tr, i);
+        double e = gf_compare(&g, p->name, p->g, p->n);
+        if (e > worst) worst = e, wname = p->name;
+    }
+    for (int s = 0; s < g.b.nseq; s++) {
+        size_t n = (size_t)g.T[s] * moe_model_config(g.m)->hidden_size;
+        float *dx = malloc(sizeof(float) * n);
+        char name[32];
+        assert_int_equal(moe_trainer_input_grad(tr, s, dx), 0);
+        snprintf(name, sizeof name, "input_grad.%d", s);
+        double e = gf_compare(&g, name, dx, n);
+        if (e > worst) worst = e, wname = "input_grad";
+        free(dx);
+    }
+    printf("%s %s%s: %d tensors, worst rel err %.3g (%s)\n", arch, kase,
+           recompute ? " (recompute)" : "", moe_trainer_nparams(tr), worst, wname);
+    if (worst > GTOL) fail_msg("%s %s: %s rel err %.3g > %g", arch, kase, wname, worst, GTOL);
     moe_trainer_free(tr);
-    fx_free(&fb);
-    moe_model_close(m);
+    gf_close(&g);
 }
 
-/* every architecture's condensed case; the train-all case and the two
- * forms of the load-balancing loss on deepseek and qwen2_moe (the PyTorch
- * fixtures cover all five) */
-static void test_grad_fd(void **state) {
+static void test_grad_pytorch(void **state) {
     (void)state;
-    for (int a = 0; a < 5; a++) grad_case(ARCHS[a], 0);
-    for (int k = 1; k <= 2; k++) {
-        grad_case("deepseek", k);
-        grad_case("qwen2_moe", k);
+    for (int a = 0; a < 5; a++) {
+        grad_fixture_case(ARCHS[a], "condensed", 0);
+        grad_fixture_case(ARCHS[a], "all", a == 0);
     }
 }
 
@@ -271,7 +321,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_refuse_uncondensed),
         cmocka_unit_test(test_logits),
-        cmocka_unit_test(test_grad_fd),
+        cmocka_unit_test(test_grad_pytorch),
         cmocka_unit_test(test_same_bytes),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
