@@ -144,8 +144,6 @@ int main(int argc, char **argv) {
         moe_param *p = moe_trainer_param(tr, i);
         mo[i] = moe_model_alloc(m, p->n);
         vo[i] = moe_model_alloc(m, p->n);
-        be->zero(mo[i], sizeof(float) * p->n); /* AdamW starts from zero moments */
-        be->zero(vo[i], sizeof(float) * p->n);
         if (p->layer < lowest) lowest = p->layer;
     }
     size_t moments_b = live_bytes(be);
