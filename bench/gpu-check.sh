@@ -69,6 +69,20 @@ DEV=cuda
 say() { echo "gpu-check: $*"; echo "== $*" >>"$LOG"; }
 row() { printf '%-30s %-6s %6s  %s\n' "$1" "$2" "$3" "$4" >>"$TABLE"; }
 elapsed() { echo $(( $(date +%s) - $1 )); }
+# the row of a step that printed one JSON object into FILE: ok with FIGURES,
+# skip (exit 77: its first line says why) or FAIL; the object goes to the log
+# and, when ok, to results.json
+json_row() { # name, exit status, file, start time, figures
+    cat "$3" >>"$LOG"
+    if [ "$2" -eq 0 ]; then
+        cat "$3" >>"$RES"
+        row "$1" ok "$(elapsed "$4")" "$5"
+    elif [ "$2" -eq 77 ]; then
+        row "$1" skip "$(elapsed "$4")" "$(head -n 1 "$3")"
+    else
+        row "$1" FAIL "$(elapsed "$4")" "exit $2, see log.txt"
+    fi
+}
 
 # GPU memory sampler around a step (max MiB used, all processes), when nvidia-smi exists
 smi_start() {
@@ -159,17 +173,9 @@ $([ "$MODE" = --rehearse ] && echo env MOE_CUDA_EMU_NOCOMPUTE=1) \
     timeout 120 $B/bench/gpu_moe_layer --tokens "$TOKENS" --iters 5 >"$WORK/layer.json" 2>>"$LOG"
 rc=$?
 mem=$(smi_stop)
-cat "$WORK/layer.json" >>"$LOG"
-if [ $rc -eq 0 ]; then
-    cat "$WORK/layer.json" >>"$RES"
-    fig=$(sed 's/.*"ms_grouped":\([0-9.]*\),"tflops_grouped":\([0-9.]*\),"ms_loop":\([0-9.]*\),"tflops_loop":\([0-9.]*\),"peak_bf16_tflops":\([0-9.]*\),.*/grouped \1 ms = \2 TFLOP\/s vs peak \5; per-expert loop \3 ms = \4/' "$WORK/layer.json")
-    fig="$fig; experts+combine ops (the model's path) $(sed 's/.*"ms_experts_op":\([0-9.]*\),"tflops_experts_op":\([0-9.]*\),.*/\1 ms = \2 TFLOP\/s/' "$WORK/layer.json")"
-    row "MoE layer ${TOKENS} tok" ok "$(elapsed $t)" "$fig; $mem"
-elif [ $rc -eq 77 ]; then
-    row "MoE layer ${TOKENS} tok" skip "$(elapsed $t)" "$(head -n 1 "$WORK/layer.json")"
-else
-    row "MoE layer ${TOKENS} tok" FAIL "$(elapsed $t)" "exit $rc, see log.txt"
-fi
+fig=$(sed 's/.*"ms_grouped":\([0-9.]*\),"tflops_grouped":\([0-9.]*\),"ms_loop":\([0-9.]*\),"tflops_loop":\([0-9.]*\),"peak_bf16_tflops":\([0-9.]*\),.*/grouped \1 ms = \2 TFLOP\/s vs peak \5; per-expert loop \3 ms = \4/' "$WORK/layer.json")
+fig="$fig; experts+combine ops (the model's path) $(sed 's/.*"ms_experts_op":\([0-9.]*\),"tflops_experts_op":\([0-9.]*\),.*/\1 ms = \2 TFLOP\/s/' "$WORK/layer.json")"
+json_row "MoE layer ${TOKENS} tok" $rc "$WORK/layer.json" $t "$fig; $mem"
 
 # ---- 4. a DeepSeekMoE-16B-shaped checkpoint with LAYERS layers ------------------------------------------
 MODEL=$WORK/ds16b
@@ -208,16 +214,8 @@ if [ -n "$MODEL" ]; then
         >"$WORK/fwd.json" 2>>"$LOG"
     rc=$?
     mem=$(smi_stop)
-    cat "$WORK/fwd.json" >>"$LOG"
-    if [ $rc -eq 0 ]; then
-        cat "$WORK/fwd.json" >>"$RES"
-        fig=$(sed 's/.*"seconds":\([0-9.]*\),"tokens_per_s":\([0-9]*\),"backend_peak_bytes":\([0-9]*\),.*"logits_rel_err_vs_cpu":\([-0-9.e]*\).*/\1 s, \2 tok\/s, backend peak \3 B, logits vs CPU \4/' "$WORK/fwd.json")
-        row "forward ${SEQS}x${LEN}" ok "$(elapsed $t)" "$fig; $mem"
-    elif [ $rc -eq 77 ]; then
-        row "forward ${SEQS}x${LEN}" skip "$(elapsed $t)" "$(head -n 1 "$WORK/fwd.json")"
-    else
-        row "forward ${SEQS}x${LEN}" FAIL "$(elapsed $t)" "exit $rc, see log.txt"
-    fi
+    fig=$(sed 's/.*"seconds":\([0-9.]*\),"tokens_per_s":\([0-9]*\),"backend_peak_bytes":\([0-9]*\),.*"logits_rel_err_vs_cpu":\([-0-9.e]*\).*/\1 s, \2 tok\/s, backend peak \3 B, logits vs CPU \4/' "$WORK/fwd.json")
+    json_row "forward ${SEQS}x${LEN}" $rc "$WORK/fwd.json" $t "$fig; $mem"
     # the same forward with the old weight path (f32 staging on the host): the load
     # path's gain, measured in the same run
     if [ $rc -eq 0 ]; then
@@ -294,16 +292,8 @@ if [ -n "$MODEL" ] && [ -x $B/bench/gpu_train ]; then
                 --steps $TSTEPS $rec >"$WORK/train.json" 2>>"$LOG"
             rc=$?
             mem=$(smi_stop)
-            cat "$WORK/train.json" >>"$LOG"
-            if [ $rc -eq 0 ]; then
-                cat "$WORK/train.json" >>"$RES"
-                fig=$(sed 's/.*"step_seconds":\([0-9.]*\),"tokens_per_s":\([0-9]*\),"tflops":\([0-9.]*\),"loss":\([0-9.]*\),.*"backend_peak_bytes":\([0-9]*\),.*/\1 s\/step, \2 tok\/s, \3 TFLOP\/s, loss \4, backend peak \5 B/' "$WORK/train.json")
-                row "$name" ok "$(elapsed $t)" "$fig; $mem"
-            elif [ $rc -eq 77 ]; then
-                row "$name" skip "$(elapsed $t)" "$(head -n 1 "$WORK/train.json")"
-            else
-                row "$name" FAIL "$(elapsed $t)" "exit $rc, see log.txt"
-            fi
+            fig=$(sed 's/.*"step_seconds":\([0-9.]*\),"tokens_per_s":\([0-9]*\),"tflops":\([0-9.]*\),"loss":\([0-9.]*\),.*"backend_peak_bytes":\([0-9]*\),.*/\1 s\/step, \2 tok\/s, \3 TFLOP\/s, loss \4, backend peak \5 B/' "$WORK/train.json")
+            json_row "$name" $rc "$WORK/train.json" $t "$fig; $mem"
         done
     else
         row "train (condense)" FAIL 0 "bench/lib/condense-fixed.sh failed, see log.txt"

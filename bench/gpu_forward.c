@@ -23,23 +23,7 @@
 #include "kernels.h"
 #include "model.h"
 #include "stream.h"
-
-static uint64_t rng_state;
-static uint32_t next_u32(void) {
-    uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return (uint32_t)((z ^ (z >> 31)) >> 32);
-}
-
-static int32_t **random_ids(int n, int T, int V) {
-    int32_t **ids = malloc(sizeof *ids * (size_t)n);
-    for (int s = 0; s < n; s++) {
-        ids[s] = malloc(sizeof(int32_t) * (size_t)T);
-        for (int t = 0; t < T; t++) ids[s][t] = (int32_t)(next_u32() % (uint32_t)V);
-    }
-    return ids;
-}
+#include "gpu_bench.h"
 
 static int die(const char *what) {
     fprintf(stderr, "gpu_forward %s: %s\n", what, moe_error());
@@ -104,11 +88,7 @@ int main(int argc, char **argv) {
     }
     if (strcmp(cmd, "forward") != 0) return 2;
 
-    char why[256] = "";
-    if (moe_device_cuda_count(why, sizeof why) <= 0) {
-        printf("SKIP: no CUDA device (%s)\n", why[0] ? why : "none visible");
-        return 77;
-    }
+    if (no_cuda_device()) return 77;
     moe_model_opts o = {.device = "cuda"};
     moe_model_opts_from_env(&o);
     moe_model *m = moe_model_open(model, &o);

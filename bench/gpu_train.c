@@ -27,14 +27,7 @@
 #include "kernels.h"
 #include "model.h"
 #include "train.h"
-
-static uint64_t rng_state = 1;
-static uint32_t next_u32(void) {
-    uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return (uint32_t)((z ^ (z >> 31)) >> 32);
-}
+#include "gpu_bench.h"
 
 static int die(const char *what) {
     fprintf(stderr, "gpu_train: %s: %s\n", what, moe_error());
@@ -135,11 +128,7 @@ int main(int argc, char **argv) {
         return 2;
     }
     int cuda = !strcmp(a.device, "cuda");
-    char why[256] = "";
-    if (cuda && moe_device_cuda_count(why, sizeof why) <= 0) {
-        printf("SKIP: no CUDA device (%s)\n", why[0] ? why : "none visible");
-        return 77;
-    }
+    if (cuda && no_cuda_device()) return 77;
     moe_model_opts o = {.device = a.device};
     moe_model_opts_from_env(&o);
     moe_model *m = moe_model_open(a.model, &o);
@@ -162,13 +151,11 @@ int main(int argc, char **argv) {
     size_t moments_b = live_bytes(be);
     if (cuda) moe_cuda_mem_reset_peak();
     int V = moe_model_config(m)->vocab_size;
-    int32_t **ids = malloc(sizeof *ids * (size_t)a.seqs), **tg = malloc(sizeof *tg * (size_t)a.seqs);
+    int32_t **ids = random_ids(a.seqs, a.len, V), **tg = malloc(sizeof *tg * (size_t)a.seqs);
     int *lens = malloc(sizeof(int) * (size_t)a.seqs);
     for (int s = 0; s < a.seqs; s++) {
-        ids[s] = malloc(sizeof(int32_t) * (size_t)a.len);
         tg[s] = malloc(sizeof(int32_t) * (size_t)a.len);
         lens[s] = a.len;
-        for (int t = 0; t < a.len; t++) ids[s][t] = (int32_t)(next_u32() % (uint32_t)V);
         for (int t = 0; t < a.len; t++) tg[s][t] = t + 1 < a.len ? ids[s][t + 1] : -100;
     }
     moe_train_batch b = {a.seqs, (const int32_t *const *)ids, (const int32_t *const *)tg, lens};

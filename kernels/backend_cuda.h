@@ -26,6 +26,8 @@
  * the weight to f32 and runs an FP32 GEMM without TF32 (slow; for parity
  * checks against the CPU backend).  `experts` likewise rounds the gathered
  * rows and SwiGLU's output (the inputs of its two grouped GEMMs) to BF16;
+ * `matmul_backward` rounds dy and x likewise (dx = dy·W with the BF16 W,
+ * dW = dyᵀ·x, FP32 accumulation into the float32 gradients);
  * `combine` rounds as the CPU op does (same bytes).  Every other op computes
  * in fp32 with the CPU op's formulas (double where the CPU op uses double).
  *

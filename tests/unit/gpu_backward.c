@@ -428,18 +428,8 @@ static void test_tables(void **state) {
 }
 
 int main(void) {
-    char why[256] = "";
-    if (moe_device_cuda_count(why, sizeof why) <= 0) {
-        printf("SKIP: no CUDA device (%s)\n", why[0] ? why : "none visible");
-        return 77;
-    }
-    G = moe_backend_cuda();
-    if (!G) {
-        fprintf(stderr, "moe_backend_cuda: %s\n", moe_error());
-        return 1;
-    }
-    C = moe_backend_cpu();
-    printf("device: %s\n", moe_cuda_device_name());
+    int rc = gpu_test_init();
+    if (rc) return rc;
     const struct CMUnitTest tables[] = {cmocka_unit_test(test_tables)};
     if (cmocka_run_group_tests_name("tables", tables, NULL, NULL)) return 1; /* no NULL calls below */
     const struct CMUnitTest tests[] = {

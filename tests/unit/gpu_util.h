@@ -11,11 +11,31 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "backend_cuda.h"
 #include "common.h"
+#include "device.h"
 #include "dtype.h"
 #include "kernels.h"
 
 static __attribute__((unused)) const moe_backend *G, *C; /* GPU under test, CPU oracle */
+
+/* G = the CUDA backend, C = the CPU's; 0, or main's exit status: 77 (SKIP)
+ * without a device, 1 when the backend cannot start */
+static inline int gpu_test_init(void) {
+    char why[256] = "";
+    if (moe_device_cuda_count(why, sizeof why) <= 0) {
+        printf("SKIP: no CUDA device (%s)\n", why[0] ? why : "none visible");
+        return 77;
+    }
+    G = moe_backend_cuda();
+    if (!G) {
+        fprintf(stderr, "moe_backend_cuda: %s\n", moe_error());
+        return 1;
+    }
+    C = moe_backend_cpu();
+    printf("device: %s\n", moe_cuda_device_name());
+    return 0;
+}
 
 static __attribute__((unused)) uint64_t rng = 0x9e3779b97f4a7c15ull;
 static inline float frand(void) { /* uniform [-1, 1) */
