@@ -1,7 +1,7 @@
 #!/bin/sh
 # train-demo.sh - the recipe of models/default, the built-in model of `make demo`.
 #
-#   pipelines/train-demo.sh [--out DIR] [--steps N]
+#   pipelines/train-demo.sh [--out DIR] [--steps N] [--stop-after S]
 #
 # A small DeepSeekMoE (model_type deepseek: 4 layers, hidden 128, the first
 # layer dense, then 16 routed experts of width 64, top-4, and 1 shared expert
@@ -12,6 +12,9 @@
 # from it).  Needs /work/venv-ref-like Python with `tokenizers` (PYTHON) for
 # the tokenizer only.  Writes DIR/model (default work/train-demo/model);
 # copy it to models/default to replace the committed one.
+# --stop-after S stops at step S of the N-step schedule (moe-tune --stop-after:
+# the weights are those of step S of the full run).  models/default is the
+# whole 300-step run, with 2 threads.
 # Reproducible: same seed, data and THREADS give the same bytes (moe-tune's
 # results do not depend on the thread count; checked for 1 vs 2 in its tests).
 set -eu
@@ -20,12 +23,13 @@ BIN=${BIN:-$here/bin}
 PYTHON=${PYTHON:-python3}
 SHARED=${SHARED:-$here/../shared}
 THREADS=${THREADS:-2}
-out=work/train-demo steps=300
+out=work/train-demo steps=300 stop=
 while [ $# -gt 0 ]; do
     case $1 in
     --out) out=$2; shift 2 ;;
     --steps) steps=$2; shift 2 ;;
-    -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --stop-after) stop="--stop-after $2"; shift 2 ;;
+    -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "train-demo.sh: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -65,5 +69,6 @@ log "training: $steps steps of 16 sequences of at most 128 tokens, AdamW, every 
 "$BIN/moe-tune" --model "$init" -o "$out/model" --force --data "$out/train.jsonl" --train all \
     --steps "$steps" --lr 3e-3 --min-lr 3e-4 --warmup 20 --batch 16 --max-length 128 --aux-coef 0.01 \
     --weight-decay 0.01 --seed 1 --threads "$THREADS" --device cpu --save-every 25 \
-    --log "$out/tune.msgpack.zst"
+    --log "$out/tune.msgpack.zst" $stop
+rm -f "$out/model/tune-state.safetensors" # the resume state (optimizer moments): not part of the model
 log "done: $out/model"
