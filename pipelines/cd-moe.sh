@@ -4,8 +4,9 @@
 #   pipelines/cd-moe.sh [MODEL_DIR [CALIB.jsonl]] [--out DIR] [--stage N] [--last N]
 #                       [--self-calib N]
 #
-# With no MODEL_DIR, runs on a built-in default that needs no download: a tiny
-# random model written by moe-init and calibration text generated here.
+# With no MODEL_DIR, runs on a tiny random model written by moe-init and
+# calibration text generated here (the plumbing, as the tests run it); `make
+# demo` (pipelines/demo.sh) runs it on the trained default, models/default.
 # --self-calib N: data-free calibration, on N texts the model writes itself
 # (moe-generate from BOS alone, sampled at temperature 1, seed 1, MAX_LENGTH
 # tokens each; kept as OUT/00-self-calib.jsonl) instead of CALIB.jsonl.
@@ -25,6 +26,7 @@ EXPERTS=${EXPERTS:-2}        # routed experts kept per condensed layer (K)
 LAYERS=${LAYERS:-2}          # decoder layers to condense (N)
 MAX_LENGTH=${MAX_LENGTH:-256}
 TASKS=${TASKS:-}             # multiple-choice task files for stage 6 (space-separated)
+PPL=${PPL:-}                 # held-out {"text"} JSONL for stage 6's perplexity (default: CALIB)
 TUNE_DATA=${TUNE_DATA:-}     # stage 7: training text for moe-tune (empty: no stage 7)
 TUNE_SFT=${TUNE_SFT:-}       # stage 7: a second (SFT) stage's data
 TUNE_ARGS=${TUNE_ARGS:-}     # stage 7: more moe-tune options (e.g. "--epochs 2 --lr 2e-5")
@@ -41,7 +43,7 @@ while [ $# -gt 0 ]; do
     --self-calib) self_calib=$2; shift 2
         case $self_calib in ''|*[!0-9]*|0) echo "cd-moe.sh: --self-calib needs a number of texts above 0" >&2
             exit 2 ;; esac ;;
-    -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) echo "cd-moe.sh: unknown option $1" >&2; exit 2 ;;
     *) if [ -z "$model" ]; then model=$1; elif [ -z "$calib" ]; then calib=$1;
        else echo "cd-moe.sh: too many arguments" >&2; exit 2; fi; shift ;;
@@ -119,7 +121,7 @@ if run_stage 6 evaluate moe-eval && [ -d "$out/condensed" ]; then
     # dense vs condensed side by side: perplexity, tasks, speed and memory
     tasks=
     for t in ${TASKS:-}; do tasks="$tasks --task $t"; done
-    moe-eval --model "$model" --model "$out/condensed" --ppl "$calib" $tasks --bench \
+    moe-eval --model "$model" --model "$out/condensed" --ppl "${PPL:-$calib}" $tasks --bench \
         -o "$out/06-eval.msgpack.zst" 2>"$out/06-eval.log" | tee "$out/06-eval.txt"
 fi
 if [ -n "$TUNE_DATA" ] && run_stage 7 tune moe-tune && [ -d "$out/condensed" ]; then
@@ -128,7 +130,7 @@ if [ -n "$TUNE_DATA" ] && run_stage 7 tune moe-tune && [ -d "$out/condensed" ]; 
     # shellcheck disable=SC2086 # TUNE_ARGS: words on purpose
     moe-tune --model "$out/condensed" -o "$out/tuned" --force --data "$TUNE_DATA" $sft --val "$calib" \
         --log "$out/07-tune.msgpack.zst" $TUNE_ARGS 2>"$out/07-tune.log" | tee "$out/07-tune.txt" >&2
-    moe-eval --model "$out/condensed" --model "$out/tuned" --ppl "$calib" -o "$out/07-eval.msgpack.zst" \
+    moe-eval --model "$out/condensed" --model "$out/tuned" --ppl "${PPL:-$calib}" -o "$out/07-eval.msgpack.zst" \
         2>>"$out/07-tune.log" | tee -a "$out/07-tune.txt"
 fi
 

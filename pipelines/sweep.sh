@@ -25,7 +25,8 @@
 #   OUT/sweep.md  OUT/sweep.json  OUT/sweep-memory.svg  OUT/sweep-speedup.svg
 #   (and .png of both when gnuplot is installed: apt-get install gnuplot-nox).
 # Progress: one line per run on stderr.  BENCH_TOKENS (default 128) and
-# BENCH_RUNS (3) size the benchmark; MAX_LENGTH (256) the search's sequences.
+# BENCH_RUNS (3) size the benchmark; MAX_LENGTH (256) the search's sequences;
+# PLOT_Y=perplexity plots perplexity even when a task gives accuracies.
 set -eu
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -36,7 +37,7 @@ BENCH_TOKENS=${BENCH_TOKENS:-128}
 BENCH_RUNS=${BENCH_RUNS:-3}
 ALL_METHODS="cdmoe-s0 cdmoe-sk layerdrop blockdrop layerdrop-cos blockdrop-cos prune-freq prune-reap"
 
-usage() { sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { echo "sweep: $1" >&2; exit "${2:-1}"; }
 model= calib= evals= out=work/sweep layers= experts= prune= methods=$ALL_METHODS tune=0
 while [ $# -gt 0 ]; do
@@ -194,7 +195,8 @@ awk 'BEGIN { printf "{\"runs\": [" }
 # ---- the plots --------------------------------------------------------------------------
 # y: accuracy when a task was given, else perplexity; x: memory ratio, then speedup.
 ycol=8 ylabel=accuracy
-awk 'NR == 1 && $8 == "-" { exit 1 }' "$out/sweep.rows" || { ycol=7 ylabel=perplexity; }
+awk 'NR == 1 && $8 == "-" { exit 1 }' "$out/sweep.rows" && [ "${PLOT_Y:-}" != perplexity ] \
+    || { ycol=7 ylabel=perplexity; }
 sh "$here/pipelines/sweep-plot.sh" "$out/sweep.rows" 4 "$ycol" "memory ratio (parameters)" "$ylabel" \
     >"$out/sweep-memory.svg"
 sh "$here/pipelines/sweep-plot.sh" "$out/sweep.rows" 6 "$ycol" "prefill speedup" "$ylabel" >"$out/sweep-speedup.svg"
