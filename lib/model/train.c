@@ -334,11 +334,15 @@ static int check_opts(moe_trainer *tr) {
                       be->name);
         return -1;
     }
-    int ncond = 0;
-    for (int l = 0; l < c->num_layers; l++) ncond += moe_model_layer_kind(tr->m, l) == MOE_MLP_CONDENSED;
+    int ncond = 0, ndrop = 0;
+    for (int l = 0; l < c->num_layers; l++) {
+        ncond += moe_model_layer_kind(tr->m, l) == MOE_MLP_CONDENSED;
+        ndrop += moe_model_layer_drop(tr->m, l) != MOE_DROP_NONE;
+    }
     if (tr->o.set == MOE_TRAIN_CONDENSED && ncond == 0) {
-        moe_error_set(MOE_ERR_DATA, "%s: the model has no condensed layers to train (condense it "
-                      "first, or train all or a list of layers)", dir);
+        moe_error_set(MOE_ERR_DATA, "%s: the model has no condensed layers to train (%s; train all "
+                      "or a list of layers)", dir, ndrop ? "its layers are dropped, not condensed"
+                                                         : "condense it first");
         return -1;
     }
     tr->layer_set = moe_calloc((size_t)c->num_layers + 1, sizeof(int));
@@ -348,6 +352,11 @@ static int check_opts(moe_trainer *tr) {
         if (l < 0 || l >= c->num_layers) {
             moe_error_set(MOE_ERR_DATA, "%s: layer %d out of range (model has %d layers)", dir, l,
                           c->num_layers);
+            return -1;
+        }
+        if (moe_model_layer_drop(tr->m, l) != MOE_DROP_NONE) {
+            moe_error_set(MOE_ERR_DATA, "%s: layer %d is dropped (%s): it has no MLP to train", dir,
+                          l, moe_model_layer_drop(tr->m, l) == MOE_DROP_MLP ? "LayerDrop" : "BlockDrop");
             return -1;
         }
         tr->layer_set[l] = 1;

@@ -327,6 +327,14 @@ static void test_refuse_uncondensed(void **state) {
     assert_null(moe_trainer_new(m, &o));
     assert_non_null(strstr(moe_error(), "no condensed layers"));
     assert_non_null(strstr(moe_error(), dir));
+    /* a LayerDrop model: no condensed layers either; a dropped layer has no MLP to train */
+    assert_int_equal(moe_model_drop_layer(m, 1, MOE_DROP_MLP), 0);
+    assert_null(moe_trainer_new(m, &o));
+    assert_non_null(strstr(moe_error(), "dropped, not condensed"));
+    int layer = 1;
+    moe_train_opts ol = {.set = MOE_TRAIN_LAYERS, .layers = &layer, .nlayers = 1, .aux_coef = -1};
+    assert_null(moe_trainer_new(m, &ol));
+    assert_non_null(strstr(moe_error(), "layer 1 is dropped (LayerDrop)"));
     moe_model_close(m);
 }
 
