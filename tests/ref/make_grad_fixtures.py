@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """Gradient and AdamW fixtures for moe-tune / lib/train.h (issue 12), from PyTorch autograd.
 
-    /work/venv-ref/bin/python tests/ref/make_grad_fixtures.py [OUTDIR [grad|adamw|verify|f32-check]]
-        (default tests/fixtures/train, both kinds; verify: recompute every fixture and compare,
+    /work/venv-ref/bin/python tests/ref/make_grad_fixtures.py [OUTDIR [grad|dropped|adamw|verify|f32-check]]
+        (default tests/fixtures/train, both kinds; dropped: only the dropped-layer gradient
+        fixtures, on the batch of the existing ones; verify: recompute every fixture and compare,
         exit 1 on a difference (tests/shell/test_train_fixtures.sh); f32-check: how far the same
         computation in float32 lands from the fixtures)
 
 Reads the tiny float32 models of tests/fixtures/models/<arch>-f32 and writes, for each of the five
 architectures, OUTDIR/grad_<arch>_condensed.{json,safetensors} and grad_<arch>_all.{json,...}
-(gradients of one batch), and the 10-step AdamW runs OUTDIR/adamw_<run>.{json,safetensors} on
+(gradients of one batch; deepseek and qwen2_moe also grad_<arch>_dropped: a LayerDrop and a
+BlockDrop layer, every remaining weight trained), and the 10-step AdamW runs OUTDIR/adamw_<run>.{json,safetensors} on
 OUTDIR/adamw_data.jsonl.  OUTDIR/README.md says what each holds and what moe-tune must reproduce.
 Computed in float64 from the float32 checkpoints (transformers keeps a few casts to float32:
 router softmax, the loss's logits) and stored in float32: an AdamW run in float32 drifts up to
