@@ -422,7 +422,7 @@ int main(int argc, char **argv) {
         a.gen.stop_ids = eos;
         a.gen.n_stop_ids = neos;
     }
-    moe_model_opts mo = {.device = moe_cli.device};
+    moe_model_opts mo = {.device = moe_cli.device, .precision = moe_cli.precision};
     moe_model_opts_from_env(&mo);
     moe_model *m = moe_model_open(a.model, &mo);
     if (!m) moe_cli_fail();
