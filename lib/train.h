@@ -23,12 +23,18 @@
  *              condensed layers, as condensed in the checkpoint or at run time
  *              (moe_model_condense_layer) (and, with train_weights, the
  *              condensed layers' fixed expert weights); everything else frozen.
- *              A model without condensed layers is refused.
+ *              A model without condensed layers is refused (the baselines'
+ *              LayerDrop / BlockDrop / pruned checkpoints have none: train
+ *              them ALL, as pipelines/sweep.sh --tune does).
  *   ALL        every weight (embedding, attention, norms, routers, experts,
  *              lm_head; a tied lm_head is one parameter), plus the
  *              architecture's load-balancing loss as Hugging Face computes it.
  *   LAYERS     the MLP weights (as CONDENSED; dense layers' gate/up/down;
- *              not the routers) of the listed layers.
+ *              not the routers) of the listed layers (a dropped one refused).
+ * Dropped layers (moe_model_layer_drop, from the config or at run time): a
+ * LayerDrop layer has its attention alone (no post-attention norm, no MLP),
+ * trained and differentiated as any; a BlockDrop layer is the identity, x
+ * and its gradient pass unchanged; neither's missing tensors are loaded.
  * Frozen weights get no gradient buffers.  Gradients flow through the frozen
  * layers above the lowest trained layer; nothing is computed below it
  * (unless input_grad asks for d loss / d x_0).

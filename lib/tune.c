@@ -341,6 +341,7 @@ static int open_run(tune_run *r) {
     moe_model_opts mo = {0};
     moe_model_opts_from_env(&mo);
     mo.device = r->o->device;
+    if (r->o->precision) mo.precision = r->o->precision;
     r->m = moe_model_open(r->o->model_dir, &mo);
     if (!r->m) return -1;
     r->b = moe_model_backend(r->m);

@@ -38,6 +38,7 @@ typedef struct {
     const char *log;               /* a copy of the log stream, or NULL */
     const char *resume;            /* OUT of the interrupted run, or NULL */
     const char *device;            /* NULL: the default */
+    int precision;                 /* MOE_PRECISION_* (model.h); 0: the device's default */
     moe_train_opts train;
     moe_optim_opts optim;          /* steps is set per stage */
     long epochs, steps;            /* steps > 0: that many per stage, else epochs */

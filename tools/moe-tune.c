@@ -221,6 +221,7 @@ int main(int argc, char **argv) {
     if (optind < argc) moe_cli_usage("unexpected argument '%s'", argv[optind]);
     check_options(&o, epochs_given);
     o.device = moe_cli.device;
+    o.precision = moe_cli.precision;
     o.seed = moe_cli.seed;
     o.force = moe_cli.force;
     o.no_provenance = moe_cli.no_provenance;

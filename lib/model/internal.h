@@ -108,6 +108,8 @@ typedef struct {
  * strided columns. */
 typedef struct {
     moe_mlp_kind kind;
+    moe_drop_kind drop; /* MOE_DROP_MLP: attention only (no post norm, no MLP);
+                           MOE_DROP_BLOCK: no tensors, x passes */
     tparam in_norm, post_norm, wq, wk, wv, wo, bq, bk, bv, qn, kn;
     tparam gu, down; /* dense: gate|up [2I, H], down [H, I] */
     int I;

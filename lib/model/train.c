@@ -197,7 +197,7 @@ static int load_attention(moe_trainer *tr, int l, train_layer *t) {
         LD(qn, MOE_T_Q_NORM);
         LD(kn, MOE_T_K_NORM);
     }
-    LD(post_norm, MOE_T_POST_NORM);
+    if (t->drop != MOE_DROP_MLP) LD(post_norm, MOE_T_POST_NORM); /* LayerDrop: no MLP, no norm */
 #undef LD
     return 0;
 }
@@ -259,9 +259,12 @@ static int load_experts(moe_trainer *tr, int l, train_layer *t) {
 
 static int load_layer(moe_trainer *tr, int l) {
     train_layer *t = &tr->tl[l];
-    t->kind = moe_model_layer_kind(tr->m, l); /* a run-time condensed layer too */
+    t->kind = moe_model_layer_kind(tr->m, l); /* a run-time condensed or dropped layer too */
+    t->drop = moe_model_layer_drop(tr->m, l);
+    if (t->drop == MOE_DROP_BLOCK) return 0; /* BlockDrop: the layer has no tensors */
     TRY(load_attention(tr, l, t));
-    if (t->kind == MOE_MLP_DENSE) {
+    if (t->drop == MOE_DROP_MLP) { /* LayerDrop: attention only */
+    } else if (t->kind == MOE_MLP_DENSE) {
         t->I = moe_config_dense_width(tr->c, l);
         TRY(load_gate_up_down(tr, l, &t->gu, &t->down, MOE_T_MLP_GATE, MOE_T_MLP_UP,
                               MOE_T_MLP_DOWN, -1));
@@ -331,11 +334,15 @@ static int check_opts(moe_trainer *tr) {
                       be->name);
         return -1;
     }
-    int ncond = 0;
-    for (int l = 0; l < c->num_layers; l++) ncond += moe_model_layer_kind(tr->m, l) == MOE_MLP_CONDENSED;
+    int ncond = 0, ndrop = 0;
+    for (int l = 0; l < c->num_layers; l++) {
+        ncond += moe_model_layer_kind(tr->m, l) == MOE_MLP_CONDENSED;
+        ndrop += moe_model_layer_drop(tr->m, l) != MOE_DROP_NONE;
+    }
     if (tr->o.set == MOE_TRAIN_CONDENSED && ncond == 0) {
-        moe_error_set(MOE_ERR_DATA, "%s: the model has no condensed layers to train (condense it "
-                      "first, or train all or a list of layers)", dir);
+        moe_error_set(MOE_ERR_DATA, "%s: the model has no condensed layers to train (%s; train all "
+                      "or a list of layers)", dir, ndrop ? "its layers are dropped, not condensed"
+                                                         : "condense it first");
         return -1;
     }
     tr->layer_set = moe_calloc((size_t)c->num_layers + 1, sizeof(int));
@@ -345,6 +352,11 @@ static int check_opts(moe_trainer *tr) {
         if (l < 0 || l >= c->num_layers) {
             moe_error_set(MOE_ERR_DATA, "%s: layer %d out of range (model has %d layers)", dir, l,
                           c->num_layers);
+            return -1;
+        }
+        if (moe_model_layer_drop(tr->m, l) != MOE_DROP_NONE) {
+            moe_error_set(MOE_ERR_DATA, "%s: layer %d is dropped (%s): it has no MLP to train", dir,
+                          l, moe_model_layer_drop(tr->m, l) == MOE_DROP_MLP ? "LayerDrop" : "BlockDrop");
             return -1;
         }
         tr->layer_set[l] = 1;
@@ -604,9 +616,13 @@ static int embed_batch(moe_trainer *tr, const run_batch *rb, float *x) {
     return 0;
 }
 
+/* a BlockDrop layer is the identity (nothing saved); a LayerDrop layer its
+ * attention alone */
 static int layer_forward(moe_trainer *tr, int l, float *x, const run_batch *rb, layer_save *s) {
-    int rc = mdl_attention_train(tr->m, &tr->tl[l], s, x, &rb->r);
-    if (rc == 0) rc = mdl_mlp_train(tr->m, &tr->tl[l], s, x, &rb->r);
+    const train_layer *t = &tr->tl[l];
+    if (t->drop == MOE_DROP_BLOCK) return 0;
+    int rc = mdl_attention_train(tr->m, t, s, x, &rb->r);
+    if (rc == 0 && t->drop != MOE_DROP_MLP) rc = mdl_mlp_train(tr->m, t, s, x, &rb->r);
     return rc;
 }
 
@@ -645,6 +661,7 @@ static int layer_backward(moe_trainer *tr, const run_batch *rb, int l, layer_sav
     moe_model *m = tr->m;
     train_layer *t = &tr->tl[l];
     int need_dx = l > tr->lowest || tr->o.input_grad;
+    if (t->drop == MOE_DROP_BLOCK) return 0; /* identity: dx passes unchanged */
     layer_save rs = {0}, *s = sv;
     int rc = 0;
     if (tr->o.recompute) { /* the layer's forward again, from its saved input */
@@ -658,7 +675,7 @@ static int layer_backward(moe_trainer *tr, const run_batch *rb, int l, layer_sav
     float *dprobs = NULL;
     if (rc == 0 && aux_on(tr) && t->kind == MOE_MLP_MOE)
         dprobs = aux_dprobs(tr, rb, l, (double)aux_scale * tr->aux_coef);
-    if (rc == 0)
+    if (rc == 0 && t->drop != MOE_DROP_MLP)
         rc = mdl_mlp_backward(m, t, s, dx, dprobs, need_dx || mdl_attention_trained(t), &rb->r);
     if (rc == 0) rc = mdl_attention_backward(m, t, s, dx, need_dx, &rb->r);
     mdl_free(m, dprobs);

@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """Gradient and AdamW fixtures for moe-tune / lib/train.h (issue 12), from PyTorch autograd.
 
-    /work/venv-ref/bin/python tests/ref/make_grad_fixtures.py [OUTDIR [grad|adamw|verify|f32-check]]
-        (default tests/fixtures/train, both kinds; verify: recompute every fixture and compare,
+    /work/venv-ref/bin/python tests/ref/make_grad_fixtures.py [OUTDIR [grad|dropped|adamw|verify|f32-check]]
+        (default tests/fixtures/train, both kinds; dropped: only the dropped-layer gradient
+        fixtures, on the batch of the existing ones; verify: recompute every fixture and compare,
         exit 1 on a difference (tests/shell/test_train_fixtures.sh); f32-check: how far the same
         computation in float32 lands from the fixtures)
 
 Reads the tiny float32 models of tests/fixtures/models/<arch>-f32 and writes, for each of the five
 architectures, OUTDIR/grad_<arch>_condensed.{json,safetensors} and grad_<arch>_all.{json,...}
-(gradients of one batch), and the 10-step AdamW runs OUTDIR/adamw_<run>.{json,safetensors} on
+(gradients of one batch; deepseek and qwen2_moe also grad_<arch>_dropped: a LayerDrop and a
+BlockDrop layer, every remaining weight trained), and the 10-step AdamW runs OUTDIR/adamw_<run>.{json,safetensors} on
 OUTDIR/adamw_data.jsonl.  OUTDIR/README.md says what each holds and what moe-tune must reproduce.
 Computed in float64 from the float32 checkpoints (transformers keeps a few casts to float32:
 router softmax, the loss's logits) and stored in float32: an AdamW run in float32 drifts up to
@@ -51,6 +53,9 @@ OWN_CONDENSED = {
     "mixtral": {"0": {"experts": [1, 3], "weights": [0.6, 0.4]},
                 "1": {"experts": [2], "weights": [1.0]}},
 }
+# dropped layers (the baselines' checkpoints, every weight trained, no aux): a BlockDrop layer
+# and a LayerDrop layer under a kept one, so that gradients cross both on their way down
+DROPPED = {"deepseek": {"block": [0], "mlp": [1]}, "qwen2_moe": {"block": [0], "mlp": [1]}}
 GRAD_LENS = [9, 14, 6]
 GRAD_AUX_COEF = 0.1     # train-all gradient fixtures: large enough that aux shapes the router grads
 MIN_MARGIN = 5e-4       # smallest top-k routing gap accepted (float noise must not flip a choice)
@@ -92,13 +97,17 @@ def check_condensed_forward(arch, model):
 
 
 def setup(arch, case, train_weights=True, dtype=torch.float64):
-    """(model, views, trained names) for case condensed / all"""
+    """(model, views, trained names) for case condensed / all / dropped"""
     path = model_dir(arch)
     _, model = tr.load_model(path, dtype)
     if case == "condensed":
         tr.condense(arch, model, condensed_table(arch))
         check_condensed_forward(arch, model)
+    if case == "dropped":
+        tr.drop(model, DROPPED[arch])
     views = tr.hub_views(arch, model, path)
+    if case == "dropped":
+        views = tr.drop_views(views, DROPPED[arch])
     if case == "condensed":
         trained = tr.condensed_trainable(views)
         if not train_weights:
@@ -149,6 +158,8 @@ def grad_case(arch, case, seqs, labels, targets, dtype=torch.float64):
            "dscale": 1.0 / N, "min_router_margin": margin, "trained": trained}
     if case == "condensed":
         rec["condensed_layers"] = condensed_table(arch)
+    elif case == "dropped":
+        rec["dropped_layers"] = DROPPED[arch]
     else:
         rec.update(aux=aux, aux_coef=coef, aux_scale=coef, config_aux_coef=tr.aux_coef_of(cfg))
     return rec, g
@@ -182,6 +193,10 @@ def check_hf_loss(model, seqs, labels, coef, loss):
         raise RuntimeError("HF loss %.9g, ours %.9g" % (float(out.loss), loss))
 
 
+def grad_cases(arch):
+    return ("condensed", "all") + (("dropped",) if arch in DROPPED else ())
+
+
 def make_grad_fixtures():
     summary = []
     for arch in tr.ARCHS:
@@ -194,6 +209,10 @@ def make_grad_fixtures():
                 best = (margin, recs)
             if margin >= MIN_MARGIN:
                 break
+        if arch in DROPPED:  # the same batch (its margin reported)
+            seqs, labels, targets = ([q[k] for q in best[1][0][0]["sequences"]]
+                                     for k in ("ids", "labels", "targets"))
+            best[1].append(grad_case(arch, "dropped", seqs, labels, targets))
         for rec, g in best[1]:
             name = "grad_%s_%s" % (arch, rec["case"])
             save_file(as_f32(g), os.path.join(OUT, name + ".safetensors"), metadata={"format": "pt"})
@@ -201,6 +220,21 @@ def make_grad_fixtures():
             summary.append("%s: loss %.6f, %d trained tensors, min router margin %.2e"
                            % (name, rec["loss"], len(rec["trained"]), rec["min_router_margin"]))
             print(summary[-1], file=sys.stderr)
+    return summary
+
+
+def make_dropped_fixtures():
+    summary = []
+    for arch in DROPPED:
+        with open(os.path.join(OUT, "grad_%s_all.json" % arch)) as f:
+            want = json.load(f)
+        seqs, labels, targets = ([q[k] for q in want["sequences"]] for k in ("ids", "labels", "targets"))
+        rec, g = grad_case(arch, "dropped", seqs, labels, targets)
+        name = "grad_%s_dropped" % arch
+        save_file(as_f32(g), os.path.join(OUT, name + ".safetensors"), metadata={"format": "pt"})
+        write_json(os.path.join(OUT, name + ".json"), rec)
+        summary.append("%s: loss %.6f, %d trained tensors, min router margin %.2e"
+                       % (name, rec["loss"], len(rec["trained"]), rec["min_router_margin"]))
     return summary
 
 
@@ -289,7 +323,7 @@ def recomputed(dtype):
     tensors, the keys to compare)"""
     from safetensors.torch import load_file
     for arch in tr.ARCHS:
-        for case in ("condensed", "all"):
+        for case in grad_cases(arch):
             name = "grad_%s_%s" % (arch, case)
             with open(os.path.join(OUT, name + ".json")) as f:
                 want = json.load(f)
@@ -363,11 +397,13 @@ def write_json(path, obj):
 def main():
     os.makedirs(OUT, exist_ok=True)
     what = sys.argv[2] if len(sys.argv) > 2 else "all"
-    if what not in ("all", "grad", "adamw", "verify", "f32-check"):
-        sys.exit("usage: make_grad_fixtures.py [OUTDIR [grad|adamw|verify|f32-check]]")
+    if what not in ("all", "grad", "dropped", "adamw", "verify", "f32-check"):
+        sys.exit("usage: make_grad_fixtures.py [OUTDIR [grad|dropped|adamw|verify|f32-check]]")
     lines = []
     if what in ("all", "grad"):
         lines += make_grad_fixtures()
+    if what == "dropped":  # only the dropped cases, on the batch of the existing grad fixtures
+        lines += make_dropped_fixtures()
     if what in ("all", "adamw"):
         lines += make_adamw_fixtures()
     if what == "f32-check":

@@ -130,6 +130,34 @@ def condense(arch, model, table):
         dec.mlp = CondensedMLP(arch, dec.mlp, entry["experts"], entry["weights"])
 
 
+class NoMLP(nn.Module):
+    """a LayerDrop layer's MLP: contributes nothing (h = h + attn(...), no MLP)"""
+    def forward(self, x):
+        return torch.zeros_like(x)
+
+
+class SkippedBlock(nn.Module):
+    """a BlockDrop layer: the decoder layer is the identity"""
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+def drop(model, table):
+    """table: {"mlp": [layers], "block": [layers]} (moe-condense --method layerdrop/blockdrop)"""
+    for layer in table.get("mlp", []):
+        model.model.layers[layer].mlp = NoMLP()
+    for layer in table.get("block", []):
+        model.model.layers[layer] = SkippedBlock()
+
+
+def drop_views(views, table):
+    """the hub views a dropped model still has: a LayerDrop layer loses its post-attention norm
+    (its MLP has no parameters left), a BlockDrop layer everything"""
+    gone = ["model.layers.%d.post_attention_layernorm." % l for l in table.get("mlp", [])]
+    gone += ["model.layers.%d." % l for l in table.get("block", [])]
+    return {k: v for k, v in views.items() if not any(k.startswith(g) for g in gone)}
+
+
 # ---- hub names -------------------------------------------------------------------------------
 
 def hub_views(arch, model, path=None):
@@ -152,6 +180,8 @@ def hub_views(arch, model, path=None):
     for layer, dec in enumerate(model.model.layers):
         pre = moe_prefix(arch, layer)
         names = expert_names(arch)
+        if isinstance(dec, SkippedBlock):
+            continue
         if isinstance(dec.mlp, CondensedMLP):
             c = dec.mlp
             for e, expert in zip(c.ids, c.kept):
@@ -250,7 +280,7 @@ class DeepseekAux:
         self.margins = []
         self.hooks = []
         for dec in model.model.layers:
-            if isinstance(dec.mlp, deepseek_v1.DeepseekMoE):
+            if isinstance(getattr(dec, "mlp", None), deepseek_v1.DeepseekMoE):
                 self.hooks.append(dec.mlp.gate.register_forward_hook(self.hook))
 
     def hook(self, gate, inp, out):

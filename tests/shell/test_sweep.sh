@@ -2,7 +2,8 @@
 # count in the table (Markdown and JSON), the memory ratios as the parameter
 # counts give them, the plots, a rerun that reuses every intermediate (and
 # writes the same table), --tune skipped with a message when moe-tune is not
-# built and run (a stand-in) when it is, and bad arguments refused.
+# built and run for real on every method when it is (and through a stand-in
+# for its arguments), and bad arguments refused.
 . tests/shell/lib.sh
 export OMP_NUM_THREADS=1 BENCH_TOKENS=16 BENCH_RUNS=1
 case $BIN in /*) ;; *) BIN=$PWD/$BIN ;; esac
@@ -36,19 +37,31 @@ bd=$(awk -F' *\\| *' '$2 == "blockdrop" && $3 == 2 { print $4 }' out/sweep.md)
 [ "$bd" -lt "$ld" ] || fail "blockdrop ($bd) not smaller than layerdrop ($ld)"
 # perplexity and accuracy filled in; the JSON has the same runs
 awk -F' *\\| *' 'NR > 2 && ($8 == "-" || $9 == "-") { exit 1 }' out/sweep.md || fail "empty perplexity/accuracy"
-[ "$(grep -o '"method"' out/sweep.json | wc -l)" -eq 15 ] || fail "JSON runs: $(cat out/sweep.json)"
+# with moe-tune built, --tune tunes every checkpoint for real (CD-MoE its condensed layers, the
+# baselines -- LayerDrop, BlockDrop, pruned -- every weight they have): a +tune row for each
+if [ -x "$BIN/moe-tune" ]; then
+    runs=29 lines=16
+    grep -q "tuning failed" err && fail "a checkpoint moe-tune could not tune: $(grep 'tuning failed' err)"
+    for m in cdmoe-s0 cdmoe-sk layerdrop blockdrop layerdrop-cos blockdrop-cos; do
+        for n in 1 2; do grep -q "^| $m+tune | $n | " out/sweep.md || fail "no row $m+tune $n: $(cat out/sweep.md)"; done
+    done
+    for m in prune-freq prune-reap; do grep -q "^| $m+tune | 6 | " out/sweep.md || fail "no row $m+tune"; done
+else
+    runs=15 lines=8
+fi
+[ "$(grep -o '"method"' out/sweep.json | wc -l)" -eq $runs ] || fail "JSON runs: $(cat out/sweep.json)"
 PY=$(find_python) && { $PY -c 'import json,sys; r=json.load(open(sys.argv[1]))["runs"]; assert r[0]["method"]=="dense" and all(x["ppl"] > 1 for x in r)' \
     out/sweep.json || fail "sweep.json"; }
 for p in memory speedup; do
     f=out/sweep-$p.svg
     head -c 4 $f | grep -q "<svg" && tail -n 1 $f | grep -q "</svg>" || fail "$f"
-    [ "$(grep -c '<polyline' $f)" -eq 8 ] || fail "$f: not one line per method"
+    [ "$(grep -c '<polyline' $f)" -eq $lines ] || fail "$f: not one line per method (and tuned method)"
     grep -q 'stroke-dasharray' $f || fail "$f: no dense line"
 done
 # a rerun reuses everything and writes the same table
 cp out/sweep.md md1
 sleep 1
-sweep >md 2>err || fail "rerun: $(tail -5 err)"
+sweep --tune >md 2>err || fail "rerun: $(tail -5 err)"
 grep -q "^sweep: \[1/14\]" err || fail "rerun: no progress"
 [ "$(grep -c 'reused' err)" -ge 30 ] || fail "rerun did not reuse: $(cat err)"
 changed=$(find out/runs out/*.msgpack.zst -newer md1)
@@ -66,12 +79,12 @@ while [ $# -gt 0 ]; do case $1 in --model) m=$2; shift 2 ;; -o) o=$2; shift 2 ;;
 cp -r "$m" "$o"
 TUNE
 chmod +x fakebin/moe-tune
-BIN=$PWD/fakebin sh "$ROOT/pipelines/sweep.sh" model calib.jsonl calib.jsonl --out out --layers 1 \
+BIN=$PWD/fakebin sh "$ROOT/pipelines/sweep.sh" model calib.jsonl calib.jsonl --out out5 --layers 1 \
     --methods "cdmoe-s0 layerdrop" --tune >md 2>err || fail "--tune: $(tail -5 err)"
-grep -q "^| cdmoe-s0+tune | 1 | " out/sweep.md && grep -q "^| layerdrop+tune | 1 | " out/sweep.md \
-    || fail "no tuned rows: $(cat out/sweep.md)"
+grep -q "^| cdmoe-s0+tune | 1 | " out5/sweep.md && grep -q "^| layerdrop+tune | 1 | " out5/sweep.md \
+    || fail "no tuned rows: $(cat out5/sweep.md)"
 grep -q -- "--train condensed" fakebin/tune.args && grep -q -- "--train all" fakebin/tune.args \
-    && grep -q -- "--data $PWD/out/tokens.msgpack.zst\|--data out/tokens.msgpack.zst" fakebin/tune.args \
+    && grep -q -- "--data $PWD/out5/tokens.msgpack.zst\|--data out5/tokens.msgpack.zst" fakebin/tune.args \
     || fail "moe-tune arguments: $(cat fakebin/tune.args)"
 # a checkpoint moe-tune refuses is reported and left untuned; the sweep goes on
 printf '#!/bin/sh\necho "moe-tune: layer 3: no post_attention_layernorm" >&2\nexit 1\n' >fakebin/moe-tune

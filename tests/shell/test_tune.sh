@@ -2,7 +2,8 @@
 # line, exit code, nothing half-written), the same bytes with 1 and 2 threads,
 # a stopped and resumed run equal to the uninterrupted one, held-out
 # perplexity going down (moe-eval), the result loading in the other tools, the
-# log stream (moe-dump, a stock msgpack reader), --train-weights, --sft, --val.
+# log stream (moe-dump, a stock msgpack reader), --train-weights, --sft, --val,
+# --precision.
 . tests/shell/lib.sh
 command -v moe-tune >/dev/null || fail "moe-tune not built"
 cd "$TMP"
@@ -124,6 +125,22 @@ echo '{"turns": [{"role": "user", "content": "where?"}, {"role": "assistant", "c
 moe-tune --model cond -o two $T --steps 2 --sft sft.jsonl --log - >two.zst 2>two.err
 grep -q "^steps 4" two.err || fail "--log -: the summary should go to stderr: $(cat two.err)"
 moe-dump --type step two.zst | grep -q '"stage":2,"step":4' || fail "stage 2 steps: $(moe-dump two.zst)"
+# ---- --precision ---------------------------------------------------------------------------
+# bf16 computes the weight GEMMs from BF16 weights and activations (the backward ops of the
+# cpu-bf16-compute table take the same BF16 weights): another loss than float32, close to it;
+# f32 is the CPU's default (the same checkpoint bytes)
+# shellcheck disable=SC2086
+moe-tune --model cond -o pdef $T --steps 3 >sdef || fail "--precision default"
+# shellcheck disable=SC2086
+moe-tune --model cond -o p32 $T --steps 3 --precision f32 >s32 || fail "--precision f32"
+# shellcheck disable=SC2086
+moe-tune --model cond -o p16 $T --steps 3 --precision bf16 >s16 2>e16 || fail "--precision bf16: $(cat e16)"
+cmp -s pdef/model.safetensors p32/model.safetensors || fail "--precision f32 is not the CPU's default"
+cmp -s s32 s16 && fail "--precision bf16 trains as float32 does: $(cat s16)"
+l32=$(awk '{ print $4 }' s32) l16=$(awk '{ print $4 }' s16)
+awk -v a="$l32" -v b="$l16" 'BEGIN { d = (a - b) / a; exit !(d < 0.02 && d > -0.02) }' \
+    || fail "--precision bf16: first loss $l16, float32 $l32"
+expect_fail 2 "precision" moe-tune --model cond -o x --data train.jsonl --precision fp8
 PY=$(find_python) || exit 0
 $PY - two.zst <<'PYEOF' || fail "stock msgpack reader"
 import sys, msgpack, zstandard

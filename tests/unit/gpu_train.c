@@ -2,7 +2,8 @@
  * CPU backend: every trained tensor's gradient and d loss / d x_0, on the
  * tiny BF16 fixture models of the five architectures (weights exact on both
  * sides), condensed case (a layer condensed at run time, its fixed weights
- * trained) and train-all case (load-balancing loss included):
+ * trained), train-all case (load-balancing loss included) and dropped case
+ * (layer 0 BlockDrop, layer 1 LayerDrop, at run time; every weight trained):
  *
  *   MOE_CUDA_PREC_F32 (float32 GEMMs): rel. error < 1e-4 per tensor (the
  *   worst tensor's);  default precision (BF16 activations into the GEMMs):
@@ -30,13 +31,21 @@ static double worst_rel(const float *a, const float *ref, const size_t *seg, int
 
 /* the gradients of one backward on the fixture's sequences, concatenated
  * parameter by parameter, then d loss / d x_0 of every sequence */
-static float *train_grads(const char *dir, const char *device, int all, size_t *seg, int *nseg) {
+enum { CASE_CONDENSED, CASE_ALL, CASE_DROPPED };
+static const char *const CASE_NAMES[] = {"condensed", "all", "dropped"};
+
+static float *train_grads(const char *dir, const char *device, int kase, size_t *seg, int *nseg) {
     moe_model_opts o = {.device = device};
     moe_model *m = moe_model_open(dir, &o);
     if (!m) fail_msg("%s (%s): %s", dir, device, moe_error());
     int ex[2] = {1, 3};
     float w[2] = {0.4f, 0.25f};
-    assert_int_equal(moe_model_condense_layer(m, 1, 2, ex, w), 0);
+    if (kase == CASE_DROPPED) {
+        assert_int_equal(moe_model_drop_layer(m, 0, MOE_DROP_BLOCK), 0);
+        assert_int_equal(moe_model_drop_layer(m, 1, MOE_DROP_MLP), 0);
+    } else {
+        assert_int_equal(moe_model_condense_layer(m, 1, 2, ex, w), 0);
+    }
     int32_t *ids[NSEQ], *tg[NSEQ];
     int T[NSEQ];
     size_t rows = 0;
@@ -49,7 +58,7 @@ static float *train_grads(const char *dir, const char *device, int all, size_t *
         rows += (size_t)T[s];
     }
     moe_train_batch b = {NSEQ, (const int32_t *const *)ids, (const int32_t *const *)tg, T};
-    moe_train_opts to = {.set = all ? MOE_TRAIN_ALL : MOE_TRAIN_CONDENSED, .train_weights = 1,
+    moe_train_opts to = {.set = kase == CASE_CONDENSED ? MOE_TRAIN_CONDENSED : MOE_TRAIN_ALL, .train_weights = 1,
                          .input_grad = 1, .aux_coef = 0.1};
     moe_trainer *tr = moe_trainer_new(m, &to);
     if (!tr) fail_msg("%s (%s): %s", dir, device, moe_error());
@@ -82,16 +91,16 @@ static void test_gradients(void **state) {
     (void)state;
     int bad = 0;
     for (size_t a = 0; a < sizeof ARCHS / sizeof *ARCHS; a++)
-        for (int all = 0; all < 2; all++) {
+        for (int kase = CASE_CONDENSED; kase <= CASE_DROPPED; kase++) {
             char dir[256];
             snprintf(dir, sizeof dir, "%s/%s-bf16", FIX, ARCHS[a]);
             size_t sc[MAXSEG], sg[MAXSEG], s32[MAXSEG];
             int nc, ng, n32;
-            float *c = train_grads(dir, "cpu", all, sc, &nc);
+            float *c = train_grads(dir, "cpu", kase, sc, &nc);
             moe_cuda_set_precision(MOE_CUDA_PREC_F32);
-            float *g32 = train_grads(dir, "cuda", all, s32, &n32);
+            float *g32 = train_grads(dir, "cuda", kase, s32, &n32);
             moe_cuda_set_precision(MOE_CUDA_PREC_BF16);
-            float *g = train_grads(dir, "cuda", all, sg, &ng);
+            float *g = train_grads(dir, "cuda", kase, sg, &ng);
             assert_int_equal(nc, ng);
             assert_int_equal(nc, n32);
             assert_memory_equal(sc, sg, sizeof(size_t) * (size_t)nc);
@@ -99,7 +108,7 @@ static void test_gradients(void **state) {
             int np = nc - NSEQ;
             int ok = e32 < 1e-4 && e < 5e-2;
             print_message("%-34s %-9s %3d tensors: f32 path %.2e, bf16 path %.2e%s\n", dir,
-                          all ? "all" : "condensed", np, e32, e, ok ? "" : "  <-- FAIL");
+                          CASE_NAMES[kase], np, e32, e, ok ? "" : "  <-- FAIL");
             bad += !ok;
             free(c), free(g), free(g32);
         }

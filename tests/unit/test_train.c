@@ -165,6 +165,12 @@ static void gf_open(grad_fixture *g, const char *arch, const char *kase) {
         }
         assert_int_equal(moe_model_condense_layer(g->m, atoi(key), n, e, w), 0);
     }
+    json_t *dropped = json_object_get(g->j, "dropped_layers"); /* {"mlp": [...], "block": [...]} */
+    size_t i;
+    json_array_foreach(json_object_get(dropped, "mlp"), i, v)
+        assert_int_equal(moe_model_drop_layer(g->m, (int)json_integer_value(v), MOE_DROP_MLP), 0);
+    json_array_foreach(json_object_get(dropped, "block"), i, v)
+        assert_int_equal(moe_model_drop_layer(g->m, (int)json_integer_value(v), MOE_DROP_BLOCK), 0);
     json_t *seqs = json_object_get(g->j, "sequences");
     int ns = (int)json_array_size(seqs);
     assert_true(ns > 0 && ns <= 8);
@@ -205,10 +211,10 @@ static double gf_compare(grad_fixture *g, const char *name, const float *ours, s
 static void grad_fixture_case(const char *arch, const char *kase, int recompute) {
     grad_fixture g;
     gf_open(&g, arch, kase);
-    int all = !strcmp(kase, "all");
+    int all = !strcmp(kase, "all"), dropped = !strcmp(kase, "dropped"); /* dropped: all, no aux */
     double dscale = json_number_value(json_object_get(g.j, "dscale"));
-    double aux_coef = all ? json_number_value(json_object_get(g.j, "aux_coef")) : -1;
-    moe_train_opts o = {.set = all ? MOE_TRAIN_ALL : MOE_TRAIN_CONDENSED, .train_weights = 1,
+    double aux_coef = all ? json_number_value(json_object_get(g.j, "aux_coef")) : dropped ? 0 : -1;
+    moe_train_opts o = {.set = all || dropped ? MOE_TRAIN_ALL : MOE_TRAIN_CONDENSED, .train_weights = 1,
                         .input_grad = 1, .recompute = recompute, .aux_coef = aux_coef};
     moe_trainer *tr = moe_trainer_new(g.m, &o);
     if (!tr) fail_msg("%s %s: %s", arch, kase, moe_error());
@@ -254,6 +260,13 @@ static void test_grad_pytorch(void **state) {
         grad_fixture_case(ARCHS[a], "condensed", 0);
         grad_fixture_case(ARCHS[a], "all", a == 0);
     }
+}
+
+/* LayerDrop and BlockDrop layers (the baselines' checkpoints, dropped at run time here) */
+static void test_grad_dropped(void **state) {
+    (void)state;
+    grad_fixture_case("deepseek", "dropped", 0);
+    grad_fixture_case("qwen2_moe", "dropped", 1);
 }
 
 /* ---- same bytes: recompute, thread count ------------------------------------------------ */
@@ -314,6 +327,14 @@ static void test_refuse_uncondensed(void **state) {
     assert_null(moe_trainer_new(m, &o));
     assert_non_null(strstr(moe_error(), "no condensed layers"));
     assert_non_null(strstr(moe_error(), dir));
+    /* a LayerDrop model: no condensed layers either; a dropped layer has no MLP to train */
+    assert_int_equal(moe_model_drop_layer(m, 1, MOE_DROP_MLP), 0);
+    assert_null(moe_trainer_new(m, &o));
+    assert_non_null(strstr(moe_error(), "dropped, not condensed"));
+    int layer = 1;
+    moe_train_opts ol = {.set = MOE_TRAIN_LAYERS, .layers = &layer, .nlayers = 1, .aux_coef = -1};
+    assert_null(moe_trainer_new(m, &ol));
+    assert_non_null(strstr(moe_error(), "layer 1 is dropped (LayerDrop)"));
     moe_model_close(m);
 }
 
@@ -322,6 +343,7 @@ int main(void) {
         cmocka_unit_test(test_refuse_uncondensed),
         cmocka_unit_test(test_logits),
         cmocka_unit_test(test_grad_pytorch),
+        cmocka_unit_test(test_grad_dropped),
         cmocka_unit_test(test_same_bytes),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
