@@ -835,24 +835,45 @@ int mdl_mlp_train(moe_model *m, const train_layer *tl, layer_save *s, float *x,
     return rc == 0 ? moe_backend_status(be) : rc;
 }
 
-/* the grouped experts' backward, expert by expert: the gate|up activations
- * kept by experts_keep_gu, or recomputed from the gathered inputs (the
- * grouped op keeps none: one GEMM more per expert, no [N·K, 2·Im] buffer) */
+/* one expert's backward: its weight gradients added, d loss / d its gathered
+ * inputs into *dxe (a new buffer) when dxe */
+static void expert_backward(moe_model *m, const train_layer *tl, const layer_save *s, int e,
+                            float **dxe, const float *dout) {
+    const moe_backend *be = m->be;
+    int H = m->cfg->hidden_size, Im = m->cfg->moe_intermediate_size;
+    int r0 = s->off[e], n = s->off[e + 1] - r0;
+    if (n == 0 || (!dxe && !tl->e_gu[e].g && !tl->e_down[e].g)) return;
+    float *xe = tbuf_out(m, (size_t)n * H);
+    if (dxe) *dxe = tbuf(m, (size_t)n * H);
+    be->gather_rows(xe, s->xn, s->rows + r0, n, H);
+    swiglu_backward_rows(m, dxe ? *dxe : NULL, &tl->e_gu[e], &tl->e_down[e],
+                         dout + (size_t)r0 * H, xe, s->egu ? s->egu + (size_t)r0 * 2 * Im : NULL,
+                         n, Im);
+    tfree(m, xe);
+}
+
+/* the grouped experts' backward: the gate|up activations kept by
+ * experts_keep_gu, or recomputed from the gathered inputs (the grouped op
+ * keeps none: one GEMM more per expert, no [N·K, 2·Im] buffer).  On the CPU
+ * the experts run concurrently, one per thread (their products are a few
+ * hundred rows: split into the backward's fixed tiles they made one or two
+ * tasks, and one core idled); the ops are thread-count invariant, every
+ * expert has its own gradients, and the inputs' gradients are added in
+ * expert order after, so the bits are those of one expert after another. */
 static void experts_backward(moe_model *m, const train_layer *tl, const layer_save *s, float *dxn,
                              const float *dout) {
     const moe_backend *be = m->be;
-    int H = m->cfg->hidden_size, Im = m->cfg->moe_intermediate_size;
+    int H = m->cfg->hidden_size;
+    float **dxe = moe_calloc((size_t)tl->ne + 1, sizeof *dxe);
+#pragma omp parallel for schedule(dynamic, 1) if (be->host_memory && tl->ne > 1)
+    for (int e = 0; e < tl->ne; e++) expert_backward(m, tl, s, e, dxn ? &dxe[e] : NULL, dout);
     for (int e = 0; e < tl->ne; e++) {
-        int r0 = s->off[e], n = s->off[e + 1] - r0;
-        if (n == 0 || (!dxn && !tl->e_gu[e].g && !tl->e_down[e].g)) continue;
-        float *xe = tbuf_out(m, (size_t)n * H), *dxe = dxn ? tbuf(m, (size_t)n * H) : NULL;
-        be->gather_rows(xe, s->xn, s->rows + r0, n, H);
-        swiglu_backward_rows(m, dxe, &tl->e_gu[e], &tl->e_down[e], dout + (size_t)r0 * H, xe,
-                             s->egu ? s->egu + (size_t)r0 * 2 * Im : NULL, n, Im);
-        if (dxe) be->scatter_add_rows(dxn, dxe, s->rows + r0, NULL, n, H);
-        tfree(m, xe);
-        tfree(m, dxe);
+        if (!dxe[e]) continue;
+        int r0 = s->off[e];
+        be->scatter_add_rows(dxn, dxe[e], s->rows + r0, NULL, s->off[e + 1] - r0, H);
+        tfree(m, dxe[e]);
     }
+    free(dxe);
 }
 
 /* d fixed weight_i = Σ_t dwt_ti, summed on the host in token order (n·N values) */
