@@ -646,12 +646,13 @@ static int layer_backward(moe_trainer *tr, const run_batch *rb, int l, layer_sav
     moe_model *m = tr->m;
     train_layer *t = &tr->tl[l];
     int need_dx = l > tr->lowest || tr->o.input_grad;
-    layer_save rs = {.want_egu = 1}, *s = sv;
+    layer_save rs = {0}, *s = sv;
     int rc = 0;
     if (tr->o.recompute) { /* the layer's forward again, from its saved input */
         size_t n = rb->r.N * (size_t)tr->c->hidden_size;
         float *x = moe_model_alloc(m, n);
         tr->be->copy(x, sv->x, sizeof(float) * n);
+        rs.want_egu = 1;
         rc = layer_forward(tr, l, x, rb, &rs);
         mdl_free(m, x);
         s = &rs;
