@@ -457,6 +457,14 @@ int moe_layer_attention_kv(moe_model *m, int l, float *x, int T, int pos0, float
 
 static float *tbuf(moe_model *m, size_t nfloats) { return moe_model_alloc(m, nfloats); }
 
+/* a buffer the next op writes whole (a product with no accumulation, a copy,
+ * a norm, a gather): not zeroed first -- zeroing a step's activations took
+ * 7% of bench/tune.sh's CPU time, page faults included.  Same size as tbuf's
+ * (the model's pool hands blocks back by size). */
+static float *tbuf_out(moe_model *m, size_t nfloats) {
+    return mdl_alloc(m, nfloats * sizeof(float) + 4);
+}
+
 static void tfree(moe_model *m, void *p) { mdl_free(m, p); }
 
 static int seq_fits_window(const moe_model *m, const train_rows *r) {
@@ -499,18 +507,18 @@ int mdl_attention_train(moe_model *m, const train_layer *tl, layer_save *s, floa
     const moe_backend *be = m->be;
     int H = c->hidden_size, nh = c->num_heads, nkv = c->num_kv_heads, D = c->head_dim;
     size_t N = r->N, qd = (size_t)nh * D, kvd = (size_t)nkv * D;
-    s->x = tbuf(m, N * H);
+    s->x = tbuf_out(m, N * H);
     be->copy(s->x, x, sizeof(float) * N * H);
-    s->xa = tbuf(m, N * H);
-    s->q = tbuf(m, N * qd);
-    s->k = tbuf(m, N * kvd);
-    s->v = tbuf(m, N * kvd);
+    s->xa = tbuf_out(m, N * H);
+    s->q = tbuf_out(m, N * qd);
+    s->k = tbuf_out(m, N * kvd);
+    s->v = tbuf_out(m, N * kvd);
     s->att = tbuf(m, N * qd);
     be->rmsnorm(s->xa, x, tl->in_norm.w, (float)c->rms_norm_eps, (int)N, H);
     float *qp = s->q, *kp = s->k;
     if (c->qk_norm != MOE_QK_NORM_NONE) { /* projections kept before the norm */
-        qp = s->ql = tbuf(m, N * qd);
-        kp = s->kl = tbuf(m, N * kvd);
+        qp = s->ql = tbuf_out(m, N * qd);
+        kp = s->kl = tbuf_out(m, N * kvd);
     }
     be->matmul(qp, s->xa, tl->wq.w, tl->bq.w, (int)N, H, (int)qd, 0);
     be->matmul(kp, s->xa, tl->wk.w, tl->bk.w, (int)N, H, (int)kvd, 0);
@@ -595,7 +603,7 @@ static void swiglu_train(moe_model *m, float *y, const float *x, const tparam *g
     const moe_backend *be = m->be;
     int H = m->cfg->hidden_size;
     float *h = mdl_scratch(m, S_H, sizeof(float) * (size_t)T * I);
-    *gu = tbuf(m, (size_t)T * 2 * I);
+    *gu = tbuf_out(m, (size_t)T * 2 * I);
     be->matmul(*gu, x, gu_w->w, NULL, T, H, 2 * I, 0);
     be->swiglu(h, *gu, T, I);
     be->matmul(y, h, down_w->w, NULL, T, I, H, acc);
@@ -612,10 +620,10 @@ static void swiglu_backward_rows(moe_model *m, float *dx, const tparam *gu_w,
     size_t t = (size_t)T;
     float *gtmp = NULL;
     if (!gu) {
-        gu = gtmp = tbuf(m, t * 2 * I);
+        gu = gtmp = tbuf_out(m, t * 2 * I);
         be->matmul(gtmp, x, gu_w->w, NULL, T, H, 2 * I, 0);
     }
-    float *h = tbuf(m, t * I), *dh = tbuf(m, t * I), *dgu = tbuf(m, t * 2 * I);
+    float *h = tbuf_out(m, t * I), *dh = tbuf(m, t * I), *dgu = tbuf(m, t * 2 * I);
     be->swiglu(h, gu, T, I);
     be->matmul_backward(dh, down_w->g, NULL, dy, h, down_w->w, T, I, H);
     be->swiglu_backward(dgu, dh, gu, T, I);
@@ -631,7 +639,7 @@ static void shared_train(moe_model *m, const train_layer *tl, layer_save *s, flo
     if (!tl->s_gu.w) return;
     const moe_backend *be = m->be;
     int H = m->cfg->hidden_size;
-    s->so = tbuf(m, (size_t)N * H);
+    s->so = tbuf_out(m, (size_t)N * H);
     swiglu_train(m, s->so, s->xn, &tl->s_gu, &tl->s_down, N, tl->Is, 0, &s->sgu);
     if (tl->s_gate.w) {
         s->z = tbuf(m, (size_t)N);
@@ -693,6 +701,31 @@ static void dispatch_train(moe_model *m, layer_save *s, const int32_t *idx_h, co
     moe_dispatch_free(&d);
 }
 
+/* The grouped experts' forward expert by expert, keeping every row's gate|up
+ * in s->egu for the backward, which would otherwise recompute them (one GEMM
+ * of three per expert: 8% of a training step's FLOPs on bench/tune.sh's
+ * model).  The products are the backward's recomputing ones (be->matmul on
+ * the gathered rows), so the gradients are the same bits either way.  Only
+ * where memory is the host's: a GPU's grouped GEMM beats per-expert calls,
+ * and there the recompute is cheap against the memory it saves. */
+static void experts_keep_gu(moe_model *m, const train_layer *tl, layer_save *s, int Im) {
+    const moe_backend *be = m->be;
+    int H = m->cfg->hidden_size;
+    s->egu = tbuf_out(m, (size_t)s->off[tl->ne] * 2 * Im);
+    for (int e = 0; e < tl->ne; e++) {
+        int r0 = s->off[e], n = s->off[e + 1] - r0;
+        if (n == 0) continue;
+        float *xe = tbuf_out(m, (size_t)n * H), *h = tbuf_out(m, (size_t)n * Im);
+        float *gu = s->egu + (size_t)r0 * 2 * Im;
+        be->gather_rows(xe, s->xn, s->rows + r0, n, H);
+        be->matmul(gu, xe, tl->e_gu[e].w, NULL, n, H, 2 * Im, 0);
+        be->swiglu(h, gu, n, Im);
+        be->matmul(s->out + (size_t)r0 * H, h, tl->e_down[e].w, NULL, n, Im, H, 0);
+        tfree(m, xe);
+        tfree(m, h);
+    }
+}
+
 /* y = Σ_k wt_k·Expert_{idx_k}(xn) for the grouped pairs; the outputs kept */
 static void experts_combine(moe_model *m, const train_layer *tl, layer_save *s, float *y,
                             const int32_t *idx_h, const float *wt_h, int N, int Im) {
@@ -707,8 +740,13 @@ static void experts_combine(moe_model *m, const train_layer *tl, layer_save *s, 
         wg[e] = tl->e_gu[e].w;
         wd[e] = tl->e_down[e].w;
     }
-    s->out = tbuf(m, (size_t)N * K * H);
-    be->experts(s->out, s->xn, s->rows, s->off, wg, wd, E, H, Im);
+    if (s->want_egu && be->host_memory) { /* every row written */
+        s->out = tbuf_out(m, (size_t)N * K * H);
+        experts_keep_gu(m, tl, s, Im);
+    } else {
+        s->out = tbuf(m, (size_t)N * K * H);
+        be->experts(s->out, s->xn, s->rows, s->off, wg, wd, E, H, Im);
+    }
     be->combine(y, s->out, slot_asc, wt_asc, N, K, H);
     free(wg);
     free(wd);
@@ -779,9 +817,9 @@ int mdl_mlp_train(moe_model *m, const train_layer *tl, layer_save *s, float *x,
     const moe_backend *be = m->be;
     int H = c->hidden_size, N = (int)r->N;
     size_t TH = (size_t)N * H;
-    s->xm = tbuf(m, TH);
+    s->xm = tbuf_out(m, TH);
     be->copy(s->xm, x, TH * sizeof(float));
-    s->xn = tbuf(m, TH);
+    s->xn = tbuf_out(m, TH);
     be->rmsnorm(s->xn, x, tl->post_norm.w, (float)c->rms_norm_eps, N, H);
     float *y = tbuf(m, TH);
     int rc = 0;
@@ -797,24 +835,45 @@ int mdl_mlp_train(moe_model *m, const train_layer *tl, layer_save *s, float *x,
     return rc == 0 ? moe_backend_status(be) : rc;
 }
 
-/* the grouped experts' backward, expert by expert: the gate|up activations
- * are recomputed from the gathered inputs (the forward's grouped op keeps
- * none: one GEMM more per expert, no [N·K, 2·Im] buffer per layer) */
+/* one expert's backward: its weight gradients added, d loss / d its gathered
+ * inputs into *dxe (a new buffer) when dxe */
+static void expert_backward(moe_model *m, const train_layer *tl, const layer_save *s, int e,
+                            float **dxe, const float *dout) {
+    const moe_backend *be = m->be;
+    int H = m->cfg->hidden_size, Im = m->cfg->moe_intermediate_size;
+    int r0 = s->off[e], n = s->off[e + 1] - r0;
+    if (n == 0 || (!dxe && !tl->e_gu[e].g && !tl->e_down[e].g)) return;
+    float *xe = tbuf_out(m, (size_t)n * H);
+    if (dxe) *dxe = tbuf(m, (size_t)n * H);
+    be->gather_rows(xe, s->xn, s->rows + r0, n, H);
+    swiglu_backward_rows(m, dxe ? *dxe : NULL, &tl->e_gu[e], &tl->e_down[e],
+                         dout + (size_t)r0 * H, xe, s->egu ? s->egu + (size_t)r0 * 2 * Im : NULL,
+                         n, Im);
+    tfree(m, xe);
+}
+
+/* the grouped experts' backward: the gate|up activations kept by
+ * experts_keep_gu, or recomputed from the gathered inputs (the grouped op
+ * keeps none: one GEMM more per expert, no [N·K, 2·Im] buffer).  On the CPU
+ * the experts run concurrently, one per thread (their products are a few
+ * hundred rows: split into the backward's fixed tiles they made one or two
+ * tasks, and one core idled); the ops are thread-count invariant, every
+ * expert has its own gradients, and the inputs' gradients are added in
+ * expert order after, so the bits are those of one expert after another. */
 static void experts_backward(moe_model *m, const train_layer *tl, const layer_save *s, float *dxn,
                              const float *dout) {
     const moe_backend *be = m->be;
-    int H = m->cfg->hidden_size, Im = m->cfg->moe_intermediate_size;
+    int H = m->cfg->hidden_size;
+    float **dxe = moe_calloc((size_t)tl->ne + 1, sizeof *dxe);
+#pragma omp parallel for schedule(dynamic, 1) if (be->host_memory && tl->ne > 1)
+    for (int e = 0; e < tl->ne; e++) expert_backward(m, tl, s, e, dxn ? &dxe[e] : NULL, dout);
     for (int e = 0; e < tl->ne; e++) {
-        int r0 = s->off[e], n = s->off[e + 1] - r0;
-        if (n == 0 || (!dxn && !tl->e_gu[e].g && !tl->e_down[e].g)) continue;
-        float *xe = tbuf(m, (size_t)n * H), *dxe = dxn ? tbuf(m, (size_t)n * H) : NULL;
-        be->gather_rows(xe, s->xn, s->rows + r0, n, H);
-        swiglu_backward_rows(m, dxe, &tl->e_gu[e], &tl->e_down[e], dout + (size_t)r0 * H, xe,
-                             NULL, n, Im);
-        if (dxe) be->scatter_add_rows(dxn, dxe, s->rows + r0, NULL, n, H);
-        tfree(m, xe);
-        tfree(m, dxe);
+        if (!dxe[e]) continue;
+        int r0 = s->off[e];
+        be->scatter_add_rows(dxn, dxe[e], s->rows + r0, NULL, s->off[e + 1] - r0, H);
+        tfree(m, dxe[e]);
     }
+    free(dxe);
 }
 
 /* d fixed weight_i = Σ_t dwt_ti, summed on the host in token order (n·N values) */
@@ -886,7 +945,7 @@ int mdl_mlp_backward(moe_model *m, const train_layer *tl, const layer_save *s, f
 
 void mdl_save_free(moe_model *m, layer_save *s, int keep_input) {
     void *ps[] = {s->xa, s->ql, s->kl, s->q, s->k, s->v, s->att, s->xm, s->xn, s->gu, s->sgu,
-                  s->so, s->z, s->out, s->rows, s->slot, s->wt, s->idx, s->probs};
+                  s->so, s->z, s->out, s->egu, s->rows, s->slot, s->wt, s->idx, s->probs};
     for (size_t i = 0; i < sizeof ps / sizeof *ps; i++) tfree(m, ps[i]);
     free(s->off);
     free(s->idx_h);
@@ -914,7 +973,8 @@ int mdl_head_loss(moe_model *m, const tparam *fn, const tparam *lm, const float 
     int chunk = (int)(((size_t)16 << 20) / (size_t)V);
     if (chunk < 1) chunk = 1;
     if (chunk > N) chunk = N;
-    float *xf = tbuf(m, (size_t)N * H), *lg = tbuf(m, (size_t)chunk * V), *lrow = tbuf(m, (size_t)N);
+    float *xf = tbuf_out(m, (size_t)N * H), *lg = tbuf_out(m, (size_t)chunk * V);
+    float *lrow = tbuf_out(m, (size_t)N);
     float *dxf = dx ? tbuf(m, (size_t)N * H) : NULL;
     be->rmsnorm(xf, x, fn->w, eps, N, H);
     for (int r0 = 0; r0 < N; r0 += chunk) {
@@ -941,7 +1001,7 @@ int mdl_head_logits(moe_model *m, const tparam *fn, const tparam *lm, const floa
                     float *logits) {
     const moe_config *c = m->cfg;
     int H = c->hidden_size, V = c->vocab_size;
-    float *xf = tbuf(m, (size_t)N * H), *lg = tbuf(m, (size_t)N * V);
+    float *xf = tbuf_out(m, (size_t)N * H), *lg = tbuf_out(m, (size_t)N * V);
     m->be->rmsnorm(xf, x, fn->w, (float)c->rms_norm_eps, N, H);
     m->be->matmul(lg, xf, lm->w, NULL, N, H, V, 0);
     m->be->download(logits, lg, sizeof(float) * (size_t)N * V);

@@ -137,6 +137,9 @@ typedef struct {
     float *sgu, *so, *z; /* shared: [N, 2Is], its output [N, H], gate logits [N] */
     int K;               /* expert slots per token (routed: top_k; condensed: ne) */
     float *out;          /* [N·K, H] expert outputs, rows grouped per expert */
+    int want_egu;        /* in: the backward will run on this save (keep egu) */
+    float *egu;          /* [N·K, 2Im] the experts' gate|up, rows as out (host-memory
+                            backends with want_egu; else recomputed by the backward) */
     int32_t *rows;       /* [N·K] token of each row (backend) */
     int32_t *off;        /* [ne + 1] rows of each expert (host) */
     int32_t *slot;       /* [N, K] row of each (token, slot), slots in router order */

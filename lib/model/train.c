@@ -633,6 +633,7 @@ static int forward_layers(moe_trainer *tr, run_batch *rb, float *x, layer_save *
     int keep_from = tr->o.input_grad || tr->lowest < 0 ? 0 : tr->lowest;
     for (int l = 0; l < tr->c->num_layers; l++) {
         layer_save s = {0};
+        s.want_egu = saves && l >= keep_from && !tr->o.recompute;
         int rc = layer_forward(tr, l, x, rb, &s);
         if (rc == 0 && aux_on(tr) && tr->tl[l].kind == MOE_MLP_MOE) aux_stats(tr, rb, l, &s);
         if (rc < 0 || !saves || l < keep_from) {
@@ -668,6 +669,7 @@ static int layer_backward(moe_trainer *tr, const run_batch *rb, int l, layer_sav
         size_t n = rb->r.N * (size_t)tr->c->hidden_size;
         float *x = moe_model_alloc(m, n);
         tr->be->copy(x, sv->x, sizeof(float) * n);
+        rs.want_egu = 1;
         rc = layer_forward(tr, l, x, rb, &rs);
         mdl_free(m, x);
         s = &rs;

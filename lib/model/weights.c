@@ -27,14 +27,30 @@ static void blk_push(blk **a, size_t *n, size_t *cap, void *p, size_t sz) {
     (*a)[(*n)++] = (blk){p, sz};
 }
 
+/* Frees the blocks freed longest ago until n more bytes fit the pool: a full
+ * pool of sizes that never come back (a trainer's loaded weights, a step's
+ * per-expert sizes) would otherwise send every later block back to the
+ * system -- on the CPU a fresh 2 MiB page zeroed by the kernel per fault,
+ * 5% of a training step.  Called inside the critical section. */
+static void pool_make_room(moe_model *m, size_t n) {
+    size_t drop = 0;
+    while (drop < m->npool && m->pool_bytes + n > m->pool_cap) {
+        m->be->free(m->pool[drop].p);
+        m->pool_bytes -= m->pool[drop].n;
+        drop++;
+    }
+    memmove(m->pool, m->pool + drop, sizeof *m->pool * (m->npool - drop));
+    m->npool -= drop;
+}
+
 void *mdl_alloc(moe_model *m, size_t n) {
     void *p = NULL;
 #pragma omp critical(moe_model_blk)
     {
     for (size_t i = m->npool; i-- > 0;)
         if (m->pool[i].n == n) {
-            p = m->pool[i].p;
-            m->pool[i] = m->pool[--m->npool];
+            p = m->pool[i].p; /* the pool stays in the order blocks were freed */
+            memmove(m->pool + i, m->pool + i + 1, sizeof *m->pool * (--m->npool - i));
             m->pool_bytes -= n;
             break;
         }
@@ -94,7 +110,8 @@ void mdl_free(moe_model *m, void *p) {
             size_t n = m->live[i].n;
             m->live[i] = m->live[--m->nlive];
             found = 1;
-            if (n >= ((size_t)1 << 20) && m->pool_bytes + n <= m->pool_cap) {
+            if (n >= ((size_t)1 << 20) && n <= m->pool_cap) {
+                pool_make_room(m, n);
                 blk_push(&m->pool, &m->npool, &m->cappool, p, n);
                 m->pool_bytes += n;
                 keep = 1;
