@@ -39,6 +39,7 @@ static void pool_make_room(moe_model *m, size_t n) {
         m->pool_bytes -= m->pool[drop].n;
         drop++;
     }
+    if (drop == 0) return; /* (memmove of an empty pool: NULL pointers, UBSan) */
     memmove(m->pool, m->pool + drop, sizeof *m->pool * (m->npool - drop));
     m->npool -= drop;
 }
