@@ -7,7 +7,7 @@
 # may flip a choice; the first disagreement ends the comparison of a prompt).
 # The model: random qwen2_moe (moe-init), BENCH_GEN_LAYERS layers (default 4),
 # hidden 512, 32 experts top-4, shared expert; 8 prompts of ~24 tokens, 64 new
-# tokens each.  The peer needs PY (default /work/venv-ref/bin/python, else
+# tokens each.  The peer needs PY (default $CDMOE_REF_PYTHON, else
 # .venv-ref/bin/python) with torch and transformers; without it only the
 # batch ratio is printed.  BENCH_GEN_THREADS=N (default 2) for both.
 set -eu
@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 : "${BIN:=bin}"
 L=${BENCH_GEN_LAYERS:-4} NEW=${BENCH_GEN_NEW:-64} TH=${BENCH_GEN_THREADS:-2}
 WORK=${BENCH_DIR:-${TMPDIR:-/tmp}/cdmoe-bench-generate}
-PY=${PY:-/work/venv-ref/bin/python}
+PY=${PY:-${CDMOE_REF_PYTHON:-.venv-ref/bin/python}}
 [ -x "$PY" ] || PY=.venv-ref/bin/python
 mkdir -p "$WORK"
 D=$WORK/qwen2_moe-l$L

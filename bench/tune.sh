@@ -22,7 +22,7 @@ export OMP_WAIT_POLICY
 WORK=${BENCH_DIR:-${TMPDIR:-/tmp}/cdmoe-bench-tune}
 mkdir -p "$WORK"
 PY=${CDMOE_REF_PYTHON:-python3}
-for p in "$PY" /work/venv-ref/bin/python .venv-ref/bin/python; do
+for p in "$PY" .venv-ref/bin/python; do
     if command -v "$p" >/dev/null 2>&1 && "$p" -c 'import torch, transformers, numpy' 2>/dev/null; then PY=$p; break; fi
 done
 "$PY" -c 'import numpy' 2>/dev/null || { echo "SKIP tune bench: no python3 with numpy (CDMOE_REF_PYTHON)"; exit 0; }

@@ -9,7 +9,7 @@
     over the k selected), with an optional gradient on the full softmax
     (auxiliary losses).
 
-Usage: /work/venv-ref/bin/python tests/ref/backward_golden.py > tests/unit/backward_golden.h
+Usage: $CDMOE_REF_PYTHON tests/ref/backward_golden.py > tests/unit/backward_golden.h
 Hyper-parameters are float32 values (the op takes floats), passed to torch as
 the same numbers, so both sides start from identical inputs.
 """

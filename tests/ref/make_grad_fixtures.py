@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Gradient and AdamW fixtures for moe-tune / lib/train.h (issue 12), from PyTorch autograd.
 
-    /work/venv-ref/bin/python tests/ref/make_grad_fixtures.py [OUTDIR [grad|dropped|adamw|verify|f32-check]]
+    $CDMOE_REF_PYTHON tests/ref/make_grad_fixtures.py [OUTDIR [grad|dropped|adamw|verify|f32-check]]
         (default tests/fixtures/train, both kinds; dropped: only the dropped-layer gradient
         fixtures, on the batch of the existing ones; verify: recompute every fixture and compare,
         exit 1 on a difference (tests/shell/test_train_fixtures.sh); f32-check: how far the same
