@@ -16,17 +16,7 @@
 #include "backward_golden.h"
 
 static uint64_t rng = 0x9e3779b97f4a7c15ULL;
-static float frand(void) { /* xorshift, uniform in [-1, 1) */
-    rng ^= rng << 13;
-    rng ^= rng >> 7;
-    rng ^= rng << 17;
-    return (float)((rng >> 11) * (1.0 / 9007199254740992.0)) * 2.0f - 1.0f;
-}
-static float *rand_vec(size_t n) {
-    float *v = malloc((n ? n : 1) * sizeof(float));
-    for (size_t i = 0; i < n; i++) v[i] = frand();
-    return v;
-}
+static float *rand_vec(size_t n) { return tu_rand_vec(&rng, n); }
 static float *zeros(size_t n) { return calloc(n ? n : 1, sizeof(float)); }
 static float *dup(const float *x, size_t n) {
     float *y = malloc((n ? n : 1) * sizeof(float));

@@ -4,17 +4,7 @@
 #include "testutil.h"
 
 static uint64_t rng = 88172645463325252ULL;
-static float frand(void) { /* xorshift, uniform in [-1, 1) */
-    rng ^= rng << 13;
-    rng ^= rng >> 7;
-    rng ^= rng << 17;
-    return (float)((rng >> 11) * (1.0 / 9007199254740992.0)) * 2.0f - 1.0f;
-}
-static float *rand_vec(size_t n) {
-    float *v = malloc(n * sizeof(float));
-    for (size_t i = 0; i < n; i++) v[i] = frand();
-    return v;
-}
+static float *rand_vec(size_t n) { return tu_rand_vec(&rng, n); }
 static void test_matmul_vs_ref(void **state) {
     (void)state;
     const moe_backend *cpu = moe_backend_cpu(), *ref = moe_backend_cpu_ref();

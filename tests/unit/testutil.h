@@ -20,6 +20,20 @@
 /* The temporary directory made by tu_setup_dir (a cmocka setup: per group or per test). */
 static char tu_dir[256] __attribute__((unused));
 
+/* The tests' random numbers: xorshift64, uniform in [-1, 1).  Each test file
+ * keeps its own state (and seed), so its sequence does not depend on others. */
+static inline float tu_frand(uint64_t *s) {
+    *s ^= *s << 13;
+    *s ^= *s >> 7;
+    *s ^= *s << 17;
+    return (float)((*s >> 11) * (1.0 / 9007199254740992.0)) * 2.0f - 1.0f;
+}
+static inline float *tu_rand_vec(uint64_t *s, size_t n) {
+    float *v = malloc((n ? n : 1) * sizeof(float));
+    for (size_t i = 0; i < n; i++) v[i] = tu_frand(s);
+    return v;
+}
+
 static inline int tu_setup_dir(void **state) {
     (void)state;
     snprintf(tu_dir, sizeof tu_dir, "/tmp/cdmoe-test.XXXXXX");
