@@ -2,7 +2,8 @@
 #
 #   make            build every tool into bin/
 #   make test       build and run the whole test suite (installs deps first)
-#   make demo       CD-MoE vs the baselines on the trained default model (installs deps first)
+#   make demo       CD-MoE vs the baselines on the trained default model (installs deps first;
+#                   DEMO_ARGS=--tune also tunes every checkpoint)
 #   make bench      benchmarks (ratios against peers measured in the same run)
 #   make deps       install the Debian packages we build against (idempotent)
 #   make test-cuda-emu  the GPU parity tests against the CUDA emulator (CPU)
@@ -309,7 +310,7 @@ bench: all
 	BIN=$(BIN) BUILD=$(BUILD) sh bench/run.sh
 
 demo: all
-	BIN=$(abspath $(BIN)) sh pipelines/demo.sh
+	BIN=$(abspath $(BIN)) sh pipelines/demo.sh $(DEMO_ARGS)
 endif # DEPS_DONE
 
 install: all

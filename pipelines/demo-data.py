@@ -2,7 +2,7 @@
 """demo-data.py - the default model's text: training chunks, held-out sample, story cloze.
 
     demo-data.py train  MAXCHARS TEXT...   > train.jsonl
-    demo-data.py sample  N TEXT            > sample.jsonl
+    demo-data.py sample  N TEXT [SKIP]     > sample.jsonl
     demo-data.py cloze   N SEED SKIP TEXT  > cloze.jsonl
 
 Standard library only.  TinyStories files are paragraphs separated by blank
@@ -10,12 +10,13 @@ lines (V2: also
 <|endoftext|> lines).  train: paragraphs packed into {"text"} records of at most MAXCHARS
 characters (a longer paragraph is a record alone; moe-tune cuts it at
 --max-length tokens).  sample: the first N paragraphs of at least 200
-characters, as {"text"}.  cloze: story cloze from the paragraphs of at least
+characters (after the first SKIP of them), as {"text"}.  cloze: story cloze from the paragraphs of at least
 200 characters after the first SKIP (so disjoint from a sample of SKIP), those
-of at least 4 sentences: the query is the paragraph up to its last sentence,
-the choices the true last sentence and the last sentences of 3 other
-paragraphs drawn with random.Random(SEED), in MosaicML's {"query",
-"choices","gold"} shape, the gold position drawn too.
+of at least 4 sentences whose last sentence has 20 to 160 characters: the
+query is the paragraph up to its last sentence, the choices the true last
+sentence and the last sentences of 3 other paragraphs, of about the same
+length (within an eighth), drawn with random.Random(SEED), in MosaicML's
+{"query","choices","gold"} shape, the gold position drawn too.
 """
 import json
 import random
@@ -60,15 +61,26 @@ def cloze(n, seed, skip, path):
     stories = []
     for p in rest:
         s = SENTENCE_END.split(p)
-        if len(s) >= 4 and 8 <= len(s[-1]) <= 160:
+        if len(s) >= 4 and 20 <= len(s[-1]) <= 160:
             stories.append(s)
     rng = random.Random(seed)
-    for i, s in enumerate(stories[:n]):
-        others = [j for j in range(len(stories)) if j != i]
-        wrong = [stories[j][-1] for j in rng.sample(others, 3)]
+    made = 0
+    for i, s in enumerate(stories):
+        if made == n:
+            break
+        # distractors of about the gold sentence's length (within 1/8 of it, at least
+        # 4 characters): else a model that merely prefers short sentences scores
+        # above chance, and one that reads the story is not told apart from it
+        length = len(s[-1])
+        near = [j for j in range(len(stories))
+                if j != i and abs(len(stories[j][-1]) - length) <= max(4, length // 8)]
+        if len(near) < 3:
+            continue
+        wrong = [stories[j][-1] for j in rng.sample(near, 3)]
         gold = rng.randrange(4)
         choices = wrong[:gold] + [s[-1]] + wrong[gold:]
         emit({"query": " ".join(s[:-1]), "choices": choices, "gold": gold})
+        made += 1
 
 
 def main():
@@ -78,7 +90,8 @@ def main():
     if mode == "train":
         train(int(sys.argv[2]), sys.argv[3:])
     elif mode == "sample":
-        for p in long_paragraphs(sys.argv[3])[:int(sys.argv[2])]:
+        skip = int(sys.argv[4]) if len(sys.argv) > 4 else 0
+        for p in long_paragraphs(sys.argv[3])[skip:skip + int(sys.argv[2])]:
             emit({"text": p})
     elif mode == "cloze":
         cloze(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])

@@ -3,28 +3,35 @@
 # models/default (a small DeepSeekMoE trained on TinyStories; recipe:
 # pipelines/train-demo.sh), with nothing beyond the repository.
 #
-#   pipelines/demo.sh [--out DIR] [--no-sweep]
+#   pipelines/demo.sh [--out DIR] [--no-sweep] [--tune]
 #
 # 1. pipelines/cd-moe.sh: calibration on models/default/data/calib.jsonl,
-#    LAYERS (default 2) MoE layers condensed to E(1+EXPERTS) (default 2),
-#    dense vs condensed: perplexity on the held-out heldout.jsonl, story cloze
-#    accuracy, speed and memory (OUT/cd-moe/06-eval.txt).
-# 2. pipelines/sweep.sh (unless --no-sweep): CD-MoE E(s+0), E(s+K) against
-#    LayerDrop, BlockDrop and expert pruning over 1, 2 and 3 MoE layers
-#    (12 and 8 experts kept); the table OUT/sweep/sweep.md and the plots of
-#    held-out perplexity (this model is near chance on the story cloze)
-#    OUT/sweep/sweep-memory.svg and sweep-speedup.svg.
+#    LAYERS (default 3) of the 5 MoE layers condensed to E(1+EXPERTS)
+#    (default 4), dense vs condensed: perplexity on the held-out
+#    heldout.jsonl, story-cloze accuracy, speed and memory
+#    (OUT/cd-moe/06-eval.txt).
+# 2. pipelines/sweep.sh (unless --no-sweep): CD-MoE E(s+0), E(s+4) against
+#    LayerDrop, BlockDrop and expert pruning over 1 to 5 MoE layers (12 and
+#    8 experts kept); the table OUT/sweep/sweep.md and the plots of held-out
+#    perplexity (OUT/sweep/sweep-memory.svg, sweep-speedup.svg) and of
+#    story-cloze accuracy (sweep-memory-acc.svg, sweep-speedup-acc.svg).
+#    --tune also tunes every checkpoint and the dense model (moe-tune on
+#    data/tune.jsonl, every weight, TUNE_ARGS, default 50 steps of 16 x 128
+#    tokens, lr 3e-4 to 3e-5; TUNE_TRAIN=paper: CD-MoE only its condensed
+#    layers' experts) and adds the METHOD+tune rows and the dense+tune
+#    control: about ten more minutes on 2 cores.
 # Tasks from ../shared (PIQA and COPA in MosaicML's JSONL, their
 # first SHARED_ITEMS (default 200) items) are added to stage 1 when present.
 # Everything goes under --out (default work/demo); a rerun reuses it.
 set -eu
 here=$(cd "$(dirname "$0")/.." && pwd)
-out=work/demo sweep=1
+out=work/demo sweep=1 tune=
 while [ $# -gt 0 ]; do
     case $1 in
     --out) out=$2; shift 2 ;;
     --no-sweep) sweep=0; shift ;;
-    -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --tune) tune=--tune; shift ;;
+    -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "demo.sh: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -43,10 +50,13 @@ for t in piqa copa; do
 done
 
 echo "demo: dense vs condensed ($out/cd-moe)" >&2
-LAYERS=${LAYERS:-2} EXPERTS=${EXPERTS:-2} PPL=$data/heldout.jsonl TASKS=$tasks \
+LAYERS=${LAYERS:-3} EXPERTS=${EXPERTS:-4} PPL=$data/heldout.jsonl TASKS=$tasks \
     sh "$here/pipelines/cd-moe.sh" "$model" "$data/calib.jsonl" --out "$out/cd-moe" --last 6 >/dev/null
 cat "$out/cd-moe/06-eval.txt"
 [ "$sweep" = 1 ] || exit 0
 echo "demo: CD-MoE against the baselines ($out/sweep)" >&2
-BENCH_TOKENS=${BENCH_TOKENS:-512} BENCH_RUNS=${BENCH_RUNS:-5} PLOT_Y=perplexity sh "$here/pipelines/sweep.sh" "$model" "$data/calib.jsonl" "$data/heldout.jsonl" "$data/story-cloze.jsonl" \
-    --out "$out/sweep" --layers "1 2 3" --methods "cdmoe-s0 cdmoe-sk layerdrop blockdrop prune-freq prune-reap"
+TUNE_ARGS=${TUNE_ARGS:---steps 50 --batch 16 --max-length 128 --lr 3e-4 --min-lr 3e-5 --warmup 5} \
+BENCH_TOKENS=${BENCH_TOKENS:-512} BENCH_RUNS=${BENCH_RUNS:-5} PLOT_Y=perplexity \
+    sh "$here/pipelines/sweep.sh" "$model" "$data/calib.jsonl" "$data/heldout.jsonl" "$data/story-cloze.jsonl" \
+    --out "$out/sweep" --layers "1 2 3 4 5" --methods "cdmoe-s0 cdmoe-sk layerdrop blockdrop prune-freq prune-reap" \
+    $tune --tune-data "$data/tune.jsonl"

@@ -5,7 +5,8 @@
 #
 # ROWS: sweep.sh's rows, "method n params memory_ratio active speedup ppl acc"
 # per line, the dense model's row first (method "dense").  One line per method
-# through its points in increasing x, the dense model's y as a dashed line.
+# through its points in increasing x, the dense model's y as a dashed line; a
+# tuned method (METHOD+tune) dotted, in the colour of its method.
 set -eu
 [ $# -eq 5 ] || { echo "usage: sweep-plot.sh ROWS XCOL YCOL XLABEL YLABEL" >&2; exit 2; }
 sort -k1,1 -k"$2","$2"g "$1" | awk -v xc="$2" -v yc="$3" -v xl="$4" -v yl="$5" '
@@ -42,15 +43,20 @@ END {
         printf "<line x1=\"70\" x2=\"530\" y1=\"%.1f\" y2=\"%.1f\" stroke=\"black\" stroke-dasharray=\"6 4\"/>\n", sy(dense), sy(dense)
         print "<line x1=\"545\" x2=\"575\" y1=\"50\" y2=\"50\" stroke=\"black\" stroke-dasharray=\"6 4\"/><text x=\"580\" y=\"54\">dense</text>"
     }
+    # a tuned method (METHOD+tune): the colour of its method, dotted, open points
     for (k = 1; k <= nm; k++) {
-        c = col[(k - 1) % 10 + 1]; pts = ""
+        base = name[k]; sub(/\+tune$/, "", base); tuned = base != name[k]
+        if (!(base in colour)) colour[base] = col[nc++ % 10 + 1]
+        c = colour[base]; pts = ""
+        dash = tuned ? " stroke-dasharray=\"2 3\"" : ""
+        fill = tuned ? "white\" stroke=\"" c : c
         for (i = 1; i <= np[k]; i++) {
             pts = pts sprintf("%.1f,%.1f ", sx(px[k, i]), sy(py[k, i]))
-            printf "<circle cx=\"%.1f\" cy=\"%.1f\" r=\"3\" fill=\"%s\"/>\n", sx(px[k, i]), sy(py[k, i]), c
+            printf "<circle cx=\"%.1f\" cy=\"%.1f\" r=\"3\" fill=\"%s\"/>\n", sx(px[k, i]), sy(py[k, i]), fill
         }
-        printf "<polyline points=\"%s\" fill=\"none\" stroke=\"%s\" stroke-width=\"1.5\"/>\n", pts, c
+        printf "<polyline points=\"%s\" fill=\"none\" stroke=\"%s\" stroke-width=\"1.5\"%s/>\n", pts, c, dash
         ly = 50 + 18 * k
-        printf "<line x1=\"545\" x2=\"575\" y1=\"%d\" y2=\"%d\" stroke=\"%s\" stroke-width=\"2\"/>", ly, ly, c
+        printf "<line x1=\"545\" x2=\"575\" y1=\"%d\" y2=\"%d\" stroke=\"%s\" stroke-width=\"2\"%s/>", ly, ly, c, dash
         printf "<text x=\"580\" y=\"%d\">%s</text>\n", ly + 4, esc(name[k])
     }
     print "</svg>"

@@ -4,6 +4,7 @@
 #
 #   pipelines/sweep.sh MODEL_DIR CALIB.jsonl [EVAL...] [--out DIR] [--layers "1 2 3"]
 #                      [--experts K] [--prune "N..."] [--methods "..."] [--tune]
+#                      [--tune-data FILE]
 #
 # Methods (--methods, default all): cdmoe-s0 (CD-MoE E(s+0): shared experts
 # only), cdmoe-sk (E(s+K), K = --experts, default the model's top-k), layerdrop,
@@ -16,14 +17,20 @@
 # multiple-choice accuracy on the others; CALIB when no EVAL is given),
 # benchmarked (prefill speedup) and measured (memory ratio = parameters /
 # the dense model's).  --tune also tunes each checkpoint with moe-tune (when
-# built; on the calibration tokens; CD-MoE's condensed layers, every weight of
-# the baselines; TUNE_ARGS adds options, e.g. "--steps 200 --sft sft.jsonl")
-# and evaluates it as METHOD+tune.
+# built; on --tune-data, any data moe-tune reads, else on the calibration
+# tokens; TUNE_ARGS adds options, e.g. "--steps 200 --sft sft.jsonl") and
+# evaluates it as METHOD+tune.  Every method trains every weight it still has
+# (--train all), so that all are tuned alike; TUNE_TRAIN=paper trains only
+# CD-MoE's condensed layers' experts, as the paper does.  The dense model
+# tuned the same way is the row dense+tune, the control: what tuning alone
+# gives (if it gains, part of every method's gain is not recovery).
 # Everything goes under --out (default work/sweep): the streams (tokens,
 # calib with REAP, every plan), the checkpoints, one eval JSON per run; a
 # rerun reuses what exists (delete a file to redo it).  Results:
 #   OUT/sweep.md  OUT/sweep.json  OUT/sweep-memory.svg  OUT/sweep-speedup.svg
-#   (and .png of both when gnuplot is installed: apt-get install gnuplot-nox).
+#   (and .png of both when gnuplot is installed: apt-get install gnuplot-nox);
+#   when there are both accuracies and perplexities, the plots of the other
+#   one too: OUT/sweep-memory-ppl.svg and sweep-speedup-ppl.svg (or -acc).
 # Progress: one line per run on stderr.  BENCH_TOKENS (default 128) and
 # BENCH_RUNS (3) size the benchmark; MAX_LENGTH (256) the search's sequences;
 # PLOT_Y=perplexity plots perplexity even when a task gives accuracies.
@@ -37,9 +44,9 @@ BENCH_TOKENS=${BENCH_TOKENS:-128}
 BENCH_RUNS=${BENCH_RUNS:-3}
 ALL_METHODS="cdmoe-s0 cdmoe-sk layerdrop blockdrop layerdrop-cos blockdrop-cos prune-freq prune-reap"
 
-usage() { sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,36p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { echo "sweep: $1" >&2; exit "${2:-1}"; }
-model= calib= evals= out=work/sweep layers= experts= prune= methods=$ALL_METHODS tune=0
+model= calib= evals= out=work/sweep layers= experts= prune= methods=$ALL_METHODS tune=0 tune_data=
 while [ $# -gt 0 ]; do
     case $1 in
     --out) out=$2; shift 2 ;;
@@ -48,6 +55,7 @@ while [ $# -gt 0 ]; do
     --prune) prune=$2; shift 2 ;;
     --methods) methods=$2; shift 2 ;;
     --tune) tune=1; shift ;;
+    --tune-data) tune_data=$2; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     -*) usage >&2; die "unknown option $1" 2 ;;
     *) if [ -z "$model" ]; then model=$1; elif [ -z "$calib" ]; then calib=$1;
@@ -57,6 +65,9 @@ done
 [ -n "$model" ] && [ -n "$calib" ] || { usage >&2; die "MODEL_DIR and CALIB.jsonl are required" 2; }
 [ -f "$model/config.json" ] || die "$model: no config.json"
 [ -f "$calib" ] || die "$calib: no such file"
+[ -z "$tune_data" ] || [ -f "$tune_data" ] || die "--tune-data $tune_data: no such file"
+TUNE_TRAIN=${TUNE_TRAIN:-all}
+case $TUNE_TRAIN in all|paper) ;; *) die "TUNE_TRAIN=$TUNE_TRAIN: not all or paper" 2 ;; esac
 for m in $methods; do
     case " $ALL_METHODS " in *" $m "*) ;; *) die "--methods: unknown method '$m' (known: $ALL_METHODS)" 2 ;; esac
 done
@@ -128,15 +139,16 @@ evaluate() { # CKPT OUT.json
     make_file "$2" moe-eval --quiet -m "$1" $eval_args --bench --bench-tokens "$BENCH_TOKENS" \
         --bench-runs "$BENCH_RUNS" --json
 }
-tune() { # METHOD CKPT: CKPT-tuned, when moe-tune is built.  CD-MoE trains its condensed
-         # layers (moe-tune's default); the baselines have none, so every weight is trained
+tune() { # METHOD CKPT [OUT]: OUT (default CKPT-tuned), when moe-tune is built.  Every method
+         # trains every weight it has (TUNE_TRAIN=all), the dense model too (the control: what
+         # tuning alone gives); TUNE_TRAIN=paper: CD-MoE only its condensed layers' experts
     [ "$tune" = 1 ] || return 1
     if [ ! -x "$BIN/moe-tune" ]; then log "  --tune: moe-tune is not built; tuning skipped"; return 1; fi
-    set -- "$2" "$(case $1 in cdmoe-*) echo condensed ;; *) echo all ;; esac)"
-    if [ -d "$1-tuned" ]; then log "  reused $1-tuned"; return 0; fi
+    case $TUNE_TRAIN:$1 in paper:cdmoe-*) set -- "$2" condensed "${3:-$2-tuned}" ;; *) set -- "$2" all "${3:-$2-tuned}" ;; esac
+    if [ -d "$3" ]; then log "  reused $3"; return 0; fi
     # a method moe-tune cannot train is reported and left untuned; the sweep goes on
-    moe-tune --quiet --model "$1" -o "$1-tuned" --data "$out/tokens.msgpack.zst" --train "$2" ${TUNE_ARGS:-} \
-        >"$1-tuned.log" 2>&1 || { log "  tuning failed, row skipped: $(tail -n 1 "$1-tuned.log")"; return 1; }
+    moe-tune --quiet --model "$1" -o "$3" --data "${tune_data:-$out/tokens.msgpack.zst}" --train "$2" ${TUNE_ARGS:-} \
+        >"$3.log" 2>&1 || { log "  tuning failed, row skipped: $(tail -n 1 "$3.log")"; return 1; }
 }
 
 runs=
@@ -148,6 +160,10 @@ done
 i=0
 log "[dense] evaluating $model"
 evaluate "$model" "$out/runs/dense.json"
+if tune dense "$model" "$out/runs/dense-tuned"; then
+    evaluate "$out/runs/dense-tuned" "$out/runs/dense-tuned.json"
+    runs="dense+tune:0:$out/runs/dense-tuned.json"
+fi
 for m in $methods; do
     case $m in prune-*) counts=$prune ;; *) counts=$layers ;; esac
     for n in $counts; do
@@ -184,7 +200,7 @@ row() { # METHOD N FILE: method n params memory_ratio active speedup ppl acc
     >"$out/sweep.rows"
 awk 'BEGIN { print "| method | layers / experts | parameters | memory ratio | active params / token | prefill speedup | perplexity | accuracy |";
              print "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" }
-     { printf "| %s | %s | %s | %s | %s | %s | %s | %s |\n", $1, ($1 == "dense" ? "-" : $2), $3, $4, $5, $6,
+     { printf "| %s | %s | %s | %s | %s | %s | %s | %s |\n", $1, ($1 ~ /^dense/ ? "-" : $2), $3, $4, $5, $6,
               ($7 == "-" ? "-" : sprintf("%.3f", $7)), ($8 == "-" ? "-" : sprintf("%.4f", $8)) }' \
     "$out/sweep.rows" >"$out/sweep.md.tmp" && mv "$out/sweep.md.tmp" "$out/sweep.md"
 awk 'BEGIN { printf "{\"runs\": [" }
@@ -194,26 +210,36 @@ awk 'BEGIN { printf "{\"runs\": [" }
 
 # ---- the plots --------------------------------------------------------------------------
 # y: accuracy when a task was given, else perplexity; x: memory ratio, then speedup.
-ycol=8 ylabel=accuracy
-awk 'NR == 1 && $8 == "-" { exit 1 }' "$out/sweep.rows" && [ "${PLOT_Y:-}" != perplexity ] \
-    || { ycol=7 ylabel=perplexity; }
-sh "$here/pipelines/sweep-plot.sh" "$out/sweep.rows" 4 "$ycol" "memory ratio (parameters)" "$ylabel" \
-    >"$out/sweep-memory.svg"
-sh "$here/pipelines/sweep-plot.sh" "$out/sweep.rows" 6 "$ycol" "prefill speedup" "$ylabel" >"$out/sweep-speedup.svg"
-if command -v gnuplot >/dev/null 2>&1; then
+# SUFFIX: "" for the first y, -ppl or -acc for the other one when the runs have both.
+plots() { # YCOL YLABEL SUFFIX
+    ycol=$1 ylabel=$2 sfx=$3
+    sh "$here/pipelines/sweep-plot.sh" "$out/sweep.rows" 4 "$ycol" "memory ratio (parameters)" "$ylabel" \
+        >"$out/sweep-memory$sfx.svg"
+    sh "$here/pipelines/sweep-plot.sh" "$out/sweep.rows" 6 "$ycol" "prefill speedup" "$ylabel" \
+        >"$out/sweep-speedup$sfx.svg"
+    command -v gnuplot >/dev/null 2>&1 || return 0
     for x in 4:memory 6:speedup; do
         col=${x%:*} tag=${x#*:}
         awk -v c="$col" -v y="$ycol" '$1 != "dense" { print $1, $c, $y }' "$out/sweep.rows" | sort -k1,1 -k2,2g >"$out/plot.dat"
         dy=$(awk -v y="$ycol" '$1 == "dense" { print $y }' "$out/sweep.rows")
-        gnuplot -e "set terminal pngcairo size 800,500; set output '$out/sweep-$tag.png'; set key outside;
+        gnuplot -e "set terminal pngcairo size 800,500; set output '$out/sweep-$tag$sfx.png'; set key outside;
             set xlabel '$tag'; set ylabel '$ylabel'; methods = system(\"cut -d' ' -f1 $out/plot.dat | uniq\");
             plot for [m in methods] '< grep \"^'.m.' \" $out/plot.dat' using 2:3 with linespoints title m,
             $dy with lines dashtype 2 title 'dense'" 2>/dev/null || log "gnuplot failed; the SVGs are there"
     done
     rm -f "$out/plot.dat"
+}
+has_acc=1 has_ppl=1
+awk 'NR == 1 && $8 == "-" { exit 1 }' "$out/sweep.rows" || has_acc=0
+awk 'NR == 1 && $7 == "-" { exit 1 }' "$out/sweep.rows" || has_ppl=0
+if [ "$has_acc" = 1 ] && [ "${PLOT_Y:-}" != perplexity ]; then
+    plots 8 accuracy ""
+    [ "$has_ppl" = 0 ] || plots 7 perplexity -ppl
 else
-    log "PNG plots need gnuplot (apt-get install gnuplot-nox); the SVGs are written"
+    plots 7 perplexity ""
+    [ "$has_acc" = 0 ] || plots 8 accuracy -acc
 fi
+command -v gnuplot >/dev/null 2>&1 || log "PNG plots need gnuplot (apt-get install gnuplot-nox); the SVGs are written"
 rm -f "$out/sweep.rows"
 log "table: $out/sweep.md, $out/sweep.json; plots: $out/sweep-memory.svg, $out/sweep-speedup.svg"
 cat "$out/sweep.md"

@@ -1,8 +1,10 @@
 # The built-in default of `make demo` (models/default, pipelines/demo.sh): a
 # trained DeepSeekMoE that the tools load, whose committed tokenizer round-trips
-# the committed held-out text, and whose perplexity on that text is far below
-# that of the same architecture with moe-init's random weights.  Fast: the
-# demo itself (calibration, search, sweep) is not run here.
+# the committed held-out text, whose perplexity on that text is far below
+# that of the same architecture with moe-init's random weights, that reads the
+# stories (story cloze well above chance), and whose experts specialise (routing
+# entropy below uniform, no dead expert).  Fast: the demo itself (calibration,
+# search, sweep) is not run here.
 . tests/shell/lib.sh
 m=models/default d=models/default/data
 for f in config.json model.safetensors tokenizer.json tokenizer_config.json; do
@@ -40,6 +42,22 @@ moe-init --config "$m/config.json" --seed 7 -o "$TMP/random" --quiet
 cp "$m/tokenizer.json" "$m/tokenizer_config.json" "$TMP/random/"
 trained=$(ppl "$m") random=$(ppl "$TMP/random")
 [ -n "$trained" ] && [ -n "$random" ] || fail "no perplexity from moe-eval"
-awk -v t="$trained" -v r="$random" 'BEGIN { exit !(t < 1000 && r > 500) }' \
-    || fail "held-out perplexity: trained $trained (must be < 1000), random $random (> 500)"
+awk -v t="$trained" -v r="$random" 'BEGIN { exit !(t < 20 && r > 500) }' \
+    || fail "held-out perplexity: trained $trained (must be < 20), random $random (> 500)"
 echo "held-out perplexity: trained $trained, random $random"
+
+# the story cloze (4 choices of about the same length): well above chance (0.25)
+acc=$(moe-eval --quiet -m "$m" --task "$d/story-cloze.jsonl" --limit 200 --json | sed -n 's/.*"average": {"acc": \([0-9.eE+-]*\).*/\1/p')
+awk -v a="$acc" 'BEGIN { exit !(a > 0.35) }' || fail "story cloze accuracy '$acc' (must be > 0.35)"
+echo "story cloze (200 items): $acc"
+
+# the experts specialise: in every MoE layer the mean routing entropy on the held-out
+# text is under 0.95 of a uniform router's (ln 16), and every expert takes at least
+# a third of a uniform share of the routed tokens
+moe-tokenize --model "$m" "$d/heldout.jsonl" | moe-calib --quiet --model "$m" - | moe-dump --full --type calib --no-header - >"$TMP/calib.jsonl"
+[ "$(grep -c '"type":"calib"' "$TMP/calib.jsonl")" -eq 5 ] || fail "not 5 MoE layers"
+sed -n 's/.*"entropy":\([0-9.eE+-]*\).*/\1/p' "$TMP/calib.jsonl" | awk -v n="$(cfg n_routed_experts)" '
+    { print "routing entropy, MoE layer " NR ": " $1 " (uniform " log(n) ")"; if ($1 >= 0.95 * log(n)) bad = 1 }
+    END { exit bad }' || fail "the routing is near uniform: the experts do not specialise"
+sed -n 's/.*"load":{[^}]*"data":\[\([^]]*\)\].*/\1/p' "$TMP/calib.jsonl" | tr ',' '\n' \
+    | awk -v n="$(cfg n_routed_experts)" '$1 < 1 / (3 * n) { bad = 1 } END { exit bad }' || fail "a (nearly) dead expert"

@@ -37,10 +37,11 @@ bd=$(awk -F' *\\| *' '$2 == "blockdrop" && $3 == 2 { print $4 }' out/sweep.md)
 [ "$bd" -lt "$ld" ] || fail "blockdrop ($bd) not smaller than layerdrop ($ld)"
 # perplexity and accuracy filled in; the JSON has the same runs
 awk -F' *\\| *' 'NR > 2 && ($8 == "-" || $9 == "-") { exit 1 }' out/sweep.md || fail "empty perplexity/accuracy"
-# with moe-tune built, --tune tunes every checkpoint for real (CD-MoE its condensed layers, the
-# baselines -- LayerDrop, BlockDrop, pruned -- every weight they have): a +tune row for each
+# with moe-tune built, --tune tunes every checkpoint for real (every weight each has, the
+# dropped and pruned ones included): a +tune row for each, and the dense model's control row
 if [ -x "$BIN/moe-tune" ]; then
-    runs=29 lines=16
+    runs=30 lines=17
+    grep -q "^| dense+tune | - | " out/sweep.md || fail "no dense+tune control row: $(cat out/sweep.md)"
     grep -q "tuning failed" err && fail "a checkpoint moe-tune could not tune: $(grep 'tuning failed' err)"
     for m in cdmoe-s0 cdmoe-sk layerdrop blockdrop layerdrop-cos blockdrop-cos; do
         for n in 1 2; do grep -q "^| $m+tune | $n | " out/sweep.md || fail "no row $m+tune $n: $(cat out/sweep.md)"; done
@@ -52,7 +53,9 @@ fi
 [ "$(grep -o '"method"' out/sweep.json | wc -l)" -eq $runs ] || fail "JSON runs: $(cat out/sweep.json)"
 PY=$(find_python) && { $PY -c 'import json,sys; r=json.load(open(sys.argv[1]))["runs"]; assert r[0]["method"]=="dense" and all(x["ppl"] > 1 for x in r)' \
     out/sweep.json || fail "sweep.json"; }
-for p in memory speedup; do
+# accuracy plotted (a task was given), and perplexity in the -ppl plots
+grep -q ">accuracy<" out/sweep-memory.svg && grep -q ">perplexity<" out/sweep-memory-ppl.svg || fail "plots' y"
+for p in memory speedup memory-ppl speedup-ppl; do
     f=out/sweep-$p.svg
     head -c 4 $f | grep -q "<svg" && tail -n 1 $f | grep -q "</svg>" || fail "$f"
     [ "$(grep -c '<polyline' $f)" -eq $lines ] || fail "$f: not one line per method (and tuned method)"
@@ -80,12 +83,19 @@ cp -r "$m" "$o"
 TUNE
 chmod +x fakebin/moe-tune
 BIN=$PWD/fakebin sh "$ROOT/pipelines/sweep.sh" model calib.jsonl calib.jsonl --out out5 --layers 1 \
-    --methods "cdmoe-s0 layerdrop" --tune >md 2>err || fail "--tune: $(tail -5 err)"
+    --methods "cdmoe-s0 layerdrop" --tune --tune-data calib.jsonl >md 2>err || fail "--tune: $(tail -5 err)"
 grep -q "^| cdmoe-s0+tune | 1 | " out5/sweep.md && grep -q "^| layerdrop+tune | 1 | " out5/sweep.md \
     || fail "no tuned rows: $(cat out5/sweep.md)"
-grep -q -- "--train condensed" fakebin/tune.args && grep -q -- "--train all" fakebin/tune.args \
-    && grep -q -- "--data $PWD/out5/tokens.msgpack.zst\|--data out5/tokens.msgpack.zst" fakebin/tune.args \
+[ "$(grep -c -- "--train all" fakebin/tune.args)" -eq 3 ] && [ "$(grep -c -- "--data calib.jsonl" fakebin/tune.args)" -eq 3 ] \
     || fail "moe-tune arguments: $(cat fakebin/tune.args)"
+# TUNE_TRAIN=paper: CD-MoE trains its condensed layers' experts only, the others every weight
+rm -f fakebin/tune.args
+TUNE_TRAIN=paper BIN=$PWD/fakebin sh "$ROOT/pipelines/sweep.sh" model calib.jsonl calib.jsonl --out out6 --layers 1 \
+    --methods "cdmoe-s0 layerdrop" --tune >md 2>err || fail "--tune, TUNE_TRAIN=paper: $(tail -5 err)"
+[ "$(grep -c -- "--train condensed" fakebin/tune.args)" -eq 1 ] && [ "$(grep -c -- "--train all" fakebin/tune.args)" -eq 2 ] \
+    && grep -q -- "--model [^ ]*cdmoe-s0-1 .*--train condensed" fakebin/tune.args \
+    || fail "TUNE_TRAIN=paper: moe-tune arguments: $(cat fakebin/tune.args)"
+expect_fail 2 "TUNE_TRAIN=some: not all or paper" env TUNE_TRAIN=some sh "$ROOT/pipelines/sweep.sh" model calib.jsonl --tune
 # a checkpoint moe-tune refuses is reported and left untuned; the sweep goes on
 printf '#!/bin/sh\necho "moe-tune: layer 3: no post_attention_layernorm" >&2\nexit 1\n' >fakebin/moe-tune
 BIN=$PWD/fakebin sh "$ROOT/pipelines/sweep.sh" model calib.jsonl calib.jsonl --out out3 --layers 1 \
@@ -97,4 +107,5 @@ grep -q "+tune" out3/sweep.md && fail "a failed tuning has a row"
 expect_fail 2 "--methods: unknown method 'dropout'" sh "$ROOT/pipelines/sweep.sh" model calib.jsonl --methods dropout
 expect_fail 2 "--layers: 9 is not in 1..3" sh "$ROOT/pipelines/sweep.sh" model calib.jsonl --out out2 --layers 9
 expect_fail 1 "nope: no config.json" sh "$ROOT/pipelines/sweep.sh" nope calib.jsonl
+expect_fail 1 "--tune-data nope.jsonl: no such file" sh "$ROOT/pipelines/sweep.sh" model calib.jsonl --tune --tune-data nope.jsonl
 exit 0
