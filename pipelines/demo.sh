@@ -36,6 +36,8 @@ while [ $# -gt 0 ]; do
     esac
 done
 model=$here/models/default data=$here/models/default/data
+# from the repository's root (make demo), the tables name the model as models/default
+[ "$(pwd -P)" != "$(cd "$here" && pwd -P)" ] || model=models/default
 [ -f "$model/config.json" ] || { echo "demo.sh: $model: the default model is missing" >&2; exit 3; }
 mkdir -p "$out"
 
