@@ -1106,58 +1106,25 @@ static const moe_backend cpu_backend = {
 };
 
 
-static const moe_backend cpu_ref_backend = {
-    .name = "cpu-ref",
-    .weight_dtype = MOE_DT_F32,
-    .host_memory = 1,
-    .alloc = cpu_alloc,
-    .free = cpu_free,
-    .upload = cpu_memcpy,
-    .download = cpu_memcpy,
-    .copy = cpu_memcpy,
-    .zero = cpu_zero,
-    .sync = cpu_sync,
-    .matmul = ref_matmul,
-    .rmsnorm = cpu_rmsnorm,
-    .rope = cpu_rope,
-    .attention = ref_attention,
-    .attention_kv = ref_attention_kv,
-    .swiglu = cpu_swiglu,
-    .axpy = cpu_axpy,
-    .sigmoid_gate_add = cpu_sigmoid_gate_add,
-    .router = cpu_router,
-    .gather_rows = cpu_gather_rows,
-    .scatter_add_rows = cpu_scatter_add_rows,
-    .experts = ref_experts,
-    .combine = cpu_combine,
-    .softmax_rows = cpu_softmax_rows,
-    .divergence = cpu_divergence,
-    .matmul_backward = ref_matmul_backward,
-    .rmsnorm_backward = cpu_rmsnorm_backward,
-    .rope_backward = cpu_rope_backward,
-    .attention_backward = ref_attention_backward,
-    .swiglu_backward = cpu_swiglu_backward,
-    .sigmoid_gate_add_backward = cpu_sigmoid_gate_add_backward,
-    .combine_backward = cpu_combine_backward,
-    .router_backward = cpu_router_backward,
-    .embed_backward = cpu_embed_backward,
-    .cross_entropy = cpu_cross_entropy,
-    .adamw = cpu_adamw,
-    .sumsq = cpu_sumsq,
-    .to_weight_dtype = cpu_to_weight_f32,
-    .host_alloc = cpu_host_alloc,
-    .host_free = free,
-    .upload_async = cpu_upload_async,
-    .upload_wait = cpu_upload_wait,
-    .upload_fence = cpu_nop,
-    .trim = cpu_nop,
-    .mem_info = cpu_mem_info,
-    .mem_used = cpu_mem_used,
-    .status = cpu_status,
-};
-
 const moe_backend *moe_backend_cpu(void) { return &cpu_backend; }
-const moe_backend *moe_backend_cpu_ref(void) { return &cpu_ref_backend; }
+/* "cpu-ref": the "cpu" table with the plain reference loops for the ops that
+ * cpu blocks or hands to BLAS (built from it, so that every other op is cpu's) */
+static moe_backend cpu_ref_backend;
+static pthread_once_t cpu_ref_once = PTHREAD_ONCE_INIT;
+static void cpu_ref_init(void) {
+    cpu_ref_backend = cpu_backend;
+    cpu_ref_backend.name = "cpu-ref";
+    cpu_ref_backend.matmul = ref_matmul;
+    cpu_ref_backend.attention = ref_attention;
+    cpu_ref_backend.attention_kv = ref_attention_kv;
+    cpu_ref_backend.experts = ref_experts;
+    cpu_ref_backend.matmul_backward = ref_matmul_backward;
+    cpu_ref_backend.attention_backward = ref_attention_backward;
+}
+const moe_backend *moe_backend_cpu_ref(void) {
+    pthread_once(&cpu_ref_once, cpu_ref_init);
+    return &cpu_ref_backend;
+}
 /* "cpu-bf16": the "cpu" table with the weight ops for BF16 (built from it, so
  * that every other op stays the same as cpu's) */
 static moe_backend cpu_bf16_backend;
@@ -1198,7 +1165,7 @@ const moe_backend *moe_backend_cuda(void);
 
 const moe_backend *moe_backend_get(const char *name) {
     if (!name || !strcmp(name, "cpu")) return &cpu_backend;
-    if (!strcmp(name, "cpu-ref")) return &cpu_ref_backend;
+    if (!strcmp(name, "cpu-ref")) return moe_backend_cpu_ref();
     if (!strcmp(name, "cpu-bf16")) return moe_backend_cpu_bf16();
     if (!strcmp(name, "cpu-bf16-compute")) return moe_backend_cpu_bf16_compute();
     if (!strcmp(name, "cuda")) return moe_backend_cuda();
